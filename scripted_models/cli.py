@@ -1,0 +1,106 @@
+"""`pathosyn` command. Subcommands register themselves; errors are one line on stderr, exit code 2.
+
+Progress: tqdm for people (stderr), or `--progress jsonl` for machines (one JSON object per line on stdout:
+{"event": "progress", "fraction": 0.4, "message": "..."}, then {"event": "done", ...}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+EXIT_BAD_INPUT = 2
+
+
+class Progress:
+    """Callable progress(fraction, message) that prints JSON lines or drives a tqdm bar."""
+
+    def __init__(self, mode: str = "tqdm"):
+        self.mode, self.bar = mode, None
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        if self.mode == "jsonl":
+            print(json.dumps({"event": "progress", "fraction": round(float(fraction), 4), "message": message}),
+                  flush=True)
+        elif self.mode == "tqdm":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}")
+            self.bar.set_description_str(message[:40])
+            self.bar.n = int(1000 * min(1.0, fraction))
+            self.bar.refresh()
+
+    def done(self, **payload) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.mode == "jsonl":
+            print(json.dumps({"event": "done", **payload}), flush=True)
+        else:
+            print(json.dumps(payload, indent=1))
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--progress", choices=["tqdm", "jsonl", "none"], default="tqdm")
+
+
+def _registrars() -> list[Callable]:
+    from .pathosyn import commands as pathosyn_commands
+
+    registrars = [pathosyn_commands.register]
+    try:
+        from .pathar import commands as pathar_commands
+
+        registrars.append(pathar_commands.register)
+    except ImportError:
+        pass
+    for optional in ("batch", "evaluation.commands"):
+        try:
+            module = __import__(f"scripted_models.{optional}", fromlist=["register"])
+            registrars.append(module.register)
+        except (ImportError, AttributeError):
+            pass
+    return registrars
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathosyn", description="Synthesise brain lesions in MRI (PathoSyn, PathAR).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import InputError, WeightsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, WeightsError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if getattr(args, "progress", None) == "jsonl":
+            print(json.dumps({"event": "error", "message": message}), flush=True)
+        print(f"pathosyn: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("pathosyn: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

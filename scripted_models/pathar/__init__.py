@@ -1,0 +1,1 @@
+"""PathAR: dual-VQ tokenizer + interleaved autoregressive transformer with asymmetric attention."""

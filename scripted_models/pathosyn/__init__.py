@@ -1,0 +1,1 @@
+"""PathoSyn: anatomy (pseudo-healthy base) + deviation diffusion (pathological residual)."""

@@ -1,0 +1,141 @@
+"""Intensity normalisation (and its inverse), lesion ROI crop/paste, blending weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+def background_value(array: np.ndarray) -> float:
+    """Most frequent value on the volume's border faces (0 for most scans, a constant for z-scored ones)."""
+    faces = np.concatenate([array[0].ravel(), array[-1].ravel(), array[:, 0].ravel(), array[:, -1].ravel(),
+                            array[:, :, 0].ravel(), array[:, :, -1].ravel()])
+    values, counts = np.unique(faces, return_counts=True)
+    return float(values[np.argmax(counts)])
+
+
+def foreground_mask(array: np.ndarray) -> np.ndarray:
+    """Head/brain voxels: differ from the background value, small holes filled."""
+    bg = background_value(array)
+    fg = np.abs(array.astype(np.float64) - bg) > 1e-6 * max(1.0, float(np.abs(array).max()))
+    return ndimage.binary_fill_holes(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
+
+
+@dataclass(frozen=True)
+class IntensityNormalizer:
+    """z-score over healthy foreground: x_n = (x - mean) / std, and back."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def fit(cls, array: np.ndarray, exclude: np.ndarray | None = None, foreground: np.ndarray | None = None):
+        fg = foreground_mask(array) if foreground is None else foreground
+        if exclude is not None:
+            fg = fg & ~exclude.astype(bool)
+        values = array[fg].astype(np.float64) if fg.any() else array.astype(np.float64).ravel()
+        std = float(values.std())
+        return cls(float(values.mean()), std if std > 1e-8 else 1.0)
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        return ((array.astype(np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def inverse(self, array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float64) * self.std + self.mean
+
+
+def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Back to the input's dtype family: integers are rounded and clipped to the type's range."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    if dtype.kind == "b":
+        return values > 0.5
+    return values.astype(dtype)
+
+
+def dilate_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
+    """Binary dilation by a physical radius (Euclidean distance, computed in the mask's bounding box)."""
+    mask = mask.astype(bool)
+    if radius_mm <= 0 or not mask.any():
+        return mask.copy()
+    pad = [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx]
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + 1 + np.array(pad), mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out = np.zeros_like(mask)
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing_zyx) <= radius_mm
+    return out
+
+
+def erode_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
+    return ndimage.distance_transform_edt(mask.astype(bool), sampling=spacing_zyx) > radius_mm
+
+
+def blend_weight(lesion: np.ndarray, region: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Seam-aware soft mask: 1 inside the lesion, smooth decay to exactly 0 at the region border."""
+    outside = ndimage.distance_transform_edt(~lesion, sampling=spacing_zyx)
+    to_border = ndimage.distance_transform_edt(region, sampling=spacing_zyx)
+    t = np.clip(to_border / np.maximum(to_border + outside, 1e-6), 0.0, 1.0)
+    w = t * t * (3.0 - 2.0 * t)  # smoothstep
+    w[lesion] = 1.0
+    w[~region] = 0.0
+    return w.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RoiBox:
+    """A box in voxel coordinates (z, y, x) that may extend past the volume; crops pad with edge values."""
+
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.size))
+
+    def crop(self, array: np.ndarray, mode: str = "edge") -> np.ndarray:
+        lead = array.shape[:-3]
+        spatial = array.shape[-3:]
+        lo = [max(0, s) for s in self.start]
+        hi = [min(n, s + z) for n, s, z in zip(spatial, self.start, self.size)]
+        inner = array[(...,) + tuple(slice(a, b) for a, b in zip(lo, hi))]
+        pads = [(a - s, s + z - b) for a, b, s, z in zip(lo, hi, self.start, self.size)]
+        if any(p != (0, 0) for p in pads):
+            inner = np.pad(inner, [(0, 0)] * len(lead) + pads, mode=mode)
+        return inner
+
+    def paste_slices(self, spatial_shape):
+        """(volume slices, roi slices) for the part of the box inside the volume."""
+        lo = [max(0, s) for s in self.start]
+        hi = [min(n, s + z) for n, s, z in zip(spatial_shape, self.start, self.size)]
+        vol = tuple(slice(a, b) for a, b in zip(lo, hi))
+        roi = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, self.start))
+        return vol, roi
+
+
+def roi_around(region: np.ndarray, multiple: int = 8, min_size: int = 32) -> RoiBox:
+    """Smallest box around `region` with each side a multiple of `multiple` (>= min_size), centred."""
+    idx = np.argwhere(region)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    start, size = [], []
+    for a, b in zip(lo, hi):
+        extent = int(b - a)
+        side = max(min_size, int(np.ceil(extent / multiple) * multiple))
+        s = int(a) - (side - extent) // 2
+        start.append(s)
+        size.append(side)
+    return RoiBox(tuple(start), tuple(size))
+
+
+def resize(array: np.ndarray, shape, order: int = 1) -> np.ndarray:
+    """Resize the last three axes to `shape` (linear for images, nearest for labels)."""
+    lead = array.shape[:-3]
+    factors = [t / s for t, s in zip(shape, array.shape[-3:])]
+    if lead:
+        return np.stack([resize(a, shape, order) for a in array.reshape((-1,) + array.shape[-3:])]).reshape(
+            lead + tuple(shape))
+    return ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)

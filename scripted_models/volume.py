@@ -1,0 +1,148 @@
+"""Volume = voxel array + geometry. Read/write NIfTI and NRRD through SimpleITK.
+
+Arrays are in SimpleITK/Slicer order (k, j, i) = (z, y, x). Geometry follows ITK (LPS):
+spacing and origin are (x, y, z); direction is a row-major 3x3 matrix.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = field(default=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+    def __post_init__(self):
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = tuple(float(d) for d in np.asarray(self.direction).ravel())
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.array.shape
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """Same geometry, new voxels."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"shape {array.shape} != {self.array.shape}")
+        return replace(self, array=array)
+
+    def same_grid(self, other: "Volume", tol: float = 1e-4) -> bool:
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, atol=tol)
+            and np.allclose(self.origin, other.origin, atol=tol)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+    # --- geometry as 4x4 matrices (column index order i, j, k) ---
+    def ijk_to_lps(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(self.direction).reshape(3, 3) @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def ijk_to_ras(self) -> np.ndarray:
+        m = self.ijk_to_lps()
+        m[:3, :] = LPS_TO_RAS @ m[:3, :]
+        return m
+
+    @classmethod
+    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+        """Build from a Slicer-style IJK-to-RAS matrix (what vtkMRMLVolumeNode gives)."""
+        m = np.asarray(ijk_to_ras, float).copy()
+        m[:3, :] = LPS_TO_RAS @ m[:3, :]
+        linear = m[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        return cls(array, tuple(spacing), tuple(m[:3, 3]), tuple((linear / spacing).ravel()))
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @classmethod
+    def from_sitk(cls, image) -> "Volume":
+        import SimpleITK as sitk
+
+        return cls(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
+    """Read a 3D scalar NIfTI/NRRD image. Raises InputError for anything else."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"file not found: {path}")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise InputError(f"cannot read image {path}: {first}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{path.name}: expected a 3D scalar image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    volume = Volume.from_sitk(image)
+    if check_finite and volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+        raise InputError(f"{path.name}: contains NaN or Inf voxels")
+    return volume
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resample_to(moving: Volume, reference: Volume, nearest: bool = True, default: float = 0.0) -> Volume:
+    """Resample `moving` onto the grid of `reference` (physical space, full geometry)."""
+    import SimpleITK as sitk
+
+    if moving.same_grid(reference):
+        return moving
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(moving.to_sitk(), reference.to_sitk(), sitk.Transform(), interp, default,
+                        sitk.GetPixelIDValueFromString("64-bit float") if not nearest else sitk.sitkUnknown)
+    return Volume.from_sitk(out)
+
+
+def validate_image(volume: Volume, name: str) -> None:
+    if volume.array.ndim != 3:
+        raise InputError(f"{name}: expected a 3D image, got {volume.array.ndim}D")
+    if volume.array.dtype.kind not in "biuf":
+        raise InputError(f"{name}: unsupported voxel type {volume.array.dtype}")
+    if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+        raise InputError(f"{name}: contains NaN or Inf voxels")
+    if min(volume.shape) < 2:
+        raise InputError(f"{name}: image is too small {volume.shape}")

@@ -1,0 +1,73 @@
+"""Bundled weights: <name>.safetensors + <name>.json model card (with sha256), verified at load."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import WeightsError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+
+
+def weights_dir() -> Path:
+    """PATHOSYN_WEIGHTS_DIR overrides the bundled folder (tests, custom models)."""
+    return Path(os.environ.get("PATHOSYN_WEIGHTS_DIR", WEIGHTS_DIR))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_card(name: str, folder: Path | None = None) -> dict:
+    folder = folder or weights_dir()
+    card_path = folder / f"{name}.json"
+    if not card_path.is_file():
+        raise WeightsError(f"model card missing: {card_path}")
+    try:
+        return json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"model card {card_path} is not valid JSON: {exc}") from None
+
+
+def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
+    """(state_dict, card). Verifies the file's sha256 against the card before parsing it."""
+    from safetensors.torch import load_file
+
+    folder = folder or weights_dir()
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise WeightsError(f"weights file missing: {path} (train with `pathosyn train` or restore the bundle)")
+    card = load_card(name, folder)
+    expected = card.get("sha256")
+    actual = sha256_of(path)
+    if expected != actual:
+        raise WeightsError(f"weights file {path.name} is corrupted: sha256 {actual[:12]}... != card {str(expected)[:12]}...")
+    try:
+        return load_file(str(path)), card
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise WeightsError(f"cannot parse {path.name}: {exc}") from None
+
+
+def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -> Path:
+    """Write weights and card atomically; the card gets the sha256 of the written file."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder or weights_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
+    os.close(fd)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+    card = dict(card, sha256=sha256_of(Path(tmp)), file=path.name)
+    card_tmp = folder / f".{name}.json.tmp"
+    card_tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    os.replace(card_tmp, folder / f"{name}.json")
+    return path
