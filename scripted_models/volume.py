@@ -84,6 +84,12 @@ class Volume:
         return cls(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     """Read a 3D scalar NIfTI/NRRD image. Raises InputError for anything else."""
     import SimpleITK as sitk
@@ -116,6 +122,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
         os.replace(tmp, path)

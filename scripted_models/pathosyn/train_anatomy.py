@@ -24,22 +24,6 @@ HELD_OUT = {VALIDATION_CASE, INPAINTING_CASE, INPAINTING_TWIN}
 EXCLUDED = {"aurora_met_unlabelled", "pyradiomics_brain1", "pyradiomics_brain2"}
 
 
-def mni_volume():
-    """nilearn's bundled MNI152 T1 (no download) as a Volume in LPS geometry."""
-    import nibabel as nib
-    from nilearn.datasets import load_mni152_template
-
-    from ..volume import Volume
-
-    img = load_mni152_template(resolution=1)
-    canonical = nib.as_closest_canonical(img)
-    data = np.asarray(canonical.dataobj, dtype=np.float32)  # (x, y, z) RAS
-    aff = canonical.affine
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (z, y, x)
-    ijk_to_ras = aff  # nibabel affine maps (i, j, k) -> RAS
-    return Volume.from_ijk_to_ras(array, ijk_to_ras)
-
-
 class HealthyPool:
     """Healthy-tissue training volumes plus a library of lesion-shaped holes."""
 
@@ -61,7 +45,9 @@ class HealthyPool:
                 sl = ndimage.find_objects((labelled > 0).astype(int))[0]
                 self.shapes.append(lesion[sl])
         if include_mni:
-            vol = mni_volume()
+            from ..templates import mni_t1
+
+            vol = mni_t1()
             fg = vol.array > 0.05 * vol.array.max()
             fg = ndimage.binary_fill_holes(ndimage.binary_opening(fg, iterations=2))
             img = IntensityNormalizer.fit(vol.array, foreground=fg).forward(vol.array)

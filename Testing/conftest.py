@@ -1,0 +1,60 @@
+"""Shared fixtures. Engine tests use the committed weights in scripted_models/weights."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for module_dir in ("PathoSynSlicer", "PathARModule"):
+    sys.path.insert(0, str(ROOT / module_dir))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    import torch
+
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    from scripted_models.cases import default_data_root
+
+    root = default_data_root()
+    if not (root / "cases").is_dir():
+        pytest.fail(f"shared data not found at {root}; set PATHOSYN_DATA")
+    return root
+
+
+def make_head(shape=(40, 48, 44), spacing=(1.2, 1.0, 1.5), dtype=np.int16, seed=0, direction=None,
+              origin=(10.0, -20.0, 5.0)):
+    """A synthetic 'head': an ellipsoid of tissue with texture in a zero background."""
+    from scripted_models.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = zz ** 2 + yy ** 2 + xx ** 2 < 0.85
+    arr = np.where(inside, 400 + 60 * np.sin(6 * xx) + rng.normal(0, 15, shape), 0)
+    direction = direction or (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    return Volume(arr.astype(dtype), spacing, origin, direction)
+
+
+def make_ball_mask(head, centre_frac=(0.5, 0.5, 0.5), radius_vox=6, labels=True):
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in head.shape], indexing="ij")
+    c = [f * (n - 1) for f, n in zip(centre_frac, head.shape)]
+    d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    m = np.zeros(head.shape, np.uint8)
+    if labels:
+        m[d < radius_vox] = 2
+        m[d < 0.66 * radius_vox] = 3
+        m[d < 0.33 * radius_vox] = 1
+    else:
+        m[d < radius_vox] = 1
+    return head.with_array(m)

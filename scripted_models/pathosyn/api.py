@@ -1,0 +1,231 @@
+"""PathoSyn public API: arrays + geometry in, arrays out.
+
+    from scripted_models import synthesize_lesion, read_volume
+    result = synthesize_lesion({"t1": read_volume("t1.nii.gz")}, read_volume("mask.nii.gz"), seed=0)
+    result.images["t1"]      # Volume, same grid and dtype family as the input
+    result.residuals["t1"]   # float32 Volume, zero outside the blended region
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..labels import MODALITIES, check_modality, is_whole_lesion_only, one_hot_subregions, to_canonical
+from ..preprocess import (IntensityNormalizer, blend_weight, cast_like, dilate_mm, foreground_mask, resize,
+                          roi_around)
+from ..runtime import pick_device
+from ..volume import Volume, resample_to, validate_image
+
+ProgressFn = Callable[[float, str], None]
+
+BLEND_MARGIN_MM = 6.0  # soft seam width around the lesion
+HOLE_MARGIN_MM = 2.0  # pseudo-healthy: inpaint slightly beyond the mask
+MAX_ROI = 96  # larger lesions are scaled down to fit (with a warning)
+
+_MODELS: dict = {}
+
+
+def _model(kind: str, device):
+    from ..weights import weights_dir
+
+    key = (kind, str(device), str(weights_dir()))
+    if key not in _MODELS:
+        if kind == "anatomy":
+            from .anatomy import AnatomyModel
+
+            _MODELS[key] = AnatomyModel.load(device)
+        else:
+            from .deviation import DeviationModel
+
+            _MODELS[key] = DeviationModel.load(device)
+    return _MODELS[key]
+
+
+@dataclass
+class SynthesisResult:
+    images: dict[str, Volume]
+    residuals: dict[str, Volume]
+    uncertainty: dict[str, Volume] | None
+    mask: Volume  # canonical labels on the image grid
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    images: dict[str, Volume]
+    reference: Volume
+    lesion_labels: np.ndarray
+    normalizers: dict[str, IntensityNormalizer]
+    normalized: dict[str, np.ndarray]
+    foreground: np.ndarray
+    spacing_zyx: tuple
+
+
+def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None) -> _Prepared:
+    if isinstance(images, Volume):
+        raise InputError("images must be a dict {modality: Volume}, e.g. {'t1': volume}")
+    if not images:
+        raise InputError("no input image given")
+    checked = {}
+    for name, vol in images.items():
+        mod = check_modality(name)
+        if mod in checked:
+            raise InputError(f"modality '{mod}' given twice")
+        validate_image(vol, mod)
+        checked[mod] = vol
+    reference = next(iter(checked.values()))
+    for mod, vol in checked.items():
+        if not vol.same_grid(reference):
+            raise InputError(f"mismatched images: '{mod}' is not on the same grid as '{next(iter(checked))}'")
+    if mask is None:
+        raise InputError("no lesion mask given")
+    if mask.array.ndim != 3:
+        raise InputError(f"mask: expected a 3D image, got {mask.array.ndim}D")
+    if mask.array.dtype.kind == "f" and not np.isfinite(mask.array).all():
+        raise InputError("mask: contains NaN or Inf voxels")
+    on_grid = resample_to(mask, reference, nearest=True)
+    labels = to_canonical(on_grid.array, label_mapping)
+    if not labels.any():
+        raise InputError("the lesion mask is empty (on the image grid)")
+    spacing_zyx = tuple(reversed(reference.spacing))
+    fg = np.zeros(reference.shape, bool)
+    for vol in checked.values():
+        fg |= foreground_mask(vol.array)
+    if not (fg & (labels > 0)).any():
+        raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)")
+    lesion = labels > 0
+    normalizers = {m: IntensityNormalizer.fit(v.array, exclude=lesion, foreground=fg) for m, v in checked.items()}
+    normalized = {m: normalizers[m].forward(v.array) for m, v in checked.items()}
+    return _Prepared(checked, reference, labels, normalizers, normalized, fg, spacing_zyx)
+
+
+def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
+                   progress: ProgressFn | None = None) -> dict[str, Volume]:
+    """Remove the lesion: inpaint the (slightly dilated) mask with healthy tissue. Returns new Volumes."""
+    prep = _prepare(images, mask, label_mapping)
+    dev = pick_device(device)
+    if progress:
+        progress(0.1, "loading anatomy model")
+    model = _model("anatomy", dev)
+    hole = dilate_mm(prep.lesion_labels > 0, HOLE_MARGIN_MM, prep.spacing_zyx)
+    if progress:
+        progress(0.3, "inpainting healthy tissue")
+    filled = model.inpaint(prep.normalized, hole, prep.spacing_zyx)
+    out = {}
+    for m, vol in prep.images.items():
+        restored = cast_like(prep.normalizers[m].inverse(filled[m]), vol.array.dtype)
+        result = vol.array.copy()
+        result[hole] = restored[hole]
+        out[m] = vol.with_array(result)
+    if progress:
+        progress(1.0, "done")
+    return out
+
+
+def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, samples: int = 1,
+                      steps: int | None = None, guidance: float = 1.0, device: str = "auto",
+                      base: str = "input", whole_lesion: bool | None = None, label_mapping: dict | None = None,
+                      progress: ProgressFn | None = None) -> SynthesisResult:
+    """Add a synthetic lesion to healthy scan(s): output = anatomy + residual inside the blended region.
+
+    base: "input" (the scan is healthy, so it is its own anatomy) or "pseudo-healthy" (remove an existing
+    lesion first). whole_lesion: None infers it from the mask (binary -> the model invents sub-regions).
+    Voxels outside the dilated lesion region are copied from the input bit for bit.
+    """
+    t_start = time.perf_counter()
+    if samples < 1:
+        raise InputError(f"samples must be >= 1, got {samples}")
+    if steps is not None and steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    if not np.isfinite(guidance) or guidance < 0:
+        raise InputError(f"guidance must be a finite number >= 0, got {guidance}")
+    if base not in ("input", "pseudo-healthy"):
+        raise InputError(f"base must be 'input' or 'pseudo-healthy', got '{base}'")
+    prep = _prepare(images, mask, label_mapping)
+    dev = pick_device(device)
+    say = progress or (lambda f, m: None)
+    say(0.02, "loading models")
+    model = _model("deviation", dev)
+    cfg = model.cfg
+    warn = []
+
+    lesion = prep.lesion_labels > 0
+    anatomy = prep.normalized
+    if base == "pseudo-healthy":
+        say(0.05, "building pseudo-healthy anatomy")
+        hole = dilate_mm(lesion, HOLE_MARGIN_MM, prep.spacing_zyx)
+        anatomy = _model("anatomy", dev).inpaint(prep.normalized, hole, prep.spacing_zyx)
+
+    region = dilate_mm(lesion, BLEND_MARGIN_MM, prep.spacing_zyx)
+    box = roi_around(region, multiple=cfg.multiple, min_size=32)
+    crop_shape = box.size
+    scale = min(1.0, MAX_ROI / max(crop_shape))
+    if scale < 1.0:
+        msg = f"lesion ROI {crop_shape} exceeds {MAX_ROI}^3: synthesizing at {scale:.2f}x resolution"
+        warnings.warn(msg)
+        warn.append(msg)
+    model_shape = tuple(int(max(cfg.multiple, round(s * scale / cfg.multiple) * cfg.multiple)) for s in crop_shape)
+
+    whole_only = is_whole_lesion_only(prep.lesion_labels) if whole_lesion is None else bool(whole_lesion)
+    available = np.array([m in anatomy for m in MODALITIES], np.float32)
+    anatomy_roi = np.stack([box.crop(anatomy[m]) if m in anatomy else np.zeros(crop_shape, np.float32)
+                            for m in MODALITIES])
+    labels_roi = box.crop(prep.lesion_labels, mode="constant")
+    lesion_roi = labels_roi > 0
+    region_roi = box.crop(region, mode="constant")
+    weight_roi = blend_weight(lesion_roi, region_roi, prep.spacing_zyx)
+    subregions_roi = one_hot_subregions(labels_roi, whole_only)
+    if scale < 1.0:
+        anatomy_in = resize(anatomy_roi, model_shape, order=1)
+        subregions_in = resize(subregions_roi, model_shape, order=0)
+        weight_in = resize(weight_roi, model_shape, order=1)
+    else:
+        anatomy_in, subregions_in, weight_in = anatomy_roi, subregions_roi, weight_roi
+
+    from .deviation import deviation_condition
+
+    condition = deviation_condition(anatomy_in, available, subregions_in, weight_in)
+    t_model = time.perf_counter()
+    residuals = model.sample(condition, samples=samples, seed=seed, steps=steps, guidance=guidance,
+                             progress=lambda f, m: say(0.08 + 0.87 * f, m))
+    t_model = time.perf_counter() - t_model
+    if scale < 1.0:
+        residuals = resize(residuals, crop_shape, order=1)
+    residuals = residuals * weight_roi[None, None]  # (K, 4, D, H, W), seam-blended
+
+    say(0.96, "compositing")
+    vol_sl, roi_sl = box.paste_slices(prep.reference.shape)
+    inside = region[vol_sl]
+    out_images, out_residuals, out_std = {}, {}, {}
+    for m, vol in prep.images.items():
+        c = MODALITIES.index(m)
+        norm = prep.normalizers[m]
+        anatomy_crop = anatomy[m][vol_sl]
+        synthesized = cast_like(norm.inverse(anatomy_crop + residuals[0, c][roi_sl]), vol.array.dtype)
+        result = vol.array.copy()
+        result[vol_sl][inside] = synthesized[inside]
+        out_images[m] = vol.with_array(result)
+        res = np.zeros(vol.shape, np.float32)
+        res[vol_sl][inside] = (residuals[0, c][roi_sl] * norm.std)[inside]
+        out_residuals[m] = vol.with_array(res)
+        if samples > 1:
+            std = np.zeros(vol.shape, np.float32)
+            std[vol_sl][inside] = (residuals[:, c].std(axis=0)[roi_sl] * norm.std)[inside]
+            out_std[m] = vol.with_array(std)
+    say(1.0, "done")
+    report = {
+        "modalities": list(prep.images), "seed": seed, "samples": samples, "steps": int(steps or cfg.default_steps),
+        "guidance": guidance, "device": str(dev), "base": base, "whole_lesion_only": whole_only,
+        "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
+        "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
+        "region_voxels": int(region.sum()), "warnings": warn,
+        "timing_s": {"model": round(t_model, 3), "total": round(time.perf_counter() - t_start, 3)},
+        "weights": {"deviation": model.card.get("sha256", "")[:16]},
+    }
+    return SynthesisResult(out_images, out_residuals, out_std or None,
+                           prep.reference.with_array(prep.lesion_labels), report)

@@ -1,0 +1,153 @@
+"""`pathosyn synthesize | pseudo-healthy | demo | train` subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def _image_args(values: list[str]) -> dict:
+    from ..labels import check_modality
+    from ..volume import read_volume
+
+    images = {}
+    for item in values or []:
+        if "=" not in item:
+            raise InputError(f"--image expects MOD=PATH (e.g. t1=scan.nii.gz), got '{item}'")
+        mod, path = item.split("=", 1)
+        mod = check_modality(mod)
+        if mod in images:
+            raise InputError(f"modality '{mod}' given twice")
+        images[mod] = read_volume(path)
+    if not images:
+        raise InputError("give at least one --image MOD=PATH")
+    return images
+
+
+def write_json_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def write_synthesis(result, out: Path) -> dict:
+    """DIR/<MOD>.nii.gz, residual_<MOD>, uncertainty_<MOD> (K>1), mask.nii.gz, report.json. Atomic per file;
+    report.json is written last, so its presence marks a complete output folder."""
+    from ..volume import write_volume
+
+    files = {}
+    for m, vol in result.images.items():
+        files[m] = str(write_volume(vol, out / f"{m}.nii.gz"))
+        files[f"residual_{m}"] = str(write_volume(result.residuals[m], out / f"residual_{m}.nii.gz"))
+        if result.uncertainty:
+            files[f"uncertainty_{m}"] = str(write_volume(result.uncertainty[m], out / f"uncertainty_{m}.nii.gz"))
+    files["mask"] = str(write_volume(result.mask, out / "mask.nii.gz"))
+    write_json_atomic({**result.report, "files": files}, out / "report.json")
+    return files
+
+
+def cmd_synthesize(args) -> int:
+    from ..cli import Progress
+    from ..volume import read_volume
+    from .api import synthesize_lesion
+
+    progress = Progress(args.progress)
+    images = _image_args(args.image)
+    mask = read_volume(args.mask)
+    result = synthesize_lesion(images, mask, seed=args.seed, samples=args.samples, steps=args.steps,
+                               guidance=args.guidance, device=args.device, base=args.base,
+                               whole_lesion=True if args.whole_lesion else None, progress=progress)
+    files = write_synthesis(result, Path(args.out))
+    progress.done(outputs=files, report=result.report)
+    return 0
+
+
+def cmd_pseudo_healthy(args) -> int:
+    from ..cli import Progress
+    from ..volume import read_volume, write_volume
+    from .api import pseudo_healthy
+
+    progress = Progress(args.progress)
+    images = _image_args(args.image)
+    healthy = pseudo_healthy(images, read_volume(args.mask), device=args.device, progress=progress)
+    files = {m: str(write_volume(v, Path(args.out) / f"{m}.nii.gz")) for m, v in healthy.items()}
+    progress.done(outputs=files)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..cli import Progress
+    from .demo import run_demo
+
+    progress = Progress(args.progress)
+    files = run_demo(Path(args.out), seed=args.seed, samples=args.samples, steps=args.steps, device=args.device,
+                     progress=progress)
+    progress.done(outputs=files)
+    return 0
+
+
+def cmd_train(args) -> int:
+    work = Path(args.work)
+    if args.model == "anatomy":
+        from .train_anatomy import train_anatomy
+
+        train_anatomy(work / "anatomy", steps=args.steps, batch=args.batch or 4, seed=args.seed,
+                      data_root=args.data, out_dir=args.weights_out, threads=args.threads)
+    else:
+        from .train_deviation import train_deviation
+
+        train_deviation(work / "deviation", steps=args.steps, batch=args.batch or 4, seed=args.seed,
+                        data_root=args.data, out_dir=args.weights_out, threads=args.threads,
+                        max_minutes=args.max_minutes)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import add_common
+
+    p = sub.add_parser("synthesize", help="add a synthetic lesion to healthy scan(s)")
+    p.add_argument("--image", action="append", required=True, metavar="MOD=PATH", help="repeat per modality")
+    p.add_argument("--mask", required=True, help="lesion mask (canonical 0-3, BraTS labels, or binary)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="K > 1 also writes the per-voxel std (uncertainty)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default from the model card; 3 = preview)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance strength (1 = off)")
+    p.add_argument("--base", choices=["input", "pseudo-healthy"], default="input",
+                   help="anatomy base: the (healthy) input itself, or a pseudo-healthy version of it")
+    p.add_argument("--whole-lesion", action="store_true", help="ignore sub-region labels; the model invents them")
+    add_common(p)
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("pseudo-healthy", help="remove a lesion: fill the mask with healthy tissue")
+    p.add_argument("--image", action="append", required=True, metavar="MOD=PATH")
+    p.add_argument("--mask", required=True)
+    p.add_argument("--out", required=True)
+    add_common(p)
+    p.set_defaults(func=cmd_pseudo_healthy)
+
+    p = sub.add_parser("demo", help="MNI152 T1 + built-in lesion -> NIfTI outputs + PNG figure")
+    p.add_argument("--out", default="pathosyn_demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None)
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train the PathoSyn anatomy or deviation model (resumable)")
+    p.add_argument("model", choices=["anatomy", "deviation"])
+    p.add_argument("--work", default=".train", help="checkpoints, caches and loss logs")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--data", default=None, help="cases folder root (default ../shared/data)")
+    p.add_argument("--weights-out", type=Path, default=None, help="default: scripted_models/weights")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,141 @@
+"""Deviation branch: a conditional DDPM over the pathological residual r = pathological - anatomy.
+
+Works on a lesion ROI (fully convolutional, any side that divides by 8). Channels:
+  x_t      noisy residual, one channel per modality                    (4)
+  cond     anatomy crop (4) + modality availability (4) + mask one-hot (core, edema, enhancing, whole) (4)
+           + region weight (1)                                         (13)
+MONAI's DiffusionInferer concatenates cond to x_t and applies classifier-free guidance, whose null
+condition is cond filled with -1 (trained by condition dropout).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..labels import MODALITIES, NUM_SUBREGIONS
+from ..runtime import autocast
+
+WEIGHTS_NAME = "deviation_diffusion"
+NULL_CONDITION = -1.0
+
+
+@dataclass
+class DeviationConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, False, False)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    num_head_channels: int = 16
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: str = "v_prediction"
+    residual_scale: float = 0.5  # network sees residual * scale (z-units)
+    multiple: int = 8  # ROI sides divisible by the U-Net's total stride
+    default_steps: int = 10
+    preview_steps: int = 3
+
+    @property
+    def out_channels(self) -> int:
+        return len(MODALITIES)
+
+    @property
+    def cond_channels(self) -> int:
+        return 2 * len(MODALITIES) + NUM_SUBREGIONS + 1 + 1
+
+
+def build_deviation_model(cfg: DeviationConfig) -> torch.nn.Module:
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=3, in_channels=cfg.out_channels + cfg.cond_channels, out_channels=cfg.out_channels,
+        channels=cfg.channels, attention_levels=cfg.attention_levels, num_res_blocks=cfg.num_res_blocks,
+        norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels)
+
+
+def build_scheduler(cfg: DeviationConfig, kind: str = "ddim"):
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, beta_start=cfg.beta_start,
+                  beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=False)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    return DDIMScheduler(**common)
+
+
+def deviation_condition(anatomy: np.ndarray, available: np.ndarray, subregions: np.ndarray,
+                        region_weight: np.ndarray) -> np.ndarray:
+    """(13, D, H, W): anatomy (4, z-scored, 0 where unavailable), availability (4), one-hot mask (4), weight (1)."""
+    shape = anatomy.shape[1:]
+    avail = np.broadcast_to(available.astype(np.float32)[:, None, None, None], (len(MODALITIES),) + shape)
+    anatomy = anatomy * available[:, None, None, None]
+    return np.concatenate([anatomy, avail, subregions, region_weight[None]]).astype(np.float32)
+
+
+class _GuidedUNet(torch.nn.Module):
+    """Wraps the U-Net for the inferer: bf16 autocast, float32 output, and a progress tick per call."""
+
+    def __init__(self, net, device, tick: Callable[[], None] | None):
+        super().__init__()
+        self.net, self.device, self.tick = net, device, tick
+
+    def forward(self, x, timesteps, context=None):
+        with autocast(self.device):
+            out = self.net(x, timesteps=timesteps, context=context).float()
+        if self.tick:
+            self.tick()
+        return out
+
+
+class DeviationModel:
+    def __init__(self, net: torch.nn.Module, cfg: DeviationConfig, device: torch.device, card: dict | None = None):
+        self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
+
+    @classmethod
+    def load(cls, device: torch.device, folder=None) -> "DeviationModel":
+        from ..weights import load_state
+
+        state, card = load_state(WEIGHTS_NAME, folder)
+        cfg = DeviationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()})
+        net = build_deviation_model(cfg)
+        net.load_state_dict(state)
+        return cls(net, cfg, device, card)
+
+    @torch.no_grad()
+    def sample(self, condition: np.ndarray, samples: int, seed: int, steps: int | None = None,
+               guidance: float = 1.0, progress: Callable[[float, str], None] | None = None) -> np.ndarray:
+        """Residual samples (K, 4, D, H, W) in z-units. Deterministic for a given seed on a given device."""
+        from monai.inferers import DiffusionInferer
+
+        steps = int(steps or self.cfg.default_steps)
+        scheduler = build_scheduler(self.cfg, "ddim")
+        scheduler.set_timesteps(steps, device=self.device)
+        inferer = DiffusionInferer(scheduler)
+        cond = torch.from_numpy(condition)[None].to(self.device)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        shape = (1, self.cfg.out_channels) + condition.shape[1:]
+        done = [0]
+        total = steps * samples
+
+        def tick():
+            done[0] += 1
+            if progress:
+                progress(done[0] / total, f"denoising step {done[0]}/{total}")
+
+        model = _GuidedUNet(self.net, self.device, tick)
+        out = []
+        for _ in range(samples):
+            noise = torch.randn(shape, generator=generator).to(self.device)
+            residual = inferer.sample(noise, model, scheduler, conditioning=cond, mode="concat", verbose=False,
+                                      cfg=None if guidance == 1.0 else float(guidance),
+                                      cfg_fill_value=NULL_CONDITION)
+            out.append(residual[0].float().cpu().numpy() / self.cfg.residual_scale)
+        return np.stack(out)
+
+
+def config_dict(cfg: DeviationConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
