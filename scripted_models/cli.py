@@ -17,8 +17,13 @@ EXIT_BAD_INPUT = 2
 class Progress:
     """Callable progress(fraction, message) that prints JSON lines or drives a tqdm bar."""
 
-    def __init__(self, mode: str = "tqdm"):
+    active: list["Progress"] = []
+
+    def __init__(self, mode: str = "auto"):
+        if mode == "auto":
+            mode = "tqdm" if sys.stderr.isatty() else "none"
         self.mode, self.bar = mode, None
+        Progress.active.append(self)
 
     def __call__(self, fraction: float, message: str = "") -> None:
         if self.mode == "jsonl":
@@ -33,9 +38,14 @@ class Progress:
             self.bar.n = int(1000 * min(1.0, fraction))
             self.bar.refresh()
 
-    def done(self, **payload) -> None:
+    def close(self) -> None:
         if self.bar is not None:
+            self.bar.leave = False
             self.bar.close()
+            self.bar = None
+
+    def done(self, **payload) -> None:
+        self.close()
         if self.mode == "jsonl":
             print(json.dumps({"event": "done", **payload}), flush=True)
         else:
@@ -45,7 +55,8 @@ class Progress:
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--progress", choices=["tqdm", "jsonl", "none"], default="tqdm")
+    parser.add_argument("--progress", choices=["auto", "tqdm", "jsonl", "none"], default="auto",
+                        help="auto: a tqdm bar on a terminal, nothing otherwise; jsonl: JSON lines on stdout")
 
 
 def _registrars() -> list[Callable]:
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (InputError, WeightsError) as exc:
+        for progress in Progress.active:
+            progress.close()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if getattr(args, "progress", None) == "jsonl":
             print(json.dumps({"event": "error", "message": message}), flush=True)

@@ -108,9 +108,22 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
             f"{image.GetNumberOfComponentsPerPixel()} component(s)"
         )
     volume = Volume.from_sitk(image)
-    if check_finite and volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+    if check_finite and not _all_finite(volume, path):
         raise InputError(f"{path.name}: contains NaN or Inf voxels")
     return volume
+
+
+def _all_finite(volume: Volume, path: Path) -> bool:
+    """ITK's NIfTI reader turns NaN into 0, so float NIfTI files are checked on their raw data too."""
+    if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+        return False
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        if np.dtype(img.get_data_dtype()).kind == "f":
+            return bool(np.isfinite(np.asanyarray(img.dataobj)).all())
+    return True
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:

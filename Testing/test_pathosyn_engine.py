@@ -1,0 +1,139 @@
+"""PathoSyn engine on the committed weights: fusion, identity outside the region, determinism, uncertainty,
+geometry, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_ball_mask, make_head
+
+from scripted_models import pseudo_healthy, synthesize_lesion
+from scripted_models.errors import InputError
+from scripted_models.preprocess import dilate_mm
+from scripted_models.pathosyn.api import BLEND_MARGIN_MM
+from scripted_models.volume import Volume
+
+STEPS = 2
+
+
+def region_of(result, head):
+    spacing_zyx = tuple(reversed(head.spacing))
+    return dilate_mm(result.mask.array > 0, BLEND_MARGIN_MM, spacing_zyx)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_outside_region_is_bit_identical(dtype):
+    head = make_head(dtype=dtype)
+    mask = make_ball_mask(head)
+    before = head.array.copy()
+    result = synthesize_lesion({"t1": head}, mask, seed=1, steps=STEPS)
+    out = result.images["t1"]
+    np.testing.assert_array_equal(head.array, before)  # input untouched
+    assert out.array.dtype == head.array.dtype
+    assert out.spacing == head.spacing and out.origin == head.origin and out.direction == head.direction
+    region = region_of(result, head)
+    assert np.array_equal(out.array[~region], head.array[~region])
+    assert np.abs(out.array[region].astype(float) - head.array[region]).max() > 0
+    assert np.all(result.residuals["t1"].array[~region] == 0)
+
+
+def test_same_seed_same_output_and_seed_changes_it():
+    head = make_head()
+    mask = make_ball_mask(head)
+    a = synthesize_lesion({"flair": head}, mask, seed=3, steps=STEPS).images["flair"].array
+    b = synthesize_lesion({"flair": head}, mask, seed=3, steps=STEPS).images["flair"].array
+    c = synthesize_lesion({"flair": head}, mask, seed=4, steps=STEPS).images["flair"].array
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_uncertainty_is_localised_to_the_region():
+    head = make_head(dtype=np.float32)
+    mask = make_ball_mask(head)
+    result = synthesize_lesion({"t1": head}, mask, seed=0, samples=3, steps=STEPS)
+    std = result.uncertainty["t1"].array
+    region = region_of(result, head)
+    assert np.all(std[~region] == 0)
+    assert std[mask.array > 0].mean() > 0
+
+
+def test_multimodal_output_shares_one_lesion_region():
+    t1 = make_head(seed=1)
+    flair = t1.with_array((t1.array * 0.7).astype(np.int16))
+    mask = make_ball_mask(t1)
+    result = synthesize_lesion({"t1": t1, "flair": flair}, mask, seed=0, steps=STEPS)
+    assert set(result.images) == {"t1", "flair"}
+    changed = [result.images[m].array != v.array for m, v in (("t1", t1), ("flair", flair))]
+    region = region_of(result, t1)
+    for c in changed:
+        assert not c[~region].any() and c.any()
+
+
+def test_mask_on_another_grid_and_binary_mask():
+    head = make_head(spacing=(1.0, 1.0, 1.0), origin=(0, 0, 0))
+    fine_shape = tuple(2 * n for n in head.shape)
+    binary = make_ball_mask(Volume(np.zeros(fine_shape, np.uint8), (0.5, 0.5, 0.5), (-0.25, -0.25, -0.25)),
+                            radius_vox=12, labels=False)
+    result = synthesize_lesion({"t2": head}, binary, seed=0, steps=STEPS)
+    assert result.report["whole_lesion_only"] is True
+    assert result.mask.shape == head.shape
+    assert 0 < (result.mask.array > 0).sum() < head.array.size
+
+
+def test_large_lesion_is_scaled_down_with_warning():
+    head = make_head(shape=(120, 120, 120), spacing=(1.0, 1.0, 1.0))
+    mask = make_ball_mask(head, radius_vox=50, labels=False)
+    with pytest.warns(UserWarning, match="exceeds"):
+        result = synthesize_lesion({"t1": head}, mask, seed=0, steps=1)
+    assert result.report["scale"] < 1.0
+    assert max(result.report["model_grid_zyx"]) <= 96
+
+
+def test_pseudo_healthy_changes_only_the_hole():
+    head = make_head(dtype=np.float32)
+    lesioned = head.array.copy()
+    mask = make_ball_mask(head, radius_vox=5, labels=False)
+    lesioned[mask.array > 0] += 500  # a bright blob
+    healthy = pseudo_healthy({"t1": head.with_array(lesioned)}, mask)["t1"].array
+    hole = dilate_mm(mask.array > 0, 2.0, tuple(reversed(head.spacing)))
+    assert np.array_equal(healthy[~hole], lesioned[~hole])
+    # the blob is removed: back near the healthy tissue level
+    assert abs(healthy[mask.array > 0].mean() - head.array[mask.array > 0].mean()) < 200
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "empty"),
+        ("outside", "overlap"),
+        ("mismatched", "mismatched"),
+        ("unknown", "unknown modality"),
+        ("samples", "samples"),
+        ("nan", "NaN"),
+        ("volume_not_dict", "dict"),
+    ],
+)
+def test_bad_input_raises_one_line(case, message):
+    head = make_head(dtype=np.float32)
+    mask = make_ball_mask(head)
+    images, kwargs = {"t1": head}, {}
+    if case == "empty":
+        mask = mask.with_array(np.zeros_like(mask.array))
+    elif case == "outside":
+        m = np.zeros_like(mask.array)
+        m[0:2, 0:2, 0:2] = 1
+        mask = mask.with_array(m)
+    elif case == "mismatched":
+        images = {"t1": head, "flair": make_head(shape=(30, 30, 30))}
+    elif case == "unknown":
+        images = {"pd": head}
+    elif case == "samples":
+        kwargs = {"samples": 0}
+    elif case == "nan":
+        arr = head.array.copy()
+        arr[5, 5, 5] = np.nan
+        images = {"t1": head.with_array(arr)}
+    elif case == "volume_not_dict":
+        images = head
+    with pytest.raises(InputError, match=message) as info:
+        synthesize_lesion(images, mask, steps=1, **kwargs)
+    assert "\n" not in str(info.value)

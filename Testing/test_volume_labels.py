@@ -1,0 +1,132 @@
+"""Volume I/O keeps geometry exactly; labels map onto canonical sub-regions; preprocessing round-trips."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_head
+
+from scripted_models.errors import InputError
+from scripted_models.labels import mapping_from_case_json, one_hot_subregions, to_canonical
+from scripted_models.preprocess import IntensityNormalizer, RoiBox, blend_weight, cast_like, dilate_mm, roi_around
+from scripted_models.volume import Volume, read_volume, resample_to, write_volume
+
+OBLIQUE = tuple(np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, -1.0]]).ravel())
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint8])
+def test_roundtrip_keeps_geometry_and_dtype(tmp_path, suffix, dtype):
+    vol = make_head(dtype=dtype, direction=OBLIQUE)
+    path = write_volume(vol, tmp_path / f"img{suffix}")
+    back = read_volume(path)
+    assert back.array.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-6)
+    np.testing.assert_allclose(back.origin, vol.origin, atol=1e-5)
+    np.testing.assert_allclose(back.direction, vol.direction, atol=1e-6)
+    assert not list(tmp_path.glob(".*")), "temporary files left behind"
+
+
+def test_ijk_to_ras_roundtrip():
+    vol = make_head(direction=OBLIQUE)
+    m = vol.ijk_to_ras()
+    again = Volume.from_ijk_to_ras(vol.array, m)
+    np.testing.assert_allclose(again.ijk_to_ras(), m, atol=1e-9)
+    # LPS -> RAS flips the first two axes
+    np.testing.assert_allclose(m[:2, 3], -np.array(vol.origin[:2]))
+
+
+def test_reading_4d_and_nan_fails(tmp_path):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.float32)), str(tmp_path / "4d.nii.gz"))
+    with pytest.raises(InputError, match="3D"):
+        read_volume(tmp_path / "4d.nii.gz")
+    arr = np.zeros((4, 5, 6), np.float32)
+    arr[1, 1, 1] = np.nan
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputError, match="NaN"):
+        read_volume(tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match="not found"):
+        read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_resample_mask_to_image_grid_nearest():
+    image = make_head(spacing=(1.0, 1.0, 1.0), origin=(0, 0, 0))
+    fine = Volume(np.zeros((80, 96, 88), np.uint8), (0.5, 0.5, 0.5), (-0.25, -0.25, -0.25))
+    fine.array[30:50, 40:56, 30:50] = 2
+    on_grid = resample_to(fine, image, nearest=True)
+    assert on_grid.shape == image.shape
+    assert set(np.unique(on_grid.array)) <= {0, 2}  # nearest neighbour: no new label values
+    expected = 20 * 16 * 20 * 0.125
+    assert abs(int((on_grid.array == 2).sum()) - expected) / expected < 0.2
+
+
+def test_canonical_mapping_from_case_json(data_root):
+    mapping = mapping_from_case_json(data_root / "cases/brats2013_pat0003/case.json")
+    assert mapping == {1: 1, 2: 2, 3: 1, 4: 3}
+    raw = np.array([0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(to_canonical(raw, mapping), [0, 1, 2, 1, 3])
+    assert mapping_from_case_json(data_root / "cases/pyradiomics_brain1/case.json") is None
+    np.testing.assert_array_equal(to_canonical(np.array([0, 4, 2])), [0, 3, 2])  # BraTS legacy guessed
+    with pytest.raises(InputError, match="no canonical mapping"):
+        to_canonical(np.array([0, 7]))
+
+
+def test_every_shared_case_json_maps(data_root):
+    for case_json in sorted((data_root / "cases").glob("*/case.json")):
+        info = json.loads(case_json.read_text())
+        mapping = mapping_from_case_json(case_json)
+        if mapping:
+            assert set(mapping.values()) <= {1, 2, 3}, info
+
+
+def test_one_hot_whole_lesion_ablation():
+    lab = np.array([[[0, 1, 2, 3]]], np.uint8)
+    full = one_hot_subregions(lab, whole_lesion_only=False)
+    whole = one_hot_subregions(lab, whole_lesion_only=True)
+    assert full[:3].sum() == 3 and whole[:3].sum() == 0
+    np.testing.assert_array_equal(full[3], whole[3])
+
+
+def test_normalizer_inverse_and_cast():
+    arr = np.random.default_rng(0).integers(0, 1000, (10, 10, 10)).astype(np.int16)
+    norm = IntensityNormalizer.fit(arr, foreground=np.ones(arr.shape, bool))
+    back = cast_like(norm.inverse(norm.forward(arr)), arr.dtype)
+    np.testing.assert_array_equal(back, arr)
+    assert cast_like(np.array([70000.0]), np.int16)[0] == 32767
+
+
+def test_roi_box_crop_paste_and_blend():
+    mask = np.zeros((30, 30, 30), bool)
+    mask[2:8, 10:20, 25:29] = True  # near the border: the box sticks out and pads
+    box = roi_around(mask, multiple=8, min_size=16)
+    assert all(s % 8 == 0 and s >= 16 for s in box.size)
+    crop = box.crop(mask.astype(np.uint8), mode="constant")
+    assert crop.shape == box.size and crop.sum() == mask.sum()
+    vol_sl, roi_sl = box.paste_slices(mask.shape)
+    np.testing.assert_array_equal(crop[roi_sl], mask[vol_sl])
+    region = dilate_mm(mask, 3.0, (1, 1, 1))
+    w = blend_weight(mask, region, (1, 1, 1))
+    assert w[mask].min() == 1.0 and w[~region].max() == 0.0
+    assert 0 < w[region & ~mask].mean() < 1
+
+
+def test_dilate_mm_respects_anisotropic_spacing():
+    mask = np.zeros((21, 21, 21), bool)
+    mask[10, 10, 10] = True
+    grown = dilate_mm(mask, 4.0, (2.0, 1.0, 1.0))
+    assert grown[10, 10, 14] and not grown[10, 10, 15]
+    assert grown[12, 10, 10] and not grown[13, 10, 10]
+
+
+def test_roibox_explicit():
+    box = RoiBox((-2, 0, 0), (4, 2, 2))
+    arr = np.arange(3 * 2 * 2).reshape(3, 2, 2)
+    out = box.crop(arr)
+    assert out.shape == (4, 2, 2)
+    np.testing.assert_array_equal(out[2:], arr[:2])

@@ -1,0 +1,271 @@
+"""Dual-VQ tokenizer: structure tokens (lesion mask) and appearance tokens (one image, given the mask).
+
+    structure VQ-VAE   one-hot mask (B, L, *S)  -> tokens (B, *G) -> mask logits (B, L, *S)
+    appearance VQ-VAE  [image, one-hot mask] (B, 1+L, *S) -> tokens (B, *G)
+                       tokens + mask -> image (B, 1, *S)       (decoder conditioned on the structure)
+
+S is the patch (e.g. 64^3), G = S / 2**len(channels) the token grid (e.g. 8^3). Both work for 2D or 3D
+(`spatial_dims`) and any label set (`num_labels`, label 0 = healthy).
+
+The structure VQ-VAE is MONAI's `VQVAE`. MONAI's decoder takes only the latent, so the appearance VQ-VAE is
+composed from MONAI's `Encoder`, `Decoder`, `VectorQuantizer(EMAQuantizer)` and `VQVAEResidualUnit`, with the
+mask injected twice: average-pooled onto the token grid (concatenated to the quantized latent) and at full
+resolution (concatenated to the decoder's last features, before a small convolutional head). The image therefore
+follows the mask voxel by voxel, and the appearance codes only have to carry what the mask does not say.
+
+Quantizer distances always run in float32 (MONAI only switches CUDA autocast off; CPU bf16 would round them).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQConfig:
+    spatial_dims: int = 3
+    num_labels: int = 4  # one-hot channels of the structure, label 0 = healthy
+    channels: tuple[int, ...] = (16, 32, 64)  # one stride-2 level each: downsample = 2 ** len(channels)
+    num_res_layers: int = 1
+    num_embeddings: int = 128  # codebook size = token vocabulary
+    embedding_dim: int = 32
+    commitment_cost: float = 0.25
+    decay: float = 0.99  # EMA codebook decay
+    head_channels: int = 16  # appearance only: features fed to the mask-conditioned output head
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** len(self.channels)
+
+    def grid(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+        if any(p % self.downsample for p in patch):
+            raise ValueError(f"patch {patch} is not divisible by the downsample factor {self.downsample}")
+        return tuple(p // self.downsample for p in patch)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def _down_up(cfg: VQConfig):
+    n = len(cfg.channels)
+    return ((2, 4, 1, 1),) * n, ((2, 4, 1, 1, 0),) * n
+
+
+def _quantizer(cfg: VQConfig):
+    from monai.networks.layers.vector_quantizer import EMAQuantizer, VectorQuantizer
+
+    return VectorQuantizer(EMAQuantizer(spatial_dims=cfg.spatial_dims, num_embeddings=cfg.num_embeddings,
+                                        embedding_dim=cfg.embedding_dim, commitment_cost=cfg.commitment_cost,
+                                        decay=cfg.decay, ddp_sync=False))
+
+
+def _quantize(quantizer, z: torch.Tensor):
+    """(quantized (B, E, *G) straight-through, commitment loss, indices (B, *G)); float32, EMA update in train."""
+    with torch.autocast(z.device.type, enabled=False):
+        quantized, loss, indices = quantizer.quantizer(z.float())
+    return quantized, loss, indices
+
+
+def _lookup(quantizer, indices: torch.Tensor) -> torch.Tensor:
+    """Code vectors for token indices (B, *G) -> (B, E, *G)."""
+    with torch.autocast(indices.device.type, enabled=False):
+        return quantizer.embed(indices.long())
+
+
+def _indices(quantizer, z: torch.Tensor) -> torch.Tensor:
+    """Nearest code per position, no EMA update (safe in train mode)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return quantizer.quantizer.quantize(z.float())[2]
+
+
+def one_hot(mask: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Label map (B, *S) int -> (B, L, *S) float."""
+    dims = mask.dim() - 1
+    return F.one_hot(mask.long(), num_labels).permute(0, dims + 1, *range(1, dims + 1)).float()
+
+
+class StructureVQ(nn.Module):
+    """MONAI VQVAE on one-hot masks; decodes tokens to label logits."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        from monai.networks.nets import VQVAE
+
+        self.cfg = cfg
+        down, up = _down_up(cfg)
+        self.vqvae = VQVAE(spatial_dims=cfg.spatial_dims, in_channels=cfg.num_labels, out_channels=cfg.num_labels,
+                           channels=cfg.channels, num_res_layers=cfg.num_res_layers, num_res_channels=cfg.channels,
+                           downsample_parameters=down, upsample_parameters=up, num_embeddings=cfg.num_embeddings,
+                           embedding_dim=cfg.embedding_dim, commitment_cost=cfg.commitment_cost, decay=cfg.decay,
+                           ddp_sync=False)
+
+    @property
+    def quantizer(self):
+        return self.vqvae.quantizer
+
+    def forward(self, mask: torch.Tensor):
+        """mask (B, *S) labels -> (logits (B, L, *S), commitment loss, tokens (B, *G), latent (B, E, *G))."""
+        z = self.vqvae.encode(one_hot(mask, self.cfg.num_labels))  # (B, E, *G)
+        quantized, q_loss, tokens = _quantize(self.quantizer, z)
+        return self.vqvae.decode(quantized), q_loss, tokens, z
+
+    def encode(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, *S) labels -> (B, *G) tokens."""
+        return _indices(self.quantizer, self.vqvae.encode(one_hot(mask, self.cfg.num_labels)))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, *G) tokens -> (B, L, *S) logits."""
+        return self.vqvae.decode(_lookup(self.quantizer, tokens)).float()
+
+    def decode_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, *G) tokens -> (B, *S) labels (uint8)."""
+        return self.decode(tokens).argmax(1).to(torch.uint8)
+
+
+class AppearanceVQ(nn.Module):
+    """Image VQ-VAE whose encoder sees [image, mask] and whose decoder is conditioned on the mask."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+        from monai.networks.nets.vqvae import Decoder, Encoder, VQVAEResidualUnit
+
+        self.cfg = cfg
+        L, dims, F_ = cfg.num_labels, cfg.spatial_dims, cfg.head_channels
+        down, up = _down_up(cfg)
+        self.encoder = Encoder(spatial_dims=dims, in_channels=1 + L, out_channels=cfg.embedding_dim,
+                               channels=cfg.channels, num_res_layers=cfg.num_res_layers,
+                               num_res_channels=cfg.channels, downsample_parameters=down, dropout=0.0, act="RELU")
+        self.quantizer = _quantizer(cfg)
+        self.decoder = Decoder(spatial_dims=dims, in_channels=cfg.embedding_dim + L, out_channels=F_,
+                               channels=cfg.channels, num_res_layers=cfg.num_res_layers,
+                               num_res_channels=cfg.channels, upsample_parameters=up, dropout=0.0, act="RELU",
+                               output_act=None)
+        self.head = nn.Sequential(
+            Convolution(dims, F_ + L, F_, kernel_size=3, adn_ordering="A", act="RELU", norm=None),
+            VQVAEResidualUnit(dims, F_, F_),
+            Convolution(dims, F_, 1, kernel_size=3, conv_only=True),
+        )
+
+    def _pool(self, onehot: torch.Tensor) -> torch.Tensor:
+        """Label fractions on the token grid: (B, L, *S) -> (B, L, *G)."""
+        pool = getattr(F, f"avg_pool{self.cfg.spatial_dims}d")
+        return pool(onehot, self.cfg.downsample)
+
+    def _encode(self, image: torch.Tensor, mask: torch.Tensor):
+        onehot = one_hot(mask, self.cfg.num_labels)
+        return self.encoder(torch.cat([image, onehot], 1)), onehot  # (B, E, *G)
+
+    def _decode(self, quantized: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        h = self.decoder(torch.cat([quantized.to(onehot.dtype), self._pool(onehot)], 1))  # (B, F, *S)
+        return self.head(torch.cat([h, onehot.to(h.dtype)], 1))  # (B, 1, *S)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor):
+        """image (B, 1, *S), mask (B, *S) -> (recon (B, 1, *S), commitment loss, tokens (B, *G), latent)."""
+        z, onehot = self._encode(image, mask)
+        quantized, q_loss, tokens = _quantize(self.quantizer, z)
+        return self._decode(quantized, onehot), q_loss, tokens, z
+
+    def encode(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _indices(self.quantizer, self._encode(image, mask)[0])
+
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, *G), mask (B, *S) labels -> image (B, 1, *S)."""
+        return self._decode(_lookup(self.quantizer, tokens), one_hot(mask, self.cfg.num_labels)).float()
+
+
+# --------------------------------------------------------------------------- codebook care and metrics
+
+@torch.no_grad()
+def restart_dead_codes(quantizer, latent: torch.Tensor, min_usage: float = 0.03) -> int:
+    """Move codes whose EMA usage fell below `min_usage` onto random encoder outputs of this batch.
+    Keeps the codebook alive (MONAI's EMAQuantizer has no restart). Returns how many codes moved."""
+    q = quantizer.quantizer
+    dead = torch.nonzero(q.ema_cluster_size < min_usage).flatten()
+    if dead.numel() == 0:
+        return 0
+    flat = latent.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)
+    pick = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+    pick = pick + 0.01 * pick.std() * torch.randn_like(pick)
+    q.embedding.weight.data[dead] = pick
+    q.ema_w.data[dead] = pick
+    q.ema_cluster_size.data[dead] = 1.0
+    return int(dead.numel())
+
+
+def codebook_usage(tokens, num_embeddings: int) -> dict:
+    """Perplexity exp(H(p)) of the token histogram (1 = one code, num_embeddings = uniform) and used fraction."""
+    t = np.asarray(tokens.cpu() if torch.is_tensor(tokens) else tokens).ravel()
+    counts = np.bincount(t, minlength=num_embeddings).astype(np.float64)
+    p = counts / max(1.0, counts.sum())
+    nz = p[p > 0]
+    return {"perplexity": float(np.exp(-(nz * np.log(nz)).sum())), "used_codes": int((counts > 0).sum()),
+            "num_embeddings": int(num_embeddings)}
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two binary arrays; 1.0 when both are empty."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    denom = pred.sum() + target.sum()
+    return 1.0 if denom == 0 else float(2.0 * (pred & target).sum() / denom)
+
+
+def mask_dice(pred: np.ndarray, target: np.ndarray, num_labels: int) -> dict:
+    """Dice per label > 0 (only labels present in pred or target) and for the whole lesion (label > 0)."""
+    out = {"whole": dice(pred > 0, target > 0)}
+    for label in range(1, num_labels):
+        if (pred == label).any() or (target == label).any():
+            out[str(label)] = dice(pred == label, target == label)
+    return out
+
+
+def image_mae(recon: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """Mean absolute error in z-score units, overall and inside the lesion (mask > 0)."""
+    err = np.abs(np.asarray(recon, np.float64) - np.asarray(target, np.float64))
+    out = {"mae": float(err.mean())}
+    if mask is not None and (mask > 0).any():
+        out["mae_lesion"] = float(err[mask > 0].mean())
+    return out
+
+
+@torch.no_grad()
+def evaluate_structure(model: StructureVQ, masks: np.ndarray, device, batch: int = 8) -> dict:
+    """Reconstruction Dice (mean over patches) and codebook usage on masks (P, *S)."""
+    model.eval()
+    dices, tokens = [], []
+    for i in range(0, len(masks), batch):
+        m = torch.from_numpy(np.asarray(masks[i:i + batch])).to(device)
+        t = model.encode(m)
+        rec = model.decode_mask(t).cpu().numpy()
+        tokens.append(t.cpu())
+        dices += [mask_dice(r, g, model.cfg.num_labels) for r, g in zip(rec, masks[i:i + batch])]
+    keys = sorted({k for d in dices for k in d})
+    out = {f"dice_{k}": round(float(np.mean([d[k] for d in dices if k in d])), 4) for k in keys}
+    usage = codebook_usage(torch.cat(tokens), model.cfg.num_embeddings)
+    return {**out, "perplexity": round(usage["perplexity"], 2), "used_codes": usage["used_codes"]}
+
+
+@torch.no_grad()
+def evaluate_appearance(model: AppearanceVQ, images: np.ndarray, masks: np.ndarray, device, batch: int = 8) -> dict:
+    """Reconstruction MAE (z units) and codebook usage on images (I, *S) with their masks (I, *S)."""
+    model.eval()
+    maes, tokens = [], []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.asarray(images[i:i + batch], np.float32))[:, None].to(device)
+        m = torch.from_numpy(np.asarray(masks[i:i + batch])).to(device)
+        t = model.encode(x, m)
+        rec = model.decode(t, m)[:, 0].cpu().numpy()
+        tokens.append(t.cpu())
+        maes += [image_mae(r, g, k) for r, g, k in zip(rec, images[i:i + batch], masks[i:i + batch])]
+    out = {k: round(float(np.mean([d[k] for d in maes if k in d])), 4) for k in ("mae", "mae_lesion")}
+    usage = codebook_usage(torch.cat(tokens), model.cfg.num_embeddings)
+    return {**out, "perplexity": round(usage["perplexity"], 2), "used_codes": usage["used_codes"]}
