@@ -8,8 +8,8 @@ from conftest import make_ball_mask, make_head
 
 from scripted_models import pseudo_healthy, synthesize_lesion
 from scripted_models.errors import InputError
-from scripted_models.preprocess import dilate_mm
 from scripted_models.pathosyn.api import BLEND_MARGIN_MM
+from scripted_models.preprocess import dilate_mm
 from scripted_models.volume import Volume
 
 STEPS = 2

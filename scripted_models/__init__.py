@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["synthesize_lesion", "pseudo_healthy", "sample_pairs", "Volume", "read_volume", "write_volume"]
+__all__ = ["Volume", "pseudo_healthy", "read_volume", "sample_pairs", "synthesize_lesion", "write_volume"]
 
 
 def __getattr__(name):  # lazy: importing the package stays cheap (no torch until needed)

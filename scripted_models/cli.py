@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
 
@@ -17,7 +17,7 @@ EXIT_BAD_INPUT = 2
 class Progress:
     """Callable progress(fraction, message) that prints JSON lines or drives a tqdm bar."""
 
-    active: list["Progress"] = []
+    active: list[Progress] = []
 
     def __init__(self, mode: str = "auto"):
         if mode == "auto":

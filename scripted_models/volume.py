@@ -33,13 +33,13 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return self.array.shape
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """Same geometry, new voxels."""
         if array.shape != self.array.shape:
             raise ValueError(f"shape {array.shape} != {self.array.shape}")
         return replace(self, array=array)
 
-    def same_grid(self, other: "Volume", tol: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
         return (
             self.shape == other.shape
             and np.allclose(self.spacing, other.spacing, atol=tol)
@@ -60,7 +60,7 @@ class Volume:
         return m
 
     @classmethod
-    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> Volume:
         """Build from a Slicer-style IJK-to-RAS matrix (what vtkMRMLVolumeNode gives)."""
         m = np.asarray(ijk_to_ras, float).copy()
         m[:3, :] = LPS_TO_RAS @ m[:3, :]
@@ -78,7 +78,7 @@ class Volume:
         return image
 
     @classmethod
-    def from_sitk(cls, image) -> "Volume":
+    def from_sitk(cls, image) -> Volume:
         import SimpleITK as sitk
 
         return cls(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())

@@ -51,7 +51,7 @@ class AnatomyModel:
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
 
     @classmethod
-    def load(cls, device: torch.device, folder=None) -> "AnatomyModel":
+    def load(cls, device: torch.device, folder=None) -> AnatomyModel:
         from ..weights import load_state
 
         state, card = load_state(WEIGHTS_NAME, folder)

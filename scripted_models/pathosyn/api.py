@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
 from ..labels import MODALITIES, check_modality, is_whole_lesion_only, one_hot_subregions, to_canonical
-from ..preprocess import (IntensityNormalizer, blend_weight, cast_like, dilate_mm, foreground_mask, resize,
-                          roi_around)
+from ..preprocess import IntensityNormalizer, blend_weight, cast_like, dilate_mm, foreground_mask, resize, roi_around
 from ..runtime import pick_device
 from ..volume import Volume, resample_to, validate_image
 
@@ -167,7 +166,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     scale = min(1.0, MAX_ROI / max(crop_shape))
     if scale < 1.0:
         msg = f"lesion ROI {crop_shape} exceeds {MAX_ROI}^3: synthesizing at {scale:.2f}x resolution"
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=2)
         warn.append(msg)
     model_shape = tuple(int(max(cfg.multiple, round(s * scale / cfg.multiple) * cfg.multiple)) for s in crop_shape)
 

@@ -9,8 +9,8 @@ condition is cond filled with -1 (trained by condition dropout).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class DeviationModel:
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
 
     @classmethod
-    def load(cls, device: torch.device, folder=None) -> "DeviationModel":
+    def load(cls, device: torch.device, folder=None) -> DeviationModel:
         from ..weights import load_state
 
         state, card = load_state(WEIGHTS_NAME, folder)

@@ -21,8 +21,15 @@ from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
 from ..runtime import autocast
 from .api import BLEND_MARGIN_MM, HOLE_MARGIN_MM
-from .deviation import (NULL_CONDITION, WEIGHTS_NAME, DeviationConfig, build_deviation_model, build_scheduler,
-                        config_dict, deviation_condition)
+from .deviation import (
+    NULL_CONDITION,
+    WEIGHTS_NAME,
+    DeviationConfig,
+    build_deviation_model,
+    build_scheduler,
+    config_dict,
+    deviation_condition,
+)
 from .training import LossLog, load_checkpoint, save_checkpoint
 
 # Binary-mask, skull-on, 6.5 mm-slice scans: kept for robustness tests, not for training residuals.
@@ -124,7 +131,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     ckpt = work / "checkpoint.pt"
     step, extra = load_checkpoint(ckpt, net, opt)
     wall = float(extra.get("wall_s", 0.0))
-    print(f"deviation: {'resuming at step %d' % step if step else 'starting'}; cases {data.names}", flush=True)
+    print(f"deviation: {f'resuming at step {step}' if step else 'starting'}; cases {data.names}", flush=True)
     scheduler = build_scheduler(cfg, "ddpm")
     rng = np.random.default_rng(seed + step)
     log = LossLog(work / "loss.jsonl")

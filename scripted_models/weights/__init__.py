@@ -48,7 +48,8 @@ def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
     expected = card.get("sha256")
     actual = sha256_of(path)
     if expected != actual:
-        raise WeightsError(f"weights file {path.name} is corrupted: sha256 {actual[:12]}... != card {str(expected)[:12]}...")
+        raise WeightsError(
+            f"weights file {path.name} is corrupted: sha256 {actual[:12]}... != card {str(expected)[:12]}...")
     try:
         return load_file(str(path)), card
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types

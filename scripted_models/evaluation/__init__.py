@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, PathoSyn validation study, speed benchmarks."""

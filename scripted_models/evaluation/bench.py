@@ -1,0 +1,148 @@
+"""`pathosyn bench`: latency and memory of `synthesize`, measured and printed (median and spread).
+
+Workloads use the MNI152 T1 with spherical lesions sized so the dilated ROI has a given side.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _lesion(reference, radius_mm: float, centre_ras=(24.0, -10.0, 20.0)):
+    from ..labels import CORE, EDEMA, ENHANCING
+
+    ras_to_ijk = np.linalg.inv(reference.ijk_to_ras())
+    i, j, k = (ras_to_ijk @ np.array([*centre_ras, 1.0]))[:3]
+    zz, yy, xx = np.ogrid[: reference.shape[0], : reference.shape[1], : reference.shape[2]]
+    sz, sy, sx = reversed(reference.spacing)
+    d = np.sqrt(((zz - k) * sz) ** 2 + ((yy - j) * sy) ** 2 + ((xx - i) * sx) ** 2)
+    labels = np.zeros(reference.shape, np.uint8)
+    labels[d < radius_mm] = EDEMA
+    labels[d < 0.6 * radius_mm] = ENHANCING
+    labels[d < 0.35 * radius_mm] = CORE
+    return reference.with_array(labels)
+
+
+def radius_for_roi(side: int, margin_mm: float = 6.0) -> float:
+    """Sphere radius whose dilated bounding box is about side^3 voxels at 1 mm."""
+    return (side - 2 * margin_mm) / 2.0 - 0.5
+
+
+def _time(fn, repeats: int):
+    times = []
+    result = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return times, result
+
+
+def _stats(times):
+    return {"p50_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
+            "max_s": round(max(times), 3), "n": len(times)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 96), steps_list=(3, 10, 25),
+              naive: bool = True, out: Path | None = None, device: str = "auto") -> dict:
+    import torch
+
+    from ..pathosyn.api import synthesize_lesion
+    from ..pathosyn.deviation import DeviationConfig
+    from ..templates import mni_t1
+
+    cfg = DeviationConfig()
+    t1 = mni_t1()
+    if quick:
+        repeats, roi_sides, steps_list = 2, (32, 64), (3,)
+    rows = {"threads": torch.get_num_threads(), "device": device, "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "repeats": repeats}
+    t = time.perf_counter()
+    mask64 = _lesion(t1, radius_for_roi(64))
+    synthesize_lesion({"t1": t1}, mask64, steps=1, device=device)  # warm-up: model load, allocator
+    rows["first_call_s"] = round(time.perf_counter() - t, 3)
+
+    def synth(mask, steps=None, vol=t1):
+        return synthesize_lesion({"t1": vol}, mask, seed=0, steps=steps, device=device)
+
+    # 1. headline: 64^3 ROI, default and preview steps
+    times, res = _time(lambda: synth(mask64), repeats)
+    rows["roi64_default"] = {**_stats(times), "steps": cfg.default_steps, "roi": res.report["roi_size_zyx"]}
+    times, res = _time(lambda: synth(mask64, cfg.preview_steps), repeats)
+    rows["roi64_preview"] = {**_stats(times), "steps": cfg.preview_steps, "roi": res.report["roi_size_zyx"]}
+
+    # 2. same lesion in a volume twice as large (padded along z)
+    from ..volume import Volume
+
+    big = Volume(np.concatenate([t1.array, np.zeros_like(t1.array)], axis=0), t1.spacing, t1.origin, t1.direction)
+    big_mask = big.with_array(np.concatenate([mask64.array, np.zeros_like(mask64.array)], axis=0))
+    times_big, _ = _time(lambda: synth(big_mask, vol=big), repeats)
+    rows["roi64_double_volume"] = {**_stats(times_big), "voxels": int(big.array.size), "ratio_vs_single":
+                                   round(statistics.median(times_big) / rows["roi64_default"]["p50_s"], 3)}
+
+    # 3. latency vs ROI side (default steps) and vs steps (64^3)
+    rows["vs_roi"] = []
+    for side in roi_sides:
+        mask = _lesion(t1, radius_for_roi(side))
+        times, res = _time(lambda mask=mask: synth(mask), max(1, repeats // 2 + 1))
+        rows["vs_roi"].append({"side": side, "roi": res.report["roi_size_zyx"], "roi_voxels": res.report["roi_voxels"],
+                               **_stats(times)})
+    rows["vs_steps"] = []
+    for steps in steps_list:
+        times, _ = _time(lambda steps=steps: synth(mask64, steps), max(1, repeats // 2 + 1))
+        rows["vs_steps"].append({"steps": steps, **_stats(times)})
+
+    # 4. naive whole-volume diffusion: one U-Net step on the whole volume vs one on the 64^3 ROI
+    if naive and not quick:
+        rows["naive_whole_volume"] = _naive_ratio(t1, device)
+    rows["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def _naive_ratio(t1, device: str) -> dict:
+    import torch
+
+    from ..pathosyn.api import _model
+    from ..runtime import autocast, pick_device
+
+    dev = pick_device(device)
+    model = _model("deviation", dev)
+    cfg = model.cfg
+    shape = tuple(int(np.ceil(s / cfg.multiple) * cfg.multiple) for s in t1.shape)
+    channels = cfg.out_channels + cfg.cond_channels
+    out = {}
+    for name, grid in (("roi64", (64, 64, 64)), ("whole_volume", shape)):
+        x = torch.zeros((1, channels) + grid)
+        with torch.no_grad(), autocast(dev):
+            t = time.perf_counter()
+            model.net(x, timesteps=torch.tensor([500]))
+            out[f"{name}_step_s"] = round(time.perf_counter() - t, 3)
+    out["whole_volume_grid"] = list(shape)
+    out["ratio"] = round(out["whole_volume_step_s"] / out["roi64_step_s"], 1)
+    return out
+
+
+def print_bench(rows: dict) -> None:
+    print(f"threads={rows['threads']} device={rows['device']} torch={rows['torch']} repeats={rows['repeats']}")
+    for key in ("roi64_default", "roi64_preview", "roi64_double_volume"):
+        print(f"{key:22s} {json.dumps(rows[key])}")
+    for r in rows["vs_roi"]:
+        print(f"roi side {r['side']:3d} voxels {r['roi_voxels']:8d}  p50 {r['p50_s']:.3f} s")
+    for r in rows["vs_steps"]:
+        print(f"steps {r['steps']:3d}  p50 {r['p50_s']:.3f} s")
+    if "naive_whole_volume" in rows:
+        print(f"naive whole-volume step vs 64^3 ROI step: {json.dumps(rows['naive_whole_volume'])}")
+    print(f"peak RSS {rows['peak_rss_mb']:.0f} MB")

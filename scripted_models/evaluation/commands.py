@@ -1,0 +1,44 @@
+"""`pathosyn bench` and `pathosyn evaluate`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_bench(args) -> int:
+    from .bench import print_bench, run_bench
+
+    rows = run_bench(repeats=args.repeats, quick=args.quick, out=Path(args.out) if args.out else None,
+                     device=args.device, naive=not args.no_naive)
+    print_bench(rows)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .validation import print_validation, run_validation
+
+    rows = run_validation(data_root=args.data, samples=args.samples, steps=args.steps, quick=args.quick,
+                          out=Path(args.out) if args.out else None, device=args.device)
+    print_validation(rows)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import add_common
+
+    p = sub.add_parser("bench", help="latency and memory of synthesize (prints measured numbers)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="short run for CI")
+    p.add_argument("--no-naive", action="store_true", help="skip the whole-volume comparison")
+    p.add_argument("--out", default=None, help="also write the numbers as JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("evaluate", help="validation-case quality vs baselines; inpainting protocol")
+    p.add_argument("--data", default=None)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None, help="report folder (Markdown + JSON)")
+    add_common(p)
+    p.set_defaults(func=cmd_evaluate)

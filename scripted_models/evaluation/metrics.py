@@ -1,0 +1,67 @@
+"""Image and distribution metrics used by the evaluation (numpy/scipy/MONAI; tested on known inputs)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import wasserstein_distance
+
+
+def wasserstein(a: np.ndarray, b: np.ndarray) -> float:
+    """1-D earth mover's distance between two intensity samples (same units as the intensities)."""
+    return float(wasserstein_distance(np.ravel(a), np.ravel(b)))
+
+
+def glcm_features(values: np.ndarray, region: np.ndarray, levels: int = 16, lo: float = -3.0,
+                  hi: float = 6.0) -> dict:
+    """3D grey-level co-occurrence (offsets +1 along each axis, symmetric, pairs inside `region`):
+    contrast and homogeneity. Intensities are quantised on a fixed [lo, hi] range so cases compare."""
+    q = np.clip(((values - lo) / (hi - lo) * levels).astype(int), 0, levels - 1)
+    glcm = np.zeros((levels, levels), np.float64)
+    for axis in range(3):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[axis], b[axis] = slice(0, -1), slice(1, None)
+        both = region[tuple(a)] & region[tuple(b)]
+        np.add.at(glcm, (q[tuple(a)][both], q[tuple(b)][both]), 1)
+    glcm = glcm + glcm.T
+    total = glcm.sum()
+    if total == 0:
+        return {"contrast": float("nan"), "homogeneity": float("nan")}
+    p = glcm / total
+    i, j = np.indices(p.shape)
+    return {"contrast": float((p * (i - j) ** 2).sum()), "homogeneity": float((p / (1.0 + np.abs(i - j))).sum())}
+
+
+def masked_mse_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, data_range: float = 1.0) -> tuple:
+    mse = float(np.mean((pred[mask] - target[mask]) ** 2))
+    psnr = float(10 * np.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
+    return mse, psnr
+
+
+def ssim_in_box(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, data_range: float = 1.0,
+                margin: int = 4) -> float:
+    """MONAI SSIM (3D, Gaussian window) on the bounding box of `mask` plus a margin."""
+    import torch
+    from monai.metrics import SSIMMetric
+
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    p = torch.from_numpy(np.ascontiguousarray(pred[box], np.float32))[None, None]
+    t = torch.from_numpy(np.ascontiguousarray(target[box], np.float32))[None, None]
+    metric = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=7)
+    return float(metric(p, t).mean())
+
+
+def region_stats(syn: np.ndarray, real: np.ndarray, region: np.ndarray) -> dict:
+    """Mean/std error, Wasserstein distance and GLCM differences of `syn` vs `real` inside `region`."""
+    a, b = syn[region], real[region]
+    ga, gb = glcm_features(syn, region), glcm_features(real, region)
+    return {
+        "mean_err": float(abs(a.mean() - b.mean())),
+        "std_err": float(abs(a.std() - b.std())),
+        "wasserstein": wasserstein(a, b),
+        "glcm_contrast_err": float(abs(ga["contrast"] - gb["contrast"])),
+        "glcm_homogeneity_err": float(abs(ga["homogeneity"] - gb["homogeneity"])),
+        "mean_syn": float(a.mean()), "mean_real": float(b.mean()),
+    }

@@ -1,0 +1,249 @@
+"""Lesion-centred 3D patches for PathAR, cached to a .npz under the work folder.
+
+Each labelled case (canonical sub-regions; binary-only masks are skipped because they carry no structure)
+gives patches of `size`^3 voxels at `spacing_mm` (64^3 at 2 mm = 128 mm, enough for every lesion in
+../shared/data, the largest spans 108 mm), centred on the lesion's bounding box, on an axis-aligned LPS grid
+(identity direction), whatever the case's own orientation. Array axes are (z, y, x) = (S, P, L).
+
+Augmentation, precomputed per case (`augment_per_case` patches; the first is the plain one): rotation up to
+`max_rotation_deg` about each axis, isotropic scale jitter (the lesion looks up to 10 % smaller/larger), shift.
+On the fly during training (`augment`): left-right flips only (the other axes would turn anatomy upside down),
+and intensity jitter for images. Images are the case's z-scored volumes (Case.normalized: statistics of healthy
+foreground), with everything outside the brain/head foreground set to `background_z` and values clipped.
+Labels are resampled as one-hot channels (linear) and arg-maxed, which keeps boundaries smooth under rotation.
+
+Every case contributes the modalities it has: BraTS 2013 cases flair + t1c, tcga_du_7294 and brats_pkg_case
+all four. VALIDATION_CASE is held out (its patches are stored with is_val=True).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cases import VALIDATION_CASE, list_cases, load_case
+from ..labels import MODALITIES
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class PatchConfig:
+    size: int = 64
+    spacing_mm: float = 2.0
+    num_labels: int = 4
+    augment_per_case: int = 32
+    val_per_case: int = 4
+    max_rotation_deg: float = 15.0
+    scale_jitter: float = 0.1
+    shift_mm: float = 8.0
+    background_z: float = -4.0
+    clip: tuple[float, float] = (-5.0, 8.0)
+    seed: int = 0
+    exclude: tuple[str, ...] = field(default_factory=tuple)  # case ids to leave out entirely
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PatchConfig":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+@dataclass
+class PatchSet:
+    """Masks (P, S, S, S) uint8 and images (I, S, S, S) float16; image i belongs to patch image_patch[i]."""
+
+    masks: np.ndarray
+    patch_case: np.ndarray  # (P,) index into case_ids
+    is_val: np.ndarray  # (P,) bool
+    images: np.ndarray
+    image_patch: np.ndarray  # (I,)
+    image_modality: np.ndarray  # (I,) index into MODALITIES
+    case_ids: list[str]
+    config: PatchConfig
+
+    @property
+    def spacing_mm(self) -> float:
+        return self.config.spacing_mm
+
+    def patches(self, val: bool = False) -> np.ndarray:
+        return np.nonzero(self.is_val == val)[0]
+
+    def image_indices(self, val: bool = False) -> np.ndarray:
+        return np.nonzero(self.is_val[self.image_patch] == val)[0]
+
+    def modalities_of(self, patch: int) -> list[int]:
+        return self.image_modality[self.image_patch == patch].tolist()
+
+    def sources(self) -> list[str]:
+        """'case:modality' strings of the training split (for model cards)."""
+        out = set()
+        for i in self.image_indices(False):
+            out.add(f"{self.case_ids[self.patch_case[self.image_patch[i]]]}:{MODALITIES[self.image_modality[i]]}")
+        return sorted(out)
+
+    def training_cases(self) -> list[str]:
+        return sorted({self.case_ids[c] for c in self.patch_case[~self.is_val]})
+
+
+def labelled_cases(data_root=None, exclude=()) -> list[Path]:
+    """Case folders with canonical sub-region labels (binary-only and unlabelled cases skipped)."""
+    out = []
+    for folder in list_cases(data_root):
+        if folder.name in exclude:
+            continue
+        info = json.loads((folder / "case.json").read_text())
+        mapping = info.get("label_map_to_canonical") or {}
+        if mapping and all(isinstance(v, int) for v in mapping.values()):
+            out.append(folder)
+    return out
+
+
+def _sitk(array: np.ndarray, reference):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    img.SetSpacing(reference.spacing)
+    img.SetOrigin(reference.origin)
+    img.SetDirection(reference.direction)
+    return img
+
+
+def _resample(image, centre, spacing: float, size: int, angles, shift, default: float, linear: bool = True):
+    """Patch of `image` on an identity-direction grid centred on `centre` (LPS mm), rotated by `angles`."""
+    import SimpleITK as sitk
+
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(tuple(float(c) for c in centre))
+    transform.SetRotation(*[float(a) for a in angles])
+    transform.SetTranslation(tuple(float(s) for s in shift))
+    f = sitk.ResampleImageFilter()
+    f.SetSize([size] * 3)
+    f.SetOutputSpacing([spacing] * 3)
+    f.SetOutputOrigin(tuple(float(c) - spacing * (size - 1) / 2.0 for c in centre))
+    f.SetOutputDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    f.SetTransform(transform)
+    f.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(float(default))
+    return sitk.GetArrayFromImage(f.Execute(image))
+
+
+def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Generator):
+    """(masks (count, S, S, S) uint8, {modality: (count, S, S, S) float16}) for one case."""
+    case = load_case(folder)
+    ref = case.reference
+    fg = case.foreground()
+    norm = case.normalized(fg)
+    idx = np.argwhere(case.seg > 0)
+    centre_kji = (idx.min(0) + idx.max(0)) / 2.0
+    centre = (ref.ijk_to_lps() @ np.r_[centre_kji[::-1], 1.0])[:3]  # LPS mm
+    onehot = [_sitk(case.seg == c, ref) for c in range(cfg.num_labels)]
+    images = {}
+    for m, a in norm.items():
+        a = np.clip(np.where(fg, a, cfg.background_z), *cfg.clip)
+        images[m] = _sitk(a, ref)
+    masks = np.zeros((count,) + (cfg.size,) * 3, np.uint8)
+    out = {m: np.zeros_like(masks, dtype=np.float16) for m in images}
+    for n in range(count):
+        if n == 0:
+            angles, scale, shift = np.zeros(3), 1.0, np.zeros(3)
+        else:
+            angles = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3))
+            scale = float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
+            shift = rng.uniform(-cfg.shift_mm, cfg.shift_mm, 3)
+        spacing = cfg.spacing_mm * scale
+        probs = np.stack([_resample(o, centre, spacing, cfg.size, angles, shift, 1.0 if c == 0 else 0.0)
+                          for c, o in enumerate(onehot)])
+        masks[n] = probs.argmax(0).astype(np.uint8)
+        for m, img in images.items():
+            out[m][n] = _resample(img, centre, spacing, cfg.size, angles, shift, cfg.background_z).astype(np.float16)
+    return masks, out
+
+
+def cache_path(work: Path, cfg: PatchConfig, folders: list[Path]) -> Path:
+    key = json.dumps({"v": CACHE_VERSION, "cfg": cfg.to_dict(), "cases": [f.name for f in folders]}, sort_keys=True)
+    return Path(work) / f"patches_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
+
+
+def build_patches(work: Path, cfg: PatchConfig | None = None, data_root=None, verbose: bool = True) -> PatchSet:
+    """Load the cached patch set for this config and data, or build and cache it (about 1 min)."""
+    cfg = cfg or PatchConfig()
+    folders = labelled_cases(data_root, cfg.exclude)
+    path = cache_path(work, cfg, folders)
+    if path.is_file():
+        return load_patches(path)
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    masks, patch_case, is_val, images, image_patch, image_modality, case_ids = [], [], [], [], [], [], []
+    for folder in folders:
+        val = folder.name == VALIDATION_CASE
+        count = cfg.val_per_case if val else cfg.augment_per_case
+        m, imgs = case_patches(folder, cfg, count, rng)
+        base = sum(len(x) for x in masks)
+        masks.append(m)
+        patch_case += [len(case_ids)] * count
+        is_val += [val] * count
+        case_ids.append(folder.name)
+        for mod, arr in imgs.items():
+            images.append(arr)
+            image_patch += list(range(base, base + count))
+            image_modality += [MODALITIES.index(mod)] * count
+        if verbose:
+            print(json.dumps({"patches": folder.name, "count": count, "modalities": sorted(imgs),
+                              "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+    ps = PatchSet(np.concatenate(masks), np.array(patch_case), np.array(is_val, bool), np.concatenate(images),
+                  np.array(image_patch), np.array(image_modality), case_ids, cfg)
+    save_patches(path, ps)
+    return ps
+
+
+def save_patches(path: Path, ps: PatchSet) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, masks=ps.masks, patch_case=ps.patch_case, is_val=ps.is_val, images=ps.images,
+             image_patch=ps.image_patch, image_modality=ps.image_modality, case_ids=np.array(ps.case_ids),
+             config=np.array(json.dumps(ps.config.to_dict())))
+    os.replace(tmp, path)
+
+
+def load_patches(path: Path) -> PatchSet:
+    z = np.load(path)
+    return PatchSet(z["masks"], z["patch_case"], z["is_val"], z["images"], z["image_patch"], z["image_modality"],
+                    [str(c) for c in z["case_ids"]], PatchConfig.from_dict(json.loads(str(z["config"]))))
+
+
+# --------------------------------------------------------------------------- on-the-fly augmentation
+
+def flip_lr(array: np.ndarray) -> np.ndarray:
+    """Left-right flip of (..., z, y, x) arrays (x is L-R on the identity-direction patch grid)."""
+    return np.ascontiguousarray(array[..., ::-1])
+
+
+def mask_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> np.ndarray:
+    """(B, S, S, S) uint8 training masks, random left-right flips."""
+    idx = rng.choice(ps.patches(False), batch)
+    return np.stack([flip_lr(ps.masks[i]) if rng.random() < 0.5 else ps.masks[i] for i in idx])
+
+
+def image_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images (B, S, S, S) float32, masks (B, S, S, S) uint8): random flips and intensity jitter
+    (x * U(0.9, 1.1) + U(-0.1, 0.1)). Patches are drawn uniformly, then one of their modalities."""
+    patches = rng.choice(ps.patches(False), batch)
+    xs, ms = [], []
+    for p in patches:
+        choices = np.nonzero(ps.image_patch == p)[0]
+        i = int(rng.choice(choices))
+        x, m = ps.images[i].astype(np.float32), ps.masks[p]
+        if rng.random() < 0.5:
+            x, m = flip_lr(x), flip_lr(m)
+        xs.append(x * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1))
+        ms.append(m)
+    return np.stack(xs).astype(np.float32), np.stack(ms)
