@@ -72,3 +72,26 @@ def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -
     os.replace(tmp, path)
     os.replace(card_tmp, folder / f"{name}.json")
     return path
+
+
+def render_model_cards(folder: Path | None = None) -> Path:
+    """MODEL_CARD.md: one section per JSON card (data, steps, wall time, metrics, sha256)."""
+    folder = Path(folder or weights_dir())
+    lines = ["# Model cards", "", "Generated from the JSON cards next to each `.safetensors` file "
+             "(`python -c 'from scripted_models.weights import render_model_cards; render_model_cards()'`).", ""]
+    for card_path in sorted(folder.glob("*.json")):
+        card = json.loads(card_path.read_text())
+        lines += [f"## {card_path.stem}", "", card.get("family", ""), ""]
+        for key in ("steps", "batch", "crop", "wall_time_s", "license"):
+            if key in card:
+                lines.append(f"- **{key}**: {card[key]}")
+        if "data" in card:
+            lines.append(f"- **training data**: {', '.join(map(str, card['data']))}")
+        if "held_out" in card:
+            lines.append(f"- **held out**: {', '.join(card['held_out'])}")
+        for key, value in (card.get("metrics") or {}).items():
+            lines.append(f"- **{key}**: {json.dumps(value)}")
+        lines += [f"- **sha256**: `{card.get('sha256', '')}`", ""]
+    out = folder / "MODEL_CARD.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
