@@ -50,7 +50,7 @@ class PatchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PatchConfig":
+    def from_dict(cls, d: dict) -> PatchConfig:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 

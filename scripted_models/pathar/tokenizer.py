@@ -8,7 +8,7 @@ S is the patch (e.g. 64^3), G = S / 2**len(channels) the token grid (e.g. 8^3). 
 (`spatial_dims`) and any label set (`num_labels`, label 0 = healthy).
 
 The structure VQ-VAE is MONAI's `VQVAE`. MONAI's decoder takes only the latent, so the appearance VQ-VAE is
-composed from MONAI's `Encoder`, `Decoder`, `VectorQuantizer(EMAQuantizer)` and `VQVAEResidualUnit`, with the
+composed from MONAI's `Encoder`, `Decoder`, `VectorQuantizer(EMAQuantizer)` and `Convolution`, with the
 mask injected twice: average-pooled onto the token grid (concatenated to the quantized latent) and at full
 resolution (concatenated to the decoder's last features, before a small convolutional head). The image therefore
 follows the mask voxel by voxel, and the appearance codes only have to carry what the mask does not say.
@@ -34,8 +34,8 @@ class VQConfig:
     num_embeddings: int = 128  # codebook size = token vocabulary
     embedding_dim: int = 32
     commitment_cost: float = 0.25
-    decay: float = 0.99  # EMA codebook decay
-    head_channels: int = 16  # appearance only: features fed to the mask-conditioned output head
+    decay: float = 0.9  # EMA codebook decay (fast: the encoder moves a lot early on)
+    head_channels: int = 8  # appearance only: features fed to the mask-conditioned output head
 
     @property
     def downsample(self) -> int:
@@ -50,7 +50,7 @@ class VQConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VQConfig":
+    def from_dict(cls, d: dict) -> VQConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
@@ -137,7 +137,7 @@ class AppearanceVQ(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         from monai.networks.blocks import Convolution
-        from monai.networks.nets.vqvae import Decoder, Encoder, VQVAEResidualUnit
+        from monai.networks.nets.vqvae import Decoder, Encoder
 
         self.cfg = cfg
         L, dims, F_ = cfg.num_labels, cfg.spatial_dims, cfg.head_channels
@@ -150,10 +150,9 @@ class AppearanceVQ(nn.Module):
                                channels=cfg.channels, num_res_layers=cfg.num_res_layers,
                                num_res_channels=cfg.channels, upsample_parameters=up, dropout=0.0, act="RELU",
                                output_act=None)
-        self.head = nn.Sequential(
-            Convolution(dims, F_ + L, F_, kernel_size=3, adn_ordering="A", act="RELU", norm=None),
-            VQVAEResidualUnit(dims, F_, F_),
-            Convolution(dims, F_, 1, kernel_size=3, conv_only=True),
+        self.head = nn.Sequential(  # per voxel [features, mask] -> image (1x1 convs: full-res 3x3 ones cost 3x)
+            Convolution(dims, F_ + L, 2 * F_, kernel_size=1, adn_ordering="A", act="RELU", norm=None),
+            Convolution(dims, 2 * F_, 1, kernel_size=1, conv_only=True),
         )
 
     def _pool(self, onehot: torch.Tensor) -> torch.Tensor:
@@ -186,19 +185,36 @@ class AppearanceVQ(nn.Module):
 # --------------------------------------------------------------------------- codebook care and metrics
 
 @torch.no_grad()
-def restart_dead_codes(quantizer, latent: torch.Tensor, min_usage: float = 0.03) -> int:
-    """Move codes whose EMA usage fell below `min_usage` onto random encoder outputs of this batch.
-    Keeps the codebook alive (MONAI's EMAQuantizer has no restart). Returns how many codes moved."""
+def init_codebook(quantizer, latent: torch.Tensor) -> None:
+    """Codes = random encoder outputs (data-dependent init; MONAI's N(0, 1) codes sit far from the encoder's
+    outputs, so the EMA quantizer would otherwise collapse onto one or two codes)."""
+    q = quantizer.quantizer
+    flat = latent.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)
+    pick = flat[torch.randint(0, flat.shape[0], (q.num_embeddings,), device=flat.device)]
+    pick = pick + 0.01 * pick.std() * torch.randn_like(pick)
+    q.embedding.weight.data.copy_(pick)
+    q.ema_w.data.copy_(pick)
+    q.ema_cluster_size.data.fill_(1.0)
+
+
+@torch.no_grad()
+def restart_dead_codes(quantizer, latent: torch.Tensor, min_usage: float = 1.0) -> int:
+    """Move codes whose EMA usage (positions per batch) fell below `min_usage` onto encoder outputs of this batch,
+    drawn with probability proportional to their squared distance to the nearest code: the positions the codebook
+    represents worst (e.g. the rare lesion positions, not the ubiquitous healthy ones) get the free codes.
+    MONAI's EMAQuantizer has no restart of its own. Returns how many codes moved."""
     q = quantizer.quantizer
     dead = torch.nonzero(q.ema_cluster_size < min_usage).flatten()
     if dead.numel() == 0:
         return 0
     flat = latent.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)
-    pick = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+    error = torch.cdist(flat, q.embedding.weight.float()).min(1).values ** 2
+    weights = error + 1e-12 if float(error.sum()) > 0 else torch.ones_like(error)
+    pick = flat[torch.multinomial(weights, dead.numel(), replacement=dead.numel() > flat.shape[0])]
     pick = pick + 0.01 * pick.std() * torch.randn_like(pick)
     q.embedding.weight.data[dead] = pick
-    q.ema_w.data[dead] = pick
-    q.ema_cluster_size.data[dead] = 1.0
+    q.ema_w.data[dead] = pick * min_usage
+    q.ema_cluster_size.data[dead] = min_usage
     return int(dead.numel())
 
 

@@ -60,7 +60,7 @@ class IARConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "IARConfig":
+    def from_dict(cls, d: dict) -> IARConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
@@ -121,7 +121,7 @@ class KVCache:
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
 
-    def repeat_interleave(self, r: int) -> "KVCache":
+    def repeat_interleave(self, r: int) -> KVCache:
         """Each batch row repeated r times (one structure shared by r modalities)."""
         out = KVCache.__new__(KVCache)
         out.k = [k.repeat_interleave(r, 0) for k in self.k]

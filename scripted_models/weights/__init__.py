@@ -56,6 +56,16 @@ def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
         raise WeightsError(f"cannot parse {path.name}: {exc}") from None
 
 
+def add_metrics(name: str, metrics: dict, folder: Path | None = None) -> None:
+    """Merge evaluation metrics into a model card (the weights file and its sha256 are unchanged)."""
+    folder = Path(folder or weights_dir())
+    card = load_card(name, folder)
+    card.setdefault("metrics", {}).update(metrics)
+    tmp = folder / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / f"{name}.json")
+
+
 def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -> Path:
     """Write weights and card atomically; the card gets the sha256 of the written file."""
     from safetensors.torch import save_file
@@ -66,6 +76,7 @@ def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
     os.close(fd)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+    os.chmod(tmp, 0o644)
     card = dict(card, sha256=sha256_of(Path(tmp)), file=path.name)
     card_tmp = folder / f".{name}.json.tmp"
     card_tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")

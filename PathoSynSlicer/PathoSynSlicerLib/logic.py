@@ -1,0 +1,661 @@
+"""PathoSyn logic: MRML nodes <-> the PathoSyn engine. Qt-free, so it runs in Slicer and on the `slicer-core` wheel.
+
+Data flows one way: scene nodes -> `Volume` (voxels + IJK-to-RAS) -> engine -> arrays -> NEW scene nodes.
+Inputs are never modified; on any error nothing is added to the scene.
+
+Python console (blocking)::
+
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+    logic = PathoSynSlicerLogic()
+    result = logic.synthesize(getNode("T1"), getNode("Segmentation"), modality="t1", seed=0, steps=20)
+    result.volumes["t1"], result.residuals["t1"], result.segmentation
+
+Batch over several files (each case: load, synthesize, save, clear)::
+
+    import glob, os
+    from scripted_models.volume import read_volume, write_volume
+    for path in sorted(glob.glob("/data/healthy/*_t1.nii.gz")):
+        t1 = logic.addVolumeNode(read_volume(path), os.path.basename(path))
+        mask = logic.addVolumeNode(read_volume("/data/lesion.nii.gz"), "mask", labelmap=True)
+        for seed in range(3):
+            out = logic.synthesize({"t1": t1}, mask, seed=seed, samples=1)
+            write_volume(logic.volumeFromNode(out.volumes["t1"]), path.replace(".nii.gz", f"_les{seed}.nii.gz"))
+            out.removeFromScene()
+        slicer.mrmlScene.RemoveNode(t1); slicer.mrmlScene.RemoveNode(mask)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def _ensureEngineImportable() -> None:
+    """The engine `scripted_models` is installed next to the module (built extension) or lives in the repository
+    root (a clone added with "Add module path")."""
+    if importlib.util.find_spec("scripted_models") is not None:
+        return
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1], here.parents[2]):
+        if (candidate / "scripted_models" / "__init__.py").is_file():
+            sys.path.insert(0, str(candidate))
+            return
+
+
+_ensureEngineImportable()
+
+from scripted_models.errors import InputError, WeightsError  # noqa: E402
+from scripted_models.labels import CORE, EDEMA, ENHANCING, MODALITIES, SUBREGION_COLORS, SUBREGION_NAMES  # noqa: E402
+from scripted_models.volume import Volume  # noqa: E402
+
+MODULE_NAME = "PathoSynSlicer"
+ENGINE_ROOT = Path(importlib.util.find_spec("scripted_models").origin).resolve().parents[1]
+REQUIRED_PACKAGES = {  # import name -> pip requirement
+    "torch": "torch", "monai": "monai>=1.4", "einops": "einops", "safetensors": "safetensors",
+    "scipy": "scipy", "SimpleITK": "SimpleITK>=2.3", "nibabel": "nibabel",
+}
+SAMPLE_DATA_PACKAGES = {"nilearn": "nilearn"}
+WHOLE_LESION_NAME = "lesion"
+RESIDUAL_COLOR_NAME = "PathoSynDivergingBlueRed"
+
+# Sample data for teaching: healthy MNI152 T1 (from nilearn, cached on first use) + a ready lesion mask.
+SAMPLE_LESION_FILE = ENGINE_ROOT / "scripted_models" / "resources" / "mni152_demo_lesion.nii.gz"
+SAMPLE_CHECKSUMS = {
+    "mni152_demo_lesion.nii.gz": "SHA256:f913a368a63904b275ad0f010d1d7fec11ad8ce8922e3ca71b3f097efc85a33b",
+    "mni152_t1_1mm.nii": "SHA256:c259245d3393bd1ddf70ca4059149f9f7bdbbf7f79f66c05680c35bc7fae87e0",
+}
+
+# Segment names -> canonical sub-regions. Checked in order ("non-enhancing" before "enhancing").
+_SEGMENT_NAME_RULES = (
+    (("non-enhancing", "nonenhancing", "non enhancing", "necrotic", "necrosis", "core", "ncr", "net"), CORE),
+    (("edema", "oedema", "ed", "snfh"), EDEMA),
+    (("enhancing", "et"), ENHANCING),
+)
+
+Progress = Callable[[float, str], None]
+
+
+def subregionForSegmentName(name: str) -> int | None:
+    """Canonical sub-region value for a segment name (case-insensitive), or None if the name is not recognised."""
+    import re
+
+    key = name.strip().lower().replace("_", " ")
+    words = set(re.split(r"[^a-z0-9]+", key))
+    for keywords, value in _SEGMENT_NAME_RULES:
+        for kw in keywords:
+            if (len(kw) <= 4 and kw in words) or (len(kw) > 4 and kw in key):
+                return value
+    return None
+
+
+def missingDependencies(include_sample_data: bool = False) -> dict[str, str]:
+    """{import name: pip requirement} of the Python packages the engine needs and that are not importable."""
+    wanted = dict(REQUIRED_PACKAGES, **(SAMPLE_DATA_PACKAGES if include_sample_data else {}))
+    return {name: req for name, req in wanted.items() if importlib.util.find_spec(name) is None}
+
+
+def checkDependencies() -> None:
+    missing = missingDependencies()
+    if missing:
+        raise InputError(f"missing Python packages: {', '.join(missing)} (install them from the PathoSyn module, "
+                         f"or: pip install {' '.join(missing.values())})")
+
+
+def availableDevices() -> list[str]:
+    """auto, cpu and cuda when a CUDA GPU is visible to torch."""
+    try:
+        import torch
+    except ImportError:
+        return ["auto", "cpu"]
+    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# --- MRML <-> numpy helpers (no slicer.util: it expects the desktop application for some calls) -------------------
+def _vtkMatrix(m: np.ndarray):
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    out = vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r][c]))
+    return out
+
+
+def _numpyMatrix(m) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def nodeIJKToRAS(node) -> np.ndarray:
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    m = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return _numpyMatrix(m)
+
+
+def _imageArray(image) -> np.ndarray:
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    dims = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or scalars.GetNumberOfComponents() != 1:
+        raise InputError("expected a single-component scalar image")
+    return vtk_to_numpy(scalars).reshape(dims[2], dims[1], dims[0]).copy()
+
+
+def _imageFromArray(array: np.ndarray):
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    scalars = numpy_to_vtk(array.ravel(), deep=True, array_type=None)
+    scalars.SetName("ImageScalars")
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def _orientedImage(array: np.ndarray, ijkToRAS: np.ndarray):
+    import slicer
+
+    image = slicer.vtkOrientedImageData()
+    image.ShallowCopy(_imageFromArray(array))
+    image.SetImageToWorldMatrix(_vtkMatrix(ijkToRAS))
+    return image
+
+
+def _orientedArray(image, reference_shape=None) -> np.ndarray:
+    """Voxels of a vtkOrientedImageData on its extent (which may not start at 0)."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    ext = image.GetExtent()
+    shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    if min(shape) <= 0 or image.GetPointData().GetScalars() is None:
+        return np.zeros(reference_shape or (0, 0, 0), np.uint8)
+    return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape).copy()
+
+
+@dataclass
+class SynthesisNodes:
+    """The new nodes a synthesis created (inputs are untouched)."""
+
+    volumes: dict = field(default_factory=dict)  # modality -> vtkMRMLScalarVolumeNode
+    residuals: dict = field(default_factory=dict)
+    uncertainty: dict = field(default_factory=dict)
+    segmentation: object = None  # vtkMRMLSegmentationNode with canonical sub-regions
+    colorNodes: list = field(default_factory=list)  # colour tables created for the residual display
+    report: dict = field(default_factory=dict)
+
+    def nodes(self) -> list:
+        out = [*self.volumes.values(), *self.residuals.values(), *self.uncertainty.values()]
+        return out + ([self.segmentation] if self.segmentation is not None else [])
+
+    def removeFromScene(self) -> None:
+        for node in self.nodes():
+            if node.GetScene() is not None:
+                node.GetScene().RemoveNode(node)
+
+
+@dataclass
+class PreparedInputs:
+    """Validated inputs: engine Volumes plus the nodes they came from."""
+
+    images: dict  # modality -> Volume
+    nodes: dict  # modality -> volume node
+    mask: Volume
+    wholeLesion: bool | None
+    maskNode: object
+
+
+class PathoSynSlicerLogic:
+    """MRML nodes in, new MRML nodes out. Works on `slicer.mrmlScene` unless a scene is given."""
+
+    def __init__(self, scene=None):
+        self._scene = scene
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        if getattr(slicer, "mrmlScene", None) is None:
+            raise InputError("no MRML scene: set slicer.mrmlScene or pass scene= to PathoSynSlicerLogic")
+        return slicer.mrmlScene
+
+    # --- parameter node ------------------------------------------------------------------------------------------
+    def getParameterNode(self):
+        """The module's singleton vtkMRMLScriptedModuleNode (same convention as ScriptedLoadableModuleLogic)."""
+        node = self.scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            import slicer
+
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetName(self.scene.GenerateUniqueName(MODULE_NAME))
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetModuleName(MODULE_NAME)
+            node.SetHideFromEditors(True)
+            node = self.scene.AddNode(node)
+        return node
+
+    def getParameters(self):
+        from .parameters import PathoSynParameterNode
+
+        return PathoSynParameterNode(self.getParameterNode())
+
+    # --- nodes -> engine Volumes ------------------------------------------------------------------------------------
+    @staticmethod
+    def volumeFromNode(node) -> Volume:
+        """Voxels (copied) and IJK-to-RAS of a scalar or labelmap volume node."""
+        if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError("expected a scalar volume node")
+        if node.GetImageData() is None:
+            raise InputError(f"volume '{node.GetName()}' has no voxels")
+        return Volume.from_ijk_to_ras(_imageArray(node.GetImageData()), nodeIJKToRAS(node))
+
+    def _inputVolumes(self, volumeNodes, modality: str | None) -> dict:
+        from scripted_models.labels import check_modality
+
+        if volumeNodes is None or (isinstance(volumeNodes, dict) and not volumeNodes):
+            raise InputError("no input volume: select at least one healthy scan")
+        if not isinstance(volumeNodes, dict):
+            volumeNodes = {modality or "t1": volumeNodes}
+        nodes = {}
+        for mod, node in volumeNodes.items():
+            if node is None:
+                continue
+            mod = check_modality(mod)
+            if mod in nodes:
+                raise InputError(f"modality '{mod}' given twice")
+            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise InputError(f"'{node.GetName()}' is not a scalar volume (for modality {mod})")
+            if node.GetImageData() is None:
+                raise InputError(f"volume '{node.GetName()}' has no voxels")
+            nodes[mod] = node
+        if not nodes:
+            raise InputError("no input volume: select at least one healthy scan")
+        reference = next(iter(nodes.values()))
+        for mod, node in nodes.items():
+            if node.GetParentTransformNode() is not reference.GetParentTransformNode():
+                raise InputError(f"'{node.GetName()}' is under a different transform than "
+                                 f"'{reference.GetName()}': harden the transforms first")
+        return nodes
+
+    def maskFromNode(self, maskNode, referenceNode) -> tuple[Volume, bool | None]:
+        """(mask Volume, whole_lesion flag). Labelmaps keep their own grid (the engine resamples, nearest);
+        segmentations are exported onto the reference volume's grid with segment names mapped to sub-regions."""
+        if maskNode is None:
+            raise InputError("no lesion mask: select a segmentation or a labelmap volume")
+        if maskNode.GetParentTransformNode() is not referenceNode.GetParentTransformNode():
+            raise InputError(f"mask '{maskNode.GetName()}' is under a different transform than "
+                             f"'{referenceNode.GetName()}': harden the transforms first")
+        if maskNode.IsA("vtkMRMLSegmentationNode"):
+            return self._maskFromSegmentation(maskNode, referenceNode)
+        if maskNode.IsA("vtkMRMLScalarVolumeNode"):
+            mask = self.volumeFromNode(maskNode)
+            if not np.any(mask.array):
+                raise InputError(f"the lesion mask '{maskNode.GetName()}' is empty")
+            return mask, None
+        raise InputError(f"'{maskNode.GetName()}' is not a segmentation or a labelmap volume")
+
+    def segmentSubregions(self, segmentationNode) -> dict[str, int]:
+        """{segment ID: canonical value}. One segment = the whole lesion (value 1, the model invents the structure);
+        several segments are mapped by name (core/necrotic/non-enhancing -> 1, edema -> 2, enhancing -> 3)."""
+        segmentation = segmentationNode.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        if not ids:
+            raise InputError(f"the segmentation '{segmentationNode.GetName()}' has no segments (the mask is empty)")
+        if len(ids) == 1:
+            return {ids[0]: 1}
+        mapping, unknown = {}, []
+        for sid in ids:
+            name = segmentation.GetSegment(sid).GetName()
+            value = subregionForSegmentName(name)
+            if value is None:
+                unknown.append(name)
+            mapping[sid] = value
+        if unknown:
+            raise InputError(f"cannot map segment(s) {', '.join(repr(n) for n in unknown)} to a lesion sub-region: "
+                             "name them core / edema / enhancing, or use a single segment for the whole lesion")
+        return mapping
+
+    def _maskFromSegmentation(self, segNode, referenceNode) -> tuple[Volume, bool]:
+        import slicer
+
+        mapping = self.segmentSubregions(segNode)
+        binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        segmentation = segNode.GetSegmentation()
+        if not segmentation.ContainsRepresentation(binary):  # convert a copy: the input stays untouched
+            copy = slicer.vtkSegmentation()
+            copy.DeepCopy(segmentation)
+            if not copy.CreateRepresentation(binary):
+                raise InputError(f"cannot convert segmentation '{segNode.GetName()}' to a binary labelmap")
+            segmentation = copy
+        refImage = referenceNode.GetImageData()
+        reference = slicer.vtkOrientedImageData()
+        reference.SetExtent(refImage.GetExtent())
+        reference.SetImageToWorldMatrix(_vtkMatrix(nodeIJKToRAS(referenceNode)))
+        shape = tuple(reversed(refImage.GetDimensions()))
+        labels = np.zeros(shape, np.uint8)
+        anyVoxels = False
+        # paint edema first, then enhancing, then core, so that nested sub-regions win over the ones around them
+        for sid, value in sorted(mapping.items(), key=lambda kv: {EDEMA: 0, ENHANCING: 1, CORE: 2}[kv[1]]):
+            segment = segmentation.GetSegment(sid)
+            rep = segment.GetRepresentation(binary)
+            if rep is None:
+                continue
+            own = _orientedArray(rep)
+            anyVoxels |= bool(np.any(own == segment.GetLabelValue()))
+            resampled = slicer.vtkOrientedImageData()
+            if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                    rep, reference, resampled, False, False):
+                raise InputError(f"cannot resample segment '{segment.GetName()}' onto '{referenceNode.GetName()}'")
+            on_grid = _orientedArray(resampled, shape)
+            if on_grid.shape != shape:
+                raise InputError(f"segment '{segment.GetName()}': unexpected resampled shape {on_grid.shape}")
+            labels[on_grid == segment.GetLabelValue()] = value
+        if not anyVoxels:
+            raise InputError(f"the lesion mask '{segNode.GetName()}' is empty")
+        if not labels.any():
+            raise InputError(f"the lesion mask '{segNode.GetName()}' lies outside the volume '{referenceNode.GetName()}'")
+        return Volume.from_ijk_to_ras(labels, nodeIJKToRAS(referenceNode)), len(mapping) == 1
+
+    def prepare(self, volumeNodes, maskNode, modality: str | None = None) -> PreparedInputs:
+        """Validate the inputs (raises InputError with a one-line message) and read them into engine Volumes."""
+        nodes = self._inputVolumes(volumeNodes, modality)
+        reference = next(iter(nodes.values()))
+        images = {mod: self.volumeFromNode(node) for mod, node in nodes.items()}
+        mask, whole = self.maskFromNode(maskNode, reference)
+        self._checkMaskInside(mask, images[next(iter(images))], maskNode, reference)
+        return PreparedInputs(images, nodes, mask, whole, maskNode)
+
+    @staticmethod
+    def _checkMaskInside(mask: Volume, image: Volume, maskNode, referenceNode) -> None:
+        from scripted_models.volume import resample_to
+
+        if mask.same_grid(image):
+            return
+        on_grid = resample_to(mask, image, nearest=True)
+        if not np.any(on_grid.array):
+            raise InputError(f"the lesion mask '{maskNode.GetName()}' lies outside the volume '{referenceNode.GetName()}'")
+
+    # --- engine runs (blocking) -------------------------------------------------------------------------------------
+    def synthesize(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
+                   steps: int | None = None, guidance: float = 1.0, device: str = "auto", base: str = "input",
+                   progress: Progress | None = None) -> SynthesisNodes:
+        """Add a synthetic lesion to the healthy volume(s); returns the NEW nodes (inputs are never modified).
+
+        volumeNodes: a scalar volume node (tagged with `modality`, default t1) or a dict {modality: node}.
+        maskNode: a segmentation (segments named core/edema/enhancing, or one segment = whole lesion) or a labelmap.
+        Raises InputError / WeightsError with a one-line message; the scene is then unchanged.
+        """
+        checkDependencies()
+        prepared = self.prepare(volumeNodes, maskNode, modality)
+        from scripted_models.pathosyn.api import synthesize_lesion
+
+        if steps is not None and int(steps) <= 0:
+            steps = None
+        result = synthesize_lesion(prepared.images, prepared.mask, seed=int(seed), samples=int(samples), steps=steps,
+                                   guidance=float(guidance), device=device, base=base,
+                                   whole_lesion=prepared.wholeLesion, progress=progress)
+        return self.addSynthesisNodes(prepared, result.images, result.residuals, result.uncertainty, result.mask,
+                                      result.report)
+
+    def pseudoHealthy(self, volumeNodes, maskNode, modality: str | None = None, device: str = "auto",
+                      progress: Progress | None = None) -> dict:
+        """Remove the lesion under the mask (inpaint healthy tissue). Returns {modality: new volume node}."""
+        checkDependencies()
+        prepared = self.prepare(volumeNodes, maskNode, modality)
+        from scripted_models.pathosyn.api import pseudo_healthy
+
+        healthy = pseudo_healthy(prepared.images, prepared.mask, device=device, progress=progress)
+        return self.addPseudoHealthyNodes(prepared, healthy)
+
+    # --- engine outputs -> new nodes --------------------------------------------------------------------------------
+    def addVolumeNode(self, volume: Volume, name: str, labelmap: bool = False, like=None, ijkToRAS=None):
+        """A new volume node with the voxels of `volume`. Geometry: `ijkToRAS` (exact) if given, else the Volume's."""
+        cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+        node = self.scene.AddNewNodeByClass(cls, self.scene.GenerateUniqueName(name))
+        node.SetAndObserveImageData(_imageFromArray(volume.array))
+        node.SetIJKToRASMatrix(_vtkMatrix(volume.ijk_to_ras() if ijkToRAS is None else ijkToRAS))
+        if like is not None and like.GetParentTransformNode() is not None:
+            node.SetAndObserveTransformNodeID(like.GetParentTransformNode().GetID())
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def _outputVolume(self, volume: Volume, reference: Volume, referenceNode, name: str):
+        if not volume.same_grid(reference):
+            raise InputError(f"engine output '{name}' is not on the input grid")
+        node = self.addVolumeNode(volume, name, like=referenceNode, ijkToRAS=nodeIJKToRAS(referenceNode))
+        src, dst = referenceNode.GetDisplayNode(), node.GetDisplayNode()
+        if src is not None and dst is not None:
+            dst.SetAutoWindowLevel(False)
+            dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
+            if src.GetColorNodeID():
+                dst.SetAndObserveColorNodeID(src.GetColorNodeID())
+        return node
+
+    def residualColorNode(self):
+        """Diverging blue-white-red colour node (Slicer's DivergingBlueRed when present, else our own)."""
+        for name in ("DivergingBlueRed", RESIDUAL_COLOR_NAME):
+            nodes = self.scene.GetNodesByClassByName("vtkMRMLColorNode", name)
+            if nodes.GetNumberOfItems():
+                return nodes.GetItemAsObject(0), False
+        node = self.scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", RESIDUAL_COLOR_NAME)
+        node.SetAttribute("Category", "PathoSyn")
+        ctf = node.GetColorTransferFunction()
+        ctf.RemoveAllPoints()
+        ctf.AddRGBPoint(-1.0, 0.1, 0.25, 0.85)
+        ctf.AddRGBPoint(0.0, 1.0, 1.0, 1.0)
+        ctf.AddRGBPoint(1.0, 0.85, 0.1, 0.1)
+        return node, True
+
+    def _setDivergingDisplay(self, node, colorNode, maxAbs: float) -> None:
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(colorNode.GetID())
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(2.0 * max(maxAbs, 1e-6), 0.0)
+
+    def addSegmentationNode(self, labels: np.ndarray, ijkToRAS: np.ndarray, name: str, wholeLesion: bool,
+                            referenceNode=None):
+        """Canonical labels -> a segmentation with one segment per sub-region (names, colours from the engine)."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(name))
+        node.CreateDefaultDisplayNodes()
+        if referenceNode is not None:
+            node.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
+            if referenceNode.GetParentTransformNode() is not None:
+                node.SetAndObserveTransformNodeID(referenceNode.GetParentTransformNode().GetID())
+        for value in (CORE, EDEMA, ENHANCING):
+            if not np.any(labels == value):
+                continue
+            segmentName = WHOLE_LESION_NAME if wholeLesion else SUBREGION_NAMES[value]
+            image = _orientedImage((labels == value).astype(np.uint8), ijkToRAS)
+            segmentId = node.AddSegmentFromBinaryLabelmapRepresentation(image, segmentName,
+                                                                        list(SUBREGION_COLORS[value]))
+            if value == EDEMA and node.GetDisplayNode() is not None:  # see the tumour core through the edema
+                node.GetDisplayNode().SetSegmentOpacity3D(segmentId, 0.35)
+        node.CreateClosedSurfaceRepresentation()
+        return node
+
+    def addSynthesisNodes(self, prepared: PreparedInputs, images: dict, residuals: dict, uncertainty: dict | None,
+                          mask: Volume, report: dict | None = None) -> SynthesisNodes:
+        """Create the output nodes; if anything fails, remove what was created (the scene stays as it was)."""
+        out = SynthesisNodes(report=dict(report or {}))
+        reference = next(iter(prepared.images.values()))
+        referenceNode = next(iter(prepared.nodes.values()))
+        try:
+            colorNode, created = self.residualColorNode()
+            if created:
+                out.colorNodes.append(colorNode)
+            for mod, volume in images.items():
+                inputNode = prepared.nodes[mod]
+                base = inputNode.GetName()
+                out.volumes[mod] = self._outputVolume(volume, reference, inputNode, f"{base} synthesized")
+                res = residuals[mod]
+                out.residuals[mod] = self._outputVolume(res, reference, inputNode, f"{base} residual")
+                self._setDivergingDisplay(out.residuals[mod], colorNode, float(np.abs(res.array).max()))
+                if uncertainty and mod in uncertainty:
+                    node = self._outputVolume(uncertainty[mod], reference, inputNode, f"{base} uncertainty")
+                    inferno = self.scene.GetNodesByClassByName("vtkMRMLColorNode", "Inferno")
+                    if inferno.GetNumberOfItems():
+                        node.GetDisplayNode().SetAndObserveColorNodeID(inferno.GetItemAsObject(0).GetID())
+                    out.uncertainty[mod] = node
+            whole = bool(out.report.get("whole_lesion_only", prepared.wholeLesion))
+            out.segmentation = self.addSegmentationNode(mask.array, nodeIJKToRAS(referenceNode),
+                                                        f"{referenceNode.GetName()} lesion", whole, referenceNode)
+        except BaseException:
+            out.removeFromScene()
+            for node in out.colorNodes:
+                self.scene.RemoveNode(node)
+            raise
+        return out
+
+    def addPseudoHealthyNodes(self, prepared: PreparedInputs, healthy: dict) -> dict:
+        reference = next(iter(prepared.images.values()))
+        created = {}
+        try:
+            for mod, volume in healthy.items():
+                node = prepared.nodes[mod]
+                created[mod] = self._outputVolume(volume, reference, node, f"{node.GetName()} pseudo-healthy")
+        except BaseException:
+            for node in created.values():
+                self.scene.RemoveNode(node)
+            raise
+        return created
+
+    # --- background runs: files for the `pathosyn` CLI and back --------------------------------------------------
+    def writeJobInputs(self, prepared: PreparedInputs, folder: Path) -> dict:
+        """Write the validated inputs as NIfTI for the CLI: {'images': {mod: path}, 'mask': path}."""
+        from scripted_models.volume import write_volume
+
+        folder = Path(folder)
+        images = {mod: str(write_volume(vol, folder / "inputs" / f"{mod}.nii.gz")) for mod, vol in prepared.images.items()}
+        mask = str(write_volume(prepared.mask, folder / "inputs" / "mask.nii.gz"))
+        return {"images": images, "mask": mask}
+
+    def createJob(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
+                  steps: int | None = None, guidance: float = 1.0, device: str = "auto", command: str = "synthesize",
+                  threads: int | None = None, workDir: str | None = None) -> SynthesisJob:
+        """Validate, write the inputs to a temporary folder and return the job (CLI arguments, output folder).
+        Run it with process.CLIRunner(job.argv); then call loadJobOutputs(job). Nothing touches the scene yet."""
+        prepared = self.prepare(volumeNodes, maskNode, modality)
+        folder = Path(tempfile.mkdtemp(prefix="pathosyn-", dir=workDir))
+        try:
+            files = self.writeJobInputs(prepared, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        out = folder / "outputs"
+        argv = [command]
+        for mod, path in files["images"].items():
+            argv += ["--image", f"{mod}={path}"]
+        argv += ["--mask", files["mask"], "--out", str(out), "--device", device]
+        if command == "synthesize":
+            argv += ["--seed", str(int(seed)), "--samples", str(int(samples)), "--guidance", repr(float(guidance))]
+            if steps:
+                argv += ["--steps", str(int(steps))]
+            if prepared.wholeLesion:
+                argv += ["--whole-lesion"]
+        if threads:
+            argv += ["--threads", str(int(threads))]
+        return SynthesisJob(command, argv, folder, out, prepared)
+
+    def loadJobOutputs(self, job: SynthesisJob):
+        """Read the CLI outputs back into NEW nodes (SynthesisNodes, or {mod: node} for pseudo-healthy)."""
+        import json
+
+        from scripted_models.volume import read_volume
+
+        out = job.outputDir
+        if job.command == "pseudo-healthy":
+            healthy = {mod: read_volume(out / f"{mod}.nii.gz") for mod in job.prepared.images}
+            return self.addPseudoHealthyNodes(job.prepared, healthy)
+        report_path = out / "report.json"
+        if not report_path.is_file():
+            raise InputError(f"the synthesis produced no report in {out}")
+        report = json.loads(report_path.read_text())
+        reference = next(iter(job.prepared.images.values()))
+
+        def onGrid(path):  # NIfTI stores geometry in float32: put the voxels back on the exact input grid
+            return reference.with_array(read_volume(path).array)
+
+        mods = list(job.prepared.images)
+        images = {m: onGrid(out / f"{m}.nii.gz") for m in mods}
+        residuals = {m: onGrid(out / f"residual_{m}.nii.gz") for m in mods}
+        uncertainty = {m: onGrid(out / f"uncertainty_{m}.nii.gz") for m in mods
+                       if (out / f"uncertainty_{m}.nii.gz").is_file()} or None
+        mask = onGrid(out / "mask.nii.gz")
+        return self.addSynthesisNodes(job.prepared, images, residuals, uncertainty, mask, report)
+
+    # --- sample data ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def sampleDataCacheDir() -> Path:
+        return Path(os.environ.get("PATHOSYN_CACHE", Path.home() / ".cache" / "pathosyn"))
+
+    @staticmethod
+    def _sha256(path: Path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return "SHA256:" + digest.hexdigest()
+
+    def sampleDataFiles(self) -> dict[str, Path]:
+        """{'t1': MNI152 T1 (written from nilearn to the cache on first use), 'mask': the demo lesion}, both
+        checked against their SHA256 checksums."""
+        mask = SAMPLE_LESION_FILE
+        if self._sha256(mask) != SAMPLE_CHECKSUMS[mask.name]:
+            raise InputError(f"sample lesion {mask} does not match its SHA256 checksum")
+        t1 = self.sampleDataCacheDir() / "mni152_t1_1mm.nii"
+        if not t1.is_file() or self._sha256(t1) != SAMPLE_CHECKSUMS[t1.name]:
+            if "nilearn" in missingDependencies(include_sample_data=True):
+                raise InputError("the MNI152 sample needs the 'nilearn' package")
+            from scripted_models.templates import mni_t1
+            from scripted_models.volume import write_volume
+
+            write_volume(mni_t1(), t1, compress=False)
+            actual = self._sha256(t1)
+            if actual != SAMPLE_CHECKSUMS[t1.name]:  # another nilearn/SimpleITK build: same image, other bytes
+                logging.warning("PathoSyn: MNI152 cache %s has checksum %s (expected %s)", t1, actual,
+                                SAMPLE_CHECKSUMS[t1.name])
+        return {"t1": t1, "mask": mask}
+
+    def loadSampleData(self) -> tuple:
+        """Load the teaching sample: (MNI152 T1 volume node, lesion segmentation node)."""
+        from scripted_models.volume import read_volume
+
+        files = self.sampleDataFiles()
+        t1 = read_volume(files["t1"])
+        t1Node = self.addVolumeNode(t1, "MNI152 T1")
+        labels = read_volume(files["mask"])
+        segNode = self.addSegmentationNode(np.rint(labels.array).astype(np.uint8), labels.ijk_to_ras(),
+                                           "MNI152 demo lesion", wholeLesion=False, referenceNode=t1Node)
+        return t1Node, segNode
+
+
+@dataclass
+class SynthesisJob:
+    command: str  # "synthesize" or "pseudo-healthy"
+    argv: list  # arguments after `python -m scripted_models.cli`
+    folder: Path  # temporary folder (inputs/ and outputs/); remove with cleanup()
+    outputDir: Path
+    prepared: PreparedInputs
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+__all__ = ["InputError", "MODALITIES", "PathoSynSlicerLogic", "SynthesisJob", "SynthesisNodes", "WeightsError",
+           "availableDevices", "checkDependencies", "missingDependencies", "subregionForSegmentName"]

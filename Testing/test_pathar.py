@@ -1,0 +1,470 @@
+"""PathAR engine: asymmetric attention, KV cache, tokenizer, training stages, sample_pairs API and CLI.
+
+Tiny configurations built here (16^3 patches, 4^3 token grids, one transformer layer), trained for a few steps
+on synthetic lesion patches into a temporary weights folder (PATHOSYN_WEIGHTS_DIR). Only the last test uses the
+bundled weights, and is skipped until they are trained.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scripted_models.errors import InputError, WeightsError
+from scripted_models.labels import MODALITIES
+from scripted_models.pathar import api, quality
+from scripted_models.pathar.data import PatchConfig, PatchSet
+from scripted_models.pathar.tokenizer import (
+    AppearanceVQ,
+    StructureVQ,
+    VQConfig,
+    codebook_usage,
+    mask_dice,
+)
+from scripted_models.pathar.transformer import (
+    APPEARANCE,
+    STRUCTURE,
+    IARConfig,
+    IARTransformer,
+    gumbel_noise,
+    interleaved_layout,
+    interleaved_mask,
+    sample_appearance,
+    sample_structure,
+)
+from scripted_models.weights import WEIGHTS_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def tiny_iar(grid=(3, 3), seed=0, **kw) -> IARTransformer:
+    torch.manual_seed(seed)
+    cfg = IARConfig(grid=grid, structure_vocab=7, appearance_vocab=11, num_modalities=4, n_layer=2, n_head=2,
+                    n_embd=32, **kw)
+    return IARTransformer(cfg).eval()
+
+
+def random_tokens(model, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    N, cfg = model.cfg.positions, model.cfg
+    return (torch.randint(0, cfg.structure_vocab, (batch, N), generator=g),
+            torch.randint(0, cfg.appearance_vocab, (batch, N), generator=g),
+            torch.randint(0, cfg.num_modalities, (batch,), generator=g))
+
+
+# --------------------------------------------------------------------------- attention and invariance
+
+def test_structure_logits_exactly_invariant_to_appearance_and_modality():
+    model = tiny_iar()
+    s, a, mod = random_tokens(model)
+    with torch.no_grad():
+        ls, la = model(s, a, mod)
+        a2 = (a + 1 + torch.randint(0, 5, a.shape)) % model.cfg.appearance_vocab
+        ls2, la2 = model(s, a2, (mod + 1) % 4)
+        ls3, _ = model(s)  # no appearance stream at all
+    assert torch.equal(ls, ls2) and torch.equal(ls, ls3)  # bitwise
+    assert not torch.allclose(la, la2)  # appearance does depend on its own tokens and modality
+    with torch.no_grad():  # the modality label alone changes appearance logits from the first position on
+        _, la4 = model(s, a, (mod + 1) % 4)
+    assert (la4[:, 0] - la[:, 0]).abs().max() > 1e-4
+
+
+def test_structure_changes_reach_appearance_only_from_their_position():
+    model = tiny_iar()
+    s, a, mod = random_tokens(model)
+    p = 4
+    s2 = s.clone()
+    s2[:, p] = (s2[:, p] + 1) % model.cfg.structure_vocab
+    with torch.no_grad():
+        ls, la = model(s, a, mod)
+        ls2, la2 = model(s2, a, mod)
+    # structure logits for s_0..s_p and appearance logits for a_0..a_{p-1} cannot see s_p
+    torch.testing.assert_close(ls[:, :p + 1], ls2[:, :p + 1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(la[:, :p], la2[:, :p], atol=1e-6, rtol=0)
+    # a_p sees s_p (structure up to and including the current position)
+    assert (la[:, p] - la2[:, p]).abs().max() > 1e-5
+
+
+def test_two_streams_equal_one_masked_interleaved_sequence():
+    model = tiny_iar(grid=(2, 2, 2))
+    s, a, mod = random_tokens(model)
+    with torch.no_grad():
+        ls, la = model(s, a, mod)
+        rs, ra = model.forward_interleaved(s, a, mod)
+    torch.testing.assert_close(ls, rs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(la, ra, atol=1e-5, rtol=0)
+
+
+def test_attention_mask_properties():
+    n = 5
+    kind, slot = interleaved_layout(n)
+    mask = interleaved_mask(n)
+    L = 2 * n + 1
+    assert kind.numel() == L and mask.shape == (L, L)
+    assert (kind == STRUCTURE).sum() == n + 1 and (kind == APPEARANCE).sum() == n
+    assert not torch.triu(mask, diagonal=1).any()  # causal
+    assert mask.diagonal().all()  # every position sees itself
+    s_rows, a_cols = kind == STRUCTURE, kind == APPEARANCE
+    assert not mask[s_rows][:, a_cols].any()  # structure never sees appearance nor the modality label
+    mod_pos = int(torch.nonzero(a_cols & (slot == 0)))
+    assert mask[:, mod_pos].sum() == n  # the modality label is seen by exactly the n appearance positions
+    for i in range(L):
+        seen_s = set(slot[mask[i] & (kind == STRUCTURE)].tolist())
+        seen_a = set(slot[mask[i] & a_cols].tolist())
+        if kind[i] == STRUCTURE:
+            assert seen_s == set(range(int(slot[i]) + 1)) and not seen_a
+        else:  # appearance slot t predicts a_t: BOS, s_0..s_t (structure slots 0..t+1), MOD, a_0..a_{t-1}
+            t = int(slot[i])
+            assert seen_s == set(range(t + 2)) and seen_a == set(range(t + 1))
+
+
+def test_kv_cache_matches_full_recompute():
+    model = tiny_iar(grid=(2, 3, 2))
+    s, a, mod = random_tokens(model, batch=2)
+    N = model.cfg.positions
+    with torch.no_grad():
+        ls, la = model(s, a, mod)
+        s_in, a_in = model.stream_inputs(s, a, mod)
+        s_cache = model.new_cache(2, STRUCTURE)
+        steps = [model.structure(s_in[:, j:j + 1], s_cache) for j in range(N + 1)]  # one token at a time
+        a_cache = model.new_cache(2, APPEARANCE)
+        chunks = [model.appearance(a_in[:, j:j + 3], a_cache, s_cache) for j in range(0, N, 3)]  # chunked
+    torch.testing.assert_close(torch.cat(steps, 1)[:, :N], ls, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(chunks, 1), la, atol=1e-5, rtol=0)
+
+
+def test_sampling_reuses_structure_cache_and_is_deterministic():
+    model = tiny_iar()
+    N = model.cfg.positions
+
+    def run(seed, temperature=1.0, top_k=None):
+        g = torch.Generator().manual_seed(seed)
+        s_noise = gumbel_noise(g, (2, N, model.cfg.structure_vocab))
+        s, cache = sample_structure(model, s_noise, temperature=temperature, top_k=top_k)
+        a_noise = gumbel_noise(g, (4, N, model.cfg.appearance_vocab))
+        a = sample_appearance(model, cache.repeat_interleave(2), torch.tensor([0, 3, 0, 3]), a_noise,
+                              temperature=temperature, top_k=top_k)
+        return s, a
+
+    s1, a1 = run(0)
+    s2, a2 = run(0)
+    assert torch.equal(s1, s2) and torch.equal(a1, a2)
+    s3, _ = run(1)
+    assert not torch.equal(s1, s3)
+    # top-k 1 is greedy: the noise no longer matters
+    assert torch.equal(run(0, top_k=1)[0], run(5, top_k=1)[0])
+    # sampled structure tokens are what teacher forcing would have predicted greedily with top_k=1
+    s_greedy, _ = run(0, top_k=1)
+    with torch.no_grad():
+        logits, _ = model(s_greedy)
+    assert torch.equal(logits.argmax(-1), s_greedy)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+@pytest.mark.parametrize("dims,labels,patch", [(2, 3, (16, 24)), (3, 4, (8, 16, 8))])
+def test_tokenizer_round_trip_shapes(dims, labels, patch):
+    cfg = VQConfig(spatial_dims=dims, num_labels=labels, channels=(4, 8), num_embeddings=16, embedding_dim=8,
+                   head_channels=4)
+    grid = cfg.grid(patch)
+    assert grid == tuple(p // 4 for p in patch)
+    torch.manual_seed(0)
+    structure, appearance = StructureVQ(cfg).eval(), AppearanceVQ(cfg).eval()
+    mask = torch.randint(0, labels, (2,) + patch)
+    image = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        s = structure.encode(mask)
+        assert s.shape == (2,) + grid and s.dtype == torch.long and int(s.max()) < 16
+        assert structure.decode(s).shape == (2, labels) + patch
+        decoded = structure.decode_mask(s)
+        assert decoded.shape == (2,) + patch and decoded.dtype == torch.uint8
+        a = appearance.encode(image, mask)
+        assert a.shape == (2,) + grid
+        out = appearance.decode(a, mask)
+        assert out.shape == (2, 1) + patch and torch.isfinite(out).all()
+        # the decoder is conditioned on the structure: another mask, another image for the same tokens
+        other = (mask + 1) % labels
+        assert (appearance.decode(a, other) - out).abs().max() > 1e-6
+    with pytest.raises(ValueError):
+        cfg.grid(tuple(p + 1 for p in patch))
+
+
+def test_codebook_and_reconstruction_metrics():
+    usage = codebook_usage(torch.tensor([0, 1, 2, 3]), 8)
+    assert usage["perplexity"] == pytest.approx(4.0) and usage["used_codes"] == 4
+    assert codebook_usage(np.zeros(10, int), 8)["perplexity"] == pytest.approx(1.0)
+    a = np.zeros((8, 8), np.uint8)
+    a[2:6, 2:6] = 2
+    a[3:5, 3:5] = 1
+    d = mask_dice(a, a, 4)
+    assert d["whole"] == 1.0 and d["1"] == 1.0 and "3" not in d
+    assert mask_dice(a, np.zeros_like(a), 4)["whole"] == 0.0
+
+
+# --------------------------------------------------------------------------- training on synthetic patches
+
+def synthetic_patches(count=6, size=16, seed=0) -> PatchSet:
+    """Nested lesions (core in enhancing ring in edema) with intensities by sub-region, two modalities each."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(size)] * 3, indexing="ij")
+    masks, images, image_patch, image_modality = [], [], [], []
+    for p in range(count):
+        c = size / 2 + rng.uniform(-2, 2, 3)
+        r = rng.uniform(3, 6)
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+        m = np.zeros((size,) * 3, np.uint8)
+        m[d < r] = 2
+        m[d < 0.7 * r] = 3
+        m[d < 0.4 * r] = 1
+        masks.append(m)
+        for k in ((1, 3) if p % 2 else (0, 1, 2, 3)):
+            base = np.array([0.0, -1.0, 1.5, 2.0]) * (1 if k != 0 else -1)
+            img = base[m] + 0.2 * rng.standard_normal(m.shape)
+            images.append(img.astype(np.float16))
+            image_patch.append(p)
+            image_modality.append(k)
+    is_val = np.zeros(count, bool)
+    is_val[-1] = True
+    return PatchSet(np.stack(masks), np.arange(count), is_val, np.stack(images), np.array(image_patch),
+                    np.array(image_modality), [f"synthetic_{i}" for i in range(count)],
+                    PatchConfig(size=size, spacing_mm=4.0))
+
+
+def tiny_config():
+    from scripted_models.pathar.train import PathARConfig
+
+    patch = PatchConfig(size=16, spacing_mm=4.0)
+    vq = dict(channels=(4, 8), num_embeddings=16, embedding_dim=8, head_channels=4)
+    structure, appearance = VQConfig(**vq), VQConfig(**vq)
+    transformer = IARConfig(grid=structure.grid((16, 16, 16)), structure_vocab=16, appearance_vocab=16,
+                            n_layer=1, n_head=2, n_embd=32)
+    return PathARConfig(patch, structure, appearance, transformer)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """Train all three stages for a few steps (resuming once) into a temporary weights folder."""
+    from scripted_models.pathar import train as T
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pathar")
+    work, out = root / "work", root / "weights"
+    ps, cfg = synthetic_patches(), tiny_config()
+    dev = torch.device("cpu")
+    tc = T.TrainConfig(structure_steps=3, appearance_steps=3, transformer_steps=4, vq_batch=2, transformer_batch=3,
+                       save_every=2, log_every=1)
+    T.train_structure(ps, cfg, tc, work, out, dev)
+    tc.structure_steps = 5  # resume from the step-3 checkpoint
+    T.train_structure(ps, cfg, tc, work, out, dev)
+    T.train_appearance(ps, cfg, tc, work, out, dev)
+    T.train_transformer(ps, cfg, tc, work, out, dev)
+    T.write_markdown_card(out)
+    return out
+
+
+@pytest.fixture
+def weights_env(tiny_weights, monkeypatch):
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tiny_weights))
+    return tiny_weights
+
+
+def test_training_writes_cards_and_resumes(tiny_weights):
+    structure = json.loads((tiny_weights / "pathar_structure_vq.json").read_text())
+    assert structure["steps"] == 5 and len(structure["sha256"]) == 64
+    assert {"dice_whole", "perplexity", "used_codes"} <= set(structure["metrics"]["val"])
+    log = [json.loads(x) for x in (tiny_weights.parent / "work" / "structure" / "loss.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5]  # steps 4-5 continued the step-3 run
+    appearance = json.loads((tiny_weights / "pathar_appearance_vq.json").read_text())
+    assert {"mae", "mae_lesion", "perplexity"} <= set(appearance["metrics"]["val"])
+    transformer = json.loads((tiny_weights / "pathar_transformer.json").read_text())
+    assert transformer["structure_vq"]["sha256"] == structure["sha256"]
+    assert transformer["metrics"]["val"]["nll_structure"] > 0
+    assert transformer["wall_time_s"] >= 0 and transformer["data"]
+    md = (tiny_weights / "pathar.md").read_text()
+    assert "pathar_transformer" in md and structure["sha256"][:16] in md
+
+
+# --------------------------------------------------------------------------- sample_pairs API
+
+def test_sample_pairs_outputs_and_determinism(weights_env):
+    calls = []
+    pairs = api.sample_pairs(["t1c", "flair"], n=2, seed=7, progress=lambda f, m: calls.append(f), device="cpu")
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair.mask.array.shape == (16, 16, 16) and pair.mask.array.dtype == np.uint8
+        assert set(np.unique(pair.mask.array)) <= {0, 1, 2, 3}
+        assert pair.mask.spacing == (4.0, 4.0, 4.0) and pair.mask.origin == (0.0, 0.0, 0.0)
+        assert pair.mask.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+        assert list(pair.images) == ["t1c", "flair"]
+        for vol in pair.images.values():
+            assert vol.array.dtype == np.float32 and vol.same_grid(pair.mask) and np.isfinite(vol.array).all()
+    assert calls and calls[-1] == pytest.approx(1.0) and all(0 <= f <= 1 for f in calls)
+    again = api.sample_pairs(["t1c", "flair"], n=2, seed=7, device="cpu")
+    for p, q in zip(pairs, again):
+        assert np.array_equal(p.mask.array, q.mask.array)
+        for m in p.images:
+            assert np.array_equal(p.images[m].array, q.images[m].array)
+    other = api.sample_pairs(["t1c", "flair"], n=2, seed=8, device="cpu")
+    assert any(not np.array_equal(p.images["t1c"].array, q.images["t1c"].array) for p, q in zip(pairs, other))
+
+
+def test_sample_structure_independent_of_n_and_modalities(weights_env):
+    a = api.sample_pairs("t1c", n=2, seed=3, device="cpu")
+    b = api.sample_pairs(["flair", "t1c", "t2"], n=3, seed=3, device="cpu")
+    for i in range(2):
+        assert np.array_equal(a[i].mask.array, b[i].mask.array)
+        np.testing.assert_allclose(a[i].images["t1c"].array, b[i].images["t1c"].array, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"modalities": ["t5"]}, {"modalities": []}, {"n": 0}, {"n": -2}, {"n": 1.5}, {"seed": -1},
+    {"temperature": 0.0}, {"temperature": "hot"}, {"top_k": 0},
+])
+def test_sample_pairs_bad_input(weights_env, kwargs):
+    args = {"modalities": ["t1c"], "n": 1, "seed": 0, **kwargs}
+    with pytest.raises(InputError):
+        api.sample_pairs(args.pop("modalities"), **args)
+
+
+def test_sample_pairs_missing_or_corrupted_weights(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tmp_path / "empty"))
+    with pytest.raises(WeightsError, match="missing"):
+        api.sample_pairs(["t1c"], n=1, seed=0)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny_weights.glob("pathar_*"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(bad))
+    api.sample_pairs(["t1c"], n=1, seed=0)  # a good copy loads
+    blob = bytearray((bad / "pathar_transformer.safetensors").read_bytes())
+    blob[-5] ^= 0xFF
+    (bad / "pathar_transformer.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="corrupted"):  # the cached model is not reused for a changed file
+        api.sample_pairs(["t1c"], n=1, seed=0)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _cli(args, weights: Path):
+    env = dict(os.environ, PATHOSYN_WEIGHTS_DIR=str(weights), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scripted_models.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_cli_sample_writes_files(tiny_weights, tmp_path):
+    from scripted_models.volume import read_volume
+
+    out = tmp_path / "out"
+    r = _cli(["sample", "--modality", "t1c", "--modality", "flair", "--n", "2", "--seed", "0", "--out", str(out),
+              "--threads", "1", "--progress", "jsonl"], tiny_weights)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[-1]["event"] == "done" and any(e["event"] == "progress" for e in events)
+    for i in range(2):
+        folder = out / f"sample_{i:03d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["flair.nii.gz", "mask.nii.gz", "t1c.nii.gz"]
+        mask = read_volume(folder / "mask.nii.gz")
+        assert mask.array.dtype == np.uint8 and mask.shape == (16, 16, 16)
+        assert mask.spacing == (4.0, 4.0, 4.0)
+        assert read_volume(folder / "t1c.nii.gz").array.dtype == np.float32
+
+
+def test_cli_bad_input_exit_2(tiny_weights, tmp_path):
+    out = tmp_path / "out"
+    r = _cli(["sample", "--modality", "t5", "--n", "1", "--out", str(out)], tiny_weights)
+    assert r.returncode == 2 and "unknown modality" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["n0", "missing", "corrupted"])
+def test_cli_exit_2_in_process(tiny_weights, tmp_path, monkeypatch, capsys, case):
+    from scripted_models import cli
+
+    weights = tiny_weights
+    args = ["sample", "--modality", "t1c", "--n", "1", "--out", str(tmp_path / "out"), "--progress", "none"]
+    if case == "n0":
+        args[4] = "0"
+    elif case == "missing":
+        weights = tmp_path / "nothing"
+    else:
+        weights = tmp_path / "copy"
+        weights.mkdir()
+        for f in tiny_weights.glob("pathar_*"):
+            (weights / f.name).write_bytes(f.read_bytes())
+        (weights / "pathar_structure_vq.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(weights))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pathosyn: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_pathar_rejects_steps_with_all(tmp_path, capsys):
+    from scripted_models import cli
+
+    assert cli.main(["train-pathar", "--work", str(tmp_path), "--stage", "all", "--steps", "5"]) == 2
+
+
+# --------------------------------------------------------------------------- quality metrics
+
+def test_quality_metrics_on_synthetic_masks():
+    ps = synthetic_patches()
+    good = ps.masks[0]
+    r = quality.mask_plausibility(good, 4.0, min_voxels=10)
+    assert r["plausible"] and r["components"] == 1 and r["tc_attached"] == 1.0
+    two = good.copy()
+    two[:3, :3, :3] = 2  # a second, separate lesion of similar size in a corner
+    two[-4:, -4:, -4:] = 2
+    assert quality.mask_plausibility(two, 4.0, min_voxels=10)["main_fraction"] < 1.0
+    floating = good.copy()
+    floating[0:2, 0:2, 0:2] = 3  # an enhancing blob far from the edema
+    assert quality.mask_plausibility(floating, 4.0, min_voxels=10)["tc_attached"] < 1.0
+    assert quality.mean_pairwise_dice([good, good]) == 1.0
+    assert quality.nearest_dice([good], ps.masks)[0] == pytest.approx(1.0)
+    img = ps.images[0].astype(np.float32)
+    contrast = quality.subregion_contrast(ps.masks[ps.image_patch[0]], img)
+    assert contrast[2] < 0 < contrast[3]  # modality 0 of the synthetic data: edema darker, enhancing brighter
+    assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 0, 2: 1, 3: 2}) == 1.0
+    assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 2, 2: 1, 3: 0}) == 0.0
+
+
+def test_real_case_patch_geometry(data_root):
+    """One real labelled case: a lesion-centred patch on an identity-direction grid."""
+    from scripted_models.pathar.data import case_patches
+
+    cfg = PatchConfig(size=32, spacing_mm=4.0)
+    masks, images = case_patches(data_root / "cases" / "tcga_du_7294", cfg, 2, np.random.default_rng(0))
+    assert masks.shape == (2, 32, 32, 32) and set(images) == set(MODALITIES)
+    lesion = np.argwhere(masks[0] > 0)
+    assert len(lesion) > 50
+    centre = (lesion.min(0) + lesion.max(0)) / 2
+    assert np.all(np.abs(centre - 15.5) <= 2)  # the un-augmented patch is centred on the lesion
+    assert images["flair"].dtype == np.float16
+    assert images["flair"][0][masks[0] == 2].mean() > images["flair"][0][masks[0] == 0].mean()
+
+
+# --------------------------------------------------------------------------- bundled weights
+
+BUNDLED = all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in api.WEIGHT_NAMES)
+
+
+@pytest.mark.skipif(not BUNDLED, reason="bundled PathAR weights not yet trained")
+def test_bundled_weights_sample(monkeypatch):
+    monkeypatch.delenv("PATHOSYN_WEIGHTS_DIR", raising=False)
+    pairs = api.sample_pairs(list(MODALITIES), n=1, seed=0, device="cpu")
+    mask = pairs[0].mask.array
+    assert mask.shape == (64, 64, 64) and (mask > 0).sum() > 100
+    assert set(pairs[0].images) == set(MODALITIES)
+    assert all(np.isfinite(v.array).all() for v in pairs[0].images.values())

@@ -1,0 +1,453 @@
+"""PathoSyn Slicer module on a real (headless) MRML scene from the slicer-core wheel. The engine is not stubbed."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_ball_mask, make_head
+
+pytest.importorskip("slicer")
+
+from slicer_scene import SlicerScene, array_of, ijk_to_ras, save_png  # noqa: E402
+
+STEPS = 2  # keep the tests fast; the quality of the output is tested elsewhere
+SCREENSHOT = ROOT / "Resources" / "Screenshots" / "pathosyn.png"
+
+OBLIQUE = tuple(np.round([np.cos(0.3), -np.sin(0.3), 0, np.sin(0.3), np.cos(0.3), 0, 0, 0, 1], 12))
+FLIPPED = (0, 1, 0, 1, 0, 0, 0, 0, -1)  # axes swapped and one flipped (det = +1 after the LPS/RAS flip too)
+
+
+@pytest.fixture()
+def app():
+    return SlicerScene()
+
+
+@pytest.fixture()
+def logic(app):
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+
+    return PathoSynSlicerLogic()
+
+
+def add_head(app, direction=None, spacing=(1.2, 1.0, 1.5), name="head", seed=0):
+    head = make_head(direction=direction, spacing=spacing, seed=seed)
+    return head, app.add_volume(head.array, head.ijk_to_ras(), name)
+
+
+SUBREGION_SEGMENTS = {1: "Necrotic core", 2: "Edema", 3: "Enhancing tumor"}
+
+
+def snapshot(app, nodes):
+    return {n.GetID(): (array_of(n), ijk_to_ras(n), n.GetName()) for n in nodes}, app.node_ids()
+
+
+def assert_unchanged(app, nodes, before):
+    arrays, ids = before
+    assert app.node_ids() == ids, "the scene gained or lost nodes"
+    for n in nodes:
+        a, m, name = arrays[n.GetID()]
+        assert np.array_equal(array_of(n), a)
+        assert np.array_equal(ijk_to_ras(n), m)
+        assert n.GetName() == name
+
+
+# --- conversion helpers -----------------------------------------------------------------------------------------------
+def test_segment_names_map_to_canonical_subregions():
+    from PathoSynSlicerLib.logic import subregionForSegmentName as f
+
+    assert f("Necrotic core") == 1 and f("NCR/NET") == 1 and f("non-enhancing tumour") == 1
+    assert f("Edema") == 2 and f("peritumoral oedema") == 2 and f("ED") == 2
+    assert f("Enhancing tumor") == 3 and f("ET") == 3
+    assert f("Segment_1") is None and f("lesion") is None
+
+
+@pytest.mark.parametrize("direction", [None, OBLIQUE, FLIPPED], ids=["axial", "oblique", "flipped"])
+def test_volume_roundtrip_keeps_geometry(app, logic, direction):
+    head, node = add_head(app, direction=direction)
+    vol = logic.volumeFromNode(node)
+    assert vol.same_grid(head, tol=1e-9)
+    assert np.array_equal(vol.array, head.array)
+    back = logic.addVolumeNode(vol, "copy")
+    assert np.allclose(ijk_to_ras(back), ijk_to_ras(node), atol=1e-12)
+
+
+# --- synthesis on MRML nodes ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", [OBLIQUE, FLIPPED], ids=["oblique", "flipped"])
+def test_synthesize_segmentation_outputs_new_nodes_exact_geometry(app, logic, direction):
+    head, node = add_head(app, direction=direction, spacing=(1.3, 0.9, 2.0))
+    mask = make_ball_mask(head)
+    seg = app.add_segmentation(mask.array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    before = snapshot(app, [node])
+    seg_before = seg.GetSegmentation().GetNumberOfSegments()
+
+    out = logic.synthesize(node, seg, modality="t1", seed=1, samples=2, steps=STEPS)
+
+    # inputs untouched
+    assert np.array_equal(array_of(node), before[0][node.GetID()][0])
+    assert seg.GetSegmentation().GetNumberOfSegments() == seg_before
+    # new nodes, named after the input, with exactly the input's IJK-to-RAS
+    new = out.nodes()
+    assert not ({n.GetID() for n in new} & before[1])
+    assert out.volumes["t1"].GetName() == "head synthesized"
+    assert out.residuals["t1"].GetName() == "head residual"
+    assert out.uncertainty["t1"].GetName() == "head uncertainty"
+    for n in (out.volumes["t1"], out.residuals["t1"], out.uncertainty["t1"]):
+        assert np.array_equal(ijk_to_ras(n), ijk_to_ras(node))
+        assert array_of(n).shape == head.shape
+    synth = array_of(out.volumes["t1"])
+    assert synth.dtype == head.array.dtype
+    changed = synth != head.array
+    assert changed.any()
+    # voxels outside the (dilated) lesion are copied bit for bit; changes stay near the lesion
+    far = _distance_mm(mask.array > 0, head.spacing) > 6.0 + max(head.spacing)  # engine blend margin: 6 mm
+    assert not changed[far].any()
+    residual = array_of(out.residuals["t1"])
+    assert residual.dtype == np.float32 and np.abs(residual).max() > 0
+    assert (array_of(out.uncertainty["t1"]) >= 0).all()
+    # residual display: diverging colours centred on 0
+    display = out.residuals["t1"].GetDisplayNode()
+    assert display.GetLevel() == 0.0
+    assert "Diverging" in app.scene.GetNodeByID(display.GetColorNodeID()).GetName()
+    # lesion segmentation with canonical names and colours
+    from scripted_models.labels import SUBREGION_COLORS, SUBREGION_NAMES
+
+    segmentation = out.segmentation.GetSegmentation()
+    names = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i).GetColor()
+             for i in range(segmentation.GetNumberOfSegments())}
+    assert set(names) == set(SUBREGION_NAMES.values())
+    for value, name in SUBREGION_NAMES.items():
+        assert np.allclose(names[name], SUBREGION_COLORS[value])
+    assert out.report["lesion_voxels"] == int((mask.array > 0).sum())
+    assert out.report["whole_lesion_only"] is False
+
+
+def _distance_mm(mask, spacing_xyz):
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~mask, sampling=tuple(reversed(spacing_xyz)))
+
+
+def test_single_segment_is_whole_lesion_and_dict_of_modalities(app, logic):
+    head, t1 = add_head(app, name="T1 scan")
+    t2head = make_head(seed=3)
+    t2 = app.add_volume(t2head.array, t2head.ijk_to_ras(), "T2 scan")
+    mask = make_ball_mask(head, labels=False)
+    seg = app.add_segmentation(mask.array, head.ijk_to_ras(), {1: "Segment_1"})
+    out = logic.synthesize({"t1": t1, "T2": t2}, seg, steps=STEPS)
+    assert set(out.volumes) == {"t1", "t2"}
+    assert out.volumes["t2"].GetName() == "T2 scan synthesized"
+    assert out.report["whole_lesion_only"] is True
+    segmentation = out.segmentation.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "lesion"
+    assert out.uncertainty == {}
+
+
+def test_labelmap_mask_on_a_different_grid(app, logic):
+    """A labelmap with its own (coarser, shifted, oblique) grid: the engine resamples it (nearest)."""
+    head, node = add_head(app)
+    fine = make_ball_mask(head)
+    # the same ball described on a 2x coarser grid with a rotation: build it in physical space
+    from scripted_models.volume import Volume, resample_to
+
+    coarse_grid = centred_grid(head, (24, 28, 26), spacing=(2.0, 1.9, 2.1), direction=OBLIQUE, shift=(3, -4, 2))
+    coarse = resample_to(fine, coarse_grid, nearest=True)
+    assert coarse.array.any() and not coarse.same_grid(head)
+    label = app.add_volume(coarse.array.astype(np.uint8), coarse.ijk_to_ras(), "mask", labelmap=True)
+    label_before = array_of(label)
+    out = logic.synthesize(node, label, steps=STEPS)
+    assert np.array_equal(array_of(label), label_before)
+    got = _segmentation_labels(out.segmentation, node)
+    expected = resample_to(coarse, head, nearest=True).array
+    assert np.array_equal(got, expected)
+    assert np.array_equal(ijk_to_ras(out.volumes["t1"]), ijk_to_ras(node))
+
+
+def test_segmentation_on_a_different_grid(app, logic):
+    head, node = add_head(app)
+    mask = make_ball_mask(head)
+    from scripted_models.volume import Volume, resample_to
+
+    other = centred_grid(head, (30, 36, 33), spacing=(1.6, 1.3, 2.0), direction=FLIPPED)
+    moved = resample_to(mask, other, nearest=True)
+    assert moved.array.any() and not moved.same_grid(head)
+    seg = app.add_segmentation(moved.array, moved.ijk_to_ras(), SUBREGION_SEGMENTS)
+    prepared = logic.prepare(node, seg)
+    assert prepared.mask.same_grid(head, tol=1e-9)
+    expected = resample_to(moved, head, nearest=True).array
+    agree = (prepared.mask.array == expected).mean()
+    assert agree > 0.995, agree  # VTK and ITK nearest-neighbour may differ on exact voxel-boundary ties
+    out = logic.synthesize(node, seg, steps=STEPS)
+    assert set(out.volumes) == {"t1"}
+
+
+def centred_grid(head, shape, spacing, direction, shift=(0.0, 0.0, 0.0)):
+    """An empty Volume with another grid whose centre is the centre of `head` (+ shift mm)."""
+    from scripted_models.volume import Volume
+
+    def centre(v):
+        return (v.ijk_to_lps() @ np.array([*(np.array(v.shape[::-1]) - 1) / 2.0, 1.0]))[:3]
+
+    grid = Volume(np.zeros(shape, np.uint8), spacing=spacing, direction=direction)
+    origin = centre(head) - centre(grid) + np.asarray(shift)
+    return Volume(grid.array, spacing, tuple(origin), direction)
+
+
+def _segmentation_labels(seg_node, reference_node):
+    """Canonical labels of an output segmentation on the reference grid (via the logic's own export)."""
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+
+    vol, _ = PathoSynSlicerLogic().maskFromNode(seg_node, reference_node)
+    return vol.array
+
+
+# --- bad input: clear one-line errors, scene unchanged -------------------------------------------------------------
+def test_bad_inputs_raise_one_line_errors_and_leave_scene_unchanged(app, logic):
+    from scripted_models.errors import InputError
+
+    head, node = add_head(app)
+    mask = make_ball_mask(head)
+    seg = app.add_segmentation(mask.array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    empty_seg = app.add_segmentation(np.zeros(head.shape, np.uint8), head.ijk_to_ras(), {1: "lesion"})
+    no_segments = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    empty_label = app.add_volume(np.zeros(head.shape, np.uint8), head.ijk_to_ras(), "empty", labelmap=True)
+    far = head.ijk_to_ras().copy()
+    far[:3, 3] += 500.0
+    outside_label = app.add_volume(mask.array, far, "outside", labelmap=True)
+    outside_seg = app.add_segmentation(mask.array, far, SUBREGION_SEGMENTS, node_name="outside seg")
+    unknown_names = app.add_segmentation(mask.array, head.ijk_to_ras(), {1: "Segment_1", 2: "Segment_2"})
+    before = snapshot(app, [node, empty_label, outside_label])
+
+    cases = [
+        (lambda: logic.synthesize(None, seg, steps=STEPS), "no input volume"),
+        (lambda: logic.synthesize({}, seg, steps=STEPS), "no input volume"),
+        (lambda: logic.synthesize(node, None, steps=STEPS), "no lesion mask"),
+        (lambda: logic.synthesize(node, empty_seg, steps=STEPS), "empty"),
+        (lambda: logic.synthesize(node, no_segments, steps=STEPS), "empty"),
+        (lambda: logic.synthesize(node, empty_label, steps=STEPS), "empty"),
+        (lambda: logic.synthesize(node, outside_label, steps=STEPS), "outside"),
+        (lambda: logic.synthesize(node, outside_seg, steps=STEPS), "outside"),
+        (lambda: logic.synthesize(node, seg, modality="dwi", steps=STEPS), "unknown modality"),
+        (lambda: logic.synthesize({"pd": node}, seg, steps=STEPS), "unknown modality"),
+        (lambda: logic.synthesize(node, unknown_names, steps=STEPS), "cannot map segment"),
+        (lambda: logic.synthesize(node, seg, samples=0, steps=STEPS), "samples"),
+        (lambda: logic.pseudoHealthy(node, empty_seg), "empty"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(InputError) as info:
+            call()
+        message = str(info.value)
+        assert expected in message, message
+        assert "\n" not in message
+        assert_unchanged(app, [node, empty_label, outside_label], before)
+
+
+def test_missing_weights_raise_weights_error_scene_unchanged(app, logic, tmp_path, monkeypatch):
+    from scripted_models.errors import WeightsError
+    from scripted_models.pathosyn import api
+
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    before = snapshot(app, [node])
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    monkeypatch.setattr(api, "_MODELS", {})
+    with pytest.raises(WeightsError) as info:
+        logic.synthesize(node, seg, steps=STEPS)
+    assert "missing" in str(info.value) and "\n" not in str(info.value)
+    assert_unchanged(app, [node], before)
+
+
+def test_missing_dependencies_are_reported(monkeypatch):
+    from PathoSynSlicerLib import logic as logic_module
+    from scripted_models.errors import InputError
+
+    real = logic_module.importlib.util.find_spec
+    monkeypatch.setattr(logic_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "monai" else real(name, *a))
+    assert logic_module.missingDependencies() == {"monai": "monai>=1.4"}
+    with pytest.raises(InputError, match="missing Python packages: monai"):
+        logic_module.checkDependencies()
+
+
+def test_pseudo_healthy_creates_new_node(app, logic):
+    head, node = add_head(app, direction=OBLIQUE)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    before = array_of(node)
+    healthy = logic.pseudoHealthy(node, seg)
+    assert healthy["t1"].GetName() == "head pseudo-healthy"
+    assert np.array_equal(ijk_to_ras(healthy["t1"]), ijk_to_ras(node))
+    assert np.array_equal(array_of(node), before)
+    assert (array_of(healthy["t1"]) != before).any()
+
+
+# --- parameters survive a scene save / reload -----------------------------------------------------------------------
+def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
+    from PathoSynSlicerLib import parameters
+
+    head, node = add_head(app, direction=OBLIQUE)
+    t2head = make_head(seed=5, direction=OBLIQUE)
+    t2 = app.add_volume(t2head.array, t2head.ijk_to_ras(), "T2")
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    params = logic.getParameters()
+    params.t1Volume, params.t2Volume, params.maskSegmentation = node, t2, seg
+    params.seed, params.samples, params.steps, params.guidance, params.device = 42, 3, 17, 2.5, "cpu"
+    params.preview = True
+    assert parameters.inputVolumes(params) == {"t1": node, "t2": t2}
+    assert parameters.effectiveSteps(params) == parameters.PREVIEW_STEPS
+
+    path = app.save_mrb(tmp_path / "scene.mrb")
+    assert path.stat().st_size > 1000
+    app.scene.Clear(0)
+    assert app.scene.GetFirstNodeByName("head") is None
+    app.load_mrb(path)
+
+    params = logic.getParameters()
+    assert (params.seed, params.samples, params.steps, params.guidance, params.device) == (42, 3, 17, 2.5, "cpu")
+    assert params.preview is True and params.t1cVolume is None
+    reloaded = params.t1Volume
+    assert reloaded is not None and reloaded.GetName() == "head"
+    assert params.t2Volume.GetName() == "T2"
+    assert params.maskSegmentation.GetSegmentation().GetNumberOfSegments() == 3
+    assert np.allclose(ijk_to_ras(reloaded), head.ijk_to_ras(), atol=1e-6)
+    assert np.array_equal(array_of(reloaded), head.array)
+    # and the reloaded scene is usable as is
+    out = logic.synthesize(parameters.inputVolumes(params), parameters.maskNode(params), steps=STEPS)
+    assert set(out.volumes) == {"t1", "t2"}
+
+
+# --- the background runner ------------------------------------------------------------------------------------------
+def _runner(argv, **kw):
+    from PathoSynSlicerLib.process import CLIRunner, engineRoot
+
+    return CLIRunner(argv, engineRoot=engineRoot(), env={"OMP_NUM_THREADS": "1"}, **kw)
+
+
+def test_runner_progress_then_outputs_as_new_nodes(app, logic):
+    from PathoSynSlicerLib.process import DONE
+
+    head, node = add_head(app, direction=FLIPPED)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    job = logic.createJob(node, seg, seed=3, samples=2, steps=STEPS, threads=1)
+    try:
+        before_ids = app.node_ids()
+        progress, done = [], []
+        runner = _runner(job.argv, onProgress=lambda f, m: progress.append((f, m)), onDone=done.append)
+        runner.start()
+        assert runner.running
+        assert app.node_ids() == before_ids  # the background run does not touch the scene
+        assert runner.wait(timeout=300) == DONE, runner.stderr
+        assert runner.returnCode == 0 and done and done[0]["event"] == "done"
+        fractions = [f for f, _ in progress]
+        assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+        out = logic.loadJobOutputs(job)
+        assert np.array_equal(ijk_to_ras(out.volumes["t1"]), ijk_to_ras(node))
+        assert out.volumes["t1"].GetName() == "head synthesized" and out.uncertainty
+        assert out.report["samples"] == 2 and out.report["seed"] == 3
+        assert (array_of(out.volumes["t1"]) != head.array).any()
+    finally:
+        job.cleanup()
+    assert not job.folder.exists()
+
+
+def test_runner_cancel_leaves_scene_unchanged(app, logic):
+    from PathoSynSlicerLib.process import CANCELLED
+
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    before = snapshot(app, [node])
+    job = logic.createJob(node, seg, samples=4, steps=200, threads=1)
+    finished = []
+    runner = _runner(job.argv, onFinished=finished.append).start()
+    t0 = time.monotonic()
+    while runner.poll() and not runner.events and time.monotonic() - t0 < 120:
+        time.sleep(0.05)  # cancel once the child has started working
+    assert runner.running, runner.stderr
+    runner.cancel()
+    job.cleanup()
+    assert runner.state == CANCELLED and finished == [CANCELLED]
+    assert runner._proc.poll() is not None  # the process is gone
+    assert not (job.outputDir / "report.json").exists()
+    assert_unchanged(app, [node], before)
+
+
+def test_runner_surfaces_exit_code_2_errors(tmp_path):
+    from PathoSynSlicerLib.process import FAILED
+    from scripted_models.volume import write_volume
+
+    head = make_head()
+    write_volume(head, tmp_path / "t1.nii.gz")
+    write_volume(head.with_array(np.zeros(head.shape, np.uint8)), tmp_path / "mask.nii.gz")
+    errors = []
+    runner = _runner(["synthesize", "--image", f"t1={tmp_path / 't1.nii.gz'}", "--mask", str(tmp_path / "mask.nii.gz"),
+                      "--out", str(tmp_path / "out"), "--steps", "2"], onError=errors.append).start()
+    assert runner.wait(timeout=120) == FAILED
+    assert runner.returnCode == 2
+    assert errors == [runner.error] and "empty" in runner.error and "\n" not in runner.error
+    assert not (tmp_path / "out" / "report.json").exists()
+
+    bad = _runner(["synthesize", "--image", "dwi=x.nii.gz", "--mask", "m.nii.gz", "--out", str(tmp_path / "o")])
+    assert bad.start().wait(timeout=60) == FAILED and bad.returnCode == 2 and "unknown modality" in bad.error
+
+
+# --- sample data ------------------------------------------------------------------------------------------------------
+def test_sample_data_loads_with_checksums(app, logic, tmp_path, monkeypatch):
+    pytest.importorskip("nilearn")
+    monkeypatch.setenv("PATHOSYN_CACHE", str(tmp_path))
+    files = logic.sampleDataFiles()
+    assert files["t1"].parent == tmp_path and files["t1"].is_file()
+    t1, seg = logic.loadSampleData()
+    assert t1.GetName() == "MNI152 T1" and seg.GetSegmentation().GetNumberOfSegments() == 3
+    assert tuple(reversed(t1.GetImageData().GetDimensions())) == (189, 233, 197)
+
+
+# --- offscreen render of the result through MRML displayable managers ----------------------------------------------------
+def test_offscreen_render_of_result_is_not_blank(app, logic):
+    """Slice views (input | synthesized + lesion segmentation) and a 3D view of the segmentation, rendered by the
+    MRML displayable managers offscreen (EGL/Mesa). Saved as the extension screenshot."""
+    head, node = add_head(app, spacing=(1.0, 1.0, 1.0))
+    seg = app.add_segmentation(make_ball_mask(head, radius_vox=9).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    seg.GetDisplayNode().SetVisibility(False)
+    out = logic.synthesize(node, seg, steps=STEPS)
+    lesion_ras = (ijk_to_ras(node) @ np.array([*(np.array(head.shape[::-1]) - 1) / 2.0, 1.0]))[:3]
+    size = (320, 320)
+    display = out.segmentation.GetDisplayNode()
+
+    display.SetVisibility(False)
+    before = app.render_slice(node, size=size, name="Red", offset_ras=lesion_ras)
+    after = app.render_slice(out.volumes["t1"], size=size, name="Yellow", offset_ras=lesion_ras)
+    empty_3d = app.render_3d(size=size, name="View1")
+    display.SetVisibility(True)
+    overlay = app.render_slice(out.volumes["t1"], segmentation=out.segmentation, size=size, name="Green",
+                               offset_ras=lesion_ras)
+    three_d = app.render_3d(size=size, name="View2")
+
+    for img in (before, after, overlay, three_d):
+        assert img.shape == (*size, 3) and img.dtype == np.uint8
+    nonblank = {name: float((img.max(axis=2) > 10).mean()) for name, img in
+                (("input", before), ("synthesized", after), ("overlay", overlay))}
+    assert min(nonblank.values()) > 0.2, nonblank  # the head fills a good part of the view
+    assert (before != after).any(axis=2).mean() > 0.001  # the synthesized lesion is visible in the slice
+    assert (overlay != after).any(axis=2).mean() > 0.005  # the segmentation fill is drawn on top
+    surface = (three_d.astype(int) - empty_3d).__abs__().max(axis=2) > 20
+    assert surface.mean() > 0.01, surface.mean()  # the 3D lesion surface covers part of the view
+    panel = np.concatenate([before, overlay, three_d], axis=1)
+    save_png(panel, SCREENSHOT)
+    assert SCREENSHOT.stat().st_size > 5000
+
+
+def test_screenshot_file_is_committed_and_not_blank():
+    from PIL import Image
+
+    assert SCREENSHOT.is_file(), f"{SCREENSHOT} missing: run the render test"
+    img = np.asarray(Image.open(SCREENSHOT).convert("RGB"))
+    assert img.shape[0] >= 300 and img.shape[1] >= 900
+    assert (img.max(axis=2) > 10).mean() > 0.05
+
+
+def test_engine_found_relative_to_module_file():
+    from PathoSynSlicerLib import logic as logic_module
+
+    assert Path(logic_module.ENGINE_ROOT, "scripted_models", "__init__.py").is_file()
+    assert logic_module.SAMPLE_LESION_FILE.is_file()

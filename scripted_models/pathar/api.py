@@ -1,0 +1,194 @@
+"""PathAR sampling API: lesion masks with matching images in any set of modalities.
+
+    from scripted_models import sample_pairs
+    pairs = sample_pairs(["t1c", "flair"], n=4, seed=0)
+    pairs[0].mask.array      # (64, 64, 64) uint8 canonical labels, spacing = patch spacing (2 mm)
+    pairs[0].images["t1c"]   # Volume, float32 z-scores
+
+Randomness: sample i draws its structure from Gumbel noise seeded by (seed, i) and each modality's appearance
+from (seed, i, modality). The same arguments give identical output, and sample i's structure does not depend on
+n or on which modalities are requested (up to floating-point ties).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError, WeightsError
+from ..labels import MODALITIES, check_modality
+from ..runtime import pick_device
+from ..volume import Volume
+from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
+from .transformer import IARConfig, IARTransformer, gumbel_noise, sample_appearance, sample_structure
+
+STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME = "pathar_structure_vq", "pathar_appearance_vq", "pathar_transformer"
+WEIGHT_NAMES = (STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME)
+CHUNK = 8  # samples generated together (memory of the KV caches grows with samples x modalities)
+
+_MODELS: dict[tuple, PathAR] = {}
+
+
+@dataclass
+class SamplePair:
+    mask: Volume  # uint8 canonical labels 0..3
+    images: dict[str, Volume] = field(default_factory=dict)  # float32 z-scores, same grid as the mask
+    index: int = 0
+    seed: int = 0
+
+
+class PathAR:
+    """The three loaded networks plus what their cards say about the patch grid."""
+
+    def __init__(self, structure: StructureVQ, appearance: AppearanceVQ, transformer: IARTransformer, cards: dict,
+                 device: torch.device):
+        self.structure, self.appearance, self.transformer = structure, appearance, transformer
+        self.cards, self.device = cards, device
+        card = cards[TRANSFORMER_NAME]
+        self.spacing = float(card["patch"]["spacing_mm"])
+        self.patch = (int(card["patch"]["size"]),) * structure.cfg.spatial_dims
+        self.modalities = list(card.get("modalities", MODALITIES))
+        self.grid = tuple(transformer.cfg.grid)
+
+    @classmethod
+    def load(cls, device: torch.device, folder: Path | None = None) -> PathAR:
+        from ..weights import load_state
+
+        states, cards = {}, {}
+        for name in WEIGHT_NAMES:
+            states[name], cards[name] = load_state(name, folder)
+        try:
+            structure = StructureVQ(VQConfig.from_dict(cards[STRUCTURE_NAME]["config"]))
+            appearance = AppearanceVQ(VQConfig.from_dict(cards[APPEARANCE_NAME]["config"]))
+            transformer = IARTransformer(IARConfig.from_dict(cards[TRANSFORMER_NAME]["config"]))
+            structure.load_state_dict(states[STRUCTURE_NAME])
+            appearance.load_state_dict(states[APPEARANCE_NAME])
+            transformer.load_state_dict(states[TRANSFORMER_NAME])
+            for vq_name, key in ((STRUCTURE_NAME, "structure_vq"), (APPEARANCE_NAME, "appearance_vq")):
+                expected = cards[TRANSFORMER_NAME].get(key, {}).get("sha256")
+                if expected and expected != cards[vq_name]["sha256"]:
+                    raise WeightsError(f"{TRANSFORMER_NAME} was trained on a different {vq_name} "
+                                       f"(sha256 {expected[:12]}... != {cards[vq_name]['sha256'][:12]}...)")
+        except (KeyError, TypeError, RuntimeError) as exc:
+            if isinstance(exc, WeightsError):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(f"PathAR weights do not match their model cards: {first}") from None
+        return cls(structure.to(device).eval(), appearance.to(device).eval(), transformer.to(device).eval(), cards,
+                   device)
+
+    @torch.no_grad()
+    def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
+                 top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0):
+        """SamplePairs for sample indices `indices` (one batch)."""
+        cfg = self.transformer.cfg
+        B, M, N = len(indices), len(modalities), cfg.positions
+
+        def noise(i: int, stream: int, vocab: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i, stream]).generate_state(1)[0]))
+            return gumbel_noise(g, (N, vocab))
+
+        def report(part: float, message: str):
+            if progress is not None:
+                progress(min(1.0, done + share * part), message)
+
+        report(0.0, "sampling structure")
+        s_noise = torch.stack([noise(i, 0, cfg.structure_vocab) for i in indices])  # (B, N, Vs)
+        every = max(1, N // 20)
+        s_tokens, s_cache = sample_structure(
+            self.transformer, s_noise, temperature=temperature, top_k=top_k,
+            callback=lambda p, n: p % every == 0 and report(0.45 * p / n, "sampling structure"))
+        # one row per (sample, modality): the structure cache is shared, the modality label differs
+        report(0.45, "sampling appearance")
+        rows = [(b, m) for b in range(B) for m in modalities]
+        mod_index = torch.tensor([self.modalities.index(m) for _, m in rows])
+        a_noise = torch.stack([noise(indices[b], 1 + MODALITIES.index(m), cfg.appearance_vocab) for b, m in rows])
+        a_tokens = sample_appearance(
+            self.transformer, s_cache.repeat_interleave(M), mod_index, a_noise, temperature=temperature,
+            top_k=top_k, callback=lambda t, n: t % every == 0 and report(0.45 + 0.45 * t / n, "sampling appearance"))
+        report(0.92, "decoding")
+        masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
+        images = self.appearance.decode(a_tokens.view(B * M, *self.grid), masks.repeat_interleave(M, 0))[:, 0]
+        masks, images = masks.cpu().numpy(), images.float().cpu().numpy()
+        spacing = (self.spacing,) * 3
+        out = []
+        for b, i in enumerate(indices):
+            vols = {m: Volume(np.ascontiguousarray(images[b * M + k], np.float32), spacing)
+                    for k, m in enumerate(modalities)}
+            out.append(SamplePair(Volume(np.ascontiguousarray(masks[b], np.uint8), spacing), vols, i, seed))
+        report(1.0, "done")
+        return out
+
+
+def _weights_key(folder: Path) -> tuple:
+    stats = []
+    for name in WEIGHT_NAMES:
+        for ext in (".safetensors", ".json"):
+            p = folder / f"{name}{ext}"
+            st = p.stat() if p.is_file() else None
+            stats.append((st.st_mtime_ns, st.st_size) if st else None)
+    return tuple(stats)
+
+
+def load_models(device: str | torch.device = "auto", folder: Path | None = None) -> PathAR:
+    """Loaded models, cached per (device, weights folder, files' mtime/size): a changed file is re-verified."""
+    from ..weights import weights_dir
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    folder = Path(folder or weights_dir()).resolve()
+    key = (str(dev), str(folder), _weights_key(folder))
+    if key not in _MODELS:
+        for old in [k for k in _MODELS if k[:2] == key[:2]]:
+            del _MODELS[old]
+        _MODELS[key] = PathAR.load(dev, folder)
+    return _MODELS[key]
+
+
+def _check_args(modalities, n, seed, temperature, top_k) -> list[str]:
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    if modalities is None or not isinstance(modalities, Iterable):
+        raise InputError("modalities must be a modality name or a list of them")
+    mods = []
+    for m in modalities:
+        key = check_modality(m)
+        if key not in mods:
+            mods.append(key)
+    if not mods:
+        raise InputError(f"no modality requested: expected one or more of {', '.join(MODALITIES)}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise InputError(f"temperature must be a number > 0, got {temperature!r}") from None
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise InputError(f"temperature must be a number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    return mods
+
+
+def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
+                 device: str = "auto", progress: Callable[[float, str], None] | None = None) -> list[SamplePair]:
+    """Sample n lesion structures, each rendered in every requested modality.
+
+    modalities: names from t1, t1c, t2, flair. Raises InputError for bad arguments and WeightsError for
+    missing or corrupted weights (sha256 checked against the model cards)."""
+    mods = _check_args(modalities, n, seed, temperature, top_k)
+    model = load_models(device)
+    missing = [m for m in mods if m not in model.modalities]
+    if missing:
+        raise InputError(f"the PathAR weights do not know modality {', '.join(missing)}")
+    n = int(n)
+    out: list[SamplePair] = []
+    for start in range(0, n, CHUNK):
+        indices = list(range(start, min(n, start + CHUNK)))
+        out += model.generate(mods, indices, int(seed), float(temperature), None if top_k is None else int(top_k),
+                              progress, done=start / n, share=len(indices) / n)
+    return out

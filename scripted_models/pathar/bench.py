@@ -1,0 +1,105 @@
+"""Latency of one PathAR sample (structure + 4 modalities) on CPU.
+
+    python -m scripted_models.pathar.bench                 # weights from weights_dir()
+    python -m scripted_models.pathar.bench --random-init   # real-size config, untrained weights (speed only)
+
+Prints p50/p90 over --runs runs (after one warm-up) of the whole sample_pairs call and of its parts.
+Target: p50 <= 5 s with 2 threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..labels import MODALITIES
+
+
+def save_random_weights(folder: Path) -> None:
+    """Real-size PathAR models with random weights, saved like trained ones (for speed measurements)."""
+    from ..weights import save_state
+    from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
+    from .tokenizer import AppearanceVQ, StructureVQ
+    from .train import PathARConfig
+    from .transformer import IARTransformer
+
+    cfg = PathARConfig.default()
+    torch.manual_seed(0)
+    common = {"patch": cfg.patch.to_dict(), "steps": 0, "batch": 0, "wall_time_s": 0.0, "untrained": True}
+    save_state(STRUCTURE_NAME, StructureVQ(cfg.structure).state_dict(),
+               {**common, "config": cfg.structure.to_dict()}, folder)
+    save_state(APPEARANCE_NAME, AppearanceVQ(cfg.appearance).state_dict(),
+               {**common, "config": cfg.appearance.to_dict()}, folder)
+    save_state(TRANSFORMER_NAME, IARTransformer(cfg.transformer).state_dict(),
+               {**common, "config": cfg.transformer.to_dict(), "modalities": list(MODALITIES)}, folder)
+
+
+def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu") -> dict:
+    from .api import load_models, sample_pairs
+
+    t0 = time.perf_counter()
+    load_models(device)
+    load_s = time.perf_counter() - t0
+    marks: dict[str, float] = {}
+
+    def progress(fraction, message):
+        marks.setdefault(message, time.perf_counter())
+
+    totals, parts = [], {"structure": [], "appearance": [], "decode": []}
+    for r in range(runs + 1):
+        marks.clear()
+        t0 = time.perf_counter()
+        sample_pairs(list(modalities), n=1, seed=r, device=device, progress=progress)
+        t1 = time.perf_counter()
+        if r == 0:
+            continue  # warm-up
+        totals.append(t1 - t0)
+        a0 = marks.get("sampling appearance", t1)
+        d0 = marks.get("decoding", t1)
+        parts["structure"].append(a0 - t0)
+        parts["appearance"].append(d0 - a0)
+        parts["decode"].append(t1 - d0)
+
+    def pct(v):
+        return {"p50": round(float(np.percentile(v, 50)), 3), "p90": round(float(np.percentile(v, 90)), 3)}
+
+    return {"total_s": pct(totals), **{k: pct(v) for k, v in parts.items()}, "load_s": round(load_s, 2),
+            "runs": runs, "threads": torch.get_num_threads(), "modalities": list(modalities)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default=None, help="weights folder (default: weights_dir())")
+    parser.add_argument("--random-init", action="store_true", help="real-size models with random weights")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.random_init:
+        tmp = tempfile.TemporaryDirectory(prefix="pathar_bench_")
+        save_random_weights(Path(tmp.name))
+        os.environ["PATHOSYN_WEIGHTS_DIR"] = tmp.name
+    elif args.weights:
+        os.environ["PATHOSYN_WEIGHTS_DIR"] = str(Path(args.weights).resolve())
+    result = bench(args.runs, MODALITIES, args.device)
+    t = result["total_s"]
+    print(f"PathAR sample (structure + {len(MODALITIES)} modalities), {result['threads']} threads, "
+          f"{args.runs} runs: p50 {t['p50']:.2f} s, p90 {t['p90']:.2f} s")
+    for part in ("structure", "appearance", "decode"):
+        print(f"  {part:10s} p50 {result[part]['p50']:.2f} s  p90 {result[part]['p90']:.2f} s")
+    print(json.dumps(result))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""`pathosyn sample` and `pathosyn train-pathar` (registered by scripted_models.cli)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from ..cli import add_common
+
+    p = subparsers.add_parser("sample", help="PathAR: sample lesion masks with matching images",
+                              description="Sample N lesion structures, each rendered in every requested modality: "
+                                          "DIR/sample_000/{mask.nii.gz, <MOD>.nii.gz ...}.")
+    p.add_argument("--modality", action="append", required=True, metavar="MOD",
+                   help="t1, t1c, t2 or flair; repeat for several")
+    p.add_argument("--n", type=int, default=1, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    add_common(p)
+    p.set_defaults(func=run_sample)
+
+    t = subparsers.add_parser("train-pathar", help="PathAR: train the tokenizers and the transformer (resumable)")
+    from .train import add_arguments
+
+    add_arguments(t)
+    add_common(t)
+    t.set_defaults(func=run_train)
+
+
+def _progress(args):
+    from ..cli import Progress
+
+    return Progress(args.progress)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from ..volume import write_volume
+    from .api import sample_pairs
+
+    progress = _progress(args)
+    # everything is generated (and every argument checked) before the first file is written
+    pairs = sample_pairs(args.modality, args.n, args.seed, temperature=args.temperature, top_k=args.top_k,
+                         device=args.device, progress=progress)
+    out = Path(args.out)
+    written = []
+    for pair in pairs:
+        folder = out / f"sample_{pair.index:03d}"
+        write_volume(pair.mask, folder / "mask.nii.gz")
+        for mod, vol in pair.images.items():
+            write_volume(vol, folder / f"{mod}.nii.gz")
+        written.append(str(folder))
+    progress.done(out=str(out), samples=written, modalities=list(pairs[0].images), seed=args.seed)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import config_from_args, train
+
+    progress = _progress(args)
+    result = train(Path(args.work), args.stage, config_from_args(args), out_dir=args.out and Path(args.out),
+                   data_root=args.data, device=args.device, threads=args.threads, progress=progress,
+                   sample_check=args.sample_check)
+    progress.done(**result)
+    return 0

@@ -1,0 +1,226 @@
+"""Quality checks for PathAR samples, each computed the same way on real patches for reference.
+
+Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing; TC = core | enhancing):
+  * sub-region contrast: mean z-score of a sub-region minus the mean z-score of healthy *tissue* in the same
+    patch (label 0 and brighter than background_z + 0.5, i.e. not the constant outside-brain background).
+    We compare the sign of the contrast, and the ordering of the sub-region means within each modality
+    (fraction of sub-region pairs ordered as in the real data).
+  * one main component: the largest 26-connected component of the whole lesion holds >= 90 % of its voxels.
+  * TC attached to edema (`tc_attached`): the fraction of TC voxels whose 26-connected TC component comes
+    within 4 mm of edema (touches `dilate(edema, 4 mm)`). Core or enhancing blobs floating away from the edema
+    count against it; a core that reaches the brain surface through its edema shell does not. 1.0 without TC.
+  * plausible: whole lesion >= `min_voxels` voxels, one main component, and TC attached to edema >= 0.9.
+  * diversity: mean pairwise whole-lesion Dice between generated masks (lower = more diverse).
+  * memorisation: for each sample, the best whole-lesion Dice against every training patch (and its
+    left-right flip); values near 1 mean the sample copies a training lesion.
+
+    python -m scripted_models.pathar.quality --n 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..labels import CORE, EDEMA, ENHANCING, MODALITIES, SUBREGION_NAMES
+from ..preprocess import dilate_mm
+from .tokenizer import dice
+
+SUBREGIONS = (CORE, EDEMA, ENHANCING)
+SHORT = {CORE: "core", EDEMA: "edema", ENHANCING: "enh"}
+
+
+# --------------------------------------------------------------------------- intensities
+
+def subregion_contrast(mask: np.ndarray, image: np.ndarray, background_z: float = -4.0) -> dict[int, float]:
+    """{label: mean(image in label) - mean(healthy tissue)} for sub-regions present in the mask."""
+    healthy = (mask == 0) & (image > background_z + 0.5)
+    if not healthy.any():
+        return {}
+    base = float(image[healthy].mean())
+    return {c: float(image[mask == c].mean()) - base for c in SUBREGIONS if (mask == c).sum() >= 5}
+
+
+def mean_contrasts(items) -> dict[int, float]:
+    """items: iterable of (mask, image) -> mean contrast per sub-region over the items that have it."""
+    acc: dict[int, list[float]] = {}
+    for mask, image in items:
+        for c, v in subregion_contrast(mask, image).items():
+            acc.setdefault(c, []).append(v)
+    return {c: float(np.mean(v)) for c, v in acc.items()}
+
+
+def ordering_agreement(real: dict[int, float], generated: dict[int, float]) -> float | None:
+    """Fraction of sub-region pairs whose mean intensities are ordered as in the real data."""
+    common = [c for c in SUBREGIONS if c in real and c in generated]
+    pairs = list(combinations(common, 2))
+    if not pairs:
+        return None
+    return float(np.mean([(real[a] > real[b]) == (generated[a] > generated[b]) for a, b in pairs]))
+
+
+# --------------------------------------------------------------------------- masks
+
+def mask_plausibility(mask: np.ndarray, spacing_mm: float = 2.0, min_voxels: int = 50, main_fraction: float = 0.9,
+                      margin_mm: float = 4.0, inside_fraction: float = 0.9) -> dict:
+    whole = mask > 0
+    n = int(whole.sum())
+    labelled, count = ndimage.label(whole, structure=np.ones((3,) * mask.ndim))
+    largest = int(np.bincount(labelled.ravel())[1:].max()) if count else 0
+    tc = (mask == CORE) | (mask == ENHANCING)
+    edema = mask == EDEMA
+    if tc.any():
+        near_edema = dilate_mm(edema, margin_mm, (spacing_mm,) * mask.ndim) if edema.any() else edema
+        tc_lab, _ = ndimage.label(tc, structure=np.ones((3,) * mask.ndim))
+        touching = np.unique(tc_lab[near_edema & tc])
+        inside = float(np.isin(tc_lab, touching[touching > 0]).sum() / tc.sum())
+    else:
+        inside = 1.0
+    main = largest / n if n else 0.0
+    return {"voxels": n, "volume_ml": round(n * spacing_mm ** mask.ndim / 1000.0, 2), "components": int(count),
+            "main_fraction": round(main, 3), "tc_attached": round(inside, 3),
+            "fractions": {SHORT[c]: round(float((mask == c).sum() / max(1, n)), 3) for c in SUBREGIONS},
+            "plausible": bool(n >= min_voxels and main >= main_fraction and inside >= inside_fraction)}
+
+
+def mean_pairwise_dice(masks) -> float | None:
+    masks = [np.asarray(m) > 0 for m in masks]
+    if len(masks) < 2:
+        return None
+    return float(np.mean([dice(a, b) for a, b in combinations(masks, 2)]))
+
+
+def nearest_dice(masks, references: np.ndarray, flips: bool = True) -> list[float]:
+    """Best whole-lesion Dice of each mask against references (R, *S) (and their left-right flips)."""
+    refs = references > 0
+    if flips:
+        refs = np.concatenate([refs, refs[..., ::-1]])
+    ref = refs.reshape(len(refs), -1).astype(np.float32)  # (R, V)
+    ref_sum = ref.sum(1)
+    out = []
+    for m in masks:
+        v = (np.asarray(m) > 0).reshape(-1).astype(np.float32)
+        inter = ref @ v
+        denom = ref_sum + v.sum()
+        d = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+        out.append(float(d.max()))
+    return out
+
+
+def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
+    """Aggregate plausibility and diversity of a list of masks (used in the model card)."""
+    rows = [mask_plausibility(np.asarray(m), spacing_mm) for m in masks]
+    return {"plausible_fraction": round(float(np.mean([r["plausible"] for r in rows])), 3),
+            "one_main_component_fraction": round(float(np.mean([r["main_fraction"] >= 0.9 for r in rows])), 3),
+            "mean_tc_attached": round(float(np.mean([r["tc_attached"] for r in rows])), 3),
+            "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in rows])), 1),
+            "mean_pairwise_dice": None if len(rows) < 2 else round(mean_pairwise_dice(masks), 3)}
+
+
+# --------------------------------------------------------------------------- report
+
+def quality_report(pairs, patches, modalities) -> dict:
+    """Everything the table prints, as a dict: per-sample rows, summaries, intensity comparison."""
+    spacing = patches.spacing_mm
+    train = patches.patches(False)
+    masks = [p.mask.array for p in pairs]
+    near = nearest_dice(masks, patches.masks[train])
+    rows = []
+    for i, (m, nd) in enumerate(zip(masks, near)):
+        rows.append({"sample": i, **mask_plausibility(m, spacing), "nearest_train_dice": round(nd, 3)})
+    # real reference: the un-augmented patch of every training case (first patch of each case)
+    first = [int(train[patches.patch_case[train] == c][0]) for c in np.unique(patches.patch_case[train])]
+    real_rows = [mask_plausibility(patches.masks[p], spacing) for p in first]
+    intensity = []
+    for mod in modalities:
+        k = MODALITIES.index(mod)
+        idx = [i for i in patches.image_indices(False) if patches.image_modality[i] == k]
+        real = mean_contrasts((patches.masks[patches.image_patch[i]], patches.images[i].astype(np.float32))
+                              for i in idx)
+        gen = mean_contrasts((p.mask.array, p.images[mod].array) for p in pairs)
+        for c in SUBREGIONS:
+            if c in real or c in gen:
+                r, g = real.get(c), gen.get(c)
+                intensity.append({"modality": mod, "subregion": SUBREGION_NAMES[c], "real": r, "generated": g,
+                                  "sign_agrees": None if r is None or g is None else bool(np.sign(r) == np.sign(g))})
+        intensity.append({"modality": mod, "ordering_agreement": ordering_agreement(real, gen)})
+    return {"samples": rows,
+            "generated": {**summarize_masks(masks, spacing),
+                          "mean_nearest_train_dice": round(float(np.mean(near)), 3)},
+            "real": {"plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
+                     "mean_tc_attached": round(float(np.mean([r["tc_attached"] for r in real_rows])), 3),
+                     "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
+                     "mean_pairwise_dice": round(mean_pairwise_dice([patches.masks[p] for p in first]) or 0, 3)},
+            "intensity": intensity}
+
+
+def _fmt(v, width=8):
+    if v is None:
+        return "-".rjust(width)
+    if isinstance(v, bool):
+        return ("yes" if v else "no").rjust(width)
+    if isinstance(v, float):
+        return f"{v:{width}.2f}"
+    return str(v).rjust(width)
+
+
+def print_report(report: dict) -> None:
+    print("sample  vol_ml  comps  main  tc_att core  edema   enh  plausible  nearest_train_dice")
+    for r in report["samples"]:
+        f = r["fractions"]
+        print(f"{r['sample']:6d} {r['volume_ml']:7.1f} {r['components']:6d} {r['main_fraction']:5.2f} "
+              f"{r['tc_attached']:6.2f} {f['core']:5.2f} {f['edema']:6.2f} {f['enh']:5.2f} "
+              f"{_fmt(r['plausible'], 10)} {r['nearest_train_dice']:19.2f}")
+    g, r = report["generated"], report["real"]
+    print()
+    print("summary               generated     real")
+    for key in ("plausible_fraction", "mean_tc_attached", "mean_volume_ml", "mean_pairwise_dice"):
+        print(f"{key:22s}{_fmt(g.get(key), 10)} {_fmt(r.get(key), 8)}")
+    print(f"{'mean_nearest_train_dice':22s}{_fmt(g['mean_nearest_train_dice'], 10)}")
+    print()
+    print("modality  sub-region                          real  generated  sign")
+    for row in report["intensity"]:
+        if "ordering_agreement" in row:
+            print(f"{row['modality']:8s}  ordering agreement {_fmt(row['ordering_agreement'], 27)}")
+        else:
+            print(f"{row['modality']:8s}  {row['subregion']:30s} {_fmt(row['real'])} {_fmt(row['generated'], 10)} "
+                  f"{_fmt(row['sign_agrees'], 5)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Score PathAR samples against the real training patches.")
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modality", action="append", default=None, help="default: all four")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--work", default=".train/pathar", help="where the patch cache lives (built if missing)")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the report to this JSON file")
+    args = parser.parse_args(argv)
+    import torch
+
+    from .api import TRANSFORMER_NAME, load_models, sample_pairs
+    from .data import PatchConfig, build_patches
+
+    torch.set_num_threads(args.threads)
+    mods = args.modality or list(MODALITIES)
+    model = load_models(args.device)
+    patches = build_patches(Path(args.work), PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), args.data,
+                            verbose=False)
+    pairs = sample_pairs(mods, args.n, args.seed, args.temperature, args.top_k, args.device)
+    report = quality_report(pairs, patches, mods)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

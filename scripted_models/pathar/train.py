@@ -1,0 +1,561 @@
+"""PathAR training, resumable, in three stages: structure VQ-VAE, appearance VQ-VAE, IAR transformer.
+
+    python -m scripted_models.cli train-pathar --work .train/pathar --stage all --threads 2
+    python -m scripted_models.pathar.train --work .train/pathar            (same, without the CLI)
+
+Each stage keeps work/<stage>/checkpoint.pt (resumed automatically) and loss.jsonl, and ends by writing
+pathar_<stage>.safetensors + .json model card into the weights folder (scripted_models/weights/ unless
+--out or PATHOSYN_WEIGHTS_DIR). A stage whose weights already match its target steps and config is skipped.
+The transformer stage tokenizes the patches with the *saved* VQ weights. After the last stage pathar.md
+(a markdown model card built from the JSON cards) is written next to the weights.
+
+Default sizes take about 40 minutes on 2 CPU cores (bf16 autocast, tcmalloc preloaded; see CPU_NOTES):
+structure 2000 steps (~7 min), appearance 2000 steps (~13 min), transformer 900 steps at batch 8 (~20 min).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cases import VALIDATION_CASE
+from ..labels import MODALITIES
+from ..runtime import autocast, pick_device
+from ..weights import load_card, load_state, save_state, weights_dir
+from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
+from .data import PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
+from .tokenizer import (
+    AppearanceVQ,
+    StructureVQ,
+    VQConfig,
+    evaluate_appearance,
+    evaluate_structure,
+    init_codebook,
+    one_hot,
+    restart_dead_codes,
+)
+from .transformer import IARConfig, IARTransformer
+
+STAGES = ("structure", "appearance", "transformer")
+LICENSE = ("research use only: trained on BraTS 2013 cases (CC BY-NC-SA 3.0; cite Menze et al., IEEE TMI 2015) "
+           "and BraTS-style cases (TCGA-LGG via BrainLesion tutorials, BrainLesion/BraTS package case)")
+
+
+@dataclass
+class PathARConfig:
+    """Everything that defines the trained models (defaults = the bundled weights)."""
+
+    patch: PatchConfig
+    structure: VQConfig
+    appearance: VQConfig
+    transformer: IARConfig
+
+    @classmethod
+    def default(cls) -> PathARConfig:
+        patch = PatchConfig()
+        structure = VQConfig(num_labels=patch.num_labels, num_embeddings=128, embedding_dim=32)
+        appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32)
+        grid = structure.grid((patch.size,) * 3)
+        transformer = IARConfig(grid=grid, structure_vocab=structure.num_embeddings,
+                                appearance_vocab=appearance.num_embeddings, num_modalities=len(MODALITIES))
+        return cls(patch, structure, appearance, transformer)
+
+
+@dataclass
+class TrainConfig:
+    structure_steps: int = 2000
+    appearance_steps: int = 2000
+    transformer_steps: int = 900
+    vq_batch: int = 4
+    transformer_batch: int = 8
+    vq_lr: float = 1e-3
+    transformer_lr: float = 6e-4
+    warmup_frac: float = 0.05
+    save_every: int = 100
+    log_every: int = 25
+    seed: int = 0
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def _versions() -> dict:
+    import monai
+
+    return {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()}
+
+
+def _stage_done(name: str, out_dir: Path, steps: int, config: dict) -> bool:
+    try:
+        card = load_card(name, out_dir)
+    except Exception:  # noqa: BLE001 - any unreadable card means "train it"
+        return False
+    return card.get("steps") == steps and card.get("config") == config and (out_dir / f"{name}.safetensors").is_file()
+
+
+def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over labels 1.. (the lesion sub-regions), batch-pooled."""
+    probs = logits.float().softmax(1)[:, 1:]
+    onehot = one_hot(target, logits.shape[1])[:, 1:]
+    dims = (0,) + tuple(range(2, logits.dim()))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
+
+
+@torch.no_grad()
+def init_output_bias(conv, data: np.ndarray, prior: bool) -> None:
+    """Start the output layer at the data's base rate: log class frequencies (labels) or the mean (images).
+    Without it the unnormalised MONAI decoder needs hundreds of Adam steps just to reach the background level."""
+    if prior:
+        freq = np.bincount(np.asarray(data).ravel(), minlength=conv.bias.numel()) / np.asarray(data).size
+        conv.bias.copy_(torch.as_tensor(np.log(freq + 1e-4), dtype=conv.bias.dtype))
+    else:
+        conv.bias.fill_(float(np.mean(data, dtype=np.float64)))
+
+
+class _Stage:
+    """Shared resumable loop bookkeeping: model, optimizer, checkpoint, loss log, wall time."""
+
+    def __init__(self, work: Path, name: str, model, lr: float):
+        from ..pathosyn.training import LossLog, load_checkpoint
+
+        self.dir = work / name
+        self.model = model
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.step, extra = load_checkpoint(self.ckpt, model, self.opt)
+        self.wall = float(extra.get("wall_s", 0.0))
+        self.t0 = time.time()
+        self.log = LossLog(self.dir / "loss.jsonl", every=1)
+        self.every = 25
+        self.buffer: list[float] = []
+        print(json.dumps({"stage": name, "resume_step": self.step}), flush=True)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def record(self, loss: float, total: int, **extra) -> None:
+        self.buffer.append(loss)
+        if self.step % self.every == 0 or self.step == total:
+            elapsed = self.wall + time.time() - self.t0
+            eta = elapsed / max(1, self.step) * (total - self.step)
+            self.log.add(self.step, float(np.mean(self.buffer)), total_wall_s=round(elapsed, 1),
+                         eta_s=round(eta, 1), **extra)
+            self.buffer = []
+
+    def checkpoint(self) -> None:
+        from ..pathosyn.training import save_checkpoint
+
+        save_checkpoint(self.ckpt, self.model, self.opt, self.step, {"wall_s": self.wall + time.time() - self.t0})
+
+    def wall_time(self) -> float:
+        return round(self.wall + time.time() - self.t0, 1)
+
+
+def _eval_subset(ps: PatchSet, val: bool, limit: int = 32) -> np.ndarray:
+    idx = ps.patches(val)
+    return idx[np.linspace(0, len(idx) - 1, min(limit, len(idx))).astype(int)]
+
+
+def train_structure(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
+                    progress=None) -> Path:
+    torch.manual_seed(tc.seed)
+    model = StructureVQ(cfg.structure).to(device)
+    st = _Stage(work, "structure", model, tc.vq_lr)
+    st.every = tc.log_every
+    rng = np.random.default_rng(tc.seed + 1000 + st.step)
+    total = tc.structure_steps
+    model.train()
+    while st.step < total:
+        st.set_lr(lr_at(st.step, total, tc.vq_lr, tc.warmup_frac))
+        mask = torch.from_numpy(mask_batch(ps, rng, tc.vq_batch)).to(device)
+        if st.step == 0:  # fresh start: data-dependent init of the codebook and of the output bias
+            with torch.no_grad(), autocast(device):
+                init_codebook(model.quantizer, model.vqvae.encode(one_hot(mask, cfg.structure.num_labels)))
+            init_output_bias(model.vqvae.decoder.blocks[-1].conv, ps.masks[ps.patches(False)], prior=True)
+        with autocast(device):
+            logits, q_loss, _, z = model(mask)
+        ce = F.cross_entropy(logits.float(), mask.long())
+        loss = ce + _soft_dice_loss(logits, mask) + q_loss
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        st.opt.step()
+        st.step += 1
+        moved = restart_dead_codes(model.quantizer, z) if st.step % 10 == 0 and st.step < 0.8 * total else 0
+        st.record(loss.item(), total, ce=round(ce.item(), 4), perplexity=round(float(_perplexity_of(model)), 1),
+                  restarted=moved)
+        if st.step % tc.save_every == 0 or st.step == total:
+            st.checkpoint()
+        if progress:
+            progress(st.step / total, f"structure VQ {st.step}/{total}")
+    metrics = {"val": evaluate_structure(model, ps.masks[_eval_subset(ps, True)], device),
+               "train": evaluate_structure(model, ps.masks[_eval_subset(ps, False)], device)}
+    card = {"model": STRUCTURE_NAME, "family": "PathAR structure VQ-VAE (MONAI VQVAE on one-hot canonical masks)",
+            "config": cfg.structure.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step, "batch": tc.vq_batch,
+            "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.training_cases(),
+            "held_out": [VALIDATION_CASE], "metrics": metrics, "versions": _versions(), "license": LICENSE}
+    path = save_state(STRUCTURE_NAME, model.state_dict(), card, out_dir)
+    print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
+    return path
+
+
+def _perplexity_of(model) -> float:
+    """Codebook perplexity from the quantizer's EMA cluster sizes (a running estimate of code usage)."""
+    q = model.quantizer.quantizer
+    p = q.ema_cluster_size / q.ema_cluster_size.sum().clamp(min=1e-8)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
+                     progress=None) -> Path:
+    torch.manual_seed(tc.seed + 1)
+    model = AppearanceVQ(cfg.appearance).to(device)
+    st = _Stage(work, "appearance", model, tc.vq_lr)
+    st.every = tc.log_every
+    rng = np.random.default_rng(tc.seed + 2000 + st.step)
+    total = tc.appearance_steps
+    model.train()
+    while st.step < total:
+        st.set_lr(lr_at(st.step, total, tc.vq_lr, tc.warmup_frac))
+        x, m = image_batch(ps, rng, tc.vq_batch)
+        x = torch.from_numpy(x)[:, None].to(device)
+        m = torch.from_numpy(m).to(device)
+        if st.step == 0:  # fresh start: data-dependent init of the codebook and of the output bias
+            with torch.no_grad(), autocast(device):
+                init_codebook(model.quantizer, model._encode(x, m)[0])
+            init_output_bias(model.head[-1].conv, ps.images[ps.image_indices(False)[::8]], prior=False)
+        with autocast(device):
+            recon, q_loss, _, z = model(x, m)
+        err = (recon.float() - x).abs()
+        lesion = (m > 0)[:, None].float()
+        l1 = err.mean()
+        loss = l1 + (err * lesion).sum() / lesion.sum().clamp(min=1.0) + q_loss
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        st.opt.step()
+        st.step += 1
+        moved = restart_dead_codes(model.quantizer, z) if st.step % 10 == 0 and st.step < 0.8 * total else 0
+        st.record(loss.item(), total, l1=round(l1.item(), 4), perplexity=round(_perplexity_of(model), 1),
+                  restarted=moved)
+        if st.step % tc.save_every == 0 or st.step == total:
+            st.checkpoint()
+        if progress:
+            progress(st.step / total, f"appearance VQ {st.step}/{total}")
+
+    def subset(val):
+        idx = ps.image_indices(val)
+        idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
+        return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]]
+
+    metrics = {"val": evaluate_appearance(model, *subset(True), device),
+               "train": evaluate_appearance(model, *subset(False), device)}
+    card = {"model": APPEARANCE_NAME,
+            "family": "PathAR appearance VQ-VAE (MONAI Encoder/Decoder/EMA quantizer, decoder conditioned on the mask)",
+            "config": cfg.appearance.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step,
+            "batch": tc.vq_batch, "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.sources(),
+            "held_out": [VALIDATION_CASE], "metrics": metrics, "intensity": "z-score over healthy foreground",
+            "versions": _versions(), "license": LICENSE}
+    path = save_state(APPEARANCE_NAME, model.state_dict(), card, out_dir)
+    print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
+    return path
+
+
+@torch.no_grad()
+def tokenize(ps: PatchSet, structure: StructureVQ, appearance: AppearanceVQ, device, batch: int = 8) -> dict:
+    """Tokens of every patch (and its left-right flip): s (P, 2, N), images' a (I, 2, N)."""
+    structure.eval()
+    appearance.eval()
+    n_patches, n_images = len(ps.masks), len(ps.images)
+    s = np.zeros((n_patches, 2, int(np.prod(structure.cfg.grid((ps.config.size,) * 3)))), np.int16)
+    a = np.zeros((n_images, 2, s.shape[-1]), np.int16)
+    for flip in (0, 1):
+        f = flip_lr if flip else (lambda v: v)
+        for i in range(0, n_patches, batch):
+            m = torch.from_numpy(np.stack([f(x) for x in ps.masks[i:i + batch]])).to(device)
+            s[i:i + batch, flip] = structure.encode(m).flatten(1).cpu().numpy()
+        for i in range(0, n_images, batch):
+            x = np.stack([f(v.astype(np.float32)) for v in ps.images[i:i + batch]])
+            m = np.stack([f(ps.masks[p]) for p in ps.image_patch[i:i + batch]])
+            t = appearance.encode(torch.from_numpy(x)[:, None].to(device), torch.from_numpy(m).to(device))
+            a[i:i + batch, flip] = t.flatten(1).cpu().numpy()
+    return {"s": s, "a": a}
+
+
+def load_vqs(folder: Path, device):
+    """(StructureVQ, AppearanceVQ, cards) from saved weights (sha256-verified)."""
+    s_state, s_card = load_state(STRUCTURE_NAME, folder)
+    a_state, a_card = load_state(APPEARANCE_NAME, folder)
+    structure = StructureVQ(VQConfig.from_dict(s_card["config"]))
+    structure.load_state_dict(s_state)
+    appearance = AppearanceVQ(VQConfig.from_dict(a_card["config"]))
+    appearance.load_state_dict(a_state)
+    return structure.to(device).eval(), appearance.to(device).eval(), s_card, a_card
+
+
+def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
+                      progress=None) -> Path:
+    structure, appearance, s_card, a_card = load_vqs(out_dir, device)
+    key = f"{s_card['sha256'][:12]}_{a_card['sha256'][:12]}"
+    tok_path = work / "transformer" / f"tokens_{key}.npz"
+    if tok_path.is_file():
+        tokens = dict(np.load(tok_path))
+    else:
+        t0 = time.time()
+        tokens = tokenize(ps, structure, appearance, device)
+        tok_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tok_path, **tokens)
+        print(json.dumps({"tokenized": str(tok_path), "seconds": round(time.time() - t0, 1)}), flush=True)
+    s_tok = torch.from_numpy(tokens["s"].astype(np.int64))
+    a_tok = torch.from_numpy(tokens["a"].astype(np.int64))
+    mod = torch.from_numpy(ps.image_modality.astype(np.int64))
+    train_imgs, val_imgs = ps.image_indices(False), ps.image_indices(True)
+    # draw a patch uniformly, then one of its modalities (cases with 2 modalities are not under-represented)
+    by_patch = {int(p): np.nonzero(ps.image_patch == p)[0] for p in ps.patches(False)}
+    patches = np.array(sorted(by_patch))
+
+    torch.manual_seed(tc.seed + 2)
+    model = IARTransformer(cfg.transformer).to(device)
+    st = _Stage(work, "transformer", model, tc.transformer_lr)
+    st.every = tc.log_every
+    rng = np.random.default_rng(tc.seed + 3000 + st.step)
+    total = tc.transformer_steps
+
+    def batch_of(images: np.ndarray, flips: np.ndarray):
+        p = ps.image_patch[images]
+        return (s_tok[p, flips].to(device), a_tok[images, flips].to(device), mod[images].to(device))
+
+    model.train()
+    while st.step < total:
+        st.set_lr(lr_at(st.step, total, tc.transformer_lr, tc.warmup_frac))
+        picks = rng.choice(patches, tc.transformer_batch)
+        images = np.array([rng.choice(by_patch[int(p)]) for p in picks])
+        flips = rng.integers(0, 2, len(images))
+        with autocast(device):
+            loss, loss_s, loss_a = model.loss(*batch_of(images, flips))
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        st.opt.step()
+        st.step += 1
+        st.record(loss.item(), total, loss_s=round(loss_s.item(), 4), loss_a=round(loss_a.item(), 4))
+        if st.step % tc.save_every == 0 or st.step == total:
+            st.checkpoint()
+        if progress:
+            progress(st.step / total, f"transformer {st.step}/{total}")
+
+    model.eval()
+    metrics = {}
+    with torch.no_grad():
+        for split, idx in (("val", val_imgs), ("train", train_imgs[:: max(1, len(train_imgs) // 32)])):
+            ls, la = [], []
+            for i in range(0, len(idx), 8):
+                chunk = idx[i:i + 8]
+                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int)))
+                ls.append(float(s_l))
+                la.append(float(a_l))
+            metrics[split] = {"nll_structure": round(float(np.mean(ls)), 4),
+                              "nll_appearance": round(float(np.mean(la)), 4)}
+    card = {"model": TRANSFORMER_NAME,
+            "family": "PathAR interleaved AR transformer (nanoGPT-style, asymmetric attention, KV cache)",
+            "config": cfg.transformer.to_dict(), "patch": cfg.patch.to_dict(), "modalities": list(MODALITIES),
+            "structure_vq": {"name": STRUCTURE_NAME, "sha256": s_card["sha256"]},
+            "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
+            "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
+            "params": model.num_params(), "data": ps.sources(), "held_out": [VALIDATION_CASE],
+            "metrics": metrics, "versions": _versions(), "license": LICENSE}
+    path = save_state(TRANSFORMER_NAME, model.state_dict(), card, out_dir)
+    print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
+    return path
+
+
+def add_sample_metrics(out_dir: Path, n: int = 8, seed: int = 0) -> dict:
+    """Sample n pairs with the saved weights, add quality metrics and sampling time to the transformer card."""
+    import os
+
+    from ..weights import load_state as _load
+    from . import api, quality
+
+    prev = os.environ.get("PATHOSYN_WEIGHTS_DIR")
+    os.environ["PATHOSYN_WEIGHTS_DIR"] = str(out_dir)
+    try:
+        t0 = time.time()
+        pairs = api.sample_pairs(list(MODALITIES), n=n, seed=seed, device="cpu")
+        seconds = (time.time() - t0) / n
+        summary = quality.summarize_masks([p.mask.array for p in pairs])
+    finally:
+        if prev is None:
+            os.environ.pop("PATHOSYN_WEIGHTS_DIR", None)
+        else:
+            os.environ["PATHOSYN_WEIGHTS_DIR"] = prev
+    state, card = _load(TRANSFORMER_NAME, out_dir)
+    card["metrics"]["samples"] = {"n": n, "seed": seed, "seconds_per_sample_4_modalities": round(seconds, 2),
+                                  **summary}
+    card.pop("sha256", None)
+    card.pop("file", None)
+    save_state(TRANSFORMER_NAME, state, card, out_dir)
+    return card["metrics"]["samples"]
+
+
+def write_markdown_card(folder: Path | None = None) -> Path:
+    """scripted_models/weights/pathar.md from the three JSON model cards."""
+    folder = Path(folder or weights_dir())
+    cards = {name: load_card(name, folder) for name in (STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME)}
+    t = cards[TRANSFORMER_NAME]
+    patch = t["patch"]
+    lines = [
+        "# PathAR model card",
+        "",
+        "Structure-first autoregressive synthesis of lesion patches: a structure VQ-VAE (lesion mask), an appearance "
+        "VQ-VAE (one MRI modality, decoder conditioned on the mask) and an interleaved autoregressive transformer "
+        "whose structure tokens never attend to appearance tokens or the modality label. One sampled structure is "
+        "rendered in every requested modality.",
+        "",
+        f"- Patch: {patch['size']}^3 voxels at {patch['spacing_mm']} mm, lesion-centred, identity direction; "
+        f"token grid {'x'.join(str(g) for g in t['config']['grid'])}.",
+        "- Labels: 0 healthy, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumour. "
+        "Images: z-scores over healthy foreground (background set to "
+        f"{patch['background_z']}).",
+        f"- Modalities: {', '.join(t['modalities'])}.",
+        f"- Training data: {', '.join(sorted(set(t['data'])))}. Held out: {', '.join(t['held_out'])}.",
+        f"- Licence: {t['license']}.",
+        "",
+        "| model | file sha256 | steps | batch | wall time | metrics (held-out case) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, card in cards.items():
+        val = card.get("metrics", {}).get("val", {})
+        shown = ", ".join(f"{k} {v}" for k, v in val.items())
+        lines.append(f"| {name} | `{card['sha256'][:16]}` | {card['steps']} | {card['batch']} | "
+                     f"{card['wall_time_s'] / 60:.1f} min | {shown} |")
+    samples = t.get("metrics", {}).get("samples")
+    lines += ["", "Metrics: Dice per label of the mask reconstruction, image MAE in z units (mae_lesion inside the "
+              "lesion), codebook perplexity (exp of the token entropy) and used codes; transformer negative "
+              "log-likelihood per token (nats).", ""]
+    if samples:
+        lines += ["## Samples", "", "```", json.dumps(samples, indent=1), "```", ""]
+    lines += ["## Limitations", "",
+              "Trained on very few cases (listed above), on 2 CPU cores in about 40 minutes: samples are coarse, "
+              "and the nearest-training-mask Dice (`python -m scripted_models.pathar.quality`) shows how close they "
+              "stay to the training lesions. Research use only; not for clinical use.", ""]
+    path = folder / "pathar.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _stage_progress(progress, index: int, count: int):
+    if progress is None:
+        return None
+    return lambda fraction, message: progress((index + fraction) / count, message)
+
+
+def train(work: Path, stage: str = "all", tc: TrainConfig | None = None, cfg: PathARConfig | None = None,
+          out_dir: Path | None = None, data_root=None, device: str = "auto", threads: int | None = None,
+          progress=None, sample_check: int = 8) -> dict:
+    """Run one stage or all; resumable. Returns {stage: weights path}."""
+    if stage not in STAGES + ("all",):
+        from ..errors import InputError
+
+        raise InputError(f"unknown stage '{stage}': expected all, {', '.join(STAGES)}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    tc = tc or TrainConfig()
+    cfg = cfg or PathARConfig.default()
+    work, out_dir = Path(work), Path(out_dir or weights_dir())
+    dev = pick_device(device)
+    (work).mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps({"train": asdict(tc), "patch": cfg.patch.to_dict(),
+                                                  "structure": cfg.structure.to_dict(),
+                                                  "appearance": cfg.appearance.to_dict(),
+                                                  "transformer": cfg.transformer.to_dict()}, indent=1))
+    ps = build_patches(work, cfg.patch, data_root)
+    stages = STAGES if stage == "all" else (stage,)
+    out = {}
+    t0 = time.time()
+    for name in stages:
+        weights_name, steps, config, fn = {
+            "structure": (STRUCTURE_NAME, tc.structure_steps, cfg.structure.to_dict(), train_structure),
+            "appearance": (APPEARANCE_NAME, tc.appearance_steps, cfg.appearance.to_dict(), train_appearance),
+            "transformer": (TRANSFORMER_NAME, tc.transformer_steps, cfg.transformer.to_dict(), train_transformer),
+        }[name]
+        if stage == "all" and _stage_done(weights_name, out_dir, steps, config):
+            print(json.dumps({"stage": name, "skipped": "weights already trained"}), flush=True)
+            out[name] = str(out_dir / f"{weights_name}.safetensors")
+            continue
+        sub = _stage_progress(progress, stages.index(name), len(stages))
+        out[name] = str(fn(ps, cfg, tc, work, out_dir, dev, sub))
+        if name == "transformer" and sample_check:
+            print(json.dumps({"samples": add_sample_metrics(out_dir, n=sample_check)}), flush=True)
+    if all((out_dir / f"{n}.json").is_file() for n in (STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME)):
+        out["card"] = str(write_markdown_card(out_dir))
+    print(json.dumps({"done": out, "seconds": round(time.time() - t0, 1)}), flush=True)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", default=".train/pathar", help="checkpoints, logs and the patch cache")
+    parser.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    parser.add_argument("--steps", type=int, default=None, help="steps of the selected single stage")
+    parser.add_argument("--structure-steps", type=int, default=None)
+    parser.add_argument("--appearance-steps", type=int, default=None)
+    parser.add_argument("--transformer-steps", type=int, default=None)
+    parser.add_argument("--vq-batch", type=int, default=None)
+    parser.add_argument("--transformer-batch", type=int, default=None)
+    parser.add_argument("--out", default=None, help="weights folder (default: the bundled scripted_models/weights)")
+    parser.add_argument("--data", default=None, help="data root (default ../shared/data or PATHOSYN_DATA)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-check", type=int, default=8, help="samples scored into the card (0 = none)")
+
+
+def config_from_args(args) -> TrainConfig:
+    from ..errors import InputError
+
+    tc = TrainConfig(seed=args.seed)
+    if args.steps is not None:
+        if args.stage == "all":
+            raise InputError("--steps needs a single --stage; use --structure-steps/--appearance-steps/"
+                             "--transformer-steps with --stage all")
+        setattr(tc, f"{args.stage}_steps", args.steps)
+    for name in STAGES:
+        value = getattr(args, f"{name}_steps")
+        if value is not None:
+            setattr(tc, f"{name}_steps", value)
+    if args.vq_batch:
+        tc.vq_batch = args.vq_batch
+    if args.transformer_batch:
+        tc.transformer_batch = args.transformer_batch
+    for name in STAGES:
+        if getattr(tc, f"{name}_steps") < 1:
+            raise InputError(f"{name} steps must be >= 1")
+    return tc
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train PathAR (resumable).")
+    add_arguments(parser)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    train(Path(args.work), args.stage, config_from_args(args), out_dir=args.out and Path(args.out),
+          data_root=args.data, device=args.device, threads=args.threads, sample_check=args.sample_check)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
