@@ -68,7 +68,8 @@ class SlicerScene:
         slicer.app_logic = self.app_logic
         if not hasattr(slicer, "modules") or getattr(slicer.modules, "_headless", False):
             slicer.modules = types.SimpleNamespace(_headless=True, **{
-                name.lower(): types.SimpleNamespace(logic=(lambda lg=logic: lg)) for name, logic in self.logics.items()})
+                name.lower(): types.SimpleNamespace(logic=(lambda lg=logic: lg))
+                for name, logic in self.logics.items()})
         self._views = []
 
     def _register(self, name, logic):

@@ -1,7 +1,6 @@
 """PathoSyn Slicer module on a real (headless) MRML scene from the slicer-core wheel. The engine is not stubbed."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,17 @@ SCREENSHOT = ROOT / "Resources" / "Screenshots" / "pathosyn.png"
 
 OBLIQUE = tuple(np.round([np.cos(0.3), -np.sin(0.3), 0, np.sin(0.3), np.cos(0.3), 0, 0, 0, 1], 12))
 FLIPPED = (0, 1, 0, 1, 0, 0, 0, 0, -1)  # axes swapped and one flipped (det = +1 after the LPS/RAS flip too)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """CPU rule: the machine is shared with training jobs."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture()
@@ -150,7 +160,7 @@ def test_labelmap_mask_on_a_different_grid(app, logic):
     head, node = add_head(app)
     fine = make_ball_mask(head)
     # the same ball described on a 2x coarser grid with a rotation: build it in physical space
-    from scripted_models.volume import Volume, resample_to
+    from scripted_models.volume import resample_to
 
     coarse_grid = centred_grid(head, (24, 28, 26), spacing=(2.0, 1.9, 2.1), direction=OBLIQUE, shift=(3, -4, 2))
     coarse = resample_to(fine, coarse_grid, nearest=True)
@@ -168,7 +178,7 @@ def test_labelmap_mask_on_a_different_grid(app, logic):
 def test_segmentation_on_a_different_grid(app, logic):
     head, node = add_head(app)
     mask = make_ball_mask(head)
-    from scripted_models.volume import Volume, resample_to
+    from scripted_models.volume import resample_to
 
     other = centred_grid(head, (30, 36, 33), spacing=(1.6, 1.3, 2.0), direction=FLIPPED)
     moved = resample_to(mask, other, nearest=True)
@@ -179,8 +189,7 @@ def test_segmentation_on_a_different_grid(app, logic):
     expected = resample_to(moved, head, nearest=True).array
     agree = (prepared.mask.array == expected).mean()
     assert agree > 0.995, agree  # VTK and ITK nearest-neighbour may differ on exact voxel-boundary ties
-    out = logic.synthesize(node, seg, steps=STEPS)
-    assert set(out.volumes) == {"t1"}
+    assert prepared.wholeLesion is False and set(np.unique(prepared.mask.array)) == {0, 1, 2, 3}
 
 
 def centred_grid(head, shape, spacing, direction, shift=(0.0, 0.0, 0.0)):
@@ -261,6 +270,7 @@ def test_missing_weights_raise_weights_error_scene_unchanged(app, logic, tmp_pat
 
 def test_missing_dependencies_are_reported(monkeypatch):
     from PathoSynSlicerLib import logic as logic_module
+
     from scripted_models.errors import InputError
 
     real = logic_module.importlib.util.find_spec
@@ -374,6 +384,7 @@ def test_runner_cancel_leaves_scene_unchanged(app, logic):
 
 def test_runner_surfaces_exit_code_2_errors(tmp_path):
     from PathoSynSlicerLib.process import FAILED
+
     from scripted_models.volume import write_volume
 
     head = make_head()
@@ -382,13 +393,13 @@ def test_runner_surfaces_exit_code_2_errors(tmp_path):
     errors = []
     runner = _runner(["synthesize", "--image", f"t1={tmp_path / 't1.nii.gz'}", "--mask", str(tmp_path / "mask.nii.gz"),
                       "--out", str(tmp_path / "out"), "--steps", "2"], onError=errors.append).start()
-    assert runner.wait(timeout=120) == FAILED
+    assert runner.wait(timeout=600) == FAILED
     assert runner.returnCode == 2
     assert errors == [runner.error] and "empty" in runner.error and "\n" not in runner.error
     assert not (tmp_path / "out" / "report.json").exists()
 
     bad = _runner(["synthesize", "--image", "dwi=x.nii.gz", "--mask", "m.nii.gz", "--out", str(tmp_path / "o")])
-    assert bad.start().wait(timeout=60) == FAILED and bad.returnCode == 2 and "unknown modality" in bad.error
+    assert bad.start().wait(timeout=600) == FAILED and bad.returnCode == 2 and "unknown modality" in bad.error
 
 
 # --- sample data ------------------------------------------------------------------------------------------------------
@@ -402,7 +413,7 @@ def test_sample_data_loads_with_checksums(app, logic, tmp_path, monkeypatch):
     assert tuple(reversed(t1.GetImageData().GetDimensions())) == (189, 233, 197)
 
 
-# --- offscreen render of the result through MRML displayable managers ----------------------------------------------------
+# --- offscreen render of the result through MRML displayable managers ------------------------------------------------
 def test_offscreen_render_of_result_is_not_blank(app, logic):
     """Slice views (input | synthesized + lesion segmentation) and a 3D view of the segmentation, rendered by the
     MRML displayable managers offscreen (EGL/Mesa). Saved as the extension screenshot."""

@@ -287,7 +287,7 @@ class PathoSynSlicerLogic:
         if not nodes:
             raise InputError("no input volume: select at least one healthy scan")
         reference = next(iter(nodes.values()))
-        for mod, node in nodes.items():
+        for node in nodes.values():
             if node.GetParentTransformNode() is not reference.GetParentTransformNode():
                 raise InputError(f"'{node.GetName()}' is under a different transform than "
                                  f"'{reference.GetName()}': harden the transforms first")
@@ -369,7 +369,8 @@ class PathoSynSlicerLogic:
         if not anyVoxels:
             raise InputError(f"the lesion mask '{segNode.GetName()}' is empty")
         if not labels.any():
-            raise InputError(f"the lesion mask '{segNode.GetName()}' lies outside the volume '{referenceNode.GetName()}'")
+            raise InputError(f"the lesion mask '{segNode.GetName()}' lies outside the volume "
+                             f"'{referenceNode.GetName()}'")
         return Volume.from_ijk_to_ras(labels, nodeIJKToRAS(referenceNode)), len(mapping) == 1
 
     def prepare(self, volumeNodes, maskNode, modality: str | None = None) -> PreparedInputs:
@@ -389,7 +390,8 @@ class PathoSynSlicerLogic:
             return
         on_grid = resample_to(mask, image, nearest=True)
         if not np.any(on_grid.array):
-            raise InputError(f"the lesion mask '{maskNode.GetName()}' lies outside the volume '{referenceNode.GetName()}'")
+            raise InputError(f"the lesion mask '{maskNode.GetName()}' lies outside the volume "
+                             f"'{referenceNode.GetName()}'")
 
     # --- engine runs (blocking) -------------------------------------------------------------------------------------
     def synthesize(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
@@ -541,7 +543,8 @@ class PathoSynSlicerLogic:
         from scripted_models.volume import write_volume
 
         folder = Path(folder)
-        images = {mod: str(write_volume(vol, folder / "inputs" / f"{mod}.nii.gz")) for mod, vol in prepared.images.items()}
+        images = {mod: str(write_volume(vol, folder / "inputs" / f"{mod}.nii.gz"))
+                  for mod, vol in prepared.images.items()}
         mask = str(write_volume(prepared.mask, folder / "inputs" / "mask.nii.gz"))
         return {"images": images, "mask": mask}
 

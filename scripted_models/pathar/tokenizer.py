@@ -112,9 +112,12 @@ class StructureVQ(nn.Module):
     def quantizer(self):
         return self.vqvae.quantizer
 
-    def forward(self, mask: torch.Tensor):
-        """mask (B, *S) labels -> (logits (B, L, *S), commitment loss, tokens (B, *G), latent (B, E, *G))."""
+    def forward(self, mask: torch.Tensor, quantize: bool = True):
+        """mask (B, *S) labels -> (logits (B, L, *S), commitment loss, tokens (B, *G), latent (B, E, *G)).
+        quantize=False skips the codebook (plain auto-encoder warm-up; loss 0, tokens None)."""
         z = self.vqvae.encode(one_hot(mask, self.cfg.num_labels))  # (B, E, *G)
+        if not quantize:
+            return self.vqvae.decode(z), z.new_zeros(()).float(), None, z
         quantized, q_loss, tokens = _quantize(self.quantizer, z)
         return self.vqvae.decode(quantized), q_loss, tokens, z
 
@@ -168,9 +171,12 @@ class AppearanceVQ(nn.Module):
         h = self.decoder(torch.cat([quantized.to(onehot.dtype), self._pool(onehot)], 1))  # (B, F, *S)
         return self.head(torch.cat([h, onehot.to(h.dtype)], 1))  # (B, 1, *S)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor):
-        """image (B, 1, *S), mask (B, *S) -> (recon (B, 1, *S), commitment loss, tokens (B, *G), latent)."""
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, quantize: bool = True):
+        """image (B, 1, *S), mask (B, *S) -> (recon (B, 1, *S), commitment loss, tokens (B, *G), latent).
+        quantize=False skips the codebook (plain auto-encoder warm-up; loss 0, tokens None)."""
         z, onehot = self._encode(image, mask)
+        if not quantize:
+            return self._decode(z, onehot), z.new_zeros(()).float(), None, z
         quantized, q_loss, tokens = _quantize(self.quantizer, z)
         return self._decode(quantized, onehot), q_loss, tokens, z
 
@@ -185,13 +191,23 @@ class AppearanceVQ(nn.Module):
 # --------------------------------------------------------------------------- codebook care and metrics
 
 @torch.no_grad()
-def init_codebook(quantizer, latent: torch.Tensor) -> None:
-    """Codes = random encoder outputs (data-dependent init; MONAI's N(0, 1) codes sit far from the encoder's
-    outputs, so the EMA quantizer would otherwise collapse onto one or two codes)."""
+def init_codebook(quantizer, latent: torch.Tensor, max_points: int = 8192) -> None:
+    """k-means++ seeding of the codebook on encoder outputs (B, E, *G): the first code at random, each next one
+    drawn with probability proportional to the squared distance to the nearest code chosen so far. Codes thus
+    cover the rare lesion latents instead of piling up on the ubiquitous healthy ones (MONAI's N(0, 1) codes sit
+    far from the encoder's outputs and the EMA quantizer would collapse onto one or two of them)."""
     q = quantizer.quantizer
     flat = latent.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)
-    pick = flat[torch.randint(0, flat.shape[0], (q.num_embeddings,), device=flat.device)]
-    pick = pick + 0.01 * pick.std() * torch.randn_like(pick)
+    if flat.shape[0] > max_points:
+        flat = flat[torch.randperm(flat.shape[0], device=flat.device)[:max_points]]
+    codes = [flat[torch.randint(0, flat.shape[0], (1,), device=flat.device)][0]]
+    d2 = ((flat - codes[0]) ** 2).sum(1)
+    for _ in range(q.num_embeddings - 1):
+        weights = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
+        codes.append(flat[torch.multinomial(weights, 1)][0])
+        d2 = torch.minimum(d2, ((flat - codes[-1]) ** 2).sum(1))
+    pick = torch.stack(codes)
+    pick = pick + 0.01 * pick.std() * torch.randn_like(pick)  # duplicates (fewer distinct latents) drift apart
     q.embedding.weight.data.copy_(pick)
     q.ema_w.data.copy_(pick)
     q.ema_cluster_size.data.fill_(1.0)

@@ -78,7 +78,8 @@ class TrainConfig:
     transformer_batch: int = 8
     vq_lr: float = 1e-3
     transformer_lr: float = 6e-4
-    warmup_frac: float = 0.05
+    warmup_frac: float = 0.05  # learning-rate warm-up
+    vq_warmup_frac: float = 0.15  # VQ stages start as plain auto-encoders (no codebook), then k-means++ seeding
     save_every: int = 100
     log_every: int = 25
     seed: int = 0
@@ -181,23 +182,26 @@ def train_structure(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path
     st.every = tc.log_every
     rng = np.random.default_rng(tc.seed + 1000 + st.step)
     total = tc.structure_steps
+    warm = int(tc.vq_warmup_frac * total)
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.vq_lr, tc.warmup_frac))
         mask = torch.from_numpy(mask_batch(ps, rng, tc.vq_batch)).to(device)
-        if st.step == 0:  # fresh start: data-dependent init of the codebook and of the output bias
+        if st.step == 0:  # fresh start: output layer at the class base rates
+            init_output_bias(model.vqvae.decoder.blocks[-1].conv, ps.masks[ps.patches(False)], prior=True)
+        if st.step == warm:  # end of the auto-encoder warm-up: codebook seeded on the (now informative) latents
             with torch.no_grad(), autocast(device):
                 init_codebook(model.quantizer, model.vqvae.encode(one_hot(mask, cfg.structure.num_labels)))
-            init_output_bias(model.vqvae.decoder.blocks[-1].conv, ps.masks[ps.patches(False)], prior=True)
         with autocast(device):
-            logits, q_loss, _, z = model(mask)
+            logits, q_loss, _, z = model(mask, quantize=st.step >= warm)
         ce = F.cross_entropy(logits.float(), mask.long())
         loss = ce + _soft_dice_loss(logits, mask) + q_loss
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         st.opt.step()
         st.step += 1
-        moved = restart_dead_codes(model.quantizer, z) if st.step % 10 == 0 and st.step < 0.8 * total else 0
+        moved = restart_dead_codes(model.quantizer, z) if st.step > warm and st.step % 10 == 0 \
+            and st.step < 0.8 * total else 0
         st.record(loss.item(), total, ce=round(ce.item(), 4), perplexity=round(float(_perplexity_of(model)), 1),
                   restarted=moved)
         if st.step % tc.save_every == 0 or st.step == total:
@@ -231,18 +235,20 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
     st.every = tc.log_every
     rng = np.random.default_rng(tc.seed + 2000 + st.step)
     total = tc.appearance_steps
+    warm = int(tc.vq_warmup_frac * total)
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.vq_lr, tc.warmup_frac))
         x, m = image_batch(ps, rng, tc.vq_batch)
         x = torch.from_numpy(x)[:, None].to(device)
         m = torch.from_numpy(m).to(device)
-        if st.step == 0:  # fresh start: data-dependent init of the codebook and of the output bias
+        if st.step == 0:  # fresh start: output layer at the mean intensity
+            init_output_bias(model.head[-1].conv, ps.images[ps.image_indices(False)[::8]], prior=False)
+        if st.step == warm:  # end of the auto-encoder warm-up: codebook seeded on the (now informative) latents
             with torch.no_grad(), autocast(device):
                 init_codebook(model.quantizer, model._encode(x, m)[0])
-            init_output_bias(model.head[-1].conv, ps.images[ps.image_indices(False)[::8]], prior=False)
         with autocast(device):
-            recon, q_loss, _, z = model(x, m)
+            recon, q_loss, _, z = model(x, m, quantize=st.step >= warm)
         err = (recon.float() - x).abs()
         lesion = (m > 0)[:, None].float()
         l1 = err.mean()
@@ -251,7 +257,8 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
         loss.backward()
         st.opt.step()
         st.step += 1
-        moved = restart_dead_codes(model.quantizer, z) if st.step % 10 == 0 and st.step < 0.8 * total else 0
+        moved = restart_dead_codes(model.quantizer, z) if st.step > warm and st.step % 10 == 0 \
+            and st.step < 0.8 * total else 0
         st.record(loss.item(), total, l1=round(l1.item(), 4), perplexity=round(_perplexity_of(model), 1),
                   restarted=moved)
         if st.step % tc.save_every == 0 or st.step == total:
