@@ -136,10 +136,10 @@ def test_kv_cache_matches_full_recompute():
     with torch.no_grad():
         ls, la = model(s, a, mod)
         s_in, a_in = model.stream_inputs(s, a, mod)
-        s_cache = model.new_cache(2, STRUCTURE)
+        s_cache = model.new_cache(2)
         steps = [model.structure(s_in[:, j:j + 1], s_cache) for j in range(N + 1)]  # one token at a time
-        a_cache = model.new_cache(2, APPEARANCE)
-        chunks = [model.appearance(a_in[:, j:j + 3], a_cache, s_cache) for j in range(0, N, 3)]  # chunked
+        a_cache = s_cache.appearance_cache()
+        chunks = [model.appearance(a_in[:, j:j + 3], a_cache) for j in range(0, N, 3)]  # chunked
     torch.testing.assert_close(torch.cat(steps, 1)[:, :N], ls, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(chunks, 1), la, atol=1e-5, rtol=0)
 
@@ -153,7 +153,7 @@ def test_sampling_reuses_structure_cache_and_is_deterministic():
         s_noise = gumbel_noise(g, (2, N, model.cfg.structure_vocab))
         s, cache = sample_structure(model, s_noise, temperature=temperature, top_k=top_k)
         a_noise = gumbel_noise(g, (4, N, model.cfg.appearance_vocab))
-        a = sample_appearance(model, cache.repeat_interleave(2), torch.tensor([0, 3, 0, 3]), a_noise,
+        a = sample_appearance(model, cache, torch.tensor([0, 3, 0, 3]), a_noise,
                               temperature=temperature, top_k=top_k)
         return s, a
 

@@ -107,7 +107,7 @@ class PathAR:
         mod_index = torch.tensor([self.modalities.index(m) for _, m in rows])
         a_noise = torch.stack([noise(indices[b], 1 + MODALITIES.index(m), cfg.appearance_vocab) for b, m in rows])
         a_tokens = sample_appearance(
-            self.transformer, s_cache.repeat_interleave(M), mod_index, a_noise, temperature=temperature,
+            self.transformer, s_cache, mod_index, a_noise, temperature=temperature,
             top_k=top_k, callback=lambda t, n: t % every == 0 and report(0.45 + 0.45 * t / n, "sampling appearance"))
         report(0.92, "decoding")
         masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)

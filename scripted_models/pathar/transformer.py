@@ -19,11 +19,14 @@ Asymmetric attention = causal  AND  (key is structure  OR  query is appearance):
     AND INCLUDING the current position p = t), the modality label and a_0..a_{t-1}. Later structure is not seen,
     so joint interleaved sampling s_0, a_0, s_1, a_1, ... is also possible; we sample all structure first.
 
-Exact invariance by construction: the model runs the structure stream on its own (`structure`), and the
-appearance stream afterwards, attending to the structure stream's cached keys/values (`appearance`). Structure
-logits are a function of structure tokens only; changing appearance tokens or the modality label cannot change
-them, bit for bit. `forward_interleaved` is the same model written as one masked sequence; tests check that both
-agree (to float rounding) and that the mask has the properties above.
+Exact invariance by construction: the model runs the structure stream on its own (`structure`, with a cache
+holding structure keys only), and the appearance stream afterwards (`appearance`), with a cache that holds the
+structure keys/values copied into their interleaved positions and the appearance keys in between. An appearance
+query sees everything before it in the interleaved order, so it simply attends to a prefix of that cache (a plain
+causal mask, no mask at all for one new token). Structure logits are a function of structure tokens only;
+changing appearance tokens or the modality label cannot change them, bit for bit. `forward_interleaved` is the
+same model written as one masked sequence; tests check that both agree (to float rounding) and that the mask
+has the properties above.
 
 Cross-modal sampling: sample the structure once (N steps, KV cache), then the appearance of every requested
 modality in one batch, reusing the structure cache (N steps).
@@ -72,15 +75,6 @@ def structure_mask(q_slots: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=q_slots.device)[None, :] <= q_slots[:, None]
 
 
-def appearance_mask(q_slots: torch.Tensor, n_structure: int, n_appearance: int) -> torch.Tensor:
-    """(Tq, n_structure + n_appearance) bool: appearance slot t sees structure slots 0..t+1 (BOS, s_0..s_t)
-    and appearance slots 0..t (MOD, a_0..a_{t-1}). Keys are ordered [structure..., appearance...]."""
-    js = torch.arange(n_structure, device=q_slots.device)[None, :]
-    ja = torch.arange(n_appearance, device=q_slots.device)[None, :]
-    t = q_slots[:, None]
-    return torch.cat([js <= t + 1, ja <= t], dim=1)
-
-
 def interleaved_layout(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kind, slot) for each of the 2n+1 sequence positions: S0, S1, A0, S2, A1, ..., Sn, A(n-1)."""
     kind, slot = [STRUCTURE, STRUCTURE], [0, 1]
@@ -103,30 +97,48 @@ def interleaved_mask(n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Keys/values of one stream for every layer, preallocated: (B, n_head, capacity, head_dim)."""
+    """Keys/values for every layer, preallocated: (B, n_head, capacity, head_dim); `length` = slots written.
+
+    A structure cache holds structure slots 0..N in order. An appearance cache (`appearance_cache`) holds the
+    whole interleaved sequence: structure slot j at position 2j-1 (BOS at 0), appearance slot t at 2t+2."""
 
     def __init__(self, cfg: IARConfig, batch: int, capacity: int, device, dtype=torch.float32):
         shape = (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0  # filled slots
+        self.length = 0  # slots written (of this cache's own stream)
+        self.interleaved = False  # True for appearance caches
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) at slots length..length+T-1; return all keys/values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        """Store k, v (B, H, T, D) of slots length..length+T-1; return every key/value up to the last new one."""
+        start, T = self.length, k.shape[2]
+        if self.interleaved:  # appearance slot t lives at position 2t+2, right after structure slot t+1
+            where, end = slice(2 * start + 2, 2 * (start + T) + 1, 2), 2 * (start + T) + 1
+        else:
+            where, end = slice(start, start + T), start + T
+        self.k[layer][:, :, where] = k
+        self.v[layer][:, :, where] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
-
-    def repeat_interleave(self, r: int) -> KVCache:
-        """Each batch row repeated r times (one structure shared by r modalities)."""
+    def appearance_cache(self, repeats: int = 1) -> KVCache:
+        """Appearance cache from this COMPLETE structure cache (N+1 slots): structure keys/values copied once to
+        their interleaved positions (each batch row repeated `repeats` times: one structure shared by several
+        modalities), appearance positions left free."""
+        n = self.length - 1  # positions N
+        if self.k[0].shape[2] != n + 1:
+            raise ValueError(f"the appearance stream needs the complete structure ({self.k[0].shape[2]} slots), "
+                             f"the cache holds {self.length}")
         out = KVCache.__new__(KVCache)
-        out.k = [k.repeat_interleave(r, 0) for k in self.k]
-        out.v = [v.repeat_interleave(r, 0) for v in self.v]
-        out.length = self.length
+        out.k, out.v = [], []
+        for src, dst in ((self.k, out.k), (self.v, out.v)):
+            for t in src:
+                B, H, _, D = t.shape
+                t = t.repeat_interleave(repeats, 0)
+                buf = t.new_zeros((B * repeats, H, 2 * n + 1, D))
+                buf[:, :, 0] = t[:, :, 0]  # BOS
+                buf[:, :, 1::2] = t[:, :, 1:]  # structure slot j >= 1 at 2j-1
+                dst.append(buf)
+        out.length, out.interleaved = 0, True
         return out
 
 
@@ -176,19 +188,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def structure(self, x, layer: int, cache: KVCache, mask):
-        """Structure slots attend to structure keys only (this cache's)."""
+    def forward(self, x, layer: int, cache: KVCache, mask):
+        """x (B, T, C) attends to every key in `cache` (after appending its own) allowed by mask (T, keys).
+        The stream is decided by the cache: a structure cache holds structure keys only."""
         q, k, v = self.attn.qkv(self.ln_1(x))
         k, v = cache.write(layer, k, v)
         x = x + self.attn.attend(q, k, v, mask)
-        return x + self.mlp(self.ln_2(x))
-
-    def appearance(self, x, layer: int, cache: KVCache, s_cache: KVCache, n_structure: int, mask):
-        """Appearance slots attend to [structure keys 0..n_structure-1, appearance keys so far]."""
-        q, k, v = self.attn.qkv(self.ln_1(x))
-        k, v = cache.write(layer, k, v)
-        ks, vs = s_cache.view(layer, n_structure)
-        x = x + self.attn.attend(q, torch.cat([ks, k], 2), torch.cat([vs, v], 2), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -224,10 +229,10 @@ class IARTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, stream: int, device=None) -> KVCache:
-        N = self.cfg.positions
+    def new_cache(self, batch: int, device=None) -> KVCache:
+        """An empty structure cache (N+1 slots); once full, `cache.appearance_cache()` serves the appearance."""
         device = device or self.wse.weight.device
-        return KVCache(self.cfg, batch, N + 1 if stream == STRUCTURE else N, device, self.wse.weight.dtype)
+        return KVCache(self.cfg, batch, self.cfg.positions + 1, device, self.wse.weight.dtype)
 
     # --- the two streams ---------------------------------------------------------------------------------
     def structure(self, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -239,24 +244,24 @@ class IARTransformer(nn.Module):
         x = self.drop(self.wse(inputs) + self.wpe_s(slots))  # (B, T, C)
         mask = None if T == 1 else structure_mask(slots, start + T)  # one new slot sees every cached slot
         for layer, block in enumerate(self.blocks):
-            x = block.structure(x, layer, cache, mask)
+            x = block(x, layer, cache, mask)
         cache.length += T
         return self.head_s(self.ln_f(x))
 
-    def appearance(self, inputs: torch.Tensor, cache: KVCache, s_cache: KVCache) -> torch.Tensor:
-        """Appearance slots cache.length .. +T-1 with inputs (B, T) (MOD label or codes) -> logits (B, T, Va).
-        Needs the structure cache filled up to slot start+T (structure s_0..s_{start+T-1})."""
+    def appearance(self, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Appearance slots start .. start+T-1 with inputs (B, T) (MOD label or codes) -> logits (B, T, Va).
+        `cache` comes from `structure_cache.appearance_cache()`. Appearance slot t attends to the interleaved
+        positions 0..2t+2: BOS, s_0..s_t, MOD, a_0..a_{t-1} (and itself)."""
         B, T = inputs.shape
+        if not cache.interleaved:
+            raise ValueError("appearance() needs an appearance cache (structure_cache.appearance_cache())")
         start = cache.length
-        n_structure = start + T + 1
-        if s_cache.length < n_structure:
-            raise ValueError(f"appearance slots up to {start + T - 1} need {n_structure} structure slots, "
-                             f"cache has {s_cache.length}")
         slots = torch.arange(start, start + T, device=inputs.device)
         x = self.drop(self.wae(inputs) + self.wpe_a(slots))
-        mask = None if T == 1 else appearance_mask(slots, n_structure, start + T)
+        keys = torch.arange(2 * (start + T) + 1, device=inputs.device)
+        mask = None if T == 1 else keys[None, :] <= 2 * slots[:, None] + 2  # causal in interleaved order
         for layer, block in enumerate(self.blocks):
-            x = block.appearance(x, layer, cache, s_cache, n_structure, mask)
+            x = block(x, layer, cache, mask)
         cache.length += T
         return self.head_a(self.ln_f(x))
 
@@ -277,11 +282,11 @@ class IARTransformer(nn.Module):
         and appearance logits (B, N, Va) for a_0..a_{N-1} (None without a_tokens)."""
         B, N = s_tokens.shape
         s_in, a_in = self.stream_inputs(s_tokens, a_tokens, modality)
-        s_cache = self.new_cache(B, STRUCTURE, s_tokens.device)
+        s_cache = self.new_cache(B, s_tokens.device)
         logits_s = self.structure(s_in, s_cache)[:, :N]  # slot N predicts nothing
         if a_in is None:
             return logits_s, None
-        return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache)
+        return logits_s, self.appearance(a_in, s_cache.appearance_cache())
 
     def loss(self, s_tokens, a_tokens, modality):
         logits_s, logits_a = self(s_tokens, a_tokens, modality)
@@ -342,7 +347,7 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
     N = model.cfg.positions
     B = noise.shape[0] if noise is not None else batch
     device = model.wse.weight.device
-    cache = model.new_cache(B, STRUCTURE, device)
+    cache = model.new_cache(B, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = torch.full((B, 1), model.bos, dtype=torch.long, device=device)
     for p in range(N):
@@ -358,16 +363,20 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
 @torch.no_grad()
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                       temperature: float = 1.0, top_k: int | None = None, callback=None) -> torch.Tensor:
-    """Sample a_0..a_{N-1} for rows of `s_cache` (B, already one row per requested modality) with modality (B,)
-    indices; noise (B, N, Va) or None (greedy). Returns tokens (B, N)."""
+    """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
+    indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
+    The structure cache is reused as is (copied once into the appearance cache). Returns tokens (B, N)."""
     N = model.cfg.positions
     device = model.wse.weight.device
     B = modality.shape[0]
-    cache = model.new_cache(B, APPEARANCE, device)
+    S = s_cache.k[0].shape[0]
+    if B % S:
+        raise ValueError(f"{B} appearance rows for {S} structures")
+    cache = s_cache.appearance_cache(repeats=B // S)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
     for t in range(N):
-        logits = model.appearance(x, cache, s_cache)[:, -1]
+        logits = model.appearance(x, cache)[:, -1]
         tokens[:, t] = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)
         x = tokens[:, t:t + 1]
         if callback is not None:
