@@ -149,7 +149,11 @@ def place_mask(lesion, reference, seed: int, min_inside: float = MIN_INSIDE, tri
                                lesion.direction)
             on_grid = resample_to(moved_vol, reference, nearest=True)
             mask = reference.with_array(np.asarray(on_grid.array, np.uint8))
-            if (mask.array > 0).any():
+            placed = mask.array > 0
+            # judge on the target grid: resampling can move the fraction across the threshold
+            fraction = float((fg & placed).sum() / placed.sum()) if placed.any() else 0.0
+            best = max(best, fraction) if placed.any() else best
+            if placed.any() and fraction >= min_inside:
                 centre_ras = (reference.ijk_to_ras() @ np.array([x, y, z, 1.0]))[:3]
                 return mask, {"centre_ijk": [int(x), int(y), int(z)], "centre_ras": [round(float(c), 2)
                                                                                     for c in centre_ras],
