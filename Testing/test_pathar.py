@@ -38,7 +38,6 @@ from scripted_models.pathar.transformer import (
     sample_appearance,
     sample_structure,
 )
-from scripted_models.weights import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -458,10 +457,6 @@ def test_real_case_patch_geometry(data_root):
 
 # --------------------------------------------------------------------------- bundled weights
 
-BUNDLED = all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in api.WEIGHT_NAMES)
-
-
-@pytest.mark.skipif(not BUNDLED, reason="bundled PathAR weights not yet trained")
 def test_bundled_weights_sample(monkeypatch):
     monkeypatch.delenv("PATHOSYN_WEIGHTS_DIR", raising=False)
     pairs = api.sample_pairs(list(MODALITIES), n=1, seed=0, device="cpu")

@@ -1,6 +1,7 @@
 """PathoSyn Slicer module on a real (headless) MRML scene from the slicer-core wheel. The engine is not stubbed."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -414,9 +415,9 @@ def test_sample_data_loads_with_checksums(app, logic, tmp_path, monkeypatch):
 
 
 # --- offscreen render of the result through MRML displayable managers ------------------------------------------------
-def test_offscreen_render_of_result_is_not_blank(app, logic):
+def test_offscreen_render_of_result_is_not_blank(app, logic, tmp_path):
     """Slice views (input | synthesized + lesion segmentation) and a 3D view of the segmentation, rendered by the
-    MRML displayable managers offscreen (EGL/Mesa). Saved as the extension screenshot."""
+    MRML displayable managers offscreen (EGL/Mesa)."""
     head, node = add_head(app, spacing=(1.0, 1.0, 1.0))
     seg = app.add_segmentation(make_ball_mask(head, radius_vox=9).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
     seg.GetDisplayNode().SetVisibility(False)
@@ -444,8 +445,33 @@ def test_offscreen_render_of_result_is_not_blank(app, logic):
     surface = (three_d.astype(int) - empty_3d).__abs__().max(axis=2) > 20
     assert surface.mean() > 0.01, surface.mean()  # the 3D lesion surface covers part of the view
     panel = np.concatenate([before, overlay, three_d], axis=1)
-    save_png(panel, SCREENSHOT)
-    assert SCREENSHOT.stat().st_size > 5000
+    path = save_png(panel, tmp_path / "pathosyn_render.png")
+    assert path.stat().st_size > 5000
+
+
+@pytest.mark.skipif(os.environ.get("PATHOSYN_WRITE_SCREENSHOT") != "1",
+                    reason="set PATHOSYN_WRITE_SCREENSHOT=1 to regenerate Resources/Screenshots/pathosyn.png")
+def test_write_extension_screenshot_mni(app, logic):
+    """The extension screenshot: the teaching sample (MNI152 T1 + demo lesion) before | after + lesion | 3D."""
+    pytest.importorskip("nilearn")
+    t1, seg = logic.loadSampleData()
+    steps = int(os.environ.get("PATHOSYN_SCREENSHOT_STEPS", "10"))
+    out = logic.synthesize(t1, seg, seed=0, steps=steps)
+    seg.GetDisplayNode().SetVisibility(False)
+    segmentation = out.segmentation.GetSegmentation()
+    centre = out.segmentation.GetSegmentCenterRAS(segmentation.GetNthSegmentID(0))
+    size = (300, 300)
+    display = out.segmentation.GetDisplayNode()
+    display.SetVisibility(False)
+    before = app.render_slice(t1, size=size, name="Red", offset_ras=centre)
+    after = app.render_slice(out.volumes["t1"], size=size, name="Yellow", offset_ras=centre)
+    display.SetVisibility(True)
+    display.SetOpacity2DFill(0.25)
+    overlay = app.render_slice(out.volumes["t1"], segmentation=out.segmentation, size=size, name="Green",
+                               offset_ras=centre)
+    three_d = app.render_3d(size=size)
+    assert (before != after).any(axis=2).mean() > 0.001
+    save_png(np.concatenate([before, after, overlay, three_d], axis=1), SCREENSHOT)
 
 
 def test_screenshot_file_is_committed_and_not_blank():

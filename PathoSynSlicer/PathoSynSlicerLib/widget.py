@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import qt
 import slicer
+import vtk
 from slicer.util import VTKObservationMixin
 
 from . import parameters as P
@@ -89,12 +90,12 @@ class PathoSynWidget(VTKObservationMixin):
             if self._guiConnection is not None:
                 self._parameterNode.disconnectGui(self._guiConnection)
                 self._guiConnection = None
-            self.removeObserver(self._parameterNode.parameterNode, 31, self.updateGUI)  # vtkCommand.ModifiedEvent
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self._parameterNode = params
         if params is not None:
             if P.HAVE_PARAMETER_NODE_WRAPPER:
                 self._guiConnection = params.connectGui(self.ui)
-            self.addObserver(params.parameterNode, 31, self.updateGUI)
+            self.addObserver(params.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self.updateGUI()
 
     def updateGUI(self, *_):
