@@ -16,9 +16,10 @@ import pytest
 from conftest import ROOT, make_ball_mask, make_head
 
 from scripted_models.batch import load_manifest, run_batch
-from scripted_models.batch.job import place_mask, read_log, sha256_file, verify_done
+from scripted_models.batch.job import place_mask, read_log, verify_done
 from scripted_models.errors import InputError
 from scripted_models.volume import Volume, read_volume, write_volume
+from scripted_models.weights import sha256_of as sha256_file
 
 HEADER = ["case_id", "mask", "seed", "t1", "t1c", "t2", "flair", "samples", "steps"]
 

@@ -6,7 +6,6 @@ unfinished and is redone by --resume. log.jsonl is append-only: one JSON object 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -18,20 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, WeightsError
+from ..weights import sha256_of
 from .manifest import Job
 
 DONE = "done.json"
 LOG = "log.jsonl"
 MIN_INSIDE = 0.90  # PathAR placement: fraction of the lesion that must lie inside the brain
 PLACEMENT_TRIES = 200
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _now() -> str:
@@ -76,7 +68,7 @@ def verify_done(job_dir: Path, job: Job) -> dict | None:
             return None
         for entry in done["outputs"].values():
             path = job_dir / entry["file"]
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            if path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -224,7 +216,7 @@ def run_job(job: Job, out: str | Path, device: str = "auto", run_id: str = "", g
         outputs = {}
         for name, file in files.items():
             path = job_dir / file
-            outputs[name] = {"file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+            outputs[name] = {"file": file, "sha256": sha256_of(path), "bytes": path.stat().st_size}
         seconds = time.perf_counter() - t0
         done = {"case_id": job.case_id, "line": job.line, "fingerprint": job.fingerprint, "run": run_id,
                 "seconds": round(seconds, 3), "finished": _now(), "host": socket.gethostname(), "pid": os.getpid(),
