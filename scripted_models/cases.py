@@ -22,7 +22,9 @@ def default_data_root() -> Path:
     env = os.environ.get("PATHOSYN_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                  Path("/work/shared/data")]
+    return next((c for c in candidates if (c / "cases").is_dir()), candidates[0])
 
 
 def _find(folder: Path, stem: str) -> Path | None:
