@@ -36,6 +36,7 @@ from scripted_models.pathar.transformer import (
     interleaved_layout,
     interleaved_mask,
     sample_appearance,
+    sample_joint,
     sample_structure,
 )
 
@@ -135,10 +136,10 @@ def test_kv_cache_matches_full_recompute():
     with torch.no_grad():
         ls, la = model(s, a, mod)
         s_in, a_in = model.stream_inputs(s, a, mod)
-        s_cache = model.new_cache(2)
+        s_cache = model.new_cache(2, STRUCTURE)
         steps = [model.structure(s_in[:, j:j + 1], s_cache) for j in range(N + 1)]  # one token at a time
-        a_cache = s_cache.appearance_cache()
-        chunks = [model.appearance(a_in[:, j:j + 3], a_cache) for j in range(0, N, 3)]  # chunked
+        a_cache = model.new_cache(2, APPEARANCE)
+        chunks = [model.appearance(a_in[:, j:j + 3], a_cache, s_cache) for j in range(0, N, 3)]  # chunked
     torch.testing.assert_close(torch.cat(steps, 1)[:, :N], ls, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(chunks, 1), la, atol=1e-5, rtol=0)
 
@@ -168,6 +169,23 @@ def test_sampling_reuses_structure_cache_and_is_deterministic():
     with torch.no_grad():
         logits, _ = model(s_greedy)
     assert torch.equal(logits.argmax(-1), s_greedy)
+
+
+def test_joint_sampling_draws_the_sequential_tokens():
+    """Pipelined sampling (s_j with a_{j-1}) = structure first, then appearance, with the same noise; the
+    structure does not depend on which modalities are requested."""
+    model = tiny_iar(grid=(2, 2, 3))
+    N, cfg = model.cfg.positions, model.cfg
+    g = torch.Generator().manual_seed(4)
+    s_noise = gumbel_noise(g, (2, N, cfg.structure_vocab))
+    a_noise = gumbel_noise(g, (6, N, cfg.appearance_vocab))
+    mods = torch.tensor([0, 1, 3, 0, 1, 3])  # 2 samples x 3 modalities, structure-major
+    s_seq, cache = sample_structure(model, s_noise, temperature=0.8)
+    a_seq = sample_appearance(model, cache, mods, a_noise, temperature=0.8)
+    s_joint, a_joint = sample_joint(model, s_noise, mods, a_noise, temperature=0.8)
+    assert torch.equal(s_seq, s_joint) and torch.equal(a_seq, a_joint)
+    s_one, a_one = sample_joint(model, s_noise, torch.tensor([3, 3]), a_noise[[2, 5]], temperature=0.8)
+    assert torch.equal(s_one, s_joint) and torch.equal(a_one, a_joint[[2, 5]])
 
 
 # --------------------------------------------------------------------------- tokenizer

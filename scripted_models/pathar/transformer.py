@@ -20,16 +20,16 @@ Asymmetric attention = causal  AND  (key is structure  OR  query is appearance):
     so joint interleaved sampling s_0, a_0, s_1, a_1, ... is also possible; we sample all structure first.
 
 Exact invariance by construction: the model runs the structure stream on its own (`structure`, with a cache
-holding structure keys only), and the appearance stream afterwards (`appearance`), with a cache that holds the
-structure keys/values copied into their interleaved positions and the appearance keys in between. An appearance
-query sees everything before it in the interleaved order, so it simply attends to a prefix of that cache (a plain
-causal mask, no mask at all for one new token). Structure logits are a function of structure tokens only;
-changing appearance tokens or the modality label cannot change them, bit for bit. `forward_interleaved` is the
-same model written as one masked sequence; tests check that both agree (to float rounding) and that the mask
-has the properties above.
+of structure keys only), and the appearance stream afterwards (`appearance`), attending to that cache (shared,
+never copied, by all modalities of a sample: `appearance_attention`) and to its own keys. Structure logits are a
+function of structure tokens only; changing appearance tokens or the modality label cannot change them, bit for
+bit. `forward_interleaved` is the same model written as one masked sequence; tests check that both agree (to
+float rounding) and that the mask has the properties above.
 
-Cross-modal sampling: sample the structure once (N steps, KV cache), then the appearance of every requested
-modality in one batch, reusing the structure cache (N steps).
+Cross-modal sampling: the structure is sampled once per sample and shared by every requested modality, whose
+appearance rows run as one batch. `sample_structure` then `sample_appearance` do it in two passes over the
+positions; `sample_joint` pipelines them (s_j and a_{j-1} in one forward pass: a_{j-1} needs only s_0..s_{j-1}),
+which draws the same tokens with half the passes.
 """
 from __future__ import annotations
 
@@ -97,49 +97,62 @@ def interleaved_mask(n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Keys/values for every layer, preallocated: (B, n_head, capacity, head_dim); `length` = slots written.
-
-    A structure cache holds structure slots 0..N in order. An appearance cache (`appearance_cache`) holds the
-    whole interleaved sequence: structure slot j at position 2j-1 (BOS at 0), appearance slot t at 2t+2."""
+    """Keys/values of one stream for every layer, preallocated: (B, n_head, capacity, head_dim).
+    `length` = slots written. Structure caches have N+1 slots, appearance caches N."""
 
     def __init__(self, cfg: IARConfig, batch: int, capacity: int, device, dtype=torch.float32):
         shape = (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0  # slots written (of this cache's own stream)
-        self.interleaved = False  # True for appearance caches
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) of slots length..length+T-1; return every key/value up to the last new one."""
-        start, T = self.length, k.shape[2]
-        if self.interleaved:  # appearance slot t lives at position 2t+2, right after structure slot t+1
-            where, end = slice(2 * start + 2, 2 * (start + T) + 1, 2), 2 * (start + T) + 1
-        else:
-            where, end = slice(start, start + T), start + T
-        self.k[layer][:, :, where] = k
-        self.v[layer][:, :, where] = v
+        """Store k, v (B, H, T, D) at slots length..length+T-1; return all keys/values so far (no copy)."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def appearance_cache(self, repeats: int = 1) -> KVCache:
-        """Appearance cache from this COMPLETE structure cache (N+1 slots): structure keys/values copied once to
-        their interleaved positions (each batch row repeated `repeats` times: one structure shared by several
-        modalities), appearance positions left free."""
-        n = self.length - 1  # positions N
-        if self.k[0].shape[2] != n + 1:
-            raise ValueError(f"the appearance stream needs the complete structure ({self.k[0].shape[2]} slots), "
-                             f"the cache holds {self.length}")
-        out = KVCache.__new__(KVCache)
-        out.k, out.v = [], []
-        for src, dst in ((self.k, out.k), (self.v, out.v)):
-            for t in src:
-                B, H, _, D = t.shape
-                t = t.repeat_interleave(repeats, 0)
-                buf = t.new_zeros((B * repeats, H, 2 * n + 1, D))
-                buf[:, :, 0] = t[:, :, 0]  # BOS
-                buf[:, :, 1::2] = t[:, :, 1:]  # structure slot j >= 1 at 2j-1
-                dst.append(buf)
-        out.length, out.interleaved = 0, True
-        return out
+    def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
+
+
+# --------------------------------------------------------------------------- attention
+
+def structure_attention(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) masked) v for structure queries over structure keys only.
+    q (B, H, T, D), k, v (B, H, L, D), mask (T, L) bool (True = may attend) or None -> (B, H, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def appearance_attention(q, ks, vs, ka, va, mask: torch.Tensor | None) -> torch.Tensor:
+    """Appearance queries over [structure keys, appearance keys] with one softmax across both.
+
+    q, ka, va (S*r, H, T/La, D): r appearance rows per structure row, structure-major (row b uses structure b // r);
+    ks, vs (S, H, Ls, D) are shared, never copied r times: the r queries of one structure are folded into its
+    query axis. mask (T, Ls + La) bool or None. Returns (S*r, H, T, D)."""
+    B, H, T, D = q.shape
+    S, Ls, La = ks.shape[0], ks.shape[2], ka.shape[2]
+    r = B // S
+    if r == 1:  # teacher forcing: one row per structure, the fused kernel on the concatenated keys is faster
+        return F.scaled_dot_product_attention(q, torch.cat([ks, ka], 2), torch.cat([vs, va], 2), attn_mask=mask)
+    scale = 1.0 / math.sqrt(D)
+    q_fold = q.view(S, r, H, T, D).transpose(1, 2).reshape(S, H, r * T, D)
+    att_s = (q_fold @ ks.transpose(-2, -1)) * scale  # (S, H, r*T, Ls)
+    att_s = att_s.view(S, H, r, T, Ls).transpose(1, 2).reshape(B, H, T, Ls)
+    att_a = (q @ ka.transpose(-2, -1)) * scale  # (B, H, T, La)
+    att = torch.cat([att_s, att_a], dim=-1)  # (B, H, T, Ls + La)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = att.float().softmax(-1).to(q.dtype)
+    p_s, p_a = att.split([Ls, La], dim=-1)
+    p_fold = p_s.reshape(S, r, H, T, Ls).transpose(1, 2).reshape(S, H, r * T, Ls)
+    y_s = (p_fold @ vs).view(S, H, r, T, D).transpose(1, 2).reshape(B, H, T, D)
+    return y_s + p_a @ va
 
 
 # --------------------------------------------------------------------------- model
@@ -151,7 +164,6 @@ class SelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
 
     def qkv(self, x: torch.Tensor):
         """x (B, T, C) -> q, k, v (B, H, T, C/H)."""
@@ -159,10 +171,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
 
-    def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + log(mask)) v, then the output projection. mask (Tq, Tk) bool or None (all)."""
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, Tq, D)
+    def proj(self, y: torch.Tensor) -> torch.Tensor:
+        """Heads (B, H, T, D) -> output projection (B, T, C)."""
         B, H, T, D = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
@@ -187,14 +197,36 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
 
-    def forward(self, x, layer: int, cache: KVCache, mask):
-        """x (B, T, C) attends to every key in `cache` (after appending its own) allowed by mask (T, keys).
-        The stream is decided by the cache: a structure cache holds structure keys only."""
+    def _finish(self, x, y):
+        x = x + self.attn.proj(y)
+        return x + self.mlp(self.ln_2(x))
+
+    def structure(self, x, layer: int, cache: KVCache, mask):
+        """Structure slots (B, T, C) attend to structure keys only (this cache)."""
         q, k, v = self.attn.qkv(self.ln_1(x))
         k, v = cache.write(layer, k, v)
-        x = x + self.attn.attend(q, k, v, mask)
-        return x + self.mlp(self.ln_2(x))
+        return self._finish(x, structure_attention(q, k, v, mask, self.dropout if self.training else 0.0))
+
+    def appearance(self, x, layer: int, cache: KVCache, s_cache: KVCache, n_structure: int, mask):
+        """Appearance slots (B, T, C) attend to structure slots 0..n_structure-1 and appearance keys so far."""
+        q, k, v = self.attn.qkv(self.ln_1(x))
+        ka, va = cache.write(layer, k, v)
+        ks, vs = s_cache.view(layer, n_structure)
+        return self._finish(x, appearance_attention(q, ks, vs, ka, va, mask))
+
+    def joint(self, xs, xa, layer: int, s_cache: KVCache, a_cache: KVCache):
+        """One new structure slot j (S rows) and appearance slot j-1 (S*r rows) in one pass: the linear layers run
+        once on all rows. The appearance query sees the structure slot computed in this very pass (0..j)."""
+        S = xs.shape[0]
+        x = torch.cat([xs, xa], 0)  # (S + B, 1, C)
+        q, k, v = self.attn.qkv(self.ln_1(x))
+        ks, vs = s_cache.write(layer, k[:S], v[:S])
+        ka, va = a_cache.write(layer, k[S:], v[S:])
+        y = torch.cat([structure_attention(q[:S], ks, vs, None), appearance_attention(q[S:], ks, vs, ka, va, None)])
+        x = self._finish(x, y)
+        return x[:S], x[S:]
 
 
 class IARTransformer(nn.Module):
@@ -229,10 +261,11 @@ class IARTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, device=None) -> KVCache:
-        """An empty structure cache (N+1 slots); once full, `cache.appearance_cache()` serves the appearance."""
+    def new_cache(self, batch: int, stream: int = STRUCTURE, device=None) -> KVCache:
+        """An empty cache: structure (N+1 slots) or appearance (N slots)."""
         device = device or self.wse.weight.device
-        return KVCache(self.cfg, batch, self.cfg.positions + 1, device, self.wse.weight.dtype)
+        N = self.cfg.positions
+        return KVCache(self.cfg, batch, N + 1 if stream == STRUCTURE else N, device, self.wse.weight.dtype)
 
     # --- the two streams ---------------------------------------------------------------------------------
     def structure(self, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -244,26 +277,45 @@ class IARTransformer(nn.Module):
         x = self.drop(self.wse(inputs) + self.wpe_s(slots))  # (B, T, C)
         mask = None if T == 1 else structure_mask(slots, start + T)  # one new slot sees every cached slot
         for layer, block in enumerate(self.blocks):
-            x = block(x, layer, cache, mask)
+            x = block.structure(x, layer, cache, mask)
         cache.length += T
         return self.head_s(self.ln_f(x))
 
-    def appearance(self, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Appearance slots start .. start+T-1 with inputs (B, T) (MOD label or codes) -> logits (B, T, Va).
-        `cache` comes from `structure_cache.appearance_cache()`. Appearance slot t attends to the interleaved
-        positions 0..2t+2: BOS, s_0..s_t, MOD, a_0..a_{t-1} (and itself)."""
+    def appearance(self, inputs: torch.Tensor, cache: KVCache, s_cache: KVCache) -> torch.Tensor:
+        """Appearance slots start .. start+T-1 (start = cache.length) with inputs (B, T) (MOD label or codes)
+        -> logits (B, T, Va). s_cache (S rows, B = S*r) must hold structure slots 0..start+T (s_0..s_{start+T-1})."""
         B, T = inputs.shape
-        if not cache.interleaved:
-            raise ValueError("appearance() needs an appearance cache (structure_cache.appearance_cache())")
         start = cache.length
+        n_structure = start + T + 1
+        if s_cache.length < n_structure:
+            raise ValueError(f"appearance slots up to {start + T - 1} need {n_structure} structure slots, "
+                             f"the cache holds {s_cache.length}")
         slots = torch.arange(start, start + T, device=inputs.device)
-        x = self.drop(self.wae(inputs) + self.wpe_a(slots))
-        keys = torch.arange(2 * (start + T) + 1, device=inputs.device)
-        mask = None if T == 1 else keys[None, :] <= 2 * slots[:, None] + 2  # causal in interleaved order
+        x = self.drop(self.wae(inputs) + self.wpe_a(slots))  # (B, T, C)
+        mask = None
+        if T > 1:  # slot t sees structure slots 0..t+1 and appearance slots 0..t; one new slot sees all
+            js = torch.arange(n_structure, device=inputs.device)
+            ja = torch.arange(start + T, device=inputs.device)
+            mask = torch.cat([js[None] <= slots[:, None] + 1, ja[None] <= slots[:, None]], 1)
         for layer, block in enumerate(self.blocks):
-            x = block(x, layer, cache, mask)
+            x = block.appearance(x, layer, cache, s_cache, n_structure, mask)
         cache.length += T
         return self.head_a(self.ln_f(x))
+
+    def joint_step(self, s_in: torch.Tensor, a_in: torch.Tensor, s_cache: KVCache, a_cache: KVCache):
+        """Structure slot j = s_cache.length (inputs (S, 1)) and appearance slot j-1 = a_cache.length (inputs
+        (S*r, 1)) in one pass. Same result as structure() then appearance(), with half the weight reads.
+        Returns (structure logits (S, Vs), appearance logits (S*r, Va))."""
+        j, t = s_cache.length, a_cache.length
+        if t != j - 1:
+            raise ValueError(f"joint step needs appearance slot {j - 1}, the appearance cache is at {t}")
+        xs = self.wse(s_in) + self.wpe_s.weight[j]
+        xa = self.wae(a_in) + self.wpe_a.weight[t]
+        for layer, block in enumerate(self.blocks):
+            xs, xa = block.joint(xs, xa, layer, s_cache, a_cache)
+        s_cache.length += 1
+        a_cache.length += 1
+        return self.head_s(self.ln_f(xs))[:, -1], self.head_a(self.ln_f(xa))[:, -1]
 
     # --- teacher forcing -----------------------------------------------------------------------------------
     def stream_inputs(self, s_tokens, a_tokens, modality):
@@ -282,11 +334,11 @@ class IARTransformer(nn.Module):
         and appearance logits (B, N, Va) for a_0..a_{N-1} (None without a_tokens)."""
         B, N = s_tokens.shape
         s_in, a_in = self.stream_inputs(s_tokens, a_tokens, modality)
-        s_cache = self.new_cache(B, s_tokens.device)
+        s_cache = self.new_cache(B, STRUCTURE, s_tokens.device)
         logits_s = self.structure(s_in, s_cache)[:, :N]  # slot N predicts nothing
         if a_in is None:
             return logits_s, None
-        return logits_s, self.appearance(a_in, s_cache.appearance_cache())
+        return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache)
 
     def loss(self, s_tokens, a_tokens, modality):
         logits_s, logits_a = self(s_tokens, a_tokens, modality)
@@ -311,7 +363,7 @@ class IARTransformer(nn.Module):
             att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
             att = att.masked_fill(~mask, float("-inf")).softmax(-1)
             y = (att @ v).transpose(1, 2).reshape(B, -1, self.cfg.n_embd)
-            x = x + block.attn.c_proj(y)
+            x = x + block.attn.c_proj(y)  # same weights, one sequence
             x = x + block.mlp(block.ln_2(x))
         x = self.ln_f(x)
         s_pos = torch.nonzero(is_s).flatten()  # sequence positions of structure slots 0..N in slot order
@@ -347,7 +399,7 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
     N = model.cfg.positions
     B = noise.shape[0] if noise is not None else batch
     device = model.wse.weight.device
-    cache = model.new_cache(B, device)
+    cache = model.new_cache(B, STRUCTURE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = torch.full((B, 1), model.bos, dtype=torch.long, device=device)
     for p in range(N):
@@ -365,20 +417,52 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
                       temperature: float = 1.0, top_k: int | None = None, callback=None) -> torch.Tensor:
     """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
     indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
-    The structure cache is reused as is (copied once into the appearance cache). Returns tokens (B, N)."""
+    The structure cache is shared by the r modalities of a sample, never copied. Returns tokens (B, N)."""
     N = model.cfg.positions
     device = model.wse.weight.device
     B = modality.shape[0]
-    S = s_cache.k[0].shape[0]
-    if B % S:
-        raise ValueError(f"{B} appearance rows for {S} structures")
-    cache = s_cache.appearance_cache(repeats=B // S)
+    if B % s_cache.batch:
+        raise ValueError(f"{B} appearance rows for {s_cache.batch} structures")
+    cache = model.new_cache(B, APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
     for t in range(N):
-        logits = model.appearance(x, cache)[:, -1]
+        logits = model.appearance(x, cache, s_cache)[:, -1]
         tokens[:, t] = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)
         x = tokens[:, t:t + 1]
         if callback is not None:
             callback(t + 1, N)
     return tokens
+
+
+@torch.no_grad()
+def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: torch.Tensor,
+                 a_noise: torch.Tensor | None, batch: int | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structure once per sample (S rows) and its appearance in every modality (B = S*r rows, structure-major),
+    pipelined: step j samples s_j and a_{j-1} in one pass (N+1 passes instead of 2N+1). a_{j-1} only needs
+    s_0..s_{j-1}, so this draws exactly the tokens of sample_structure + sample_appearance with the same noise
+    (up to float rounding). Returns (structure tokens (S, N), appearance tokens (B, N))."""
+    N = model.cfg.positions
+    device = model.wse.weight.device
+    S = s_noise.shape[0] if s_noise is not None else batch
+    B = modality.shape[0]
+    if B % S:
+        raise ValueError(f"{B} appearance rows for {S} structures")
+    s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(B, APPEARANCE, device)
+    s_tokens = torch.empty(S, N, dtype=torch.long, device=device)
+    a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    bos = torch.full((S, 1), model.bos, dtype=torch.long, device=device)
+    logits_s = model.structure(bos, s_cache)[:, -1]
+    s_tokens[:, 0] = pick(logits_s, None if s_noise is None else s_noise[:, 0].to(device), temperature, top_k)
+    a_in = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
+    for j in range(1, N + 1):
+        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache)
+        if j < N:
+            s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
+        a_tokens[:, j - 1] = pick(logits_a, None if a_noise is None else a_noise[:, j - 1].to(device), temperature,
+                                  top_k)
+        a_in = a_tokens[:, j - 1:j]
+        if callback is not None:
+            callback(j, N)
+    return s_tokens, a_tokens
