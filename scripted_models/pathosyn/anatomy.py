@@ -52,12 +52,9 @@ class AnatomyModel:
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> AnatomyModel:
-        from ..weights import load_state
+        from ..weights import load_network
 
-        state, card = load_state(WEIGHTS_NAME, folder)
-        cfg = AnatomyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()})
-        net = build_anatomy_model(cfg)
-        net.load_state_dict(state)
+        net, cfg, card = load_network(WEIGHTS_NAME, AnatomyConfig, build_anatomy_model, folder)
         return cls(net, cfg, device, card)
 
     @torch.no_grad()

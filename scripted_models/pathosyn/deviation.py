@@ -97,12 +97,9 @@ class DeviationModel:
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> DeviationModel:
-        from ..weights import load_state
+        from ..weights import load_network
 
-        state, card = load_state(WEIGHTS_NAME, folder)
-        cfg = DeviationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()})
-        net = build_deviation_model(cfg)
-        net.load_state_dict(state)
+        net, cfg, card = load_network(WEIGHTS_NAME, DeviationConfig, build_deviation_model, folder)
         return cls(net, cfg, device, card)
 
     @torch.no_grad()

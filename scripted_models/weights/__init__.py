@@ -106,3 +106,12 @@ def render_model_cards(folder: Path | None = None) -> Path:
     out = folder / "MODEL_CARD.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def load_network(name: str, config_cls, build, folder: Path | None = None):
+    """(net, cfg, card): the card's config (JSON lists back to tuples) builds the network, then its weights load."""
+    state, card = load_state(name, folder)
+    cfg = config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()})
+    net = build(cfg)
+    net.load_state_dict(state)
+    return net, cfg, card
