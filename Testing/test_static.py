@@ -56,11 +56,12 @@ def test_ui_parses_and_every_widget_the_code_uses_exists(folder):
     root = ET.parse(uis[0]).getroot()
     bound = {p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"}
     assert bound
+    sys.path.insert(0, str(folder))
     if folder.name == "PathoSynSlicer":
-        sys.path.insert(0, str(folder))
         from PathoSynSlicerLib.parameters import FIELDS
-
-        assert bound <= set(FIELDS), bound - set(FIELDS)
+    else:
+        from PathARModuleLib.parameters import FIELDS
+    assert bound <= set(FIELDS), bound - set(FIELDS)
 
 
 @pytest.mark.parametrize("folder", module_dirs())
@@ -86,16 +87,19 @@ def test_extension_cmake_metadata():
     for line in ("add_subdirectory(PathoSynSlicer)", "add_subdirectory(PathARModule)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in cmake
-    screenshot = re.search(r"EXTENSION_SCREENSHOTURLS \"[^\"]*/main/(\S+?)\"", cmake).group(1)
+    screenshots = re.search(r"EXTENSION_SCREENSHOTURLS \"([^\"]*)\"", cmake).group(1).split()
+    assert len(screenshots) == 2
+    for url in screenshots:
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
     icon = re.search(r"EXTENSION_ICONURL \"[^\"]*/main/(\S+?)\"", cmake).group(1)
-    assert (ROOT / screenshot).is_file() or screenshot == "Resources/Screenshots/pathosyn.png"
     assert (ROOT / icon).is_file()
 
 
 def test_icons_are_128px_png():
     from PIL import Image
 
-    icons = (ROOT / "PathoSynSlicer/Resources/Icons/PathoSynSlicer.png", ROOT / "Resources/PathoSyn.png")
+    icons = (ROOT / "PathoSynSlicer/Resources/Icons/PathoSynSlicer.png", ROOT / "Resources/PathoSyn.png",
+             ROOT / "PathARModule/Resources/Icons/PathARModule.png")
     for path in icons:
         with Image.open(path) as img:
             assert img.format == "PNG" and img.size == (128, 128)
@@ -108,18 +112,18 @@ def test_module_files_compile(folder):
 
 
 def test_ruff_clean():
+    """The whole repository: both modules, the engine and the tests (pyproject.toml holds the rules)."""
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    targets = [str(ROOT / "PathoSynSlicer"), str(ROOT / "Testing" / "test_slicer_pathosyn.py"),
-               str(ROOT / "Testing" / "test_static.py"), str(ROOT / "Testing" / "slicer_scene.py")]
-    proc = subprocess.run([ruff, "check", *targets], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_logic_imports_without_qt():
-    """logic.py, parameters.py and process.py must import on slicer-core (no Qt, no Slicer application)."""
+    """The logic, parameters, process and offscreen files must import on slicer-core (no Qt, no Slicer app)."""
     pytest.importorskip("slicer")
-    code = ("import sys; sys.path.insert(0, 'PathoSynSlicer');"
+    code = ("import sys; sys.path[:0] = ['PathoSynSlicer', 'PathARModule'];"
             "import PathoSynSlicerLib.logic, PathoSynSlicerLib.parameters, PathoSynSlicerLib.process;"
+            "import PathARModuleLib.logic, PathARModuleLib.parameters, PathARModuleLib.offscreen;"
             "bad = [m for m in ('qt', 'ctk', 'slicer.ScriptedLoadableModule', 'torch') if m in sys.modules];"
             "assert not bad, bad; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -134,3 +138,14 @@ def test_engine_importable_from_a_clone_via_module_path(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip().splitlines()[-1]) == ROOT
+
+
+def test_pathar_logic_importable_with_only_its_module_path(tmp_path):
+    """'Add module path' on PathARModule alone: it finds PathoSynSlicerLib and the engine in the clone."""
+    pytest.importorskip("slicer")
+    code = (f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})];"
+            f"sys.path.insert(0, {str(ROOT / 'PathARModule')!r}); import PathARModuleLib.logic as L;"
+            "import scripted_models, PathoSynSlicerLib; print(scripted_models.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(proc.stdout.strip().splitlines()[-1]).parent.parent == ROOT

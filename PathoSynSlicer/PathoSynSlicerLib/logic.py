@@ -236,16 +236,16 @@ class PathoSynSlicerLogic:
         return slicer.mrmlScene
 
     # --- parameter node ------------------------------------------------------------------------------------------
-    def getParameterNode(self):
+    def getParameterNode(self, moduleName: str = MODULE_NAME):
         """The module's singleton vtkMRMLScriptedModuleNode (same convention as ScriptedLoadableModuleLogic)."""
-        node = self.scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        node = self.scene.GetSingletonNode(moduleName, "vtkMRMLScriptedModuleNode")
         if node is None:
             import slicer
 
             node = slicer.vtkMRMLScriptedModuleNode()
-            node.SetName(self.scene.GenerateUniqueName(MODULE_NAME))
-            node.SetSingletonTag(MODULE_NAME)
-            node.SetModuleName(MODULE_NAME)
+            node.SetName(self.scene.GenerateUniqueName(moduleName))
+            node.SetSingletonTag(moduleName)
+            node.SetModuleName(moduleName)
             node.SetHideFromEditors(True)
             node = self.scene.AddNode(node)
         return node

@@ -40,6 +40,43 @@ FIELDS = {
 PREVIEW_STEPS = 3
 
 
+def _field(name: str, kind, default):
+    def getter(self):
+        node = self.parameterNode
+        if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode):
+            return node.GetNodeReference(name)
+        raw = node.GetParameter(name)
+        if raw == "":
+            return default
+        if kind is bool:
+            return raw == "True"
+        return kind(raw)
+
+    def setter(self, value):
+        node = self.parameterNode
+        if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode):
+            if value is not None and not value.IsA(kind.__name__):
+                raise TypeError(f"{name}: expected {kind.__name__}, got {value.GetClassName()}")
+            node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+        else:
+            node.SetParameter(name, str(kind(value)))
+
+    return property(getter, setter)
+
+
+def qtFreeParameterClass(className: str, fields: dict) -> type:
+    """A wrapper class with one property per field {name: (type, default)}, stored like parameterNodeWrapper
+    stores them (numbers and strings as node parameters, nodes as node references). Used on slicer-core."""
+
+    def __init__(self, parameterNode):
+        self.parameterNode = parameterNode
+
+    namespace = {"__init__": __init__, "__doc__": "Same fields as the parameterNodeWrapper class; `parameterNode` "
+                 "is the wrapped vtkMRMLScriptedModuleNode."}
+    namespace.update({name: _field(name, kind, default) for name, (kind, default) in fields.items()})
+    return type(className, (), namespace)
+
+
 if HAVE_PARAMETER_NODE_WRAPPER:
 
     @parameterNodeWrapper
@@ -59,38 +96,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
 
 else:
-
-    def _field(name: str, kind, default):
-        def getter(self):
-            node = self.parameterNode
-            if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode):
-                return node.GetNodeReference(name)
-            raw = node.GetParameter(name)
-            if raw == "":
-                return default
-            if kind is bool:
-                return raw == "True"
-            return kind(raw)
-
-        def setter(self, value):
-            node = self.parameterNode
-            if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode):
-                if value is not None and not value.IsA(kind.__name__):
-                    raise TypeError(f"{name}: expected {kind.__name__}, got {value.GetClassName()}")
-                node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
-            else:
-                node.SetParameter(name, str(kind(value)))
-
-        return property(getter, setter)
-
-    class PathoSynParameterNode:
-        """Same fields as the parameterNodeWrapper class; `parameterNode` is the wrapped vtkMRMLScriptedModuleNode."""
-
-        def __init__(self, parameterNode):
-            self.parameterNode = parameterNode
-
-    for _name, (_kind, _default) in FIELDS.items():
-        setattr(PathoSynParameterNode, _name, _field(_name, _kind, _default))
+    PathoSynParameterNode = qtFreeParameterClass("PathoSynParameterNode", FIELDS)
 
 
 def inputVolumes(params) -> dict:

@@ -109,17 +109,13 @@ def place_mask(lesion, reference, seed: int, min_inside: float = MIN_INSIDE, tri
     """Move `lesion` (any grid) so its centroid sits on a random brain voxel of `reference` (seeded), and
     resample it onto the reference grid (nearest neighbour). Placements with less than `min_inside` of the
     lesion inside the brain foreground are rejected. Returns (mask Volume on the reference grid, info dict)."""
-    from ..volume import Volume, resample_to
+    from ..placement import lesion_points_lps, place_lesion
 
-    labels = np.asarray(lesion.array)
-    points = np.argwhere(labels > 0)  # (N, 3) z, y, x
-    if not len(points):
+    if not np.any(np.asarray(lesion.array) > 0):
         raise InputError("the PathAR sample has an empty lesion mask")
-    fg, brain = _brain_voxel_centres(reference)
-    to_lps = lesion.ijk_to_lps()
-    ijk = np.c_[points[:, ::-1], np.ones(len(points))]  # (N, 4) i, j, k, 1
-    lps = (to_lps @ ijk.T)[:3]
+    lps = lesion_points_lps(lesion)
     centroid = lps.mean(axis=1, keepdims=True)
+    fg, brain = _brain_voxel_centres(reference)
     ref_from_lps = np.linalg.inv(reference.ijk_to_lps())
     ref_to_lps = reference.ijk_to_lps()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9A7A]))
@@ -131,21 +127,20 @@ def place_mask(lesion, reference, seed: int, min_inside: float = MIN_INSIDE, tri
         moved = lps - centroid + target
         idx = np.rint((ref_from_lps @ np.r_[moved, np.ones((1, moved.shape[1]))])[:3]).astype(np.int64)
         in_fov = np.all((idx >= 0) & (idx < shape), axis=0)
-        inside = np.zeros(len(points), bool)
+        inside = np.zeros(moved.shape[1], bool)
         inside[in_fov] = fg[idx[2, in_fov], idx[1, in_fov], idx[0, in_fov]]
         fraction = float(inside.mean())
         best = max(best, fraction)
         if fraction >= min_inside:
-            shift = (target - centroid).ravel()
-            moved_vol = Volume(labels.astype(np.uint8), lesion.spacing, tuple(np.add(lesion.origin, shift)),
-                               lesion.direction)
-            on_grid = resample_to(moved_vol, reference, nearest=True)
-            mask = reference.with_array(np.asarray(on_grid.array, np.uint8))
+            try:
+                mask, _ = place_lesion(lesion, reference, target.ravel())
+            except InputError:
+                continue
             placed = mask.array > 0
             # judge on the target grid: resampling can move the fraction across the threshold
-            fraction = float((fg & placed).sum() / placed.sum()) if placed.any() else 0.0
-            best = max(best, fraction) if placed.any() else best
-            if placed.any() and fraction >= min_inside:
+            fraction = float((fg & placed).sum() / placed.sum())
+            best = max(best, fraction)
+            if fraction >= min_inside:
                 centre_ras = (reference.ijk_to_ras() @ np.array([x, y, z, 1.0]))[:3]
                 return mask, {"centre_ijk": [int(x), int(y), int(z)], "centre_ras": [round(float(c), 2)
                                                                                     for c in centre_ras],

@@ -30,7 +30,7 @@ from .deviation import (
     config_dict,
     deviation_condition,
 )
-from .training import LossLog, load_checkpoint, save_checkpoint
+from .training import LossLog, load_checkpoint, save_checkpoint, warm_start
 
 # Binary-mask, skull-on, 6.5 mm-slice scans: kept for robustness tests, not for training residuals.
 EXCLUDED = {"pyradiomics_brain1", "pyradiomics_brain2"}
@@ -131,6 +131,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     ckpt = work / "checkpoint.pt"
     step, extra = load_checkpoint(ckpt, net, opt)
     wall = float(extra.get("wall_s", 0.0))
+    if step == 0:
+        step, wall = warm_start(WEIGHTS_NAME, net)
     print(f"deviation: {f'resuming at step {step}' if step else 'starting'}; cases {data.names}", flush=True)
     scheduler = build_scheduler(cfg, "ddpm")
     rng = np.random.default_rng(seed + step)

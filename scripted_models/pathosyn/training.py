@@ -28,6 +28,20 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:
     return int(state["step"]), json.loads(state["extra"])
 
 
+def warm_start(name: str, model) -> tuple[int, float]:
+    """No checkpoint yet: continue from the committed weights (optimizer state starts fresh).
+
+    Returns (step, wall seconds) recorded on the model card, or (0, 0.0) when there are no weights."""
+    from ..weights import load_state
+
+    try:
+        state, card = load_state(name)
+    except Exception:  # missing or unreadable weights: train from scratch
+        return 0, 0.0
+    model.load_state_dict(state)
+    return int(card.get("steps", 0)), float(card.get("wall_time_s", 0.0))
+
+
 class LossLog:
     """Appends JSON lines {step, loss, ...} and prints a running mean."""
 

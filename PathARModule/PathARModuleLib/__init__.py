@@ -1,0 +1,1 @@
+"""PathAR module internals: logic (Qt-free), offscreen rendering, GUI widget."""

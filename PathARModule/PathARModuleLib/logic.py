@@ -1,0 +1,506 @@
+"""PathAR logic: PathAR samples -> MRML nodes, the linked compare layout, and masks handed to PathoSyn.
+
+Qt-free, so it runs in Slicer and on the `slicer-core` wheel. Data flows one way: engine samples (arrays + patch
+geometry) -> NEW volume and segmentation nodes, grouped in the subject hierarchy under one folder per run.
+
+Python console (blocking)::
+
+    from PathARModuleLib.logic import PathARModuleLogic
+    logic = PathARModuleLogic()
+    run = logic.generateSamples(["t1c", "flair"], n=4, seed=0, temperature=1.0)
+    run.samples[0].volumes["flair"], run.samples[0].segmentation
+    layout = logic.createLinkedLayout(run, pathoSynInput=getNode("T1"), pathoSynOutput=getNode("T1 synthesized"))
+    logic.showModality(run, layout, "t1c")          # same structures, other contrast
+    mask = logic.placeMask(run.samples[2].segmentation, getNode("T1"), pointRAS=[10, -20, 35])
+    logic.useMaskInPathoSyn(mask, getNode("T1"))     # then "Synthesize lesion" in the PathoSyn module
+    logic.exportFigure(layout, "/tmp/pathar.png")
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+if importlib.util.find_spec("PathoSynSlicerLib") is None:  # a clone added with "Add module path" (one module only)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PathoSynSlicer"))
+
+from PathoSynSlicerLib.logic import (  # noqa: E402 - PathoSyn's node helpers; also puts the engine on sys.path
+    PathoSynSlicerLogic,
+    _orientedArray,
+    checkDependencies,
+    nodeIJKToRAS,
+)
+
+from scripted_models.errors import InputError, WeightsError  # noqa: E402
+from scripted_models.labels import CORE, EDEMA, ENHANCING, MODALITIES  # noqa: E402
+from scripted_models.volume import Volume  # noqa: E402
+
+MODULE_NAME = "PathARModule"
+MAX_SAMPLES = 4
+LAYOUT_ID_BASE = 50810  # + number of samples (1..4): one registered layout per row length
+PATHOSYN_VIEW_GROUP, PATHAR_VIEW_GROUP = 5, 6
+PATHOSYN_SLICE_TAGS = ("PathoSynInput", "PathoSynResult")
+PATHOSYN_3D_TAG = "PathoSyn3D"
+
+Progress = Callable[[float, str], None]
+
+
+def sliceTag(i: int) -> str:
+    return f"PathARSlice{i + 1}"
+
+
+def viewTag(i: int) -> str:
+    return f"PathAR{i + 1}"
+
+
+def _sliceView(tag: str, label: str, group: int, color: str) -> str:
+    return (f'<item><view class="vtkMRMLSliceNode" singletontag="{tag}">'
+            '<property name="orientation" action="default">Axial</property>'
+            f'<property name="viewlabel" action="default">{label}</property>'
+            f'<property name="viewcolor" action="default">{color}</property>'
+            f'<property name="viewgroup" action="default">{group}</property></view></item>')
+
+
+def _threeDView(tag: str, label: str, group: int) -> str:
+    return (f'<item><view class="vtkMRMLViewNode" singletontag="{tag}">'
+            f'<property name="viewlabel" action="default">{label}</property>'
+            f'<property name="viewgroup" action="default">{group}</property></view></item>')
+
+
+def layoutDescription(n: int) -> str:
+    """PathoSyn input / result / 3D on the left; the PathAR samples as a row of 3D views over a row of slices."""
+    left = (_sliceView(PATHOSYN_SLICE_TAGS[0], "In", PATHOSYN_VIEW_GROUP, "#F34A33")
+            + _sliceView(PATHOSYN_SLICE_TAGS[1], "Out", PATHOSYN_VIEW_GROUP, "#EDD54C")
+            + _threeDView(PATHOSYN_3D_TAG, "PS", PATHOSYN_VIEW_GROUP))
+    views = "".join(_threeDView(viewTag(i), f"S{i + 1}", PATHAR_VIEW_GROUP) for i in range(n))
+    slices = "".join(_sliceView(sliceTag(i), f"S{i + 1}", PATHAR_VIEW_GROUP, "#6E8FCB") for i in range(n))
+    return ('<layout type="horizontal" split="true">'
+            f'<item splitSize="300"><layout type="vertical">{left}</layout></item>'
+            '<item splitSize="700"><layout type="vertical" split="true">'
+            f'<item splitSize="600"><layout type="horizontal">{views}</layout></item>'
+            f'<item splitSize="400"><layout type="horizontal">{slices}</layout></item>'
+            '</layout></item></layout>')
+
+
+def _setParent(sh, node, parentItemID: int) -> None:
+    """Put a data node under a subject-hierarchy folder (Slicer's GUI creates the item; headless we do)."""
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parentItemID)
+    else:
+        sh.CreateItem(parentItemID, node)
+
+
+@dataclass
+class SampleNodes:
+    """One PathAR sample in the scene: one structure (segmentation) rendered in each modality (volumes)."""
+
+    index: int
+    volumes: dict = field(default_factory=dict)  # modality -> vtkMRMLScalarVolumeNode
+    segmentation: object = None
+    folderItemID: int = 0
+
+    def nodes(self) -> list:
+        return [*self.volumes.values(), *([self.segmentation] if self.segmentation is not None else [])]
+
+
+@dataclass
+class PathARRun:
+    """The nodes of one "Generate samples" run, under one subject-hierarchy folder."""
+
+    modalities: list
+    seed: int
+    temperature: float
+    samples: list = field(default_factory=list)  # SampleNodes
+    folderItemID: int = 0
+    scene: object = None
+
+    def nodes(self) -> list:
+        return [node for sample in self.samples for node in sample.nodes()]
+
+    def removeFromScene(self) -> None:
+        """Remove the run's nodes and folders. Items go first: removing a data node under a folder and then the
+        folder can hang when no GUI plugin cleans the item up (slicer-core)."""
+        import slicer
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene) if self.scene else None
+        for node in self.nodes():
+            item = sh.GetItemByDataNode(node) if sh is not None else 0
+            if item:
+                sh.RemoveItem(item, False, False)
+            if node.GetScene() is not None:
+                node.GetScene().RemoveNode(node)
+        if sh is not None:
+            for folder in [s.folderItemID for s in self.samples] + [self.folderItemID]:
+                if folder:
+                    sh.RemoveItem(folder, False, False)
+
+
+@dataclass
+class LinkedLayout:
+    """The registered layout and its view nodes (created even without a GUI)."""
+
+    layoutId: int
+    sliceNodes: list  # PathAR slice nodes, one per sample
+    viewNodes: list  # PathAR 3D view nodes, one per sample
+    cameraNodes: list
+    sliceCompositeNodes: list
+    pathoSynSliceNodes: list
+    pathoSynViewNode: object
+
+
+@dataclass
+class SamplesJob:
+    """A background `pathosyn sample` run: CLI arguments and its temporary output folder."""
+
+    argv: list
+    folder: Path
+    modalities: list
+    n: int
+    seed: int
+    temperature: float
+
+    @property
+    def outputDir(self) -> Path:
+        return self.folder / "samples"
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class PathARModuleLogic:
+    """PathAR samples in, new MRML nodes out. Works on `slicer.mrmlScene` unless a scene is given."""
+
+    def __init__(self, scene=None):
+        self._scene = scene
+        self._pathoSyn = PathoSynSlicerLogic(scene)
+        self._layoutLogic = None  # only without a Slicer layout manager (headless)
+        self.lastPlacement: dict = {}
+
+    @property
+    def scene(self):
+        return self._pathoSyn.scene
+
+    # --- parameter node ---------------------------------------------------------------------------------------------
+    def getParameterNode(self):
+        return self._pathoSyn.getParameterNode(MODULE_NAME)
+
+    def getParameters(self):
+        from .parameters import PathARParameterNode
+
+        return PathARParameterNode(self.getParameterNode())
+
+    # --- arguments -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def checkArguments(modalities, n, seed, temperature) -> list[str]:
+        from scripted_models.labels import check_modality
+
+        if isinstance(modalities, str):
+            modalities = [modalities]
+        mods = []
+        for m in modalities or []:
+            key = check_modality(m)
+            if key not in mods:
+                mods.append(key)
+        if not mods:
+            raise InputError(f"choose at least one modality to render ({', '.join(MODALITIES)})")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_SAMPLES:
+            raise InputError(f"number of samples must be 1 to {MAX_SAMPLES}, got {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+        if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
+            raise InputError(f"temperature must be a number > 0, got {temperature!r}")
+        return mods
+
+    # --- samples -> nodes --------------------------------------------------------------------------------------------
+    def generateSamples(self, modalities, n: int = 4, seed: int = 0, temperature: float = 1.0,
+                        topK: int | None = None, device: str = "auto", progress: Progress | None = None) -> PathARRun:
+        """Sample n lesion structures and render each in every modality (blocking). Returns the new nodes.
+        Raises InputError / WeightsError with a one-line message; the scene is then unchanged."""
+        mods = self.checkArguments(modalities, n, seed, temperature)
+        checkDependencies()
+        from scripted_models.pathar.api import sample_pairs
+
+        pairs = sample_pairs(mods, n=int(n), seed=int(seed), temperature=float(temperature), top_k=topK,
+                             device=device, progress=progress)
+        return self.addSampleNodes([(p.mask, p.images) for p in pairs], mods, int(seed), float(temperature))
+
+    def createJob(self, modalities, n: int = 4, seed: int = 0, temperature: float = 1.0, device: str = "auto",
+                  threads: int | None = None, workDir: str | None = None) -> SamplesJob:
+        """Arguments for a background `pathosyn sample` (run with PathoSynSlicerLib.process.CLIRunner), then
+        loadJobOutputs(job). The scene is not touched until then."""
+        mods = self.checkArguments(modalities, n, seed, temperature)
+        folder = Path(tempfile.mkdtemp(prefix="pathar-", dir=workDir))
+        argv = ["sample", *[a for m in mods for a in ("--modality", m)], "--n", str(int(n)), "--seed",
+                str(int(seed)), "--temperature", repr(float(temperature)), "--out", str(folder / "samples"),
+                "--device", device]
+        if threads:
+            argv += ["--threads", str(int(threads))]
+        return SamplesJob(argv, folder, mods, int(n), int(seed), float(temperature))
+
+    def loadJobOutputs(self, job: SamplesJob) -> PathARRun:
+        from scripted_models.volume import read_volume
+
+        pairs = []
+        for i in range(job.n):
+            folder = job.outputDir / f"sample_{i:03d}"
+            if not (folder / "mask.nii.gz").is_file():
+                raise InputError(f"PathAR produced no sample {i} in {job.outputDir}")
+            mask = read_volume(folder / "mask.nii.gz")
+            mask = mask.with_array(np.rint(mask.array).astype(np.uint8))
+            pairs.append((mask, {m: read_volume(folder / f"{m}.nii.gz") for m in job.modalities}))
+        return self.addSampleNodes(pairs, job.modalities, job.seed, job.temperature)
+
+    def addSampleNodes(self, pairs: list, modalities: list, seed: int, temperature: float) -> PathARRun:
+        """[(mask Volume, {modality: Volume})] -> nodes in a new subject-hierarchy folder. All or nothing."""
+        import slicer
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        run = PathARRun(list(modalities), seed, temperature, scene=self.scene)
+        try:
+            name = self.scene.GenerateUniqueName(f"PathAR seed {seed} T {temperature:g}")
+            run.folderItemID = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+            for i, (mask, images) in enumerate(pairs):
+                sample = SampleNodes(index=i)
+                run.samples.append(sample)
+                sample.folderItemID = sh.CreateFolderItem(run.folderItemID, f"sample {i}")
+                for mod in modalities:
+                    node = self._pathoSyn.addVolumeNode(images[mod], f"PathAR s{i} {mod}")
+                    sample.volumes[mod] = node
+                    _setParent(sh, node, sample.folderItemID)
+                sample.segmentation = self._pathoSyn.addSegmentationNode(
+                    np.asarray(mask.array, np.uint8), mask.ijk_to_ras(), f"PathAR s{i} mask", wholeLesion=False,
+                    referenceNode=sample.volumes[modalities[0]])
+                _setParent(sh, sample.segmentation, sample.folderItemID)
+        except BaseException:
+            run.removeFromScene()
+            raise
+        return run
+
+    # --- linked layout -----------------------------------------------------------------------------------------------
+    def _layoutNode(self):
+        import slicer
+
+        app = getattr(slicer, "app", None)
+        manager = app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
+        if manager is not None:
+            return manager.layoutLogic().GetLayoutNode()
+        if self._layoutLogic is None:  # headless: the same MRML layout logic Slicer's layout manager uses
+            self._layoutLogic = slicer.vtkMRMLLayoutLogic()
+            self._layoutLogic.SetMRMLScene(self.scene)
+        return self._layoutLogic.GetLayoutNode()
+
+    def _viewNode(self, tag: str, cls: str):
+        node = self.scene.GetSingletonNode(tag, cls)
+        if node is None:
+            raise InputError(f"the layout did not create the view '{tag}'")
+        return node
+
+    def _compositeNode(self, tag: str):
+        nodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node.GetLayoutName() == tag:
+                return node
+        import slicer
+
+        node = slicer.vtkMRMLSliceCompositeNode()
+        node.SetLayoutName(tag)
+        return self.scene.AddNode(node)
+
+    def _cameraNode(self, tag: str):
+        nodes = self.scene.GetNodesByClass("vtkMRMLCameraNode")
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node.GetLayoutName() == tag:
+                return node
+        import slicer
+
+        node = slicer.vtkMRMLCameraNode()
+        node.SetName(self.scene.GenerateUniqueName(f"Camera {tag}"))
+        node.SetLayoutName(tag)
+        return self.scene.AddNode(node)
+
+    def createLinkedLayout(self, run: PathARRun | None = None, numberOfSamples: int | None = None,
+                           pathoSynInput=None, pathoSynOutput=None, pathoSynSegmentation=None,
+                           modality: str | None = None) -> LinkedLayout:
+        """Register and show the compare layout: PathoSyn input/result (+3D) on the left, one linked 3D view and one
+        linked slice view per PathAR sample on the right. Cameras of the sample views are linked, and so are their
+        slice views (separately from the PathoSyn pair). Returns the view nodes."""
+        n = numberOfSamples or (len(run.samples) if run is not None else MAX_SAMPLES)
+        if not 1 <= n <= MAX_SAMPLES:
+            raise InputError(f"the layout shows 1 to {MAX_SAMPLES} samples, got {n}")
+        layoutNode = self._layoutNode()
+        layoutId = LAYOUT_ID_BASE + n
+        if not layoutNode.IsLayoutDescription(layoutId):
+            layoutNode.AddLayoutDescription(layoutId, layoutDescription(n))
+        layoutNode.SetViewArrangement(layoutId)
+        sliceNodes = [self._viewNode(sliceTag(i), "vtkMRMLSliceNode") for i in range(n)]
+        viewNodes = [self._viewNode(viewTag(i), "vtkMRMLViewNode") for i in range(n)]
+        composites = [self._compositeNode(sliceTag(i)) for i in range(n)]
+        cameras = [self._cameraNode(viewTag(i)) for i in range(n)]
+        pathoSynSlices = [self._viewNode(tag, "vtkMRMLSliceNode") for tag in PATHOSYN_SLICE_TAGS]
+        pathoSynView = self._viewNode(PATHOSYN_3D_TAG, "vtkMRMLViewNode")
+        for node in [*sliceNodes, *viewNodes]:
+            node.SetViewGroup(PATHAR_VIEW_GROUP)
+        for node in [*pathoSynSlices, pathoSynView]:
+            node.SetViewGroup(PATHOSYN_VIEW_GROUP)
+        for node in [*composites, *[self._compositeNode(t) for t in PATHOSYN_SLICE_TAGS]]:
+            node.SetLinkedControl(True)
+            node.SetHotLinkedControl(False)
+        for node in viewNodes:
+            node.SetLinkedControl(True)
+            node.SetBoxVisible(False)
+            node.SetAxisLabelsVisible(False)
+        layout = LinkedLayout(layoutId, sliceNodes, viewNodes, cameras, composites, pathoSynSlices, pathoSynView)
+        self.showPathoSyn(layout, pathoSynInput, pathoSynOutput, pathoSynSegmentation)
+        if run is not None:
+            self.showModality(run, layout, modality or run.modalities[0])
+        return layout
+
+    def showPathoSyn(self, layout: LinkedLayout, inputNode=None, outputNode=None, segmentation=None) -> None:
+        """PathoSyn input and result in the left slice pair; its lesion segmentation in the left 3D view."""
+        for tag, node in zip(PATHOSYN_SLICE_TAGS, (inputNode, outputNode)):
+            self._compositeNode(tag).SetBackgroundVolumeID(node.GetID() if node is not None else None)
+        if segmentation is not None:
+            segmentation.CreateDefaultDisplayNodes()
+            display = segmentation.GetDisplayNode()
+            for node in (*layout.pathoSynSliceNodes, layout.pathoSynViewNode):
+                display.AddViewNodeID(node.GetID())
+            centre = self._segmentationCentreRAS(segmentation)
+            for node in layout.pathoSynSliceNodes:
+                node.JumpSliceByCentering(*centre)
+
+    def showModality(self, run: PathARRun, layout: LinkedLayout, modality: str) -> None:
+        """Show `modality` as the background of every sample's slice view. The segmentations (the structure) are
+        not touched: one structure, rendered in another contrast."""
+        if modality not in run.modalities:
+            raise InputError(f"modality '{modality}' was not generated in this run ({', '.join(run.modalities)})")
+        if len(run.samples) > len(layout.sliceNodes):
+            raise InputError(f"the layout has {len(layout.sliceNodes)} sample views but the run has "
+                             f"{len(run.samples)} samples")
+        for i, sample in enumerate(run.samples):
+            layout.sliceCompositeNodes[i].SetBackgroundVolumeID(sample.volumes[modality].GetID())
+            layout.sliceCompositeNodes[i].SetLabelVolumeID(None)
+            display = sample.segmentation.GetDisplayNode()
+            display.SetViewNodeIDs([layout.viewNodes[i].GetID(), layout.sliceNodes[i].GetID()])
+            display.SetVisibility2DFill(True)
+            display.SetOpacity2DFill(0.35)
+        self._aimViews(run, layout)
+
+    def _aimViews(self, run: PathARRun, layout: LinkedLayout) -> None:
+        """Centre slices and cameras on the samples' common patch (same geometry for every sample)."""
+        first = next(iter(run.samples[0].volumes.values()))
+        bounds = [0.0] * 6
+        first.GetRASBounds(bounds)
+        centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
+        size = max(bounds[2 * a + 1] - bounds[2 * a] for a in range(3))
+        lesion = self._segmentationCentreRAS(run.samples[0].segmentation) or centre
+        for node in layout.sliceNodes:
+            node.SetFieldOfView(size, size, node.GetFieldOfView()[2])
+            node.JumpSliceByCentering(*lesion)
+        for camera in layout.cameraNodes:
+            camera.SetFocalPoint(*lesion)
+            camera.SetPosition(lesion[0] + 0.9 * size, lesion[1] + 0.9 * size, lesion[2] + 0.6 * size)
+            camera.SetViewUp(0.0, 0.0, 1.0)
+
+    @staticmethod
+    def _segmentationCentreRAS(segmentation):
+        segs = segmentation.GetSegmentation()
+        if not segs.GetNumberOfSegments():
+            return None
+        points = [segmentation.GetSegmentCenterRAS(segs.GetNthSegmentID(i)) for i in range(segs.GetNumberOfSegments())]
+        points = [p for p in points if p is not None]
+        return list(np.mean(points, axis=0)) if points else None
+
+    # --- masks -> PathoSyn -------------------------------------------------------------------------------------------
+    def labelsFromSegmentation(self, segmentationNode) -> Volume:
+        """Canonical labels of a segmentation on its own geometry (segments mapped by name, as in PathoSyn)."""
+        import slicer
+        from vtkmodules.vtkCommonCore import vtkIntArray, vtkStringArray
+
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise InputError("choose a PathAR sample segmentation to place")
+        mapping = self._pathoSyn.segmentSubregions(segmentationNode)
+        order = {EDEMA: 0, ENHANCING: 1, CORE: 2}  # nested sub-regions painted last
+        ids, values = vtkStringArray(), vtkIntArray()
+        for sid, value in sorted(mapping.items(), key=lambda kv: order[kv[1]]):
+            ids.InsertNextValue(sid)
+            values.InsertNextValue(int(value))
+        merged = slicer.vtkOrientedImageData()
+        if not segmentationNode.GenerateMergedLabelmapForAllSegments(
+                merged, slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS, None, ids, values):
+            raise InputError(f"cannot export the segmentation '{segmentationNode.GetName()}'")
+        labels = _orientedArray(merged)
+        if not labels.any():
+            raise InputError(f"the segmentation '{segmentationNode.GetName()}' is empty")
+        from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+        m = vtkMatrix4x4()
+        merged.GetImageToWorldMatrix(m)
+        ijkToRAS = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+        ext = merged.GetExtent()
+        ijkToRAS[:3, 3] = (ijkToRAS @ np.array([ext[0], ext[2], ext[4], 1.0]))[:3]  # extent may not start at 0
+        return Volume.from_ijk_to_ras(labels.astype(np.uint8), ijkToRAS)
+
+    def placeMask(self, sampleSegmentation, targetVolume, pointRAS):
+        """A NEW segmentation on `targetVolume`'s grid: the sample's lesion moved so its centroid is at `pointRAS`
+        (resampled nearest-neighbour). Parts outside the volume are clipped with a warning; the lost fraction is in
+        `self.lastPlacement`. Raises InputError (scene unchanged) for a point outside the volume or no target."""
+        from scripted_models.placement import place_lesion, ras_to_lps
+
+        if targetVolume is None or not targetVolume.IsA("vtkMRMLScalarVolumeNode") \
+                or targetVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError("no healthy scan loaded: choose the target volume for the lesion")
+        if targetVolume.GetImageData() is None:
+            raise InputError(f"volume '{targetVolume.GetName()}' has no voxels")
+        if pointRAS is None or len(pointRAS) != 3 or not np.all(np.isfinite(np.asarray(pointRAS, float))):
+            raise InputError("click a point (markups) inside the healthy scan to place the lesion")
+        target = self._pathoSyn.volumeFromNode(targetVolume)
+        lesion = self.labelsFromSegmentation(sampleSegmentation)
+        try:
+            placed, info = place_lesion(lesion, target, ras_to_lps(pointRAS))
+        except InputError as exc:
+            raise InputError(f"{exc} '{targetVolume.GetName()}'" if "outside the target volume" in str(exc)
+                             else str(exc)) from None
+        if info["lost_fraction"] > 0:
+            info["warning"] = (f"{100 * info['lost_fraction']:.1f}% of the lesion lies outside "
+                               f"'{targetVolume.GetName()}' and was clipped")
+            logging.warning("PathAR: %s", info["warning"])
+        self.lastPlacement = info
+        return self._pathoSyn.addSegmentationNode(
+            placed.array, nodeIJKToRAS(targetVolume), f"{sampleSegmentation.GetName()} placed", wholeLesion=False,
+            referenceNode=targetVolume)
+
+    def useMaskInPathoSyn(self, maskSegmentation, targetVolume, modality: str = "t1"):
+        """Make the placed mask (and its target volume) the PathoSyn module's inputs. Returns its parameters."""
+        from PathoSynSlicerLib.parameters import MODALITY_FIELDS
+
+        from scripted_models.labels import check_modality
+
+        if maskSegmentation is None or targetVolume is None:
+            raise InputError("place a PathAR mask in a healthy scan first")
+        params = self._pathoSyn.getParameters()
+        setattr(params, MODALITY_FIELDS[check_modality(modality)], targetVolume)
+        params.maskSegmentation = maskSegmentation
+        params.useLabelmap = False
+        return params
+
+    # --- figure ------------------------------------------------------------------------------------------------------
+    def exportFigure(self, layout: LinkedLayout, path, size=(360, 360), includeSlices: bool = True) -> Path:
+        """Render the sample views offscreen (3D row over the slice row) into a PNG. Returns the path."""
+        from .offscreen import renderViews, savePNG
+
+        tiles = renderViews(self.scene, layout, size, includeSlices)
+        return savePNG(tiles, path)
+
+
+__all__ = ["InputError", "LinkedLayout", "PathARModuleLogic", "PathARRun", "SampleNodes", "SamplesJob",
+           "WeightsError", "layoutDescription"]

@@ -1,0 +1,333 @@
+"""PathAR Slicer module on a real (headless) MRML scene from the slicer-core wheel. The engine is not stubbed."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_head
+
+pytest.importorskip("slicer")
+
+from slicer_scene import SlicerScene, array_of, ijk_to_ras  # noqa: E402
+
+MODS = ["t1c", "flair"]
+N = 2
+SEED = 3
+SCREENSHOT = ROOT / "Resources" / "Screenshots" / "pathar.png"
+
+
+@pytest.fixture(scope="module")
+def app():
+    return SlicerScene()
+
+
+@pytest.fixture(scope="module")
+def logic(app):
+    from PathARModuleLib.logic import PathARModuleLogic
+
+    return PathARModuleLogic(app.scene)
+
+
+@pytest.fixture(scope="module")
+def run(logic):
+    return logic.generateSamples(MODS, n=N, seed=SEED, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def layout(logic, run):
+    return logic.createLinkedLayout(run)
+
+
+def segment_labels(logic, segmentation):
+    return logic.labelsFromSegmentation(segmentation)
+
+
+def add_target(app, direction=None, spacing=(1.0, 1.0, 1.0), shape=(90, 100, 110), name="healthy"):
+    head = make_head(shape=shape, spacing=spacing, direction=direction)
+    return head, app.add_volume(head.array, head.ijk_to_ras(), name)
+
+
+def centroid_ras(volume_node, labels: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(labels > 0)[:, ::-1].mean(axis=0)
+    return (ijk_to_ras(volume_node) @ np.r_[ijk, 1.0])[:3]
+
+
+# --- samples -> nodes ------------------------------------------------------------------------------------------------
+def test_samples_become_nodes_with_patch_geometry_and_named_segments(app, logic, run):
+    from scripted_models.labels import SUBREGION_COLORS, SUBREGION_NAMES
+    from scripted_models.pathar.api import sample_pairs
+
+    pairs = sample_pairs(MODS, n=N, seed=SEED)
+    assert len(run.samples) == N
+    for sample, pair in zip(run.samples, pairs):
+        assert list(sample.volumes) == MODS
+        for mod, node in sample.volumes.items():
+            assert node.GetScene() is app.scene and node.IsA("vtkMRMLScalarVolumeNode")
+            assert np.allclose(node.GetSpacing(), pair.mask.spacing)
+            assert np.allclose(ijk_to_ras(node), pair.mask.ijk_to_ras())  # origin 0, 2 mm, axis-aligned
+            assert np.array_equal(array_of(node), pair.images[mod].array)  # exactly the engine's sample
+        seg = sample.segmentation.GetSegmentation()
+        segments = [seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())]
+        names = {segment.GetName(): segment.GetColor() for segment in segments}
+        present = {v for v in (1, 2, 3) if (pair.mask.array == v).any()}
+        assert set(names) == {SUBREGION_NAMES[v] for v in present}
+        for v in present:
+            assert np.allclose(names[SUBREGION_NAMES[v]], SUBREGION_COLORS[v], atol=1e-6)
+        labels = segment_labels(logic, sample.segmentation)
+        assert (labels.array > 0).sum() == (pair.mask.array > 0).sum()
+        for v in present:
+            assert (labels.array == v).sum() == (pair.mask.array == v).sum()
+
+
+def test_run_is_grouped_in_one_subject_hierarchy_folder(app, run):
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    assert run.folderItemID and sh.GetItemParent(run.folderItemID) == sh.GetSceneItemID()
+    for sample in run.samples:
+        assert sh.GetItemParent(sample.folderItemID) == run.folderItemID
+        for node in sample.nodes():
+            assert sh.GetItemParent(sh.GetItemByDataNode(node)) == sample.folderItemID
+
+
+def test_background_job_matches_blocking_run_and_cancel_leaves_scene(app, logic, run):
+    from PathoSynSlicerLib.process import CANCELLED, DONE, CLIRunner, engineRoot
+
+    job = logic.createJob(MODS, n=N, seed=SEED, temperature=1.0, threads=1)
+    fractions = []
+    runner = CLIRunner(job.argv, engineRoot=engineRoot(), onProgress=lambda f, m: fractions.append(f))
+    try:
+        assert runner.start().wait(timeout=600) == DONE, runner.error
+        assert fractions and fractions == sorted(fractions)
+        other = logic.loadJobOutputs(job)
+    finally:
+        job.cleanup()
+    for a, b in zip(run.samples, other.samples):  # same tokens; decoder sums differ by thread count only
+        assert np.array_equal(segment_labels(logic, a.segmentation).array, segment_labels(logic, b.segmentation).array)
+        for mod in MODS:
+            assert np.allclose(array_of(a.volumes[mod]), array_of(b.volumes[mod]), atol=1e-4)
+    other.removeFromScene()
+
+    before = app.node_ids()
+    job = logic.createJob(MODS, n=N, seed=SEED)
+    runner = CLIRunner(job.argv, engineRoot=engineRoot()).start()
+    runner.cancel()
+    job.cleanup()
+    assert runner.state == CANCELLED and app.node_ids() == before and not job.folder.exists()
+
+
+# --- linked layout ---------------------------------------------------------------------------------------------------
+def test_layout_is_registered_and_views_are_linked(app, logic, run, layout):
+    from PathARModuleLib.logic import LAYOUT_ID_BASE, PATHAR_VIEW_GROUP, PATHOSYN_VIEW_GROUP
+
+    layoutNode = logic._layoutNode()
+    assert layout.layoutId == LAYOUT_ID_BASE + N
+    assert layoutNode.IsLayoutDescription(layout.layoutId)
+    assert layoutNode.GetViewArrangement() == layout.layoutId
+    assert "PathARSlice2" in layoutNode.GetLayoutDescription(layout.layoutId)
+    assert len(layout.viewNodes) == len(layout.sliceNodes) == len(layout.cameraNodes) == N
+    for view, camera in zip(layout.viewNodes, layout.cameraNodes):
+        assert view.GetScene() is app.scene and view.GetLinkedControl()
+        assert view.GetViewGroup() == PATHAR_VIEW_GROUP and camera.GetLayoutName() == view.GetLayoutName()
+    for node, composite in zip(layout.sliceNodes, layout.sliceCompositeNodes):
+        assert composite.GetLinkedControl() and composite.GetLayoutName() == node.GetLayoutName()
+        assert node.GetViewGroup() == PATHAR_VIEW_GROUP
+    assert all(n.GetViewGroup() == PATHOSYN_VIEW_GROUP for n in layout.pathoSynSliceNodes)
+
+
+def test_camera_change_propagates_to_every_sample_view_only(layout):
+    import slicer
+
+    first, *others = layout.cameraNodes
+    pathoSynCamera = [c for c in _all(first.GetScene(), "vtkMRMLCameraNode")
+                      if c.GetLayoutName() == layout.pathoSynViewNode.GetLayoutName()]
+    untouched = [tuple(c.GetPosition()) for c in pathoSynCamera]
+    target = np.array(first.GetFocalPoint()) + np.array([0.0, -250.0, 40.0])
+    first.SetInteractionFlags(slicer.vtkMRMLCameraNode.CameraInteractionFlag)
+    first.InteractingOn()
+    first.SetPosition(*target)
+    first.InteractingOff()
+    for camera in others:
+        assert np.allclose(camera.GetPosition(), target), "linked 3D cameras did not follow"
+        assert np.allclose(camera.GetFocalPoint(), first.GetFocalPoint())
+    assert [tuple(c.GetPosition()) for c in pathoSynCamera] == untouched
+
+
+def test_slice_scroll_propagates_across_sample_slice_views_only(layout):
+    import slicer
+
+    first, *others = layout.sliceNodes
+    pathoSyn = [n.GetSliceOffset() for n in layout.pathoSynSliceNodes]
+    offset = first.GetSliceOffset() + 7.0
+    first.SetInteractionFlags(slicer.vtkMRMLSliceNode.SliceToRASFlag)
+    first.InteractingOn()
+    first.SetSliceOffset(offset)
+    first.InteractingOff()
+    for node in others:
+        assert node.GetSliceOffset() == pytest.approx(offset)
+    assert [n.GetSliceOffset() for n in layout.pathoSynSliceNodes] == pathoSyn
+
+
+def test_switching_modality_keeps_the_structure(logic, run, layout):
+    from scripted_models.errors import InputError
+
+    masks = [segment_labels(logic, s.segmentation).array.copy() for s in run.samples]
+    shown = [s.segmentation.GetDisplayNode().GetViewNodeIDs() for s in run.samples]
+    for mod in (MODS[1], MODS[0]):
+        logic.showModality(run, layout, mod)
+        for i, sample in enumerate(run.samples):
+            assert layout.sliceCompositeNodes[i].GetBackgroundVolumeID() == sample.volumes[mod].GetID()
+            assert np.array_equal(segment_labels(logic, sample.segmentation).array, masks[i])
+            assert sample.segmentation.GetDisplayNode().GetViewNodeIDs() == shown[i]
+    # each sample is shown only in its own 3D and slice view
+    for i in range(len(run.samples)):
+        assert set(shown[i]) == {layout.viewNodes[i].GetID(), layout.sliceNodes[i].GetID()}
+    with pytest.raises(InputError, match="t2"):
+        logic.showModality(run, layout, "t2")
+
+
+# --- masks handed to PathoSyn ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction,spacing", [(None, (1.0, 1.0, 1.0)),
+                                               ((0.96, -0.28, 0, 0.28, 0.96, 0, 0, 0, 1), (1.2, 0.9, 1.5))])
+def test_placed_mask_lands_at_the_clicked_point_with_its_volume(app, logic, run, direction, spacing):
+    head, target = add_target(app, direction=direction, spacing=spacing)
+    before = array_of(target).copy()
+    sample = run.samples[0]
+    lesion = segment_labels(logic, sample.segmentation)
+    ijk = np.array(head.shape[::-1]) * np.array([0.45, 0.55, 0.5])
+    point = (ijk_to_ras(target) @ np.r_[ijk, 1.0])[:3]
+    placed = logic.placeMask(sample.segmentation, target, point)
+    labels = segment_labels(logic, placed)
+    on_grid = logic._pathoSyn.maskFromNode(placed, target)[0].array
+    assert on_grid.shape == head.shape
+    assert np.linalg.norm(centroid_ras(target, on_grid) - point) <= max(spacing)  # within one voxel
+    lesion_ml = (lesion.array > 0).sum() * np.prod(lesion.spacing)
+    placed_ml = (on_grid > 0).sum() * np.prod(spacing)
+    assert abs(placed_ml / lesion_ml - 1) < 0.05
+    assert set(np.unique(labels.array)) <= {0, 1, 2, 3} and logic.lastPlacement["lost_fraction"] == 0
+    assert np.array_equal(array_of(target), before)  # the healthy scan is untouched
+
+
+def test_mask_sticking_out_is_clipped_with_a_warning(app, logic, run, caplog):
+    head, target = add_target(app, shape=(60, 70, 80))
+    corner = (ijk_to_ras(target) @ np.r_[0.0, 0.0, 30.0, 1.0])[:3]
+    placed = logic.placeMask(run.samples[0].segmentation, target, corner)
+    lost = logic.lastPlacement["lost_fraction"]
+    assert 0.3 < lost < 1.0 and "clipped" in logic.lastPlacement["warning"]
+    assert any("clipped" in r.getMessage() for r in caplog.records)
+    lesion = segment_labels(logic, run.samples[0].segmentation)
+    on_grid = logic._pathoSyn.maskFromNode(placed, target)[0].array
+    kept_ml = (on_grid > 0).sum() / 1000.0
+    lesion_ml = (lesion.array > 0).sum() * np.prod(lesion.spacing) / 1000.0
+    assert kept_ml == pytest.approx((1 - lost) * lesion_ml, rel=0.08)
+
+
+def test_bad_inputs_raise_one_line_and_leave_the_scene(app, logic, run, monkeypatch, tmp_path):
+    from scripted_models.errors import InputError, WeightsError
+
+    head, target = add_target(app, shape=(40, 48, 44), name="small")
+    before = app.node_ids()
+    far = (ijk_to_ras(target) @ np.r_[500.0, 0.0, 0.0, 1.0])[:3]
+    cases = [
+        (lambda: logic.placeMask(run.samples[0].segmentation, target, far), "outside"),
+        (lambda: logic.placeMask(run.samples[0].segmentation, None, [0, 0, 0]), "no healthy scan"),
+        (lambda: logic.placeMask(run.samples[0].segmentation, target, None), "click a point"),
+        (lambda: logic.placeMask(None, target, [0, 0, 0]), "segmentation"),
+        (lambda: logic.generateSamples([], n=1), "modality"),
+        (lambda: logic.generateSamples(["t1"], n=5), "1 to 4"),
+        (lambda: logic.generateSamples(["pd"], n=1), "pd"),
+        (lambda: logic.generateSamples(["t1"], n=1, temperature=0), "temperature"),
+    ]
+    for call, words in cases:
+        with pytest.raises(InputError) as info:
+            call()
+        message = str(info.value)
+        assert words in message and "\n" not in message, message
+        assert app.node_ids() == before, f"the scene changed after: {message}"
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    with pytest.raises(WeightsError) as info:
+        logic.generateSamples(["t1c"], n=1)
+    assert "\n" not in str(info.value) and app.node_ids() == before
+
+
+def test_use_mask_in_pathosyn_then_synthesize(app, logic, run):
+    from PathoSynSlicerLib import parameters as P
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+
+    head, target = add_target(app, shape=(48, 56, 52))
+    point = (ijk_to_ras(target) @ np.r_[np.array(head.shape[::-1]) / 2.0, 1.0])[:3]
+    placed = logic.placeMask(run.samples[1].segmentation, target, point)
+    params = logic.useMaskInPathoSyn(placed, target, modality="t1")
+    pathoSyn = PathoSynSlicerLogic(app.scene)
+    stored = pathoSyn.getParameters()
+    assert stored.maskSegmentation is placed and stored.t1Volume is target and not stored.useLabelmap
+    out = pathoSyn.synthesize(P.inputVolumes(params), P.maskNode(params), steps=2)
+    expected = pathoSyn.maskFromNode(placed, target)[0].array
+    produced = pathoSyn.maskFromNode(out.segmentation, target)[0].array
+    assert np.array_equal(produced > 0, expected > 0)  # the lesion has the PathAR sample's shape
+    assert (array_of(out.volumes["t1"]) != array_of(target))[expected > 0].any()
+
+
+# --- figure ----------------------------------------------------------------------------------------------------------
+def _all(scene, cls):
+    nodes = scene.GetNodesByClass(cls)
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+
+def lesion_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Pixels with a sub-region colour (green/red/yellow surfaces); the 3D background is blue-grey."""
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    return ((g - b > 40) | (r - b > 60)) & (np.maximum(r, g) > 60)
+
+
+def test_offscreen_render_shows_every_sample(app, logic, run, layout, tmp_path):
+    from PathARModuleLib.offscreen import renderViews
+
+    logic.showModality(run, layout, MODS[0])
+    views = renderViews(app.scene, layout, size=(240, 240))
+    assert len(views["3d"]) == len(views["slices"]) == N
+    for i, img in enumerate(views["3d"]):
+        assert img.shape == (240, 240, 3)
+        assert lesion_pixels(img).mean() > 0.01, f"3D view {i + 1} shows no lesion surface"
+    for i, img in enumerate(views["slices"]):
+        assert (img.max(axis=2) > 20).mean() > 0.2, f"slice view {i + 1} is blank"
+    assert (views["3d"][0] != views["3d"][1]).any(axis=2).mean() > 0.005  # different samples, different pictures
+    path = logic.exportFigure(layout, tmp_path / "figure.png", size=(200, 200))
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.size == (2 * 200 + 4, 2 * 200 + 4)
+
+
+@pytest.mark.skipif(os.environ.get("PATHOSYN_WRITE_SCREENSHOT") != "1",
+                    reason="set PATHOSYN_WRITE_SCREENSHOT=1 to regenerate Resources/Screenshots/pathar.png")
+def test_write_module_screenshot(logic):
+    """The module screenshot: 4 samples (linked 3D row over the FLAIR slice row)."""
+    run4 = logic.generateSamples(["t1c", "flair"], n=4, seed=0)
+    layout4 = logic.createLinkedLayout(run4, modality="flair")
+    logic.exportFigure(layout4, SCREENSHOT, size=(300, 300))
+    run4.removeFromScene()
+
+
+def test_screenshot_file_is_committed_and_shows_samples():
+    from PIL import Image
+
+    assert SCREENSHOT.is_file(), f"{SCREENSHOT} missing: run the render test with PATHOSYN_WRITE_SCREENSHOT=1"
+    img = np.asarray(Image.open(SCREENSHOT).convert("RGB"))
+    assert img.shape[1] >= 600 and lesion_pixels(img[: img.shape[0] // 2]).mean() > 0.01
+
+
+def test_parameters_survive_scene_save_and_reload(app, logic, tmp_path):
+    """Last in this file: reloading the .mrb clears the shared scene."""
+    params = logic.getParameters()
+    params.seed, params.temperature, params.numberOfSamples, params.renderT2 = 11, 0.8, 3, True
+    params.displayedModality = "t2"
+    path = app.save_mrb(tmp_path / "pathar.mrb")
+    params.seed, params.renderT2 = 0, False
+    app.load_mrb(path)
+    from PathARModuleLib.parameters import renderModalities
+
+    restored = logic.getParameters()
+    assert (restored.seed, restored.temperature, restored.numberOfSamples) == (11, 0.8, 3)
+    assert renderModalities(restored) == ["t1c", "t2", "flair"] and restored.displayedModality == "t2"
