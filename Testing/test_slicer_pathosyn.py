@@ -488,3 +488,34 @@ def test_engine_found_relative_to_module_file():
 
     assert Path(logic_module.ENGINE_ROOT, "scripted_models", "__init__.py").is_file()
     assert logic_module.SAMPLE_LESION_FILE.is_file()
+
+
+def test_console_batch_runs_a_manifest_resumes_and_loads_results(app, logic, tmp_path):
+    """PathoSynSlicerLogic.batch: the `pathosyn batch` engine from the Slicer console, results loaded as nodes."""
+    import slicer
+    from test_batch import make_cohort
+
+    from scripted_models.errors import InputError
+    from scripted_models.volume import read_volume
+
+    manifest = make_cohort(tmp_path / "cohort", 2)
+    result = logic.batch(manifest, tmp_path / "out", loadResults=True)
+    assert [r["status"] for r in result.rows] == ["done", "done"]
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    for case_id, nodes in result.nodes.items():
+        assert {"t1", "residual_t1", "mask"} <= set(nodes)
+        assert nodes["mask"].IsA("vtkMRMLSegmentationNode") and nodes["mask"].GetSegmentation().GetNumberOfSegments()
+        folders = {sh.GetItemParent(sh.GetItemByDataNode(n)) for n in nodes.values()}
+        assert len(folders) == 1 and sh.GetItemName(folders.pop()) == case_id
+        row = next(r for r in result.rows if r["case_id"] == case_id)
+        on_disk = read_volume(row["files"]["t1"])
+        assert np.array_equal(array_of(nodes["t1"]), on_disk.array)
+    assert "flair" in result.nodes["case1"]
+    before = app.node_ids()
+    again = logic.batch(manifest, tmp_path / "out")  # resume is the default: nothing is redone or loaded
+    assert [r["status"] for r in again.rows] == ["skipped", "skipped"] and app.node_ids() == before
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,mask,seed,t1\nx,missing.nii.gz,0,missing.nii.gz\n")
+    with pytest.raises(InputError, match="line 2"):
+        logic.batch(bad, tmp_path / "out2")
+    assert app.node_ids() == before

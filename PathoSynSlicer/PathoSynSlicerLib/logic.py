@@ -10,7 +10,11 @@ Python console (blocking)::
     result = logic.synthesize(getNode("T1"), getNode("Segmentation"), modality="t1", seed=0, steps=20)
     result.volumes["t1"], result.residuals["t1"], result.segmentation
 
-Batch over several files (each case: load, synthesize, save, clear)::
+A cohort from a manifest (same engine as `pathosyn batch`; resumable; results loaded on request)::
+
+    result = logic.batch("/data/cohort.csv", "/data/synthetic", workers=2, loadResults=True)
+
+Batch over several files by hand (each case: load, synthesize, save, clear)::
 
     import glob, os
     from scripted_models.volume import read_volume, write_volume
@@ -602,6 +606,56 @@ class PathoSynSlicerLogic:
         mask = onGrid(out / "mask.nii.gz")
         return self.addSynthesisNodes(job.prepared, images, residuals, uncertainty, mask, report)
 
+    # --- cohorts (Python console) -----------------------------------------------------------------------------------
+    def batch(self, manifest, outputDir, workers: int = 1, scheduler=None, resume: bool = True, device: str = "auto",
+              loadResults: bool = False, progress: Progress | None = None) -> BatchResult:
+        """Run a `pathosyn batch` manifest (CSV: case_id,mask,seed,t1,t1c,t2,flair[,samples,steps]) blocking.
+
+        The manifest is validated first (every bad row named); finished jobs are kept if you stop, and
+        resume=True (default) skips jobs whose outputs still match their checksums. workers=N runs N processes;
+        scheduler="tcp://host:8786" (or a dask Client) runs on a Dask cluster. With loadResults=True every finished
+        case is loaded into the scene (synthesized volumes, residuals, lesion segmentation) under one
+        subject-hierarchy folder per case. Example::
+
+            result = logic.batch("/data/cohort.csv", "/data/synthetic", workers=2, loadResults=True)
+            [row["status"] for row in result.rows]      # done / skipped / failed
+            result.nodes["case0"]["t1"]                 # a loaded volume node
+        """
+        from scripted_models.batch import run_batch
+
+        rows = run_batch(manifest, outputDir, workers=workers, scheduler=scheduler, resume=resume, device=device,
+                         progress=progress)
+        result = BatchResult(rows=rows, outputDir=Path(outputDir))
+        if loadResults:
+            for row in rows:
+                if row["status"] in ("done", "skipped"):
+                    result.nodes[row["case_id"]] = self.loadCaseOutputs(row["case_id"], row["files"])
+        return result
+
+    def loadCaseOutputs(self, caseId: str, files: dict) -> dict:
+        """{output name: new node} for one batch case's files (mask -> segmentation), in a folder named caseId."""
+        import slicer
+
+        from scripted_models.volume import read_volume
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        folder = sh.CreateFolderItem(sh.GetSceneItemID(), caseId)
+        nodes = {}
+        for name, path in files.items():
+            if not str(path).endswith((".nii.gz", ".nii", ".nrrd")) or name == "mask":
+                continue
+            nodes[name] = self.addVolumeNode(read_volume(path), f"{caseId} {name}")
+        if "mask" in files:
+            mask = read_volume(files["mask"])
+            labels = np.rint(mask.array).astype(np.uint8)
+            reference = next((n for n in nodes.values()), None)
+            nodes["mask"] = self.addSegmentationNode(labels, mask.ijk_to_ras(), f"{caseId} lesion", wholeLesion=False,
+                                                     referenceNode=reference)
+        for node in nodes.values():
+            item = sh.GetItemByDataNode(node)
+            sh.SetItemParent(item, folder) if item else sh.CreateItem(folder, node)
+        return nodes
+
     # --- sample data ------------------------------------------------------------------------------------------------
     @staticmethod
     def sampleDataCacheDir() -> Path:
@@ -649,6 +703,15 @@ class PathoSynSlicerLogic:
 
 
 @dataclass
+class BatchResult:
+    """rows: results.csv rows (status, seconds, files ...) in manifest order; nodes: {case_id: {name: node}}."""
+
+    rows: list
+    outputDir: Path
+    nodes: dict = field(default_factory=dict)
+
+
+@dataclass
 class SynthesisJob:
     command: str  # "synthesize" or "pseudo-healthy"
     argv: list  # arguments after `python -m scripted_models.cli`
@@ -660,5 +723,5 @@ class SynthesisJob:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-__all__ = ["InputError", "MODALITIES", "PathoSynSlicerLogic", "SynthesisJob", "SynthesisNodes", "WeightsError",
-           "availableDevices", "checkDependencies", "missingDependencies", "subregionForSegmentName"]
+__all__ = ["BatchResult", "InputError", "MODALITIES", "PathoSynSlicerLogic", "SynthesisJob", "SynthesisNodes",
+           "WeightsError", "availableDevices", "checkDependencies", "missingDependencies", "subregionForSegmentName"]
