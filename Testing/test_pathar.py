@@ -356,7 +356,7 @@ def test_sample_pairs_bad_input(weights_env, kwargs):
 
 def test_sample_pairs_missing_or_corrupted_weights(tiny_weights, tmp_path, monkeypatch):
     monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tmp_path / "empty"))
-    with pytest.raises(WeightsError, match="missing"):
+    with pytest.raises(WeightsError, match="missing.*pathosyn train-pathar"):
         api.sample_pairs(["t1c"], n=1, seed=0)
     bad = tmp_path / "bad"
     bad.mkdir()

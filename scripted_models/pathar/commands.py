@@ -4,6 +4,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+STAGES = ("structure", "appearance", "transformer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", default=".train/pathar", help="checkpoints, logs and the patch cache")
+    parser.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    parser.add_argument("--steps", type=int, default=None, help="steps of the selected single stage")
+    parser.add_argument("--structure-steps", type=int, default=None)
+    parser.add_argument("--appearance-steps", type=int, default=None)
+    parser.add_argument("--transformer-steps", type=int, default=None)
+    parser.add_argument("--vq-batch", type=int, default=None)
+    parser.add_argument("--transformer-batch", type=int, default=None)
+    parser.add_argument("--out", default=None, help="weights folder (default: the bundled scripted_models/weights)")
+    parser.add_argument("--data", default=None, help="data root (default ../shared/data or PATHOSYN_DATA)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-check", type=int, default=8, help="samples scored into the card (0 = none)")
+
+
 
 def register(subparsers) -> None:
     from ..cli import add_common
@@ -22,8 +40,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_sample)
 
     t = subparsers.add_parser("train-pathar", help="PathAR: train the tokenizers and the transformer (resumable)")
-    from .train import add_arguments
-
     add_arguments(t)
     add_common(t)
     t.set_defaults(func=run_train)

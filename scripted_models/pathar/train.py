@@ -32,6 +32,7 @@ from ..labels import MODALITIES
 from ..runtime import autocast, pick_device
 from ..weights import load_card, load_state, save_state, weights_dir
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
+from .commands import STAGES, add_arguments
 from .data import PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
 from .tokenizer import (
     AppearanceVQ,
@@ -45,7 +46,6 @@ from .tokenizer import (
 )
 from .transformer import IARConfig, IARTransformer
 
-STAGES = ("structure", "appearance", "transformer")
 LICENSE = ("research use only: trained on BraTS 2013 cases (CC BY-NC-SA 3.0; cite Menze et al., IEEE TMI 2015) "
            "and BraTS-style cases (TCGA-LGG via BrainLesion tutorials, BrainLesion/BraTS package case)")
 
@@ -514,21 +514,6 @@ def train(work: Path, stage: str = "all", tc: TrainConfig | None = None, cfg: Pa
         out["card"] = str(write_markdown_card(out_dir))
     print(json.dumps({"done": out, "seconds": round(time.time() - t0, 1)}), flush=True)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--work", default=".train/pathar", help="checkpoints, logs and the patch cache")
-    parser.add_argument("--stage", default="all", choices=("all",) + STAGES)
-    parser.add_argument("--steps", type=int, default=None, help="steps of the selected single stage")
-    parser.add_argument("--structure-steps", type=int, default=None)
-    parser.add_argument("--appearance-steps", type=int, default=None)
-    parser.add_argument("--transformer-steps", type=int, default=None)
-    parser.add_argument("--vq-batch", type=int, default=None)
-    parser.add_argument("--transformer-batch", type=int, default=None)
-    parser.add_argument("--out", default=None, help="weights folder (default: the bundled scripted_models/weights)")
-    parser.add_argument("--data", default=None, help="data root (default ../shared/data or PATHOSYN_DATA)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sample-check", type=int, default=8, help="samples scored into the card (0 = none)")
 
 
 def config_from_args(args) -> TrainConfig:

@@ -43,7 +43,8 @@ def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
     folder = folder or weights_dir()
     path = folder / f"{name}.safetensors"
     if not path.is_file():
-        raise WeightsError(f"weights file missing: {path} (train with `pathosyn train` or restore the bundle)")
+        command = "pathosyn train-pathar" if name.startswith("pathar") else "pathosyn train"
+        raise WeightsError(f"weights file missing: {path} (train with `{command}` or restore the bundle)")
     card = load_card(name, folder)
     expected = card.get("sha256")
     actual = sha256_of(path)
