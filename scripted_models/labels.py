@@ -42,16 +42,25 @@ def to_canonical(labels: np.ndarray, mapping: dict[int, int] | None = None) -> n
     unknown non-zero values raise. A binary 0/1 mask stays 0/1 and means 'whole lesion'."""
     from .errors import InputError
 
-    lab = np.rint(np.asarray(labels)).astype(np.int64)
+    array = np.asarray(labels)
+    nonzero = np.abs(array) >= 0.5 if array.dtype.kind == "f" else array != 0
+    out = np.zeros(array.shape, np.uint8)
+    if not nonzero.any():
+        return out
+    # the work is done in the lesion's bounding box (masks are mostly background)
+    box = tuple(slice(int(np.flatnonzero(a)[0]), int(np.flatnonzero(a)[-1]) + 1) for a in
+                (nonzero.any(axis=tuple(j for j in range(array.ndim) if j != i)) for i in range(array.ndim)))
+    lab = np.rint(array[box]).astype(np.int64)
     values = set(np.unique(lab).tolist()) - {0}
     if mapping is None:
         mapping = BRATS_LEGACY if 4 in values else {1: 1, 2: 2, 3: 3}
     unknown = values - set(mapping)
     if unknown:
         raise InputError(f"mask has label values {sorted(unknown)} with no canonical mapping")
-    out = np.zeros(lab.shape, np.uint8)
+    sub = np.zeros(lab.shape, np.uint8)
     for src, dst in mapping.items():
-        out[lab == src] = dst
+        sub[lab == src] = dst
+    out[box] = sub
     return out
 
 
