@@ -136,6 +136,22 @@ def test_layout_is_registered_and_views_are_linked(app, logic, run, layout):
     assert all(n.GetViewGroup() == PATHOSYN_VIEW_GROUP for n in layout.pathoSynSliceNodes)
 
 
+def test_pathosyn_result_is_shown_on_the_left(app, logic, layout):
+    from PathARModuleLib.logic import PATHOSYN_SLICE_TAGS
+
+    head, source = add_target(app, shape=(40, 48, 44), name="pathosyn input")
+    output = app.add_volume(head.array + 1, head.ijk_to_ras(), "pathosyn output")
+    labels = np.zeros(head.shape, np.uint8)
+    labels[15:25, 20:28, 18:26] = 2
+    seg = logic._pathoSyn.addSegmentationNode(labels, head.ijk_to_ras(), "pathosyn lesion", False, source)
+    logic.showPathoSyn(layout, source, output, seg)
+    composites = [logic._compositeNode(tag) for tag in PATHOSYN_SLICE_TAGS]
+    assert [c.GetBackgroundVolumeID() for c in composites] == [source.GetID(), output.GetID()]
+    shown = set(seg.GetDisplayNode().GetViewNodeIDs())
+    assert shown == {n.GetID() for n in (*layout.pathoSynSliceNodes, layout.pathoSynViewNode)}
+    assert not shown & {n.GetID() for n in (*layout.viewNodes, *layout.sliceNodes)}  # not in the sample views
+
+
 def test_camera_change_propagates_to_every_sample_view_only(layout):
     import slicer
 
