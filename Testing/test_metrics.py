@@ -45,3 +45,23 @@ def test_psnr_of_known_error():
     pred = np.full((4, 4, 4), 0.1)
     mse, psnr = masked_mse_psnr(pred, target, np.ones(target.shape, bool))
     assert mse == pytest.approx(0.01) and psnr == pytest.approx(20.0)
+
+
+def test_two_sample_classifier_auroc_separates_only_different_textures():
+    from scripted_models.evaluation.two_sample import axial_patches, classifier_auroc, lesion_centres
+
+    rng = np.random.default_rng(0)
+    shape = (20, 64, 64)
+    lesion = np.zeros(shape, bool)
+    lesion[5:15, 16:48, 16:48] = True
+    real = rng.normal(0, 1, shape).astype(np.float32)
+    same = rng.normal(0, 1, shape).astype(np.float32)  # another draw of the same texture
+    smooth = np.full(shape, real[lesion].mean(), np.float32)  # constant fill: no texture
+    centres = lesion_centres(lesion, n=200, seed=0)
+    assert len(centres) == 200 and lesion[tuple(centres.T)].all()
+    p_real = axial_patches([real], centres)
+    assert p_real.shape == (200, 1, 16, 16)
+    indistinguishable = classifier_auroc(p_real, axial_patches([same], centres))
+    separable = classifier_auroc(p_real, axial_patches([smooth], centres))
+    assert 0.35 < indistinguishable < 0.65, indistinguishable
+    assert separable > 0.95, separable

@@ -102,14 +102,54 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
         times, _ = _time(lambda steps=steps: synth(mask64, steps), max(1, repeats // 2 + 1))
         rows["vs_steps"].append({"steps": steps, **_stats(times)})
 
-    # 4. naive whole-volume diffusion: one U-Net step on the whole volume vs one on the 64^3 ROI
+    rows["peak_rss_mb_synthesize"] = round(peak_rss_mb(), 1)  # process peak so far: MNI volume + 96^3 ROI runs
+
+    # 4. PathAR: one sample (structure + 4 modalities)
+    from ..labels import MODALITIES
+    from ..pathar.api import sample_pairs
+
+    sample_pairs(list(MODALITIES), 1, seed=0, device=device)  # warm-up: model load
+    times, _ = _time(lambda: sample_pairs(list(MODALITIES), 1, seed=1, device=device), max(1, repeats // 2 + 1))
+    rows["pathar_sample_4mod"] = _stats(times)
+
+    # 5. import overhead and the end-to-end CLI (fresh process: imports, model load, I/O, synthesis)
+    rows["import_s"] = _subprocess_seconds(["-c", "import scripted_models.pathosyn.api"])
+    if not quick:
+        rows["cli_end_to_end"] = _cli_seconds(t1, mask64)
+
+    # 6. naive whole-volume diffusion: one U-Net step on the whole volume vs one on the 64^3 ROI
     if naive and not quick:
         rows["naive_whole_volume"] = _naive_ratio(t1, device)
     rows["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(rows, indent=2))
+        from ..pathosyn.commands import write_json_atomic
+        from .plots import bench_plot
+
+        write_json_atomic(rows, Path(out))
+        bench_plot(rows, Path(out).with_suffix(".png"))
     return rows
+
+
+def _subprocess_seconds(args: list[str]) -> float:
+    import subprocess
+    import sys
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, *args], check=True, capture_output=True)
+    return round(time.perf_counter() - t, 3)
+
+
+def _cli_seconds(t1, mask) -> dict:
+    import tempfile
+
+    from ..volume import write_volume
+
+    with tempfile.TemporaryDirectory(prefix="pathosyn-bench-") as tmp:
+        image = write_volume(t1, Path(tmp) / "t1.nii.gz")
+        lesion = write_volume(mask, Path(tmp) / "mask.nii.gz")
+        seconds = _subprocess_seconds(["-m", "scripted_models.cli", "synthesize", "--image", f"t1={image}", "--mask",
+                                       str(lesion), "--out", str(Path(tmp) / "out"), "--progress", "none"])
+    return {"default_steps_s": seconds, "note": "fresh process: imports + weights + NIfTI I/O + synthesis"}
 
 
 def _naive_ratio(t1, device: str) -> dict:
@@ -141,6 +181,9 @@ def print_bench(rows: dict) -> None:
         print(f"{key:22s} {json.dumps(rows[key])}")
     for r in rows["vs_roi"]:
         print(f"roi side {r['side']:3d} voxels {r['roi_voxels']:8d}  p50 {r['p50_s']:.3f} s")
+    for key in ("peak_rss_mb_synthesize", "pathar_sample_4mod", "import_s", "cli_end_to_end"):
+        if key in rows:
+            print(f"{key:22s} {json.dumps(rows[key])}")
     for r in rows["vs_steps"]:
         print(f"steps {r['steps']:3d}  p50 {r['p50_s']:.3f} s")
     if "naive_whole_volume" in rows:

@@ -92,7 +92,8 @@ def _copy_paste_residual(data_root: Path, target_shape, target_centroid, modalit
     return out
 
 
-def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, device: str = "auto") -> dict:
+def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, device: str = "auto",
+                   figure: Path | None = None) -> dict:
     from ..pathosyn.api import pseudo_healthy, synthesize_lesion
 
     case = load_case(Path(data_root) / "cases" / VALIDATION_CASE)
@@ -144,22 +145,71 @@ def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, 
         summary[name] = {key: round(float(np.mean([r[key] for r in rows.values()])), 4)
                          for key in ("mean_err", "std_err", "wasserstein", "glcm_contrast_err")}
     outside = {m: float(np.abs(methods["pathosyn"][0][m] - ph_z[m])[~dilate_mm(lesion, 6.0, sp)].max()) for m in real}
+    # two-sample classifier test: real vs synthetic lesion patches at the same centres
+    from .two_sample import axial_patches, classifier_auroc, lesion_centres
+
+    centres = lesion_centres(lesion, seed=0)
+    mods = sorted(real)
+    real_patches = axial_patches([real[m] for m in mods], centres)
+    for name, runs in methods.items():
+        if all(m in runs[0] for m in mods):
+            summary[name]["classifier_auroc"] = round(classifier_auroc(
+                real_patches, axial_patches([runs[0][m] for m in mods], centres)), 3)
+    if figure is not None:
+        from .plots import lesion_slices
+
+        lesion_slices(real, {name: runs[0] for name, runs in methods.items()}, seg, figure)
     return {"case": VALIDATION_CASE, "samples": samples, "synthesize_s_per_sample": round(synth_time, 2),
-            "per_region": table, "summary": summary, "outside_region_max_abs_diff": outside}
+            "per_region": table, "summary": summary, "outside_region_max_abs_diff": outside,
+            "classifier_patches": int(len(centres))}
+
+
+def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None = None,
+                   device: str = "auto") -> dict:
+    """PathAR samples scored against the real training patches (plausibility, diversity, memorisation,
+    sub-region intensity signs and ordering per modality)."""
+    from ..labels import MODALITIES
+    from ..pathar.api import TRANSFORMER_NAME, load_models, sample_pairs
+    from ..pathar.data import PatchConfig, build_patches
+    from ..pathar.quality import quality_report
+
+    model = load_models(device)
+    work = Path(work or Path.home() / ".cache" / "pathosyn" / "pathar_patches")
+    patches = build_patches(work, PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), data_root,
+                            verbose=False)
+    pairs = sample_pairs(list(MODALITIES), n, seed, device=device)
+    report = quality_report(pairs, patches, list(MODALITIES))
+    report.pop("samples", None)
+    report["n"] = n
+    return report
 
 
 def run_validation(data_root=None, samples: int = 3, steps: int | None = None, quick: bool = False,
-                   out: Path | None = None, device: str = "auto") -> dict:
+                   out: Path | None = None, device: str = "auto", pathar_n: int = 8) -> dict:
+    """quick (for CI): one PathoSyn sample, 3 DDIM steps, 4 PathAR samples."""
     data_root = Path(data_root or default_data_root())
     if quick:
-        samples = 1
-    rows = {"inpainting": inpainting_protocol(data_root, device),
-            "lesion_realism": lesion_realism(data_root, samples, steps, device)}
+        samples, steps, pathar_n = 1, steps or 3, min(pathar_n, 4)
+    out = Path(out) if out else None
     if out:
-        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "validation.json").write_text(json.dumps(rows, indent=2))
-        (out / "validation.md").write_text(validation_markdown(rows))
+    t0 = time.perf_counter()
+    rows = {"inpainting": inpainting_protocol(data_root, device),
+            "lesion_realism": lesion_realism(data_root, samples, steps, device,
+                                             figure=out / "lesion_slices.png" if out else None)}
+    if pathar_n:
+        rows["pathar"] = pathar_quality(data_root, pathar_n, device=device)
+    rows["settings"] = {"samples": samples, "steps": steps, "quick": quick, "pathar_n": pathar_n,
+                        "wall_s": round(time.perf_counter() - t0, 1)}
+    if out:
+        from ..pathosyn.commands import write_json_atomic
+        from .plots import validation_bars
+
+        validation_bars(rows, out / "realism_summary.png")
+        write_json_atomic(rows, out / "validation.json")
+        tmp = out / ".validation.md.tmp"
+        tmp.write_text(validation_markdown(rows))
+        tmp.replace(out / "validation.md")
     return rows
 
 
@@ -172,9 +222,15 @@ def validation_markdown(rows: dict) -> str:
         lines.append(f"| {name} | {r['ssim']} | {r['psnr_db']} | {r['mse']} |")
     lr = rows["lesion_realism"]
     lines += ["", f"## Lesion realism on {lr['case']} (z-units, lower is better, mean over sub-regions x modalities)",
-              "", "| method | mean err | std err | Wasserstein | GLCM contrast err |", "|---|---|---|---|---|"]
+              "", "| method | mean err | std err | Wasserstein | GLCM contrast err | classifier AUROC |",
+              "|---|---|---|---|---|---|"]
     for name, s in lr["summary"].items():
-        lines.append(f"| {name} | {s['mean_err']} | {s['std_err']} | {s['wasserstein']} | {s['glcm_contrast_err']} |")
+        lines.append(f"| {name} | {s['mean_err']} | {s['std_err']} | {s['wasserstein']} | {s['glcm_contrast_err']} "
+                     f"| {s.get('classifier_auroc', '-')} |")
+    lines += ["", f"Classifier AUROC: logistic regression on texture features of {lr.get('classifier_patches')} "
+              "axial 16x16 patches per method (real vs synthetic, same centres, 5-fold grouped by centre); "
+              "0.5 = indistinguishable.", "", "![summary](realism_summary.png)", "",
+              "![lesion slices](lesion_slices.png)"]
     lines += ["", "Per sub-region (mean err / Wasserstein):", "", "| region | " +
               " | ".join(lr["per_region"]) + " |", "|---|" + "---|" * len(lr["per_region"])]
     regions = list(next(iter(lr["per_region"].values())))
@@ -183,7 +239,31 @@ def validation_markdown(rows: dict) -> str:
                  if reg in lr["per_region"][n] else "-" for n in lr["per_region"]]
         lines.append(f"| {reg} | " + " | ".join(cells) + " |")
     lines += ["", f"Outside-region max |output - base|: {lr['outside_region_max_abs_diff']}", ""]
+    if "pathar" in rows:
+        pa = rows["pathar"]
+        g, r = pa["generated"], pa["real"]
+        lines += [f"## PathAR samples (n = {pa['n']}, all four modalities)", "",
+                  "| | generated | real training lesions |", "|---|---|---|",
+                  f"| plausible (one main component, core/enhancing inside) | {g['plausible_fraction']} | "
+                  f"{r['plausible_fraction']} |",
+                  f"| mean pairwise Dice (diversity) | {g.get('mean_pairwise_dice')} | {r['mean_pairwise_dice']} |",
+                  f"| mean nearest-training Dice (memorisation) | {g['mean_nearest_train_dice']} | - |",
+                  f"| mean volume (ml) | {g.get('mean_volume_ml')} | {r['mean_volume_ml']} |", "",
+                  "| modality | sub-region | real contrast | generated | sign agrees |", "|---|---|---|---|---|"]
+        for row in pa["intensity"]:
+            if "ordering_agreement" in row:
+                lines.append(f"| {row['modality']} | ordering agreement | | {row['ordering_agreement']} | |")
+            else:
+                lines.append(f"| {row['modality']} | {row['subregion']} | {_num(row['real'])} | "
+                             f"{_num(row['generated'])} | {row['sign_agrees']} |")
+        lines.append("")
+    if "settings" in rows:
+        lines += [f"Settings: {json.dumps(rows['settings'])}", ""]
     return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def print_validation(rows: dict) -> None:

@@ -1,0 +1,43 @@
+"""`pathosyn evaluate --quick` and `pathosyn bench --quick` (the CI-sized runs) write complete reports."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
+    from scripted_models.evaluation.validation import run_validation
+
+    out = tmp_path / "validation"
+    rows = run_validation(data_root, quick=True, out=out)
+    for name in ("validation.md", "validation.json", "realism_summary.png", "lesion_slices.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 1000, name
+    assert json.loads((out / "validation.json").read_text())["settings"]["quick"] is True
+    inp = rows["inpainting"]
+    assert inp["anatomy_model"]["mse"] < inp["mean_fill_baseline"]["mse"]
+    summary = rows["lesion_realism"]["summary"]
+    assert set(summary) == {"pathosyn", "constant_fill", "copy_paste"}
+    for method in summary.values():
+        assert 0.0 <= method["classifier_auroc"] <= 1.0
+    assert summary["constant_fill"]["classifier_auroc"] > 0.9  # a texture-free fill is easy to tell apart
+    assert all(v == 0.0 for v in rows["lesion_realism"]["outside_region_max_abs_diff"].values())
+    pathar = rows["pathar"]
+    assert pathar["n"] == 4 and 0.0 <= pathar["generated"]["plausible_fraction"] <= 1.0
+    text = (out / "validation.md").read_text()
+    assert "classifier AUROC" in text and "PathAR samples" in text and "![lesion slices]" in text
+
+
+def test_bench_quick_prints_latency_memory_and_plot(tmp_path):
+    from scripted_models.evaluation.bench import run_bench
+
+    out = tmp_path / "bench.json"
+    rows = run_bench(quick=True, out=out)
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
+    sides = {r["side"]: r for r in rows["vs_roi"]}
+    assert sides[64]["roi_voxels"] > sides[32]["roi_voxels"]
+    assert sides[64]["p50_s"] > sides[32]["p50_s"] > 0  # latency grows with the lesion ROI
+    assert rows["roi64_double_volume"]["ratio_vs_single"] > 0
+    assert rows["pathar_sample_4mod"]["p50_s"] > 0 and rows["import_s"] > 0
+    assert rows["peak_rss_mb_synthesize"] > 100
+    assert np.isfinite(rows["roi64_preview"]["p50_s"])

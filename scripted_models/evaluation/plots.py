@@ -1,0 +1,103 @@
+"""PNG figures for the evaluation and bench reports (matplotlib, Agg backend, atomic writes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def validation_bars(rows: dict, path: Path) -> Path:
+    """One bar group per metric (lower is better), one bar per method; AUROC with the 0.5 line."""
+    plt = _figure()
+    summary = rows["lesion_realism"]["summary"]
+    methods = list(summary)
+    metrics = ["mean_err", "std_err", "wasserstein", "glcm_contrast_err"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(methods)
+    for i, name in enumerate(methods):
+        ax.bar(np.arange(len(metrics)) + i * width, [summary[name][m] for m in metrics], width, label=name)
+        ax2.bar(i, summary[name].get("classifier_auroc", np.nan), 0.6, label=name)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(methods) - 1) / 2, metrics)
+    ax.set_ylabel("error vs real lesion (z-units)")
+    ax.set_title(f"{rows['lesion_realism']['case']}: lower is better")
+    ax.legend(fontsize=8)
+    ax2.axhline(0.5, color="k", lw=1, ls="--")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
+    ax2.set_title("real-vs-synthetic AUROC")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def lesion_slices(real: dict, methods: dict, seg: np.ndarray, path: Path) -> Path:
+    """Axial slice through the lesion centre: real | each method, one row per modality."""
+    plt = _figure()
+    z = int(np.argwhere(seg > 0)[:, 0].mean())
+    ys, xs = np.nonzero(seg[z])
+    pad = 20
+    box = (slice(max(0, ys.min() - pad), ys.max() + pad), slice(max(0, xs.min() - pad), xs.max() + pad))
+    mods = sorted(real)
+    columns = [("real", real), *methods.items()]
+    fig, axes = plt.subplots(len(mods), len(columns), figsize=(2.6 * len(columns), 2.6 * len(mods)), squeeze=False)
+    for r, m in enumerate(mods):
+        lo, hi = np.percentile(real[m][z][box], [1, 99])
+        for c, (name, images) in enumerate(columns):
+            ax = axes[r, c]
+            if m in images:
+                ax.imshow(images[m][z][box], cmap="gray", vmin=lo, vmax=hi)
+                ax.contour(seg[z][box] > 0, levels=[0.5], colors="orange", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(m)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def bench_plot(rows: dict, path: Path) -> Path:
+    """Latency vs lesion-ROI voxels (with the whole volume's voxel count marked) and vs DDIM steps."""
+    plt = _figure()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    roi = rows["vs_roi"]
+    x = [r["roi_voxels"] for r in roi]
+    ax.errorbar(x, [r["p50_s"] for r in roi], yerr=[[r["p50_s"] - r["min_s"] for r in roi],
+                                                     [r["max_s"] - r["p50_s"] for r in roi]], marker="o", capsize=3)
+    for r in roi:
+        ax.annotate(f"{r['side']}³", (r["roi_voxels"], r["p50_s"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=8)
+    if "roi64_double_volume" in rows:
+        d = rows["roi64_double_volume"]
+        ax.set_title(f"same 64³ lesion in a 2x volume: {d['ratio_vs_single']}x", fontsize=9)
+    ax.set_xlabel("lesion ROI voxels")
+    ax.set_ylabel(f"synthesize p50 (s), {rows.get('threads')} threads")
+    steps = rows["vs_steps"]
+    ax2.errorbar([r["steps"] for r in steps], [r["p50_s"] for r in steps],
+                 yerr=[[r["p50_s"] - r["min_s"] for r in steps], [r["max_s"] - r["p50_s"] for r in steps]],
+                 marker="o", capsize=3)
+    ax2.set_xlabel("DDIM steps (64³ ROI)")
+    ax2.set_ylabel("p50 (s)")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
