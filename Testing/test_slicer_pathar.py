@@ -203,6 +203,27 @@ def test_switching_modality_keeps_the_structure(logic, run, layout):
         logic.showModality(run, layout, "t2")
 
 
+def test_volume_rendering_follows_the_modality_in_each_sample_view(app, logic, run, layout):
+    from PathARModuleLib.offscreen import applicationLogic, renderThreeDView
+
+    vr = logic._volumeRenderingLogic()
+    for mod, other in ((MODS[1], MODS[0]), (MODS[0], MODS[1])):
+        logic.showModality(run, layout, mod)
+        for i, sample in enumerate(run.samples):
+            shown = vr.GetFirstVolumeRenderingDisplayNode(sample.volumes[mod])
+            assert shown is not None and shown.GetVisibility()
+            assert list(shown.GetViewNodeIDs()) == [layout.viewNodes[i].GetID()]
+            hidden = vr.GetFirstVolumeRenderingDisplayNode(sample.volumes[other])
+            assert hidden is None or not hidden.GetVisibility()
+    # the rendering adds to the 3D picture, and switching it off removes it again
+    appLogic = applicationLogic(app.scene)
+    with_vr = renderThreeDView(layout.viewNodes[0], appLogic, (160, 160)).astype(int)
+    logic.setVolumeRendering(run.samples[0].volumes[MODS[0]], None)
+    without_vr = renderThreeDView(layout.viewNodes[0], appLogic, (160, 160)).astype(int)
+    logic.showModality(run, layout, MODS[0])
+    assert (np.abs(with_vr - without_vr).sum(axis=2) > 30).mean() > 0.01
+
+
 # --- masks handed to PathoSyn ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("direction,spacing", [(None, (1.0, 1.0, 1.0)),
                                                ((0.96, -0.28, 0, 0.28, 0.96, 0, 0, 0, 1), (1.2, 0.9, 1.5))])

@@ -154,6 +154,7 @@ class LinkedLayout:
     sliceCompositeNodes: list
     pathoSynSliceNodes: list
     pathoSynViewNode: object
+    volumeRendering: bool = True  # each sample's image is volume-rendered in its 3D view, behind the surface
 
 
 @dataclass
@@ -330,10 +331,12 @@ class PathARModuleLogic:
 
     def createLinkedLayout(self, run: PathARRun | None = None, numberOfSamples: int | None = None,
                            pathoSynInput=None, pathoSynOutput=None, pathoSynSegmentation=None,
-                           modality: str | None = None) -> LinkedLayout:
+                           modality: str | None = None, volumeRendering: bool = True) -> LinkedLayout:
         """Register and show the compare layout: PathoSyn input/result (+3D) on the left, one linked 3D view and one
         linked slice view per PathAR sample on the right. Cameras of the sample views are linked, and so are their
-        slice views (separately from the PathoSyn pair). Returns the view nodes."""
+        slice views (separately from the PathoSyn pair). With volumeRendering, each 3D view also volume-renders its
+        sample's image (the displayed modality) behind the semi-transparent segmentation surface.
+        Returns the view nodes."""
         n = numberOfSamples or (len(run.samples) if run is not None else MAX_SAMPLES)
         if not 1 <= n <= MAX_SAMPLES:
             raise InputError(f"the layout shows 1 to {MAX_SAMPLES} samples, got {n}")
@@ -359,7 +362,8 @@ class PathARModuleLogic:
             node.SetLinkedControl(True)
             node.SetBoxVisible(False)
             node.SetAxisLabelsVisible(False)
-        layout = LinkedLayout(layoutId, sliceNodes, viewNodes, cameras, composites, pathoSynSlices, pathoSynView)
+        layout = LinkedLayout(layoutId, sliceNodes, viewNodes, cameras, composites, pathoSynSlices, pathoSynView,
+                              volumeRendering)
         self.showPathoSyn(layout, pathoSynInput, pathoSynOutput, pathoSynSegmentation)
         if run is not None:
             self.showModality(run, layout, modality or run.modalities[0])
@@ -393,7 +397,67 @@ class PathARModuleLogic:
             display.SetViewNodeIDs([layout.viewNodes[i].GetID(), layout.sliceNodes[i].GetID()])
             display.SetVisibility2DFill(True)
             display.SetOpacity2DFill(0.35)
+            display.SetOpacity3D(0.6 if layout.volumeRendering else 1.0)
+            for mod, volume in sample.volumes.items():
+                shown = layout.volumeRendering and mod == modality
+                self.setVolumeRendering(volume, layout.viewNodes[i] if shown else None)
         self._aimViews(run, layout)
+
+    # --- volume rendering --------------------------------------------------------------------------------------------
+    def _volumeRenderingLogic(self):
+        """Slicer's Volume Rendering module logic; headless, one registered with the application logic."""
+        import slicer
+
+        from .offscreen import applicationLogic
+
+        modules = getattr(slicer, "modules", None)
+        if modules is not None and hasattr(modules, "volumerendering"):
+            return modules.volumerendering.logic()
+        appLogic = applicationLogic(self.scene)
+        logic = appLogic.GetModuleLogic("VolumeRendering")
+        if logic is None:
+            logic = slicer.vtkSlicerVolumeRenderingLogic()
+            logic.SetMRMLApplicationLogic(appLogic)
+            logic.SetMRMLScene(self.scene)
+            appLogic.SetModuleLogic("VolumeRendering", logic)
+        return logic
+
+    def setVolumeRendering(self, volumeNode, viewNode=None):
+        """Volume-render `volumeNode` in `viewNode` only (None hides it). The transfer function shows the brightest
+        tissue of the patch (98th percentile and up) as a translucent warm glow, so the lesion surface stays
+        visible. Returns the display node, or None when the volume has none and is to be hidden."""
+        vrLogic = self._volumeRenderingLogic()
+        display = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
+        if viewNode is None:
+            if display is not None:
+                display.SetVisibility(False)
+            return display
+        if display is None:
+            display = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
+            self._brightTissueTransferFunction(volumeNode, display.GetVolumePropertyNode())
+        display.SetViewNodeIDs([viewNode.GetID()])
+        display.SetVisibility(True)
+        return display
+
+    @staticmethod
+    def _brightTissueTransferFunction(volumeNode, propertyNode) -> None:
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+        from vtkmodules.vtkCommonDataModel import vtkPiecewiseFunction
+        from vtkmodules.vtkRenderingCore import vtkColorTransferFunction
+
+        values = vtk_to_numpy(volumeNode.GetImageData().GetPointData().GetScalars())
+        low, high = (float(v) for v in np.percentile(values, [98.0, 99.9]))
+        high = max(high, low + 1e-3)
+        opacity = vtkPiecewiseFunction()
+        opacity.AddPoint(low, 0.0)
+        opacity.AddPoint(high, 0.35)
+        colors = vtkColorTransferFunction()
+        colors.AddRGBPoint(low, 0.55, 0.25, 0.1)
+        colors.AddRGBPoint(high, 1.0, 0.85, 0.6)
+        prop = propertyNode.GetVolumeProperty()
+        prop.SetScalarOpacity(opacity)
+        prop.SetColor(colors)
+        prop.SetShade(False)
 
     def _aimViews(self, run: PathARRun, layout: LinkedLayout) -> None:
         """Centre slices and cameras on the samples' common patch (same geometry for every sample)."""

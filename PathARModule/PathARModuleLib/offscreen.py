@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 THREE_D_MANAGERS = ("vtkMRMLCameraDisplayableManager", "vtkMRMLModelDisplayableManager",
-                    "vtkMRMLSegmentationsDisplayableManager3D")
+                    "vtkMRMLSegmentationsDisplayableManager3D", "vtkMRMLVolumeRenderingDisplayableManager")
 SLICE_MANAGERS = ("vtkMRMLSegmentationsDisplayableManager2D",)
 
 

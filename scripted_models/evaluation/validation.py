@@ -5,7 +5,10 @@
    0.5-99.5 percentiles of the real brain). Baseline: fill with the brain mean.
 2. Lesion realism on the held-out case (brats2013_pat0003, flair + t1c): build its pseudo-healthy base,
    synthesize with the true mask, compare with the real lesion per sub-region (z-units) against
-   (a) constant fill with the training-set mean per sub-region, (b) copy-paste of another case's residual.
+   (a) constant fill with the training-set mean per sub-region, (b) copy-paste of another case's residual,
+   (c) an equal-budget ablation, when its weights exist (weights/ablation/<variant>, see evaluation/ablation.py):
+   the residual model (pathosyn), `holistic` (diffusion on the whole ROI, no residual) and `mask_only` (no
+   anatomy branch), each trained from scratch with the same steps and crops.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..cases import INPAINTING_CASE, VALIDATION_CASE, default_data_root, list_cases, load_case
+from ..errors import WeightsError
 from ..labels import CORE, EDEMA, ENHANCING, SUBREGION_NAMES
+from ..pathosyn.deviation import VARIANTS
 from ..preprocess import IntensityNormalizer, blend_weight, dilate_mm, foreground_mask
 from ..volume import read_volume
 from .metrics import masked_mse_psnr, region_stats, ssim_in_box
@@ -25,6 +30,12 @@ SUBREGIONS = (CORE, EDEMA, ENHANCING)
 TRAIN_CASES_FOR_MEANS = ("brats2013_pat0004", "brats2013_pat0005", "brats2013_pat0006", "tcga_du_7294",
                          "brats_pkg_case")
 COPY_SOURCE = "brats2013_pat0004"  # same modalities as the validation case
+
+
+def ablation_dir() -> Path:
+    from ..weights import weights_dir
+
+    return weights_dir() / "ablation"
 
 
 def inpainting_protocol(data_root: Path, device: str = "auto") -> dict:
@@ -116,6 +127,16 @@ def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, 
         runs.append({m: norms[m].forward(v.array) for m, v in res.images.items()})
     synth_time = (time.perf_counter() - t) / samples
     methods["pathosyn"] = runs
+    missing_baselines = {}
+    for variant in VARIANTS:
+        folder = ablation_dir() / variant
+        try:
+            methods[f"ablation_{variant}"] = [
+                {m: norms[m].forward(v.array) for m, v in synthesize_lesion(
+                    ph, mask, seed=k, steps=steps, device=device, deviation_weights=folder).images.items()}
+                for k in range(samples)]
+        except WeightsError as exc:
+            missing_baselines[f"ablation_{variant}"] = str(exc)
     means = training_means(data_root)
     const = {}
     for m in real:
@@ -161,6 +182,7 @@ def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, 
         lesion_slices(real, {name: runs[0] for name, runs in methods.items()}, seg, figure)
     return {"case": VALIDATION_CASE, "samples": samples, "synthesize_s_per_sample": round(synth_time, 2),
             "per_region": table, "summary": summary, "outside_region_max_abs_diff": outside,
+            "missing_baselines": missing_baselines,
             "classifier_patches": int(len(centres))}
 
 
@@ -227,6 +249,8 @@ def validation_markdown(rows: dict) -> str:
     for name, s in lr["summary"].items():
         lines.append(f"| {name} | {s['mean_err']} | {s['std_err']} | {s['wasserstein']} | {s['glcm_contrast_err']} "
                      f"| {s.get('classifier_auroc', '-')} |")
+    for name, why in lr.get("missing_baselines", {}).items():
+        lines.append(f"| {name} | not evaluated: {why} | | | | |")
     lines += ["", f"Classifier AUROC: logistic regression on texture features of {lr.get('classifier_patches')} "
               "axial 16x16 patches per method (real vs synthetic, same centres, 5-fold grouped by centre); "
               "0.5 = indistinguishable.", "", "![summary](realism_summary.png)", "",

@@ -38,10 +38,10 @@ MAX_ROI = 96  # larger lesions are scaled down to fit (with a warning)
 _MODELS: dict = {}
 
 
-def _model(kind: str, device):
+def _model(kind: str, device, folder=None):
     from ..weights import weights_dir
 
-    key = (kind, str(device), str(weights_dir()))
+    key = (kind, str(device), str(folder or weights_dir()))
     if key not in _MODELS:
         if kind == "anatomy":
             from .anatomy import AnatomyModel
@@ -50,7 +50,7 @@ def _model(kind: str, device):
         else:
             from .deviation import DeviationModel
 
-            _MODELS[key] = DeviationModel.load(device)
+            _MODELS[key] = DeviationModel.load(device, folder)
     return _MODELS[key]
 
 
@@ -153,7 +153,7 @@ def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto"
 def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, samples: int = 1,
                       steps: int | None = None, guidance: float = 1.0, device: str = "auto",
                       base: str = "input", whole_lesion: bool | None = None, label_mapping: dict | None = None,
-                      progress: ProgressFn | None = None) -> SynthesisResult:
+                      progress: ProgressFn | None = None, deviation_weights=None) -> SynthesisResult:
     """Add a synthetic lesion to healthy scan(s): output = anatomy + residual inside the blended region.
 
     base: "input" (the scan is healthy, so it is its own anatomy) or "pseudo-healthy" (remove an existing
@@ -173,7 +173,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     dev = pick_device(device)
     say = progress or (lambda f, m: None)
     say(0.02, "loading models")
-    model = _model("deviation", dev)
+    model = _model("deviation", dev, deviation_weights)
     cfg = model.cfg
     warn = []
 
@@ -215,11 +215,13 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
 
     from .deviation import deviation_condition
 
-    condition = deviation_condition(anatomy_in, available, subregions_in, weight_in)
+    condition = deviation_condition(anatomy_in, available, subregions_in, weight_in, cfg.anatomy_condition)
     t_model = time.perf_counter()
     residuals = model.sample(condition, samples=samples, seed=seed, steps=steps, guidance=guidance,
                              progress=lambda f, m: say(0.08 + 0.87 * f, m))
     t_model = time.perf_counter() - t_model
+    if cfg.target == "image":  # baselines generate the image; the pipeline below works on its residual
+        residuals = residuals - anatomy_in[None]
     if scale < 1.0:
         residuals = resize(residuals, crop_shape, order=1)
     residuals = residuals * weight_roi[None, None]  # (K, 4, D, H, W), seam-blended
@@ -252,6 +254,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         "region_voxels": int(region.sum()), "warnings": warn,
         "timing_s": {"model": round(t_model, 3), "total": round(time.perf_counter() - t_start, 3)},
         "weights": {"deviation": model.card.get("sha256", "")[:16]},
+        "variant": model.card.get("variant", "pathosyn"),
     }
     return SynthesisResult(out_images, out_residuals, out_std or None,
                            prep.reference.with_array(prep.lesion_labels), report)

@@ -102,9 +102,12 @@ def cmd_train(args) -> int:
     else:
         from .train_deviation import train_deviation
 
-        train_deviation(work / "deviation", steps=args.steps, batch=args.batch or 4, seed=args.seed,
-                        data_root=args.data, out_dir=args.weights_out, threads=args.threads,
-                        max_minutes=args.max_minutes)
+        folder = "deviation" if args.variant == "pathosyn" else f"deviation_{args.variant}"
+        train_deviation(work / folder, cache=work / "deviation" / "cache", steps=args.steps,
+                        batch=args.batch or 4, seed=args.seed, data_root=args.data,
+                        out_dir=args.weights_out, threads=args.threads,
+                        max_minutes=args.max_minutes, variant=args.variant, crop=args.crop,
+                        from_scratch=args.from_scratch)
     return 0
 
 
@@ -150,4 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="cases folder root (default ../shared/data)")
     p.add_argument("--weights-out", type=Path, default=None, help="default: scripted_models/weights")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--variant", choices=["pathosyn", "holistic", "mask_only"], default="pathosyn",
+                   help="deviation only: the PathoSyn model or an ablation baseline for `pathosyn evaluate`")
+    p.add_argument("--crop", type=int, default=48, help="deviation only: training crop side (voxels)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="deviation only: do not continue from the bundled weights")
     p.set_defaults(func=cmd_train)

@@ -6,6 +6,10 @@ Works on a lesion ROI (fully convolutional, any side that divides by 8). Channel
            + region weight (1)                                         (13)
 MONAI's DiffusionInferer concatenates cond to x_t and applies classifier-free guidance, whose null
 condition is cond filled with -1 (trained by condition dropout).
+
+Ablation baselines (evaluation only) use the same network and pipeline; their model card's config says
+  holistic    target "image": generates the whole ROI image, not a residual (no disentanglement)
+  mask_only   target "image" and no anatomy channels (no anatomy branch)
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from ..runtime import autocast
 
 WEIGHTS_NAME = "deviation_diffusion"
 NULL_CONDITION = -1.0
+VARIANTS = ("pathosyn", "holistic", "mask_only")
 
 
 @dataclass
@@ -38,6 +43,8 @@ class DeviationConfig:
     multiple: int = 8  # ROI sides divisible by the U-Net's total stride
     default_steps: int = 10
     preview_steps: int = 3
+    target: str = "residual"  # "residual" (PathoSyn) or "image" (holistic / mask_only baselines)
+    anatomy_condition: bool = True  # False: anatomy channels are zero (mask_only baseline)
 
     @property
     def out_channels(self) -> int:
@@ -46,6 +53,13 @@ class DeviationConfig:
     @property
     def cond_channels(self) -> int:
         return 2 * len(MODALITIES) + NUM_SUBREGIONS + 1 + 1
+
+
+def variant_config(variant: str) -> DeviationConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown deviation variant '{variant}' (choose from {', '.join(VARIANTS)})")
+    return DeviationConfig(target="residual" if variant == "pathosyn" else "image",
+                           anatomy_condition=variant != "mask_only")
 
 
 def build_deviation_model(cfg: DeviationConfig) -> torch.nn.Module:
@@ -68,11 +82,12 @@ def build_scheduler(cfg: DeviationConfig, kind: str = "ddim"):
 
 
 def deviation_condition(anatomy: np.ndarray, available: np.ndarray, subregions: np.ndarray,
-                        region_weight: np.ndarray) -> np.ndarray:
-    """(13, D, H, W): anatomy (4, z-scored, 0 where unavailable), availability (4), one-hot mask (4), weight (1)."""
+                        region_weight: np.ndarray, with_anatomy: bool = True) -> np.ndarray:
+    """(13, D, H, W): anatomy (4, z-scored, 0 where unavailable or with_anatomy=False), availability (4),
+    one-hot mask (4), weight (1)."""
     shape = anatomy.shape[1:]
     avail = np.broadcast_to(available.astype(np.float32)[:, None, None, None], (len(MODALITIES),) + shape)
-    anatomy = anatomy * available[:, None, None, None]
+    anatomy = anatomy * available[:, None, None, None] * float(with_anatomy)
     return np.concatenate([anatomy, avail, subregions, region_weight[None]]).astype(np.float32)
 
 
@@ -96,16 +111,17 @@ class DeviationModel:
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
 
     @classmethod
-    def load(cls, device: torch.device, folder=None) -> DeviationModel:
+    def load(cls, device: torch.device, folder=None, name: str = WEIGHTS_NAME) -> DeviationModel:
         from ..weights import load_network
 
-        net, cfg, card = load_network(WEIGHTS_NAME, DeviationConfig, build_deviation_model, folder)
+        net, cfg, card = load_network(name, DeviationConfig, build_deviation_model, folder)
         return cls(net, cfg, device, card)
 
     @torch.no_grad()
     def sample(self, condition: np.ndarray, samples: int, seed: int, steps: int | None = None,
                guidance: float = 1.0, progress: Callable[[float, str], None] | None = None) -> np.ndarray:
-        """Residual samples (K, 4, D, H, W) in z-units. Deterministic for a given seed on a given device."""
+        """Samples (K, 4, D, H, W) in z-units: residuals, or images for cfg.target == "image".
+        Deterministic for a given seed on a given device."""
         from monai.inferers import DiffusionInferer
 
         steps = int(steps or self.cfg.default_steps)

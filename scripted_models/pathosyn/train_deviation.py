@@ -29,8 +29,9 @@ from .deviation import (
     build_scheduler,
     config_dict,
     deviation_condition,
+    variant_config,
 )
-from .training import LossLog, load_checkpoint, save_checkpoint, warm_start
+from .training import EMA, LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
 # Binary-mask, skull-on, 6.5 mm-slice scans: kept for robustness tests, not for training residuals.
 EXCLUDED = {"pyradiomics_brain1", "pyradiomics_brain2"}
@@ -77,9 +78,12 @@ def prepare_lesion_cache(cache: Path, data_root=None, device=None, include_valid
 
 
 class LesionCrops:
-    def __init__(self, paths: list[Path]):
+    """Random augmented lesion crops -> (condition, target, availability) for one deviation variant."""
+
+    def __init__(self, paths: list[Path], cfg: DeviationConfig | None = None):
         self.cases = [dict(np.load(p)) for p in paths]
         self.names = [p.stem for p in paths]
+        self.cfg = cfg or DeviationConfig()
 
     def sample(self, rng: np.random.Generator, crop: int):
         c = self.cases[rng.integers(len(self.cases))]
@@ -110,29 +114,37 @@ class LesionCrops:
                 drop[rng.integers(len(present))] = False
             avail[present[drop]] = 0.0
         whole_only = rng.random() < 0.3
-        cond = deviation_condition(anatomy, avail, one_hot_subregions(labels, whole_only), weight)
+        cond = deviation_condition(anatomy, avail, one_hot_subregions(labels, whole_only), weight,
+                                   self.cfg.anatomy_condition)
         if rng.random() < 0.1:
             cond[:] = NULL_CONDITION
-        return cond, residual * avail[:, None, None, None], avail
+        target = residual if self.cfg.target == "residual" else anatomy + residual
+        return cond, target * avail[:, None, None, None], avail
 
 
 def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: float = 2e-4, seed: int = 0,
                     data_root=None, save_every: int = 100, out_dir: Path | None = None, threads: int | None = None,
-                    max_minutes: float | None = None):
+                    max_minutes: float | None = None, variant: str = "pathosyn", cache: Path | None = None,
+                    from_scratch: bool = False):
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    cfg = DeviationConfig()
-    paths = prepare_lesion_cache(work / "cache", data_root)
-    data = LesionCrops(paths)
+    cfg = variant_config(variant)
+    weights_name = WEIGHTS_NAME
+    paths = prepare_lesion_cache(cache or work / "cache", data_root)
+    data = LesionCrops(paths, cfg)
     net = build_deviation_model(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     ckpt = work / "checkpoint.pt"
-    step, extra = load_checkpoint(ckpt, net, opt)
+    ema = EMA(net)
+    step, extra = load_checkpoint(ckpt, net, opt, ema)
     wall = float(extra.get("wall_s", 0.0))
     if step == 0:
-        step, wall = warm_start(WEIGHTS_NAME, net)
+        # ablation runs start from scratch; PathoSyn continues from its last weights
+        step, wall = warm_start(weights_name, net, out_dir, bundled=variant == "pathosyn" and not from_scratch)
+        ema = EMA(net)
+    start_step = int(extra.get("start_step", step))  # the learning rate decays from here to `steps`
     print(f"deviation: {f'resuming at step {step}' if step else 'starting'}; cases {data.names}", flush=True)
     scheduler = build_scheduler(cfg, "ddpm")
     rng = np.random.default_rng(seed + step)
@@ -147,6 +159,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         x0 = torch.from_numpy(np.stack(targets)).to(device) * cfg.residual_scale
         avail = torch.from_numpy(np.stack(avails)).to(device)[:, :, None, None, None]
         noise = torch.randn_like(x0)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, start_step, steps, lr)
         t = torch.randint(0, cfg.num_train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t) if cfg.prediction_type == "v_prediction" else noise
@@ -157,19 +171,25 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
+        ema.update(net, step - start_step)
         step += 1
         log.add(step, loss.item())
         if step % save_every == 0 or step == steps:
-            save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0})
-    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0})
+            save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step}, ema)
+    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step}, ema)
     wall += time.time() - t0
-    card = {"model": WEIGHTS_NAME,
-            "family": "PathoSyn deviation branch (conditional DDPM on the residual, MONAI DiffusionModelUNet)",
+    family = {"pathosyn": "PathoSyn deviation branch (conditional DDPM on the residual, MONAI DiffusionModelUNet)",
+              "holistic": "Ablation baseline: the same DDPM generating the whole ROI image (no disentanglement)",
+              "mask_only": "Ablation baseline: the same DDPM generating the ROI image from the mask only "
+                           "(no anatomy branch)"}[variant]
+    card = {"model": weights_name, "variant": variant, "family": family,
             "config": config_dict(cfg), "steps": step, "batch": batch, "crop": crop, "lr": lr,
-            "wall_time_s": round(wall, 1), "data": data.names, "held_out": [VALIDATION_CASE],
+            "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
+            "data": data.names, "held_out": [VALIDATION_CASE],
             "license": "research use only: trained on BraTS 2013 (CC BY-NC-SA 3.0), cite Menze et al., IEEE TMI 2015"}
     from ..weights import save_state
 
-    path = save_state(WEIGHTS_NAME, net.state_dict(), card, out_dir)
+    path = save_state(weights_name, {k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()},
+                      card, out_dir)
     print(json.dumps({"saved": str(path), "steps": step}), flush=True)
     return path
