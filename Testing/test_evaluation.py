@@ -17,7 +17,10 @@ def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
     inp = rows["inpainting"]
     assert inp["anatomy_model"]["mse"] < inp["mean_fill_baseline"]["mse"]
     summary = rows["lesion_realism"]["summary"]
-    assert set(summary) == {"pathosyn", "constant_fill", "copy_paste"}
+    ablations = {"ablation_pathosyn", "ablation_holistic", "ablation_mask_only"}
+    missing = set(rows["lesion_realism"]["missing_baselines"])
+    assert set(summary) | missing == {"pathosyn", "constant_fill", "copy_paste"} | ablations
+    assert not missing, f"ablation weights not bundled: {missing}"
     for method in summary.values():
         assert 0.0 <= method["classifier_auroc"] <= 1.0
     assert summary["constant_fill"]["classifier_auroc"] > 0.9  # a texture-free fill is easy to tell apart

@@ -153,7 +153,7 @@ def resample_to(moving: Volume, reference: Volume, nearest: bool = True, default
         return moving
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     out = sitk.Resample(moving.to_sitk(), reference.to_sitk(), sitk.Transform(), interp, default,
-                        sitk.GetPixelIDValueFromString("64-bit float") if not nearest else sitk.sitkUnknown)
+                        sitk.sitkFloat64 if not nearest else sitk.sitkUnknown)
     return Volume.from_sitk(out)
 
 

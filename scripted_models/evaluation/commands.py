@@ -20,6 +20,13 @@ def cmd_evaluate(args) -> int:
     rows = run_validation(data_root=args.data, samples=args.samples, steps=args.steps, quick=args.quick,
                           out=Path(args.out) if args.out else None, device=args.device)
     print_validation(rows)
+    if args.downstream:
+        from .downstream import DownstreamSettings, downstream_markdown, run_downstream
+
+        settings = DownstreamSettings.quick_settings() if args.quick else DownstreamSettings()
+        report = run_downstream(args.data, settings, device=args.device,
+                                out=Path(args.out) / "downstream" if args.out else None)
+        print(downstream_markdown(report))
     return 0
 
 
@@ -40,5 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="report folder (Markdown + JSON)")
+    p.add_argument("--downstream", action="store_true",
+                   help="also run the downstream segmentation study (9 small networks; about 15 min on 2 cores)")
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
