@@ -122,3 +122,17 @@ def test_pseudo_healthy_cli(inputs, tmp_path):
                    "--progress", "none")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ph" / "t1.nii.gz").is_file()
+
+
+def test_nrrd_output_format_keeps_geometry(inputs, tmp_path):
+    img, mask = inputs
+    out = tmp_path / "nrrd"
+    proc = run_cli("synthesize", "--image", f"t1={img}", "--mask", mask, "--out", out, "--steps", "1",
+                   "--format", "nrrd", "--progress", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["mask.nrrd", "report.json", "residual_t1.nrrd", "t1.nrrd"]
+    synthesized, original = read_volume(out / "t1.nrrd"), read_volume(img)
+    assert synthesized.array.dtype == original.array.dtype
+    np.testing.assert_allclose(synthesized.ijk_to_ras(), original.ijk_to_ras(), atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"]["t1"].endswith("t1.nrrd")

@@ -186,6 +186,29 @@ def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, 
             "classifier_patches": int(len(centres))}
 
 
+def demo_residual(seeds=(0, 1, 2), steps: int | None = None, device: str = "auto",
+                  deviation_weights=None) -> dict:
+    """The MNI152 demo lesion: mean residual per sub-region and its roughness (std of the 3D Laplacian inside the
+    lesion, MNI intensity units; salt-and-pepper noise left by an undertrained diffusion model raises it)."""
+    from scipy.ndimage import laplace
+
+    from ..pathosyn.api import synthesize_lesion
+    from ..templates import demo_lesion, mni_t1
+
+    t1, mask = mni_t1(), demo_lesion()
+    labels = mask.array
+    rough, means = [], {SUBREGION_NAMES[k].split()[0]: [] for k in SUBREGIONS}
+    for seed in seeds:
+        res = synthesize_lesion({"t1": t1}, mask, seed=seed, steps=steps, device=device,
+                                deviation_weights=deviation_weights).residuals["t1"].array
+        rough.append(float(laplace(res.astype(np.float64))[labels > 0].std()))
+        for k in SUBREGIONS:
+            if (labels == k).any():
+                means[SUBREGION_NAMES[k].split()[0]].append(float(res[labels == k].mean()))
+    return {"seeds": list(seeds), "laplacian_std_in_lesion": round(float(np.mean(rough)), 4),
+            "mean_residual": {k: round(float(np.mean(v)), 4) for k, v in means.items() if v}}
+
+
 def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None = None,
                    device: str = "auto") -> dict:
     """PathAR samples scored against the real training patches (plausibility, diversity, memorisation,
@@ -219,6 +242,7 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     rows = {"inpainting": inpainting_protocol(data_root, device),
             "lesion_realism": lesion_realism(data_root, samples, steps, device,
                                              figure=out / "lesion_slices.png" if out else None)}
+    rows["demo_residual"] = demo_residual(seeds=(0,) if quick else (0, 1, 2), steps=steps, device=device)
     if pathar_n:
         rows["pathar"] = pathar_quality(data_root, pathar_n, device=device)
     rows["settings"] = {"samples": samples, "steps": steps, "quick": quick, "pathar_n": pathar_n,
@@ -263,6 +287,12 @@ def validation_markdown(rows: dict) -> str:
                  if reg in lr["per_region"][n] else "-" for n in lr["per_region"]]
         lines.append(f"| {reg} | " + " | ".join(cells) + " |")
     lines += ["", f"Outside-region max |output - base|: {lr['outside_region_max_abs_diff']}", ""]
+    if "demo_residual" in rows:
+        d = rows["demo_residual"]
+        lines += ["## MNI152 demo lesion: residual", "",
+                  f"Roughness (std of the 3D Laplacian of the residual inside the lesion, MNI units, seeds "
+                  f"{d['seeds']}): {d['laplacian_std_in_lesion']}; mean residual per sub-region: "
+                  f"{d['mean_residual']}.", ""]
     if "pathar" in rows:
         pa = rows["pathar"]
         g, r = pa["generated"], pa["real"]

@@ -36,18 +36,21 @@ def write_json_atomic(payload: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_synthesis(result, out: Path) -> dict:
-    """DIR/<MOD>.nii.gz, residual_<MOD>, uncertainty_<MOD> (K>1), mask.nii.gz, report.json. Atomic per file;
-    report.json is written last, so its presence marks a complete output folder."""
+OUTPUT_FORMATS = ("nii.gz", "nrrd")
+
+
+def write_synthesis(result, out: Path, fmt: str = "nii.gz") -> dict:
+    """DIR/<MOD>.<fmt>, residual_<MOD>, uncertainty_<MOD> (K>1), mask, report.json (fmt: nii.gz or nrrd).
+    Atomic per file; report.json is written last, so its presence marks a complete output folder."""
     from ..volume import write_volume
 
     files = {}
     for m, vol in result.images.items():
-        files[m] = str(write_volume(vol, out / f"{m}.nii.gz"))
-        files[f"residual_{m}"] = str(write_volume(result.residuals[m], out / f"residual_{m}.nii.gz"))
+        files[m] = str(write_volume(vol, out / f"{m}.{fmt}"))
+        files[f"residual_{m}"] = str(write_volume(result.residuals[m], out / f"residual_{m}.{fmt}"))
         if result.uncertainty:
-            files[f"uncertainty_{m}"] = str(write_volume(result.uncertainty[m], out / f"uncertainty_{m}.nii.gz"))
-    files["mask"] = str(write_volume(result.mask, out / "mask.nii.gz"))
+            files[f"uncertainty_{m}"] = str(write_volume(result.uncertainty[m], out / f"uncertainty_{m}.{fmt}"))
+    files["mask"] = str(write_volume(result.mask, out / f"mask.{fmt}"))
     write_json_atomic({**result.report, "files": files}, out / "report.json")
     return files
 
@@ -63,7 +66,7 @@ def cmd_synthesize(args) -> int:
     result = synthesize_lesion(images, mask, seed=args.seed, samples=args.samples, steps=args.steps,
                                guidance=args.guidance, device=args.device, base=args.base,
                                whole_lesion=True if args.whole_lesion else None, progress=progress)
-    files = write_synthesis(result, Path(args.out))
+    files = write_synthesis(result, Path(args.out), args.format)
     progress.done(outputs=files, report=result.report)
     return 0
 
@@ -76,7 +79,7 @@ def cmd_pseudo_healthy(args) -> int:
     progress = Progress(args.progress)
     images = _image_args(args.image)
     healthy = pseudo_healthy(images, read_volume(args.mask), device=args.device, progress=progress)
-    files = {m: str(write_volume(v, Path(args.out) / f"{m}.nii.gz")) for m, v in healthy.items()}
+    files = {m: str(write_volume(v, Path(args.out) / f"{m}.{args.format}")) for m, v in healthy.items()}
     progress.done(outputs=files)
     return 0
 
@@ -125,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", choices=["input", "pseudo-healthy"], default="input",
                    help="anatomy base: the (healthy) input itself, or a pseudo-healthy version of it")
     p.add_argument("--whole-lesion", action="store_true", help="ignore sub-region labels; the model invents them")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="output file format")
     add_common(p)
     p.set_defaults(func=cmd_synthesize)
 
@@ -132,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", required=True, metavar="MOD=PATH")
     p.add_argument("--mask", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="output file format")
     add_common(p)
     p.set_defaults(func=cmd_pseudo_healthy)
 
