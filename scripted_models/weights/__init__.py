@@ -26,7 +26,7 @@ def sha256_of(path: Path) -> str:
 
 
 def load_card(name: str, folder: Path | None = None) -> dict:
-    folder = folder or weights_dir()
+    folder = Path(folder) if folder else weights_dir()
     card_path = folder / f"{name}.json"
     if not card_path.is_file():
         raise WeightsError(f"model card missing: {card_path}")
@@ -40,7 +40,7 @@ def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
     """(state_dict, card). Verifies the file's sha256 against the card before parsing it."""
     from safetensors.torch import load_file
 
-    folder = folder or weights_dir()
+    folder = Path(folder) if folder else weights_dir()
     path = folder / f"{name}.safetensors"
     if not path.is_file():
         command = "pathosyn train-pathar" if name.startswith("pathar") else "pathosyn train"
