@@ -43,4 +43,5 @@ def test_bench_quick_prints_latency_memory_and_plot(tmp_path):
     assert rows["roi64_double_volume"]["ratio_vs_single"] > 0
     assert rows["pathar_sample_4mod"]["p50_s"] > 0 and rows["import_s"] > 0
     assert rows["peak_rss_mb_synthesize"] > 100
+    assert rows["cli_end_to_end"]["peak_rss_mb"] > 100 and rows["cli_end_to_end"]["default_steps_s"] > 0
     assert np.isfinite(rows["roi64_preview"]["p50_s"])

@@ -37,7 +37,7 @@ FIELDS = {
     "guidance": (float, 1.0),
     "device": (str, "auto"),
 }
-PREVIEW_STEPS = 3
+PREVIEW_STEPS = 2  # the model card's preview setting (engine: DeviationConfig.preview_steps)
 
 
 def _field(name: str, kind, default):

@@ -42,7 +42,7 @@ class DeviationConfig:
     residual_scale: float = 0.5  # network sees residual * scale (z-units)
     multiple: int = 8  # ROI sides divisible by the U-Net's total stride
     default_steps: int = 10
-    preview_steps: int = 3
+    preview_steps: int = 2
     target: str = "residual"  # "residual" (PathoSyn) or "image" (holistic / mask_only baselines)
     anatomy_condition: bool = True  # False: anatomy channels are zero (mask_only baseline)
 
