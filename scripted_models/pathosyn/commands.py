@@ -123,7 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1, help="K > 1 also writes the per-voxel std (uncertainty)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default from the model card; 2 = quick preview)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default from the model card; 2 = quick preview)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance strength (1 = off)")
     p.add_argument("--base", choices=["input", "pseudo-healthy"], default="input",
                    help="anatomy base: the (healthy) input itself, or a pseudo-healthy version of it")
