@@ -224,6 +224,7 @@ def train_segmenter(groups: list[list[GridCase]], settings: DownstreamSettings, 
     import torch
     from monai.losses import DiceCELoss
 
+    from ..pathosyn.training import cosine_lr
     from ..runtime import pick_device
 
     dev = pick_device(device)
@@ -237,7 +238,7 @@ def train_segmenter(groups: list[list[GridCase]], settings: DownstreamSettings, 
     for step in range(settings.steps):
         x, y = sampler.batch(rng, settings.batch)
         for group in opt.param_groups:
-            group["lr"] = settings.lr * 0.5 * (1 + np.cos(np.pi * step / settings.steps))
+            group["lr"] = cosine_lr(step, 0, settings.steps, settings.lr, floor_ratio=0.0)
         loss = loss_fn(net(torch.from_numpy(x).to(dev)), torch.from_numpy(y).to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
