@@ -150,8 +150,7 @@ def _cli_seconds(t1, mask) -> dict:
         lesion = write_volume(mask, Path(tmp) / "mask.nii.gz")
         argv = ["synthesize", "--image", f"t1={image}", "--mask", str(lesion), "--out", str(Path(tmp) / "out"),
                 "--progress", "none"]
-        seconds = _subprocess_seconds(["-m", "scripted_models.cli", *argv])
-        peak_mb = _child_peak_mb(argv)
+        seconds, peak_mb = _cli_run(argv)
     return {"default_steps_s": seconds, "peak_rss_mb": peak_mb,
             "note": "fresh process on the 64^3 workload: imports + weights + NIfTI I/O + synthesis"}
 
@@ -172,14 +171,16 @@ print(json.dumps({"rc": rc, "peak_mb": peak if peak is not None else
 """
 
 
-def _child_peak_mb(argv: list[str]) -> float:
-    """Peak resident memory of a fresh CLI process, read inside it (VmHWM starts afresh at exec; the
-    rusage high-water mark of a child would include this large parent's)."""
+def _cli_run(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MB) of one fresh CLI process. The peak is read inside it (VmHWM starts afresh
+    at exec; the rusage high-water mark of a child would include this large parent's)."""
     import subprocess
     import sys
 
+    t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, *argv], check=True, capture_output=True, text=True)
-    return round(float(json.loads(proc.stderr.strip().splitlines()[-1])["peak_mb"]), 1)
+    seconds = round(time.perf_counter() - t, 3)
+    return seconds, round(float(json.loads(proc.stderr.strip().splitlines()[-1])["peak_mb"]), 1)
 
 
 def _naive_ratio(t1, device: str) -> dict:

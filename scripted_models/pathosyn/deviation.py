@@ -111,10 +111,10 @@ class DeviationModel:
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
 
     @classmethod
-    def load(cls, device: torch.device, folder=None, name: str = WEIGHTS_NAME) -> DeviationModel:
+    def load(cls, device: torch.device, folder=None) -> DeviationModel:
         from ..weights import load_network
 
-        net, cfg, card = load_network(name, DeviationConfig, build_deviation_model, folder)
+        net, cfg, card = load_network(WEIGHTS_NAME, DeviationConfig, build_deviation_model, folder)
         return cls(net, cfg, device, card)
 
     @torch.no_grad()

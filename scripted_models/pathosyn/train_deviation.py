@@ -131,7 +131,6 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     cfg = variant_config(variant)
-    weights_name = WEIGHTS_NAME
     paths = prepare_lesion_cache(cache or work / "cache", data_root)
     data = LesionCrops(paths, cfg)
     net = build_deviation_model(cfg).to(device)
@@ -142,7 +141,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     wall = float(extra.get("wall_s", 0.0))
     if step == 0:
         # ablation runs start from scratch; PathoSyn continues from its last weights
-        step, wall = warm_start(weights_name, net, out_dir, bundled=variant == "pathosyn" and not from_scratch)
+        step, wall = warm_start(WEIGHTS_NAME, net, out_dir, bundled=variant == "pathosyn" and not from_scratch)
         ema = EMA(net)
     start_step = int(extra.get("start_step", step))  # the learning rate decays from here to `steps`
     print(f"deviation: {f'resuming at step {step}' if step else 'starting'}; cases {data.names}", flush=True)
@@ -182,14 +181,14 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
               "holistic": "Ablation baseline: the same DDPM generating the whole ROI image (no disentanglement)",
               "mask_only": "Ablation baseline: the same DDPM generating the ROI image from the mask only "
                            "(no anatomy branch)"}[variant]
-    card = {"model": weights_name, "variant": variant, "family": family,
+    card = {"model": WEIGHTS_NAME, "variant": variant, "family": family,
             "config": config_dict(cfg), "steps": step, "batch": batch, "crop": crop, "lr": lr,
             "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
             "data": data.names, "held_out": [VALIDATION_CASE],
             "license": "research use only: trained on BraTS 2013 (CC BY-NC-SA 3.0), cite Menze et al., IEEE TMI 2015"}
     from ..weights import save_state
 
-    path = save_state(weights_name, {k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()},
+    path = save_state(WEIGHTS_NAME, {k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()},
                       card, out_dir)
     print(json.dumps({"saved": str(path), "steps": step}), flush=True)
     return path
