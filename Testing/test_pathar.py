@@ -48,10 +48,10 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def tiny_iar(grid=(3, 3), seed=0, **kw) -> IARTransformer:
+def tiny_iar(grid=(3, 3), seed=0, modality_embedding=True, **kw) -> IARTransformer:
     torch.manual_seed(seed)
     cfg = IARConfig(grid=grid, structure_vocab=7, appearance_vocab=11, num_modalities=4, n_layer=2, n_head=2,
-                    n_embd=32, **kw)
+                    n_embd=32, modality_embedding=modality_embedding, **kw)
     return IARTransformer(cfg).eval()
 
 
@@ -65,8 +65,9 @@ def random_tokens(model, batch=3, seed=1):
 
 # --------------------------------------------------------------------------- attention and invariance
 
-def test_structure_logits_exactly_invariant_to_appearance_and_modality():
-    model = tiny_iar()
+@pytest.mark.parametrize("modality_embedding", [True, False])
+def test_structure_logits_exactly_invariant_to_appearance_and_modality(modality_embedding):
+    model = tiny_iar(modality_embedding=modality_embedding)
     s, a, mod = random_tokens(model)
     with torch.no_grad():
         ls, la = model(s, a, mod)
@@ -96,8 +97,9 @@ def test_structure_changes_reach_appearance_only_from_their_position():
     assert (la[:, p] - la2[:, p]).abs().max() > 1e-5
 
 
-def test_two_streams_equal_one_masked_interleaved_sequence():
-    model = tiny_iar(grid=(2, 2, 2))
+@pytest.mark.parametrize("modality_embedding", [True, False])
+def test_two_streams_equal_one_masked_interleaved_sequence(modality_embedding):
+    model = tiny_iar(grid=(2, 2, 2), modality_embedding=modality_embedding)
     s, a, mod = random_tokens(model)
     with torch.no_grad():
         ls, la = model(s, a, mod)
@@ -139,7 +141,7 @@ def test_kv_cache_matches_full_recompute():
         s_cache = model.new_cache(2, STRUCTURE)
         steps = [model.structure(s_in[:, j:j + 1], s_cache) for j in range(N + 1)]  # one token at a time
         a_cache = model.new_cache(2, APPEARANCE)
-        chunks = [model.appearance(a_in[:, j:j + 3], a_cache, s_cache) for j in range(0, N, 3)]  # chunked
+        chunks = [model.appearance(a_in[:, j:j + 3], a_cache, s_cache, mod) for j in range(0, N, 3)]  # chunked
     torch.testing.assert_close(torch.cat(steps, 1)[:, :N], ls, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(chunks, 1), la, atol=1e-5, rtol=0)
 
@@ -482,3 +484,26 @@ def test_bundled_weights_sample(monkeypatch):
     assert mask.shape == (64, 64, 64) and (mask > 0).sum() > 100
     assert set(pairs[0].images) == set(MODALITIES)
     assert all(np.isfinite(v.array).all() for v in pairs[0].images.values())
+
+
+def test_warm_start_keeps_old_predictions_and_checks_the_tokenizers(tmp_path):
+    """A transformer without the per-slot modality embedding warm-starts one with it: the new layer starts at
+    zero, so the logits are unchanged; weights trained on other tokenizers are refused."""
+    from scripted_models.errors import WeightsError
+    from scripted_models.pathar.api import TRANSFORMER_NAME
+    from scripted_models.pathar.train import warm_start_transformer
+    from scripted_models.weights import save_state
+
+    old = tiny_iar(modality_embedding=False)
+    s_card, a_card = {"model": "s", "sha256": "aa"}, {"model": "a", "sha256": "bb"}
+    save_state(TRANSFORMER_NAME, old.state_dict(), {"structure_vq": {"sha256": "aa"}, "appearance_vq": {"sha256": "bb"},
+                                                    "steps": 5}, tmp_path)
+    new = tiny_iar(seed=3, modality_embedding=True)
+    info = warm_start_transformer(new, tmp_path, s_card, a_card)
+    assert info["new_layers"] == ["wme.weight"] and not new.wme.weight.any()
+    s, a, mod = random_tokens(old)
+    with torch.no_grad():
+        for x, y in zip(old(s, a, mod), new.eval()(s, a, mod)):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    with pytest.raises(WeightsError, match="different"):
+        warm_start_transformer(tiny_iar(modality_embedding=True), tmp_path, s_card, {"model": "a", "sha256": "cc"})

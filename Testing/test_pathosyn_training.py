@@ -5,6 +5,7 @@ The training runs use a synthetic lesion cache (no shared data, no anatomy model
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_variant_targets_and_conditions(lesion_cache, variant):
     from scripted_models.pathosyn.deviation import NULL_CONDITION, variant_config
     from scripted_models.pathosyn.train_deviation import LesionCrops
 
-    crops = LesionCrops(lesion_cache, variant_config(variant))
+    crops = LesionCrops(lesion_cache, replace(variant_config(variant), residual_smoothing=0.0))  # exact targets
     rng = np.random.default_rng(3)
     n_mod = len(MODALITIES)
     seen = 0
@@ -87,6 +88,48 @@ def test_variant_targets_and_conditions(lesion_cache, variant):
                     assert residual_part[c][lesion].min() > 1.0
         assert not target[avail == 0].any()
     assert seen > 10
+
+
+def test_residual_smoothing_removes_voxel_noise_and_keeps_the_lesion_signal(tmp_path):
+    from scipy.ndimage import laplace
+
+    from scripted_models.pathosyn.deviation import RESIDUAL_SMOOTHING, variant_config
+    from scripted_models.pathosyn.train_deviation import smooth_residual
+
+    assert all(variant_config(v).residual_smoothing == RESIDUAL_SMOOTHING > 0
+               for v in ("pathosyn", "holistic", "mask_only"))
+    rng = np.random.default_rng(0)
+    residual = np.zeros((4, 24, 24, 24), np.float32)
+    residual[:, 6:18, 6:18, 6:18] = 1.5 + rng.normal(0, 0.5, (4, 12, 12, 12))  # lesion signal + scan noise
+    raw = {"residual": residual.copy()}
+    smooth = smooth_residual({"residual": residual.copy()}, RESIDUAL_SMOOTHING)["residual"]
+    assert np.array_equal(smooth_residual(raw, 0.0)["residual"], residual)  # 0 = untouched
+    inner = (slice(None), slice(8, 16), slice(8, 16), slice(8, 16))
+    assert abs(smooth[inner].mean() - residual[inner].mean()) < 0.05  # the lesion's mean deviation stays
+    assert abs(smooth.sum() - residual.sum()) / residual.sum() < 1e-3  # mass conserved
+    assert laplace(smooth[0])[inner[1:]].std() < 0.5 * laplace(residual[0])[inner[1:]].std()  # voxel noise removed
+    far = np.ones((24, 24, 24), bool)
+    far[3:21, 3:21, 3:21] = False
+    assert np.abs(smooth[:, far]).max() < 1e-3  # no leak beyond a few voxels
+
+
+def test_textured_hole_adds_scan_texture_only_inside_the_lesion_region():
+    from scipy.ndimage import laplace
+
+    from scripted_models.pathosyn.train_deviation import textured_hole
+
+    rng = np.random.default_rng(1)
+    anatomy = rng.normal(0, 0.3, (4, 24, 24, 24)).astype(np.float32)
+    weight = np.zeros((24, 24, 24), np.float32)
+    weight[8:16, 8:16, 8:16] = 1.0
+    anatomy[:, weight > 0] = 0.7  # inpainted: smooth inside
+    anatomy[3] = 0.0  # unavailable channel
+    out = textured_hole(anatomy, weight, rng)
+    assert np.array_equal(out[:, weight == 0], anatomy[:, weight == 0])
+    assert not out[3].any()
+    inside = (slice(9, 15),) * 3
+    assert laplace(out[0])[inside].std() > 0.5 * laplace(anatomy[0])[weight == 0].std()
+    assert abs(out[0][inside].mean() - 0.7) < 0.1
 
 
 def _train(monkeypatch, lesion_cache, work, out, variant, steps):

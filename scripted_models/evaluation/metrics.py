@@ -64,4 +64,5 @@ def region_stats(syn: np.ndarray, real: np.ndarray, region: np.ndarray) -> dict:
         "glcm_contrast_err": float(abs(ga["contrast"] - gb["contrast"])),
         "glcm_homogeneity_err": float(abs(ga["homogeneity"] - gb["homogeneity"])),
         "mean_syn": float(a.mean()), "mean_real": float(b.mean()),
+        "glcm_contrast_syn": ga["contrast"], "glcm_contrast_real": gb["contrast"],
     }

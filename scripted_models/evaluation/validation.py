@@ -205,7 +205,9 @@ def demo_residual(seeds=(0, 1, 2), steps: int | None = None, device: str = "auto
         for k in SUBREGIONS:
             if (labels == k).any():
                 means[SUBREGION_NAMES[k].split()[0]].append(float(res[labels == k].mean()))
+    base = float(laplace(t1.array.astype(np.float64))[labels > 0].std())  # the template's own texture there
     return {"seeds": list(seeds), "laplacian_std_in_lesion": round(float(np.mean(rough)), 4),
+            "base_laplacian_std_in_lesion": round(base, 4),
             "mean_residual": {k: round(float(np.mean(v)), 4) for k, v in means.items() if v}}
 
 
@@ -224,6 +226,14 @@ def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None
                             verbose=False)
     pairs = sample_pairs(list(MODALITIES), n, seed, device=device)
     report = quality_report(pairs, patches, list(MODALITIES))
+    # reference for memorisation: how close an unseen real lesion (the held-out case) comes to the training set
+    from ..pathar.data import case_patches
+    from ..pathar.quality import nearest_dice
+
+    held_out, _ = case_patches(Path(data_root) / "cases" / VALIDATION_CASE, patches.config, 1,
+                               np.random.default_rng(0))
+    report["held_out_real_nearest_train_dice"] = round(nearest_dice(held_out, patches.masks[patches.patches(False)])[0],
+                                                       3)
     report.pop("samples", None)
     report["n"] = n
     return report
@@ -286,12 +296,22 @@ def validation_markdown(rows: dict) -> str:
         cells = [f"{lr['per_region'][n][reg]['mean_err']:.3f} / {lr['per_region'][n][reg]['wasserstein']:.3f}"
                  if reg in lr["per_region"][n] else "-" for n in lr["per_region"]]
         lines.append(f"| {reg} | " + " | ".join(cells) + " |")
+    if all("glcm_contrast_real" in r for rows_ in lr["per_region"].values() for r in rows_.values()):
+        lines += ["", "GLCM contrast per sub-region (real, then each method; higher = grainier):", "",
+                  "| region | real | " + " | ".join(lr["per_region"]) + " |",
+                  "|---|---|" + "---|" * len(lr["per_region"])]
+        for reg in regions:
+            real = next(r[reg]["glcm_contrast_real"] for r in lr["per_region"].values() if reg in r)
+            cells = [f"{lr['per_region'][n][reg]['glcm_contrast_syn']:.2f}" if reg in lr["per_region"][n] else "-"
+                     for n in lr["per_region"]]
+            lines.append(f"| {reg} | {real:.2f} | " + " | ".join(cells) + " |")
     lines += ["", f"Outside-region max |output - base|: {lr['outside_region_max_abs_diff']}", ""]
     if "demo_residual" in rows:
         d = rows["demo_residual"]
         lines += ["## MNI152 demo lesion: residual", "",
                   f"Roughness (std of the 3D Laplacian of the residual inside the lesion, MNI units, seeds "
-                  f"{d['seeds']}): {d['laplacian_std_in_lesion']}; mean residual per sub-region: "
+                  f"{d['seeds']}): {d['laplacian_std_in_lesion']} (the MNI T1 itself in the same region: "
+                  f"{d.get('base_laplacian_std_in_lesion', '-')}); mean residual per sub-region: "
                   f"{d['mean_residual']}.", ""]
     if "pathar" in rows:
         pa = rows["pathar"]
@@ -301,7 +321,8 @@ def validation_markdown(rows: dict) -> str:
                   f"| plausible (one main component, core/enhancing inside) | {g['plausible_fraction']} | "
                   f"{r['plausible_fraction']} |",
                   f"| mean pairwise Dice (diversity) | {g.get('mean_pairwise_dice')} | {r['mean_pairwise_dice']} |",
-                  f"| mean nearest-training Dice (memorisation) | {g['mean_nearest_train_dice']} | - |",
+                  f"| mean nearest-training Dice (memorisation) | {g['mean_nearest_train_dice']} | "
+                  f"{pa.get('held_out_real_nearest_train_dice', '-')} (unseen held-out lesion) |",
                   f"| mean volume (ml) | {g.get('mean_volume_ml')} | {r['mean_volume_ml']} |", "",
                   "| modality | sub-region | real contrast | generated | sign agrees |", "|---|---|---|---|---|"]
         for row in pa["intensity"]:

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data root (default ../shared/data or PATHOSYN_DATA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-check", type=int, default=8, help="samples scored into the card (0 = none)")
+    parser.add_argument("--transformer-init", default=None, metavar="FOLDER",
+                        help="warm-start the transformer from the weights in FOLDER (same tokenizers)")
 
 
 

@@ -66,7 +66,8 @@ class PathARConfig:
         appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32)
         grid = structure.grid((patch.size,) * 3)
         transformer = IARConfig(grid=grid, structure_vocab=structure.num_embeddings,
-                                appearance_vocab=appearance.num_embeddings, num_modalities=len(MODALITIES))
+                                appearance_vocab=appearance.num_embeddings, num_modalities=len(MODALITIES),
+                                dropout=0.1, modality_embedding=True)
         return cls(patch, structure, appearance, transformer)
 
 
@@ -84,6 +85,8 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 25
     seed: int = 0
+    modality_balanced: float = 0.5  # share of transformer batch rows drawn modality-first (rare t1/t2 more often)
+    transformer_init: str | None = None  # weights folder to warm-start the transformer from (new layers start at 0)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -142,6 +145,7 @@ class _Stage:
         self.ckpt = self.dir / "checkpoint.pt"
         self.step, extra = load_checkpoint(self.ckpt, model, self.opt)
         self.wall = float(extra.get("wall_s", 0.0))
+        self.meta = {k: v for k, v in extra.items() if k != "wall_s"}  # kept in the checkpoint across resumes
         self.t0 = time.time()
         self.log = LossLog(self.dir / "loss.jsonl", every=1)
         self.every = 25
@@ -164,7 +168,8 @@ class _Stage:
     def checkpoint(self) -> None:
         from ..pathosyn.training import save_checkpoint
 
-        save_checkpoint(self.ckpt, self.model, self.opt, self.step, {"wall_s": self.wall + time.time() - self.t0})
+        save_checkpoint(self.ckpt, self.model, self.opt, self.step,
+                        {"wall_s": self.wall + time.time() - self.t0, **self.meta})
 
     def wall_time(self) -> float:
         return round(self.wall + time.time() - self.t0, 1)
@@ -317,6 +322,27 @@ def load_vqs(folder: Path, device):
     return structure.to(device).eval(), appearance.to(device).eval(), s_card, a_card
 
 
+def warm_start_transformer(model: IARTransformer, folder: Path, s_card: dict, a_card: dict) -> dict:
+    """Load earlier transformer weights (same tokenizers) into `model`; layers the old model lacks (e.g. the
+    modality embedding) start at zero, so training resumes from the old model's predictions."""
+    from ..errors import WeightsError
+
+    state, card = load_state(TRANSFORMER_NAME, folder)
+    for key, vq in (("structure_vq", s_card), ("appearance_vq", a_card)):
+        if card.get(key, {}).get("sha256") != vq["sha256"]:
+            raise WeightsError(f"cannot warm-start from {folder}: its transformer used a different {vq['model']}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise WeightsError(f"cannot warm-start from {folder}: unexpected weights {unexpected[:3]}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in missing:
+                p.zero_()
+    info = {"from": str(folder), "sha256": card["sha256"], "steps": card.get("steps"), "new_layers": missing}
+    print(json.dumps({"warm_start": info}), flush=True)
+    return info
+
+
 def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
                       progress=None) -> Path:
     structure, appearance, s_card, a_card = load_vqs(out_dir, device)
@@ -334,13 +360,21 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     a_tok = torch.from_numpy(tokens["a"].astype(np.int64))
     mod = torch.from_numpy(ps.image_modality.astype(np.int64))
     train_imgs, val_imgs = ps.image_indices(False), ps.image_indices(True)
-    # draw a patch uniformly, then one of its modalities (cases with 2 modalities are not under-represented)
+    # rows drawn patch-first (then one of its modalities: cases with 2 modalities are not under-represented) or,
+    # a share `modality_balanced` of them, modality-first (t1 and t2 exist in fewer cases)
     by_patch = {int(p): np.nonzero(ps.image_patch == p)[0] for p in ps.patches(False)}
     patches = np.array(sorted(by_patch))
+    by_modality = [m for m in (train_imgs[ps.image_modality[train_imgs] == k] for k in range(len(MODALITIES)))
+                   if len(m)]
 
     torch.manual_seed(tc.seed + 2)
     model = IARTransformer(cfg.transformer).to(device)
+    warm = None
+    if tc.transformer_init and not (work / "transformer" / "checkpoint.pt").is_file():
+        warm = warm_start_transformer(model, Path(tc.transformer_init), s_card, a_card)
     st = _Stage(work, "transformer", model, tc.transformer_lr)
+    if warm:
+        st.meta["warm_start"] = warm
     st.every = tc.log_every
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
     total = tc.transformer_steps
@@ -352,8 +386,9 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.transformer_lr, tc.warmup_frac))
-        picks = rng.choice(patches, tc.transformer_batch)
-        images = np.array([rng.choice(by_patch[int(p)]) for p in picks])
+        images = np.array([rng.choice(by_modality[rng.integers(len(by_modality))])
+                           if rng.random() < tc.modality_balanced else rng.choice(by_patch[int(rng.choice(patches))])
+                           for _ in range(tc.transformer_batch)])
         flips = rng.integers(0, 2, len(images))
         with autocast(device):
             loss, loss_s, loss_a = model.loss(*batch_of(images, flips))
@@ -386,6 +421,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "structure_vq": {"name": STRUCTURE_NAME, "sha256": s_card["sha256"]},
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
+            "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
             "params": model.num_params(), "data": ps.sources(), "held_out": [VALIDATION_CASE],
             "metrics": metrics, "versions": _versions(), "license": LICENSE}
     path = save_state(TRANSFORMER_NAME, model.state_dict(), card, out_dir)
@@ -533,6 +569,8 @@ def config_from_args(args) -> TrainConfig:
         tc.vq_batch = args.vq_batch
     if args.transformer_batch:
         tc.transformer_batch = args.transformer_batch
+    if getattr(args, "transformer_init", None):
+        tc.transformer_init = str(args.transformer_init)
     for name in STAGES:
         if getattr(tc, f"{name}_steps") < 1:
             raise InputError(f"{name} steps must be >= 1")

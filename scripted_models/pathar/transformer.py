@@ -54,6 +54,7 @@ class IARConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = False
+    modality_embedding: bool = False  # also add a modality embedding to every appearance slot (not only slot 0)
 
     @property
     def positions(self) -> int:
@@ -239,6 +240,8 @@ class IARTransformer(nn.Module):
         self.wae = nn.Embedding(cfg.appearance_vocab + cfg.num_modalities, C)  # codes + one label per modality
         self.wpe_s = nn.Embedding(N + 1, C)  # structure slots 0..N
         self.wpe_a = nn.Embedding(N, C)  # appearance slots 0..N-1
+        # modality embedding on every appearance slot: the label is not only a token 512 slots back
+        self.wme = nn.Embedding(cfg.num_modalities, C) if cfg.modality_embedding else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
@@ -281,9 +284,20 @@ class IARTransformer(nn.Module):
         cache.length += T
         return self.head_s(self.ln_f(x))
 
-    def appearance(self, inputs: torch.Tensor, cache: KVCache, s_cache: KVCache) -> torch.Tensor:
+    def appearance_embedding(self, inputs: torch.Tensor, slots: torch.Tensor, modality: torch.Tensor | None):
+        """inputs (B, T) codes or MOD label, slots (T,), modality (B,) -> (B, T, C)."""
+        x = self.wae(inputs) + self.wpe_a(slots)
+        if self.wme is not None:
+            if modality is None:
+                raise ValueError("this model adds a modality embedding to every appearance slot: pass modality")
+            x = x + self.wme(modality.long().to(inputs.device))[:, None]
+        return x
+
+    def appearance(self, inputs: torch.Tensor, cache: KVCache, s_cache: KVCache,
+                   modality: torch.Tensor | None = None) -> torch.Tensor:
         """Appearance slots start .. start+T-1 (start = cache.length) with inputs (B, T) (MOD label or codes)
-        -> logits (B, T, Va). s_cache (S rows, B = S*r) must hold structure slots 0..start+T (s_0..s_{start+T-1})."""
+        -> logits (B, T, Va). s_cache (S rows, B = S*r) must hold structure slots 0..start+T (s_0..s_{start+T-1}).
+        modality (B,) is needed when the config has `modality_embedding`."""
         B, T = inputs.shape
         start = cache.length
         n_structure = start + T + 1
@@ -291,7 +305,7 @@ class IARTransformer(nn.Module):
             raise ValueError(f"appearance slots up to {start + T - 1} need {n_structure} structure slots, "
                              f"the cache holds {s_cache.length}")
         slots = torch.arange(start, start + T, device=inputs.device)
-        x = self.drop(self.wae(inputs) + self.wpe_a(slots))  # (B, T, C)
+        x = self.drop(self.appearance_embedding(inputs, slots, modality))  # (B, T, C)
         mask = None
         if T > 1:  # slot t sees structure slots 0..t+1 and appearance slots 0..t; one new slot sees all
             js = torch.arange(n_structure, device=inputs.device)
@@ -302,7 +316,8 @@ class IARTransformer(nn.Module):
         cache.length += T
         return self.head_a(self.ln_f(x))
 
-    def joint_step(self, s_in: torch.Tensor, a_in: torch.Tensor, s_cache: KVCache, a_cache: KVCache):
+    def joint_step(self, s_in: torch.Tensor, a_in: torch.Tensor, s_cache: KVCache, a_cache: KVCache,
+                   modality: torch.Tensor | None = None):
         """Structure slot j = s_cache.length (inputs (S, 1)) and appearance slot j-1 = a_cache.length (inputs
         (S*r, 1)) in one pass. Same result as structure() then appearance(), with half the weight reads.
         Returns (structure logits (S, Vs), appearance logits (S*r, Va))."""
@@ -310,7 +325,7 @@ class IARTransformer(nn.Module):
         if t != j - 1:
             raise ValueError(f"joint step needs appearance slot {j - 1}, the appearance cache is at {t}")
         xs = self.wse(s_in) + self.wpe_s.weight[j]
-        xa = self.wae(a_in) + self.wpe_a.weight[t]
+        xa = self.appearance_embedding(a_in, torch.tensor([t], device=a_in.device), modality)
         for layer, block in enumerate(self.blocks):
             xs, xa = block.joint(xs, xa, layer, s_cache, a_cache)
         s_cache.length += 1
@@ -338,7 +353,7 @@ class IARTransformer(nn.Module):
         logits_s = self.structure(s_in, s_cache)[:, :N]  # slot N predicts nothing
         if a_in is None:
             return logits_s, None
-        return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache)
+        return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache, modality)
 
     def loss(self, s_tokens, a_tokens, modality):
         logits_s, logits_a = self(s_tokens, a_tokens, modality)
@@ -356,7 +371,7 @@ class IARTransformer(nn.Module):
         is_s = kind == STRUCTURE
         x = torch.empty(B, kind.numel(), self.cfg.n_embd, device=s_tokens.device)
         x[:, is_s] = self.wse(s_in[:, slot[is_s]]) + self.wpe_s(slot[is_s])
-        x[:, ~is_s] = self.wae(a_in[:, slot[~is_s]]) + self.wpe_a(slot[~is_s])
+        x[:, ~is_s] = self.appearance_embedding(a_in[:, slot[~is_s]], slot[~is_s], modality)
         mask = interleaved_mask(N).to(s_tokens.device)
         for block in self.blocks:
             q, k, v = block.attn.qkv(block.ln_1(x))
@@ -427,7 +442,7 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
     for t in range(N):
-        logits = model.appearance(x, cache, s_cache)[:, -1]
+        logits = model.appearance(x, cache, s_cache, modality)[:, -1]
         tokens[:, t] = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)
         x = tokens[:, t:t + 1]
         if callback is not None:
@@ -457,7 +472,7 @@ def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: 
     s_tokens[:, 0] = pick(logits_s, None if s_noise is None else s_noise[:, 0].to(device), temperature, top_k)
     a_in = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
     for j in range(1, N + 1):
-        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache)
+        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache, modality)
         if j < N:
             s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
         a_tokens[:, j - 1] = pick(logits_a, None if a_noise is None else a_noise[:, j - 1].to(device), temperature,

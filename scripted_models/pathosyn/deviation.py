@@ -45,6 +45,9 @@ class DeviationConfig:
     preview_steps: int = 2
     target: str = "residual"  # "residual" (PathoSyn) or "image" (holistic / mask_only baselines)
     anatomy_condition: bool = True  # False: anatomy channels are zero (mask_only baseline)
+    # Gaussian sigma (voxels of the 1 mm training grid) applied to the training residual: the scan's own noise
+    # belongs to the base, not to the lesion (learning it doubled the noise on healthy bases). 0 = raw residual.
+    residual_smoothing: float = 0.0
 
     @property
     def out_channels(self) -> int:
@@ -55,11 +58,14 @@ class DeviationConfig:
         return 2 * len(MODALITIES) + NUM_SUBREGIONS + 1 + 1
 
 
+RESIDUAL_SMOOTHING = 0.5  # what new trainings use (older cards have no key and trained on the raw residual)
+
+
 def variant_config(variant: str) -> DeviationConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown deviation variant '{variant}' (choose from {', '.join(VARIANTS)})")
     return DeviationConfig(target="residual" if variant == "pathosyn" else "image",
-                           anatomy_condition=variant != "mask_only")
+                           anatomy_condition=variant != "mask_only", residual_smoothing=RESIDUAL_SMOOTHING)
 
 
 def build_deviation_model(cfg: DeviationConfig) -> torch.nn.Module:

@@ -77,13 +77,40 @@ def prepare_lesion_cache(cache: Path, data_root=None, device=None, include_valid
     return paths
 
 
+def smooth_residual(case: dict, sigma: float) -> dict:
+    """Low-pass each residual channel (Gaussian, sigma in voxels); 0 leaves it as is."""
+    if sigma > 0:
+        from scipy.ndimage import gaussian_filter
+
+        case["residual"] = np.stack([gaussian_filter(r, sigma, mode="nearest") for r in case["residual"]])
+    return case
+
+
+def textured_hole(anatomy: np.ndarray, region_weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Give the inpainted (smooth) lesion region of an anatomy crop (C, D, H, W) the scan's own fine texture:
+    the crop's high-pass component, taken from a random shift, blended in with the region weight."""
+    from scipy.ndimage import gaussian_filter
+
+    shift = tuple(int(v) for v in rng.integers(4, 12, size=3) * rng.choice([-1, 1], size=3))
+    out = anatomy.copy()
+    for c, channel in enumerate(anatomy):
+        if not channel.any():
+            continue
+        fine = channel - gaussian_filter(channel, 1.0, mode="nearest")
+        out[c] = channel + region_weight * np.roll(fine, shift, axis=(0, 1, 2))
+    return out
+
+
 class LesionCrops:
     """Random augmented lesion crops -> (condition, target, availability) for one deviation variant."""
 
     def __init__(self, paths: list[Path], cfg: DeviationConfig | None = None):
-        self.cases = [dict(np.load(p)) for p in paths]
-        self.names = [p.stem for p in paths]
         self.cfg = cfg or DeviationConfig()
+        self.cases = [smooth_residual(dict(np.load(p)), self.cfg.residual_smoothing) for p in paths]
+        self.names = [p.stem for p in paths]
+        # share of crops whose (inpainted, smooth) anatomy gets the scan's texture inside the lesion region,
+        # as a healthy input base has at synthesis time
+        self.cfg_texture_prob = 0.5 if self.cfg.residual_smoothing > 0 else 0.0
 
     def sample(self, rng: np.random.Generator, crop: int):
         c = self.cases[rng.integers(len(self.cases))]
@@ -104,6 +131,8 @@ class LesionCrops:
         arrays = [np.rot90(a, k, axes=(2, 3)) for a in arrays]
         anatomy, residual, labels, weight = [np.ascontiguousarray(a) for a in arrays]
         labels, weight = labels[0], weight[0]
+        if rng.random() < self.cfg_texture_prob:
+            anatomy = textured_hole(anatomy, weight, rng)
         gain = rng.uniform(0.9, 1.1, size=(4, 1, 1, 1)).astype(np.float32)
         anatomy = anatomy * gain + rng.uniform(-0.1, 0.1, size=(4, 1, 1, 1)).astype(np.float32)
         residual = residual * gain
