@@ -9,9 +9,10 @@ pathar_<stage>.safetensors + .json model card into the weights folder (scripted_
 The transformer stage tokenizes the patches with the *saved* VQ weights. After the last stage pathar.md
 (a markdown model card built from the JSON cards) is written next to the weights.
 
-Default sizes take about 40 minutes on 2 CPU cores (bf16 autocast where supported; measured on this machine):
-structure 1500 steps (~0.31 s/step, 8 min), appearance 1500 steps (~0.48 s/step, 12 min), transformer 800 steps
-at batch 8 (~1.6 s/step, 21 min), plus ~1 min for the patch cache, tokenization and the sample check.
+Default sizes, float32 on 2 CPU cores (measured on this machine): structure 1500 steps (~8 min), appearance 1500
+steps (~12 min), transformer 1500 steps at batch 8 (~1.5 s/step, 38 min), plus ~1 min for the patch cache and
+tokenization. The bundled transformer was warm-started (`--transformer-init scripted_models/weights`) from an
+earlier 800-step model without the per-slot modality embedding.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class PathARConfig:
 class TrainConfig:
     structure_steps: int = 1500
     appearance_steps: int = 1500
-    transformer_steps: int = 800
+    transformer_steps: int = 1500
     vq_batch: int = 4
     transformer_batch: int = 8
     vq_lr: float = 1e-3
@@ -486,7 +487,9 @@ def write_markdown_card(folder: Path | None = None) -> Path:
     for name, card in cards.items():
         val = card.get("metrics", {}).get("val", {})
         shown = ", ".join(f"{k} {v}" for k, v in val.items())
-        lines.append(f"| {name} | `{card['sha256'][:16]}` | {card['steps']} | {card['batch']} | "
+        warm = card.get("warm_start") or {}
+        steps = f"{card['steps']} (after {warm['steps']} of the weights it warm-started from)" if warm else card["steps"]
+        lines.append(f"| {name} | `{card['sha256'][:16]}` | {steps} | {card['batch']} | "
                      f"{card['wall_time_s'] / 60:.1f} min | {shown} |")
     samples = t.get("metrics", {}).get("samples")
     lines += ["", "Metrics: Dice per label of the mask reconstruction, image MAE in z units (mae_lesion inside the "
@@ -495,9 +498,10 @@ def write_markdown_card(folder: Path | None = None) -> Path:
     if samples:
         lines += ["## Samples", "", "```", json.dumps(samples, indent=1), "```", ""]
     lines += ["## Limitations", "",
-              "Trained on very few cases (listed above), on 2 CPU cores in about 40 minutes: samples are coarse, "
+              "Trained on very few cases (listed above), on 2 CPU cores (wall times above): samples are coarse, "
               "and the nearest-training-mask Dice (`python -m scripted_models.pathar.quality`) shows how close they "
-              "stay to the training lesions. Research use only; not for clinical use.", ""]
+              "stay to the training lesions. The transformer overfits them: its negative log-likelihood on the "
+              "held-out case is far above the training value. Research use only; not for clinical use.", ""]
     path = folder / "pathar.md"
     path.write_text("\n".join(lines))
     return path
