@@ -165,3 +165,21 @@ def test_ablation_training_resumes_and_synthesizes_through_the_same_pipeline(mon
     bundled = synthesize_lesion({"t1": head}, mask, seed=0, steps=2)
     assert bundled.report["variant"] == "pathosyn"
     assert not np.array_equal(bundled.images["t1"].array, out_img)
+
+
+def test_band_limit_applies_only_to_models_trained_on_smoothed_residuals():
+    from dataclasses import replace
+
+    from scipy.ndimage import laplace
+
+    from scripted_models.pathosyn.deviation import band_limit, variant_config
+
+    rng = np.random.default_rng(0)
+    samples = rng.normal(0, 1, (2, 4, 16, 16, 16)).astype(np.float32)
+    smooth = band_limit(samples, variant_config("pathosyn"))
+    assert smooth.shape == samples.shape and smooth.dtype == samples.dtype
+    assert laplace(smooth[0, 0]).std() < 0.5 * laplace(samples[0, 0]).std()
+    assert np.allclose(smooth[1], band_limit(samples[1:], variant_config("pathosyn"))[0])  # per sample
+    raw = replace(variant_config("pathosyn"), residual_smoothing=0.0)  # older weights: untouched
+    assert band_limit(samples, raw) is samples
+    assert band_limit(samples, variant_config("holistic")) is samples  # image targets: never blurred

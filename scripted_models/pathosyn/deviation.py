@@ -45,8 +45,9 @@ class DeviationConfig:
     preview_steps: int = 2
     target: str = "residual"  # "residual" (PathoSyn) or "image" (holistic / mask_only baselines)
     anatomy_condition: bool = True  # False: anatomy channels are zero (mask_only baseline)
-    # Gaussian sigma (voxels of the 1 mm training grid) applied to the training residual: the scan's own noise
-    # belongs to the base, not to the lesion (learning it doubled the noise on healthy bases). 0 = raw residual.
+    # Gaussian sigma (voxels of the 1 mm training grid) applied to the training residual, and to sampled
+    # residuals: the scan's own noise belongs to the base, not to the lesion (learning it doubled the noise on
+    # healthy bases). 0 = raw residual.
     residual_smoothing: float = 0.0
 
     @property
@@ -153,7 +154,18 @@ class DeviationModel:
                                       cfg=None if guidance == 1.0 else float(guidance),
                                       cfg_fill_value=NULL_CONDITION)
             out.append(residual[0].float().cpu().numpy() / self.cfg.residual_scale)
-        return np.stack(out)
+        return band_limit(np.stack(out), self.cfg)
+
+
+def band_limit(samples: np.ndarray, cfg: DeviationConfig) -> np.ndarray:
+    """Residual samples (K, C, D, H, W) low-passed with the Gaussian the training target had (residual models
+    with `residual_smoothing` only): detail finer than the target's band is sampler/model error, not lesion."""
+    if cfg.target != "residual" or cfg.residual_smoothing <= 0:
+        return samples
+    from scipy.ndimage import gaussian_filter
+
+    sigma = (0, 0) + (float(cfg.residual_smoothing),) * (samples.ndim - 2)
+    return gaussian_filter(samples, sigma, mode="nearest").astype(samples.dtype, copy=False)
 
 
 def config_dict(cfg: DeviationConfig) -> dict:
