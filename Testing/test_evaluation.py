@@ -31,12 +31,14 @@ def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
     assert "classifier AUROC" in text and "PathAR samples" in text and "![lesion slices]" in text
 
 
-def test_bench_quick_prints_latency_memory_and_plot(tmp_path):
-    from scripted_models.evaluation.bench import run_bench
+def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
+    from scripted_models.cli import main
 
-    out = tmp_path / "bench.json"
-    rows = run_bench(quick=True, out=out)
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0  # a folder: FOLDER/bench_pathosyn.json
+    out = tmp_path / "bench_pathosyn.json"
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
+    rows = json.loads(out.read_text())
+    assert "p50" in capsys.readouterr().out
     sides = {r["side"]: r for r in rows["vs_roi"]}
     assert sides[64]["roi_voxels"] > sides[32]["roi_voxels"]
     assert sides[64]["p50_s"] > sides[32]["p50_s"] > 0  # latency grows with the lesion ROI

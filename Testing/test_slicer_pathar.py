@@ -257,7 +257,9 @@ def test_mask_sticking_out_is_clipped_with_a_warning(app, logic, run, caplog):
     on_grid = logic._pathoSyn.maskFromNode(placed, target)[0].array
     kept_ml = (on_grid > 0).sum() / 1000.0
     lesion_ml = (lesion.array > 0).sum() * np.prod(lesion.spacing) / 1000.0
-    assert kept_ml == pytest.approx((1 - lost) * lesion_ml, rel=0.08)
+    # the reported loss accounts for the clipped volume to within 3 % of the lesion (the kept part is a small
+    # corner wedge whose nearest-neighbour surface costs more than 3 % of itself)
+    assert abs(kept_ml - (1 - lost) * lesion_ml) <= 0.03 * lesion_ml
 
 
 def test_bad_inputs_raise_one_line_and_leave_the_scene(app, logic, run, monkeypatch, tmp_path):

@@ -21,13 +21,18 @@ def ras_to_lps(point) -> np.ndarray:
     return np.array([-x, -y, z])
 
 
-def lesion_points_lps(lesion: Volume) -> np.ndarray:
-    """(3, N) physical (LPS) centres of the lesion's voxels."""
+def lesion_points_lps(lesion: Volume, subdivide: int = 1) -> np.ndarray:
+    """(3, N) physical (LPS) centres of the lesion's voxels; with subdivide s, the centres of the s^3 sub-voxels
+    of each voxel (N x s^3 points), so that a voxel cut by a boundary counts by the share on each side."""
     points = np.argwhere(np.asarray(lesion.array) > 0)  # (N, 3) z, y, x
     if not len(points):
         raise InputError("the lesion mask to place is empty")
-    ijk = np.c_[points[:, ::-1], np.ones(len(points))].T  # (4, N) i, j, k, 1
-    return (lesion.ijk_to_lps() @ ijk)[:3]
+    ijk = points[:, ::-1].astype(float)  # i, j, k
+    if subdivide > 1:
+        steps = (np.arange(subdivide) + 0.5) / subdivide - 0.5
+        offsets = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+        ijk = (ijk[:, None, :] + offsets[None]).reshape(-1, 3)
+    return (lesion.ijk_to_lps() @ np.c_[ijk, np.ones(len(ijk))].T)[:3]
 
 
 def point_in_volume(reference: Volume, point_lps) -> bool:
@@ -55,7 +60,7 @@ def place_lesion(lesion: Volume, reference: Volume, target_lps) -> tuple[Volume,
                          "volume")
     points = lesion_points_lps(lesion)
     shift = target - points.mean(axis=1)
-    lost = 1.0 - fraction_in_fov(points + shift[:, None], reference)
+    lost = 1.0 - fraction_in_fov(lesion_points_lps(lesion, subdivide=4) + shift[:, None], reference)
     if lost >= 1.0:
         raise InputError("the placed lesion lies entirely outside the target volume")
     moved = Volume(np.asarray(lesion.array, np.uint8), lesion.spacing, tuple(np.add(lesion.origin, shift)),

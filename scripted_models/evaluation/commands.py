@@ -8,8 +8,10 @@ from pathlib import Path
 def cmd_bench(args) -> int:
     from .bench import print_bench, run_bench
 
-    rows = run_bench(repeats=args.repeats, quick=args.quick, out=Path(args.out) if args.out else None,
-                     device=args.device, naive=not args.no_naive)
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or args.out.endswith(("/", "\\"))):
+        out = out / "bench_pathosyn.json"  # a folder: the default file name inside it (checked before the run)
+    rows = run_bench(repeats=args.repeats, quick=args.quick, out=out, device=args.device, naive=not args.no_naive)
     print_bench(rows)
     return 0
 
@@ -37,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="short run for CI")
     p.add_argument("--no-naive", action="store_true", help="skip the whole-volume comparison")
-    p.add_argument("--out", default=None, help="also write the numbers as JSON")
+    p.add_argument("--out", default=None, help="also write the numbers as JSON (a file, or a folder for "
+                                                "FOLDER/bench_pathosyn.json) and a PNG plot next to it")
     add_common(p)
     p.set_defaults(func=cmd_bench)
 

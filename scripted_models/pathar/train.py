@@ -488,7 +488,9 @@ def write_markdown_card(folder: Path | None = None) -> Path:
         val = card.get("metrics", {}).get("val", {})
         shown = ", ".join(f"{k} {v}" for k, v in val.items())
         warm = card.get("warm_start") or {}
-        steps = f"{card['steps']} (after {warm['steps']} of the weights it warm-started from)" if warm else card["steps"]
+        steps = card["steps"]
+        if warm:
+            steps = f"{steps} (after {warm['steps']} of the weights it warm-started from)"
         lines.append(f"| {name} | `{card['sha256'][:16]}` | {steps} | {card['batch']} | "
                      f"{card['wall_time_s'] / 60:.1f} min | {shown} |")
     samples = t.get("metrics", {}).get("samples")
