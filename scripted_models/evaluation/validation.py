@@ -217,8 +217,8 @@ def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None
     sub-region intensity signs and ordering per modality)."""
     from ..labels import MODALITIES
     from ..pathar.api import TRANSFORMER_NAME, load_models, sample_pairs
-    from ..pathar.data import PatchConfig, build_patches
-    from ..pathar.quality import quality_report
+    from ..pathar.data import PatchConfig, build_patches, case_patches
+    from ..pathar.quality import nearest_dice, quality_report
 
     model = load_models(device)
     work = Path(work or Path.home() / ".cache" / "pathosyn" / "pathar_patches")
@@ -227,9 +227,6 @@ def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None
     pairs = sample_pairs(list(MODALITIES), n, seed, device=device)
     report = quality_report(pairs, patches, list(MODALITIES))
     # reference for memorisation: how close an unseen real lesion (the held-out case) comes to the training set
-    from ..pathar.data import case_patches
-    from ..pathar.quality import nearest_dice
-
     held_out, _ = case_patches(Path(data_root) / "cases" / VALIDATION_CASE, patches.config, 1,
                                np.random.default_rng(0))
     report["held_out_real_nearest_train_dice"] = round(nearest_dice(held_out, patches.masks[patches.patches(False)])[0],

@@ -240,7 +240,7 @@ class IARTransformer(nn.Module):
         self.wae = nn.Embedding(cfg.appearance_vocab + cfg.num_modalities, C)  # codes + one label per modality
         self.wpe_s = nn.Embedding(N + 1, C)  # structure slots 0..N
         self.wpe_a = nn.Embedding(N, C)  # appearance slots 0..N-1
-        # modality embedding on every appearance slot: the label is not only a token 512 slots back
+        # modality embedding on every appearance slot: the label is not only a token up to N slots back
         self.wme = nn.Embedding(cfg.num_modalities, C) if cfg.modality_embedding else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])

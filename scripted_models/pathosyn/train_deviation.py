@@ -82,7 +82,7 @@ def smooth_residual(case: dict, sigma: float) -> dict:
     if sigma > 0:
         from scipy.ndimage import gaussian_filter
 
-        case["residual"] = np.stack([gaussian_filter(r, sigma, mode="nearest") for r in case["residual"]])
+        case["residual"] = gaussian_filter(case["residual"], (0, sigma, sigma, sigma), mode="nearest")
     return case
 
 
@@ -110,7 +110,7 @@ class LesionCrops:
         self.names = [p.stem for p in paths]
         # share of crops whose (inpainted, smooth) anatomy gets the scan's texture inside the lesion region,
         # as a healthy input base has at synthesis time
-        self.cfg_texture_prob = 0.5 if self.cfg.residual_smoothing > 0 else 0.0
+        self.texture_prob = 0.5 if self.cfg.residual_smoothing > 0 else 0.0
 
     def sample(self, rng: np.random.Generator, crop: int):
         c = self.cases[rng.integers(len(self.cases))]
@@ -131,7 +131,7 @@ class LesionCrops:
         arrays = [np.rot90(a, k, axes=(2, 3)) for a in arrays]
         anatomy, residual, labels, weight = [np.ascontiguousarray(a) for a in arrays]
         labels, weight = labels[0], weight[0]
-        if rng.random() < self.cfg_texture_prob:
+        if rng.random() < self.texture_prob:
             anatomy = textured_hole(anatomy, weight, rng)
         gain = rng.uniform(0.9, 1.1, size=(4, 1, 1, 1)).astype(np.float32)
         anatomy = anatomy * gain + rng.uniform(-0.1, 0.1, size=(4, 1, 1, 1)).astype(np.float32)
