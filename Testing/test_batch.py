@@ -204,27 +204,16 @@ def test_identity_local_workers_dask_and_resume(tmp_path):
     files = write_synthesis(result, tmp_path / "direct")
     assert sha256_file(Path(files["t1"])) == reference["case0"]["t1"]
 
-    # 2 local workers and a 2-worker Dask cluster both run 1 torch thread per job: identical bytes
+    # 2 local workers and a 2-worker Dask cluster run 1 torch thread per job, 1 worker runs 2: identical bytes
     run_batch(manifest, tmp_path / "w2", workers=2)
     assert_complete(tmp_path / "w2", cases)
-    two_workers = nifti_checksums(tmp_path / "w2")
+    assert nifti_checksums(tmp_path / "w2") == reference
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         rows = run_batch(manifest, tmp_path / "dask", scheduler=client)
     assert [r["status"] for r in rows] == ["done"] * 3
     assert_complete(tmp_path / "dask", cases)
-    assert nifti_checksums(tmp_path / "dask") == two_workers
-    # 1 worker ran 2 threads: float32 convolutions may round differently, nothing more (an integer input comes
-    # back as integers, where such a difference can flip the rounding of a voxel by one unit)
-    for case in cases:
-        for name in ("t1", "residual_t1"):
-            va = read_volume(tmp_path / "w1" / case / f"{name}.nii.gz").array
-            a = va.astype(np.float64)
-            b = read_volume(tmp_path / "w2" / case / f"{name}.nii.gz").array.astype(np.float64)
-            quantum = 1.0 if np.issubdtype(va.dtype, np.integer) else 0.0
-            diff = np.abs(a - b)
-            assert diff.max() <= max(quantum, 1e-4 * max(1.0, np.abs(a).max())), (case, name)
-            assert (diff > 1e-4 * max(1.0, np.abs(a).max())).mean() < 1e-3, (case, name)  # rare flips only
+    assert nifti_checksums(tmp_path / "dask") == reference
 
     # resume: a corrupt output and a missing done-marker are redone, the rest is skipped
     out = tmp_path / "w1"

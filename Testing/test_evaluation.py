@@ -25,10 +25,15 @@ def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
         assert 0.0 <= method["classifier_auroc"] <= 1.0
     assert summary["constant_fill"]["classifier_auroc"] > 0.9  # a texture-free fill is easy to tell apart
     assert all(v == 0.0 for v in rows["lesion_realism"]["outside_region_max_abs_diff"].values())
+    sweep = {r["spacing"]: r for r in rows["sampler_sweep"]}
+    assert set(sweep) == {"trailing", "monai"} and all(r["steps"] == 2 for r in sweep.values())
+    # MONAI's 2 steps tell the model t = 0 for a sample at noise level 499: the consistent grid must do better
+    assert sweep["trailing"]["mean_err"] < sweep["monai"]["mean_err"]
     pathar = rows["pathar"]
     assert pathar["n"] == 4 and 0.0 <= pathar["generated"]["plausible_fraction"] <= 1.0
     text = (out / "validation.md").read_text()
     assert "classifier AUROC" in text and "PathAR samples" in text and "![lesion slices]" in text
+    assert "timestep spacing" in text
 
 
 def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):

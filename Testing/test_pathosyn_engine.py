@@ -137,3 +137,58 @@ def test_bad_input_raises_one_line(case, message):
     with pytest.raises(InputError, match=message) as info:
         synthesize_lesion(images, mask, steps=1, **kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 10, 20])
+def test_ddim_timesteps_follow_the_step_stride_down_to_the_clean_sample(steps):
+    from scripted_models.pathosyn.deviation import DeviationConfig, build_scheduler
+
+    cfg = DeviationConfig()
+    trailing = build_scheduler(cfg, "ddim", steps)
+    ts = [int(t) for t in trailing.timesteps]
+    stride = cfg.num_train_timesteps // steps  # what DDIMScheduler.step subtracts
+    assert len(ts) == steps and cfg.num_train_timesteps - stride <= ts[0] <= cfg.num_train_timesteps - 1
+    assert all(a - b == stride for a, b in zip(ts, ts[1:]))  # each step lands where the next one starts
+    assert ts[-1] - stride == -1  # the last step lands on the clean sample (alpha_prod = 1)
+    if steps > 1:  # MONAI's own linspace grid does not follow the step's stride
+        monai = [int(t) for t in build_scheduler(DeviationConfig(timestep_spacing="monai"), "ddim", steps).timesteps]
+        assert monai[-1] == 0 and any(a - b != stride for a, b in zip(monai, monai[1:]))
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        build_scheduler(DeviationConfig(timestep_spacing="sideways"), "ddim", steps)
+
+
+def test_same_seed_same_bytes_on_one_and_two_threads():
+    import torch
+
+    head = make_head()
+    mask = make_ball_mask(head)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            result = synthesize_lesion({"t1": head}, mask, seed=5, steps=STEPS)
+            runs.append((result.images["t1"].array, result.residuals["t1"].array))
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_pinned_convolutions_match_pytorch_and_leave_training_alone():
+    import torch
+
+    from scripted_models.runtime import pin_onednn_convolutions
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.Conv3d(8, 4, 1),
+                              torch.nn.Conv3d(4, 4, 3, stride=2, padding=1))
+    x = torch.randn(1, 3, 12, 10, 8)
+    with torch.no_grad():
+        reference = net(x)
+    pin_onednn_convolutions(pin_onednn_convolutions(net))  # idempotent
+    with torch.no_grad():
+        pinned = net(x)
+    torch.testing.assert_close(pinned, reference, rtol=1e-5, atol=1e-6)
+    net(x).sum().backward()  # grad enabled: PyTorch's own path, trainable
+    assert all(p.grad is not None for p in net.parameters())

@@ -153,6 +153,10 @@ def test_ablation_training_resumes_and_synthesizes_through_the_same_pipeline(mon
     assert load_card("deviation_diffusion", out)["steps"] == 5
     state = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 5 and "ema" in state and json.loads(state["extra"])["start_step"] == 0
+    # a new work folder retrains from scratch, even where out already holds weights
+    _train(monkeypatch, lesion_cache, tmp_path / "work_again", out, "holistic", steps=2)
+    assert load_card("deviation_diffusion", out)["steps"] == 2
+    _train(monkeypatch, lesion_cache, tmp_path / "work", out, "holistic", steps=5)
 
     head = make_head()
     mask = make_ball_mask(head)

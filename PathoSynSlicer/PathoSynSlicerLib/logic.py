@@ -7,7 +7,7 @@ Python console (blocking)::
 
     from PathoSynSlicerLib.logic import PathoSynSlicerLogic
     logic = PathoSynSlicerLogic()
-    result = logic.synthesize(getNode("T1"), getNode("Segmentation"), modality="t1", seed=0, steps=20)
+    result = logic.synthesize(getNode("T1"), getNode("Segmentation"), modality="t1", seed=0, steps=5)
     result.volumes["t1"], result.residuals["t1"], result.segmentation
 
 A cohort from a manifest (same engine as `pathosyn batch`; resumable; results loaded on request)::

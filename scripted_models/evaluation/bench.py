@@ -53,15 +53,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 96), steps_list=(3, 10, 25),
+def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 96), steps_list=(2, 5, 10, 20),
               naive: bool = True, out: Path | None = None, device: str = "auto") -> dict:
     import torch
 
     from ..pathosyn.api import synthesize_lesion
-    from ..pathosyn.deviation import DeviationConfig
+    from ..pathosyn.deviation import WEIGHTS_NAME
     from ..templates import mni_t1
+    from ..weights import load_card
 
-    cfg = DeviationConfig()
     t1 = mni_t1()
     if quick:
         repeats, roi_sides, steps_list = 2, (32, 64), (3,)
@@ -77,9 +77,10 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
 
     # 1. headline: 64^3 ROI, default and preview steps
     times, res = _time(lambda: synth(mask64), repeats)
-    rows["roi64_default"] = {**_stats(times), "steps": cfg.default_steps, "roi": res.report["roi_size_zyx"]}
-    times, res = _time(lambda: synth(mask64, cfg.preview_steps), repeats)
-    rows["roi64_preview"] = {**_stats(times), "steps": cfg.preview_steps, "roi": res.report["roi_size_zyx"]}
+    rows["roi64_default"] = {**_stats(times), "steps": res.report["steps"], "roi": res.report["roi_size_zyx"]}
+    preview_steps = load_card(WEIGHTS_NAME)["config"]["preview_steps"]
+    times, res = _time(lambda: synth(mask64, preview_steps), repeats)
+    rows["roi64_preview"] = {**_stats(times), "steps": res.report["steps"], "roi": res.report["roi_size_zyx"]}
 
     # 2. same lesion in a volume twice as large (padded along z)
     from ..volume import Volume

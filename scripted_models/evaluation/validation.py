@@ -103,19 +103,72 @@ def _copy_paste_residual(data_root: Path, target_shape, target_centroid, modalit
     return out
 
 
-def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, device: str = "auto",
-                   figure: Path | None = None) -> dict:
-    from ..pathosyn.api import pseudo_healthy, synthesize_lesion
+def _validation_case(data_root: Path, device: str):
+    """(case, mask, normalisers, real z-scores, pseudo-healthy base, its z-scores) of the held-out case."""
+    from ..pathosyn.api import pseudo_healthy
 
     case = load_case(Path(data_root) / "cases" / VALIDATION_CASE)
-    seg = case.seg
-    lesion = seg > 0
+    lesion = case.seg > 0
     fg = case.foreground()
-    mask = case.reference.with_array(seg)
+    mask = case.reference.with_array(case.seg)
     norms = {m: IntensityNormalizer.fit(v.array, exclude=lesion, foreground=fg) for m, v in case.images.items()}
     real = {m: norms[m].forward(v.array) for m, v in case.images.items()}
     ph = pseudo_healthy(case.images, mask, device=device)
     ph_z = {m: norms[m].forward(v.array) for m, v in ph.items()}
+    return case, mask, norms, real, ph, ph_z
+
+
+def _region_summary(runs: list[dict], real: dict, seg: np.ndarray) -> tuple[dict, dict]:
+    """Per sub-region x modality stats averaged over runs, and their mean over regions."""
+    rows = {}
+    for m in real:
+        for k in SUBREGIONS:
+            sel = seg == k
+            if sel.sum() < 50:
+                continue
+            stats = [region_stats(r[m], real[m], sel) for r in runs if m in r]
+            rows[f"{m}/{SUBREGION_NAMES[k].split()[0]}"] = {key: float(np.mean([s[key] for s in stats]))
+                                                          for key in stats[0]}
+    summary = {key: round(float(np.mean([r[key] for r in rows.values()])), 4)
+               for key in ("mean_err", "std_err", "wasserstein", "glcm_contrast_err")}
+    return rows, summary
+
+
+def sampler_sweep(data_root: Path, settings=(("trailing", 2), ("trailing", 5), ("trailing", 10),
+                                             ("monai", 5), ("monai", 10), ("monai", 20)),
+                  samples: int = 3, device: str = "auto") -> list[dict]:
+    """PathoSyn realism on the held-out case against DDIM timestep spacing and step count (same weights)."""
+    from dataclasses import replace
+
+    from ..pathosyn.api import _model, synthesize_lesion
+    from ..runtime import pick_device
+
+    case, mask, norms, real, ph, _ = _validation_case(data_root, device)
+    model = _model("deviation", pick_device(device))
+    original = model.cfg
+    out = []
+    try:
+        for spacing, steps in settings:
+            model.cfg = replace(original, timestep_spacing=spacing)
+            t = time.perf_counter()
+            runs = [{m: norms[m].forward(v.array) for m, v in
+                     synthesize_lesion(ph, mask, seed=k, steps=steps, device=device).images.items()}
+                    for k in range(samples)]
+            seconds = (time.perf_counter() - t) / samples
+            out.append({"spacing": spacing, "steps": steps, **_region_summary(runs, real, case.seg)[1],
+                        "synthesize_s_per_sample": round(seconds, 2)})
+    finally:
+        model.cfg = original
+    return out
+
+
+def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, device: str = "auto",
+                   figure: Path | None = None) -> dict:
+    from ..pathosyn.api import synthesize_lesion
+
+    case, mask, norms, real, ph, ph_z = _validation_case(data_root, device)
+    seg = case.seg
+    lesion = seg > 0
     sp = case.spacing_zyx
     weight = blend_weight(lesion, dilate_mm(lesion, 6.0, sp), sp)
 
@@ -149,22 +202,9 @@ def lesion_realism(data_root: Path, samples: int = 3, steps: int | None = None, 
     resid = _copy_paste_residual(data_root, seg.shape, centroid, list(real), device)
     methods["copy_paste"] = [{m: ph_z[m] + weight * resid[m] for m in real if m in resid}]
 
-    table = {}
+    table, summary = {}, {}
     for name, runs in methods.items():
-        rows = {}
-        for m in real:
-            for k in SUBREGIONS:
-                sel = seg == k
-                if sel.sum() < 50:
-                    continue
-                stats = [region_stats(r[m], real[m], sel) for r in runs if m in r]
-                rows[f"{m}/{SUBREGION_NAMES[k].split()[0]}"] = {key: float(np.mean([s[key] for s in stats]))
-                                                              for key in stats[0]}
-        table[name] = rows
-    summary = {}
-    for name, rows in table.items():
-        summary[name] = {key: round(float(np.mean([r[key] for r in rows.values()])), 4)
-                         for key in ("mean_err", "std_err", "wasserstein", "glcm_contrast_err")}
+        table[name], summary[name] = _region_summary(runs, real, seg)
     outside = {m: float(np.abs(methods["pathosyn"][0][m] - ph_z[m])[~dilate_mm(lesion, 6.0, sp)].max()) for m in real}
     # two-sample classifier test: real vs synthetic lesion patches at the same centres
     from .two_sample import axial_patches, classifier_auroc, lesion_centres
@@ -249,6 +289,8 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     rows = {"inpainting": inpainting_protocol(data_root, device),
             "lesion_realism": lesion_realism(data_root, samples, steps, device,
                                              figure=out / "lesion_slices.png" if out else None)}
+    rows["sampler_sweep"] = (sampler_sweep(data_root, (("trailing", 2), ("monai", 2)), 1, device) if quick
+                             else sampler_sweep(data_root, samples=samples, device=device))
     rows["demo_residual"] = demo_residual(seeds=(0,) if quick else (0, 1, 2), steps=steps, device=device)
     if pathar_n:
         rows["pathar"] = pathar_quality(data_root, pathar_n, device=device)
@@ -303,6 +345,18 @@ def validation_markdown(rows: dict) -> str:
                      for n in lr["per_region"]]
             lines.append(f"| {reg} | {real:.2f} | " + " | ".join(cells) + " |")
     lines += ["", f"Outside-region max |output - base|: {lr['outside_region_max_abs_diff']}", ""]
+    if rows.get("sampler_sweep"):
+        lines += ["## PathoSyn sampler: DDIM timestep spacing and steps (same weights, same case)", "",
+                  "\"monai\" is MONAI 1.6's default: timesteps at linspace(999, 0, N), while its DDIM step jumps "
+                  "by 1000 // N, so the model is told timesteps that do not match the sample's noise level and the "
+                  "last step is spent at t = 0. \"trailing\" (the default here) is a uniform grid of stride "
+                  "1000 // N from t = 999 whose last step lands on the clean sample.", "",
+                  "| spacing | steps | mean err | std err | Wasserstein | GLCM contrast err | s per sample |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows["sampler_sweep"]:
+            lines.append(f"| {r['spacing']} | {r['steps']} | {r['mean_err']} | {r['std_err']} | {r['wasserstein']} "
+                         f"| {r['glcm_contrast_err']} | {r['synthesize_s_per_sample']} |")
+        lines.append("")
     if "demo_residual" in rows:
         d = rows["demo_residual"]
         lines += ["## MNI152 demo lesion: residual", "",

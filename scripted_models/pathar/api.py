@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InputError, WeightsError
 from ..labels import MODALITIES, check_modality
-from ..runtime import pick_device
+from ..runtime import pick_device, pin_onednn_convolutions
 from ..volume import Volume
 from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
 from .transformer import IARConfig, IARTransformer, gumbel_noise, sample_joint
@@ -49,6 +49,8 @@ class PathAR:
                  device: torch.device):
         self.structure, self.appearance, self.transformer = structure, appearance, transformer
         self.cards, self.device = cards, device
+        for net in (structure, appearance, transformer):
+            pin_onednn_convolutions(net)
         card = cards[TRANSFORMER_NAME]
         self.spacing = float(card["patch"]["spacing_mm"])
         self.patch = (int(card["patch"]["size"]),) * structure.cfg.spatial_dims

@@ -12,7 +12,7 @@ import torch
 
 from ..labels import MODALITIES
 from ..preprocess import dilate_mm, roi_around
-from ..runtime import autocast
+from ..runtime import autocast, pin_onednn_convolutions
 
 WEIGHTS_NAME = "anatomy_inpainter"
 
@@ -49,6 +49,7 @@ class AnatomyModel:
 
     def __init__(self, net: torch.nn.Module, cfg: AnatomyConfig, device: torch.device, card: dict | None = None):
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
+        pin_onednn_convolutions(self.net)
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> AnatomyModel:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES, NUM_SUBREGIONS
-from ..runtime import autocast
+from ..runtime import autocast, pin_onednn_convolutions
 
 WEIGHTS_NAME = "deviation_diffusion"
 NULL_CONDITION = -1.0
@@ -41,7 +41,7 @@ class DeviationConfig:
     prediction_type: str = "v_prediction"
     residual_scale: float = 0.5  # network sees residual * scale (z-units)
     multiple: int = 8  # ROI sides divisible by the U-Net's total stride
-    default_steps: int = 10
+    default_steps: int = 5
     preview_steps: int = 2
     target: str = "residual"  # "residual" (PathoSyn) or "image" (holistic / mask_only baselines)
     anatomy_condition: bool = True  # False: anatomy channels are zero (mask_only baseline)
@@ -49,6 +49,9 @@ class DeviationConfig:
     # residuals: the scan's own noise belongs to the base, not to the lesion (learning it doubled the noise on
     # healthy bases). 0 = raw residual.
     residual_smoothing: float = 0.0
+    # DDIM timesteps at sampling: "trailing" (uniform stride, ends on the clean sample) or "monai" (MONAI 1.6's
+    # linspace, which its DDIM step does not follow; measured far worse at 10 steps and fewer)
+    timestep_spacing: str = "trailing"
 
     @property
     def out_channels(self) -> int:
@@ -78,14 +81,28 @@ def build_deviation_model(cfg: DeviationConfig) -> torch.nn.Module:
         norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels)
 
 
-def build_scheduler(cfg: DeviationConfig, kind: str = "ddim"):
+def build_scheduler(cfg: DeviationConfig, kind: str = "ddim", steps: int | None = None):
+    """"ddpm" for training; "ddim" for sampling, with its timesteps set for `steps` (default: cfg.default_steps)."""
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
     common = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, beta_start=cfg.beta_start,
                   beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=False)
     if kind == "ddpm":
         return DDPMScheduler(**common)
-    return DDIMScheduler(**common)
+    if cfg.timestep_spacing not in ("trailing", "monai"):
+        raise ValueError(f"unknown timestep_spacing '{cfg.timestep_spacing}' (trailing or monai)")
+    steps = int(steps or cfg.default_steps)
+    scheduler = DDIMScheduler(**common)
+    scheduler.set_timesteps(steps)
+    if cfg.timestep_spacing == "trailing":
+        # MONAI 1.6 places the N timesteps with linspace(T-1, 0, N) but DDIMScheduler.step jumps to
+        # t - T // N, so the model is told a timestep that does not match the sample's noise level (5 steps:
+        # the sample is at 799 when the model is told 749) and the last step is spent at t = 0. A uniform grid
+        # with stride T // N that ends on the step to the clean sample ("trailing", Lin et al., WACV 2024)
+        # keeps step() consistent.
+        stride = cfg.num_train_timesteps // steps
+        scheduler.timesteps = torch.arange(steps - 1, -1, -1, dtype=torch.long) * stride + (stride - 1)
+    return scheduler
 
 
 def deviation_condition(anatomy: np.ndarray, available: np.ndarray, subregions: np.ndarray,
@@ -116,6 +133,7 @@ class _GuidedUNet(torch.nn.Module):
 class DeviationModel:
     def __init__(self, net: torch.nn.Module, cfg: DeviationConfig, device: torch.device, card: dict | None = None):
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
+        pin_onednn_convolutions(self.net)
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> DeviationModel:
@@ -132,8 +150,7 @@ class DeviationModel:
         from monai.inferers import DiffusionInferer
 
         steps = int(steps or self.cfg.default_steps)
-        scheduler = build_scheduler(self.cfg, "ddim")
-        scheduler.set_timesteps(steps, device=self.device)
+        scheduler = build_scheduler(self.cfg, "ddim", steps)
         inferer = DiffusionInferer(scheduler)
         cond = torch.from_numpy(condition)[None].to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))

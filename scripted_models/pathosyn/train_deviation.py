@@ -168,9 +168,9 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     ema = EMA(net)
     step, extra = load_checkpoint(ckpt, net, opt, ema)
     wall = float(extra.get("wall_s", 0.0))
-    if step == 0:
-        # ablation runs start from scratch; PathoSyn continues from its last weights
-        step, wall = warm_start(WEIGHTS_NAME, net, out_dir, bundled=variant == "pathosyn" and not from_scratch)
+    if step == 0 and not from_scratch:
+        # no checkpoint: continue from the last weights in out_dir, else (PathoSyn only) from the bundled ones
+        step, wall = warm_start(WEIGHTS_NAME, net, out_dir, bundled=variant == "pathosyn")
         ema = EMA(net)
     start_step = int(extra.get("start_step", step))  # the learning rate decays from here to `steps`
     print(f"deviation: {f'resuming at step {step}' if step else 'starting'}; cases {data.names}", flush=True)

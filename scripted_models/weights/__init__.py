@@ -94,7 +94,7 @@ def render_model_cards(folder: Path | None = None) -> Path:
     for card_path in sorted(folder.glob("*.json")):
         card = json.loads(card_path.read_text())
         lines += [f"## {card_path.stem}", "", card.get("family", ""), ""]
-        for key in ("steps", "batch", "crop", "wall_time_s", "history", "license"):
+        for key in ("steps", "batch", "crop", "wall_time_s", "history", "sampler", "license"):
             if key in card:
                 lines.append(f"- **{key}**: {card[key]}")
         if "data" in card:
