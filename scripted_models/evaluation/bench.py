@@ -57,10 +57,9 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
               naive: bool = True, out: Path | None = None, device: str = "auto") -> dict:
     import torch
 
-    from ..pathosyn.api import synthesize_lesion
-    from ..pathosyn.deviation import WEIGHTS_NAME
+    from ..pathosyn.api import _model, synthesize_lesion
+    from ..runtime import pick_device
     from ..templates import mni_t1
-    from ..weights import load_card
 
     t1 = mni_t1()
     if quick:
@@ -78,7 +77,7 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
     # 1. headline: 64^3 ROI, default and preview steps
     times, res = _time(lambda: synth(mask64), repeats)
     rows["roi64_default"] = {**_stats(times), "steps": res.report["steps"], "roi": res.report["roi_size_zyx"]}
-    preview_steps = load_card(WEIGHTS_NAME)["config"]["preview_steps"]
+    preview_steps = _model("deviation", pick_device(device)).cfg.preview_steps  # loaded by the warm-up
     times, res = _time(lambda: synth(mask64, preview_steps), repeats)
     rows["roi64_preview"] = {**_stats(times), "steps": res.report["steps"], "roi": res.report["roi_size_zyx"]}
 
