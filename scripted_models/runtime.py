@@ -57,8 +57,7 @@ def _onednn_conv_forward(conv: torch.nn.modules.conv._ConvNd, original):
     """Forward for one Conv2d/Conv3d: oneDNN for CPU inference, the module's own path otherwise."""
 
     def conv_forward(input, weight, bias):
-        if (input.device.type != "cpu" or torch.is_grad_enabled() or conv.padding_mode != "zeros"
-                or isinstance(conv.padding, str) or not torch.backends.mkldnn.is_available()):
+        if input.device.type != "cpu" or torch.is_grad_enabled():
             return original(input, weight, bias)
         return torch.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias, conv.padding, conv.stride,
                                         conv.dilation, conv.groups)
@@ -72,8 +71,12 @@ def pin_onednn_convolutions(net: torch.nn.Module) -> torch.nn.Module:
     PyTorch otherwise picks the convolution backend per call from the tensor size and the thread count (1x1
     kernels on one thread use its own kernel), so outputs changed in the last bits with torch.set_num_threads.
     With oneDNN alone the same seed gives the same bytes on 1 or 2 threads (and the deviation U-Net step measured
-    about 8% faster). Training (grad enabled) and CUDA are untouched."""
+    about 8% faster). Training (grad enabled) and CUDA are untouched, and so are convolutions oneDNN cannot take
+    as they are (non-zero padding modes, "same"/"valid" padding strings)."""
+    if not torch.backends.mkldnn.is_available():
+        return net
     for module in net.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and "_conv_forward" not in module.__dict__:
+        if (isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and "_conv_forward" not in module.__dict__
+                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
             module._conv_forward = _onednn_conv_forward(module, module._conv_forward)
     return net
