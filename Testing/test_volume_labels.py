@@ -130,3 +130,30 @@ def test_roibox_explicit():
     out = box.crop(arr)
     assert out.shape == (4, 2, 2)
     np.testing.assert_array_equal(out[2:], arr[:2])
+
+
+def test_fill_holes_and_bounding_box_match_scipy_and_argwhere():
+    from scipy import ndimage
+
+    from scripted_models.labels import is_whole_lesion_only
+    from scripted_models.preprocess import bounding_box, fill_holes
+
+    rng = np.random.default_rng(3)
+    for threshold in (0.80, 0.90, 0.97):
+        mask = ndimage.binary_dilation(rng.random((24, 27, 25)) > threshold)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+        idx = np.argwhere(mask)
+        box = bounding_box(mask)
+        assert [(b.start, b.stop) for b in box] == list(zip(idx.min(0).tolist(), (idx.max(0) + 1).tolist()))
+    shell = np.zeros((9, 9, 9), bool)
+    shell[1:8, 1:8, 1:8] = True
+    shell[3:6, 3:6, 3:6] = False  # an enclosed hole is filled; a hole open to the border is not
+    assert fill_holes(shell)[4, 4, 4]
+    shell[4, 4, 0:4] = False
+    assert not fill_holes(shell)[4, 4, 4]
+    assert bounding_box(np.zeros((3, 3, 3), bool)) is None
+    labels = np.zeros((5, 5, 5), np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    assert is_whole_lesion_only(labels) and is_whole_lesion_only(np.zeros_like(labels))
+    labels[2, 2, 2] = 3
+    assert not is_whole_lesion_only(labels)

@@ -41,6 +41,7 @@ def to_canonical(labels: np.ndarray, mapping: dict[int, int] | None = None) -> n
     """Map a label array onto canonical values (uint8). mapping=None keeps 0..3 as is;
     unknown non-zero values raise. A binary 0/1 mask stays 0/1 and means 'whole lesion'."""
     from .errors import InputError
+    from .preprocess import bounding_box
 
     array = np.asarray(labels)
     nonzero = np.abs(array) >= 0.5 if array.dtype.kind == "f" else array != 0
@@ -48,8 +49,7 @@ def to_canonical(labels: np.ndarray, mapping: dict[int, int] | None = None) -> n
     if not nonzero.any():
         return out
     # the work is done in the lesion's bounding box (masks are mostly background)
-    box = tuple(slice(int(np.flatnonzero(a)[0]), int(np.flatnonzero(a)[-1]) + 1) for a in
-                (nonzero.any(axis=tuple(j for j in range(array.ndim) if j != i)) for i in range(array.ndim)))
+    box = bounding_box(nonzero)
     lab = np.rint(array[box]).astype(np.int64)
     values = set(np.unique(lab).tolist()) - {0}
     if mapping is None:
@@ -66,8 +66,7 @@ def to_canonical(labels: np.ndarray, mapping: dict[int, int] | None = None) -> n
 
 def is_whole_lesion_only(canonical: np.ndarray) -> bool:
     """True when the mask carries no sub-region structure (binary mask)."""
-    values = set(np.unique(canonical).tolist()) - {0}
-    return values <= {1} and not (values & {2, 3})
+    return int(np.max(canonical, initial=0)) <= 1  # canonical values are 0..3
 
 
 def one_hot_subregions(canonical: np.ndarray, whole_lesion_only: bool) -> np.ndarray:

@@ -19,7 +19,27 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     """Head/brain voxels: differ from the background value, small holes filled."""
     bg = background_value(array)
     fg = np.abs(array.astype(np.float64) - bg) > 1e-6 * max(1.0, float(np.abs(array).max()))
-    return ndimage.binary_fill_holes(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
+    return fill_holes(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Same result as ndimage.binary_fill_holes (6-connected background), by labelling instead of iterating."""
+    background, _ = ndimage.label(~mask)
+    border = np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(),
+                             background[:, -1].ravel(), background[:, :, 0].ravel(), background[:, :, -1].ravel()])
+    outside = np.isin(background, np.unique(border[border > 0]))
+    return ~outside
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every non-zero voxel (None for an empty mask)."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
 
 
 @dataclass(frozen=True)
@@ -62,9 +82,9 @@ def dilate_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
     pad = [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx]
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + 1 + np.array(pad), mask.shape)
+    tight = bounding_box(mask)
+    lo = np.maximum(np.array([b.start for b in tight]) - pad, 0)
+    hi = np.minimum(np.array([b.stop for b in tight]) + pad, mask.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     out = np.zeros_like(mask)
     out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing_zyx) <= radius_mm
@@ -119,8 +139,8 @@ class RoiBox:
 
 def roi_around(region: np.ndarray, multiple: int = 8, min_size: int = 32) -> RoiBox:
     """Smallest box around `region` with each side a multiple of `multiple` (>= min_size), centred."""
-    idx = np.argwhere(region)
-    lo, hi = idx.min(0), idx.max(0) + 1
+    tight = bounding_box(region)
+    lo, hi = [b.start for b in tight], [b.stop for b in tight]
     start, size = [], []
     for a, b in zip(lo, hi):
         extent = int(b - a)

@@ -20,6 +20,7 @@ from ..preprocess import (
     IntensityNormalizer,
     background_value,
     blend_weight,
+    bounding_box,
     cast_like,
     dilate_mm,
     foreground_mask,
@@ -115,11 +116,14 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     fg = np.zeros(lesion[step].shape, bool)  # head foreground (holes filled) on the strided grid
     for vol in checked.values():
         fg |= foreground_mask(vol.array[step])
-    z, y, x = (np.argwhere(lesion) // STATS_STRIDE).T
+    box = bounding_box(lesion)
+    z, y, x = ((np.argwhere(lesion[box]) + [b.start for b in box]) // STATS_STRIDE).T
     in_brain = bool(fg[z, y, x].any())
     for vol in checked.values():  # tiny lesions: a lesion voxel that differs from the background
+        if in_brain:
+            break
         tol = 1e-6 * max(1.0, float(np.abs(vol.array).max()))
-        in_brain = in_brain or bool(np.any(np.abs(vol.array[lesion] - background_value(vol.array)) > tol))
+        in_brain = bool(np.any(np.abs(vol.array[lesion] - background_value(vol.array)) > tol))
     if not in_brain:
         raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)")
     normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
