@@ -306,3 +306,95 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _kill_worker_once_started(out: Path, case_id: str, timeout: float = 300) -> int:
+    """SIGKILL the process that runs `case_id` as soon as its job has started (as the OOM killer would)."""
+    deadline = time.time() + timeout
+    while True:
+        starts = [e for e in read_log(out / case_id / "log.jsonl") if e["event"] == "start"]
+        if starts:
+            os.kill(starts[0]["pid"], signal.SIGKILL)
+            return starts[0]["pid"]
+        assert time.time() < deadline, f"{case_id} never started"
+        time.sleep(0.01)
+
+
+def test_killed_workers_are_retried_locally_and_on_dask_with_identical_results(tmp_path):
+    import threading
+
+    from dask.distributed import Client, LocalCluster
+
+    manifest = make_cohort(tmp_path / "cohort", 4, steps=3)
+    cases = [f"case{i}" for i in range(4)]
+    finished = {}
+
+    def run(name, **kwargs):
+        finished[name] = run_batch(manifest, tmp_path / name, **kwargs)
+
+    # local pool: the worker running case1 dies; case1 is redone in a fresh pool, nothing is charged to the
+    # jobs that were only queued, and every job completes exactly once
+    runner = threading.Thread(target=run, args=("local",), kwargs={"workers": 2})
+    runner.start()
+    killed = _kill_worker_once_started(tmp_path / "local", "case1")
+    runner.join(600)
+    assert not runner.is_alive() and [r["status"] for r in finished["local"]] == ["done"] * 4, finished["local"]
+    assert_complete(tmp_path / "local", cases)
+    starts = [e for e in read_log(tmp_path / "local" / "case1" / "log.jsonl") if e["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["pid"] == killed != starts[1]["pid"]
+    for case in cases:
+        events = [e["event"] for e in read_log(tmp_path / "local" / case / "log.jsonl")]
+        assert events.count("done") == 1, (case, events)
+
+    # Dask: the nanny restarts the killed worker and the scheduler reruns its task; the bytes match the local run
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        runner = threading.Thread(target=run, args=("dask",), kwargs={"scheduler": client})
+        runner.start()
+        killed = _kill_worker_once_started(tmp_path / "dask", "case2")
+        runner.join(600)
+    assert not runner.is_alive() and [r["status"] for r in finished["dask"]] == ["done"] * 4, finished["dask"]
+    assert_complete(tmp_path / "dask", cases)
+    starts = [e for e in read_log(tmp_path / "dask" / "case2" / "log.jsonl") if e["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["pid"] == killed != starts[1]["pid"]
+    assert nifti_checksums(tmp_path / "dask") == nifti_checksums(tmp_path / "local")
+
+
+def test_a_job_that_always_kills_its_worker_fails_alone(tmp_path, monkeypatch):
+    """After MAX_POOL_RESTARTS retries the job is reported failed; the other jobs are not charged for it."""
+    import contextlib
+    import threading
+
+    from scripted_models.batch import runner
+
+    manifest = make_cohort(tmp_path / "cohort", 3)
+    real_pool = runner._run_pool
+
+    def pool_with_watcher(jobs, out, *args, **kwargs):
+        stop = threading.Event()
+
+        def watch():  # kill case0's worker on each of its attempts
+            seen = set()
+            while not stop.is_set():
+                for e in read_log(out / "case0" / "log.jsonl"):
+                    if e["event"] == "start" and e["pid"] not in seen:
+                        seen.add(e["pid"])
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(e["pid"], signal.SIGKILL)
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            return real_pool(jobs, out, *args, **kwargs)
+        finally:
+            stop.set()
+
+    monkeypatch.setattr(runner, "_run_pool", pool_with_watcher)
+    rows = run_batch(manifest, tmp_path / "out", workers=2)
+    assert [r["status"] for r in rows] == ["failed", "done", "done"], rows
+    assert "worker process died during each of 3 attempts" in rows[0]["error"]
+    starts = [e for e in read_log(tmp_path / "out" / "case0" / "log.jsonl") if e["event"] == "start"]
+    assert len(starts) == runner.MAX_POOL_RESTARTS + 1
+    for case in ("case1", "case2"):
+        assert [e["event"] for e in read_log(tmp_path / "out" / case / "log.jsonl")].count("done") == 1

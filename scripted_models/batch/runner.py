@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
-from .job import result_row, run_job, verify_done
+from .job import LOG, read_log, result_row, run_job, verify_done
 from .manifest import Job, load_manifest
 
 RESULTS = "results.csv"
@@ -120,10 +120,10 @@ def _run_pool(jobs: list[Job], out: Path, device: str, run_id: str, workers: int
     if exe:
         ctx.set_executable(exe)
     pending = {job.case_id: job for job in jobs}
-    broken = dict.fromkeys(pending, 0)
     while pending:
         executor = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
                                        initializer=_worker_init, initargs=(threads, os.getpid()))
+        broke, started_before = False, {case: _attempts(out, case, run_id) for case in pending}
         try:
             futures = {executor.submit(run_job, job, out, device, run_id): job for job in pending.values()}
             for future in as_completed(futures):
@@ -131,10 +131,14 @@ def _run_pool(jobs: list[Job], out: Path, device: str, run_id: str, workers: int
                 try:
                     row = future.result()
                 except BrokenProcessPool:
-                    broken[job.case_id] += 1
-                    if broken[job.case_id] <= MAX_POOL_RESTARTS:
-                        continue  # retried in a fresh pool
-                    row = result_row(job, "failed", out=out, error="worker process died (3 times)")
+                    # a worker died (killed, out of memory, crashed): every queued job lands here. Only jobs
+                    # that had started count an attempt; the others are simply resubmitted to a fresh pool.
+                    broke = True
+                    attempts = _attempts(out, job.case_id, run_id)
+                    if attempts <= MAX_POOL_RESTARTS:
+                        continue
+                    row = result_row(job, "failed", out=out,
+                                     error=f"worker process died during each of {attempts} attempts")
                 except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the batch
                     row = result_row(job, "failed", out=out, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
                 del pending[job.case_id]
@@ -143,6 +147,14 @@ def _run_pool(jobs: list[Job], out: Path, device: str, run_id: str, workers: int
             _terminate(executor)
             raise
         executor.shutdown(wait=True)
+        if broke and pending and all(_attempts(out, c, run_id) == n for c, n in started_before.items()):
+            for case in list(pending):  # the pool died before any job started: do not loop forever
+                on_row(result_row(pending.pop(case), "failed", out=out, error="worker processes failed to start"))
+
+
+def _attempts(out: Path, case_id: str, run_id: str) -> int:
+    """How often this run started a job (its log's 'start' events): the in-flight jobs of a broken pool."""
+    return sum(1 for e in read_log(out / case_id / LOG) if e.get("event") == "start" and e.get("run") == run_id)
 
 
 # ---------------------------------------------------------------- Dask
