@@ -310,6 +310,13 @@ def test_training_writes_cards_and_resumes(tiny_weights):
     assert transformer["structure_vq"]["sha256"] == structure["sha256"]
     assert transformer["metrics"]["val"]["nll_structure"] > 0
     assert transformer["wall_time_s"] >= 0 and transformer["data"]
+    # the kept weights are those of the lowest held-out NLL among the checks (every save_every = 2 steps)
+    selection = transformer["selection"]
+    curve = selection["val_curve"]
+    assert selection["rule"] == "best_val" and [c["step"] for c in curve] == [2, 4]
+    best = min(curve, key=lambda c: c["nll_structure"] + c["nll_appearance"])
+    assert selection["selected_step"] == best["step"]
+    assert transformer["metrics"]["val"] == {k: best[k] for k in ("nll_structure", "nll_appearance")}
     md = (tiny_weights / "pathar.md").read_text()
     assert "pathar_transformer" in md and structure["sha256"][:16] in md
 

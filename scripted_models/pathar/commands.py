@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-check", type=int, default=8, help="samples scored into the card (0 = none)")
     parser.add_argument("--transformer-init", default=None, metavar="FOLDER",
                         help="warm-start the transformer from the weights in FOLDER (same tokenizers)")
+    parser.add_argument("--transformer-select", choices=("best_val", "last"), default="best_val",
+                        help="keep the transformer weights with the lowest held-out NLL (checked every save) "
+                             "or the last ones")
 
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -88,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     modality_balanced: float = 0.5  # share of transformer batch rows drawn modality-first (rare t1/t2 more often)
     transformer_init: str | None = None  # weights folder to warm-start the transformer from (new layers start at 0)
+    transformer_select: str = "best_val"  # "best_val": keep the weights of the lowest held-out NLL; "last"
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -174,6 +176,14 @@ class _Stage:
 
     def wall_time(self) -> float:
         return round(self.wall + time.time() - self.t0, 1)
+
+
+def save_file_atomic(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _eval_subset(ps: PatchSet, val: bool, limit: int = 32) -> np.ndarray:
@@ -384,6 +394,23 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
         p = ps.image_patch[images]
         return (s_tok[p, flips].to(device), a_tok[images, flips].to(device), mod[images].to(device))
 
+    if tc.transformer_select not in ("best_val", "last"):
+        raise ValueError(f"transformer_select must be 'best_val' or 'last', got {tc.transformer_select!r}")
+    best_path = work / "transformer" / "best_val.safetensors"  # the lowest held-out NLL so far (resumable)
+
+    def nll(split_idx: np.ndarray) -> dict:
+        was_training = model.training
+        model.eval()
+        ls, la = [], []
+        with torch.no_grad():
+            for i in range(0, len(split_idx), 8):
+                chunk = split_idx[i:i + 8]
+                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int)))
+                ls.append(float(s_l))
+                la.append(float(a_l))
+        model.train(was_training)
+        return {"nll_structure": round(float(np.mean(ls)), 4), "nll_appearance": round(float(np.mean(la)), 4)}
+
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.transformer_lr, tc.warmup_frac))
@@ -400,22 +427,23 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
         st.step += 1
         st.record(loss.item(), total, loss_s=round(loss_s.item(), 4), loss_a=round(loss_a.item(), 4))
         if st.step % tc.save_every == 0 or st.step == total:
+            if tc.transformer_select == "best_val":
+                val = nll(val_imgs)
+                score = val["nll_structure"] + val["nll_appearance"]
+                st.meta.setdefault("val_curve", []).append({"step": st.step, **val})
+                if score < st.meta.get("best_val", {}).get("score", float("inf")):
+                    save_file_atomic(model.state_dict(), best_path)
+                    st.meta["best_val"] = {"step": st.step, "score": round(score, 4), **val}
             st.checkpoint()
         if progress:
             progress(st.step / total, f"transformer {st.step}/{total}")
 
+    if tc.transformer_select == "best_val" and "best_val" in st.meta:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(best_path))
     model.eval()
-    metrics = {}
-    with torch.no_grad():
-        for split, idx in (("val", val_imgs), ("train", train_imgs[:: max(1, len(train_imgs) // 32)])):
-            ls, la = [], []
-            for i in range(0, len(idx), 8):
-                chunk = idx[i:i + 8]
-                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int)))
-                ls.append(float(s_l))
-                la.append(float(a_l))
-            metrics[split] = {"nll_structure": round(float(np.mean(ls)), 4),
-                              "nll_appearance": round(float(np.mean(la)), 4)}
+    metrics = {"val": nll(val_imgs), "train": nll(train_imgs[:: max(1, len(train_imgs) // 32)])}
     card = {"model": TRANSFORMER_NAME,
             "family": "PathAR interleaved AR transformer (nanoGPT-style, asymmetric attention, KV cache)",
             "config": cfg.transformer.to_dict(), "patch": cfg.patch.to_dict(), "modalities": list(MODALITIES),
@@ -423,6 +451,8 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
             "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
+            "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(
+                "step", st.step), "val_curve": st.meta.get("val_curve", [])},
             "params": model.num_params(), "data": ps.sources(), "held_out": [VALIDATION_CASE],
             "metrics": metrics, "versions": _versions(), "license": LICENSE}
     path = save_state(TRANSFORMER_NAME, model.state_dict(), card, out_dir)
@@ -577,6 +607,7 @@ def config_from_args(args) -> TrainConfig:
         tc.transformer_batch = args.transformer_batch
     if getattr(args, "transformer_init", None):
         tc.transformer_init = str(args.transformer_init)
+    tc.transformer_select = getattr(args, "transformer_select", "best_val")
     for name in STAGES:
         if getattr(tc, f"{name}_steps") < 1:
             raise InputError(f"{name} steps must be >= 1")
