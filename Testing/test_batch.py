@@ -398,3 +398,31 @@ def test_a_job_that_always_kills_its_worker_fails_alone(tmp_path, monkeypatch):
     assert len(starts) == runner.MAX_POOL_RESTARTS + 1
     for case in ("case1", "case2"):
         assert [e["event"] for e in read_log(tmp_path / "out" / case / "log.jsonl")].count("done") == 1
+
+
+def test_dask_retries_a_task_that_raises(tmp_path, monkeypatch):
+    """A transient error inside a task (not a user error) is retried by Dask; a user error is not."""
+    from dask.distributed import Client, LocalCluster
+
+    from scripted_models.batch import runner
+
+    manifest = make_cohort(tmp_path / "cohort", 2)
+    failures = {"case0": 1}  # case0 fails once with an OSError, then succeeds
+    real_run_job = runner.run_job
+
+    def flaky_run_job(job, *args, **kwargs):
+        if failures.get(job.case_id, 0) > 0:
+            failures[job.case_id] -= 1
+            raise OSError("transient: network file system hiccup")
+        return real_run_job(job, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_job", flaky_run_job)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        rows = run_batch(manifest, tmp_path / "out", scheduler=client)
+        assert [r["status"] for r in rows] == ["done", "done"] and failures["case0"] == 0
+        failures["case1"] = 5  # more failures than retries: reported failed, with the error
+        rows = run_batch(manifest, tmp_path / "out2", scheduler=client)
+    assert [r["status"] for r in rows] == ["done", "failed"]
+    assert "network file system hiccup" in rows[1]["error"] and failures["case1"] == 2  # 1 try + 2 retries
+    assert_complete(tmp_path / "out", ["case0", "case1"])
