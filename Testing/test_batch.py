@@ -320,43 +320,36 @@ def _kill_worker_once_started(out: Path, case_id: str, timeout: float = 300) -> 
         time.sleep(0.01)
 
 
-def test_killed_workers_are_retried_locally_and_on_dask_with_identical_results(tmp_path):
+def _run_killing_one_worker(manifest: Path, out: Path, victim: str, cases: list[str], **run_kwargs) -> None:
+    """Run the batch in a thread, SIGKILL the worker of `victim` mid-job, then check that `victim` ran twice
+    (in two processes) and that every job completed exactly once with valid files."""
     import threading
 
+    rows = []
+    runner = threading.Thread(target=lambda: rows.extend(run_batch(manifest, out, **run_kwargs)))
+    runner.start()
+    killed = _kill_worker_once_started(out, victim)
+    runner.join(600)
+    assert not runner.is_alive() and [r["status"] for r in rows] == ["done"] * len(cases), rows
+    assert_complete(out, cases)
+    starts = [e for e in read_log(out / victim / "log.jsonl") if e["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["pid"] == killed != starts[1]["pid"]
+    for case in cases:
+        events = [e["event"] for e in read_log(out / case / "log.jsonl")]
+        assert events.count("done") == 1, (case, events)
+
+
+def test_killed_workers_are_retried_locally_and_on_dask_with_identical_results(tmp_path):
     from dask.distributed import Client, LocalCluster
 
     manifest = make_cohort(tmp_path / "cohort", 4, steps=3)
     cases = [f"case{i}" for i in range(4)]
-    finished = {}
-
-    def run(name, **kwargs):
-        finished[name] = run_batch(manifest, tmp_path / name, **kwargs)
-
-    # local pool: the worker running case1 dies; case1 is redone in a fresh pool, nothing is charged to the
-    # jobs that were only queued, and every job completes exactly once
-    runner = threading.Thread(target=run, args=("local",), kwargs={"workers": 2})
-    runner.start()
-    killed = _kill_worker_once_started(tmp_path / "local", "case1")
-    runner.join(600)
-    assert not runner.is_alive() and [r["status"] for r in finished["local"]] == ["done"] * 4, finished["local"]
-    assert_complete(tmp_path / "local", cases)
-    starts = [e for e in read_log(tmp_path / "local" / "case1" / "log.jsonl") if e["event"] == "start"]
-    assert len(starts) == 2 and starts[0]["pid"] == killed != starts[1]["pid"]
-    for case in cases:
-        events = [e["event"] for e in read_log(tmp_path / "local" / case / "log.jsonl")]
-        assert events.count("done") == 1, (case, events)
-
+    # local pool: case1 is redone in a fresh pool; the jobs that were only queued are not charged
+    _run_killing_one_worker(manifest, tmp_path / "local", "case1", cases, workers=2)
     # Dask: the nanny restarts the killed worker and the scheduler reruns its task; the bytes match the local run
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        runner = threading.Thread(target=run, args=("dask",), kwargs={"scheduler": client})
-        runner.start()
-        killed = _kill_worker_once_started(tmp_path / "dask", "case2")
-        runner.join(600)
-    assert not runner.is_alive() and [r["status"] for r in finished["dask"]] == ["done"] * 4, finished["dask"]
-    assert_complete(tmp_path / "dask", cases)
-    starts = [e for e in read_log(tmp_path / "dask" / "case2" / "log.jsonl") if e["event"] == "start"]
-    assert len(starts) == 2 and starts[0]["pid"] == killed != starts[1]["pid"]
+        _run_killing_one_worker(manifest, tmp_path / "dask", "case2", cases, scheduler=client)
     assert nifti_checksums(tmp_path / "dask") == nifti_checksums(tmp_path / "local")
 
 
