@@ -228,10 +228,13 @@ def test_volume_rendering_follows_the_modality_in_each_sample_view(app, logic, r
 @pytest.mark.parametrize("direction,spacing", [(None, (1.0, 1.0, 1.0)),
                                                ((0.96, -0.28, 0, 0.28, 0.96, 0, 0, 0, 1), (1.2, 0.9, 1.5))])
 def test_placed_mask_lands_at_the_clicked_point_with_its_volume(app, logic, run, direction, spacing):
-    head, target = add_target(app, direction=direction, spacing=spacing)
-    before = array_of(target).copy()
     sample = run.samples[0]
     lesion = segment_labels(logic, sample.segmentation)
+    # a head large enough that the lesion, placed near its centre, cannot stick out (nothing is clipped)
+    extent_mm = np.ptp(np.argwhere(lesion.array > 0), axis=0).max() * max(lesion.spacing)
+    shape = tuple(int(np.ceil((2.4 * extent_mm + 10) / s)) for s in reversed(spacing))
+    head, target = add_target(app, direction=direction, spacing=spacing, shape=shape)
+    before = array_of(target).copy()
     ijk = np.array(head.shape[::-1]) * np.array([0.45, 0.55, 0.5])
     point = (ijk_to_ras(target) @ np.r_[ijk, 1.0])[:3]
     placed = logic.placeMask(sample.segmentation, target, point)
