@@ -97,6 +97,12 @@ def render_model_cards(folder: Path | None = None) -> Path:
         for key in ("steps", "batch", "crop", "wall_time_s", "history", "sampler", "license"):
             if key in card:
                 lines.append(f"- **{key}**: {card[key]}")
+        selection = card.get("selection") or {}
+        if selection.get("rule") == "best_val":
+            curve = ", ".join(f"{c['step']}: {c['nll_structure']}/{c['nll_appearance']}"
+                              for c in selection.get("val_curve", []))
+            lines.append(f"- **selected step**: {selection.get('selected_step')} (lowest held-out NLL; "
+                         f"structure/appearance NLL by step: {curve})")
         if "data" in card:
             lines.append(f"- **training data**: {', '.join(map(str, card['data']))}")
         if "held_out" in card:
