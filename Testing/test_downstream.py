@@ -87,3 +87,26 @@ def test_report_markdown_and_plot(tmp_path):
     text = (tmp_path / "downstream.md").read_text()
     assert "0.500 ± 0.100" in text and "copy_paste" in text and "PathAR alignment" in text
     assert (tmp_path / "downstream.png").stat().st_size > 1000
+
+
+def test_paired_comparison_names_only_gains_in_every_seed(tmp_path):
+    def run(seed, wt, auroc):
+        return {"seed": seed, "dice_WT": wt, "dice_TC": 0.2, "dice_ET": 0.2, "detection_auroc": auroc}
+
+    runs = {"real": [run(s, 0.80, 0.5 + 0.1 * s) for s in range(3)],
+            "pathosyn": [run(s, 0.85, 0.6 - 0.1 * s) for s in range(3)],
+            "copy_paste": [run(s, 0.90, 0.5) for s in range(3)]}
+    comparison = D.paired_comparison({"runs": runs})
+    wt = comparison["real"]["dice_WT"]
+    assert wt["wins"] == 3 and abs(wt["mean_diff"] - 0.05) < 1e-9 and wt["sd_diff"] < 1e-9
+    assert comparison["real"]["detection_auroc"]["wins"] == 1  # +0.1, -0.1, -0.3
+    assert comparison["copy_paste"]["dice_WT"]["wins"] == 0
+    summary = {c: {k: {"mean": 0.5, "std": 0.1} for k in ("dice_WT", "dice_TC", "dice_ET", "detection_auroc")}
+               for c in D.CONDITIONS}
+    report = {"test_case": "x", "modalities": ["flair"], "train_cases": ["a"], "synthetic_volumes": {},
+              "summary": summary, "settings": {"steps": 1, "batch": 1, "seeds": [0, 1, 2]}, "runs": runs}
+    text = D.downstream_markdown(report)
+    assert "Robust gain (higher in every one of at least 3 seeds): dice_WT vs real" in text
+    assert "+0.050 ± 0.000 (3/3)" in text
+    runs["pathosyn"][0]["dice_WT"] = 0.7
+    assert "Robust gain (higher in every one of at least 3 seeds): none." in D.downstream_markdown(report)

@@ -355,6 +355,19 @@ def downstream_markdown(report: dict) -> str:
     for name, row in report["summary"].items():
         lines.append(f"| {name} | {cell(row['dice_WT'])} | {cell(row['dice_TC'])} | {cell(row['dice_ET'])} | "
                      f"{cell(row['detection_auroc'])} |")
+    comparison = paired_comparison(report)
+    if comparison:
+        lines += ["", "Paired by seed (the same training seed in both conditions): PathoSyn minus the other "
+                      "condition, mean ± sd of the per-seed differences, and the seeds where PathoSyn is higher.", "",
+                  "| PathoSyn vs | Dice WT | Dice TC | Dice ET | detection AUROC |", "|---|---|---|---|---|"]
+        for other, metrics in comparison.items():
+            lines.append(f"| {other} | " + " | ".join(
+                f"{m['mean_diff']:+.3f} ± {m['sd_diff']:.3f} ({m['wins']}/{m['n']})" for m in metrics.values()) + " |")
+        robust = [f"{key} vs {other}" for other, metrics in comparison.items() for key, m in metrics.items()
+                  if m["wins"] == m["n"] and m["n"] >= 3]
+        lines += ["", "Robust gain (higher in every one of at least 3 seeds): " + (", ".join(robust) if robust else
+                  "none. With five training cases and one test case, the seed-to-seed spread of a small 2D U-Net is "
+                  "as large as the differences between the conditions, so this study cannot show a gain.")]
     a = report.get("pathar_alignment") or {}
     if a:
         lines += ["", f"PathAR alignment: the `real` network's whole-tumour Dice on {a['n']} PathAR image patches "
@@ -362,6 +375,24 @@ def downstream_markdown(report: dict) -> str:
                       f"{a['wt_dice_real_patch_reference']})."]
     lines += ["", "![downstream](downstream.png)", ""]
     return "\n".join(lines)
+
+
+def paired_comparison(report: dict) -> dict:
+    """{other condition: {metric: mean/sd of the per-seed differences PathoSyn - other, wins, n}}."""
+    runs = report.get("runs") or {}
+    if "pathosyn" not in runs:
+        return {}
+    ours = {r["seed"]: r for r in runs["pathosyn"]}
+    out = {}
+    for other in (c for c in CONDITIONS if c != "pathosyn" and c in runs):
+        out[other] = {}
+        for key in [f"dice_{r}" for r in REGIONS] + ["detection_auroc"]:
+            diffs = [ours[r["seed"]][key] - r[key] for r in runs[other]
+                     if r["seed"] in ours and r[key] is not None and ours[r["seed"]][key] is not None]
+            if diffs:
+                out[other][key] = {"mean_diff": float(np.mean(diffs)), "sd_diff": float(np.std(diffs)),
+                                   "wins": int(sum(d > 0 for d in diffs)), "n": len(diffs)}
+    return {k: v for k, v in out.items() if v}
 
 
 def write_report(report: dict, out: Path) -> None:
