@@ -120,10 +120,11 @@ def _run_pool(jobs: list[Job], out: Path, device: str, run_id: str, workers: int
     if exe:
         ctx.set_executable(exe)
     pending = {job.case_id: job for job in jobs}
+    attempts = dict.fromkeys(pending, 0)  # starts in this run (the run id is new: no log holds one yet)
     while pending:
         executor = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
                                        initializer=_worker_init, initargs=(threads, os.getpid()))
-        broke, started_before = False, {case: _attempts(out, case, run_id) for case in pending}
+        attempts_before, finished_here = dict(attempts), 0
         try:
             futures = {executor.submit(run_job, job, out, device, run_id): job for job in pending.values()}
             for future in as_completed(futures):
@@ -133,21 +134,21 @@ def _run_pool(jobs: list[Job], out: Path, device: str, run_id: str, workers: int
                 except BrokenProcessPool:
                     # a worker died (killed, out of memory, crashed): every queued job lands here. Only jobs
                     # that had started count an attempt; the others are simply resubmitted to a fresh pool.
-                    broke = True
-                    attempts = _attempts(out, job.case_id, run_id)
-                    if attempts <= MAX_POOL_RESTARTS:
+                    attempts[job.case_id] = _attempts(out, job.case_id, run_id)
+                    if attempts[job.case_id] <= MAX_POOL_RESTARTS:
                         continue
                     row = result_row(job, "failed", out=out,
-                                     error=f"worker process died during each of {attempts} attempts")
+                                     error=f"worker process died during each of {attempts[job.case_id]} attempts")
                 except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the batch
                     row = result_row(job, "failed", out=out, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
                 del pending[job.case_id]
+                finished_here += 1
                 on_row(row)
         except BaseException:
             _terminate(executor)
             raise
         executor.shutdown(wait=True)
-        if broke and pending and all(_attempts(out, c, run_id) == n for c, n in started_before.items()):
+        if pending and not finished_here and attempts == attempts_before:
             for case in list(pending):  # the pool died before any job started: do not loop forever
                 on_row(result_row(pending.pop(case), "failed", out=out, error="worker processes failed to start"))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
 from ..runtime import autocast, pick_device
-from ..weights import load_card, load_state, save_state, weights_dir
+from ..weights import load_card, load_state, save_state, weights_dir, write_safetensors
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
 from .commands import STAGES, add_arguments
 from .data import PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
@@ -176,14 +175,6 @@ class _Stage:
 
     def wall_time(self) -> float:
         return round(self.wall + time.time() - self.t0, 1)
-
-
-def save_file_atomic(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def _eval_subset(ps: PatchSet, val: bool, limit: int = 32) -> np.ndarray:
@@ -432,7 +423,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
                 score = val["nll_structure"] + val["nll_appearance"]
                 st.meta.setdefault("val_curve", []).append({"step": st.step, **val})
                 if score < st.meta.get("best_val", {}).get("score", float("inf")):
-                    save_file_atomic(model.state_dict(), best_path)
+                    write_safetensors(model.state_dict(), best_path)
                     st.meta["best_val"] = {"step": st.step, "score": round(score, 4), **val}
             st.checkpoint()
         if progress:

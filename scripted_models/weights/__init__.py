@@ -67,21 +67,27 @@ def add_metrics(name: str, metrics: dict, folder: Path | None = None) -> None:
     os.replace(tmp, folder / f"{name}.json")
 
 
-def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -> Path:
-    """Write weights and card atomically; the card gets the sha256 of the written file."""
+def write_safetensors(state: dict, path: Path) -> Path:
+    """A state dict as safetensors, written to a temporary file in the same folder and renamed."""
     from safetensors.torch import save_file
 
-    folder = Path(folder or weights_dir())
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
     os.close(fd)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
     os.chmod(tmp, 0o644)
-    card = dict(card, sha256=sha256_of(Path(tmp)), file=path.name)
+    os.replace(tmp, path)
+    return path
+
+
+def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -> Path:
+    """Write weights, then their card (atomically each); the card gets the sha256 of the written file."""
+    folder = Path(folder or weights_dir())
+    path = write_safetensors(state, folder / f"{name}.safetensors")
+    card = dict(card, sha256=sha256_of(path), file=path.name)
     card_tmp = folder / f".{name}.json.tmp"
     card_tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
     os.replace(card_tmp, folder / f"{name}.json")
     return path
 
