@@ -77,14 +77,15 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
     # 1. headline: 64^3 ROI, default and preview steps, interleaved so that a slow spell of a shared host hits
     #    both alike; at least 9 repeats for a stable median
     preview_steps = _model("deviation", pick_device(device)).cfg.preview_steps  # loaded by the warm-up
-    headline = {"roi64_default": [], "roi64_preview": []}
+    settings = {"roi64_default": None, "roi64_preview": preview_steps}
+    headline, reports = {key: [] for key in settings}, {}
     for _ in range(repeats if quick else max(repeats, 9)):
-        for key, steps in (("roi64_default", None), ("roi64_preview", preview_steps)):
+        for key, steps in settings.items():
             times, res = _time(lambda steps=steps: synth(mask64, steps), 1)
-            headline[key].append(times[0])
-            rows[key] = {"steps": res.report["steps"], "roi": res.report["roi_size_zyx"]}
+            headline[key] += times
+            reports[key] = res.report
     for key, times in headline.items():
-        rows[key] = {**_stats(times), **rows[key]}
+        rows[key] = {**_stats(times), "steps": reports[key]["steps"], "roi": reports[key]["roi_size_zyx"]}
 
     # 2. same lesion in a volume twice as large (padded along z)
     from ..volume import Volume

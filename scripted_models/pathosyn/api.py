@@ -118,12 +118,9 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
         fg |= foreground_mask(vol.array[step])
     box = bounding_box(lesion)
     z, y, x = ((np.argwhere(lesion[box]) + [b.start for b in box]) // STATS_STRIDE).T
-    in_brain = bool(fg[z, y, x].any())
-    for vol in checked.values():  # tiny lesions: a lesion voxel that differs from the background
-        if in_brain:
-            break
-        tol = 1e-6 * max(1.0, float(np.abs(vol.array).max()))
-        in_brain = bool(np.any(np.abs(vol.array[lesion] - background_value(vol.array)) > tol))
+    in_brain = bool(fg[z, y, x].any()) or any(  # tiny lesions: a lesion voxel that differs from the background
+        np.any(np.abs(v.array[lesion] - background_value(v.array)) > 1e-6 * max(1.0, float(np.abs(v.array).max())))
+        for v in checked.values())
     if not in_brain:
         raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)")
     normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
