@@ -441,6 +441,9 @@ def test_cli_train_pathar_rejects_steps_with_all(tmp_path, capsys):
     from scripted_models import cli
 
     assert cli.main(["train-pathar", "--work", str(tmp_path), "--stage", "all", "--steps", "5"]) == 2
+    assert cli.main(["train-pathar", "--work", str(tmp_path), "--elastic-per-case", "-1"]) == 2
+    assert "elastic-per-case" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 # --------------------------------------------------------------------------- quality metrics
@@ -465,6 +468,40 @@ def test_quality_metrics_on_synthetic_masks():
     assert contrast[1] == pytest.approx(1.0, abs=0.1) and contrast[3] < contrast[2] < 0
     assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 0, 2: 1, 3: 2}) == 1.0
     assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 2, 2: 1, 3: 0}) == 0.0
+
+
+def test_memorisation_reference_is_the_real_poses_and_leave_one_case_out():
+    """Samples are scored against the rigid patches only; each real case against the other cases."""
+    ps = synthetic_patches(count=6)
+    ps.is_elastic = np.array([False, False, True, False, False, False])
+    ps.masks[2] = ps.masks[3]  # a deformed copy of case 3 must not count as a "training lesion" pose
+    assert list(ps.real_poses(False)) == [0, 1, 3, 4]
+    novelty = quality.real_novelty(ps)
+    assert set(novelty) == set(ps.case_ids)
+    assert novelty["synthetic_3"] < 1.0  # case 3's own copy (patch 2) is elastic, so it is not a reference
+    best, index = quality.nearest_match([ps.masks[4][..., ::-1]], ps.masks[[0, 4]])
+    assert best[0] == pytest.approx(1.0) and index == [1]  # found through the left-right flip
+
+
+def test_elastic_patches_are_new_shapes_of_the_same_lesion(data_root):
+    """Elastic patches come after the rigid ones without changing them, deform mask and images alike, and keep
+    the lesion plausible."""
+    from scripted_models.pathar.data import case_patches
+    from scripted_models.pathar.tokenizer import dice
+
+    folder = data_root / "cases" / "tcga_du_7294"
+    rigid_only, _ = case_patches(folder, PatchConfig(size=32, spacing_mm=4.0), 2, np.random.default_rng(0))
+    cfg = PatchConfig(size=32, spacing_mm=4.0, elastic_per_case=2, elastic_mm=8.0)
+    masks, images = case_patches(folder, cfg, 2, np.random.default_rng(0), 2, np.random.default_rng(5))
+    assert masks.shape == (4, 32, 32, 32) and np.array_equal(masks[:2], rigid_only)
+    for k in (2, 3):
+        overlap = dice(masks[k] > 0, masks[0] > 0)
+        assert 0.3 < overlap < 0.98  # a different shape of the same lesion
+        assert quality.mask_plausibility(masks[k], cfg.spacing_mm)["plausible"]
+        flair = images["flair"][k].astype(np.float32)
+        assert flair[masks[k] == 2].mean() > flair[masks[k] == 0].mean() + 0.5  # edema still bright: aligned
+    again, _ = case_patches(folder, cfg, 2, np.random.default_rng(0), 2, np.random.default_rng(5))
+    assert np.array_equal(again, masks)
 
 
 def test_real_case_patch_geometry(data_root):

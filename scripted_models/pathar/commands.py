@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-select", choices=("best_val", "last"), default="best_val",
                         help="keep the transformer weights with the lowest held-out NLL (checked every save) "
                              "or the last ones")
+    parser.add_argument("--elastic-per-case", type=int, default=None, metavar="N",
+                        help="deformed (new-shape) patches per training case on top of the rigid ones "
+                             "(default 48; 0 = rigid augmentation only)")
 
 
 
@@ -77,10 +80,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import config_from_args, train
+    from .train import config_from_args, model_config_from_args, train
 
     progress = _progress(args)
-    result = train(Path(args.work), args.stage, config_from_args(args), out_dir=args.out and Path(args.out),
+    result = train(Path(args.work), args.stage, config_from_args(args), model_config_from_args(args),
+                   out_dir=args.out and Path(args.out),
                    data_root=args.data, device=args.device, threads=args.threads, progress=progress,
                    sample_check=args.sample_check)
     progress.done(**result)

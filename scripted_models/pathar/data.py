@@ -7,6 +7,11 @@ gives patches of `size`^3 voxels at `spacing_mm` (64^3 at 2 mm = 128 mm, enough 
 
 Augmentation, precomputed per case (`augment_per_case` patches; the first is the plain one): rotation up to
 `max_rotation_deg` about each axis, isotropic scale jitter (the lesion looks up to 10 % smaller/larger), shift.
+Training cases also get `elastic_per_case` patches that add a smooth random deformation (a cubic B-spline on a
+`elastic_mesh`^3 mesh over the patch, control-point displacements N(0, `elastic_mm`) clipped at 2.5 sd), applied
+to the mask and the images alike: new lesion shapes rather than new poses of the same five lesions. They come
+from their own random stream, so the rigid patches are the same with or without them, and they are flagged
+(`is_elastic`) so that memorisation is measured against the real lesions' poses only.
 On the fly during training (`augment`): left-right flips only (the other axes would turn anatomy upside down),
 and intensity jitter for images. Images are the case's z-scored volumes (Case.normalized: statistics of healthy
 foreground), with everything outside the brain/head foreground set to `background_z` and values clipped.
@@ -29,6 +34,7 @@ from ..cases import VALIDATION_CASE, list_cases, load_case
 from ..labels import MODALITIES
 
 CACHE_VERSION = 1
+ELASTIC_STREAM = 1  # seeds the elastic draws apart from the rigid ones: np.random.default_rng([seed, 1, case])
 
 
 @dataclass
@@ -41,13 +47,20 @@ class PatchConfig:
     max_rotation_deg: float = 15.0
     scale_jitter: float = 0.1
     shift_mm: float = 8.0
+    elastic_per_case: int = 0  # extra deformed patches per training case (0 = rigid augmentation only)
+    elastic_mm: float = 8.0
+    elastic_mesh: int = 3
     background_z: float = -4.0
     clip: tuple[float, float] = (-5.0, 8.0)
     seed: int = 0
     exclude: tuple[str, ...] = field(default_factory=tuple)  # case ids to leave out entirely
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.elastic_per_case:  # rigid-only configs keep their earlier cache key and card entry
+            for k in ("elastic_per_case", "elastic_mm", "elastic_mesh"):
+                out.pop(k)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> PatchConfig:
@@ -67,6 +80,11 @@ class PatchSet:
     image_modality: np.ndarray  # (I,) index into MODALITIES
     case_ids: list[str]
     config: PatchConfig
+    is_elastic: np.ndarray | None = None  # (P,) bool: deformed patches (new shapes); None = all rigid
+
+    def __post_init__(self):
+        if self.is_elastic is None:
+            self.is_elastic = np.zeros(len(self.masks), bool)
 
     @property
     def spacing_mm(self) -> float:
@@ -74,6 +92,10 @@ class PatchSet:
 
     def patches(self, val: bool = False) -> np.ndarray:
         return np.nonzero(self.is_val == val)[0]
+
+    def real_poses(self, val: bool = False) -> np.ndarray:
+        """Patches that only re-pose a real lesion (rigid augmentation): the memorisation reference."""
+        return np.nonzero((self.is_val == val) & ~self.is_elastic)[0]
 
     def image_indices(self, val: bool = False) -> np.ndarray:
         return np.nonzero(self.is_val[self.image_patch] == val)[0]
@@ -115,27 +137,56 @@ def _sitk(array: np.ndarray, reference):
     return img
 
 
-def _resample(image, centre, spacing: float, size: int, angles, shift, default: float, linear: bool = True):
-    """Patch of `image` on an identity-direction grid centred on `centre` (LPS mm), rotated by `angles`."""
+def _patch_grid(centre, spacing: float, size: int):
+    """An empty image holding the patch grid: identity direction, centred on `centre` (LPS mm)."""
     import SimpleITK as sitk
 
-    transform = sitk.Euler3DTransform()
-    transform.SetCenter(tuple(float(c) for c in centre))
-    transform.SetRotation(*[float(a) for a in angles])
-    transform.SetTranslation(tuple(float(s) for s in shift))
+    grid = sitk.Image([size] * 3, sitk.sitkUInt8)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetOrigin(tuple(float(c) - spacing * (size - 1) / 2.0 for c in centre))
+    return grid
+
+
+def patch_transform(centre, spacing: float, size: int, angles, shift, elastic=None):
+    """Patch point -> case point: an Euler rotation about `centre` plus `shift` (mm), preceded by an optional
+    B-spline deformation of the patch grid. elastic: (mesh, displacements (n_params,) in mm) or None."""
+    import SimpleITK as sitk
+
+    euler = sitk.Euler3DTransform()
+    euler.SetCenter(tuple(float(c) for c in centre))
+    euler.SetRotation(*[float(a) for a in angles])
+    euler.SetTranslation(tuple(float(s) for s in shift))
+    if elastic is None:
+        return euler
+    mesh, displacements = elastic
+    bspline = sitk.BSplineTransformInitializer(_patch_grid(centre, spacing, size), [int(mesh)] * 3)
+    bspline.SetParameters([float(d) for d in displacements])
+    return sitk.CompositeTransform([euler, bspline])  # the last added acts first: deform, then re-pose
+
+
+def elastic_draw(cfg: PatchConfig, rng: np.random.Generator):
+    """(mesh, displacements) for `patch_transform`: N(0, elastic_mm) per control point and axis, clipped."""
+    n_params = 3 * (cfg.elastic_mesh + 3) ** 3  # cubic B-spline: mesh + order control points per axis
+    d = rng.normal(0.0, cfg.elastic_mm, n_params)
+    return cfg.elastic_mesh, np.clip(d, -2.5 * cfg.elastic_mm, 2.5 * cfg.elastic_mm)
+
+
+def _resample(image, centre, spacing: float, size: int, transform, default: float, linear: bool = True):
+    """Patch of `image` on an identity-direction grid centred on `centre` (LPS mm), through `transform`."""
+    import SimpleITK as sitk
+
     f = sitk.ResampleImageFilter()
-    f.SetSize([size] * 3)
-    f.SetOutputSpacing([spacing] * 3)
-    f.SetOutputOrigin(tuple(float(c) - spacing * (size - 1) / 2.0 for c in centre))
-    f.SetOutputDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    f.SetReferenceImage(_patch_grid(centre, spacing, size))
     f.SetTransform(transform)
     f.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
     f.SetDefaultPixelValue(float(default))
     return sitk.GetArrayFromImage(f.Execute(image))
 
 
-def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Generator):
-    """(masks (count, S, S, S) uint8, {modality: (count, S, S, S) float16}) for one case."""
+def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Generator, elastic: int = 0,
+                 elastic_rng: np.random.Generator | None = None):
+    """(masks (count + elastic, S, S, S) uint8, {modality: (count + elastic, S, S, S) float16}) for one case:
+    `count` rigid patches (drawn from rng), then `elastic` deformed ones (drawn from elastic_rng)."""
     case = load_case(folder)
     ref = case.reference
     fg = case.foreground()
@@ -148,21 +199,24 @@ def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Gene
     for m, a in norm.items():
         a = np.clip(np.where(fg, a, cfg.background_z), *cfg.clip)
         images[m] = _sitk(a, ref)
-    masks = np.zeros((count,) + (cfg.size,) * 3, np.uint8)
+    masks = np.zeros((count + elastic,) + (cfg.size,) * 3, np.uint8)
     out = {m: np.zeros_like(masks, dtype=np.float16) for m in images}
-    for n in range(count):
+    for n in range(count + elastic):
+        draw = rng if n < count else elastic_rng
         if n == 0:
             angles, scale, shift = np.zeros(3), 1.0, np.zeros(3)
         else:
-            angles = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3))
-            scale = float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
-            shift = rng.uniform(-cfg.shift_mm, cfg.shift_mm, 3)
+            angles = np.deg2rad(draw.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3))
+            scale = float(draw.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
+            shift = draw.uniform(-cfg.shift_mm, cfg.shift_mm, 3)
         spacing = cfg.spacing_mm * scale
-        probs = np.stack([_resample(o, centre, spacing, cfg.size, angles, shift, 1.0 if c == 0 else 0.0)
+        transform = patch_transform(centre, spacing, cfg.size, angles, shift,
+                                    elastic_draw(cfg, draw) if n >= count else None)
+        probs = np.stack([_resample(o, centre, spacing, cfg.size, transform, 1.0 if c == 0 else 0.0)
                           for c, o in enumerate(onehot)])
         masks[n] = probs.argmax(0).astype(np.uint8)
         for m, img in images.items():
-            out[m][n] = _resample(img, centre, spacing, cfg.size, angles, shift, cfg.background_z).astype(np.float16)
+            out[m][n] = _resample(img, centre, spacing, cfg.size, transform, cfg.background_z).astype(np.float16)
     return masks, out
 
 
@@ -181,24 +235,29 @@ def build_patches(work: Path, cfg: PatchConfig | None = None, data_root=None, ve
     t0 = time.time()
     rng = np.random.default_rng(cfg.seed)
     masks, patch_case, is_val, images, image_patch, image_modality, case_ids = [], [], [], [], [], [], []
-    for folder in folders:
+    is_elastic = []
+    for case_index, folder in enumerate(folders):
         val = folder.name == VALIDATION_CASE
-        count = cfg.val_per_case if val else cfg.augment_per_case
-        m, imgs = case_patches(folder, cfg, count, rng)
+        rigid = cfg.val_per_case if val else cfg.augment_per_case
+        elastic = 0 if val else cfg.elastic_per_case
+        m, imgs = case_patches(folder, cfg, rigid, rng, elastic,
+                               np.random.default_rng([cfg.seed, ELASTIC_STREAM, case_index]))
+        count = rigid + elastic
         base = sum(len(x) for x in masks)
         masks.append(m)
         patch_case += [len(case_ids)] * count
         is_val += [val] * count
+        is_elastic += [False] * rigid + [True] * elastic
         case_ids.append(folder.name)
         for mod, arr in imgs.items():
             images.append(arr)
             image_patch += list(range(base, base + count))
             image_modality += [MODALITIES.index(mod)] * count
         if verbose:
-            print(json.dumps({"patches": folder.name, "count": count, "modalities": sorted(imgs),
+            print(json.dumps({"patches": folder.name, "rigid": rigid, "elastic": elastic, "modalities": sorted(imgs),
                               "elapsed_s": round(time.time() - t0, 1)}), flush=True)
     ps = PatchSet(np.concatenate(masks), np.array(patch_case), np.array(is_val, bool), np.concatenate(images),
-                  np.array(image_patch), np.array(image_modality), case_ids, cfg)
+                  np.array(image_patch), np.array(image_modality), case_ids, cfg, np.array(is_elastic, bool))
     save_patches(path, ps)
     return ps
 
@@ -210,14 +269,15 @@ def save_patches(path: Path, ps: PatchSet) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, masks=ps.masks, patch_case=ps.patch_case, is_val=ps.is_val, images=ps.images,
              image_patch=ps.image_patch, image_modality=ps.image_modality, case_ids=np.array(ps.case_ids),
-             config=np.array(json.dumps(ps.config.to_dict())))
+             is_elastic=ps.is_elastic, config=np.array(json.dumps(ps.config.to_dict())))
     os.replace(tmp, path)
 
 
 def load_patches(path: Path) -> PatchSet:
     z = np.load(path)
     return PatchSet(z["masks"], z["patch_case"], z["is_val"], z["images"], z["image_patch"], z["image_modality"],
-                    [str(c) for c in z["case_ids"]], PatchConfig.from_dict(json.loads(str(z["config"]))))
+                    [str(c) for c in z["case_ids"]], PatchConfig.from_dict(json.loads(str(z["config"]))),
+                    z["is_elastic"] if "is_elastic" in z.files else None)
 
 
 # --------------------------------------------------------------------------- on-the-fly augmentation

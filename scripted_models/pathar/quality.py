@@ -11,8 +11,13 @@ Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing;
     count against it; a core that reaches the brain surface through its edema shell does not. 1.0 without TC.
   * plausible: whole lesion >= `min_voxels` voxels, one main component, and TC attached to edema >= 0.9.
   * diversity: mean pairwise whole-lesion Dice between generated masks (lower = more diverse).
-  * memorisation: for each sample, the best whole-lesion Dice against every training patch (and its
-    left-right flip); values near 1 mean the sample copies a training lesion.
+  * memorisation: for each sample, the best whole-lesion Dice against every rigid training patch (the real
+    lesions in all their augmented poses, and their left-right flips); values near 1 mean the sample copies a
+    training lesion. Elastically deformed training patches are left out of this reference, so the number
+    compares across trainings with and without them.
+  * novelty of real lesions (leave one case out): the same nearest Dice for each real case's plain patch
+    against the rigid patches of the *other* training cases. It is what a genuinely new lesion scores;
+    samples above the highest of these values are closer to a training lesion than any real lesion is.
 
     python -m scripted_models.pathar.quality --n 16
 """
@@ -94,20 +99,38 @@ def mean_pairwise_dice(masks) -> float | None:
     return float(np.mean([dice(a, b) for a, b in combinations(masks, 2)]))
 
 
-def nearest_dice(masks, references: np.ndarray, flips: bool = True) -> list[float]:
-    """Best whole-lesion Dice of each mask against references (R, *S) (and their left-right flips)."""
+def nearest_match(masks, references: np.ndarray, flips: bool = True) -> tuple[list[float], list[int]]:
+    """(best whole-lesion Dice, index of that reference) of each mask against references (R, *S), each
+    reference also tried left-right flipped."""
     refs = references > 0
     if flips:
         refs = np.concatenate([refs, refs[..., ::-1]])
-    ref = refs.reshape(len(refs), -1).astype(np.float32)  # (R, V)
+    ref = refs.reshape(len(refs), -1).astype(np.float32)  # (R or 2R, V)
     ref_sum = ref.sum(1)
-    out = []
+    best, index = [], []
     for m in masks:
         v = (np.asarray(m) > 0).reshape(-1).astype(np.float32)
         inter = ref @ v
         denom = ref_sum + v.sum()
         d = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
-        out.append(float(d.max()))
+        best.append(float(d.max()))
+        index.append(int(d.argmax()) % len(references))
+    return best, index
+
+
+def nearest_dice(masks, references: np.ndarray, flips: bool = True) -> list[float]:
+    """Best whole-lesion Dice of each mask against references (R, *S) (and their left-right flips)."""
+    return nearest_match(masks, references, flips)[0]
+
+
+def real_novelty(patches) -> dict[str, float]:
+    """{case: nearest Dice of its plain patch against the rigid patches of the other training cases}."""
+    poses = patches.real_poses(False)
+    out = {}
+    for c, name in enumerate(patches.case_ids):
+        plain = int(np.nonzero(patches.patch_case == c)[0][0])  # each case's first patch is the un-augmented one
+        others = poses[patches.patch_case[poses] != c]
+        out[name] = round(nearest_dice([patches.masks[plain]], patches.masks[others])[0], 3)
     return out
 
 
@@ -123,15 +146,31 @@ def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+def reference_patches(model, work: Path, data_root=None):
+    """The real patches the samples are scored against: the transformer card's patch grid with rigid
+    augmentation only (built and cached under `work` on first use, about 1 min)."""
+    from dataclasses import replace
+
+    from .api import TRANSFORMER_NAME
+    from .data import PatchConfig, build_patches
+
+    cfg = replace(PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), elastic_per_case=0)
+    return build_patches(Path(work), cfg, data_root, verbose=False)
+
+
 def quality_report(pairs, patches, modalities) -> dict:
     """Everything the table prints, as a dict: per-sample rows, summaries, intensity comparison."""
     spacing = patches.spacing_mm
     train = patches.patches(False)
+    poses = patches.real_poses(False)
     masks = [p.mask.array for p in pairs]
-    near = nearest_dice(masks, patches.masks[train])
+    near, which = nearest_match(masks, patches.masks[poses])
+    nearest_case = [patches.case_ids[patches.patch_case[poses[i]]] for i in which]
+    novelty = real_novelty(patches)
     rows = []
     for i, (m, nd) in enumerate(zip(masks, near)):
-        rows.append({"sample": i, **mask_plausibility(m, spacing), "nearest_train_dice": round(nd, 3)})
+        rows.append({"sample": i, **mask_plausibility(m, spacing), "nearest_train_dice": round(nd, 3),
+                     "nearest_case": nearest_case[i]})
     # real reference: the un-augmented patch of every training case (first patch of each case)
     first = [int(train[patches.patch_case[train] == c][0]) for c in np.unique(patches.patch_case[train])]
     real_rows = [mask_plausibility(patches.masks[p], spacing) for p in first]
@@ -150,8 +189,14 @@ def quality_report(pairs, patches, modalities) -> dict:
         intensity.append({"modality": mod, "ordering_agreement": ordering_agreement(real, gen)})
     return {"samples": rows,
             "generated": {**summarize_masks(masks, spacing),
-                          "mean_nearest_train_dice": round(float(np.mean(near)), 3)},
-            "real": {"plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
+                          "mean_nearest_train_dice": round(float(np.mean(near)), 3),
+                          "max_nearest_train_dice": round(float(np.max(near)), 3),
+                          "closer_than_any_real_fraction": round(float(np.mean(
+                              [d > max(novelty.values()) for d in near])), 3),
+                          "nearest_case_counts": {c: nearest_case.count(c) for c in sorted(set(nearest_case))}},
+            "real": {"nearest_other_cases_dice": novelty,
+                     "mean_nearest_other_cases_dice": round(float(np.mean(list(novelty.values()))), 3),
+                     "plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
                      "mean_tc_attached": round(float(np.mean([r["tc_attached"] for r in real_rows])), 3),
                      "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
                      "mean_pairwise_dice": round(mean_pairwise_dice([patches.masks[p] for p in first]) or 0, 3)},
@@ -169,18 +214,21 @@ def _fmt(v, width=8):
 
 
 def print_report(report: dict) -> None:
-    print("sample  vol_ml  comps  main  tc_att core  edema   enh  plausible  nearest_train_dice")
+    print("sample  vol_ml  comps  main  tc_att core  edema   enh  plausible  nearest_train_dice  nearest_case")
     for r in report["samples"]:
         f = r["fractions"]
         print(f"{r['sample']:6d} {r['volume_ml']:7.1f} {r['components']:6d} {r['main_fraction']:5.2f} "
               f"{r['tc_attached']:6.2f} {f['core']:5.2f} {f['edema']:6.2f} {f['enh']:5.2f} "
-              f"{_fmt(r['plausible'], 10)} {r['nearest_train_dice']:19.2f}")
+              f"{_fmt(r['plausible'], 10)} {r['nearest_train_dice']:19.2f}  {r['nearest_case']}")
     g, r = report["generated"], report["real"]
     print()
     print("summary               generated     real")
     for key in ("plausible_fraction", "mean_tc_attached", "mean_volume_ml", "mean_pairwise_dice"):
         print(f"{key:22s}{_fmt(g.get(key), 10)} {_fmt(r.get(key), 8)}")
-    print(f"{'mean_nearest_train_dice':22s}{_fmt(g['mean_nearest_train_dice'], 10)}")
+    print(f"{'mean_nearest_train_dice':22s}{_fmt(g['mean_nearest_train_dice'], 10)} "
+          f"{_fmt(r['mean_nearest_other_cases_dice'], 8)}  (real: each case against the other cases)")
+    print(f"samples closer to a training lesion than any real lesion is to another: "
+          f"{g['closer_than_any_real_fraction']:.2f}; nearest case per sample: {g['nearest_case_counts']}")
     print()
     print("modality  sub-region                          real  generated  sign")
     for row in report["intensity"]:
@@ -206,14 +254,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from .api import TRANSFORMER_NAME, load_models, sample_pairs
-    from .data import PatchConfig, build_patches
+    from .api import load_models, sample_pairs
 
     torch.set_num_threads(args.threads)
     mods = args.modality or list(MODALITIES)
     model = load_models(args.device)
-    patches = build_patches(Path(args.work), PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), args.data,
-                            verbose=False)
+    patches = reference_patches(model, Path(args.work), args.data)
     pairs = sample_pairs(mods, args.n, args.seed, args.temperature, args.top_k, args.device)
     report = quality_report(pairs, patches, mods)
     print_report(report)

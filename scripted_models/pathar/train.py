@@ -62,7 +62,7 @@ class PathARConfig:
 
     @classmethod
     def default(cls) -> PathARConfig:
-        patch = PatchConfig()
+        patch = PatchConfig(elastic_per_case=48)
         structure = VQConfig(num_labels=patch.num_labels, num_embeddings=128, embedding_dim=32)
         appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32)
         grid = structure.grid((patch.size,) * 3)
@@ -495,6 +495,12 @@ def write_markdown_card(folder: Path | None = None) -> Path:
         "",
         f"- Patch: {patch['size']}^3 voxels at {patch['spacing_mm']} mm, lesion-centred, identity direction; "
         f"token grid {'x'.join(str(g) for g in t['config']['grid'])}.",
+        f"- Augmentation: {patch.get('augment_per_case')} rigid patches per case (rotation up to "
+        f"{patch.get('max_rotation_deg')} degrees, scale +/- {patch.get('scale_jitter')}, shift up to "
+        f"{patch.get('shift_mm')} mm), left-right flips, intensity jitter"
+        + (f"; the transformer also saw {patch['elastic_per_case']} elastically deformed patches per training case "
+           f"(cubic B-spline, {patch['elastic_mesh']}^3 mesh, control points moved N(0, {patch['elastic_mm']} mm)), "
+           "i.e. new lesion shapes" if patch.get("elastic_per_case") else "") + ".",
         "- Labels: 0 healthy, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumour. "
         "Images: z-scores over healthy foreground (background set to "
         f"{patch['background_z']}).",
@@ -609,13 +615,26 @@ def config_from_args(args) -> TrainConfig:
     return tc
 
 
+def model_config_from_args(args) -> PathARConfig:
+    from ..errors import InputError
+
+    cfg = PathARConfig.default()
+    elastic = getattr(args, "elastic_per_case", None)
+    if elastic is not None:
+        if elastic < 0:
+            raise InputError("--elastic-per-case must be >= 0")
+        cfg.patch.elastic_per_case = int(elastic)
+    return cfg
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train PathAR (resumable).")
     add_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    train(Path(args.work), args.stage, config_from_args(args), out_dir=args.out and Path(args.out),
+    train(Path(args.work), args.stage, config_from_args(args), model_config_from_args(args),
+          out_dir=args.out and Path(args.out),
           data_root=args.data, device=args.device, threads=args.threads, sample_check=args.sample_check)
     return 0
 
