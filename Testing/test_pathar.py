@@ -479,6 +479,13 @@ def test_memorisation_reference_is_the_real_poses_and_leave_one_case_out():
     novelty = quality.real_novelty(ps)
     assert set(novelty) == set(ps.case_ids)
     assert novelty["synthetic_3"] < 1.0  # case 3's own copy (patch 2) is elastic, so it is not a reference
+    assert quality.memorisation_index(0.7, 0.7, 0.8) == 0.0 and quality.memorisation_index(0.8, 0.7, 0.8) == 1.0
+    assert quality.memorisation_index(0.8, 0.7, 0.7) is None
+    ps.patch_case = np.array([0, 0, 0, 1, 1, 1])  # two cases: poses 0, 1 of case 0 and 3, 4 of case 1
+    ps.masks[1], ps.masks[4] = ps.masks[0], ps.masks[3]  # each case's second pose repeats its first
+    assert quality.same_lesion_new_pose(ps, per_case=1) == pytest.approx(1.0)
+    ps.masks[4] = ps.masks[4][::-1]  # case 1's pose no longer matches any other pose
+    assert quality.same_lesion_new_pose(ps, per_case=1) < 1.0
     best, index = quality.nearest_match([ps.masks[4][..., ::-1]], ps.masks[[0, 4]])
     assert best[0] == pytest.approx(1.0) and index == [1]  # found through the left-right flip
 

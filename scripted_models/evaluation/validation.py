@@ -372,6 +372,10 @@ def validation_markdown(rows: dict) -> str:
                   f"(max {g.get('max_nearest_train_dice', '-')}) | "
                   f"{r.get('mean_nearest_other_cases_dice', '-')} (each real case against the other cases; "
                   f"held-out case {pa.get('held_out_real_nearest_train_dice', '-')}) |",
+                  f"| a training lesion in a new pose: nearest Dice to the other poses | | "
+                  f"{r.get('same_lesion_new_pose_dice', '-')} |",
+                  f"| memorisation index (0: as new as a real lesion, 1: as close as a re-posed training lesion) | "
+                  f"{g.get('memorisation_index', '-')} | |",
                   f"| samples closer to a training lesion than any real lesion is to another | "
                   f"{g.get('closer_than_any_real_fraction', '-')} | |",
                   f"| mean volume (ml) | {g.get('mean_volume_ml')} | {r['mean_volume_ml']} |", "",

@@ -18,6 +18,10 @@ Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing;
   * novelty of real lesions (leave one case out): the same nearest Dice for each real case's plain patch
     against the rigid patches of the *other* training cases. It is what a genuinely new lesion scores;
     samples above the highest of these values are closer to a training lesion than any real lesion is.
+  * the same lesion in a new pose: the nearest Dice of a training case's augmented pose against all the other
+    poses (its own included). It is what a copy of a training lesion, re-posed, scores. The memorisation index
+    (mean sample - mean real novelty) / (new pose - real novelty) is 0 for samples as new as a real lesion and
+    1 for samples as close to the training set as a re-posed training lesion.
 
     python -m scripted_models.pathar.quality --n 16
 """
@@ -158,6 +162,23 @@ def reference_patches(model, work: Path, data_root=None):
     return build_patches(Path(work), cfg, data_root, verbose=False)
 
 
+def memorisation_index(sample: float, real_novelty_mean: float, new_pose: float) -> float | None:
+    """0: samples as far from the training lesions as real lesions are from each other; 1: as close as a
+    training lesion in a new pose."""
+    span = new_pose - real_novelty_mean
+    return None if span <= 0 else round((sample - real_novelty_mean) / span, 2)
+
+
+def same_lesion_new_pose(patches, per_case: int = 8) -> float:
+    """Mean nearest Dice of `per_case` augmented poses of each training case against all the other poses."""
+    poses = patches.real_poses(False)
+    scores = []
+    for c in np.unique(patches.patch_case[poses]):
+        for i in poses[patches.patch_case[poses] == c][1:per_case + 1]:  # [0] is the un-augmented patch
+            scores += nearest_dice([patches.masks[i]], patches.masks[poses[poses != i]])
+    return float(np.mean(scores))
+
+
 def quality_report(pairs, patches, modalities) -> dict:
     """Everything the table prints, as a dict: per-sample rows, summaries, intensity comparison."""
     spacing = patches.spacing_mm
@@ -167,6 +188,7 @@ def quality_report(pairs, patches, modalities) -> dict:
     near, which = nearest_match(masks, patches.masks[poses])
     nearest_case = [patches.case_ids[patches.patch_case[poses[i]]] for i in which]
     novelty = real_novelty(patches)
+    new_pose = same_lesion_new_pose(patches)
     rows = []
     for i, (m, nd) in enumerate(zip(masks, near)):
         rows.append({"sample": i, **mask_plausibility(m, spacing), "nearest_train_dice": round(nd, 3),
@@ -193,9 +215,12 @@ def quality_report(pairs, patches, modalities) -> dict:
                           "max_nearest_train_dice": round(float(np.max(near)), 3),
                           "closer_than_any_real_fraction": round(float(np.mean(
                               [d > max(novelty.values()) for d in near])), 3),
-                          "nearest_case_counts": {c: nearest_case.count(c) for c in sorted(set(nearest_case))}},
+                          "nearest_case_counts": {c: nearest_case.count(c) for c in sorted(set(nearest_case))},
+                          "memorisation_index": memorisation_index(float(np.mean(near)),
+                                                                   float(np.mean(list(novelty.values()))), new_pose)},
             "real": {"nearest_other_cases_dice": novelty,
                      "mean_nearest_other_cases_dice": round(float(np.mean(list(novelty.values()))), 3),
+                     "same_lesion_new_pose_dice": round(new_pose, 3),
                      "plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
                      "mean_tc_attached": round(float(np.mean([r["tc_attached"] for r in real_rows])), 3),
                      "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
@@ -227,6 +252,8 @@ def print_report(report: dict) -> None:
         print(f"{key:22s}{_fmt(g.get(key), 10)} {_fmt(r.get(key), 8)}")
     print(f"{'mean_nearest_train_dice':22s}{_fmt(g['mean_nearest_train_dice'], 10)} "
           f"{_fmt(r['mean_nearest_other_cases_dice'], 8)}  (real: each case against the other cases)")
+    print(f"{'same lesion, new pose':22s}{'':10s} {_fmt(r['same_lesion_new_pose_dice'], 8)}  "
+          f"(memorisation index of the samples: {g['memorisation_index']})")
     print(f"samples closer to a training lesion than any real lesion is to another: "
           f"{g['closer_than_any_real_fraction']:.2f}; nearest case per sample: {g['nearest_case_counts']}")
     print()

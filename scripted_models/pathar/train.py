@@ -532,9 +532,9 @@ def write_markdown_card(folder: Path | None = None) -> Path:
     lines += ["## Limitations", "",
               "Trained on very few cases (listed above), on 2 CPU cores (wall times above): samples are coarse, "
               "and the nearest-training-mask Dice (`python -m scripted_models.pathar.quality`) shows how close they "
-              "stay to the training lesions. The transformer overfits them quickly: its held-out negative "
-              "log-likelihood is lowest early in training and stays well above the training value, so the weights "
-              "with the lowest held-out NLL are kept. Research use only; not for clinical use.", ""]
+              "stay to the training lesions (they stay closer to them than real lesions are to each other). The "
+              "transformer overfits: its held-out negative log-likelihood stays well above the training value, so "
+              "the weights with the lowest held-out NLL are kept. Research use only; not for clinical use.", ""]
     path = folder / "pathar.md"
     path.write_text("\n".join(lines))
     return path

@@ -111,6 +111,10 @@ def render_model_cards(folder: Path | None = None) -> Path:
                          f"structure/appearance NLL by step: {curve})")
         if "data" in card:
             lines.append(f"- **training data**: {', '.join(map(str, card['data']))}")
+        patch = card.get("patch") or {}
+        if patch.get("elastic_per_case"):
+            lines.append(f"- **patches per training case**: {patch['augment_per_case']} rigid poses + "
+                         f"{patch['elastic_per_case']} elastic deformations ({patch['elastic_mm']} mm)")
         if "held_out" in card:
             lines.append(f"- **held out**: {', '.join(card['held_out'])}")
         for key, value in (card.get("metrics") or {}).items():
