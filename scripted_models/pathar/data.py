@@ -171,14 +171,14 @@ def elastic_draw(cfg: PatchConfig, rng: np.random.Generator):
     return cfg.elastic_mesh, np.clip(d, -2.5 * cfg.elastic_mm, 2.5 * cfg.elastic_mm)
 
 
-def _resample(image, centre, spacing: float, size: int, transform, default: float, linear: bool = True):
-    """Patch of `image` on an identity-direction grid centred on `centre` (LPS mm), through `transform`."""
+def _resample(image, centre, spacing: float, size: int, transform, default: float):
+    """Patch of `image` (linear) on an identity-direction grid centred on `centre` (LPS mm), through `transform`."""
     import SimpleITK as sitk
 
     f = sitk.ResampleImageFilter()
     f.SetReferenceImage(_patch_grid(centre, spacing, size))
     f.SetTransform(transform)
-    f.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
+    f.SetInterpolator(sitk.sitkLinear)
     f.SetDefaultPixelValue(float(default))
     return sitk.GetArrayFromImage(f.Execute(image))
 

@@ -103,23 +103,26 @@ def mean_pairwise_dice(masks) -> float | None:
     return float(np.mean([dice(a, b) for a, b in combinations(masks, 2)]))
 
 
+def dice_matrix(masks, references: np.ndarray, flips: bool = True) -> np.ndarray:
+    """(M, R) whole-lesion Dice of each mask against each reference (R, *S); with flips, the better of the
+    reference and its left-right flip."""
+    query = np.stack([np.asarray(m) > 0 for m in masks]).reshape(len(masks), -1).astype(np.float32)  # (M, V)
+
+    def against(refs: np.ndarray) -> np.ndarray:
+        ref = refs.reshape(len(refs), -1).astype(np.float32)  # (R, V)
+        denom = query.sum(1)[:, None] + ref.sum(1)[None]
+        return np.where(denom > 0, 2 * (query @ ref.T) / np.maximum(denom, 1), 1.0)
+
+    refs = np.asarray(references) > 0
+    d = against(refs)
+    return np.maximum(d, against(refs[..., ::-1])) if flips else d
+
+
 def nearest_match(masks, references: np.ndarray, flips: bool = True) -> tuple[list[float], list[int]]:
     """(best whole-lesion Dice, index of that reference) of each mask against references (R, *S), each
     reference also tried left-right flipped."""
-    refs = references > 0
-    if flips:
-        refs = np.concatenate([refs, refs[..., ::-1]])
-    ref = refs.reshape(len(refs), -1).astype(np.float32)  # (R or 2R, V)
-    ref_sum = ref.sum(1)
-    best, index = [], []
-    for m in masks:
-        v = (np.asarray(m) > 0).reshape(-1).astype(np.float32)
-        inter = ref @ v
-        denom = ref_sum + v.sum()
-        d = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
-        best.append(float(d.max()))
-        index.append(int(d.argmax()) % len(references))
-    return best, index
+    d = dice_matrix(masks, references, flips)
+    return d.max(1).tolist(), d.argmax(1).tolist()
 
 
 def nearest_dice(masks, references: np.ndarray, flips: bool = True) -> list[float]:
@@ -130,12 +133,10 @@ def nearest_dice(masks, references: np.ndarray, flips: bool = True) -> list[floa
 def real_novelty(patches) -> dict[str, float]:
     """{case: nearest Dice of its plain patch against the rigid patches of the other training cases}."""
     poses = patches.real_poses(False)
-    out = {}
-    for c, name in enumerate(patches.case_ids):
-        plain = int(np.nonzero(patches.patch_case == c)[0][0])  # each case's first patch is the un-augmented one
-        others = poses[patches.patch_case[poses] != c]
-        out[name] = round(nearest_dice([patches.masks[plain]], patches.masks[others])[0], 3)
-    return out
+    plain = [int(np.nonzero(patches.patch_case == c)[0][0]) for c in range(len(patches.case_ids))]  # un-augmented
+    d = dice_matrix(patches.masks[plain], patches.masks[poses])  # (cases, poses)
+    d[patches.patch_case[poses][None] == np.arange(len(plain))[:, None]] = -np.inf  # leave the own case out
+    return {name: round(float(v), 3) for name, v in zip(patches.case_ids, d.max(1))}
 
 
 def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
@@ -172,11 +173,11 @@ def memorisation_index(sample: float, real_novelty_mean: float, new_pose: float)
 def same_lesion_new_pose(patches, per_case: int = 8) -> float:
     """Mean nearest Dice of `per_case` augmented poses of each training case against all the other poses."""
     poses = patches.real_poses(False)
-    scores = []
-    for c in np.unique(patches.patch_case[poses]):
-        for i in poses[patches.patch_case[poses] == c][1:per_case + 1]:  # [0] is the un-augmented patch
-            scores += nearest_dice([patches.masks[i]], patches.masks[poses[poses != i]])
-    return float(np.mean(scores))
+    chosen = np.concatenate([poses[patches.patch_case[poses] == c][1:per_case + 1]  # [0] is the plain patch
+                             for c in np.unique(patches.patch_case[poses])])
+    d = dice_matrix(patches.masks[chosen], patches.masks[poses])  # (chosen, poses)
+    d[chosen[:, None] == poses[None]] = -np.inf  # not against itself
+    return float(d.max(1).mean())
 
 
 def quality_report(pairs, patches, modalities) -> dict:
@@ -188,6 +189,7 @@ def quality_report(pairs, patches, modalities) -> dict:
     near, which = nearest_match(masks, patches.masks[poses])
     nearest_case = [patches.case_ids[patches.patch_case[poses[i]]] for i in which]
     novelty = real_novelty(patches)
+    novelty_mean = float(np.mean(list(novelty.values())))
     new_pose = same_lesion_new_pose(patches)
     rows = []
     for i, (m, nd) in enumerate(zip(masks, near)):
@@ -216,10 +218,9 @@ def quality_report(pairs, patches, modalities) -> dict:
                           "closer_than_any_real_fraction": round(float(np.mean(
                               [d > max(novelty.values()) for d in near])), 3),
                           "nearest_case_counts": {c: nearest_case.count(c) for c in sorted(set(nearest_case))},
-                          "memorisation_index": memorisation_index(float(np.mean(near)),
-                                                                   float(np.mean(list(novelty.values()))), new_pose)},
+                          "memorisation_index": memorisation_index(float(np.mean(near)), novelty_mean, new_pose)},
             "real": {"nearest_other_cases_dice": novelty,
-                     "mean_nearest_other_cases_dice": round(float(np.mean(list(novelty.values()))), 3),
+                     "mean_nearest_other_cases_dice": round(novelty_mean, 3),
                      "same_lesion_new_pose_dice": round(new_pose, 3),
                      "plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
                      "mean_tc_attached": round(float(np.mean([r["tc_attached"] for r in real_rows])), 3),
