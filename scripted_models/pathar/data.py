@@ -93,6 +93,10 @@ class PatchSet:
     def patches(self, val: bool = False) -> np.ndarray:
         return np.nonzero(self.is_val == val)[0]
 
+    def plain_patches(self) -> np.ndarray:
+        """The un-augmented patch of each case (its first one), in case order."""
+        return np.unique(self.patch_case, return_index=True)[1]
+
     def real_poses(self, val: bool = False) -> np.ndarray:
         """Patches that only re-pose a real lesion (rigid augmentation): the memorisation reference."""
         return np.nonzero((self.is_val == val) & ~self.is_elastic)[0]

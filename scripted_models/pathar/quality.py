@@ -133,10 +133,11 @@ def nearest_dice(masks, references: np.ndarray, flips: bool = True) -> list[floa
 def real_novelty(patches) -> dict[str, float]:
     """{case: nearest Dice of its plain patch against the rigid patches of the other training cases}."""
     poses = patches.real_poses(False)
-    plain = [int(np.nonzero(patches.patch_case == c)[0][0]) for c in range(len(patches.case_ids))]  # un-augmented
+    plain = patches.plain_patches()
+    cases = patches.patch_case[plain]
     d = dice_matrix(patches.masks[plain], patches.masks[poses])  # (cases, poses)
-    d[patches.patch_case[poses][None] == np.arange(len(plain))[:, None]] = -np.inf  # leave the own case out
-    return {name: round(float(v), 3) for name, v in zip(patches.case_ids, d.max(1))}
+    d[patches.patch_case[poses][None] == cases[:, None]] = -np.inf  # leave the own case out
+    return {patches.case_ids[c]: round(float(v), 3) for c, v in zip(cases, d.max(1))}
 
 
 def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
@@ -173,8 +174,9 @@ def memorisation_index(sample: float, real_novelty_mean: float, new_pose: float)
 def same_lesion_new_pose(patches, per_case: int = 8) -> float:
     """Mean nearest Dice of `per_case` augmented poses of each training case against all the other poses."""
     poses = patches.real_poses(False)
-    chosen = np.concatenate([poses[patches.patch_case[poses] == c][1:per_case + 1]  # [0] is the plain patch
-                             for c in np.unique(patches.patch_case[poses])])
+    augmented = np.setdiff1d(poses, patches.plain_patches())
+    chosen = np.concatenate([augmented[patches.patch_case[augmented] == c][:per_case]
+                             for c in np.unique(patches.patch_case[augmented])])
     d = dice_matrix(patches.masks[chosen], patches.masks[poses])  # (chosen, poses)
     d[chosen[:, None] == poses[None]] = -np.inf  # not against itself
     return float(d.max(1).mean())
@@ -183,7 +185,6 @@ def same_lesion_new_pose(patches, per_case: int = 8) -> float:
 def quality_report(pairs, patches, modalities) -> dict:
     """Everything the table prints, as a dict: per-sample rows, summaries, intensity comparison."""
     spacing = patches.spacing_mm
-    train = patches.patches(False)
     poses = patches.real_poses(False)
     masks = [p.mask.array for p in pairs]
     near, which = nearest_match(masks, patches.masks[poses])
@@ -195,8 +196,8 @@ def quality_report(pairs, patches, modalities) -> dict:
     for i, (m, nd) in enumerate(zip(masks, near)):
         rows.append({"sample": i, **mask_plausibility(m, spacing), "nearest_train_dice": round(nd, 3),
                      "nearest_case": nearest_case[i]})
-    # real reference: the un-augmented patch of every training case (first patch of each case)
-    first = [int(train[patches.patch_case[train] == c][0]) for c in np.unique(patches.patch_case[train])]
+    # real reference: the un-augmented patch of every training case
+    first = [int(p) for p in patches.plain_patches() if not patches.is_val[p]]
     real_rows = [mask_plausibility(patches.masks[p], spacing) for p in first]
     intensity = []
     for mod in modalities:

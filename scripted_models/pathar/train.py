@@ -10,9 +10,9 @@ The transformer stage tokenizes the patches with the *saved* VQ weights. After t
 (a markdown model card built from the JSON cards) is written next to the weights.
 
 Default sizes, float32 on 2 CPU cores (measured on this machine): structure 1500 steps (~8 min), appearance 1500
-steps (~12 min), transformer 1500 steps at batch 8 (~1.5 s/step, 38 min), plus ~1 min for the patch cache and
-tokenization. The bundled transformer was trained from scratch for 900 of 1500 planned steps (stopped once its
-held-out NLL had risen for two checks) and keeps the weights of step 700, where the held-out NLL was lowest.
+steps (~12 min), transformer 1500 steps at batch 8 (~2.1 s/step, 53 min), plus ~6 min for the patch cache (with
+the elastic patches) and ~1 min for tokenization. The bundled transformer was trained from scratch for 1500 steps
+on the rigid and elastic patches and keeps the weights of step 1100, where the held-out NLL was lowest.
 """
 from __future__ import annotations
 
