@@ -526,6 +526,75 @@ def test_real_case_patch_geometry(data_root):
     assert images["flair"][0][masks[0] == 2].mean() > images["flair"][0][masks[0] == 0].mean()
 
 
+def synthetic_cystic_lesion(shape=(48, 48, 48)):
+    """z-scored t1c/t2/flair of a sphere cyst (r 6) with an enhancing rim (r 6-8) inside edema (r 8-13)."""
+    zz, yy, xx = np.indices(shape)
+    r = np.sqrt((zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2)
+    truth = np.where(r <= 6, 1, np.where(r <= 8, 3, np.where(r <= 13, 2, 0))).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    values = {"t1c": (0.0, -1.5, 0.3, 2.5), "t2": (0.0, 3.0, 1.0, 0.5), "flair": (0.0, 0.5, 2.5, 1.5)}
+    images = {m: np.choose(truth, v).astype(np.float32) + rng.normal(0, 0.2, shape).astype(np.float32)
+              for m, v in values.items()}
+    brain = r <= 22
+    return images, brain, truth
+
+
+def test_cystic_lesion_rule_recovers_a_synthetic_lesion():
+    from scripted_models.pathar.pseudo_labels import cystic_lesion_labels
+    from scripted_models.pathar.tokenizer import dice
+
+    images, brain, truth = synthetic_cystic_lesion()
+    labels = cystic_lesion_labels(images, brain, (1.0, 1.0, 1.0))
+    for c, least in ((1, 0.85), (3, 0.6), (2, 0.85)):
+        assert dice(labels == c, truth == c) > least, c
+    assert dice(labels > 0, truth > 0) > 0.9
+    assert quality.mask_plausibility(labels, 1.0)["plausible"]
+
+
+def test_cystic_lesion_rule_refuses_what_it_cannot_label():
+    from scripted_models.pathar.pseudo_labels import cystic_lesion_labels
+
+    images, brain, _ = synthetic_cystic_lesion()
+    with pytest.raises(InputError, match="missing t2"):
+        cystic_lesion_labels({m: v for m, v in images.items() if m != "t2"}, brain, (1.0, 1.0, 1.0))
+    flat = {m: np.zeros_like(v) for m, v in images.items()}
+    with pytest.raises(InputError, match="no flair-bright lesion"):
+        cystic_lesion_labels(flat, brain, (1.0, 1.0, 1.0))
+    no_cyst = {**images, "t2": np.zeros_like(images["t2"])}
+    with pytest.raises(InputError, match="no cyst"):
+        cystic_lesion_labels(no_cyst, brain, (1.0, 1.0, 1.0))
+
+
+def test_pseudo_labelled_case_is_opt_in_and_looks_like_a_cystic_metastasis(data_root):
+    """aurora_met_unlabelled joins the patch set only when named; its rule-based labels are plausible, and
+    each sub-region has the contrast that defines it."""
+    from scripted_models.pathar.data import labelled_cases, load_labelled_case
+    from scripted_models.pathar.pseudo_labels import PSEUDO_LABELLED
+
+    case_id = PSEUDO_LABELLED[0]
+    assert case_id not in [f.name for f in labelled_cases(data_root)]
+    folders = labelled_cases(data_root, pseudo_labelled=PSEUDO_LABELLED)
+    assert case_id in [f.name for f in folders] and len(folders) == len(labelled_cases(data_root)) + 1
+    assert "pseudo_labelled" not in PatchConfig().to_dict()  # configs without it keep their cache key
+    import argparse
+
+    from scripted_models.pathar.commands import add_arguments
+    from scripted_models.pathar.train import model_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert model_config_from_args(parser.parse_args([])).patch.pseudo_labelled == PSEUDO_LABELLED
+    assert model_config_from_args(parser.parse_args(["--no-pseudo-labels"])).patch.pseudo_labelled == ()
+    case = load_labelled_case(data_root / "cases" / case_id, PatchConfig(pseudo_labelled=PSEUDO_LABELLED))
+    report = quality.mask_plausibility(case.seg, 1.0)
+    assert report["plausible"] and report["components"] == 1 and 40 < report["volume_ml"] < 200
+    z, brain = case.normalized(), case.foreground()
+    mean = {m: {c: float(z[m][(case.seg == c) & brain].mean()) for c in (0, 1, 2, 3)} for m in ("t1c", "t2", "flair")}
+    assert mean["t1c"][3] > mean["t1c"][0] + 0.5 > mean["t1c"][1] + 0.5  # enhancing rim, dark cyst
+    assert mean["t2"][1] > mean["t2"][2] > mean["t2"][0]  # fluid brightest on t2, then edema
+    assert mean["flair"][2] > mean["flair"][0] + 1.0  # edema bright on flair
+
+
 # --------------------------------------------------------------------------- bundled weights
 
 def test_bundled_weights_sample(monkeypatch):

@@ -18,7 +18,9 @@ foreground), with everything outside the brain/head foreground set to `backgroun
 Labels are resampled as one-hot channels (linear) and arg-maxed, which keeps boundaries smooth under rotation.
 
 Every case contributes the modalities it has: BraTS 2013 cases flair + t1c, tcga_du_7294 and brats_pkg_case
-all four. VALIDATION_CASE is held out (its patches are stored with is_val=True).
+all four. VALIDATION_CASE is held out (its patches are stored with is_val=True). Unlabelled cases named in
+`pseudo_labelled` (the default training names aurora_met_unlabelled, all four modalities) join with rule-based
+labels (pseudo_labels.py).
 """
 from __future__ import annotations
 
@@ -54,12 +56,15 @@ class PatchConfig:
     clip: tuple[float, float] = (-5.0, 8.0)
     seed: int = 0
     exclude: tuple[str, ...] = field(default_factory=tuple)  # case ids to leave out entirely
+    pseudo_labelled: tuple[str, ...] = field(default_factory=tuple)  # unlabelled cases given rule-based labels
 
     def to_dict(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if not self.elastic_per_case:  # rigid-only configs keep their earlier cache key and card entry
             for k in ("elastic_per_case", "elastic_mm", "elastic_mesh"):
                 out.pop(k)
+        if not self.pseudo_labelled:
+            out.pop("pseudo_labelled")
         return out
 
     @classmethod
@@ -118,17 +123,28 @@ class PatchSet:
         return sorted({self.case_ids[c] for c in self.patch_case[~self.is_val]})
 
 
-def labelled_cases(data_root=None, exclude=()) -> list[Path]:
-    """Case folders with canonical sub-region labels (binary-only and unlabelled cases skipped)."""
+def labelled_cases(data_root=None, exclude=(), pseudo_labelled=()) -> list[Path]:
+    """Case folders with canonical sub-region labels, plus the unlabelled cases named in `pseudo_labelled`
+    (binary-only and other unlabelled cases skipped)."""
     out = []
     for folder in list_cases(data_root):
         if folder.name in exclude:
             continue
         info = json.loads((folder / "case.json").read_text())
         mapping = info.get("label_map_to_canonical") or {}
-        if mapping and all(isinstance(v, int) for v in mapping.values()):
+        if (mapping and all(isinstance(v, int) for v in mapping.values())) or folder.name in pseudo_labelled:
             out.append(folder)
     return out
+
+
+def load_labelled_case(folder: Path, cfg: PatchConfig):
+    """The case with canonical labels: its own, or rule-based ones if it is named in cfg.pseudo_labelled."""
+    case = load_case(folder)
+    if folder.name in cfg.pseudo_labelled and (case.seg is None or not case.seg.any()):
+        from .pseudo_labels import pseudo_label_case
+
+        pseudo_label_case(case)
+    return case
 
 
 def _sitk(array: np.ndarray, reference):
@@ -191,7 +207,7 @@ def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Gene
                  elastic_rng: np.random.Generator | None = None):
     """(masks (count + elastic, S, S, S) uint8, {modality: (count + elastic, S, S, S) float16}) for one case:
     `count` rigid patches (drawn from rng), then `elastic` deformed ones (drawn from elastic_rng)."""
-    case = load_case(folder)
+    case = load_labelled_case(folder, cfg)
     ref = case.reference
     fg = case.foreground()
     norm = case.normalized(fg)
@@ -232,7 +248,7 @@ def cache_path(work: Path, cfg: PatchConfig, folders: list[Path]) -> Path:
 def build_patches(work: Path, cfg: PatchConfig | None = None, data_root=None, verbose: bool = True) -> PatchSet:
     """Load the cached patch set for this config and data, or build and cache it (about 1 min)."""
     cfg = cfg or PatchConfig()
-    folders = labelled_cases(data_root, cfg.exclude)
+    folders = labelled_cases(data_root, cfg.exclude, cfg.pseudo_labelled)
     path = cache_path(work, cfg, folders)
     if path.is_file():
         return load_patches(path)

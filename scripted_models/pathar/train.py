@@ -35,6 +35,7 @@ from ..weights import load_card, load_state, save_state, weights_dir, write_safe
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
 from .commands import STAGES, add_arguments
 from .data import PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
+from .pseudo_labels import PSEUDO_LABELLED
 from .tokenizer import (
     AppearanceVQ,
     StructureVQ,
@@ -49,6 +50,12 @@ from .transformer import IARConfig, IARTransformer
 
 LICENSE = ("research use only: trained on BraTS 2013 cases (CC BY-NC-SA 3.0; cite Menze et al., IEEE TMI 2015) "
            "and BraTS-style cases (TCGA-LGG via BrainLesion tutorials, BrainLesion/BraTS package case)")
+PSEUDO_LICENSE = ("; the AURORA metastasis case (BrainLesion tutorials repository, Apache-2.0; data provenance "
+                  "undocumented) with rule-based pseudo-labels")
+
+
+def license_of(patch: PatchConfig) -> str:
+    return LICENSE + (PSEUDO_LICENSE if patch.pseudo_labelled else "")
 
 
 @dataclass
@@ -62,7 +69,7 @@ class PathARConfig:
 
     @classmethod
     def default(cls) -> PathARConfig:
-        patch = PatchConfig(elastic_per_case=48)
+        patch = PatchConfig(elastic_per_case=48, pseudo_labelled=PSEUDO_LABELLED)
         structure = VQConfig(num_labels=patch.num_labels, num_embeddings=128, embedding_dim=32)
         appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32)
         grid = structure.grid((patch.size,) * 3)
@@ -221,7 +228,8 @@ def train_structure(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path
     card = {"model": STRUCTURE_NAME, "family": "PathAR structure VQ-VAE (MONAI VQVAE on one-hot canonical masks)",
             "config": cfg.structure.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step, "batch": tc.vq_batch,
             "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.training_cases(),
-            "held_out": [VALIDATION_CASE], "metrics": metrics, "versions": _versions(), "license": LICENSE}
+            "held_out": [VALIDATION_CASE], "metrics": metrics, "versions": _versions(),
+            "license": license_of(cfg.patch)}
     path = save_state(STRUCTURE_NAME, model.state_dict(), card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
     return path
@@ -286,7 +294,7 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
             "config": cfg.appearance.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step,
             "batch": tc.vq_batch, "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.sources(),
             "held_out": [VALIDATION_CASE], "metrics": metrics, "intensity": "z-score over healthy foreground",
-            "versions": _versions(), "license": LICENSE}
+            "versions": _versions(), "license": license_of(cfg.patch)}
     path = save_state(APPEARANCE_NAME, model.state_dict(), card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
     return path
@@ -445,7 +453,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(
                 "step", st.step), "val_curve": st.meta.get("val_curve", [])},
             "params": model.num_params(), "data": ps.sources(), "held_out": [VALIDATION_CASE],
-            "metrics": metrics, "versions": _versions(), "license": LICENSE}
+            "metrics": metrics, "versions": _versions(), "license": license_of(cfg.patch)}
     path = save_state(TRANSFORMER_NAME, model.state_dict(), card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
     return path
@@ -503,7 +511,10 @@ def write_markdown_card(folder: Path | None = None) -> Path:
            "i.e. new lesion shapes" if patch.get("elastic_per_case") else "") + ".",
         "- Labels: 0 healthy, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumour. "
         "Images: z-scores over healthy foreground (background set to "
-        f"{patch['background_z']}).",
+        f"{patch['background_z']})."
+        + (f" Unlabelled case(s) {', '.join(patch['pseudo_labelled'])} got rule-based pseudo-labels (cyst = core, "
+           "enhancing rim, flair-bright edema; scripted_models/pathar/pseudo_labels.py)."
+           if patch.get("pseudo_labelled") else ""),
         f"- Modalities: {', '.join(t['modalities'])}.",
         f"- Training data: {', '.join(sorted(set(t['data'])))}. Held out: {', '.join(t['held_out'])}.",
         f"- Licence: {t['license']}.",
@@ -624,6 +635,8 @@ def model_config_from_args(args) -> PathARConfig:
         if elastic < 0:
             raise InputError("--elastic-per-case must be >= 0")
         cfg.patch.elastic_per_case = int(elastic)
+    if getattr(args, "no_pseudo_labels", False):
+        cfg.patch.pseudo_labelled = ()
     return cfg
 
 

@@ -115,6 +115,8 @@ def render_model_cards(folder: Path | None = None) -> Path:
         if patch.get("elastic_per_case"):
             lines.append(f"- **patches per training case**: {patch['augment_per_case']} rigid poses + "
                          f"{patch['elastic_per_case']} elastic deformations ({patch['elastic_mm']} mm)")
+        if patch.get("pseudo_labelled"):
+            lines.append(f"- **rule-based pseudo-labels**: {', '.join(patch['pseudo_labelled'])}")
         if "held_out" in card:
             lines.append(f"- **held out**: {', '.join(card['held_out'])}")
         for key, value in (card.get("metrics") or {}).items():
