@@ -583,8 +583,8 @@ def test_pseudo_labelled_case_is_opt_in_and_looks_like_a_cystic_metastasis(data_
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert model_config_from_args(parser.parse_args([])).patch.pseudo_labelled == PSEUDO_LABELLED
-    assert model_config_from_args(parser.parse_args(["--no-pseudo-labels"])).patch.pseudo_labelled == ()
+    assert model_config_from_args(parser.parse_args([])).patch.pseudo_labelled == ()
+    assert model_config_from_args(parser.parse_args(["--pseudo-labels"])).patch.pseudo_labelled == PSEUDO_LABELLED
     case = load_labelled_case(data_root / "cases" / case_id, PatchConfig(pseudo_labelled=PSEUDO_LABELLED))
     report = quality.mask_plausibility(case.seg, 1.0)
     assert report["plausible"] and report["components"] == 1 and 40 < report["volume_ml"] < 200

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elastic-per-case", type=int, default=None, metavar="N",
                         help="deformed (new-shape) patches per training case on top of the rigid ones "
                              "(default 48; 0 = rigid augmentation only)")
-    parser.add_argument("--no-pseudo-labels", action="store_true",
-                        help="leave out the unlabelled case(s) that otherwise get rule-based pseudo-labels "
-                             "(aurora_met_unlabelled)")
+    parser.add_argument("--pseudo-labels", action="store_true",
+                        help="also train on the unlabelled case(s) given rule-based pseudo-labels "
+                             "(aurora_met_unlabelled; measured, not better: see README)")
 
 
 

@@ -19,8 +19,8 @@ Labels are resampled as one-hot channels (linear) and arg-maxed, which keeps bou
 
 Every case contributes the modalities it has: BraTS 2013 cases flair + t1c, tcga_du_7294 and brats_pkg_case
 all four. VALIDATION_CASE is held out (its patches are stored with is_val=True). Unlabelled cases named in
-`pseudo_labelled` (the default training names aurora_met_unlabelled, all four modalities) join with rule-based
-labels (pseudo_labels.py).
+`pseudo_labelled` (`train-pathar --pseudo-labels` names aurora_met_unlabelled, all four modalities) join with
+rule-based labels (pseudo_labels.py).
 """
 from __future__ import annotations
 

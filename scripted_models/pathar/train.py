@@ -69,7 +69,7 @@ class PathARConfig:
 
     @classmethod
     def default(cls) -> PathARConfig:
-        patch = PatchConfig(elastic_per_case=48, pseudo_labelled=PSEUDO_LABELLED)
+        patch = PatchConfig(elastic_per_case=48)
         structure = VQConfig(num_labels=patch.num_labels, num_embeddings=128, embedding_dim=32)
         appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32)
         grid = structure.grid((patch.size,) * 3)
@@ -635,8 +635,8 @@ def model_config_from_args(args) -> PathARConfig:
         if elastic < 0:
             raise InputError("--elastic-per-case must be >= 0")
         cfg.patch.elastic_per_case = int(elastic)
-    if getattr(args, "no_pseudo_labels", False):
-        cfg.patch.pseudo_labelled = ()
+    if getattr(args, "pseudo_labels", False):
+        cfg.patch.pseudo_labelled = PSEUDO_LABELLED
     return cfg
 
 
