@@ -31,6 +31,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a binary mask (the mask itself when it is empty)."""
+    labelled, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    return labelled == np.bincount(labelled.ravel())[1:].argmax() + 1
+
+
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every non-zero voxel (None for an empty mask)."""
     spans = []

@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from .labels import CORE, EDEMA, ENHANCING
+from .preprocess import largest_component
 from .volume import Volume, read_volume
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -52,10 +53,7 @@ def make_demo_lesion(seed: int = 7, centre_ras=(28.0, -12.0, 24.0)) -> Volume:
     labels[edema] = EDEMA
     labels[(r < 11) & brain] = ENHANCING
     labels[(r < 7.5) & brain] = CORE
-    keep, _ = ndimage.label(labels > 0)
-    sizes = np.bincount(keep.ravel())
-    sizes[0] = 0
-    labels[keep != int(np.argmax(sizes))] = 0
+    labels[~largest_component(labels > 0)] = 0
     return t1.with_array(labels)
 
 

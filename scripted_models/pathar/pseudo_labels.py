@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..errors import InputError
 from ..labels import CORE, EDEMA, ENHANCING
-from ..preprocess import dilate_mm, erode_mm, fill_holes
+from ..preprocess import dilate_mm, erode_mm, fill_holes, largest_component
 
-PSEUDO_LABELLED = ("aurora_met_unlabelled",)  # cases the default PathAR training labels with the rule
+PSEUDO_LABELLED = ("aurora_met_unlabelled",)  # cases `train-pathar --pseudo-labels` labels with the rule
 REQUIRED = ("t1c", "t2", "flair")
 
 
@@ -40,13 +41,6 @@ class CysticLesionRule:
     edema_flair_z: float = 1.0
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    labelled, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    return labelled == np.bincount(labelled.ravel())[1:].argmax() + 1
-
-
 def _touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """Components of `mask` that overlap `seed`."""
     labelled, _ = ndimage.label(mask)
@@ -57,8 +51,6 @@ def _touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
 def cystic_lesion_labels(images_z: dict[str, np.ndarray], foreground: np.ndarray, spacing_zyx,
                          rule: CysticLesionRule = CysticLesionRule()) -> np.ndarray:
     """Canonical labels (uint8, 0..3) of the case's cystic lesion from z-scored t1c, t2 and flair."""
-    from ..errors import InputError
-
     missing = [m for m in REQUIRED if m not in images_z]
     if missing:
         raise InputError(f"the cystic-lesion rule needs {', '.join(REQUIRED)}; missing {', '.join(missing)}")
@@ -66,12 +58,12 @@ def cystic_lesion_labels(images_z: dict[str, np.ndarray], foreground: np.ndarray
     z = {m: ndimage.gaussian_filter(images_z[m].astype(np.float32), sigma) for m in REQUIRED}
     brain = erode_mm(foreground, rule.brain_margin_mm, spacing_zyx)
 
-    anchor = _largest((z["flair"] > rule.anchor_flair_z) & brain)
+    anchor = largest_component((z["flair"] > rule.anchor_flair_z) & brain)
     if not anchor.any():
         raise InputError("the cystic-lesion rule found no flair-bright lesion")
     roi = dilate_mm(anchor, rule.roi_mm, spacing_zyx) & brain
     cyst = (z["t2"] > rule.cyst_t2_z) & (z["t1c"] < rule.cyst_t1c_z) & roi
-    cyst = _largest(fill_holes(_touching(cyst, dilate_mm(anchor, rule.cyst_near_mm, spacing_zyx))))
+    cyst = largest_component(fill_holes(_touching(cyst, dilate_mm(anchor, rule.cyst_near_mm, spacing_zyx))))
     if not cyst.any():
         raise InputError("the cystic-lesion rule found no cyst (t2-bright, t1c-dark) next to the lesion")
     rim = dilate_mm(cyst, rule.rim_mm, spacing_zyx) & ~cyst & (z["t1c"] > rule.rim_t1c_z)
