@@ -31,6 +31,8 @@ def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
     assert sweep["trailing"]["mean_err"] < sweep["monai"]["mean_err"]
     pathar = rows["pathar"]
     assert pathar["n"] == 4 and 0.0 <= pathar["generated"]["plausible_fraction"] <= 1.0
+    real = pathar["real"]  # the memorisation scale: a new real lesion < a blend of two training lesions <= 1
+    assert real["mean_nearest_other_cases_dice"] < real["two_lesion_blend_dice"] <= 1.0
     text = (out / "validation.md").read_text()
     assert "classifier AUROC" in text and "PathAR samples" in text and "![lesion slices]" in text
     assert "timestep spacing" in text

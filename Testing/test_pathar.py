@@ -19,7 +19,7 @@ import torch
 from scripted_models.errors import InputError, WeightsError
 from scripted_models.labels import MODALITIES
 from scripted_models.pathar import api, quality
-from scripted_models.pathar.data import PatchConfig, PatchSet
+from scripted_models.pathar.data import PatchConfig, PatchSet, shape_blend
 from scripted_models.pathar.tokenizer import (
     AppearanceVQ,
     StructureVQ,
@@ -488,6 +488,96 @@ def test_memorisation_reference_is_the_real_poses_and_leave_one_case_out():
     assert quality.same_lesion_new_pose(ps, per_case=1) < 1.0
     best, index = quality.nearest_match([ps.masks[4][..., ::-1]], ps.masks[[0, 4]])
     assert best[0] == pytest.approx(1.0) and index == [1]  # found through the left-right flip
+
+
+def test_shape_blend_morphs_nested_lesions_and_scores_recombination():
+    """The signed-distance blend returns its ends at t = 0 and 1, lies between two concentric lesions, keeps the
+    sub-regions nested; blends of identical cases score as copies, of different cases below."""
+    zz, yy, xx = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
+    d = np.sqrt((zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2)
+
+    def ball(radius):
+        m = np.zeros(d.shape, np.uint8)
+        m[d < radius] = 2
+        m[d < 0.6 * radius] = 3
+        m[d < 0.3 * radius] = 1
+        return m
+
+    small, large = ball(5), ball(10)
+    assert np.array_equal(shape_blend(small, large, 0.0), small)
+    assert np.array_equal(shape_blend(small, large, 1.0), large)
+    half = shape_blend(small, large, 0.5)
+    assert (small > 0).sum() < (half > 0).sum() < (large > 0).sum()
+    radius = np.cbrt((half > 0).sum() * 3 / (4 * np.pi))
+    assert radius == pytest.approx(7.5, abs=0.5)  # half-way between the radii 5 and 10
+    tc = (half == 1) | (half == 3)
+    assert tc.any() and (half == 3).any() and not (tc & ~(half > 0)).any()
+    two_parts = small.copy()
+    two_parts[:3, :3, :3] = 2  # a far-away blob does not survive: one main component
+    assert quality.mask_plausibility(shape_blend(two_parts, small, 0.5), 2.0, min_voxels=10)["components"] == 1
+
+    ps = synthetic_patches(count=6)
+    ps.masks[:] = ps.masks[0]  # every case has the same lesion: a blend is a copy
+    assert quality.two_lesion_blend(ps, per_case=2) == pytest.approx(1.0)
+    ps = synthetic_patches(count=6)
+    assert 0.0 < quality.two_lesion_blend(ps, per_case=2) < 1.0
+
+
+def test_blends_are_structure_only_patches_between_two_training_lesions():
+    """Blends join the patch set flagged, without images: never a memorisation reference, never drawn for the
+    appearance VQ, and their (dummy) appearance tokens do not reach the transformer's loss."""
+    from scripted_models.pathar.data import blend_patches, image_batch
+    from scripted_models.pathar.tokenizer import dice
+
+    ps = synthetic_patches(count=6)
+    poses = ps.real_poses(False)
+    blends, first = blend_patches(ps.masks, poses, ps.patch_case[poses], 2, 4.0, (0.3, 0.7),
+                                  np.random.default_rng(0))
+    assert len(blends) == 2 * len(np.unique(ps.patch_case[poses])) and sorted(set(first)) == sorted(set(poses))
+    again, _ = blend_patches(ps.masks, poses, ps.patch_case[poses], 2, 4.0, (0.3, 0.7), np.random.default_rng(0))
+    assert np.array_equal(again, blends)
+    assert all(quality.mask_plausibility(blend, 4.0, min_voxels=10)["plausible"] for blend in blends)
+    overlap = [dice(blend > 0, ps.masks[case] > 0) for blend, case in zip(blends, first)]
+    assert np.mean(np.array(overlap) < 1.0) > 0.5  # mostly not a copy of its first lesion (tiny balls may be)
+    n = len(blends)
+    ps = PatchSet(np.concatenate([ps.masks, blends]), np.concatenate([ps.patch_case, first]),
+                  np.r_[ps.is_val, np.zeros(n, bool)], ps.images, ps.image_patch, ps.image_modality, ps.case_ids,
+                  ps.config, None, np.r_[np.zeros(6, bool), np.ones(n, bool)])
+    assert list(ps.real_poses(False)) == list(poses) and list(ps.imaged_patches(False)) == list(poses)
+    _, masks = image_batch(ps, np.random.default_rng(0), 64)
+    assert all(any(np.array_equal(m, ps.masks[p]) or np.array_equal(m, ps.masks[p][..., ::-1]) for p in poses)
+               for m in masks)  # every image row is a real patch, never a blend
+    assert "blend_per_case" not in PatchConfig().to_dict()  # configs without blends keep their cache key
+    cfg = PatchConfig(blend_per_case=3)
+    assert PatchConfig.from_dict(cfg.to_dict()) == cfg
+
+    model = tiny_iar()
+    s, a, mod = random_tokens(model, batch=4)
+    rows = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        total, loss_s, loss_a = model.loss(s, a, mod, rows)
+        other = a.clone()
+        other[~rows] = (other[~rows] + 1) % model.cfg.appearance_vocab  # change only the structure-only rows
+        assert torch.equal(model.loss(s, other, mod, rows)[2], loss_a)
+        assert torch.equal(model.loss(s, a, mod, torch.ones(4, dtype=torch.bool))[0], model.loss(s, a, mod)[0])
+        assert torch.equal(model.loss(s[rows], a[rows], mod[rows])[2], loss_a)
+        assert model.loss(s, a, mod, torch.zeros(4, dtype=torch.bool))[2] == 0
+
+
+def test_cli_blend_per_case_maps_onto_the_config(tmp_path, capsys):
+    import argparse
+
+    from scripted_models import cli
+    from scripted_models.pathar.commands import add_arguments
+    from scripted_models.pathar.train import model_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert model_config_from_args(parser.parse_args([])).patch.blend_per_case == 0
+    assert model_config_from_args(parser.parse_args(["--blend-per-case", "5"])).patch.blend_per_case == 5
+    assert cli.main(["train-pathar", "--work", str(tmp_path), "--blend-per-case", "-1"]) == 2
+    assert "blend-per-case" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_elastic_patches_are_new_shapes_of_the_same_lesion(data_root):

@@ -374,6 +374,8 @@ def validation_markdown(rows: dict) -> str:
                   f"held-out case {pa.get('held_out_real_nearest_train_dice', '-')}) |",
                   f"| a training lesion in a new pose: nearest Dice to the other poses | | "
                   f"{r.get('same_lesion_new_pose_dice', '-')} |",
+                  f"| a blend of two training lesions (signed-distance morph): nearest Dice | | "
+                  f"{r.get('two_lesion_blend_dice', '-')} |",
                   f"| memorisation index (0: as new as a real lesion, 1: as close as a re-posed training lesion) | "
                   f"{g.get('memorisation_index', '-')} | |",
                   f"| samples closer to a training lesion than any real lesion is to another | "

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elastic-per-case", type=int, default=None, metavar="N",
                         help="deformed (new-shape) patches per training case on top of the rigid ones "
                              "(default 48; 0 = rigid augmentation only)")
+    parser.add_argument("--blend-per-case", type=int, default=None, metavar="N",
+                        help="structure-only blends of each training lesion with another one, for the transformer's "
+                             "structure stream (default 0)")
     parser.add_argument("--pseudo-labels", action="store_true",
                         help="also train on the unlabelled case(s) given rule-based pseudo-labels "
                              "(aurora_met_unlabelled; measured, not better: see README)")

@@ -12,6 +12,9 @@ Training cases also get `elastic_per_case` patches that add a smooth random defo
 to the mask and the images alike: new lesion shapes rather than new poses of the same five lesions. They come
 from their own random stream, so the rigid patches are the same with or without them, and they are flagged
 (`is_elastic`) so that memorisation is measured against the real lesions' poses only.
+With `blend_per_case`, each training case also gets that many structure-only masks (`is_blend`, no images): a
+signed-distance blend (`shape_blend`, t ~ U(blend_range)) of one of its rigid poses with a rigid pose of another
+training case, i.e. lesions between the training lesions, for the structure stream only.
 On the fly during training (`augment`): left-right flips only (the other axes would turn anatomy upside down),
 and intensity jitter for images. Images are the case's z-scored volumes (Case.normalized: statistics of healthy
 foreground), with everything outside the brain/head foreground set to `background_z` and values clipped.
@@ -37,6 +40,7 @@ from ..labels import MODALITIES
 
 CACHE_VERSION = 1
 ELASTIC_STREAM = 1  # seeds the elastic draws apart from the rigid ones: np.random.default_rng([seed, 1, case])
+BLEND_STREAM = 2  # and the blends: np.random.default_rng([seed, 2])
 
 
 @dataclass
@@ -52,6 +56,8 @@ class PatchConfig:
     elastic_per_case: int = 0  # extra deformed patches per training case (0 = rigid augmentation only)
     elastic_mm: float = 8.0
     elastic_mesh: int = 3
+    blend_per_case: int = 0  # structure-only blends of each training case with another one (0 = none)
+    blend_range: tuple[float, float] = (0.2, 0.8)
     background_z: float = -4.0
     clip: tuple[float, float] = (-5.0, 8.0)
     seed: int = 0
@@ -65,6 +71,9 @@ class PatchConfig:
                 out.pop(k)
         if not self.pseudo_labelled:
             out.pop("pseudo_labelled")
+        if not self.blend_per_case:
+            for k in ("blend_per_case", "blend_range"):
+                out.pop(k)
         return out
 
     @classmethod
@@ -86,10 +95,13 @@ class PatchSet:
     case_ids: list[str]
     config: PatchConfig
     is_elastic: np.ndarray | None = None  # (P,) bool: deformed patches (new shapes); None = all rigid
+    is_blend: np.ndarray | None = None  # (P,) bool: blends of two training lesions, masks only; None = none
 
     def __post_init__(self):
         if self.is_elastic is None:
             self.is_elastic = np.zeros(len(self.masks), bool)
+        if self.is_blend is None:
+            self.is_blend = np.zeros(len(self.masks), bool)
 
     @property
     def spacing_mm(self) -> float:
@@ -104,7 +116,11 @@ class PatchSet:
 
     def real_poses(self, val: bool = False) -> np.ndarray:
         """Patches that only re-pose a real lesion (rigid augmentation): the memorisation reference."""
-        return np.nonzero((self.is_val == val) & ~self.is_elastic)[0]
+        return np.nonzero((self.is_val == val) & ~self.is_elastic & ~self.is_blend)[0]
+
+    def imaged_patches(self, val: bool = False) -> np.ndarray:
+        """Patches with images (all but the structure-only blends)."""
+        return np.nonzero((self.is_val == val) & ~self.is_blend)[0]
 
     def image_indices(self, val: bool = False) -> np.ndarray:
         return np.nonzero(self.is_val[self.image_patch] == val)[0]
@@ -203,6 +219,56 @@ def _resample(image, centre, spacing: float, size: int, transform, default: floa
     return sitk.GetArrayFromImage(f.Execute(image))
 
 
+def signed_distance(region: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Distance (mm) to the region's boundary, negative inside; an empty region is as far as the grid is wide."""
+    from scipy import ndimage
+
+    if not region.any():
+        return np.full(region.shape, spacing_mm * float(np.linalg.norm(region.shape)), np.float32)
+    outside = ndimage.distance_transform_edt(~region, sampling=spacing_mm)
+    inside = ndimage.distance_transform_edt(region, sampling=spacing_mm)
+    return (outside - inside).astype(np.float32)
+
+
+def shape_blend(a: np.ndarray, b: np.ndarray, t: float, spacing_mm: float = 2.0) -> np.ndarray:
+    """A lesion part way (t = 0: a, t = 1: b) between two canonical masks, by signed distances sd (mm): the
+    whole lesion and TC are where (1 - t) * sd_a + t * sd_b < 0 (TC kept inside the lesion's largest
+    component); inside TC each voxel takes core or enhancing, whichever blended distance is lower (a thin
+    enhancing rim would vanish as a level set of its own)."""
+    from ..labels import CORE, EDEMA, ENHANCING
+    from ..preprocess import largest_component
+
+    def blended(level):
+        return (1 - t) * signed_distance(level(a), spacing_mm) + t * signed_distance(level(b), spacing_mm)
+
+    whole = largest_component(blended(lambda m: m > 0) < 0)
+    tc = whole & (blended(lambda m: (m == CORE) | (m == ENHANCING)) < 0)
+    enhancing = tc & (blended(lambda m: m == ENHANCING) < blended(lambda m: m == CORE))
+    out = np.zeros(a.shape, np.uint8)
+    out[whole] = EDEMA
+    out[tc] = CORE
+    out[enhancing] = ENHANCING
+    return out
+
+
+def blend_patches(masks: np.ndarray, poses: np.ndarray, pose_case: np.ndarray, per_case: int, spacing_mm: float,
+                  t_range=(0.2, 0.8), rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(blends (per_case * cases, *S) uint8, case of each blend's first lesion): for each case, `per_case`
+    blends of a random pose of it (masks[poses]) with a random pose of another case."""
+    rng = rng or np.random.default_rng(0)
+    cases = np.unique(pose_case)
+    out, first = [], []
+    for case in cases if len(cases) > 1 else []:
+        for _ in range(per_case):
+            other = rng.choice(cases[cases != case])
+            a = rng.choice(poses[pose_case == case])
+            b = rng.choice(poses[pose_case == other])
+            out.append(shape_blend(masks[a], masks[b], float(rng.uniform(*t_range)), spacing_mm))
+            first.append(case)
+    shape = (0,) + masks.shape[1:]
+    return (np.stack(out) if out else np.zeros(shape, np.uint8)), np.array(first, int)
+
+
 def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Generator, elastic: int = 0,
                  elastic_rng: np.random.Generator | None = None):
     """(masks (count + elastic, S, S, S) uint8, {modality: (count + elastic, S, S, S) float16}) for one case:
@@ -276,8 +342,21 @@ def build_patches(work: Path, cfg: PatchConfig | None = None, data_root=None, ve
         if verbose:
             print(json.dumps({"patches": folder.name, "rigid": rigid, "elastic": elastic, "modalities": sorted(imgs),
                               "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+    is_blend = [False] * len(is_val)
+    if cfg.blend_per_case:
+        rigid = np.nonzero(~np.array(is_val) & ~np.array(is_elastic))[0]
+        blends, first = blend_patches(np.concatenate(masks), rigid, np.array(patch_case)[rigid], cfg.blend_per_case,
+                                      cfg.spacing_mm, cfg.blend_range, np.random.default_rng([cfg.seed, BLEND_STREAM]))
+        masks.append(blends)
+        patch_case += first.tolist()
+        is_val += [False] * len(blends)
+        is_elastic += [False] * len(blends)
+        is_blend += [True] * len(blends)
+        if verbose:
+            print(json.dumps({"blends": len(blends), "elapsed_s": round(time.time() - t0, 1)}), flush=True)
     ps = PatchSet(np.concatenate(masks), np.array(patch_case), np.array(is_val, bool), np.concatenate(images),
-                  np.array(image_patch), np.array(image_modality), case_ids, cfg, np.array(is_elastic, bool))
+                  np.array(image_patch), np.array(image_modality), case_ids, cfg, np.array(is_elastic, bool),
+                  np.array(is_blend, bool))
     save_patches(path, ps)
     return ps
 
@@ -289,15 +368,15 @@ def save_patches(path: Path, ps: PatchSet) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, masks=ps.masks, patch_case=ps.patch_case, is_val=ps.is_val, images=ps.images,
              image_patch=ps.image_patch, image_modality=ps.image_modality, case_ids=np.array(ps.case_ids),
-             is_elastic=ps.is_elastic, config=np.array(json.dumps(ps.config.to_dict())))
+             is_elastic=ps.is_elastic, is_blend=ps.is_blend, config=np.array(json.dumps(ps.config.to_dict())))
     os.replace(tmp, path)
 
 
 def load_patches(path: Path) -> PatchSet:
     z = np.load(path)
+    optional = {k: z[k] for k in ("is_elastic", "is_blend") if k in z.files}  # caches from before these flags
     return PatchSet(z["masks"], z["patch_case"], z["is_val"], z["images"], z["image_patch"], z["image_modality"],
-                    [str(c) for c in z["case_ids"]], PatchConfig.from_dict(json.loads(str(z["config"]))),
-                    z["is_elastic"] if "is_elastic" in z.files else None)
+                    [str(c) for c in z["case_ids"]], PatchConfig.from_dict(json.loads(str(z["config"]))), **optional)
 
 
 # --------------------------------------------------------------------------- on-the-fly augmentation
@@ -315,8 +394,8 @@ def mask_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> np.ndarray
 
 def image_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(images (B, S, S, S) float32, masks (B, S, S, S) uint8): random flips and intensity jitter
-    (x * U(0.9, 1.1) + U(-0.1, 0.1)). Patches are drawn uniformly, then one of their modalities."""
-    patches = rng.choice(ps.patches(False), batch)
+    (x * U(0.9, 1.1) + U(-0.1, 0.1)). Patches with images are drawn uniformly, then one of their modalities."""
+    patches = rng.choice(ps.imaged_patches(False), batch)
     xs, ms = [], []
     for p in patches:
         choices = np.nonzero(ps.image_patch == p)[0]

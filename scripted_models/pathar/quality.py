@@ -22,6 +22,10 @@ Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing;
     poses (its own included). It is what a copy of a training lesion, re-posed, scores. The memorisation index
     (mean sample - mean real novelty) / (new pose - real novelty) is 0 for samples as new as a real lesion and
     1 for samples as close to the training set as a re-posed training lesion.
+  * a blend of two training lesions: the same nearest Dice for shapes half-way (t in 0.3-0.7) between rigid
+    poses of two different training cases (signed-distance morph of each nested sub-region). It is what a new
+    lesion that only recombines training lesions scores; when it is as high as the new-pose value, the index
+    cannot tell recombination from copying.
 
     python -m scripted_models.pathar.quality --n 16
 """
@@ -37,6 +41,7 @@ from scipy import ndimage
 
 from ..labels import CORE, EDEMA, ENHANCING, MODALITIES, SUBREGION_NAMES
 from ..preprocess import dilate_mm
+from .data import blend_patches
 from .tokenizer import dice
 
 SUBREGIONS = (CORE, EDEMA, ENHANCING)
@@ -154,13 +159,14 @@ def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
 
 def reference_patches(model, work: Path, data_root=None):
     """The real patches the samples are scored against: the transformer card's patch grid with rigid
-    augmentation only (built and cached under `work` on first use, about 1 min)."""
+    augmentation only (no elastic patches, no blends) (built and cached under `work` on first use, about 1 min)."""
     from dataclasses import replace
 
     from .api import TRANSFORMER_NAME
     from .data import PatchConfig, build_patches
 
-    cfg = replace(PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), elastic_per_case=0)
+    cfg = replace(PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), elastic_per_case=0,
+                  blend_per_case=0)
     return build_patches(Path(work), cfg, data_root, verbose=False)
 
 
@@ -182,6 +188,15 @@ def same_lesion_new_pose(patches, per_case: int = 8) -> float:
     return float(d.max(1).mean())
 
 
+def two_lesion_blend(patches, per_case: int = 3, seed: int = 0) -> float:
+    """Mean nearest Dice of blends (`shape_blend`, t ~ U(0.3, 0.7)) of each training case's rigid poses with
+    another case's, against all the rigid poses: what a lesion that only mixes two training lesions scores."""
+    poses = patches.real_poses(False)
+    blends, _ = blend_patches(patches.masks, poses, patches.patch_case[poses], per_case, patches.spacing_mm,
+                              (0.3, 0.7), np.random.default_rng(seed))
+    return float(np.mean(nearest_dice(blends, patches.masks[poses]))) if len(blends) else float("nan")
+
+
 def quality_report(pairs, patches, modalities) -> dict:
     """Everything the table prints, as a dict: per-sample rows, summaries, intensity comparison."""
     spacing = patches.spacing_mm
@@ -192,6 +207,7 @@ def quality_report(pairs, patches, modalities) -> dict:
     novelty = real_novelty(patches)
     novelty_mean = float(np.mean(list(novelty.values())))
     new_pose = same_lesion_new_pose(patches)
+    blend = two_lesion_blend(patches)
     rows = []
     for i, (m, nd) in enumerate(zip(masks, near)):
         rows.append({"sample": i, **mask_plausibility(m, spacing), "nearest_train_dice": round(nd, 3),
@@ -223,6 +239,7 @@ def quality_report(pairs, patches, modalities) -> dict:
             "real": {"nearest_other_cases_dice": novelty,
                      "mean_nearest_other_cases_dice": round(novelty_mean, 3),
                      "same_lesion_new_pose_dice": round(new_pose, 3),
+                     "two_lesion_blend_dice": round(blend, 3),
                      "plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
                      "mean_tc_attached": round(float(np.mean([r["tc_attached"] for r in real_rows])), 3),
                      "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
@@ -256,6 +273,8 @@ def print_report(report: dict) -> None:
           f"{_fmt(r['mean_nearest_other_cases_dice'], 8)}  (real: each case against the other cases)")
     print(f"{'same lesion, new pose':22s}{'':10s} {_fmt(r['same_lesion_new_pose_dice'], 8)}  "
           f"(memorisation index of the samples: {g['memorisation_index']})")
+    print(f"{'blend of two lesions':22s}{'':10s} {_fmt(r['two_lesion_blend_dice'], 8)}  "
+          f"(a shape half-way between two training lesions)")
     print(f"samples closer to a training lesion than any real lesion is to another: "
           f"{g['closer_than_any_real_fraction']:.2f}; nearest case per sample: {g['nearest_case_counts']}")
     print()

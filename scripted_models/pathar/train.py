@@ -94,6 +94,7 @@ class TrainConfig:
     log_every: int = 25
     seed: int = 0
     modality_balanced: float = 0.5  # share of transformer batch rows drawn modality-first (rare t1/t2 more often)
+    structure_only_share: float = 0.25  # share of transformer rows drawn from the blends (masks only), if any
     transformer_init: str | None = None  # weights folder to warm-start the transformer from (new layers start at 0)
     transformer_select: str = "best_val"  # "best_val": keep the weights of the lowest held-out NLL; "last"
 
@@ -371,8 +372,10 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     mod = torch.from_numpy(ps.image_modality.astype(np.int64))
     train_imgs, val_imgs = ps.image_indices(False), ps.image_indices(True)
     # rows drawn patch-first (then one of its modalities: cases with 2 modalities are not under-represented) or,
-    # a share `modality_balanced` of them, modality-first (t1 and t2 exist in fewer cases)
-    by_patch = {int(p): np.nonzero(ps.image_patch == p)[0] for p in ps.patches(False)}
+    # a share `modality_balanced` of them, modality-first (t1 and t2 exist in fewer cases); with blends, a share
+    # `structure_only_share` of the rows are blends (structure tokens only)
+    by_patch = {int(p): np.nonzero(ps.image_patch == p)[0] for p in ps.imaged_patches(False)}
+    blends = np.nonzero(ps.is_blend & ~ps.is_val)[0]
     patches = np.array(sorted(by_patch))
     by_modality = [m for m in (train_imgs[ps.image_modality[train_imgs] == k] for k in range(len(MODALITIES)))
                    if len(m)]
@@ -389,9 +392,16 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
     total = tc.transformer_steps
 
-    def batch_of(images: np.ndarray, flips: np.ndarray):
-        p = ps.image_patch[images]
-        return (s_tok[p, flips].to(device), a_tok[images, flips].to(device), mod[images].to(device))
+    def batch_of(images: np.ndarray, flips: np.ndarray, structure_only: np.ndarray | None = None):
+        """Rows for images (I,) and then structure-only patches (blends, no appearance: tokens 0, modality 0)."""
+        structure_only = np.zeros(0, int) if structure_only is None else structure_only
+        p = np.concatenate([ps.image_patch[images], structure_only])
+        real = torch.arange(len(p)) < len(images)
+        a = torch.zeros(len(p), a_tok.shape[-1], dtype=torch.long)
+        a[real] = a_tok[images, flips[:len(images)]]
+        m = torch.zeros(len(p), dtype=torch.long)
+        m[real] = mod[images]
+        return s_tok[p, flips].to(device), a.to(device), m.to(device), real.to(device)
 
     if tc.transformer_select not in ("best_val", "last"):
         raise ValueError(f"transformer_select must be 'best_val' or 'last', got {tc.transformer_select!r}")
@@ -404,7 +414,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
         with torch.no_grad():
             for i in range(0, len(split_idx), 8):
                 chunk = split_idx[i:i + 8]
-                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int)))
+                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int)))  # no blends held out
                 ls.append(float(s_l))
                 la.append(float(a_l))
         model.train(was_training)
@@ -413,12 +423,14 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.transformer_lr, tc.warmup_frac))
+        n_blend = int(rng.binomial(tc.transformer_batch, tc.structure_only_share)) if len(blends) else 0
         images = np.array([rng.choice(by_modality[rng.integers(len(by_modality))])
                            if rng.random() < tc.modality_balanced else rng.choice(by_patch[int(rng.choice(patches))])
-                           for _ in range(tc.transformer_batch)])
-        flips = rng.integers(0, 2, len(images))
+                           for _ in range(tc.transformer_batch - n_blend)], dtype=int)
+        structure_only = rng.choice(blends, n_blend) if n_blend else None
+        flips = rng.integers(0, 2, tc.transformer_batch)
         with autocast(device):
-            loss, loss_s, loss_a = model.loss(*batch_of(images, flips))
+            loss, loss_s, loss_a = model.loss(*batch_of(images, flips, structure_only))
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -450,6 +462,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
             "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
+            **({"structure_only_share": tc.structure_only_share} if len(blends) else {}),
             "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(
                 "step", st.step), "val_curve": st.meta.get("val_curve", [])},
             "params": model.num_params(), "data": ps.sources(), "held_out": [VALIDATION_CASE],
@@ -508,7 +521,10 @@ def write_markdown_card(folder: Path | None = None) -> Path:
         f"{patch.get('shift_mm')} mm), left-right flips, intensity jitter"
         + (f"; the transformer also saw {patch['elastic_per_case']} elastically deformed patches per training case "
            f"(cubic B-spline, {patch['elastic_mesh']}^3 mesh, control points moved N(0, {patch['elastic_mm']} mm)), "
-           "i.e. new lesion shapes" if patch.get("elastic_per_case") else "") + ".",
+           "i.e. new lesion shapes" if patch.get("elastic_per_case") else "")
+        + (f"; its structure stream also saw {patch['blend_per_case']} structure-only blends per training case "
+           f"(signed-distance morph with another training lesion, t in {patch['blend_range']})"
+           if patch.get("blend_per_case") else "") + ".",
         "- Labels: 0 healthy, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing tumour. "
         "Images: z-scores over healthy foreground (background set to "
         f"{patch['background_z']})."
@@ -635,6 +651,11 @@ def model_config_from_args(args) -> PathARConfig:
         if elastic < 0:
             raise InputError("--elastic-per-case must be >= 0")
         cfg.patch.elastic_per_case = int(elastic)
+    blend = getattr(args, "blend_per_case", None)
+    if blend is not None:
+        if blend < 0:
+            raise InputError("--blend-per-case must be >= 0")
+        cfg.patch.blend_per_case = int(blend)
     if getattr(args, "pseudo_labels", False):
         cfg.patch.pseudo_labelled = PSEUDO_LABELLED
     return cfg

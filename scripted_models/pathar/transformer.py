@@ -355,9 +355,15 @@ class IARTransformer(nn.Module):
             return logits_s, None
         return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache, modality)
 
-    def loss(self, s_tokens, a_tokens, modality):
+    def loss(self, s_tokens, a_tokens, modality, appearance_rows: torch.Tensor | None = None):
+        """(total, structure, appearance) mean cross-entropy per token. appearance_rows (B,) bool marks the rows
+        whose appearance tokens are real; the others (structure-only masks) add to the structure loss only."""
         logits_s, logits_a = self(s_tokens, a_tokens, modality)
         loss_s = F.cross_entropy(logits_s.flatten(0, 1).float(), s_tokens.flatten().long())
+        if appearance_rows is not None:
+            logits_a, a_tokens = logits_a[appearance_rows], a_tokens[appearance_rows]
+        if a_tokens.numel() == 0:
+            return loss_s, loss_s, logits_a.sum().float()  # no appearance row in this batch: 0, still in the graph
         loss_a = F.cross_entropy(logits_a.flatten(0, 1).float(), a_tokens.flatten().long())
         return loss_s + loss_a, loss_s, loss_a
 
