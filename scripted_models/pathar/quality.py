@@ -23,7 +23,7 @@ Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing;
     (mean sample - mean real novelty) / (new pose - real novelty) is 0 for samples as new as a real lesion and
     1 for samples as close to the training set as a re-posed training lesion.
   * a blend of two training lesions: the same nearest Dice for shapes half-way (t in 0.3-0.7) between rigid
-    poses of two different training cases (signed-distance morph of each nested sub-region). It is what a new
+    poses of two different training cases (signed-distance morph, `data.shape_blend`). It is what a new
     lesion that only recombines training lesions scores; when it is as high as the new-pose value, the index
     cannot tell recombination from copying.
 
@@ -159,7 +159,7 @@ def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
 
 def reference_patches(model, work: Path, data_root=None):
     """The real patches the samples are scored against: the transformer card's patch grid with rigid
-    augmentation only (no elastic patches, no blends) (built and cached under `work` on first use, about 1 min)."""
+    augmentation only, no elastic patches or blends (built and cached under `work` on first use, about 1 min)."""
     from dataclasses import replace
 
     from .api import TRANSFORMER_NAME
