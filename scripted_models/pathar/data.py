@@ -258,7 +258,9 @@ def blend_patches(masks: np.ndarray, poses: np.ndarray, pose_case: np.ndarray, p
     rng = rng or np.random.default_rng(0)
     cases = np.unique(pose_case)
     out, first = [], []
-    for case in cases if len(cases) > 1 else []:
+    if len(cases) < 2:  # nothing to blend with
+        cases = cases[:0]
+    for case in cases:
         for _ in range(per_case):
             other = rng.choice(cases[cases != case])
             a = rng.choice(poses[pose_case == case])

@@ -116,9 +116,10 @@ def render_model_cards(folder: Path | None = None) -> Path:
             lines.append(f"- **patches per training case**: {patch['augment_per_case']} rigid poses + "
                          f"{patch['elastic_per_case']} elastic deformations ({patch['elastic_mm']} mm)")
         if patch.get("blend_per_case"):
+            share = card.get("structure_only_share")  # transformer cards only
             lines.append(f"- **structure-only blends per training case**: {patch['blend_per_case']} (signed-distance "
-                         f"morph with another training lesion, t in {patch['blend_range']}; share of transformer "
-                         f"rows {card.get('structure_only_share')})")
+                         f"morph with another training lesion, t in {patch['blend_range']}"
+                         + (f"; share of transformer rows {share})" if share is not None else ")"))
         if patch.get("pseudo_labelled"):
             lines.append(f"- **rule-based pseudo-labels**: {', '.join(patch['pseudo_labelled'])}")
         if "held_out" in card:
