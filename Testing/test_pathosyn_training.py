@@ -135,7 +135,7 @@ def test_textured_hole_adds_scan_texture_only_inside_the_lesion_region():
 def _train(monkeypatch, lesion_cache, work, out, variant, steps):
     from scripted_models.pathosyn import train_deviation as T
 
-    monkeypatch.setattr(T, "prepare_lesion_cache", lambda cache, data_root=None: lesion_cache)
+    monkeypatch.setattr(T, "prepare_lesion_cache", lambda cache, data_root=None, cases=None: lesion_cache)
     return T.train_deviation(work, steps=steps, batch=1, crop=16, save_every=2, out_dir=out, threads=2,
                              variant=variant, from_scratch=True)
 
@@ -150,7 +150,18 @@ def test_ablation_training_resumes_and_synthesizes_through_the_same_pipeline(mon
     assert card["steps"] == 3 and card["variant"] == "holistic"  # from scratch, not the bundled model
     assert card["config"]["target"] == "image" and card["config"]["anatomy_condition"] is True
     _train(monkeypatch, lesion_cache, tmp_path / "work", out, "holistic", steps=5)  # resumes the checkpoint
-    assert load_card("deviation_diffusion", out)["steps"] == 5
+    card = load_card("deviation_diffusion", out)
+    assert card["steps"] == 5
+    # the weights kept are the EMA weights with the lowest validation loss, checked at the start and the end
+    curve = card["selection"]["curve"]
+    assert [c["step"] for c in curve] == [0, 3, 5]
+    best = min(curve, key=lambda c: c["val_loss"])
+    assert card["selection"]["selected_step"] == best["step"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "deviation_diffusion.safetensors"))
+    kept = load_file(str(tmp_path / "work" / "best_val.safetensors"))
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
     state = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 5 and "ema" in state and json.loads(state["extra"])["start_step"] == 0
     # a new work folder retrains from scratch, even where out already holds weights

@@ -24,30 +24,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def validation_bars(rows: dict, path: Path) -> Path:
-    """One bar group per metric (lower is better), one bar per method; AUROC with the 0.5 line."""
-    plt = _figure()
-    summary = rows["lesion_realism"]["summary"]
-    methods = list(summary)
-    metrics = ["mean_err", "std_err", "wasserstein", "glcm_contrast_err"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(methods)
-    for i, name in enumerate(methods):
-        ax.bar(np.arange(len(metrics)) + i * width, [summary[name][m] for m in metrics], width, label=name)
-        ax2.bar(i, summary[name].get("classifier_auroc", np.nan), 0.6, label=name)
-    ax.set_xticks(np.arange(len(metrics)) + width * (len(methods) - 1) / 2, metrics)
-    ax.set_ylabel("error vs real lesion (z-units)")
-    ax.set_title(f"{rows['lesion_realism']['case']}: lower is better")
-    ax.legend(fontsize=8)
-    ax2.axhline(0.5, color="k", lw=1, ls="--")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
-    ax2.set_title("real-vs-synthetic AUROC")
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
-
-
 def lesion_slices(real: dict, methods: dict, seg: np.ndarray, path: Path) -> Path:
     """Axial slice through the lesion centre: real | each method, one row per modality."""
     plt = _figure()
@@ -101,3 +77,33 @@ def bench_plot(rows: dict, path: Path) -> Path:
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def real_vs_synthetic(examples: dict, path: Path) -> Path:
+    """Per case two rows (real, synthetic), one column per modality: the axial slice with the most lesion."""
+    from ..labels import MODALITIES
+
+    plt = _figure()
+    cases = list(examples)
+    fig, axes = plt.subplots(2 * len(cases), len(MODALITIES), figsize=(2.2 * len(MODALITIES), 2.3 * 2 * len(cases)),
+                             squeeze=False)
+    for i, case_id in enumerate(cases):
+        real, synthetic, seg = examples[case_id]
+        z = int(np.argmax((seg > 0).sum(axis=(1, 2))))
+        ys, xs = np.nonzero(seg[z] > 0)
+        half = max(int(np.ptp(ys)), int(np.ptp(xs))) // 2 + 20
+        cy, cx = int(ys.mean()), int(xs.mean())
+        crop = (slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
+        for j, m in enumerate(MODALITIES):
+            for row, (name, images) in enumerate((("real", real), ("synthetic", synthetic))):
+                ax = axes[2 * i + row, j]
+                ax.axis("off")
+                if m not in images:
+                    continue
+                ax.imshow(images[m][z][crop], cmap="gray", vmin=-2.5, vmax=4.0, origin="lower")
+                ax.contour(seg[z][crop] > 0, levels=[0.5], colors="orange", linewidths=0.6, origin="lower")
+                ax.set_title(f"{case_id[:22]} {name} {m}" if j == 0 else f"{name} {m}", fontsize=7)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

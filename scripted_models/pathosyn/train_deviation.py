@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cases import VALIDATION_CASE, list_cases, load_case
+from ..cases import default_data_root, load_case
+from ..folds import make_folds
 from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
 from ..runtime import autocast
@@ -33,21 +34,21 @@ from .deviation import (
 )
 from .training import EMA, LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
-# Binary-mask, skull-on, 6.5 mm-slice scans: kept for robustness tests, not for training residuals.
-EXCLUDED = {"pyradiomics_brain1", "pyradiomics_brain2"}
+VALIDATION_CROPS = 48  # fixed held-out (crop, timestep, noise) draws scored for model selection
 
 
-def prepare_lesion_cache(cache: Path, data_root=None, device=None, include_validation: bool = False) -> list[Path]:
-    """Per case: lesion ROI arrays (anatomy, residual, labels, weight) as .npz. Computed once."""
+def prepare_lesion_cache(cache: Path, data_root=None, device=None, cases: tuple[str, ...] | None = None) -> list[Path]:
+    """Per case: lesion ROI arrays (anatomy, residual, labels, weight) as .npz. Computed once.
+    `cases` defaults to the training fold (scripted_models.folds)."""
     from .anatomy import AnatomyModel
 
     cache.mkdir(parents=True, exist_ok=True)
     device = device or torch.device("cpu")
+    root = Path(data_root or default_data_root())
     model = None
     paths = []
-    for folder in list_cases(data_root):
-        if folder.name in EXCLUDED or (folder.name == VALIDATION_CASE and not include_validation):
-            continue
+    for name in cases if cases is not None else make_folds(str(root)).train:
+        folder = root / "cases" / name
         out = cache / f"{folder.name}.npz"
         if out.is_file():
             paths.append(out)
@@ -151,18 +152,56 @@ class LesionCrops:
         return cond, target * avail[:, None, None, None], avail
 
 
+def validation_draws(data: LesionCrops, cfg: DeviationConfig, crop: int, n: int = VALIDATION_CROPS, seed: int = 0):
+    """Fixed held-out draws: (condition, x0, availability, timestep, noise) tensors, the same at every check."""
+    rng = np.random.default_rng(10_000 + seed)
+    conds, targets, avails = zip(*(data.sample(rng, crop) for _ in range(n)))
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    x0 = torch.from_numpy(np.stack(targets)) * cfg.residual_scale
+    t = torch.linspace(0, cfg.num_train_timesteps - 1, n).round().long()
+    return (torch.from_numpy(np.stack(conds)), x0, torch.from_numpy(np.stack(avails)), t,
+            torch.randn(x0.shape, generator=gen))
+
+
+@torch.no_grad()
+def validation_loss(net, draws, scheduler, cfg: DeviationConfig, device, chunk: int = 8) -> float:
+    """Mean masked v-prediction (or noise) loss of `net` on the fixed validation draws."""
+    cond, x0, avail, t, noise = draws
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(t), chunk):
+        sl = slice(i, i + chunk)
+        x, n, tt = x0[sl].to(device), noise[sl].to(device), t[sl].to(device)
+        a = avail[sl].to(device)[:, :, None, None, None]
+        target = scheduler.get_velocity(x, n, tt) if cfg.prediction_type == "v_prediction" else n
+        with autocast(device):
+            pred = net(torch.cat([scheduler.add_noise(x, n, tt), cond[sl].to(device)], 1), timesteps=tt).float()
+        total += float((((pred - target) ** 2) * a).sum())
+        count += float(a.sum()) * float(np.prod(x.shape[2:]))
+    net.train(was_training)
+    return total / max(count, 1.0)
+
+
 def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: float = 2e-4, seed: int = 0,
                     data_root=None, save_every: int = 100, out_dir: Path | None = None, threads: int | None = None,
                     max_minutes: float | None = None, variant: str = "pathosyn", cache: Path | None = None,
-                    from_scratch: bool = False):
+                    from_scratch: bool = False, eval_every: int = 200):
+    """Train on the training fold; every `eval_every` steps the EMA weights are scored on fixed validation-fold
+    draws, and the best are kept (work/best_val.safetensors) and saved as the model."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     cfg = variant_config(variant)
-    paths = prepare_lesion_cache(cache or work / "cache", data_root)
+    folds = make_folds(str(data_root) if data_root else None)
+    cache = cache or work / "cache"
+    paths = prepare_lesion_cache(cache, data_root, cases=folds.train)
     data = LesionCrops(paths, cfg)
+    val_data = LesionCrops(prepare_lesion_cache(cache, data_root, cases=folds.validation), cfg)
+    val_draws = validation_draws(val_data, cfg, crop, seed=seed)
     net = build_deviation_model(cfg).to(device)
+    ema_net = build_deviation_model(cfg).to(device)  # holds the EMA weights while they are scored
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     ckpt = work / "checkpoint.pt"
     ema = EMA(net)
@@ -177,8 +216,29 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     scheduler = build_scheduler(cfg, "ddpm")
     rng = np.random.default_rng(seed + step)
     log = LossLog(work / "loss.jsonl")
+    best_path = work / "best_val.safetensors"
+    val_curve = list(extra.get("val_curve", []))
+    best = dict(extra.get("best_val", {}))
+
+    def check_validation():
+        ema_net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        score = validation_loss(ema_net, val_draws, scheduler, cfg, device)
+        val_curve.append({"step": step, "val_loss": round(score, 5)})
+        print(json.dumps({"step": step, "val_loss": round(score, 5)}), flush=True)
+        if score < best.get("val_loss", float("inf")):
+            from ..weights import write_safetensors
+
+            write_safetensors({k: v.contiguous() for k, v in ema_net.state_dict().items()}, best_path)
+            best.update(step=step, val_loss=round(score, 5))
+
+    def state_extra():
+        return {"wall_s": wall + time.time() - t0, "start_step": start_step, "val_curve": val_curve,
+                "best_val": best}
+
     net.train()
     t0 = time.time()
+    if not val_curve:
+        check_validation()  # the starting weights are a candidate too
     while step < steps:
         if max_minutes and (time.time() - t0) > 60 * max_minutes:
             break
@@ -202,9 +262,11 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         ema.update(net, step - start_step)
         step += 1
         log.add(step, loss.item())
+        if step % eval_every == 0 or step == steps:
+            check_validation()
         if step % save_every == 0 or step == steps:
-            save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step}, ema)
-    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step}, ema)
+            save_checkpoint(ckpt, net, opt, step, state_extra(), ema)
+    save_checkpoint(ckpt, net, opt, step, state_extra(), ema)
     wall += time.time() - t0
     family = {"pathosyn": "PathoSyn deviation branch (conditional DDPM on the residual, MONAI DiffusionModelUNet)",
               "holistic": "Ablation baseline: the same DDPM generating the whole ROI image (no disentanglement)",
@@ -213,11 +275,21 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     card = {"model": WEIGHTS_NAME, "variant": variant, "family": family,
             "config": config_dict(cfg), "steps": step, "batch": batch, "crop": crop, "lr": lr,
             "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
-            "data": data.names, "held_out": [VALIDATION_CASE],
-            "license": "research use only: trained on BraTS 2013 (CC BY-NC-SA 3.0), cite Menze et al., IEEE TMI 2015"}
+            "data": data.names, "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
+            "folds": folds.as_dict(),
+            "selection": {"rule": "lowest validation-fold denoising loss of the EMA weights",
+                          "draws": VALIDATION_CROPS, "selected_step": best.get("step"), "curve": val_curve},
+            "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
+                       "IEEE TMI 2015 and Bakas et al., Sci Data 2017"}
     from ..weights import save_state
 
-    path = save_state(WEIGHTS_NAME, {k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()},
-                      card, out_dir)
+    if best_path.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(best_path)
+        card["steps_selected"] = best.get("step")
+    else:
+        state = {k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}
+    path = save_state(WEIGHTS_NAME, state, card, out_dir)
     print(json.dumps({"saved": str(path), "steps": step}), flush=True)
     return path

@@ -1,0 +1,281 @@
+"""Lesion realism on case-level folds (scripted_models.folds): the headline quality measure of PathoSyn.
+
+For every case of a fold: build its pseudo-healthy base (anatomy model), synthesize a lesion with the case's
+true mask (several seeds), and compare with the real lesion per modality and sub-region, in z-units of the
+case's healthy tissue:
+- mean error, against the no-lesion base (the pseudo-healthy scan itself);
+- 1-D Wasserstein distance, against a constant fill with the population mean of the *training fold*;
+- texture ratio: std of the 3-D Laplacian inside the sub-region, synthetic / real (1 = as rough as real);
+- the same numbers for copy-paste (the residual of the training case with the nearest lesion volume, centred
+  on the lesion).
+A (case, modality) pair **passes** when, averaged over seeds and sub-regions, the synthetic lesion is closer
+than the base on mean intensity *and* closer than the constant fill on Wasserstein. The pass fraction over
+the fold is the headline number. A two-sample texture classifier (real vs synthetic axial patches, all four
+modalities) is pooled over the fold's cases.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..cases import default_data_root, load_case
+from ..folds import make_folds
+from ..labels import CORE, EDEMA, ENHANCING, MODALITIES
+from ..preprocess import IntensityNormalizer, blend_weight, bounding_box, dilate_mm
+from .metrics import wasserstein
+
+SUBREGIONS = {CORE: "core", EDEMA: "edema", ENHANCING: "enhancing"}
+MIN_VOXELS = 50
+
+
+def roughness(values_z: np.ndarray, region: np.ndarray) -> float:
+    """Std of the 3-D Laplacian inside `region` (z-units): fine texture."""
+    from scipy.ndimage import laplace
+
+    box = bounding_box(region)
+    pad = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    lap = laplace(values_z[pad].astype(np.float64))
+    return float(lap[region[pad]].std())
+
+
+def population_means(case_ids, data_root: Path) -> dict:
+    """Mean z-score per (modality, sub-region) over the given (training-fold) cases."""
+    sums: dict = {}
+    for case_id in case_ids:
+        case = load_case(data_root / "cases" / case_id)
+        if case.seg is None or case.binary_only:
+            continue
+        for m, img in case.normalized().items():
+            for k in SUBREGIONS:
+                sel = case.seg == k
+                if sel.any():
+                    s = sums.setdefault((m, k), [0.0, 0])
+                    s[0] += float(img[sel].sum())
+                    s[1] += int(sel.sum())
+    return {key: s / n for key, (s, n) in sums.items()}
+
+
+class _CaseZ:
+    """A case in z-units of its healthy tissue: real images, pseudo-healthy base, masks."""
+
+    def __init__(self, case_id: str, data_root: Path, device: str):
+        from ..pathosyn.api import pseudo_healthy
+
+        self.case = load_case(data_root / "cases" / case_id)
+        self.id = case_id
+        self.seg = self.case.seg
+        self.lesion = self.seg > 0
+        fg = self.case.foreground()
+        self.norms = {m: IntensityNormalizer.fit(v.array, exclude=self.lesion, foreground=fg)
+                      for m, v in self.case.images.items()}
+        self.real = {m: self.norms[m].forward(v.array) for m, v in self.case.images.items()}
+        self.mask = self.case.reference.with_array(self.seg)
+        self.base = pseudo_healthy(self.case.images, self.mask, device=device)
+        self.base_z = {m: self.norms[m].forward(v.array) for m, v in self.base.items()}
+
+    def z(self, volumes) -> dict[str, np.ndarray]:
+        return {m: self.norms[m].forward(v.array) for m, v in volumes.items()}
+
+
+def _nearest_volume_source(target: _CaseZ, candidates, data_root: Path) -> str:
+    volumes = {}
+    for c in candidates:
+        case = load_case(data_root / "cases" / c)
+        if case.seg is not None and not case.binary_only and set(target.real) <= set(case.images):
+            volumes[c] = abs(int((case.seg > 0).sum()) * np.prod(case.reference.spacing)
+                             - int(target.lesion.sum()) * np.prod(target.case.reference.spacing))
+    return min(volumes, key=volumes.get)
+
+
+def copy_paste(target: _CaseZ, source: _CaseZ) -> dict[str, np.ndarray]:
+    """The source's residual (real - pseudo-healthy, z-units) centred on the target lesion, seam-blended into
+    the target's base inside the target's blend region."""
+    sp = target.case.spacing_zyx
+    weight = blend_weight(target.lesion, dilate_mm(target.lesion, 6.0, sp), sp)
+    box = bounding_box(source.lesion)
+    shift = np.round(np.argwhere(target.lesion).mean(0) - np.argwhere(source.lesion).mean(0)).astype(int)
+    out = {}
+    for m in target.real:
+        resid = (source.real[m] - source.base_z[m])[box]
+        pasted = np.zeros_like(target.real[m])
+        dst = [slice(max(b.start + s, 0), min(b.stop + s, n)) for b, s, n in zip(box, shift, pasted.shape)]
+        src = [slice(d.start - b.start - s, d.stop - b.start - s) for d, b, s in zip(dst, box, shift)]
+        if all(d.stop > d.start for d in dst):
+            pasted[tuple(dst)] = resid[tuple(src)]
+        out[m] = target.base_z[m] + weight * pasted
+    return out
+
+
+def _region_rows(target: _CaseZ, runs: list[dict], const_means: dict, copy: dict) -> list[dict]:
+    rows = []
+    for m in target.real:
+        for k, name in SUBREGIONS.items():
+            sel = target.seg == k
+            if sel.sum() < MIN_VOXELS:
+                continue
+            real = target.real[m][sel]
+            real_rough = roughness(target.real[m], sel)
+            const = const_means.get((m, k), 0.0)
+            syn_mean = [abs(float(r[m][sel].mean()) - float(real.mean())) for r in runs]
+            syn_w = [wasserstein(r[m][sel], real) for r in runs]
+            syn_tex = [roughness(r[m], sel) / max(real_rough, 1e-6) for r in runs]
+            rows.append({
+                "case": target.id, "modality": m, "subregion": name, "voxels": int(sel.sum()),
+                "real_mean": round(float(real.mean()), 4),
+                "mean_err": float(np.mean(syn_mean)),
+                "mean_err_base": abs(float(target.base_z[m][sel].mean()) - float(real.mean())),
+                "mean_err_copy": abs(float(copy[m][sel].mean()) - float(real.mean())),
+                "wasserstein": float(np.mean(syn_w)),
+                "wasserstein_const": float(np.mean(np.abs(real - const))),
+                "wasserstein_copy": wasserstein(copy[m][sel], real),
+                "texture_ratio": float(np.mean(syn_tex)),
+                "texture_ratio_copy": roughness(copy[m], sel) / max(real_rough, 1e-6),
+                "per_seed_pass": [bool(a < abs(float(target.base_z[m][sel].mean()) - float(real.mean()))
+                                       and b < float(np.mean(np.abs(real - const))))
+                                  for a, b in zip(syn_mean, syn_w)],
+            })
+    return rows
+
+
+def pair_verdicts(rows: list[dict]) -> list[dict]:
+    """(case, modality) pairs: mean over sub-regions of each error; pass = beats base on mean and constant
+    fill on Wasserstein; copy-paste judged the same way."""
+    pairs: dict = {}
+    for r in rows:
+        pairs.setdefault((r["case"], r["modality"]), []).append(r)
+    out = []
+    for (case, m), rs in pairs.items():
+        avg = {key: float(np.mean([r[key] for r in rs])) for key in
+               ("mean_err", "mean_err_base", "mean_err_copy", "wasserstein", "wasserstein_const",
+                "wasserstein_copy")}
+        out.append({"case": case, "modality": m, **{k: round(v, 4) for k, v in avg.items()},
+                    "pass": bool(avg["mean_err"] < avg["mean_err_base"]
+                                 and avg["wasserstein"] < avg["wasserstein_const"]),
+                    "copy_pass": bool(avg["mean_err_copy"] < avg["mean_err_base"]
+                                      and avg["wasserstein_copy"] < avg["wasserstein_const"])})
+    return out
+
+
+def summarise(rows: list[dict], pairs: list[dict]) -> dict:
+    def frac(xs):
+        return round(float(np.mean(xs)), 4) if xs else None
+
+    return {
+        "pairs": len(pairs),
+        "pass_fraction": frac([p["pass"] for p in pairs]),
+        "copy_paste_pass_fraction": frac([p["copy_pass"] for p in pairs]),
+        "median_texture_ratio": round(float(np.median([r["texture_ratio"] for r in rows])), 4),
+        "median_texture_ratio_copy": round(float(np.median([r["texture_ratio_copy"] for r in rows])), 4),
+        "mean_err": round(float(np.mean([r["mean_err"] for r in rows])), 4),
+        "mean_err_base": round(float(np.mean([r["mean_err_base"] for r in rows])), 4),
+        "mean_err_copy": round(float(np.mean([r["mean_err_copy"] for r in rows])), 4),
+        "wasserstein": round(float(np.mean([r["wasserstein"] for r in rows])), 4),
+        "wasserstein_const": round(float(np.mean([r["wasserstein_const"] for r in rows])), 4),
+        "wasserstein_copy": round(float(np.mean([r["wasserstein_copy"] for r in rows])), 4),
+        "per_modality_pass": {m: frac([p["pass"] for p in pairs if p["modality"] == m])
+                              for m in MODALITIES if any(p["modality"] == m for p in pairs)},
+    }
+
+
+def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: int | None = None,
+                  device: str = "auto", weights: dict | None = None, cases: list[str] | None = None,
+                  figure: Path | None = None) -> dict:
+    """Score PathoSyn on a fold. `weights` maps a label to a deviation-weights folder (None = bundled); all are
+    scored on the same bases, so the table is a paired before/after comparison."""
+    from ..pathosyn.api import synthesize_lesion
+    from .two_sample import axial_patches, classifier_auroc, lesion_centres
+
+    t0 = time.perf_counter()
+    data_root = Path(data_root or default_data_root())
+    folds = make_folds(str(data_root))
+    case_ids = list(cases or getattr(folds, split))
+    weights = weights or {"bundled": None}
+    const_means = population_means(folds.train, data_root)
+    sources: dict[str, _CaseZ] = {}
+    per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
+                           "examples": {}} for label in weights}
+    for case_id in case_ids:
+        target = _CaseZ(case_id, data_root, device)
+        source_id = _nearest_volume_source(target, [c for c in folds.train if c != case_id], data_root)
+        if source_id not in sources:
+            sources[source_id] = _CaseZ(source_id, data_root, device)
+        copy = copy_paste(target, sources[source_id])
+        region = dilate_mm(target.lesion, 6.0, target.case.spacing_zyx)
+        mods = [m for m in MODALITIES if m in target.real]
+        centres = lesion_centres(target.lesion, n=120, seed=0)
+        for label, folder in weights.items():
+            acc = per_weights[label]
+            runs = []
+            for seed in seeds:
+                result = synthesize_lesion(target.base, target.mask, seed=seed, steps=steps, device=device,
+                                           deviation_weights=folder)
+                for m, vol in result.images.items():  # outside the blend region: the base, bit for bit
+                    diff = np.abs(vol.array.astype(np.float64) - target.base[m].array.astype(np.float64))[~region]
+                    acc["outside_max_abs"] = max(acc["outside_max_abs"], float(diff.max(initial=0.0)))
+                runs.append(target.z(result.images))
+            rows = _region_rows(target, runs, const_means, copy)
+            for r in rows:
+                r["copy_source"] = source_id
+            acc["rows"] += rows
+            if len(mods) == len(MODALITIES):
+                acc["real_patches"].append(axial_patches([target.real[m] for m in mods], centres))
+                acc["syn_patches"].append(axial_patches([runs[0][m] for m in mods], centres))
+            if len(acc["examples"]) < 3:
+                acc["examples"][case_id] = (target.real, runs[0], target.seg)
+    report = {"split": split, "cases": case_ids, "seeds": list(seeds), "steps": steps,
+              "folds": folds.as_dict(), "weights": {k: str(v) if v else "bundled" for k, v in weights.items()},
+              "results": {}}
+    for label, acc in per_weights.items():
+        pairs = pair_verdicts(acc["rows"])
+        summary = summarise(acc["rows"], pairs)
+        if acc["real_patches"]:
+            summary["classifier_auroc"] = round(classifier_auroc(np.concatenate(acc["real_patches"]),
+                                                                 np.concatenate(acc["syn_patches"])), 4)
+        summary["outside_region_max_abs_diff"] = acc["outside_max_abs"]
+        report["results"][label] = {"summary": summary, "pairs": pairs,
+                                    "regions": [{k: (round(v, 4) if isinstance(v, float) else v)
+                                                 for k, v in r.items()} for r in acc["rows"]]}
+        if figure is not None:
+            from .plots import real_vs_synthetic
+
+            path = Path(figure)
+            real_vs_synthetic(acc["examples"], path.with_name(f"{path.stem}_{label}{path.suffix}")
+                              if len(weights) > 1 else path)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def realism_markdown(report: dict) -> str:
+    labels = list(report["results"])
+    lines = [f"## Lesion realism, {report['split']} fold ({len(report['cases'])} cases: "
+             f"{', '.join(report['cases'])}; seeds {report['seeds']})", "",
+             "A (case, modality) pair passes when the synthetic lesion is closer to the real one than the "
+             "pseudo-healthy base on mean intensity and closer than a training-fold constant fill on the "
+             "intensity distribution (Wasserstein), averaged over seeds and sub-regions. z-units of the case's "
+             "healthy tissue.", "",
+             "| | " + " | ".join(labels) + " | copy-paste |", "|---|" + "---|" * (len(labels) + 1)]
+    s = {k: report["results"][k]["summary"] for k in labels}
+    first = s[labels[0]]
+
+    def row(name, key, copy_key=None):
+        cells = [str(s[k].get(key, "-")) for k in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {first.get(copy_key, '-') if copy_key else '-'} |")
+
+    row("**pass fraction** (case, modality pairs)", "pass_fraction", "copy_paste_pass_fraction")
+    row("median texture ratio (synthetic / real, 1 = real)", "median_texture_ratio", "median_texture_ratio_copy")
+    row("classifier AUROC (0.5 = indistinguishable)", "classifier_auroc")
+    row(f"mean error (base: {first['mean_err_base']})", "mean_err", "mean_err_copy")
+    row(f"Wasserstein (constant fill: {first['wasserstein_const']})", "wasserstein", "wasserstein_copy")
+    row("outside-region max abs difference", "outside_region_max_abs_diff")
+    for m in first["per_modality_pass"]:
+        lines.append(f"| pass fraction, {m} | " + " | ".join(str(s[k]["per_modality_pass"].get(m)) for k in labels)
+                     + " | |")
+    lines += ["", "Per pair (" + labels[-1] + "): mean err synthetic / base, Wasserstein synthetic / constant fill",
+              "", "| case | modality | mean err | base | W | const | pass |", "|---|---|---|---|---|---|---|"]
+    for p in report["results"][labels[-1]]["pairs"]:
+        lines.append(f"| {p['case']} | {p['modality']} | {p['mean_err']:.3f} | {p['mean_err_base']:.3f} | "
+                     f"{p['wasserstein']:.3f} | {p['wasserstein_const']:.3f} | {'yes' if p['pass'] else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
