@@ -56,42 +56,125 @@ def _one_line_error(proc):
     return lines[0]
 
 
-@pytest.mark.parametrize("case", ["empty_mask", "outside_mask", "four_d", "nan", "mismatched", "unknown_modality",
-                                  "bad_pair", "missing_file"])
-def test_bad_input_exit_2_and_nothing_written(inputs, tmp_path, case):
+def _write_nifti(array, path, affine=None):
     import nibabel as nib
 
-    img, mask = inputs
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def _bad_input(case, tmp_path, img, mask):
+    """(image args, mask path, extra args) for one row of the bad-input battery."""
     head = read_volume(img)
-    out = tmp_path / "out"
-    images = [f"t1={img}"]
+    images, extra = [f"t1={img}"], []
+
+    def mask_of(array, name):
+        return write_volume(head.with_array(array), tmp_path / name)
+
+    lesion = read_volume(mask).array
     if case == "empty_mask":
-        mask = write_volume(head.with_array(np.zeros(head.shape, np.uint8)), tmp_path / "empty.nii.gz")
+        mask = mask_of(np.zeros(head.shape, np.uint8), "empty.nii.gz")
     elif case == "outside_mask":
         m = np.zeros(head.shape, np.uint8)
         m[:2, :2, :2] = 1
-        mask = write_volume(head.with_array(m), tmp_path / "outside.nii.gz")
+        mask = mask_of(m, "outside.nii.gz")
+    elif case == "edge_mask":  # a slab on the volume's border face, in the background
+        m = np.zeros(head.shape, np.uint8)
+        m[:, :, 0] = 1
+        mask = mask_of(m, "edge.nii.gz")
+    elif case == "huge_mask":  # the whole head marked as lesion
+        mask = mask_of((head.array != 0).astype(np.uint8), "huge.nii.gz")
+    elif case == "unknown_labels":
+        mask = mask_of(np.where(lesion > 0, 7, 0).astype(np.uint8), "labels7.nii.gz")
+    elif case == "negative_labels":
+        mask = mask_of(-(lesion.astype(np.int16)), "negative.nii.gz")
+    elif case == "float_labels":
+        mask = mask_of(np.where(lesion > 0, lesion - 0.5, 0).astype(np.float32), "float.nii.gz")
     elif case == "four_d":
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), str(tmp_path / "4d.nii.gz"))
-        images = [f"t1={tmp_path / '4d.nii.gz'}"]
-    elif case == "nan":
+        images = [f"t1={_write_nifti(np.zeros((8, 8, 8, 2), np.float32), tmp_path / '4d.nii.gz')}"]
+    elif case == "two_d":
+        images = [f"t1={_write_nifti(np.ones((16, 16), np.float32), tmp_path / '2d.nii.gz')}"]
+    elif case == "nan_image":
         arr = head.array.astype(np.float32)
-        arr[3, 3, 3] = np.inf
-        nib.save(nib.Nifti1Image(np.transpose(arr, (2, 1, 0)), np.eye(4)), str(tmp_path / "nan.nii.gz"))
-        images = [f"t1={tmp_path / 'nan.nii.gz'}"]
-    elif case == "mismatched":
-        other = write_volume(make_head(shape=(30, 30, 30)), tmp_path / "other.nii.gz")
-        images = [f"t1={img}", f"flair={other}"]
+        arr[3, 3, 3] = np.nan
+        images = [f"t1={_write_nifti(np.transpose(arr, (2, 1, 0)), tmp_path / 'nan.nii.gz')}"]
+    elif case == "all_zero_image":
+        images = [f"t1={write_volume(head.with_array(np.zeros(head.shape, np.int16)), tmp_path / 'zero.nii.gz')}"]
+    elif case == "truncated_image":
+        data = img.read_bytes()
+        (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+        images = [f"t1={tmp_path / 'cut.nii.gz'}"]
+    elif case == "corrupt_image":  # a valid gzip stream of garbage
+        import gzip
+
+        (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(bytes(range(256)) * 64))
+        images = [f"t1={tmp_path / 'junk.nii.gz'}"]
+    elif case == "not_an_image":
+        (tmp_path / "notes.txt").write_text("not an image\n")
+        images = [f"t1={tmp_path / 'notes.txt'}"]
+    elif case == "corrupt_mask":
+        data = mask.read_bytes()
+        (tmp_path / "cut_mask.nrrd").write_bytes(data[: len(data) // 2])
+        mask = tmp_path / "cut_mask.nrrd"
+    elif case == "shifted_grid":  # a second modality on a grid shifted by 7 mm
+        shifted = type(head)(head.array, head.spacing, tuple(o + 7.0 for o in head.origin), head.direction)
+        images = [f"t1={img}", f"flair={write_volume(shifted, tmp_path / 'shifted.nii.gz')}"]
     elif case == "unknown_modality":
         images = [f"pd={img}"]
-    elif case == "bad_pair":
-        images = [str(img)]
+    elif case == "duplicated_modality":
+        images = [f"t1={img}", f"T1={img}"]
     elif case == "missing_file":
         images = [f"t1={tmp_path / 'nope.nii.gz'}"]
-    proc = run_cli("synthesize", *sum((["--image", i] for i in images), []), "--mask", mask, "--out", out,
-                   "--steps", "1")
-    _one_line_error(proc)
-    assert not out.exists() or not any(out.iterdir())
+    elif case == "negative_seed":
+        extra = ["--seed", "-3"]
+    elif case == "bad_guidance":
+        extra = ["--guidance", "nan"]
+    elif case == "zero_samples":
+        extra = ["--samples", "0"]
+    else:
+        raise AssertionError(case)
+    return images, mask, extra
+
+
+BAD_INPUTS = {  # case -> words the one-line error must contain
+    "empty_mask": "empty", "outside_mask": "brain", "edge_mask": "brain", "huge_mask": "covers",
+    "unknown_labels": "[7]", "negative_labels": "negative", "float_labels": "non-integer",
+    "four_d": "3D", "two_d": "3D", "nan_image": "NaN", "all_zero_image": "constant",
+    "truncated_image": "cannot read", "corrupt_image": "cannot read", "not_an_image": "cannot read",
+    "corrupt_mask": "cannot read", "shifted_grid": "same grid", "unknown_modality": "unknown modality",
+    "duplicated_modality": "twice", "missing_file": "not found", "negative_seed": "seed",
+    "bad_guidance": "guidance", "zero_samples": "samples",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_battery(inputs, tmp_path, capfd, case):
+    """Every odd input: exit 2, exactly one line on stderr naming the problem, no output folder."""
+    from scripted_models.cli import main
+
+    img, mask = inputs
+    images, mask, extra = _bad_input(case, tmp_path, img, mask)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    capfd.readouterr()
+    code = main(["synthesize", *sum((["--image", i] for i in images), []), "--mask", str(mask), "--out", str(out),
+                 "--steps", "1", "--progress", "none", *extra])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (case, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("pathosyn: error:"), (case, err[-2000:])
+    assert BAD_INPUTS[case].lower() in lines[0].lower(), (case, lines[0])
+    assert not out.exists()
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # inputs untouched
+
+
+def test_zero_steps_is_refused(inputs, tmp_path, capfd):
+    from scripted_models.cli import main
+
+    img, mask = inputs
+    assert main(["synthesize", "--image", f"t1={img}", "--mask", str(mask), "--out", str(tmp_path / "o"),
+                 "--steps", "0"]) == 2
+    assert "steps" in capfd.readouterr().err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupted"])
@@ -136,3 +219,26 @@ def test_nrrd_output_format_keeps_geometry(inputs, tmp_path):
     np.testing.assert_allclose(synthesized.ijk_to_ras(), original.ijk_to_ras(), atol=1e-6)
     report = json.loads((out / "report.json").read_text())
     assert report["files"]["t1"].endswith("t1.nrrd")
+
+
+def test_version_and_doctor(tmp_path, capsys, monkeypatch):
+    from scripted_models import __version__
+    from scripted_models.cli import main
+    from scripted_models.weights import weights_dir
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: ready" in out and "weights deviation_diffusion" in out and "torch" in out
+    wdir = tmp_path / "weights"  # a damaged copy of the bundle: the verdict names the broken file
+    shutil.copytree(weights_dir(), wdir, ignore=shutil.ignore_patterns("ablation"))
+    target = wdir / "anatomy_inpainter.safetensors"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(wdir))
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "CORRUPTED" in out and "NOT READY" in out and "anatomy_inpainter" in out.splitlines()[-1]

@@ -69,7 +69,7 @@ def _registrars() -> list[Callable]:
         registrars.append(pathar_commands.register)
     except ImportError:
         pass
-    for optional in ("batch", "evaluation.commands"):
+    for optional in ("batch", "evaluation.commands", "doctor"):
         try:
             module = __import__(f"scripted_models.{optional}", fromlist=["register"])
             registrars.append(module.register)
@@ -79,7 +79,10 @@ def _registrars() -> list[Callable]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="pathosyn", description="Synthesise brain lesions in MRI (PathoSyn, PathAR).")
+    parser.add_argument("--version", action="version", version=f"pathosyn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():
         register(sub)

@@ -50,8 +50,18 @@ def to_canonical(labels: np.ndarray, mapping: dict[int, int] | None = None) -> n
         return out
     # the work is done in the lesion's bounding box (masks are mostly background)
     box = bounding_box(nonzero)
-    lab = np.rint(array[box]).astype(np.int64)
+    raw = array[box]
+    if raw.dtype.kind == "f":
+        fractional = np.abs(raw - np.rint(raw)) > 1e-3
+        if fractional.any():
+            found = np.unique(raw[fractional])
+            shown = ", ".join(f"{v:g}" for v in found[:5]) + (", ..." if len(found) > 5 else "")
+            raise InputError(f"mask has non-integer label values ({shown}): expected integer labels")
+    lab = np.rint(raw).astype(np.int64)
     values = set(np.unique(lab).tolist()) - {0}
+    negative = sorted(v for v in values if v < 0)
+    if negative:
+        raise InputError(f"mask has negative label values {negative}: expected 0 (healthy) and positive labels")
     if mapping is None:
         mapping = BRATS_LEGACY if 4 in values else {1: 1, 2: 2, 3: 3}
     unknown = values - set(mapping)

@@ -97,6 +97,8 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
+    if path.name.endswith(".gz"):
+        _check_gzip_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -111,6 +113,19 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     if check_finite and not _all_finite(volume, path):
         raise InputError(f"{path.name}: contains NaN or Inf voxels")
     return volume
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """ITK reads a truncated .gz silently (the missing voxels become 0): decompress once to its end marker."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"cannot read image {path}: truncated or corrupt gzip data ({exc})") from None
 
 
 def _all_finite(volume: Volume, path: Path) -> bool:
@@ -166,3 +181,5 @@ def validate_image(volume: Volume, name: str) -> None:
         raise InputError(f"{name}: contains NaN or Inf voxels")
     if min(volume.shape) < 2:
         raise InputError(f"{name}: image is too small {volume.shape}")
+    if volume.array.min() == volume.array.max():
+        raise InputError(f"{name}: image is constant (every voxel is {volume.array.flat[0]}): not a scan")

@@ -35,8 +35,16 @@ ProgressFn = Callable[[float, str], None]
 BLEND_MARGIN_MM = 6.0  # soft seam width around the lesion
 HOLE_MARGIN_MM = 2.0  # pseudo-healthy: inpaint slightly beyond the mask
 MAX_ROI = 96  # larger lesions are scaled down to fit (with a warning)
+MAX_LESION_FRACTION = 0.5  # of the head: a mask beyond this is not a lesion (real gliomas: under 20 %)
 
 _MODELS: dict = {}
+
+
+def check_seed(seed) -> int:
+    """Seeds are integers in [0, 2**63): torch generators take no negative seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 63:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 def _model(kind: str, device, folder=None):
@@ -123,6 +131,10 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
         for v in checked.values())
     if not in_brain:
         raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)")
+    covered = float(lesion[step].sum()) / max(float(fg.sum()), 1.0)
+    if covered > MAX_LESION_FRACTION:
+        raise InputError(f"the lesion mask covers {100 * min(covered, 1.0):.0f}% of the head (at most "
+                         f"{100 * MAX_LESION_FRACTION:.0f}%): is it a head mask rather than a lesion?")
     normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
                    for m, v in checked.items()}
     return _Prepared(checked, reference, labels, normalizers, spacing_zyx)
@@ -162,6 +174,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     Voxels outside the dilated lesion region are copied from the input bit for bit.
     """
     t_start = time.perf_counter()
+    check_seed(seed)
     if samples < 1:
         raise InputError(f"samples must be >= 1, got {samples}")
     if steps is not None and steps < 1:
