@@ -65,15 +65,11 @@ def _progress(args):
     return Progress(args.progress)
 
 
-def run_sample(args: argparse.Namespace) -> int:
+def write_samples(pairs, out: Path) -> dict:
+    """OUT/sample_XXX/{mask, <mod>}.nii.gz (each file atomic). Returns {"out", "samples", "modalities"}."""
     from ..volume import write_volume
-    from .api import sample_pairs
 
-    progress = _progress(args)
-    # everything is generated (and every argument checked) before the first file is written
-    pairs = sample_pairs(args.modality, args.n, args.seed, temperature=args.temperature, top_k=args.top_k,
-                         device=args.device, progress=progress)
-    out = Path(args.out)
+    out = Path(out)
     written = []
     for pair in pairs:
         folder = out / f"sample_{pair.index:03d}"
@@ -81,7 +77,17 @@ def run_sample(args: argparse.Namespace) -> int:
         for mod, vol in pair.images.items():
             write_volume(vol, folder / f"{mod}.nii.gz")
         written.append(str(folder))
-    progress.done(out=str(out), samples=written, modalities=list(pairs[0].images), seed=args.seed)
+    return {"out": str(out), "samples": written, "modalities": list(pairs[0].images)}
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from .api import sample_pairs
+
+    progress = _progress(args)
+    # everything is generated (and every argument checked) before the first file is written
+    pairs = sample_pairs(args.modality, args.n, args.seed, temperature=args.temperature, top_k=args.top_k,
+                         device=args.device, progress=progress)
+    progress.done(**write_samples(pairs, Path(args.out)), seed=args.seed)
     return 0
 
 

@@ -1,0 +1,106 @@
+"""The warm engine worker: same bytes as the in-process API, one process for many jobs, ping mid-job, cancel
+without losing the warm models, a killed worker reported and restarted, bad input as a one-line error."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import make_ball_mask, make_head
+
+from scripted_models.errors import InputError
+from scripted_models.volume import read_volume, write_volume
+from scripted_models.worker import EngineWorker, WorkerError
+
+
+@pytest.fixture(scope="module")
+def worker():
+    with EngineWorker(threads=2) as w:
+        yield w
+
+
+@pytest.fixture()
+def job(tmp_path):
+    head = make_head()
+    img = write_volume(head, tmp_path / "in" / "t1.nii.gz")
+    mask = write_volume(make_ball_mask(head), tmp_path / "in" / "mask.nii.gz")
+    return head, img, mask
+
+
+def _wait_for(worker, job_id, kinds, timeout=120):
+    deadline = time.time() + timeout
+    seen = []
+    while time.time() < deadline:
+        for event in worker.poll():
+            if event.get("id") == job_id:
+                seen.append(event)
+                if event["event"] in kinds:
+                    return event, seen
+        time.sleep(0.01)
+    raise AssertionError(f"no {kinds} event for {job_id}: {seen[-3:]}")
+
+
+def test_jobs_match_the_api_bytes_in_one_warm_process(worker, job, tmp_path):
+    from scripted_models.pathosyn.api import synthesize_lesion
+
+    head, img, mask = job
+    starts = worker.starts
+    fractions = []
+    for k in range(2):
+        out = worker.run("synthesize", {"images": {"t1": str(img)}, "mask": str(mask), "out": str(tmp_path / f"o{k}"),
+                                        "seed": 3, "steps": 2}, progress=lambda f, m: fractions.append(f))
+        assert set(out) >= {"t1", "residual_t1", "mask"}
+    assert worker.starts == starts  # no new process: the models stayed loaded
+    assert fractions and max(fractions) == 1.0 and min(fractions) > 0.0
+    direct = synthesize_lesion({"t1": read_volume(img)}, read_volume(mask), seed=3, steps=2)
+    for k in range(2):
+        assert np.array_equal(read_volume(tmp_path / f"o{k}" / "t1.nii.gz").array, direct.images["t1"].array)
+
+
+def test_ping_is_answered_while_a_job_runs_and_cancel_keeps_the_worker(worker, job, tmp_path):
+    head, img, mask = job
+    starts = worker.starts
+    out = tmp_path / "cancelled"
+    job_id = worker.submit("synthesize", {"images": {"t1": str(img)}, "mask": str(mask), "out": str(out),
+                                          "steps": 400})
+    _wait_for(worker, job_id, ("progress",))
+    assert worker.ping() < 2.0  # the reader thread answers mid-job
+    worker.cancel(job_id)
+    event, _ = _wait_for(worker, job_id, ("done", "error"))
+    assert event["event"] == "error" and event["kind"] == "cancelled"
+    assert not out.exists()  # nothing written
+    again = worker.run("synthesize", {"images": {"t1": str(img)}, "mask": str(mask), "out": str(tmp_path / "after"),
+                                      "steps": 1})
+    assert "t1" in again and worker.starts == starts
+
+
+def test_bad_input_is_one_line_and_the_worker_survives(worker, job, tmp_path):
+    head, img, mask = job
+    empty = write_volume(head.with_array(np.zeros(head.shape, np.uint8)), tmp_path / "empty.nii.gz")
+    with pytest.raises(InputError, match="empty"):
+        worker.run("synthesize", {"images": {"t1": str(img)}, "mask": str(empty), "out": str(tmp_path / "x")})
+    assert not (tmp_path / "x").exists() and worker.alive
+
+
+def test_a_killed_worker_fails_its_job_with_a_reason_and_is_restarted(job, tmp_path):
+    head, img, mask = job
+    with EngineWorker(threads=2) as w:
+        job_id = w.submit("synthesize", {"images": {"t1": str(img)}, "mask": str(mask), "out": str(tmp_path / "k"),
+                                         "steps": 400})
+        _wait_for(w, job_id, ("progress",))
+        os.kill(w.proc.pid, signal.SIGKILL)
+        event, _ = _wait_for(w, job_id, ("done", "error"))
+        assert event["event"] == "error" and event["kind"] == "died" and "exit code" in event["message"]
+        assert not w.alive
+        out = w.run("synthesize", {"images": {"t1": str(img)}, "mask": str(mask), "out": str(tmp_path / "ok"),
+                                   "steps": 1})
+        assert "t1" in out and w.starts == 2
+    assert not w.alive
+
+
+def test_unknown_op_is_refused_before_it_reaches_the_worker():
+    with pytest.raises(ValueError, match="unknown op"):
+        EngineWorker().submit("format-disk", {})
+    assert issubclass(WorkerError, RuntimeError)

@@ -1,0 +1,417 @@
+"""A warm engine worker: one long-lived process keeps the models loaded and runs jobs sent as JSON lines.
+
+    python -m scripted_models.worker [--preload] [--threads N]
+
+Requests, one JSON object per stdin line:
+    {"id": "j1", "op": "synthesize", "args": {"images": {"t1": PATH}, "mask": PATH, "out": DIR, "seed": 0, ...}}
+    {"id": "j2", "op": "pseudo-healthy", "args": {"images": {...}, "mask": PATH, "out": DIR}}
+    {"id": "j3", "op": "sample", "args": {"modalities": ["t1c"], "n": 2, "seed": 0, "out": DIR}}
+    {"id": "j4", "op": "ping"}         answered at once, even while a job runs
+    {"op": "cancel", "id": "j1"}       the job stops at its next progress tick (one denoising step); nothing is written
+    {"op": "shutdown"}
+Events, one JSON object per stdout line, each with the job's "id":
+    {"event": "ready", "pid": N}                                      once, when the worker can take jobs
+    {"event": "progress", "id": ..., "fraction": 0.4, "message": "..."}
+    {"event": "done", "id": ..., "outputs": {...}, "seconds": 1.2}
+    {"event": "error", "id": ..., "kind": "input" | "weights" | "cancelled" | "internal", "message": "one line"}
+Volumes travel as files (the caller's temp folder); outputs are written atomically, report.json last.
+
+`EngineWorker` is the client (Qt-free, used by the Slicer modules, the browser front end and the benches): it
+starts the process, sends jobs, delivers events, cancels, and restarts a worker that died, reporting the job it
+was running as failed with the worker's last error line.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OPS = ("synthesize", "pseudo-healthy", "sample")
+
+
+class Cancelled(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+class _Server:
+    def __init__(self, out=sys.stdout):
+        self.out, self.lock = out, threading.Lock()
+        self.jobs: queue.Queue = queue.Queue()
+        self.cancelled: set[str] = set()
+
+    def emit(self, **event) -> None:
+        with self.lock:
+            self.out.write(json.dumps(event) + "\n")
+            self.out.flush()
+
+    def read_requests(self, stream) -> None:
+        """Reader thread: cancel / ping / shutdown at once, jobs into the queue."""
+        for line in stream:
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError:
+                self.emit(event="error", id=None, kind="input", message="request is not valid JSON")
+                continue
+            op = request.get("op")
+            if op == "cancel":
+                self.cancelled.add(str(request.get("id")))
+            elif op == "ping":
+                self.emit(event="pong", id=request.get("id"), time=time.time())
+            elif op == "shutdown":
+                break
+            elif op in OPS:
+                self.jobs.put(request)
+            else:
+                self.emit(event="error", id=request.get("id"), kind="input", message=f"unknown op {op!r}")
+        self.jobs.put(None)
+
+    def run_job(self, request: dict) -> None:
+        from .errors import InputError, WeightsError
+
+        job_id = str(request.get("id"))
+        if job_id in self.cancelled:
+            self.emit(event="error", id=job_id, kind="cancelled", message="cancelled")
+            return
+
+        def progress(fraction: float, message: str = "") -> None:
+            if job_id in self.cancelled:
+                raise Cancelled
+            self.emit(event="progress", id=job_id, fraction=round(float(fraction), 4), message=message)
+
+        t0 = time.perf_counter()
+        try:
+            outputs = _dispatch(request["op"], dict(request.get("args") or {}), progress)
+            if job_id in self.cancelled:
+                raise Cancelled
+            self.emit(event="done", id=job_id, outputs=outputs, seconds=round(time.perf_counter() - t0, 3))
+        except Cancelled:
+            self.emit(event="error", id=job_id, kind="cancelled", message="cancelled")
+        except (InputError, WeightsError) as exc:
+            kind = "input" if isinstance(exc, InputError) else "weights"
+            self.emit(event="error", id=job_id, kind=kind, message=_one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - the worker survives a failed job and says why
+            self.emit(event="error", id=job_id, kind="internal", message=f"{type(exc).__name__}: {_one_line(exc)}")
+        finally:
+            self.cancelled.discard(job_id)
+            gc.collect()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _dispatch(op: str, args: dict, progress: Callable) -> dict:
+    from .errors import InputError
+    from .volume import read_volume
+
+    out = Path(args.pop("out", "") or "")
+    if not str(out):
+        raise InputError("job has no 'out' folder")
+    if op == "sample":
+        from .pathar.api import sample_pairs
+        from .pathar.commands import write_samples
+
+        pairs = sample_pairs(list(args.get("modalities") or []), int(args.get("n", 1)), int(args.get("seed", 0)),
+                             temperature=float(args.get("temperature", 1.0)), device=args.get("device", "auto"),
+                             progress=progress)
+        return write_samples(pairs, out)
+    images = {m: read_volume(p) for m, p in (args.get("images") or {}).items()}
+    if not images:
+        raise InputError("job has no input images")
+    if not args.get("mask"):
+        raise InputError("job has no lesion mask")
+    mask = read_volume(args["mask"])
+    fmt = args.get("format", "nii.gz")
+    if op == "pseudo-healthy":
+        from .pathosyn.api import pseudo_healthy
+        from .volume import write_volume
+
+        healthy = pseudo_healthy(images, mask, device=args.get("device", "auto"), progress=progress)
+        progress(1.0, "writing")
+        return {m: str(write_volume(v, out / f"{m}.{fmt}")) for m, v in healthy.items()}
+    from .pathosyn.api import synthesize_lesion
+    from .pathosyn.commands import write_synthesis
+
+    result = synthesize_lesion(images, mask, seed=args.get("seed", 0), samples=int(args.get("samples", 1)),
+                               steps=args.get("steps"), guidance=float(args.get("guidance", 1.0)),
+                               device=args.get("device", "auto"), base=args.get("base", "input"),
+                               whole_lesion=True if args.get("whole_lesion") else None, progress=progress)
+    progress(1.0, "writing")
+    return write_synthesis(result, out, fmt)
+
+
+def serve(preload: bool = False, stdin=None, stdout=None) -> int:
+    server = _Server(stdout or sys.stdout)
+    if preload:
+        from .pathosyn.api import _model
+        from .runtime import pick_device
+
+        _model("deviation", pick_device("auto"))
+    reader = threading.Thread(target=server.read_requests, args=(stdin or sys.stdin,), daemon=True)
+    reader.start()
+    server.emit(event="ready", pid=os.getpid())
+    while True:
+        request = server.jobs.get()
+        if request is None:
+            return 0
+        server.run_job(request)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="PathoSyn warm engine worker (JSON lines on stdin/stdout)")
+    p.add_argument("--preload", action="store_true", help="load the deviation model before saying ready")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return serve(preload=args.preload)
+
+
+# ---------------------------------------------------------------------------------------------- client side
+class WorkerError(RuntimeError):
+    """A job failed in the worker (kind: input, weights, cancelled, internal or died)."""
+
+    def __init__(self, message: str, kind: str = "internal"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def popen_platform_arguments() -> dict:
+    """A new session on POSIX (one process group to signal); on Windows a new group and no console window."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = 0
+    return {"startupinfo": info,
+            "creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP}
+
+
+def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """Terminate `proc` and its descendants (psutil when present; else the POSIX group or taskkill /T)."""
+    try:
+        import psutil
+
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - no psutil, or the process is gone
+        tree = []
+    if os.name == "posix":
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    elif not tree:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True)
+    for p in tree:
+        try:
+            p.terminate()
+        except Exception:  # noqa: BLE001
+            pass
+    if tree:
+        import psutil
+
+        for p in psutil.wait_procs(tree, timeout=grace)[1]:
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001
+                pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class EngineWorker:
+    """Client of one warm worker process. Thread-safe submit/cancel; events arrive through `poll()` (GUI timers)
+    or `run()` (blocking). A worker that dies is restarted on the next submit; its running job fails with kind
+    "died" and the worker's last stderr line."""
+
+    def __init__(self, command: list[str] | None = None, env: dict | None = None, preload: bool = False,
+                 threads: int | None = None):
+        base = list(command or [sys.executable])
+        self.command = base + ["-m", "scripted_models.worker"] + (["--preload"] if preload else []) + \
+            ([f"--threads={threads}"] if threads else [])
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.events: queue.Queue = queue.Queue()
+        self.ready = threading.Event()
+        self.running: set[str] = set()
+        self.last_stderr = ""
+        self.starts = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- process management
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 120.0) -> None:
+        with self._lock:
+            if self.alive:
+                return
+            env = dict(os.environ if self.env is None else self.env)
+            root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+            self.ready.clear()
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
+                                         bufsize=1, env=env, **popen_platform_arguments())
+            self.starts += 1
+            proc = self.proc
+            threading.Thread(target=self._read_stdout, args=(proc,), daemon=True).start()
+            threading.Thread(target=self._read_stderr, args=(proc,), daemon=True).start()
+        if not self.ready.wait(timeout):
+            raise WorkerError(f"engine worker did not start within {timeout:.0f} s: {self.last_stderr}", "died")
+
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "ready":
+                self.ready.set()
+            elif event.get("event") in ("done", "error"):
+                self.running.discard(str(event.get("id")))
+            self.events.put(event)
+        code = proc.wait()
+        if proc is self.proc:  # the worker died (or was stopped): fail what it was running
+            for job_id in sorted(self.running):
+                self.events.put({"event": "error", "id": job_id, "kind": "died",
+                                 "message": f"the engine worker stopped (exit code {code})"
+                                            + (f": {self.last_stderr}" if self.last_stderr else "")})
+            self.running.clear()
+            self.ready.set()  # wake a waiting start(); `alive` tells the truth
+
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            if line.strip():
+                self.last_stderr = line.strip()[:500]
+
+    def _send(self, request: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, AttributeError) as exc:
+            raise WorkerError(f"the engine worker is not running: {exc}", "died") from None
+
+    # -- jobs
+    def submit(self, op: str, args: dict) -> str:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r} (choose from {', '.join(OPS)})")
+        if not self.alive:
+            self.start()
+        job_id = f"j{next(self._ids)}"
+        self.running.add(job_id)
+        self._send({"id": job_id, "op": op, "args": args})
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        if self.alive:
+            self._send({"op": "cancel", "id": job_id})
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """Round trip in seconds (answered by the worker's reader thread, also mid-job)."""
+        if not self.alive:
+            self.start()
+        job_id = f"p{next(self._ids)}"
+        t0 = time.perf_counter()
+        self._send({"id": job_id, "op": "ping"})
+        deadline = t0 + timeout
+        pending = []
+        try:
+            while time.perf_counter() < deadline:
+                try:
+                    event = self.events.get(timeout=max(deadline - time.perf_counter(), 0.001))
+                except queue.Empty:
+                    break
+                if event.get("event") == "pong" and event.get("id") == job_id:
+                    return time.perf_counter() - t0
+                pending.append(event)
+        finally:
+            for event in pending:
+                self.events.put(event)
+        raise WorkerError("the engine worker did not answer a ping", "died")
+
+    def poll(self) -> list[dict]:
+        """All events that have arrived (non-blocking)."""
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def run(self, op: str, args: dict, progress: Callable[[float, str], None] | None = None,
+            timeout: float | None = None) -> dict:
+        """Submit and wait: returns the job's outputs, or raises WorkerError (InputError for bad input)."""
+        from .errors import InputError, WeightsError
+
+        job_id = self.submit(op, args)
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            wait = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            try:
+                event = self.events.get(timeout=wait)
+            except queue.Empty:
+                self.cancel(job_id)
+                raise WorkerError(f"job {job_id} timed out after {timeout} s", "timeout") from None
+            if event.get("id") != job_id:
+                continue
+            kind = event.get("event")
+            if kind == "progress" and progress:
+                progress(event["fraction"], event.get("message", ""))
+            elif kind == "done":
+                return event["outputs"]
+            elif kind == "error":
+                if event.get("kind") == "input":
+                    raise InputError(event["message"])
+                if event.get("kind") == "weights":
+                    raise WeightsError(event["message"])
+                raise WorkerError(event["message"], event.get("kind", "internal"))
+
+    def restart(self) -> None:
+        self.close()
+        self.start()
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.write(json.dumps({"op": "shutdown"}) + "\n")
+            proc.stdin.flush()
+            proc.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - stuck or already gone: stop the tree
+            kill_process_tree(proc)
+        self.running.clear()
+
+    def __enter__(self) -> EngineWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
