@@ -1,0 +1,103 @@
+"""Click-to-result through the warm engine worker, as a front end sees it (prints the measured numbers).
+
+A "click" is what the Slicer modules and the browser front end do: write the input volumes to a temp folder,
+send the job, wait for "done", read the result volumes back. Workload: the MNI152 T1 with a lesion whose ROI
+is 64^3 voxels.
+- cold: the first click, including starting the worker process and loading the models;
+- warm: every later click (default steps), and the preview (the model's preview steps);
+- memory: the worker's resident memory after 10 and after N consecutive jobs (32^3 ROI previews).
+
+    python -m scripted_models.evaluation.worker_bench [--warm 9] [--jobs 200] [--out docs/bench_worker.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2 ** 20
+
+
+def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
+    from ..pathosyn.deviation import DeviationConfig
+    from ..templates import mni_t1
+    from ..volume import read_volume, write_volume
+    from ..worker import EngineWorker
+    from .bench import _lesion, radius_for_roi
+
+    t1 = mni_t1()
+    preview_steps = DeviationConfig().preview_steps
+    rows = {"threads": threads, "warm_runs": warm, "memory_jobs": jobs}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        masks = {side: _lesion(t1, radius_for_roi(side)) for side in (32, 64)}
+        counter = [0]
+
+        def click(worker: EngineWorker, side: int = 64, steps=None) -> float:
+            counter[0] += 1
+            job = tmp / f"job{counter[0]}"
+            t = time.perf_counter()
+            image = write_volume(t1, job / "in" / "t1.nii")
+            mask = write_volume(masks[side], job / "in" / "mask.nii")
+            outputs = worker.run("synthesize", {"images": {"t1": str(image)}, "mask": str(mask),
+                                                "out": str(job / "out"), "steps": steps, "format": "nii"})
+            for path in outputs.values():
+                if str(path).endswith(".nii"):
+                    read_volume(path)
+            seconds = time.perf_counter() - t
+            for p in sorted(job.rglob("*"), reverse=True):  # keep the temp folder small over many jobs
+                p.unlink() if p.is_file() else p.rmdir()
+            return seconds
+
+        t = time.perf_counter()
+        worker = EngineWorker(threads=threads)
+        try:
+            worker.start()
+            click(worker)
+            rows["cold_first_click_s"] = round(time.perf_counter() - t, 3)
+            default, preview = [], []
+            for _ in range(warm):  # interleaved, so a slow spell of a shared host hits both alike
+                default.append(click(worker))
+                preview.append(click(worker, steps=preview_steps))
+            for name, times in (("warm_click", default), ("preview_click", preview)):
+                rows[name] = {"p50_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
+                              "max_s": round(max(times), 3), "n": len(times)}
+            rows["ping_s"] = round(worker.ping(), 4)
+            rss = {}
+            for k in range(1, jobs + 1):
+                click(worker, side=32, steps=preview_steps)
+                if k in (10, jobs):
+                    rss[k] = round(rss_mb(worker.proc.pid), 1)
+            rows["rss_mb_after_jobs"] = rss
+            rows["rss_growth_10_to_n"] = round(rss[jobs] / rss[10] - 1.0, 4) if 10 in rss else None
+            rows["worker_starts"] = worker.starts
+        finally:
+            worker.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--warm", type=int, default=9)
+    p.add_argument("--jobs", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    args = p.parse_args(argv)
+    rows = run_worker_bench(args.warm, args.jobs, args.threads)
+    print(json.dumps(rows, indent=1))
+    if args.out:
+        from ..pathosyn.commands import write_json_atomic
+
+        write_json_atomic(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
