@@ -1,6 +1,7 @@
 """PathAR parameters in the module's vtkMRMLScriptedModuleNode (saved and restored with the scene).
 
-Inside Slicer: `slicer.parameterNodeWrapper` (GUI binding by `SlicerParameterName` in the .ui). On the
+Inside Slicer: `slicer.parameterNodeWrapper` (GUI binding by `SlicerParameterName` in the .ui; the placement
+markups widget has no GUI connector and is bound by hand in widget.py). On the
 `slicer-core` wheel: the same fields through PathoSyn's Qt-free wrapper, stored the same way.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ FIELDS = {
     "displayedModality": (str, "flair"),
     "chosenSample": (int, 1),
     "targetVolume": (slicer.vtkMRMLScalarVolumeNode, None),
+    "targetModality": (str, "t1"),
     "placementPoint": (slicer.vtkMRMLMarkupsFiducialNode, None),
     "device": (str, "auto"),
 }
@@ -44,6 +46,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         displayedModality: Annotated[str, Choice(list(MODALITIES))] = "flair"
         chosenSample: Annotated[int, WithinRange(1, 4)] = 1
         targetVolume: slicer.vtkMRMLScalarVolumeNode
+        targetModality: Annotated[str, Choice(list(MODALITIES))] = "t1"
         placementPoint: slicer.vtkMRMLMarkupsFiducialNode
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
 
