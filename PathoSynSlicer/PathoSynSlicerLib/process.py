@@ -5,6 +5,11 @@ QTimer (callbacks then run in the GUI thread); scripts call `wait()`. Protocol (
     {"event": "progress", "fraction": 0.4, "message": "..."}
     {"event": "done", "outputs": {...}, ...}               exit code 0
     {"event": "error", "message": "one line"}              exit code 2 (bad input, missing weights)
+
+Cancel stops the whole process tree: Slicer's `PythonSlicer` is a launcher that starts `python-real`, so killing only
+the direct child would leave the real interpreter running (on Windows in particular). The tree is collected with
+psutil when it is installed, else `taskkill /T /F` (Windows) or the child's process group (POSIX). On Windows the
+child gets no console window.
 """
 from __future__ import annotations
 
@@ -20,6 +25,94 @@ from collections.abc import Callable
 from pathlib import Path
 
 IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "failed", "cancelled"
+ERROR_PREFIX = "pathosyn: error: "
+
+
+def popenPlatformArguments() -> dict:
+    """Popen keyword arguments: a new session (POSIX: one process group to signal) or, on Windows, a new process
+    group and no console window (as slicer.util.launchConsoleProcess does)."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = 0  # SW_HIDE
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP
+    return {"startupinfo": info, "creationflags": flags}
+
+
+def processTree(pid: int) -> list:
+    """psutil.Process objects of `pid` and all its descendants (empty without psutil or when it has ended)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def killProcessTree(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """Terminate `proc` and every process it started; kill what is still alive after `grace` seconds."""
+    tree = processTree(proc.pid)  # collect first: children are re-parented once the launcher is gone
+    if os.name == "posix":
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    elif not tree:  # Windows without psutil: taskkill walks the tree itself
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True,
+                       **{k: v for k, v in popenPlatformArguments().items() if k == "creationflags"})
+    for p in tree:
+        try:
+            p.terminate()
+        except Exception:  # noqa: BLE001 - psutil.NoSuchProcess / AccessDenied: already gone
+            pass
+    if tree:
+        import psutil
+
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        if os.name == "posix":
+            import signal
+
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.kill()
+        proc.wait()
+    if os.name == "posix":  # stragglers of the group (e.g. workers that outlived the launcher)
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def describeExit(returnCode: int | None, stderrTail: str | None) -> str:
+    """One line for a process that ended without a result."""
+    if returnCode is not None and returnCode < 0:
+        return f"the background process stopped unexpectedly (killed by signal {-returnCode}) before it finished"
+    if stderrTail:
+        line = stderrTail[len(ERROR_PREFIX):] if stderrTail.startswith(ERROR_PREFIX) else stderrTail
+        if returnCode == 2:
+            return line
+        return f"the background process failed (exit code {returnCode}): {line}"
+    if returnCode == 0:
+        return "the background process ended without a result"
+    return f"the background process failed (exit code {returnCode})"
 
 
 def pythonExecutable() -> str:
@@ -75,12 +168,13 @@ class CLIRunner:
         if self.state == RUNNING:
             raise RuntimeError("already running")
         self.state = RUNNING
-        kwargs = {}
-        if os.name == "posix":
-            kwargs["start_new_session"] = True  # cancel also stops grandchildren (e.g. data loader workers)
-        self._proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=subprocess.DEVNULL, text=True, bufsize=1, env=self.environment(),
-                                      **kwargs)
+        try:
+            self._proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
+                                          bufsize=1, env=self.environment(), **popenPlatformArguments())
+        except BaseException:
+            self.state = IDLE
+            raise
         self._threads = [threading.Thread(target=self._readStdout, daemon=True),
                          threading.Thread(target=self._readStderr, daemon=True)]
         for t in self._threads:
@@ -88,13 +182,20 @@ class CLIRunner:
         return self
 
     def _readStdout(self):
-        for line in self._proc.stdout:
-            self._queue.put(("line", line))
-        self._queue.put(("eof", None))
+        try:  # undecodable bytes are replaced (errors="replace"); any other failure still ends the run
+            for line in self._proc.stdout:
+                self._queue.put(("line", line))
+        except Exception as exc:  # noqa: BLE001 - a dead reader must not make the run hang
+            self._stderr.append(f"reading the process output failed: {exc}")
+        finally:
+            self._queue.put(("eof", None))
 
     def _readStderr(self):
-        for line in self._proc.stderr:
-            self._stderr.append(line.rstrip("\n"))
+        try:
+            for line in self._proc.stderr:
+                self._stderr.append(line.rstrip("\n"))
+        except Exception as exc:  # noqa: BLE001
+            self._stderr.append(f"reading the process errors failed: {exc}")
 
     @property
     def running(self) -> bool:
@@ -130,33 +231,15 @@ class CLIRunner:
         return self.state
 
     def cancel(self, grace: float = 3.0) -> None:
-        """Terminate the process (then kill after `grace` seconds). Outputs are discarded by the caller."""
+        """Stop the process and everything it started (terminate, then kill after `grace` seconds). Outputs are
+        discarded by the caller."""
         if self.state != RUNNING or self._proc is None:
             return
         self._cancelRequested = True
-        self._signal("terminate")
-        try:
-            self._proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self._signal("kill")
-            self._proc.wait()
+        killProcessTree(self._proc, grace)
         for t in self._threads:
             t.join(timeout=2.0)
         self._finish()
-
-    def _signal(self, how: str) -> None:
-        if os.name == "posix":
-            import signal
-
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM if how == "terminate" else signal.SIGKILL)
-                return
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            getattr(self._proc, how)()
-        except ProcessLookupError:
-            pass
 
     # --- protocol ------------------------------------------------------------------------------------------------
     def _handleLine(self, line: str) -> None:
@@ -180,30 +263,37 @@ class CLIRunner:
             self.error = str(event.get("message", "error"))
 
     def _finish(self) -> None:
-        for t in self._threads:
-            t.join(timeout=2.0)
-        while not self._queue.empty():  # lines that arrived after the last poll
-            kind, line = self._queue.get_nowait()
-            if kind == "line":
-                self._handleLine(line)
-        self.returnCode = self._proc.wait()
-        if self._cancelRequested:
-            self.state = CANCELLED
-        elif self.returnCode == 0 and self.result is not None:
-            self.state = DONE
-            self.fraction = 1.0
-            if self.onDone:
-                self.onDone(self.result)
-        else:
-            self.state = FAILED
-            if not self.error:
-                tail = [s for s in self._stderr if s.strip()]
-                self.error = (tail[-1] if tail else f"the synthesis process exited with code {self.returnCode}")
-                self.error = self.error.removeprefix("pathosyn: error: ")
-            if self.onError:
-                self.onError(self.error)
-        if self.onFinished:
-            self.onFinished(self.state)
+        """Set the final state and run the callbacks. onFinished always runs, even when onDone/onError raise (the
+        exception is re-raised afterwards)."""
+        try:
+            for t in self._threads:
+                t.join(timeout=2.0)
+            while not self._queue.empty():  # lines that arrived after the last poll
+                kind, line = self._queue.get_nowait()
+                if kind == "line":
+                    self._handleLine(line)
+            self.returnCode = self._proc.wait()
+            if self._cancelRequested:
+                self.state = CANCELLED
+            elif self.returnCode == 0 and self.result is not None:
+                self.state = DONE
+                self.fraction = 1.0
+                if self.onDone:
+                    self.onDone(self.result)
+            else:
+                self.state = FAILED
+                if not self.error or self.returnCode is not None and self.returnCode < 0:
+                    tail = [s for s in self._stderr if s.strip()]
+                    self.error = describeExit(self.returnCode, tail[-1].strip() if tail else None)
+                if self.onError:
+                    self.onError(self.error)
+        except BaseException:
+            if self.state == RUNNING:
+                self.state = FAILED
+            raise
+        finally:
+            if self.onFinished:
+                self.onFinished(self.state)
 
     @property
     def stderr(self) -> str:
