@@ -20,7 +20,8 @@ def cmd_evaluate(args) -> int:
     from .validation import print_validation, run_validation
 
     rows = run_validation(data_root=args.data, samples=args.samples, steps=args.steps, quick=args.quick,
-                          out=Path(args.out) if args.out else None, device=args.device)
+                          out=Path(args.out) if args.out else None, device=args.device,
+                          compare_weights=args.compare_weights)
     print_validation(rows)
     if args.downstream:
         from .downstream import DownstreamSettings, downstream_markdown, run_downstream
@@ -44,12 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("evaluate", help="validation-case quality vs baselines; inpainting protocol")
+    p = sub.add_parser("evaluate", help="realism on the fixed test and validation folds; inpainting; PathAR")
     p.add_argument("--data", default=None)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="report folder (Markdown + JSON)")
+    p.add_argument("--compare-weights", type=Path, default=None,
+                   help="also score the deviation weights in this folder on the same bases (before/after table)")
     p.add_argument("--downstream", action="store_true",
                    help="also run the downstream segmentation study (9 small networks; about 15 min on 2 cores)")
     add_common(p)

@@ -159,14 +159,19 @@ def summarize_masks(masks, spacing_mm: float = 2.0) -> dict:
 
 def reference_patches(model, work: Path, data_root=None):
     """The real patches the samples are scored against: the transformer card's patch grid with rigid
-    augmentation only, no elastic patches or blends (built and cached under `work` on first use, about 1 min)."""
+    augmentation only, no elastic patches or blends, over the cases the model was trained and validated on
+    (built and cached under `work` on first use, about 1 min)."""
     from dataclasses import replace
 
     from .api import TRANSFORMER_NAME
-    from .data import PatchConfig, build_patches
+    from .data import PatchConfig, build_patches, labelled_cases
 
-    cfg = replace(PatchConfig.from_dict(model.cards[TRANSFORMER_NAME]["patch"]), elastic_per_case=0,
-                  blend_per_case=0)
+    card = model.cards[TRANSFORMER_NAME]
+    # only the cases this model saw (training + held out), not every labelled case that ../shared/data holds now
+    seen = {source.split(":")[0] for source in card.get("data", [])} | set(card.get("held_out", []))
+    cfg = PatchConfig.from_dict(card["patch"])
+    unseen = tuple(sorted({f.name for f in labelled_cases(data_root, (), cfg.pseudo_labelled)} - seen)) if seen else ()
+    cfg = replace(cfg, elastic_per_case=0, blend_per_case=0, exclude=tuple(sorted(set(cfg.exclude) | set(unseen))))
     return build_patches(Path(work), cfg, data_root, verbose=False)
 
 
