@@ -63,11 +63,54 @@ from scripted_models.volume import Volume  # noqa: E402
 
 MODULE_NAME = "PathoSynSlicer"
 ENGINE_ROOT = Path(importlib.util.find_spec("scripted_models").origin).resolve().parents[1]
-REQUIRED_PACKAGES = {  # import name -> pip requirement
-    "torch": "torch", "monai": "monai>=1.4", "einops": "einops", "safetensors": "safetensors",
+REQUIRED_PACKAGES = {  # import name -> pip requirement (the same specifiers as pyproject.toml's dependencies)
+    "torch": "torch>=2.2", "monai": "monai>=1.4", "einops": "einops", "safetensors": "safetensors",
     "scipy": "scipy", "SimpleITK": "SimpleITK>=2.3", "nibabel": "nibabel",
 }
 SAMPLE_DATA_PACKAGES = {"nilearn": "nilearn"}
+DISTRIBUTIONS = {}  # import name -> distribution name, where they differ (none today)
+
+# Output nodes are tagged so that they are found by attribute, not by name (names get "_1" suffixes).
+ROLE_ATTRIBUTE = "PathoSyn.Role"  # synthesized | residual | uncertainty | lesion | pseudo-healthy
+RUN_ATTRIBUTE = "PathoSyn.Run"  # 1, 2, ... one number per synthesis in the scene
+MODALITY_ATTRIBUTE = "PathoSyn.Modality"
+SOURCE_REFERENCE = "PathoSyn.Source"  # node reference: output -> the input volume it was made from
+
+# Layouts (registered at startup so that saved scenes that use them reopen with their views; see registerLayouts)
+COMPARE_LAYOUT_ID = 50731
+COMPARE_SLICE_TAGS = ("PathoSynInput", "PathoSynResult")  # dedicated views: Red/Yellow keep their orientation
+COMPARE_3D_TAG = "PathoSyn3D"
+COMPARE_VIEW_GROUP = 5  # its own view group: linking the pair does not link the standard views
+COMPARE_LAYOUT = f"""
+<layout type="vertical" split="true">
+ <item splitSize="600">
+  <layout type="horizontal">
+   <item><view class="vtkMRMLSliceNode" singletontag="{COMPARE_SLICE_TAGS[0]}">
+    <property name="orientation" action="default">Axial</property>
+    <property name="viewlabel" action="default">In</property>
+    <property name="viewcolor" action="default">#F34A33</property>
+    <property name="viewgroup" action="default">{COMPARE_VIEW_GROUP}</property>
+   </view></item>
+   <item><view class="vtkMRMLSliceNode" singletontag="{COMPARE_SLICE_TAGS[1]}">
+    <property name="orientation" action="default">Axial</property>
+    <property name="viewlabel" action="default">Out</property>
+    <property name="viewcolor" action="default">#EDD54C</property>
+    <property name="viewgroup" action="default">{COMPARE_VIEW_GROUP}</property>
+   </view></item>
+  </layout>
+ </item>
+ <item splitSize="400">
+  <view class="vtkMRMLViewNode" singletontag="{COMPARE_3D_TAG}">
+   <property name="viewlabel" action="default">PS</property>
+   <property name="viewgroup" action="default">{COMPARE_VIEW_GROUP}</property>
+  </view>
+ </item>
+</layout>
+"""
+
+
+class JobError(InputError):
+    """A background job that did not produce its outputs (process died, was killed, failed): one-line message."""
 WHOLE_LESION_NAME = "lesion"
 RESIDUAL_COLOR_NAME = "PathoSynDivergingBlueRed"
 
@@ -101,21 +144,118 @@ def subregionForSegmentName(name: str) -> int | None:
     return None
 
 
+def _splitRequirement(requirement: str) -> tuple[str, str]:
+    """'monai>=1.4' -> ('monai', '>=1.4')."""
+    import re
+
+    match = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(\[[^\]]*\])?\s*(.*)$", requirement)
+    return match.group(1), match.group(3).strip()
+
+
+def versionSatisfies(installed: str, specifier: str) -> bool:
+    """Whether version `installed` meets `specifier` ('>=1.4', '>=2.2,<3', '' = any). Uses `packaging` (PEP 440);
+    without it, a plain numeric comparison of >=, >, <=, <, ==, != clauses."""
+    if not specifier:
+        return True
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        return _simpleSatisfies(installed, specifier)
+    try:
+        return SpecifierSet(specifier).contains(Version(installed), prereleases=True)
+    except InvalidVersion:
+        return _simpleSatisfies(installed, specifier)
+
+
+def _simpleSatisfies(installed: str, specifier: str) -> bool:
+    import operator
+    import re
+
+    def key(v):
+        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:4])
+
+    ops = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
+           "<": operator.lt}
+    for clause in filter(None, (c.strip() for c in specifier.split(","))):
+        op = next(o for o in (">=", "<=", "==", "!=", ">", "<") if clause.startswith(o))
+        a, b = key(installed), key(clause[len(op):])
+        n = max(len(a), len(b))
+        if not ops[op](a + (0,) * (n - len(a)), b + (0,) * (n - len(b))):
+            return False
+    return True
+
+
+def installedVersion(importName: str) -> str | None:
+    """The installed distribution version of an importable package (None when not installed)."""
+    from importlib import metadata
+
+    if importlib.util.find_spec(importName) is None:
+        return None
+    try:
+        return metadata.version(DISTRIBUTIONS.get(importName, importName))
+    except metadata.PackageNotFoundError:
+        return "unknown"  # importable but without metadata (e.g. a source tree): cannot be checked
+
+
+@dataclass
+class DependencyProblem:
+    name: str
+    requirement: str
+    installed: str | None  # None = missing
+
+    def describe(self) -> str:
+        if self.installed is None:
+            return f"{self.name} (not installed; needs {self.requirement})"
+        return f"{self.name} {self.installed} is installed but {self.requirement} is required"
+
+
+def dependencyProblems(packages: dict | None = None, include_sample_data: bool = False) -> dict:
+    """{import name: DependencyProblem} of the packages that are missing or whose installed version does not meet
+    the requirement. packages: {import name: pip requirement}, default REQUIRED_PACKAGES (+ sample-data ones)."""
+    wanted = dict(REQUIRED_PACKAGES if packages is None else packages)
+    if include_sample_data:
+        wanted.update(SAMPLE_DATA_PACKAGES)
+    problems = {}
+    for name, requirement in wanted.items():
+        installed = installedVersion(name)
+        if installed is None:
+            problems[name] = DependencyProblem(name, requirement, None)
+        elif installed != "unknown" and not versionSatisfies(installed, _splitRequirement(requirement)[1]):
+            problems[name] = DependencyProblem(name, requirement, installed)
+    return problems
+
+
 def missingDependencies(include_sample_data: bool = False) -> dict[str, str]:
-    """{import name: pip requirement} of the Python packages the engine needs and that are not importable."""
-    wanted = dict(REQUIRED_PACKAGES, **(SAMPLE_DATA_PACKAGES if include_sample_data else {}))
-    return {name: req for name, req in wanted.items() if importlib.util.find_spec(name) is None}
+    """{import name: pip requirement} of the Python packages the engine needs that are not importable or too old
+    (what to install or upgrade)."""
+    return {name: p.requirement for name, p in dependencyProblems(include_sample_data=include_sample_data).items()}
 
 
-def checkDependencies() -> None:
-    missing = missingDependencies()
+def dependencyMessage(problems: dict) -> str:
+    """One line naming each missing package and each installed version next to the required one."""
+    missing = [p for p in problems.values() if p.installed is None]
+    old = [p for p in problems.values() if p.installed is not None]
+    parts = []
     if missing:
-        raise InputError(f"missing Python packages: {', '.join(missing)} (install them from the PathoSyn module, "
-                         f"or: pip install {' '.join(missing.values())})")
+        parts.append(f"missing Python packages: {', '.join(p.name for p in missing)}")
+    if old:
+        parts.append("incompatible Python packages: " + ", ".join(
+            f"{p.name} {p.installed} installed, {p.requirement} required" for p in old))
+    reqs = " ".join(f'"{p.requirement}"' for p in problems.values())
+    return "; ".join(parts) + f" (install them from the PathoSyn module, or: pip install --upgrade {reqs})"
+
+
+def checkDependencies(include_sample_data: bool = False) -> None:
+    """Raise InputError (one line, with installed and required versions) if a package is missing or too old."""
+    problems = dependencyProblems(include_sample_data=include_sample_data)
+    if problems:
+        raise InputError(dependencyMessage(problems))
 
 
 def availableDevices() -> list[str]:
-    """auto, cpu and cuda when a CUDA GPU is visible to torch."""
+    """auto, cpu and cuda when a CUDA GPU is visible to torch. Imports torch (and may initialise CUDA): for the
+    Python console; the module panel does not call it (the background process picks the device)."""
     try:
         import torch
     except ImportError:
@@ -250,6 +390,7 @@ class PathoSynSlicerLogic:
             node.SetName(self.scene.GenerateUniqueName(moduleName))
             node.SetSingletonTag(moduleName)
             node.SetModuleName(moduleName)
+            node.SetAttribute("ModuleName", moduleName)  # as ScriptedLoadableModuleLogic.createParameterNode does
             node.SetHideFromEditors(True)
             node = self.scene.AddNode(node)
         return node
@@ -481,6 +622,7 @@ class PathoSynSlicerLogic:
         node.CreateDefaultDisplayNodes()
         if referenceNode is not None:
             node.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
+            node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), referenceNode.GetID())  # DICOM SEG
             if referenceNode.GetParentTransformNode() is not None:
                 node.SetAndObserveTransformNodeID(referenceNode.GetParentTransformNode().GetID())
         for value in (CORE, EDEMA, ENHANCING):
@@ -521,12 +663,76 @@ class PathoSynSlicerLogic:
             whole = bool(out.report.get("whole_lesion_only", prepared.wholeLesion))
             out.segmentation = self.addSegmentationNode(mask.array, nodeIJKToRAS(referenceNode),
                                                         f"{referenceNode.GetName()} lesion", whole, referenceNode)
+            run = self.nextRunNumber()
+            for role, nodes in (("synthesized", out.volumes), ("residual", out.residuals),
+                                ("uncertainty", out.uncertainty)):
+                for mod, node in nodes.items():
+                    self.tagOutput(node, role, run, prepared.nodes[mod], mod)
+            self.tagOutput(out.segmentation, "lesion", run, referenceNode)
+            self.placeNextToInput(out.nodes(), referenceNode)
         except BaseException:
             out.removeFromScene()
             for node in out.colorNodes:
                 self.scene.RemoveNode(node)
             raise
         return out
+
+    # --- output tags: results are found by attribute, not by name ------------------------------------------------
+    def _taggedNodes(self, role: str | None = None, className: str = "vtkMRMLNode") -> list:
+        nodes = self.scene.GetNodesByClass(className)
+        out = []
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            value = node.GetAttribute(ROLE_ATTRIBUTE)
+            if value is not None and (role is None or value == role):
+                out.append(node)
+        return out
+
+    def nextRunNumber(self) -> int:
+        runs = [int(n.GetAttribute(RUN_ATTRIBUTE) or 0) for n in self._taggedNodes()]
+        return max(runs, default=0) + 1
+
+    @staticmethod
+    def tagOutput(node, role: str, run: int, sourceNode=None, modality: str | None = None) -> None:
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        node.SetAttribute(RUN_ATTRIBUTE, str(int(run)))
+        if modality:
+            node.SetAttribute(MODALITY_ATTRIBUTE, modality)
+        if sourceNode is not None:
+            node.SetNodeReferenceID(SOURCE_REFERENCE, sourceNode.GetID())
+
+    def latestSynthesis(self) -> tuple:
+        """(input volume, synthesized volume, lesion segmentation) of the most recent synthesis still in the scene,
+        found by the PathoSyn.Role / PathoSyn.Run attributes (robust to renaming and "_1" name suffixes).
+        (None, None, None) when there is none. The input is None if it was deleted since."""
+        outputs = self._taggedNodes("synthesized", "vtkMRMLScalarVolumeNode")
+        if not outputs:
+            return None, None, None
+        run = max(int(n.GetAttribute(RUN_ATTRIBUTE) or 0) for n in outputs)
+        ofRun = [n for n in outputs if int(n.GetAttribute(RUN_ATTRIBUTE) or 0) == run]
+        order = {m: i for i, m in enumerate(MODALITIES)}
+        output = min(ofRun, key=lambda n: order.get(n.GetAttribute(MODALITY_ATTRIBUTE), len(order)))
+        segs = [n for n in self._taggedNodes("lesion", "vtkMRMLSegmentationNode")
+                if int(n.GetAttribute(RUN_ATTRIBUTE) or 0) == run]
+        return output.GetNodeReference(SOURCE_REFERENCE), output, (segs[0] if segs else None)
+
+    def placeNextToInput(self, nodes, inputNode) -> None:
+        """Put new nodes in the input's subject-hierarchy branch (same patient/study), as Slicer modules do."""
+        import slicer
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if sh is None or inputNode is None:
+            return
+        inputItem = sh.GetItemByDataNode(inputNode)
+        if not inputItem:
+            return
+        parent = sh.GetItemParent(inputItem)
+        for node in nodes:
+            item = sh.GetItemByDataNode(node)
+            if item:
+                sh.SetItemParent(item, parent)
+            else:
+                sh.CreateItem(parent, node)
 
     def addPseudoHealthyNodes(self, prepared: PreparedInputs, healthy: dict) -> dict:
         reference = next(iter(prepared.images.values()))
@@ -535,6 +741,8 @@ class PathoSynSlicerLogic:
             for mod, volume in healthy.items():
                 node = prepared.nodes[mod]
                 created[mod] = self._outputVolume(volume, reference, node, f"{node.GetName()} pseudo-healthy")
+                self.tagOutput(created[mod], "pseudo-healthy", 0, node, mod)
+            self.placeNextToInput(list(created.values()), next(iter(prepared.nodes.values())))
         except BaseException:
             for node in created.values():
                 self.scene.RemoveNode(node)
@@ -558,7 +766,7 @@ class PathoSynSlicerLogic:
         """Validate, write the inputs to a temporary folder and return the job (CLI arguments, output folder).
         Run it with process.CLIRunner(job.argv); then call loadJobOutputs(job). Nothing touches the scene yet."""
         prepared = self.prepare(volumeNodes, maskNode, modality)
-        folder = Path(tempfile.mkdtemp(prefix="pathosyn-", dir=workDir))
+        folder = Path(tempfile.mkdtemp(prefix="pathosyn-", dir=workDir or temporaryDirectory()))
         try:
             files = self.writeJobInputs(prepared, folder)
         except BaseException:
@@ -579,6 +787,27 @@ class PathoSynSlicerLogic:
             argv += ["--threads", str(int(threads))]
         return SynthesisJob(command, argv, folder, out, prepared)
 
+    def runJob(self, job, timeout: float | None = None, progress: Progress | None = None, env: dict | None = None):
+        """Run a job (createJob, or PathAR's) in the background process, block until it ends and load its outputs
+        as new nodes. Raises JobError (one line) when the process fails, dies or is killed, or times out; the
+        scene is then unchanged. The job's temporary folder is removed in every case."""
+        from .process import DONE, CLIRunner, engineRoot
+
+        runner = CLIRunner(job.argv, engineRoot=engineRoot(), onProgress=progress, env=env)
+        try:
+            try:
+                runner.start()
+            except OSError as exc:
+                raise JobError(f"cannot start the background process: {exc}") from None
+            state = runner.wait(timeout=timeout)
+            if state != DONE:
+                if state == "cancelled":
+                    raise JobError(f"the background process did not finish within {timeout} s (stopped)")
+                raise JobError(runner.error or "the background process failed")
+            return self.loadJobOutputs(job)
+        finally:
+            job.cleanup()
+
     def loadJobOutputs(self, job: SynthesisJob):
         """Read the CLI outputs back into NEW nodes (SynthesisNodes, or {mod: node} for pseudo-healthy)."""
         import json
@@ -587,6 +816,9 @@ class PathoSynSlicerLogic:
 
         out = job.outputDir
         if job.command == "pseudo-healthy":
+            missing = [m for m in job.prepared.images if not (out / f"{m}.nii.gz").is_file()]
+            if missing:
+                raise JobError(f"the pseudo-healthy run produced no {', '.join(missing)} image in {out}")
             healthy = {mod: read_volume(out / f"{mod}.nii.gz") for mod in job.prepared.images}
             return self.addPseudoHealthyNodes(job.prepared, healthy)
         report_path = out / "report.json"
@@ -594,11 +826,15 @@ class PathoSynSlicerLogic:
             raise InputError(f"the synthesis produced no report in {out}")
         report = json.loads(report_path.read_text())
         reference = next(iter(job.prepared.images.values()))
+        mods = list(job.prepared.images)
+        expected = [f"{m}.nii.gz" for m in mods] + [f"residual_{m}.nii.gz" for m in mods] + ["mask.nii.gz"]
+        absent = [name for name in expected if not (out / name).is_file()]
+        if absent:
+            raise JobError(f"the synthesis output is incomplete: {', '.join(absent)} missing in {out}")
 
         def onGrid(path):  # NIfTI stores geometry in float32: put the voxels back on the exact input grid
             return reference.with_array(read_volume(path).array)
 
-        mods = list(job.prepared.images)
         images = {m: onGrid(out / f"{m}.nii.gz") for m in mods}
         residuals = {m: onGrid(out / f"residual_{m}.nii.gz") for m in mods}
         uncertainty = {m: onGrid(out / f"uncertainty_{m}.nii.gz") for m in mods
@@ -676,17 +912,23 @@ class PathoSynSlicerLogic:
         if self._sha256(mask) != SAMPLE_CHECKSUMS[mask.name]:
             raise InputError(f"sample lesion {mask} does not match its SHA256 checksum")
         t1 = self.sampleDataCacheDir() / "mni152_t1_1mm.nii"
-        if not t1.is_file() or self._sha256(t1) != SAMPLE_CHECKSUMS[t1.name]:
-            if "nilearn" in missingDependencies(include_sample_data=True):
-                raise InputError("the MNI152 sample needs the 'nilearn' package")
-            from scripted_models.templates import mni_t1
-            from scripted_models.volume import write_volume
-
-            write_volume(mni_t1(), t1, compress=False)
+        stamp = t1.with_name(t1.name + ".sha256")  # the checksum of the file as we wrote it
+        if t1.is_file():
             actual = self._sha256(t1)
-            if actual != SAMPLE_CHECKSUMS[t1.name]:  # another nilearn/SimpleITK build: same image, other bytes
-                logging.warning("PathoSyn: MNI152 cache %s has checksum %s (expected %s)", t1, actual,
-                                SAMPLE_CHECKSUMS[t1.name])
+            if actual == SAMPLE_CHECKSUMS[t1.name] or (stamp.is_file() and stamp.read_text().strip() == actual):
+                return {"t1": t1, "mask": mask}
+        if "nilearn" in missingDependencies(include_sample_data=True):
+            raise InputError("the MNI152 sample needs the 'nilearn' package (install it from the PathoSyn module's "
+                             "Dependencies section, or: pip install nilearn)")
+        from scripted_models.templates import mni_t1
+        from scripted_models.volume import write_volume
+
+        write_volume(mni_t1(), t1, compress=False)
+        actual = self._sha256(t1)
+        stamp.write_text(actual + "\n")
+        if actual != SAMPLE_CHECKSUMS[t1.name]:  # another nilearn/SimpleITK build: same image, other bytes
+            logging.info("PathoSyn: MNI152 cache %s has checksum %s (reference %s); kept (stamp %s)", t1, actual,
+                         SAMPLE_CHECKSUMS[t1.name], stamp.name)
         return {"t1": t1, "mask": mask}
 
     def loadSampleData(self) -> tuple:
@@ -700,6 +942,99 @@ class PathoSynSlicerLogic:
         segNode = self.addSegmentationNode(np.rint(labels.array).astype(np.uint8), labels.ijk_to_ras(),
                                            "MNI152 demo lesion", wholeLesion=False, referenceNode=t1Node)
         return t1Node, segNode
+
+
+def temporaryDirectory() -> str | None:
+    """Slicer's temporary folder (Application settings) when running in Slicer, else the system default."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    path = getattr(app, "temporaryPath", None) if app is not None else None
+    if isinstance(path, str) and path and os.path.isdir(path):
+        return path
+    return None
+
+
+# --- layouts (Qt-free: layout node + view nodes; the widget only fits the slices) ------------------------------------
+def registerLayouts(layoutNode) -> None:
+    """Register the PathoSyn compare layout with a vtkMRMLLayoutNode. Called at startup (startupCompleted), so that a
+    scene saved while the layout is shown reopens with its views (the scene stores only the layout id)."""
+    if not layoutNode.IsLayoutDescription(COMPARE_LAYOUT_ID):
+        layoutNode.AddLayoutDescription(COMPARE_LAYOUT_ID, COMPARE_LAYOUT)
+
+
+def applicationLayoutNode(scene=None, _cache={}):  # noqa: B006 - one headless layout logic per scene
+    """The layout node of Slicer's layout manager; headless (slicer-core), the one of a vtkMRMLLayoutLogic on the
+    scene (the same MRML logic Slicer's layout manager uses)."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    manager = app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
+    if manager is not None:
+        return manager.layoutLogic().GetLayoutNode()
+    scene = scene or slicer.mrmlScene
+    logic = _cache.get(id(scene))
+    if logic is None or logic.GetMRMLScene() is not scene:
+        logic = slicer.vtkMRMLLayoutLogic()
+        logic.SetMRMLScene(scene)
+        _cache[id(scene)] = logic
+    return logic.GetLayoutNode()
+
+
+def _compositeNodeFor(scene, tag: str):
+    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetLayoutName() == tag:
+            return node
+    import slicer
+
+    node = slicer.vtkMRMLSliceCompositeNode()
+    node.SetLayoutName(tag)
+    return scene.AddNode(node)
+
+
+@dataclass
+class CompareViews:
+    sliceNodes: list  # input, result
+    compositeNodes: list
+    viewNode: object  # 3D
+
+
+def showCompare(scene, inputNode, outputNode, segmentation=None, layoutNode=None) -> CompareViews:
+    """Show the compare layout: input (left) and result (right) in two dedicated axial slice views linked to each
+    other only, and the lesion segmentation in the 3D view below. Existing views (Red, Yellow, ...) keep their
+    orientation and linking. Raises InputError if a node is no longer in the scene (nothing is changed then)."""
+    for node, what in ((inputNode, "input"), (outputNode, "result")):
+        if node is None or node.GetScene() is not scene:
+            raise InputError(f"the PathoSyn {what} volume is no longer in the scene: run the synthesis again")
+    if segmentation is not None and segmentation.GetScene() is not scene:
+        segmentation = None
+    layoutNode = layoutNode or applicationLayoutNode(scene)
+    registerLayouts(layoutNode)
+    layoutNode.SetViewArrangement(COMPARE_LAYOUT_ID)
+    sliceNodes = [scene.GetSingletonNode(tag, "vtkMRMLSliceNode") for tag in COMPARE_SLICE_TAGS]
+    viewNode = scene.GetSingletonNode(COMPARE_3D_TAG, "vtkMRMLViewNode")
+    if None in sliceNodes or viewNode is None:
+        raise InputError("the compare layout did not create its views")
+    composites = [_compositeNodeFor(scene, tag) for tag in COMPARE_SLICE_TAGS]
+    for sliceNode, composite, node in zip(sliceNodes, composites, (inputNode, outputNode)):
+        sliceNode.SetOrientationToAxial()  # also when the views already existed with another orientation
+        sliceNode.SetViewGroup(COMPARE_VIEW_GROUP)
+        composite.SetBackgroundVolumeID(node.GetID())
+        composite.SetForegroundVolumeID(None)
+        composite.SetLabelVolumeID(None)
+        composite.SetLinkedControl(True)  # links the pair (same view group) only
+        composite.SetHotLinkedControl(True)
+    viewNode.SetViewGroup(COMPARE_VIEW_GROUP)
+    if segmentation is not None:
+        segmentation.CreateDefaultDisplayNodes()
+        display = segmentation.GetDisplayNode()
+        display.SetVisibility(True)
+        if display.GetNumberOfViewNodeIDs():  # restricted to some views: add ours (empty = all views, keep it)
+            for node in (*sliceNodes, viewNode):
+                display.AddViewNodeID(node.GetID())
+    return CompareViews(sliceNodes, composites, viewNode)
 
 
 @dataclass
@@ -723,5 +1058,7 @@ class SynthesisJob:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-__all__ = ["BatchResult", "InputError", "MODALITIES", "PathoSynSlicerLogic", "SynthesisJob", "SynthesisNodes",
-           "WeightsError", "availableDevices", "checkDependencies", "missingDependencies", "subregionForSegmentName"]
+__all__ = ["BatchResult", "CompareViews", "DependencyProblem", "InputError", "JobError", "MODALITIES",
+           "PathoSynSlicerLogic", "SynthesisJob", "SynthesisNodes", "WeightsError", "availableDevices",
+           "checkDependencies", "dependencyProblems", "missingDependencies", "registerLayouts", "showCompare",
+           "subregionForSegmentName"]

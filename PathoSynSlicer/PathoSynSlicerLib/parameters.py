@@ -113,3 +113,21 @@ def effectiveSteps(params) -> int | None:
     if params.preview:
         return PREVIEW_STEPS
     return int(params.steps) or None
+
+
+def boundWidgets(ui) -> dict:
+    """{parameter name: widget} of the .ui widgets (slicer.util.childWidgetVariables) that carry a
+    `SlicerParameterName` property."""
+    out = {}
+    for widget in vars(ui).values():
+        prop = getattr(widget, "property", None)
+        name = prop("SlicerParameterName") if callable(prop) else None
+        if name:
+            out[str(name)] = widget
+    return out
+
+
+def connectGui(params, ui):
+    """Bind the widgets to a parameterNodeWrapper instance and return the tag for `params.disconnectGui(tag)`.
+    `connectParametersToGui` returns the tag on every Slicer version (`connectGui` returns None on 5.8)."""
+    return params.connectParametersToGui(boundWidgets(ui))
