@@ -32,10 +32,13 @@ if importlib.util.find_spec("PathoSynSlicerLib") is None:  # a clone added with 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "PathoSynSlicer"))
 
 from PathoSynSlicerLib.logic import (  # noqa: E402 - PathoSyn's node helpers; also puts the engine on sys.path
+    JobError,
     PathoSynSlicerLogic,
     _orientedArray,
+    applicationLayoutNode,
     checkDependencies,
     nodeIJKToRAS,
+    temporaryDirectory,
 )
 
 from scripted_models.errors import InputError, WeightsError  # noqa: E402
@@ -50,6 +53,13 @@ PATHOSYN_SLICE_TAGS = ("PathoSynInput", "PathoSynResult")
 PATHOSYN_3D_TAG = "PathoSyn3D"
 
 Progress = Callable[[float, str], None]
+
+# Sample nodes are tagged, so that a run is found again after a scene reload and a deleted node is noticed
+RUN_ATTRIBUTE = "PathAR.Run"  # the run's subject-hierarchy folder name (unique in the scene)
+SAMPLE_ATTRIBUTE = "PathAR.Sample"  # 0, 1, ...
+ROLE_ATTRIBUTE = "PathAR.Role"  # image | mask
+MODALITY_ATTRIBUTE = "PathAR.Modality"
+SEED_ATTRIBUTE, TEMPERATURE_ATTRIBUTE = "PathAR.Seed", "PathAR.Temperature"
 
 
 def sliceTag(i: int) -> str:
@@ -89,6 +99,14 @@ def layoutDescription(n: int) -> str:
             '</layout></item></layout>')
 
 
+def registerLayouts(layoutNode) -> None:
+    """Register the PathAR layouts (1..4 samples) with a vtkMRMLLayoutNode. Called at startup (startupCompleted),
+    so that a scene saved while one is shown reopens with its views (the scene stores only the layout id)."""
+    for n in range(1, MAX_SAMPLES + 1):
+        if not layoutNode.IsLayoutDescription(LAYOUT_ID_BASE + n):
+            layoutNode.AddLayoutDescription(LAYOUT_ID_BASE + n, layoutDescription(n))
+
+
 def _setParent(sh, node, parentItemID: int) -> None:
     """Put a data node under a subject-hierarchy folder (Slicer's GUI creates the item; headless we do)."""
     item = sh.GetItemByDataNode(node)
@@ -124,6 +142,16 @@ class PathARRun:
 
     def nodes(self) -> list:
         return [node for sample in self.samples for node in sample.nodes()]
+
+    def isIntact(self) -> bool:
+        """False once one of the run's nodes was deleted (or the scene was closed)."""
+        return bool(self.samples) and all(node is not None and node.GetScene() is not None
+                                          and (self.scene is None or node.GetScene() is self.scene)
+                                          for node in self.nodes())
+
+    def checkIntact(self) -> None:
+        if not self.isIntact():
+            raise InputError("some nodes of this PathAR run were deleted: generate the samples again")
 
     def removeFromScene(self) -> None:
         """Remove the run's nodes and folders. Items go first: removing a data node under a folder and then the
@@ -182,7 +210,6 @@ class PathARModuleLogic:
     def __init__(self, scene=None):
         self._scene = scene
         self._pathoSyn = PathoSynSlicerLogic(scene)
-        self._layoutLogic = None  # only without a Slicer layout manager (headless)
         self.lastPlacement: dict = {}
 
     @property
@@ -238,7 +265,7 @@ class PathARModuleLogic:
         """Arguments for a background `pathosyn sample` (run with PathoSynSlicerLib.process.CLIRunner), then
         loadJobOutputs(job). The scene is not touched until then."""
         mods = self.checkArguments(modalities, n, seed, temperature)
-        folder = Path(tempfile.mkdtemp(prefix="pathar-", dir=workDir))
+        folder = Path(tempfile.mkdtemp(prefix="pathar-", dir=workDir or temporaryDirectory()))
         argv = ["sample", *[a for m in mods for a in ("--modality", m)], "--n", str(int(n)), "--seed",
                 str(int(seed)), "--temperature", repr(float(temperature)), "--out", str(folder / "samples"),
                 "--device", device]
@@ -252,8 +279,11 @@ class PathARModuleLogic:
         pairs = []
         for i in range(job.n):
             folder = job.outputDir / f"sample_{i:03d}"
-            if not (folder / "mask.nii.gz").is_file():
-                raise InputError(f"PathAR produced no sample {i} in {job.outputDir}")
+            absent = [f for f in ["mask.nii.gz", *[f"{m}.nii.gz" for m in job.modalities]]
+                      if not (folder / f).is_file()]
+            if absent:
+                raise JobError(f"PathAR produced no complete sample {i} in {job.outputDir} "
+                               f"({', '.join(absent)} missing)")
             mask = read_volume(folder / "mask.nii.gz")
             mask = mask.with_array(np.rint(mask.array).astype(np.uint8))
             pairs.append((mask, {m: read_volume(folder / f"{m}.nii.gz") for m in job.modalities}))
@@ -275,28 +305,74 @@ class PathARModuleLogic:
                 for mod in modalities:
                     node = self._pathoSyn.addVolumeNode(images[mod], f"PathAR s{i} {mod}")
                     sample.volumes[mod] = node
+                    self._tag(node, name, i, "image", seed, temperature, mod)
                     _setParent(sh, node, sample.folderItemID)
                 sample.segmentation = self._pathoSyn.addSegmentationNode(
                     np.asarray(mask.array, np.uint8), mask.ijk_to_ras(), f"PathAR s{i} mask", wholeLesion=False,
                     referenceNode=sample.volumes[modalities[0]])
+                self._tag(sample.segmentation, name, i, "mask", seed, temperature)
                 _setParent(sh, sample.segmentation, sample.folderItemID)
         except BaseException:
             run.removeFromScene()
             raise
         return run
 
-    # --- linked layout -----------------------------------------------------------------------------------------------
-    def _layoutNode(self):
+    @staticmethod
+    def _tag(node, run: str, index: int, role: str, seed: int, temperature: float, modality: str | None = None):
+        node.SetAttribute(RUN_ATTRIBUTE, run)
+        node.SetAttribute(SAMPLE_ATTRIBUTE, str(index))
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        node.SetAttribute(SEED_ATTRIBUTE, str(int(seed)))
+        node.SetAttribute(TEMPERATURE_ATTRIBUTE, repr(float(temperature)))
+        if modality:
+            node.SetAttribute(MODALITY_ATTRIBUTE, modality)
+
+    def runFromScene(self) -> PathARRun | None:
+        """The most recent complete PathAR run in the scene, rebuilt from the node attributes (e.g. after loading a
+        saved scene). None if there is none, or if a node of the latest run is missing."""
         import slicer
 
-        app = getattr(slicer, "app", None)
-        manager = app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
-        if manager is not None:
-            return manager.layoutLogic().GetLayoutNode()
-        if self._layoutLogic is None:  # headless: the same MRML layout logic Slicer's layout manager uses
-            self._layoutLogic = slicer.vtkMRMLLayoutLogic()
-            self._layoutLogic.SetMRMLScene(self.scene)
-        return self._layoutLogic.GetLayoutNode()
+        runs: dict = {}
+        last: dict = {}  # run -> position of its last node in the scene (nodes are kept in the order they were added)
+        for i in range(self.scene.GetNumberOfNodes()):
+            node = self.scene.GetNthNode(i)
+            run = node.GetAttribute(RUN_ATTRIBUTE)
+            if run is not None:
+                runs.setdefault(run, []).append(node)
+                last[run] = i
+        if not runs:
+            return None
+        members = runs[max(last, key=last.get)]
+        first = members[0]
+        modalities = [m for m in MODALITIES if any(n.GetAttribute(MODALITY_ATTRIBUTE) == m for n in members)]
+        run = PathARRun(modalities, int(first.GetAttribute(SEED_ATTRIBUTE) or 0),
+                        float(first.GetAttribute(TEMPERATURE_ATTRIBUTE) or 1.0), scene=self.scene)
+        indices = sorted({int(n.GetAttribute(SAMPLE_ATTRIBUTE)) for n in members})
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        for index in indices:
+            sample = SampleNodes(index=index)
+            for node in members:
+                if int(node.GetAttribute(SAMPLE_ATTRIBUTE)) != index:
+                    continue
+                if node.GetAttribute(ROLE_ATTRIBUTE) == "mask":
+                    sample.segmentation = node
+                else:
+                    sample.volumes[node.GetAttribute(MODALITY_ATTRIBUTE)] = node
+            if sample.segmentation is None or set(sample.volumes) != set(modalities):
+                return None
+            item = sh.GetItemByDataNode(sample.segmentation) if sh is not None else 0
+            sample.folderItemID = sh.GetItemParent(item) if item else 0
+            run.samples.append(sample)
+        if indices != list(range(len(indices))):
+            return None
+        if sh is not None and run.samples[0].folderItemID:
+            run.folderItemID = sh.GetItemParent(run.samples[0].folderItemID)
+        return run
+
+    # --- linked layout -----------------------------------------------------------------------------------------------
+    def _layoutNode(self):
+        """Slicer's layout node; headless, the one of the shared vtkMRMLLayoutLogic on the scene."""
+        return applicationLayoutNode(self.scene)
 
     def _viewNode(self, tag: str, cls: str):
         node = self.scene.GetSingletonNode(tag, cls)
@@ -340,10 +416,14 @@ class PathARModuleLogic:
         n = numberOfSamples or (len(run.samples) if run is not None else MAX_SAMPLES)
         if not 1 <= n <= MAX_SAMPLES:
             raise InputError(f"the layout shows 1 to {MAX_SAMPLES} samples, got {n}")
+        if run is not None:
+            run.checkIntact()
+        for node, what in ((pathoSynInput, "input"), (pathoSynOutput, "result"), (pathoSynSegmentation, "lesion")):
+            if node is not None and node.GetScene() is not self.scene:
+                raise InputError(f"the PathoSyn {what} '{node.GetName()}' is no longer in the scene")
         layoutNode = self._layoutNode()
         layoutId = LAYOUT_ID_BASE + n
-        if not layoutNode.IsLayoutDescription(layoutId):
-            layoutNode.AddLayoutDescription(layoutId, layoutDescription(n))
+        registerLayouts(layoutNode)
         layoutNode.SetViewArrangement(layoutId)
         sliceNodes = [self._viewNode(sliceTag(i), "vtkMRMLSliceNode") for i in range(n)]
         viewNodes = [self._viewNode(viewTag(i), "vtkMRMLViewNode") for i in range(n)]
@@ -369,6 +449,11 @@ class PathARModuleLogic:
             self.showModality(run, layout, modality or run.modalities[0])
         return layout
 
+    def pathoSynResult(self) -> tuple:
+        """(input, synthesized volume, lesion segmentation) of the latest PathoSyn synthesis in the scene, found by
+        the PathoSyn.Role / PathoSyn.Run node attributes (not by name, which gets "_1" suffixes)."""
+        return self._pathoSyn.latestSynthesis()
+
     def showPathoSyn(self, layout: LinkedLayout, inputNode=None, outputNode=None, segmentation=None) -> None:
         """PathoSyn input and result in the left slice pair; its lesion segmentation in the left 3D view."""
         for tag, node in zip(PATHOSYN_SLICE_TAGS, (inputNode, outputNode)):
@@ -376,6 +461,16 @@ class PathARModuleLogic:
         if segmentation is not None:
             segmentation.CreateDefaultDisplayNodes()
             display = segmentation.GetDisplayNode()
+            if not display.GetNumberOfViewNodeIDs():
+                # empty = every view. Keep it in every view that exists (Red, Yellow, 3D view 1, ...) but not in the
+                # sample views: restricting it to the PathAR views would hide it everywhere else, also after saving
+                sampleViews = {node.GetID() for node in (*layout.viewNodes, *layout.sliceNodes)}
+                for cls in ("vtkMRMLSliceNode", "vtkMRMLViewNode"):
+                    views = self.scene.GetNodesByClass(cls)
+                    for i in range(views.GetNumberOfItems()):
+                        view = views.GetItemAsObject(i)
+                        if view.GetID() not in sampleViews and not (view.GetLayoutName() or "").startswith("PathAR"):
+                            display.AddViewNodeID(view.GetID())
             for node in (*layout.pathoSynSliceNodes, layout.pathoSynViewNode):
                 display.AddViewNodeID(node.GetID())
             centre = self._segmentationCentreRAS(segmentation)
@@ -385,6 +480,7 @@ class PathARModuleLogic:
     def showModality(self, run: PathARRun, layout: LinkedLayout, modality: str) -> None:
         """Show `modality` as the background of every sample's slice view. The segmentations (the structure) are
         not touched: one structure, rendered in another contrast."""
+        run.checkIntact()
         if modality not in run.modalities:
             raise InputError(f"modality '{modality}' was not generated in this run ({', '.join(run.modalities)})")
         if len(run.samples) > len(layout.sliceNodes):
@@ -454,10 +550,10 @@ class PathARModuleLogic:
         colors = vtkColorTransferFunction()
         colors.AddRGBPoint(low, 0.55, 0.25, 0.1)
         colors.AddRGBPoint(high, 1.0, 0.85, 0.6)
-        prop = propertyNode.GetVolumeProperty()
-        prop.SetScalarOpacity(opacity)
-        prop.SetColor(colors)
-        prop.SetShade(False)
+        # through the MRML node: it re-observes the new functions, so later edits (Volume Rendering module) refresh
+        propertyNode.SetScalarOpacity(opacity)
+        propertyNode.SetColor(colors)
+        propertyNode.GetVolumeProperty().SetShade(False)
 
     def _aimViews(self, run: PathARRun, layout: LinkedLayout) -> None:
         """Centre slices and cameras on the samples' common patch (same geometry for every sample)."""
@@ -544,15 +640,18 @@ class PathARModuleLogic:
             referenceNode=targetVolume)
 
     def useMaskInPathoSyn(self, maskSegmentation, targetVolume, modality: str = "t1"):
-        """Make the placed mask (and its target volume) the PathoSyn module's inputs. Returns its parameters."""
+        """Make the placed mask and its target volume (as `modality`) the PathoSyn module's inputs. The other
+        modality fields are cleared, so that no scan of another subject is mixed in. Returns its parameters."""
         from PathoSynSlicerLib.parameters import MODALITY_FIELDS
 
         from scripted_models.labels import check_modality
 
         if maskSegmentation is None or targetVolume is None:
             raise InputError("place a PathAR mask in a healthy scan first")
+        modality = check_modality(modality)
         params = self._pathoSyn.getParameters()
-        setattr(params, MODALITY_FIELDS[check_modality(modality)], targetVolume)
+        for mod, attr in MODALITY_FIELDS.items():
+            setattr(params, attr, targetVolume if mod == modality else None)
         params.maskSegmentation = maskSegmentation
         params.useLabelmap = False
         return params
@@ -566,5 +665,5 @@ class PathARModuleLogic:
         return savePNG(tiles, path)
 
 
-__all__ = ["InputError", "LinkedLayout", "PathARModuleLogic", "PathARRun", "SampleNodes", "SamplesJob",
-           "WeightsError", "layoutDescription"]
+__all__ = ["InputError", "JobError", "LinkedLayout", "PathARModuleLogic", "PathARRun", "SampleNodes", "SamplesJob",
+           "WeightsError", "layoutDescription", "registerLayouts"]
