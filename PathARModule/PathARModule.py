@@ -5,6 +5,10 @@ parameters.py, offscreen.py (figure export without a GUI) and widget.py (GUI).
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
+
 import numpy as np
 import slicer
 from PathARModuleLib.logic import PathARModuleLogic  # noqa: F401 - the module's logic
@@ -13,6 +17,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+
+LIB_SUBMODULES = ("parameters", "logic", "offscreen", "widget")  # reloaded by Reload
 
 
 class PathARModule(ScriptedLoadableModule):
@@ -31,8 +37,20 @@ Python: <code>from PathARModuleLib.logic import PathARModuleLogic</code>. For re
 """
         self.parent.acknowledgementText = """
 PathAR (structure-first autoregressive synthesis) applied to MRI lesion patches. The bundled weights are for research
-use only (see their model cards).
+use only (CC BY-NC-SA 3.0 training data; see their model cards).
 """
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        slicer.app.connect("startupCompleted()", registerLayouts)
+
+
+def registerLayouts():
+    """The PathAR layouts, registered at startup so that a scene saved while one is shown reopens with its views."""
+    try:
+        from PathARModuleLib.logic import registerLayouts as register
+
+        register(slicer.app.layoutManager().layoutLogic().GetLayoutNode())
+    except Exception:  # noqa: BLE001 - must not break the application start
+        logging.exception("PathAR: registering the layouts failed")
 
 
 class PathARModuleWidget(ScriptedLoadableModuleWidget):
@@ -59,10 +77,20 @@ class PathARModuleWidget(ScriptedLoadableModuleWidget):
 
     def exit(self):
         self.isEntered = False
+        if self.controller is not None:
+            self.controller.disconnectGui()
 
     def cleanup(self):
         if self.controller is not None:
             self.controller.cleanup()
+
+    def onReload(self):
+        """Reload also re-reads PathARModuleLib (the default reloads only this file)."""
+        for name in LIB_SUBMODULES:
+            module = sys.modules.get(f"PathARModuleLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
 
 
 class PathARModuleTest(ScriptedLoadableModuleTest):
@@ -72,6 +100,13 @@ class PathARModuleTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from PathoSynSlicerLib.logic import dependencyMessage, dependencyProblems
+
+        problems = dependencyProblems()
+        if problems:  # the factory machines have no torch/monai: skip, do not fail
+            self.delayDisplay(f"PathAR self-test skipped: {dependencyMessage(problems)}")
+            logging.warning("PathAR self-test skipped: %s", dependencyMessage(problems))
+            return
         self.setUp()
         self.test_samples_layout_and_placement()
 

@@ -5,7 +5,10 @@ runner of the `pathosyn` command line) and widget.py (GUI).
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import sys
 
 import numpy as np
 import slicer
@@ -18,6 +21,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+
+LIB_SUBMODULES = ("logic", "parameters", "process", "widget")  # reloaded by Reload, in dependency order
 
 
 class PathoSynSlicer(ScriptedLoadableModule):
@@ -35,15 +40,33 @@ whole lesion and the model invents its structure. Results are new nodes: the syn
 lesion instead. Python: <code>from PathoSynSlicerLib.logic import PathoSynSlicerLogic</code>.
 For research and teaching only; not for clinical use.
 """
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
         self.parent.acknowledgementText = """
 PathoSyn (deviation diffusion on a pseudo-healthy anatomy base). The MNI152 ICBM 2009a template is distributed with
-nilearn. The bundled weights are for research use only (see their model cards).
+nilearn. The code is Apache-2.0; the bundled weights are for non-commercial research use only
+(CC BY-NC-SA 3.0, BraTS 2013 training data; see their model cards).
 """
-        slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    """Register the compare layout (so saved scenes that show it reopen with their views) and the sample data."""
+    try:
+        from PathoSynSlicerLib.logic import registerLayouts
+
+        registerLayouts(slicer.app.layoutManager().layoutLogic().GetLayoutNode())
+    except Exception:  # noqa: BLE001 - a failure here must not break the application start
+        logging.exception("PathoSyn: registering the layouts failed")
+    registerSampleData()
 
 
 def registerSampleData():
-    """The teaching sample (healthy MNI152 T1 + ready lesion mask) in the Sample Data module, if it is present."""
+    """The teaching sample (healthy MNI152 T1 + ready lesion mask) in the Sample Data module, if it is present.
+
+    The MNI152 T1 is written from nilearn on first use (its bytes differ between nilearn/SimpleITK builds, so it has
+    no fixed checksum); the module's own button and the Sample Data button go through `load` below. Scripts use
+    `PathoSynSlicerLogic().loadSampleData()`: `SampleData.downloadSample(...)` only reads the cached file, which the
+    first `load` creates."""
     try:
         import SampleData
     except ImportError:
@@ -51,8 +74,13 @@ def registerSampleData():
     t1 = PathoSynSlicerLogic.sampleDataCacheDir() / "mni152_t1_1mm.nii"  # written from nilearn on first use
 
     def load(*_args, **_kwargs):
-        t1Node, segNode = PathoSynSlicerLogic().loadSampleData()
-        return [t1Node, segNode]
+        """Sample Data calls this bare from a button: errors are shown, and the volume is shown in the views."""
+        with slicer.util.tryWithErrorDisplay("Loading the PathoSyn teaching sample failed.", waitCursor=True):
+            if not _ensureSampleDependencies():
+                return []
+            t1Node, segNode = PathoSynSlicerLogic().loadSampleData()
+            slicer.util.setSliceViewerLayers(background=t1Node, fit=True)
+            return [t1Node, segNode]
 
     from PathoSynSlicerLib.logic import SAMPLE_LESION_FILE
 
@@ -63,10 +91,25 @@ def registerSampleData():
         uris=[t1.as_uri(), SAMPLE_LESION_FILE.as_uri()],
         fileNames=[t1.name, SAMPLE_LESION_FILE.name],
         nodeNames=["MNI152 T1", "MNI152 demo lesion"],
-        checksums=[SAMPLE_CHECKSUMS[t1.name], SAMPLE_CHECKSUMS[SAMPLE_LESION_FILE.name]],
+        checksums=[None, SAMPLE_CHECKSUMS[SAMPLE_LESION_FILE.name]],
         thumbnailFileName=iconPath,
         customDownloader=load,
     )
+
+
+def _ensureSampleDependencies() -> bool:
+    """nilearn (and the engine's packages) for the teaching sample, installed after the user confirms."""
+    from PathoSynSlicerLib.logic import dependencyProblems
+    from PathoSynSlicerLib.widget import installPythonPackages
+
+    problems = {k: v for k, v in dependencyProblems(include_sample_data=True).items() if k == "nilearn"}
+    if not problems:
+        return True
+    if not slicer.util.confirmOkCancelDisplay("The PathoSyn teaching sample needs the Python package 'nilearn' "
+                                              "(MNI152 template). Install it now?", windowTitle="PathoSyn"):
+        return False
+    installPythonPackages(problems)
+    return True
 
 
 class PathoSynSlicerWidget(ScriptedLoadableModuleWidget):
@@ -93,10 +136,20 @@ class PathoSynSlicerWidget(ScriptedLoadableModuleWidget):
 
     def exit(self):
         self.isEntered = False
+        if self.controller is not None:
+            self.controller.disconnectGui()
 
     def cleanup(self):
         if self.controller is not None:
             self.controller.cleanup()
+
+    def onReload(self):
+        """Reload also re-reads PathoSynSlicerLib (the default reloads only this file)."""
+        for name in LIB_SUBMODULES:
+            module = sys.modules.get(f"PathoSynSlicerLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
 
 
 class PathoSynSlicerTest(ScriptedLoadableModuleTest):
@@ -106,6 +159,13 @@ class PathoSynSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from PathoSynSlicerLib.logic import dependencyMessage, dependencyProblems
+
+        problems = dependencyProblems()
+        if problems:  # the factory machines have no torch/monai: skip, do not fail
+            self.delayDisplay(f"PathoSyn self-test skipped: {dependencyMessage(problems)}")
+            logging.warning("PathoSyn self-test skipped: %s", dependencyMessage(problems))
+            return
         self.setUp()
         self.test_synthesize_new_nodes_same_geometry()
 

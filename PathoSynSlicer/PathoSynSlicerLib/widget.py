@@ -1,6 +1,11 @@
 """PathoSyn module GUI (Qt; runs inside Slicer only). The work is done by logic.py and process.py."""
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import os
+
 import qt
 import slicer
 import vtk
@@ -8,36 +13,59 @@ from slicer.util import VTKObservationMixin
 
 from . import parameters as P
 from .logic import (
+    REQUIRED_PACKAGES,
     InputError,
     PathoSynSlicerLogic,
     WeightsError,
-    availableDevices,
-    missingDependencies,
+    dependencyMessage,
+    dependencyProblems,
+    showCompare,
 )
 from .process import CLIRunner, engineRoot
 
-COMPARE_LAYOUT_ID = 50731
-COMPARE_LAYOUT = """
-<layout type="vertical" split="true">
- <item splitSize="600">
-  <layout type="horizontal">
-   <item><view class="vtkMRMLSliceNode" singletontag="Red">
-    <property name="orientation" action="default">Axial</property>
-    <property name="viewlabel" action="default">R</property>
-    <property name="viewcolor" action="default">#F34A33</property>
-   </view></item>
-   <item><view class="vtkMRMLSliceNode" singletontag="Yellow">
-    <property name="orientation" action="default">Axial</property>
-    <property name="viewlabel" action="default">Y</property>
-    <property name="viewcolor" action="default">#EDD54C</property>
-   </view></item>
-  </layout>
- </item>
- <item splitSize="400">
-  <view class="vtkMRMLViewNode" singletontag="1"><property name="viewlabel" action="default">1</property></view>
- </item>
-</layout>
-"""
+INPUT_WIDGETS = ("t1VolumeSelector", "t1cVolumeSelector", "t2VolumeSelector", "flairVolumeSelector",
+                 "maskSegmentationSelector", "maskLabelmapSelector", "useLabelmapCheckBox", "createSegmentationButton",
+                 "editSegmentationButton", "loadMaskButton", "loadSampleDataButton", "installDependenciesButton")
+
+
+def reportErrors(title: str):
+    """Decorator for Qt slots (tryWithErrorDisplay style): any exception is shown in a message box and the status
+    line (one line; the traceback goes to the log) instead of only reaching the Python console."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (InputError, WeightsError) as exc:
+                self.showError(str(exc))
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the user
+                logging.exception("%s failed", title)
+                self.showError(f"{title} failed: {type(exc).__name__}: {exc}")
+            return None
+
+        return wrapper
+
+    return decorate
+
+
+def installPythonPackages(problems: dict) -> None:
+    """Install or upgrade the packages of `dependencyProblems()`. torch only through the PyTorch extension (a plain
+    'pip install torch' pulls the multi-GB CUDA build on Linux). Raises RuntimeError with a one-line message."""
+    if "torch" in problems:
+        try:
+            import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS PyTorch)
+        except ImportError:
+            raise RuntimeError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager, "
+                               "restart Slicer, then install the other packages here") from None
+        spec = REQUIRED_PACKAGES["torch"][len("torch"):]
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                         torchVersionRequirement=spec) is None:
+            raise RuntimeError("PyTorch installation was not completed")
+    rest = [p.requirement for name, p in problems.items() if name != "torch"]
+    if rest:
+        slicer.util.pip_install("--upgrade " + " ".join(f'"{r}"' for r in rest))
+    importlib.invalidate_caches()
 
 
 class PathoSynWidget(VTKObservationMixin):
@@ -56,6 +84,7 @@ class PathoSynWidget(VTKObservationMixin):
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
 
+        self._problems = {}  # dependencyProblems()
         ui.synthesizeButton.connect("clicked(bool)", self.onSynthesizeClicked)
         ui.pseudoHealthyButton.connect("clicked(bool)", self.onPseudoHealthyClicked)
         ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
@@ -64,8 +93,8 @@ class PathoSynWidget(VTKObservationMixin):
         ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
         ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         ui.progressBar.setVisible(False)
-        devices = availableDevices()
-        ui.deviceInfoLabel.setText("GPU: " + ("CUDA available" if "cuda" in devices else "none found, using CPU"))
+        # no torch import here (seconds, and CUDA initialisation in the GUI process): the child picks the device
+        ui.deviceInfoLabel.setText("GPU: 'auto' uses CUDA when the background process finds one")
         self.updateDependencies()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -79,6 +108,8 @@ class PathoSynWidget(VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         params = self.logic.getParameters()
+        if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
+            params = self._parameterNode  # one wrapper per parameter node (no new set of connectors per visit)
         if params.t1Volume is None:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -86,17 +117,26 @@ class PathoSynWidget(VTKObservationMixin):
         self.setParameterNode(params)
 
     def setParameterNode(self, params) -> None:
-        if self._parameterNode is not None:
-            if self._guiConnection is not None:
-                self._parameterNode.disconnectGui(self._guiConnection)
-                self._guiConnection = None
+        if self._parameterNode is not None and self._parameterNode is not params:
+            self.disconnectGui()
             self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        if params is not None and self._parameterNode is not params:
+            self.addObserver(params.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self._parameterNode = params
         if params is not None:
-            if P.HAVE_PARAMETER_NODE_WRAPPER:
-                self._guiConnection = params.connectGui(self.ui)
-            self.addObserver(params.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+            self.connectGui()
         self.updateGUI()
+
+    def connectGui(self) -> None:
+        if not P.HAVE_PARAMETER_NODE_WRAPPER or self._parameterNode is None or self._guiConnection is not None:
+            return
+        self._guiConnection = P.connectGui(self._parameterNode, self.ui)
+
+    def disconnectGui(self) -> None:
+        """Called by the module's exit() and cleanup(): the widgets stop writing to the parameter node."""
+        if self._guiConnection is not None and self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._guiConnection)
+        self._guiConnection = None
 
     def updateGUI(self, *_):
         params = self._parameterNode
@@ -111,9 +151,16 @@ class PathoSynWidget(VTKObservationMixin):
         self.ui.stepsSpinBox.setEnabled(not params.preview)
         ready = bool(P.inputVolumes(params)) and P.maskNode(params) is not None
         running = self._runner is not None and self._runner.running
-        self.ui.synthesizeButton.setEnabled(ready or (running and self._job.command == "synthesize"))
-        self.ui.pseudoHealthyButton.setEnabled(ready or (running and self._job.command == "pseudo-healthy"))
+        command = self._job.command if running and self._job is not None else None
+        # while a job runs only its own button (now "Cancel") is enabled, and the inputs are locked
+        self.ui.synthesizeButton.setEnabled(command == "synthesize" if running else ready)
+        self.ui.pseudoHealthyButton.setEnabled(command == "pseudo-healthy" if running else ready)
+        for name in INPUT_WIDGETS:
+            widget = getattr(self.ui, name, None)
+            if widget is not None:
+                widget.setEnabled(not running)
         if not running:
+            self.ui.installDependenciesButton.setEnabled(bool(self._problems))
             self.ui.synthesizeButton.text = "Synthesize lesion"
             self.ui.pseudoHealthyButton.text = "Pseudo-healthy"
             self.ui.synthesizeButton.toolTip = ("Add a synthetic lesion" if ready else
@@ -130,58 +177,57 @@ class PathoSynWidget(VTKObservationMixin):
     def cleanup(self):
         self.cancel()
         self._timer.stop()
+        self.disconnectGui()
         self.removeObservers()
 
     # --- dependencies ----------------------------------------------------------------------------------------------
     def updateDependencies(self) -> None:
-        missing = missingDependencies()
+        self._problems = dependencyProblems(include_sample_data=True)  # nilearn: the teaching sample
         self.ui.dependenciesLabel.setText(
-            "All Python packages are installed." if not missing else
-            f"Missing Python packages: {', '.join(missing)}. They are installed after you confirm.")
-        self.ui.installDependenciesButton.setEnabled(bool(missing))
-        self.ui.dependenciesCollapsibleButton.collapsed = not missing
+            "All Python packages are installed." if not self._problems else
+            dependencyMessage(self._problems).split(" (install")[0] + ". They are installed after you confirm.")
+        self.ui.installDependenciesButton.setEnabled(bool(self._problems))
+        self.ui.dependenciesCollapsibleButton.collapsed = not self._problems
 
-    def ensureDependencies(self) -> bool:
-        missing = missingDependencies()
-        if not missing:
+    def ensureDependencies(self, includeSampleData: bool = False) -> bool:
+        problems = dependencyProblems(include_sample_data=includeSampleData)
+        if not problems:
             return True
+        lines = "\n".join(f"  - {p.describe()}" for p in problems.values())
         if not slicer.util.confirmOkCancelDisplay(
-                f"PathoSyn needs these Python packages: {', '.join(missing)}.\n"
+                f"PathoSyn needs these Python packages:\n{lines}\n"
                 "Install them now? (This downloads several hundred MB and may take a few minutes.)",
                 windowTitle="PathoSyn: install dependencies"):
             return False
-        return self.installDependencies(missing)
+        return self.installDependencies(problems, includeSampleData)
 
-    def onInstallDependencies(self):
-        self.ensureDependencies()
+    @reportErrors("Installing dependencies")
+    def onInstallDependencies(self, *_):
+        self.ensureDependencies(includeSampleData=True)
 
-    def installDependencies(self, missing: dict) -> bool:
-        with slicer.util.WaitCursor():
-            try:
-                if "torch" in missing:
-                    try:
-                        import PyTorchUtils  # from the PyTorch extension (EXTENSION_DEPENDS PyTorch)
-                    except ImportError:
-                        slicer.util.pip_install("torch")
-                    else:
-                        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                            raise RuntimeError("PyTorch installation was not completed")
-                rest = [req for name, req in missing.items() if name != "torch"]
-                if rest:
-                    slicer.util.pip_install(" ".join(f'"{r}"' for r in rest))
-            except Exception as exc:  # noqa: BLE001 - show any installer failure
-                slicer.util.errorDisplay(f"Installing dependencies failed: {exc}", windowTitle="PathoSyn")
-                return False
-            finally:
-                self.updateDependencies()
-        return not missingDependencies()
+    def installDependencies(self, problems: dict, includeSampleData: bool = False) -> bool:
+        try:
+            with slicer.util.WaitCursor():
+                installPythonPackages(problems)
+        except Exception as exc:  # noqa: BLE001 - show any installer failure
+            logging.exception("PathoSyn: installing dependencies failed")
+            slicer.util.errorDisplay(f"Installing dependencies failed: {exc}", windowTitle="PathoSyn")
+            return False
+        finally:
+            self.updateDependencies()
+        left = dependencyProblems(include_sample_data=includeSampleData)
+        if left:
+            slicer.util.errorDisplay(dependencyMessage(left) + "\nRestart Slicer if a package was upgraded.",
+                                     windowTitle="PathoSyn")
+        return not left
 
     # --- mask helpers ------------------------------------------------------------------------------------------------
     def referenceVolume(self):
         volumes = P.inputVolumes(self.params)
         return next(iter(volumes.values())) if volumes else None
 
-    def onCreateSegmentation(self):
+    @reportErrors("Creating the mask")
+    def onCreateSegmentation(self, *_):
         from scripted_models.labels import SUBREGION_COLORS, SUBREGION_NAMES
 
         reference = self.referenceVolume()
@@ -195,7 +241,8 @@ class PathoSynWidget(VTKObservationMixin):
         self.params.maskSegmentation = seg
         self.onEditSegmentation()
 
-    def onEditSegmentation(self):
+    @reportErrors("Editing the mask")
+    def onEditSegmentation(self, *_):
         seg = self.params.maskSegmentation
         if seg is None:
             return self.onCreateSegmentation()
@@ -207,30 +254,27 @@ class PathoSynWidget(VTKObservationMixin):
             (editor.setSourceVolumeNode if hasattr(editor, "setSourceVolumeNode") else
              editor.setMasterVolumeNode)(reference)
 
-    def onLoadMask(self):
-        from scripted_models.volume import read_volume
-
+    @reportErrors("Loading the mask")
+    def onLoadMask(self, *_):
+        """A labelmap or segmentation file through Slicer's readers (NRRD/NIfTI/.seg.nrrd, DICOM via Add Data)."""
         path = qt.QFileDialog.getOpenFileName(self.parent.parent if self.parent else None, "Load lesion mask", "",
-                                              "Images (*.nii *.nii.gz *.nrrd *.mha *.mhd);;All files (*)")
+                                              "Masks (*.seg.nrrd *.nii *.nii.gz *.nrrd *.mha *.mhd);;All files (*)")
         if not path:
             return
-        try:
-            mask = read_volume(path)
-        except InputError as exc:
-            return self.showError(str(exc))
-        import os
+        with slicer.util.WaitCursor():
+            if path.endswith(".seg.nrrd"):
+                node = slicer.util.loadSegmentation(path)
+                self.params.maskSegmentation, self.params.useLabelmap = node, False
+            else:
+                node = slicer.util.loadLabelVolume(path, {"name": os.path.basename(path).split(".")[0]})
+                self.params.maskLabelmap, self.params.useLabelmap = node, True
 
-        name = os.path.basename(path).split(".")[0]
-        node = self.logic.addVolumeNode(mask.with_array(mask.array.round().astype("int16")), name, labelmap=True)
-        self.params.maskLabelmap = node
-        self.params.useLabelmap = True
-
-    def onLoadSampleData(self):
-        try:
-            with slicer.util.WaitCursor():
-                t1, seg = self.logic.loadSampleData()
-        except InputError as exc:
-            return self.showError(str(exc))
+    @reportErrors("Loading the teaching sample")
+    def onLoadSampleData(self, *_):
+        if not self.ensureDependencies(includeSampleData=True):
+            return
+        with slicer.util.WaitCursor():
+            t1, seg = self.logic.loadSampleData()
         self.params.t1Volume, self.params.maskSegmentation, self.params.useLabelmap = t1, seg, False
         slicer.util.setSliceViewerLayers(background=t1, fit=True)
 
@@ -239,26 +283,30 @@ class PathoSynWidget(VTKObservationMixin):
         self.ui.statusLabel.setText(f"<span style='color:#c0392b'>{message}</span>")
         slicer.util.errorDisplay(message, windowTitle="PathoSyn")
 
-    def onSynthesizeClicked(self):
+    @reportErrors("Synthesis")
+    def onSynthesizeClicked(self, *_):
         if self._runner is not None and self._runner.running:
-            return self.cancel()
+            if self._job is not None and self._job.command == "synthesize":
+                self.cancel()
+            return None
         self.start("synthesize")
 
-    def onPseudoHealthyClicked(self):
+    @reportErrors("Pseudo-healthy")
+    def onPseudoHealthyClicked(self, *_):
         if self._runner is not None and self._runner.running:
-            return self.cancel()
+            if self._job is not None and self._job.command == "pseudo-healthy":
+                self.cancel()
+            return None
         self.start("pseudo-healthy")
 
     def start(self, command: str) -> None:
         if not self.ensureDependencies():
             return
         params = self.params
-        try:
+        with slicer.util.WaitCursor():  # writes the inputs as NIfTI (seconds for 1 mm scans)
             self._job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
                                              samples=params.samples, steps=P.effectiveSteps(params),
                                              guidance=params.guidance, device=params.device, command=command)
-        except (InputError, WeightsError) as exc:
-            return self.showError(str(exc))
         self._runner = CLIRunner(self._job.argv, engineRoot=engineRoot(), onProgress=self.onProgress,
                                  onDone=self.onDone, onError=self.showError, onFinished=self.onFinished)
         try:
@@ -268,14 +316,14 @@ class PathoSynWidget(VTKObservationMixin):
             self._runner = self._job = None
             return self.showError(f"cannot start the synthesis process: {exc}")
         button = self.ui.synthesizeButton if command == "synthesize" else self.ui.pseudoHealthyButton
-        other = self.ui.pseudoHealthyButton if command == "synthesize" else self.ui.synthesizeButton
         button.text = "Cancel"
-        other.setEnabled(False)
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setVisible(True)
         self.ui.statusLabel.setText("Starting...")
+        self.updateGUI()
         self._timer.start()
 
+    @reportErrors("Reading the results")
     def _poll(self):
         if self._runner is None or not self._runner.poll():
             self._timer.stop()
@@ -284,12 +332,10 @@ class PathoSynWidget(VTKObservationMixin):
         self.ui.progressBar.setValue(int(1000 * fraction))
         self.ui.statusLabel.setText(message)
 
+    @reportErrors("Loading the results")
     def onDone(self, payload: dict):
-        try:
-            with slicer.util.WaitCursor():
-                result = self.logic.loadJobOutputs(self._job)
-        except (InputError, WeightsError, OSError) as exc:
-            return self.showError(str(exc))
+        with slicer.util.WaitCursor():
+            result = self.logic.loadJobOutputs(self._job)
         if self._job.command == "synthesize":
             self.showResults(result)
             seconds = (result.report.get("timing_s") or {}).get("total")
@@ -316,31 +362,23 @@ class PathoSynWidget(VTKObservationMixin):
 
     # --- views -------------------------------------------------------------------------------------------------------
     def showCompare(self, inputNode, outputNode, segmentation=None):
+        """Dedicated axial input/result views (logic.showCompare), fitted to the volumes, centred on the lesion."""
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
             return
-        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
-        if not layoutNode.IsLayoutDescription(COMPARE_LAYOUT_ID):
-            layoutNode.AddLayoutDescription(COMPARE_LAYOUT_ID, COMPARE_LAYOUT)
-        layoutManager.setLayout(COMPARE_LAYOUT_ID)
-        for name, node in (("Red", inputNode), ("Yellow", outputNode)):
-            sliceWidget = layoutManager.sliceWidget(name)
-            if sliceWidget is None:
-                continue
-            composite = sliceWidget.mrmlSliceCompositeNode()
-            composite.SetBackgroundVolumeID(node.GetID())
-            composite.SetForegroundVolumeID(None)
-            composite.SetLabelVolumeID(None)
-            composite.SetLinkedControl(True)
-            composite.SetHotLinkedControl(True)
-            sliceWidget.sliceLogic().FitSliceToBackground()
+        views = showCompare(slicer.mrmlScene, inputNode, outputNode, segmentation,
+                            layoutManager.layoutLogic().GetLayoutNode())
+        slicer.app.processEvents()  # let the layout manager create the view widgets
+        for sliceNode in views.sliceNodes:
+            sliceWidget = layoutManager.sliceWidget(sliceNode.GetLayoutName())
+            if sliceWidget is not None:
+                sliceWidget.sliceLogic().FitSliceToBackground()
         if segmentation is not None:
-            segmentation.GetDisplayNode().SetVisibility(True)
             seg = segmentation.GetSegmentation()
             if seg.GetNumberOfSegments():
                 center = segmentation.GetSegmentCenterRAS(seg.GetNthSegmentID(0))
-                slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
-            threeD = layoutManager.threeDWidget(0)
+                slicer.modules.markups.logic().JumpSlicesToLocation(*center, True, views.sliceNodes[0].GetViewGroup())
+            threeD = layoutManager.threeDWidget(views.viewNode.GetName())  # looked up by node name
             if threeD is not None:
                 threeD.threeDView().resetFocalPoint()
 
