@@ -149,3 +149,50 @@ def test_pathar_logic_importable_with_only_its_module_path(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip().splitlines()[-1]).parent.parent == ROOT
+
+
+# --- review of the Slicer modules: Python 3.9 (Slicer 5.8), packaging, licence ----------------------------------------
+PY39_SOURCES = ("PathoSynSlicer", "PathARModule", "scripted_models", "Testing")
+
+
+def test_python39_is_the_declared_minimum():
+    """Slicer 5.8 ships Python 3.9.10: pyproject and ruff say so, and every file parses with the 3.9 grammar
+    (no `match`, no parenthesised context managers, ...)."""
+    import ast
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^requires-python = ">=3\.9"', text, re.M)
+    assert re.search(r'^target-version = "py39"', text, re.M)
+    bad = []
+    for folder in PY39_SOURCES:
+        for path in (ROOT / folder).rglob("*.py"):
+            source = path.read_text()
+            try:
+                ast.parse(source, filename=str(path), feature_version=(3, 9))
+            except SyntaxError as exc:
+                bad.append(f"{path.relative_to(ROOT)}:{exc.lineno}: {exc.msg}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("folder", module_dirs())
+def test_module_files_postpone_annotations(folder):
+    """`X | None` annotations need `from __future__ import annotations` on Python 3.9."""
+    for path in folder.rglob("*.py"):
+        source = path.read_text()
+        if re.search(r"(->|:)\s*[\w.\[\], ]+\|\s*\w", source) and path.name != "__init__.py":
+            assert "from __future__ import annotations" in source, path
+
+
+def test_cmake_does_not_package_ablation_weights():
+    cmake = (ROOT / "PathoSynSlicer" / "CMakeLists.txt").read_text()
+    assert 'EXCLUDE REGEX "^weights/ablation/"' in cmake
+    assert (ROOT / "CMakeLists.txt").read_text().startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6")
+
+
+def test_license_files_and_description_name_the_licences():
+    for name in ("LICENSE.txt", "LICENSE"):
+        text = (ROOT / name).read_text()
+        assert "Apache License" in text and "Version 2.0, January 2004" in text
+        assert "END OF TERMS AND CONDITIONS" in text
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]*)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert "Apache-2.0" in description and "non-commercial research use only" in description
