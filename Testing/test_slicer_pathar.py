@@ -117,6 +117,23 @@ def test_background_job_matches_blocking_run_and_cancel_leaves_scene(app, logic,
     assert runner.state == CANCELLED and app.node_ids() == before and not job.folder.exists()
 
 
+def test_generate_through_the_warm_worker_matches_the_blocking_run(app, logic, run):
+    from PathoSynSlicerLib.process import DONE, WorkerRunner
+
+    from scripted_models.worker import EngineWorker
+
+    job = logic.createJob(MODS, n=N, seed=SEED, temperature=1.0)
+    with EngineWorker(threads=1) as worker:
+        try:
+            assert WorkerRunner(job.argv, worker=worker).start().wait(timeout=600) == DONE
+            other = logic.loadJobOutputs(job)
+        finally:
+            job.cleanup()
+    for a, b in zip(run.samples, other.samples):
+        assert np.array_equal(segment_labels(logic, a.segmentation).array, segment_labels(logic, b.segmentation).array)
+    other.removeFromScene()
+
+
 # --- linked layout ---------------------------------------------------------------------------------------------------
 def test_layout_is_registered_and_views_are_linked(app, logic, run, layout):
     from PathARModuleLib.logic import LAYOUT_ID_BASE, PATHAR_VIEW_GROUP, PATHOSYN_VIEW_GROUP

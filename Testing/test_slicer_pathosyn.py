@@ -383,6 +383,97 @@ def test_runner_cancel_leaves_scene_unchanged(app, logic):
     assert_unchanged(app, [node], before)
 
 
+# --- the warm engine worker (what the module's buttons use) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_worker():
+    from scripted_models.worker import EngineWorker
+
+    with EngineWorker(threads=1) as worker:
+        yield worker
+
+
+def _wait_started(runner, timeout=120):
+    t0 = time.monotonic()
+    while runner.poll(0.05) and not runner.events and time.monotonic() - t0 < timeout:
+        pass
+    assert runner.running, runner.error
+
+
+def test_worker_runner_loads_outputs_and_stays_warm(app, logic, engine_worker):
+    from PathoSynSlicerLib.process import DONE, WorkerRunner
+
+    head, node = add_head(app, direction=FLIPPED)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    starts = engine_worker.starts
+    names = []
+    for seed in (3, 4):
+        job = logic.createJob(node, seg, seed=seed, samples=2, steps=STEPS)
+        try:
+            done = []
+            runner = WorkerRunner(job.argv, worker=engine_worker, onDone=done.append).start()
+            assert runner.wait(timeout=300) == DONE, runner.error
+            assert done and done[0]["event"] == "done"
+            out = logic.loadJobOutputs(job)
+        finally:
+            job.cleanup()
+        assert np.array_equal(ijk_to_ras(out.volumes["t1"]), ijk_to_ras(node)) and out.uncertainty
+        assert out.report["seed"] == seed and (array_of(out.volumes["t1"]) != head.array).any()
+        names.append(out.volumes["t1"].GetName())
+    assert engine_worker.starts == starts  # the second click reused the loaded models
+    assert names == ["head synthesized", "head synthesized_1"]
+
+
+def test_worker_runner_cancel_keeps_the_worker_and_the_scene(app, logic, engine_worker):
+    from PathoSynSlicerLib.process import CANCELLED, DONE, WorkerRunner
+
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    before = snapshot(app, [node])
+    pid = engine_worker.proc.pid if engine_worker.alive else None
+    job = logic.createJob(node, seg, samples=4, steps=200)
+    finished = []
+    runner = WorkerRunner(job.argv, worker=engine_worker, onFinished=finished.append).start()
+    _wait_started(runner)
+    runner.cancel()
+    job.cleanup()
+    assert runner.state == CANCELLED and finished == [CANCELLED]
+    assert engine_worker.alive and (pid is None or engine_worker.proc.pid == pid)  # the models stay loaded
+    assert_unchanged(app, [node], before)
+    job = logic.createJob(node, seg, steps=1)
+    try:
+        assert WorkerRunner(job.argv, worker=engine_worker).start().wait(timeout=300) == DONE
+    finally:
+        job.cleanup()
+
+
+def test_a_dead_worker_fails_the_click_with_a_reason_and_the_next_click_works(app, logic):
+    import signal
+
+    from PathoSynSlicerLib.process import DONE, FAILED, WorkerRunner
+
+    from scripted_models.worker import EngineWorker
+
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    before = snapshot(app, [node])
+    with EngineWorker(threads=1) as worker:
+        job = logic.createJob(node, seg, steps=400)
+        errors = []
+        runner = WorkerRunner(job.argv, worker=worker, onError=errors.append).start()
+        _wait_started(runner)
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        assert runner.wait(timeout=60) == FAILED
+        job.cleanup()
+        assert errors == [runner.error] and "engine worker stopped" in runner.error and "\n" not in runner.error
+        assert_unchanged(app, [node], before)
+        job = logic.createJob(node, seg, steps=1)
+        try:
+            assert WorkerRunner(job.argv, worker=worker).start().wait(timeout=300) == DONE
+        finally:
+            job.cleanup()
+        assert worker.starts == 2
+
+
 def test_runner_surfaces_exit_code_2_errors(tmp_path):
     from PathoSynSlicerLib.process import FAILED
 

@@ -33,12 +33,10 @@ def _wait_for(worker, job_id, kinds, timeout=120):
     deadline = time.time() + timeout
     seen = []
     while time.time() < deadline:
-        for event in worker.poll():
-            if event.get("id") == job_id:
-                seen.append(event)
-                if event["event"] in kinds:
-                    return event, seen
-        time.sleep(0.01)
+        for event in worker.job_events(job_id, timeout=0.05):
+            seen.append(event)
+            if event["event"] in kinds:
+                return event, seen
     raise AssertionError(f"no {kinds} event for {job_id}: {seen[-3:]}")
 
 

@@ -192,24 +192,33 @@ class WorkerError(RuntimeError):
 
 
 def popen_platform_arguments() -> dict:
-    """A new session on POSIX (one process group to signal); on Windows a new group and no console window."""
+    """Popen keyword arguments: a new session (POSIX: one process group to signal) or, on Windows, a new process
+    group and no console window (as slicer.util.launchConsoleProcess does)."""
     if os.name == "posix":
         return {"start_new_session": True}
     info = subprocess.STARTUPINFO()
     info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
-    info.wShowWindow = 0
-    return {"startupinfo": info,
-            "creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP}
+    info.wShowWindow = 0  # SW_HIDE
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP
+    return {"startupinfo": info, "creationflags": flags}
+
+
+def process_tree(pid: int) -> list:
+    """psutil.Process objects of `pid` and all its descendants (empty without psutil or when it has ended)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    """Terminate `proc` and its descendants (psutil when present; else the POSIX group or taskkill /T)."""
-    try:
-        import psutil
-
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except Exception:  # noqa: BLE001 - no psutil, or the process is gone
-        tree = []
+    """Terminate `proc` and every process it started; kill what is still alive after `grace` seconds."""
+    tree = process_tree(proc.pid)  # collect first: children are re-parented once the launcher is gone
     if os.name == "posix":
         import signal
 
@@ -217,26 +226,42 @@ def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    elif not tree:
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True)
+    elif not tree:  # Windows without psutil: taskkill walks the tree itself
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True,
+                       **{k: v for k, v in popen_platform_arguments().items() if k == "creationflags"})
     for p in tree:
         try:
             p.terminate()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - psutil.NoSuchProcess / AccessDenied: already gone
             pass
     if tree:
         import psutil
 
-        for p in psutil.wait_procs(tree, timeout=grace)[1]:
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for p in alive:
             try:
                 p.kill()
-            except Exception:  # noqa: BLE001
+            except psutil.Error:
                 pass
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
+        if os.name == "posix":
+            import signal
+
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         proc.kill()
         proc.wait()
+    if os.name == "posix":  # stragglers of the group (e.g. workers that outlived the launcher)
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class EngineWorker:
@@ -251,7 +276,8 @@ class EngineWorker:
             ([f"--threads={threads}"] if threads else [])
         self.env = env
         self.proc: subprocess.Popen | None = None
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.Queue = queue.Queue()  # events of no submitted job (ready, pong, stray errors)
+        self._job_queues: dict[str, queue.Queue] = {}
         self.ready = threading.Event()
         self.running: set[str] = set()
         self.last_stderr = ""
@@ -292,15 +318,18 @@ class EngineWorker:
                 self.ready.set()
             elif event.get("event") in ("done", "error"):
                 self.running.discard(str(event.get("id")))
-            self.events.put(event)
+            self._queue_of(event.get("id")).put(event)
         code = proc.wait()
         if proc is self.proc:  # the worker died (or was stopped): fail what it was running
             for job_id in sorted(self.running):
-                self.events.put({"event": "error", "id": job_id, "kind": "died",
-                                 "message": f"the engine worker stopped (exit code {code})"
-                                            + (f": {self.last_stderr}" if self.last_stderr else "")})
+                self._queue_of(job_id).put({"event": "error", "id": job_id, "kind": "died",
+                                            "message": f"the engine worker stopped (exit code {code})"
+                                                       + (f": {self.last_stderr}" if self.last_stderr else "")})
             self.running.clear()
             self.ready.set()  # wake a waiting start(); `alive` tells the truth
+
+    def _queue_of(self, job_id) -> queue.Queue:
+        return self._job_queues.get(str(job_id), self.events)
 
     def _read_stderr(self, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
@@ -321,9 +350,27 @@ class EngineWorker:
         if not self.alive:
             self.start()
         job_id = f"j{next(self._ids)}"
+        self._job_queues[job_id] = queue.Queue()
         self.running.add(job_id)
         self._send({"id": job_id, "op": op, "args": args})
         return job_id
+
+    def job_events(self, job_id: str, timeout: float | None = None) -> list[dict]:
+        """The events of one job that have arrived; with `timeout`, wait that long for the first one. The job's
+        queue is dropped once its final event (done / error) has been handed out."""
+        q = self._job_queues.get(job_id)
+        if q is None:
+            return []
+        out = []
+        try:
+            out.append(q.get(timeout=timeout) if timeout else q.get_nowait())
+            while True:
+                out.append(q.get_nowait())
+        except queue.Empty:
+            pass
+        if any(e.get("event") in ("done", "error") for e in out):
+            self._job_queues.pop(job_id, None)
+        return out
 
     def cancel(self, job_id: str) -> None:
         if self.alive:
@@ -334,26 +381,19 @@ class EngineWorker:
         if not self.alive:
             self.start()
         job_id = f"p{next(self._ids)}"
+        answers = self._job_queues[job_id] = queue.Queue()
         t0 = time.perf_counter()
-        self._send({"id": job_id, "op": "ping"})
-        deadline = t0 + timeout
-        pending = []
         try:
-            while time.perf_counter() < deadline:
-                try:
-                    event = self.events.get(timeout=max(deadline - time.perf_counter(), 0.001))
-                except queue.Empty:
-                    break
-                if event.get("event") == "pong" and event.get("id") == job_id:
-                    return time.perf_counter() - t0
-                pending.append(event)
+            self._send({"id": job_id, "op": "ping"})
+            answers.get(timeout=timeout)
+            return time.perf_counter() - t0
+        except queue.Empty:
+            raise WorkerError("the engine worker did not answer a ping", "died") from None
         finally:
-            for event in pending:
-                self.events.put(event)
-        raise WorkerError("the engine worker did not answer a ping", "died")
+            self._job_queues.pop(job_id, None)
 
     def poll(self) -> list[dict]:
-        """All events that have arrived (non-blocking)."""
+        """Events of no submitted job that have arrived (non-blocking)."""
         out = []
         while True:
             try:
@@ -367,17 +407,18 @@ class EngineWorker:
         from .errors import InputError, WeightsError
 
         job_id = self.submit(op, args)
+        events = self._job_queues[job_id]
         deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
             wait = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
             try:
-                event = self.events.get(timeout=wait)
+                event = events.get(timeout=wait)
             except queue.Empty:
                 self.cancel(job_id)
                 raise WorkerError(f"job {job_id} timed out after {timeout} s", "timeout") from None
-            if event.get("id") != job_id:
-                continue
             kind = event.get("event")
+            if kind in ("done", "error"):
+                self._job_queues.pop(job_id, None)
             if kind == "progress" and progress:
                 progress(event["fraction"], event.get("message", ""))
             elif kind == "done":

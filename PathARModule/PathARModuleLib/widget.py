@@ -8,7 +8,7 @@ import vtk
 from PathoSynSlicerLib.logic import dependencyMessage, dependencyProblems
 from PathoSynSlicerLib.parameters import HAVE_PARAMETER_NODE_WRAPPER
 from PathoSynSlicerLib.parameters import connectGui as connectWrapperToGui
-from PathoSynSlicerLib.process import CLIRunner, engineRoot
+from PathoSynSlicerLib.process import WorkerRunner
 from PathoSynSlicerLib.widget import reportErrors
 from slicer.util import VTKObservationMixin
 
@@ -30,7 +30,7 @@ class PathARWidget(VTKObservationMixin):
         self.parent = parent
         self._parameterNode = None
         self._guiConnection = None
-        self._runner: CLIRunner | None = None
+        self._runner: WorkerRunner | None = None
         self._job = None
         self.run = None  # the latest PathARRun
         self.layout = None  # its LinkedLayout
@@ -173,8 +173,8 @@ class PathARWidget(VTKObservationMixin):
         self._job = self.logic.createJob(P.renderModalities(params), n=int(params.numberOfSamples),
                                          seed=int(params.seed), temperature=float(params.temperature),
                                          device=params.device)
-        self._runner = CLIRunner(self._job.argv, engineRoot=engineRoot(), onProgress=self.onProgress,
-                                 onDone=self.onDone, onError=self.showError, onFinished=self.onFinished)
+        self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
+                                    onError=self.showError, onFinished=self.onFinished)
         try:
             self._runner.start()
         except OSError as exc:

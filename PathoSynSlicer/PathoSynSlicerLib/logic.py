@@ -109,6 +109,9 @@ COMPARE_LAYOUT = f"""
 """
 
 
+JOB_FORMAT = "nii"  # inputs and outputs of a background job: uncompressed NIfTI in a temp folder
+
+
 class JobError(InputError):
     """A background job that did not produce its outputs (process died, was killed, failed): one-line message."""
 WHOLE_LESION_NAME = "lesion"
@@ -755,16 +758,18 @@ class PathoSynSlicerLogic:
         from scripted_models.volume import write_volume
 
         folder = Path(folder)
-        images = {mod: str(write_volume(vol, folder / "inputs" / f"{mod}.nii.gz"))
+        # uncompressed: a temp hand-over to the engine worker (gzip would cost about 1 s per 1 mm volume)
+        images = {mod: str(write_volume(vol, folder / "inputs" / f"{mod}.nii"))
                   for mod, vol in prepared.images.items()}
-        mask = str(write_volume(prepared.mask, folder / "inputs" / "mask.nii.gz"))
+        mask = str(write_volume(prepared.mask, folder / "inputs" / "mask.nii"))
         return {"images": images, "mask": mask}
 
     def createJob(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                   steps: int | None = None, guidance: float = 1.0, device: str = "auto", command: str = "synthesize",
                   threads: int | None = None, workDir: str | None = None) -> SynthesisJob:
         """Validate, write the inputs to a temporary folder and return the job (CLI arguments, output folder).
-        Run it with process.CLIRunner(job.argv); then call loadJobOutputs(job). Nothing touches the scene yet."""
+        Run it with process.WorkerRunner(job.argv) (the warm engine worker) or process.CLIRunner(job.argv) (a fresh
+        process); then call loadJobOutputs(job). Nothing touches the scene yet."""
         prepared = self.prepare(volumeNodes, maskNode, modality)
         folder = Path(tempfile.mkdtemp(prefix="pathosyn-", dir=workDir or temporaryDirectory()))
         try:
@@ -776,7 +781,7 @@ class PathoSynSlicerLogic:
         argv = [command]
         for mod, path in files["images"].items():
             argv += ["--image", f"{mod}={path}"]
-        argv += ["--mask", files["mask"], "--out", str(out), "--device", device]
+        argv += ["--mask", files["mask"], "--out", str(out), "--device", device, "--format", JOB_FORMAT]
         if command == "synthesize":
             argv += ["--seed", str(int(seed)), "--samples", str(int(samples)), "--guidance", repr(float(guidance))]
             if steps:
@@ -791,9 +796,11 @@ class PathoSynSlicerLogic:
         """Run a job (createJob, or PathAR's) in the background process, block until it ends and load its outputs
         as new nodes. Raises JobError (one line) when the process fails, dies or is killed, or times out; the
         scene is then unchanged. The job's temporary folder is removed in every case."""
-        from .process import DONE, CLIRunner, engineRoot
+        from .process import DONE, CLIRunner, WorkerRunner, engineRoot
 
-        runner = CLIRunner(job.argv, engineRoot=engineRoot(), onProgress=progress, env=env)
+        # the warm engine worker; a custom environment needs a process of its own
+        runner = (CLIRunner(job.argv, engineRoot=engineRoot(), onProgress=progress, env=env) if env
+                  else WorkerRunner(job.argv, onProgress=progress))
         try:
             try:
                 runner.start()
@@ -816,10 +823,10 @@ class PathoSynSlicerLogic:
 
         out = job.outputDir
         if job.command == "pseudo-healthy":
-            missing = [m for m in job.prepared.images if not (out / f"{m}.nii.gz").is_file()]
+            missing = [m for m in job.prepared.images if not (out / f"{m}.{JOB_FORMAT}").is_file()]
             if missing:
                 raise JobError(f"the pseudo-healthy run produced no {', '.join(missing)} image in {out}")
-            healthy = {mod: read_volume(out / f"{mod}.nii.gz") for mod in job.prepared.images}
+            healthy = {mod: read_volume(out / f"{mod}.{JOB_FORMAT}") for mod in job.prepared.images}
             return self.addPseudoHealthyNodes(job.prepared, healthy)
         report_path = out / "report.json"
         if not report_path.is_file():
@@ -827,7 +834,8 @@ class PathoSynSlicerLogic:
         report = json.loads(report_path.read_text())
         reference = next(iter(job.prepared.images.values()))
         mods = list(job.prepared.images)
-        expected = [f"{m}.nii.gz" for m in mods] + [f"residual_{m}.nii.gz" for m in mods] + ["mask.nii.gz"]
+        ext = JOB_FORMAT
+        expected = [f"{m}.{ext}" for m in mods] + [f"residual_{m}.{ext}" for m in mods] + [f"mask.{ext}"]
         absent = [name for name in expected if not (out / name).is_file()]
         if absent:
             raise JobError(f"the synthesis output is incomplete: {', '.join(absent)} missing in {out}")
@@ -835,11 +843,11 @@ class PathoSynSlicerLogic:
         def onGrid(path):  # NIfTI stores geometry in float32: put the voxels back on the exact input grid
             return reference.with_array(read_volume(path).array)
 
-        images = {m: onGrid(out / f"{m}.nii.gz") for m in mods}
-        residuals = {m: onGrid(out / f"residual_{m}.nii.gz") for m in mods}
-        uncertainty = {m: onGrid(out / f"uncertainty_{m}.nii.gz") for m in mods
-                       if (out / f"uncertainty_{m}.nii.gz").is_file()} or None
-        mask = onGrid(out / "mask.nii.gz")
+        images = {m: onGrid(out / f"{m}.{ext}") for m in mods}
+        residuals = {m: onGrid(out / f"residual_{m}.{ext}") for m in mods}
+        uncertainty = {m: onGrid(out / f"uncertainty_{m}.{ext}") for m in mods
+                       if (out / f"uncertainty_{m}.{ext}").is_file()} or None
+        mask = onGrid(out / f"mask.{ext}")
         return self.addSynthesisNodes(job.prepared, images, residuals, uncertainty, mask, report)
 
     # --- cohorts (Python console) -----------------------------------------------------------------------------------

@@ -24,81 +24,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# isort: off
+from . import logic as _logic  # noqa: F401 - puts the engine (scripted_models) on sys.path first
+from scripted_models.worker import kill_process_tree, popen_platform_arguments, process_tree
+# isort: on
+
 IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "failed", "cancelled"
 ERROR_PREFIX = "pathosyn: error: "
 
 
-def popenPlatformArguments() -> dict:
-    """Popen keyword arguments: a new session (POSIX: one process group to signal) or, on Windows, a new process
-    group and no console window (as slicer.util.launchConsoleProcess does)."""
-    if os.name == "posix":
-        return {"start_new_session": True}
-    info = subprocess.STARTUPINFO()
-    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
-    info.wShowWindow = 0  # SW_HIDE
-    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | subprocess.CREATE_NEW_PROCESS_GROUP
-    return {"startupinfo": info, "creationflags": flags}
-
-
-def processTree(pid: int) -> list:
-    """psutil.Process objects of `pid` and all its descendants (empty without psutil or when it has ended)."""
-    try:
-        import psutil
-    except ImportError:
-        return []
-    try:
-        parent = psutil.Process(pid)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def killProcessTree(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    """Terminate `proc` and every process it started; kill what is still alive after `grace` seconds."""
-    tree = processTree(proc.pid)  # collect first: children are re-parented once the launcher is gone
-    if os.name == "posix":
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    elif not tree:  # Windows without psutil: taskkill walks the tree itself
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True,
-                       **{k: v for k, v in popenPlatformArguments().items() if k == "creationflags"})
-    for p in tree:
-        try:
-            p.terminate()
-        except Exception:  # noqa: BLE001 - psutil.NoSuchProcess / AccessDenied: already gone
-            pass
-    if tree:
-        import psutil
-
-        _, alive = psutil.wait_procs(tree, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        if os.name == "posix":
-            import signal
-
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        proc.kill()
-        proc.wait()
-    if os.name == "posix":  # stragglers of the group (e.g. workers that outlived the launcher)
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+# Process-tree handling lives in the engine (the warm worker client uses it too).
+popenPlatformArguments = popen_platform_arguments
+processTree = process_tree
+killProcessTree = kill_process_tree
 
 
 def describeExit(returnCode: int | None, stderrTail: str | None) -> str:
@@ -298,6 +236,138 @@ class CLIRunner:
     @property
     def stderr(self) -> str:
         return "\n".join(self._stderr)
+
+
+# --- the warm engine worker ------------------------------------------------------------------------------------
+_SHARED_WORKER = None
+
+
+def sharedWorker():
+    """The front end's one warm engine worker (scripted_models.worker), started on first use with Slicer's
+    `PythonSlicer` when present. The models stay loaded between clicks."""
+    global _SHARED_WORKER
+    if _SHARED_WORKER is None:
+        from scripted_models.worker import EngineWorker
+
+        _SHARED_WORKER = EngineWorker(command=[pythonExecutable()])
+    return _SHARED_WORKER
+
+
+def shutdownSharedWorker() -> None:
+    global _SHARED_WORKER
+    if _SHARED_WORKER is not None:
+        _SHARED_WORKER.close()
+        _SHARED_WORKER = None
+
+
+def workerJob(argv: list[str]) -> tuple[str, dict]:
+    """(op, args) of the worker protocol for CLI arguments (parsed by the CLI's own parser)."""
+    from scripted_models.cli import build_parser
+
+    ns = build_parser().parse_args(argv)
+    op = ns.command
+    if op == "sample":
+        return op, {"modalities": list(ns.modality), "n": ns.n, "seed": ns.seed, "temperature": ns.temperature,
+                    "device": ns.device, "out": ns.out}
+    args = {"images": dict(item.split("=", 1) for item in ns.image), "mask": ns.mask, "out": ns.out,
+            "device": ns.device, "format": ns.format}
+    if op == "synthesize":
+        args.update(seed=ns.seed, samples=ns.samples, steps=ns.steps, guidance=ns.guidance, base=ns.base,
+                    whole_lesion=bool(ns.whole_lesion))
+    return op, args
+
+
+class WorkerRunner(CLIRunner):
+    """The same interface as CLIRunner (callbacks, poll, wait, cancel, state), but the job runs in the shared warm
+    engine worker instead of a fresh process. Cancel stops the job at its next denoising step and keeps the
+    models loaded; a worker that does not stop within `grace` seconds is restarted. A worker that dies fails
+    the job with its exit code and last error line, and is restarted on the next job."""
+
+    def __init__(self, argv: list[str], worker=None, **kwargs):
+        kwargs.pop("engineRoot", None)
+        kwargs.pop("python", None)
+        super().__init__(argv, **kwargs)
+        self.argv = [a for a in self.argv if a not in ("--progress", "jsonl")]
+        self.worker = worker or sharedWorker()
+        self.jobId: str | None = None
+
+    def start(self) -> WorkerRunner:
+        if self.state == RUNNING:
+            raise RuntimeError("already running")
+        op, args = workerJob(self.argv)
+        self.state = RUNNING
+        try:
+            self.jobId = self.worker.submit(op, args)
+        except BaseException:
+            self.state = IDLE
+            raise
+        return self
+
+    def poll(self, _timeout: float | None = None) -> bool:
+        """Handle the job's events so far (callbacks run in the caller's thread). True while running."""
+        if self.state != RUNNING:
+            return False
+        finished = False
+        for event in self.worker.job_events(self.jobId, timeout=_timeout):
+            self.events.append(event)
+            kind = event.get("event")
+            if kind == "progress":
+                self.fraction, self.message = float(event.get("fraction", 0.0)), str(event.get("message", ""))
+                if self.onProgress:
+                    self.onProgress(self.fraction, self.message)
+            elif kind == "done":
+                self.result, finished = event, True
+            elif kind == "error":
+                self.error, finished = str(event.get("message", "error")), True
+                self.returnCode = -1 if event.get("kind") == "died" else 2
+        if finished:
+            self._finish()
+            return False
+        return True
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll(interval):
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                break
+        return self.state
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """Stop the job at its next denoising step (the models stay loaded); restart the worker if it does not
+        stop within `grace` seconds."""
+        if self.state != RUNNING:
+            return
+        self._cancelRequested = True
+        self.worker.cancel(self.jobId)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if any(e.get("event") in ("done", "error") for e in self.worker.job_events(self.jobId, timeout=0.05)):
+                break
+        else:
+            self.worker.restart()
+        self._finish()
+
+    def _finish(self) -> None:
+        try:
+            if self._cancelRequested:
+                self.state = CANCELLED
+            elif self.result is not None:
+                self.state = DONE
+                self.fraction = 1.0
+                if self.onDone:
+                    self.onDone(self.result)
+            else:
+                self.state = FAILED
+                if self.onError:
+                    self.onError(self.error or "the engine worker failed")
+        except BaseException:
+            if self.state == RUNNING:
+                self.state = FAILED
+            raise
+        finally:
+            if self.onFinished:
+                self.onFinished(self.state)
 
 
 def engineRoot() -> Path:

@@ -21,7 +21,7 @@ from .logic import (
     dependencyProblems,
     showCompare,
 )
-from .process import CLIRunner, engineRoot
+from .process import WorkerRunner
 
 INPUT_WIDGETS = ("t1VolumeSelector", "t1cVolumeSelector", "t2VolumeSelector", "flairVolumeSelector",
                  "maskSegmentationSelector", "maskLabelmapSelector", "useLabelmapCheckBox", "createSegmentationButton",
@@ -78,7 +78,7 @@ class PathoSynWidget(VTKObservationMixin):
         self.parent = parent
         self._parameterNode = None
         self._guiConnection = None
-        self._runner: CLIRunner | None = None
+        self._runner: WorkerRunner | None = None
         self._job = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -307,8 +307,8 @@ class PathoSynWidget(VTKObservationMixin):
             self._job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
                                              samples=params.samples, steps=P.effectiveSteps(params),
                                              guidance=params.guidance, device=params.device, command=command)
-        self._runner = CLIRunner(self._job.argv, engineRoot=engineRoot(), onProgress=self.onProgress,
-                                 onDone=self.onDone, onError=self.showError, onFinished=self.onFinished)
+        self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
+                                    onError=self.showError, onFinished=self.onFinished)
         try:
             self._runner.start()
         except OSError as exc:

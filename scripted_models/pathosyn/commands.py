@@ -36,11 +36,11 @@ def write_json_atomic(payload: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-OUTPUT_FORMATS = ("nii.gz", "nrrd")
+OUTPUT_FORMATS = ("nii.gz", "nrrd", "nii")
 
 
 def write_synthesis(result, out: Path, fmt: str = "nii.gz") -> dict:
-    """DIR/<MOD>.<fmt>, residual_<MOD>, uncertainty_<MOD> (K>1), mask, report.json (fmt: nii.gz or nrrd).
+    """DIR/<MOD>.<fmt>, residual_<MOD>, uncertainty_<MOD> (K>1), mask, report.json (fmt: nii.gz, nrrd or nii).
     Atomic per file; report.json is written last, so its presence marks a complete output folder."""
     from ..volume import write_volume
 
