@@ -381,16 +381,9 @@ class PathARModuleLogic:
         return node
 
     def _compositeNode(self, tag: str):
-        nodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
-            if node.GetLayoutName() == tag:
-                return node
-        import slicer
+        from PathoSynSlicerLib.logic import _compositeNodeFor
 
-        node = slicer.vtkMRMLSliceCompositeNode()
-        node.SetLayoutName(tag)
-        return self.scene.AddNode(node)
+        return _compositeNodeFor(self.scene, tag)
 
     def _cameraNode(self, tag: str):
         nodes = self.scene.GetNodesByClass("vtkMRMLCameraNode")

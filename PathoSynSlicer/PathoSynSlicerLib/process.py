@@ -204,25 +204,17 @@ class CLIRunner:
         """Set the final state and run the callbacks. onFinished always runs, even when onDone/onError raise (the
         exception is re-raised afterwards)."""
         try:
-            for t in self._threads:
-                t.join(timeout=2.0)
-            while not self._queue.empty():  # lines that arrived after the last poll
-                kind, line = self._queue.get_nowait()
-                if kind == "line":
-                    self._handleLine(line)
-            self.returnCode = self._proc.wait()
+            self._collect()
             if self._cancelRequested:
                 self.state = CANCELLED
-            elif self.returnCode == 0 and self.result is not None:
+            elif self._succeeded():
                 self.state = DONE
                 self.fraction = 1.0
                 if self.onDone:
                     self.onDone(self.result)
             else:
                 self.state = FAILED
-                if not self.error or self.returnCode is not None and self.returnCode < 0:
-                    tail = [s for s in self._stderr if s.strip()]
-                    self.error = describeExit(self.returnCode, tail[-1].strip() if tail else None)
+                self.error = self._failureMessage()
                 if self.onError:
                     self.onError(self.error)
         except BaseException:
@@ -232,6 +224,25 @@ class CLIRunner:
         finally:
             if self.onFinished:
                 self.onFinished(self.state)
+
+    def _collect(self) -> None:
+        """The reader threads' last lines and the exit code."""
+        for t in self._threads:
+            t.join(timeout=2.0)
+        while not self._queue.empty():  # lines that arrived after the last poll
+            kind, line = self._queue.get_nowait()
+            if kind == "line":
+                self._handleLine(line)
+        self.returnCode = self._proc.wait()
+
+    def _succeeded(self) -> bool:
+        return self.returnCode == 0 and self.result is not None
+
+    def _failureMessage(self) -> str:
+        if not self.error or self.returnCode is not None and self.returnCode < 0:
+            tail = [s for s in self._stderr if s.strip()]
+            return describeExit(self.returnCode, tail[-1].strip() if tail else None)
+        return self.error
 
     @property
     def stderr(self) -> str:
@@ -348,26 +359,14 @@ class WorkerRunner(CLIRunner):
             self.worker.restart()
         self._finish()
 
-    def _finish(self) -> None:
-        try:
-            if self._cancelRequested:
-                self.state = CANCELLED
-            elif self.result is not None:
-                self.state = DONE
-                self.fraction = 1.0
-                if self.onDone:
-                    self.onDone(self.result)
-            else:
-                self.state = FAILED
-                if self.onError:
-                    self.onError(self.error or "the engine worker failed")
-        except BaseException:
-            if self.state == RUNNING:
-                self.state = FAILED
-            raise
-        finally:
-            if self.onFinished:
-                self.onFinished(self.state)
+    def _collect(self) -> None:
+        pass  # the worker's events are already in
+
+    def _succeeded(self) -> bool:
+        return self.result is not None
+
+    def _failureMessage(self) -> str:
+        return self.error or "the engine worker failed"
 
 
 def engineRoot() -> Path:
