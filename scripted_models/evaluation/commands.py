@@ -16,12 +16,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _labelled(value: str) -> tuple[str, Path]:
+    from ..errors import InputError
+
+    label, _, folder = value.rpartition("=")
+    path = Path(folder)
+    if not (path / "deviation_diffusion.safetensors").is_file():
+        raise InputError(f"--compare-weights: no deviation_diffusion.safetensors in {path}")
+    return label or path.name, path
+
+
 def cmd_evaluate(args) -> int:
     from .validation import print_validation, run_validation
 
     rows = run_validation(data_root=args.data, samples=args.samples, steps=args.steps, quick=args.quick,
                           out=Path(args.out) if args.out else None, device=args.device,
-                          compare_weights=args.compare_weights)
+                          compare_weights=dict(_labelled(w) for w in args.compare_weights or []),
+                          bundled_label=args.bundled_label)
     print_validation(rows)
     if args.downstream:
         from .downstream import DownstreamSettings, downstream_markdown, run_downstream
@@ -51,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="report folder (Markdown + JSON)")
-    p.add_argument("--compare-weights", type=Path, default=None,
-                   help="also score the deviation weights in this folder on the same bases (before/after table)")
+    p.add_argument("--compare-weights", action="append", metavar="[LABEL=]DIR",
+                   help="also score the deviation weights in DIR on the same bases (paired before/after table)")
+    p.add_argument("--bundled-label", default="bundled", help="name of the bundled weights in the tables")
     p.add_argument("--downstream", action="store_true",
                    help="also run the downstream segmentation study (9 small networks; about 15 min on 2 cores)")
     add_common(p)

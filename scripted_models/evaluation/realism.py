@@ -272,10 +272,15 @@ def realism_markdown(report: dict) -> str:
     for m in first["per_modality_pass"]:
         lines.append(f"| pass fraction, {m} | " + " | ".join(str(s[k]["per_modality_pass"].get(m)) for k in labels)
                      + " | |")
-    lines += ["", "Per pair (" + labels[-1] + "): mean err synthetic / base, Wasserstein synthetic / constant fill",
-              "", "| case | modality | mean err | base | W | const | pass |", "|---|---|---|---|---|---|---|"]
-    for p in report["results"][labels[-1]]["pairs"]:
-        lines.append(f"| {p['case']} | {p['modality']} | {p['mean_err']:.3f} | {p['mean_err_base']:.3f} | "
-                     f"{p['wasserstein']:.3f} | {p['wasserstein_const']:.3f} | {'yes' if p['pass'] else 'no'} |")
+    lines += ["", "Per (case, modality) pair: the base's mean error and the constant fill's Wasserstein, then each "
+              "weights' mean error / Wasserstein / pass", "",
+              "| case | modality | base mean err | const W | " + " | ".join(labels) + " |",
+              "|---|---|---|---|" + "---|" * len(labels)]
+    by_label = {k: {(p["case"], p["modality"]): p for p in report["results"][k]["pairs"]} for k in labels}
+    for key, p in by_label[labels[0]].items():
+        cells = [f"{by_label[k][key]['mean_err']:.2f} / {by_label[k][key]['wasserstein']:.2f} / "
+                 f"{'yes' if by_label[k][key]['pass'] else 'no'}" for k in labels]
+        lines.append(f"| {key[0]} | {key[1]} | {p['mean_err_base']:.2f} | {p['wasserstein_const']:.2f} | "
+                     + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)

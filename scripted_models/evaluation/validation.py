@@ -160,10 +160,11 @@ def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None
 
 def run_validation(data_root=None, samples: int = 3, steps: int | None = None, quick: bool = False,
                    out: Path | None = None, device: str = "auto", pathar_n: int = 8,
-                   compare_weights: Path | None = None) -> dict:
+                   compare_weights: dict | None = None, bundled_label: str = "bundled") -> dict:
     """Realism on the fixed test fold (headline) and the validation fold, the inpainting protocol, the demo
     residual and PathAR quality. quick (for CI): one test case, one seed, 3 DDIM steps, no validation fold,
-    4 PathAR samples. compare_weights: also score these deviation weights on the same bases (before/after)."""
+    4 PathAR samples. compare_weights {label: folder}: also score these deviation weights on the same bases
+    (a paired before/after table); bundled_label names the bundled weights in it."""
     from .realism import realism_study
 
     data_root = Path(data_root or default_data_root())
@@ -174,9 +175,7 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seeds = tuple(range(samples))
-    weights = {"bundled": None}
-    if compare_weights:
-        weights["candidate"] = Path(compare_weights)
+    weights = {bundled_label: None, **{label: Path(folder) for label, folder in (compare_weights or {}).items()}}
     test_cases = None
     if quick:
         from ..folds import make_folds

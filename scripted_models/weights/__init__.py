@@ -100,7 +100,7 @@ def render_model_cards(folder: Path | None = None) -> Path:
     for card_path in sorted(folder.glob("*.json")):
         card = json.loads(card_path.read_text())
         lines += [f"## {card_path.stem}", "", card.get("family", ""), ""]
-        for key in ("steps", "batch", "crop", "wall_time_s", "history", "sampler", "license"):
+        for key in ("steps", "batch", "crop", "wall_time_s", "history", "sampler", "bundled_because", "license"):
             if key in card:
                 lines.append(f"- **{key}**: {card[key]}")
         selection = card.get("selection") or {}
@@ -109,6 +109,10 @@ def render_model_cards(folder: Path | None = None) -> Path:
                               for c in selection.get("val_curve", []))
             lines.append(f"- **selected step**: {selection.get('selected_step')} (lowest held-out NLL; "
                          f"structure/appearance NLL by step: {curve})")
+        elif selection.get("curve"):
+            curve = ", ".join(f"{c['step']}: {c['val_loss']}" for c in selection["curve"])
+            lines.append(f"- **selected step**: {selection.get('selected_step')} ({selection.get('rule')}; "
+                         f"validation loss by step: {curve})")
         if "data" in card:
             lines.append(f"- **training data**: {', '.join(map(str, card['data']))}")
         patch = card.get("patch") or {}
@@ -123,7 +127,10 @@ def render_model_cards(folder: Path | None = None) -> Path:
         if patch.get("pseudo_labelled"):
             lines.append(f"- **rule-based pseudo-labels**: {', '.join(patch['pseudo_labelled'])}")
         if "held_out" in card:
-            lines.append(f"- **held out**: {', '.join(card['held_out'])}")
+            held = card["held_out"]
+            text = "; ".join(f"{k} fold: {', '.join(v)}" for k, v in held.items()) if isinstance(held, dict) \
+                else ", ".join(held)
+            lines.append(f"- **held out**: {text}")
         for key, value in (card.get("metrics") or {}).items():
             lines.append(f"- **{key}**: {json.dumps(value)}")
         lines += [f"- **sha256**: `{card.get('sha256', '')}`", ""]
