@@ -24,34 +24,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def lesion_slices(real: dict, methods: dict, seg: np.ndarray, path: Path) -> Path:
-    """Axial slice through the lesion centre: real | each method, one row per modality."""
-    plt = _figure()
-    z = int(np.argwhere(seg > 0)[:, 0].mean())
-    ys, xs = np.nonzero(seg[z])
-    pad = 20
-    box = (slice(max(0, ys.min() - pad), ys.max() + pad), slice(max(0, xs.min() - pad), xs.max() + pad))
-    mods = sorted(real)
-    columns = [("real", real), *methods.items()]
-    fig, axes = plt.subplots(len(mods), len(columns), figsize=(2.6 * len(columns), 2.6 * len(mods)), squeeze=False)
-    for r, m in enumerate(mods):
-        lo, hi = np.percentile(real[m][z][box], [1, 99])
-        for c, (name, images) in enumerate(columns):
-            ax = axes[r, c]
-            if m in images:
-                ax.imshow(images[m][z][box], cmap="gray", vmin=lo, vmax=hi)
-                ax.contour(seg[z][box] > 0, levels=[0.5], colors="orange", linewidths=0.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=9)
-            if c == 0:
-                ax.set_ylabel(m)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
-
-
 def bench_plot(rows: dict, path: Path) -> Path:
     """Latency vs lesion-ROI voxels (with the whole volume's voxel count marked) and vs DDIM steps."""
     plt = _figure()

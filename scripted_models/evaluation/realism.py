@@ -241,8 +241,9 @@ def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: i
             from .plots import real_vs_synthetic
 
             path = Path(figure)
-            real_vs_synthetic(acc["examples"], path.with_name(f"{path.stem}_{label}{path.suffix}")
-                              if len(weights) > 1 else path)
+            written = real_vs_synthetic(acc["examples"], path.with_name(f"{path.stem}_{label}{path.suffix}")
+                                        if len(weights) > 1 else path)
+            report.setdefault("figures", {})[label] = written.name
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -282,5 +283,9 @@ def realism_markdown(report: dict) -> str:
                  f"{'yes' if by_label[k][key]['pass'] else 'no'}" for k in labels]
         lines.append(f"| {key[0]} | {key[1]} | {p['mean_err_base']:.2f} | {p['wasserstein_const']:.2f} | "
                      + " | ".join(cells) + " |")
+    for label, name in (report.get("figures") or {}).items():
+        lines += ["", f"Real (upper row) vs synthetic (lower row, seed 0), {label} weights, three "
+                      f"{report['split']}-fold cases, every modality; orange: the lesion outline.", "",
+                  f"![{label}]({name})"]
     lines.append("")
     return "\n".join(lines)

@@ -224,8 +224,6 @@ def validation_markdown(rows: dict) -> str:
     lines = [realism_markdown(rows["realism_test"]), ""] + lines
     if "realism_validation" in rows:
         lines += ["", realism_markdown(rows["realism_validation"])]
-    if rows["realism_test"].get("figure"):
-        lines += ["", f"![real vs synthetic]({rows['realism_test']['figure']})"]
     if "demo_residual" in rows:
         d = rows["demo_residual"]
         lines += ["## MNI152 demo lesion: residual", "",
