@@ -80,7 +80,7 @@ def test_mask_on_another_grid_and_binary_mask():
 
 
 def test_large_lesion_is_scaled_down_with_warning():
-    head = make_head(shape=(120, 120, 120), spacing=(1.0, 1.0, 1.0))
+    head = make_head(shape=(160, 160, 160), spacing=(1.0, 1.0, 1.0))  # the ball covers about a third of it
     mask = make_ball_mask(head, radius_vox=50, labels=False)
     with pytest.warns(UserWarning, match="exceeds"):
         result = synthesize_lesion({"t1": head}, mask, seed=0, steps=1)
