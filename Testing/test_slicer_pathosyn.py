@@ -392,6 +392,16 @@ def engine_worker():
         yield worker
 
 
+def _one_step_click(logic, node, seg, worker) -> str:
+    from PathoSynSlicerLib.process import WorkerRunner
+
+    job = logic.createJob(node, seg, steps=1)
+    try:
+        return WorkerRunner(job.argv, worker=worker).start().wait(timeout=300)
+    finally:
+        job.cleanup()
+
+
 def _wait_started(runner, timeout=120):
     t0 = time.monotonic()
     while runner.poll(0.05) and not runner.events and time.monotonic() - t0 < timeout:
@@ -439,11 +449,7 @@ def test_worker_runner_cancel_keeps_the_worker_and_the_scene(app, logic, engine_
     assert runner.state == CANCELLED and finished == [CANCELLED]
     assert engine_worker.alive and (pid is None or engine_worker.proc.pid == pid)  # the models stay loaded
     assert_unchanged(app, [node], before)
-    job = logic.createJob(node, seg, steps=1)
-    try:
-        assert WorkerRunner(job.argv, worker=engine_worker).start().wait(timeout=300) == DONE
-    finally:
-        job.cleanup()
+    assert _one_step_click(logic, node, seg, engine_worker) == DONE
 
 
 def test_a_dead_worker_fails_the_click_with_a_reason_and_the_next_click_works(app, logic):
@@ -466,11 +472,7 @@ def test_a_dead_worker_fails_the_click_with_a_reason_and_the_next_click_works(ap
         job.cleanup()
         assert errors == [runner.error] and "engine worker stopped" in runner.error and "\n" not in runner.error
         assert_unchanged(app, [node], before)
-        job = logic.createJob(node, seg, steps=1)
-        try:
-            assert WorkerRunner(job.argv, worker=worker).start().wait(timeout=300) == DONE
-        finally:
-            job.cleanup()
+        assert _one_step_click(logic, node, seg, worker) == DONE
         assert worker.starts == 2
 
 

@@ -295,10 +295,7 @@ class WorkerRunner(CLIRunner):
     the job with its exit code and last error line, and is restarted on the next job."""
 
     def __init__(self, argv: list[str], worker=None, **kwargs):
-        kwargs.pop("engineRoot", None)
-        kwargs.pop("python", None)
         super().__init__(argv, **kwargs)
-        self.argv = [a for a in self.argv if a not in ("--progress", "jsonl")]
         self.worker = worker or sharedWorker()
         self.jobId: str | None = None
 

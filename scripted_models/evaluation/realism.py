@@ -40,13 +40,17 @@ def roughness(values_z: np.ndarray, region: np.ndarray) -> float:
     return float(lap[region[pad]].std())
 
 
-def population_means(case_ids, data_root: Path) -> dict:
-    """Mean z-score per (modality, sub-region) over the given (training-fold) cases."""
+def training_reference(case_ids, data_root: Path) -> tuple[dict, dict]:
+    """One pass over the (training-fold) cases: the mean z-score per (modality, sub-region), and per case its
+    whole-lesion volume in ml and its modalities (for choosing a copy-paste source)."""
     sums: dict = {}
+    lesions: dict = {}
     for case_id in case_ids:
         case = load_case(data_root / "cases" / case_id)
         if case.seg is None or case.binary_only:
             continue
+        lesions[case_id] = (int((case.seg > 0).sum()) * float(np.prod(case.reference.spacing)) / 1000.0,
+                            set(case.images))
         for m, img in case.normalized().items():
             for k in SUBREGIONS:
                 sel = case.seg == k
@@ -54,7 +58,7 @@ def population_means(case_ids, data_root: Path) -> dict:
                     s = sums.setdefault((m, k), [0.0, 0])
                     s[0] += float(img[sel].sum())
                     s[1] += int(sel.sum())
-    return {key: s / n for key, (s, n) in sums.items()}
+    return {key: s / n for key, (s, n) in sums.items()}, lesions
 
 
 class _CaseZ:
@@ -79,14 +83,12 @@ class _CaseZ:
         return {m: self.norms[m].forward(v.array) for m, v in volumes.items()}
 
 
-def _nearest_volume_source(target: _CaseZ, candidates, data_root: Path) -> str:
-    volumes = {}
-    for c in candidates:
-        case = load_case(data_root / "cases" / c)
-        if case.seg is not None and not case.binary_only and set(target.real) <= set(case.images):
-            volumes[c] = abs(int((case.seg > 0).sum()) * np.prod(case.reference.spacing)
-                             - int(target.lesion.sum()) * np.prod(target.case.reference.spacing))
-    return min(volumes, key=volumes.get)
+def _nearest_volume_source(target: _CaseZ, lesions: dict) -> str:
+    """The training case with all of the target's modalities whose lesion volume is closest to the target's."""
+    volume = int(target.lesion.sum()) * float(np.prod(target.case.reference.spacing)) / 1000.0
+    candidates = {c: abs(ml - volume) for c, (ml, mods) in lesions.items()
+                  if c != target.id and set(target.real) <= mods}
+    return min(candidates, key=candidates.get)
 
 
 def copy_paste(target: _CaseZ, source: _CaseZ) -> dict[str, np.ndarray]:
@@ -116,25 +118,19 @@ def _region_rows(target: _CaseZ, runs: list[dict], const_means: dict, copy: dict
             if sel.sum() < MIN_VOXELS:
                 continue
             real = target.real[m][sel]
-            real_rough = roughness(target.real[m], sel)
+            real_mean, real_rough = float(real.mean()), roughness(target.real[m], sel)
             const = const_means.get((m, k), 0.0)
-            syn_mean = [abs(float(r[m][sel].mean()) - float(real.mean())) for r in runs]
-            syn_w = [wasserstein(r[m][sel], real) for r in runs]
-            syn_tex = [roughness(r[m], sel) / max(real_rough, 1e-6) for r in runs]
             rows.append({
                 "case": target.id, "modality": m, "subregion": name, "voxels": int(sel.sum()),
-                "real_mean": round(float(real.mean()), 4),
-                "mean_err": float(np.mean(syn_mean)),
-                "mean_err_base": abs(float(target.base_z[m][sel].mean()) - float(real.mean())),
-                "mean_err_copy": abs(float(copy[m][sel].mean()) - float(real.mean())),
-                "wasserstein": float(np.mean(syn_w)),
+                "real_mean": round(real_mean, 4),
+                "mean_err": float(np.mean([abs(float(r[m][sel].mean()) - real_mean) for r in runs])),
+                "mean_err_base": abs(float(target.base_z[m][sel].mean()) - real_mean),
+                "mean_err_copy": abs(float(copy[m][sel].mean()) - real_mean),
+                "wasserstein": float(np.mean([wasserstein(r[m][sel], real) for r in runs])),
                 "wasserstein_const": float(np.mean(np.abs(real - const))),
                 "wasserstein_copy": wasserstein(copy[m][sel], real),
-                "texture_ratio": float(np.mean(syn_tex)),
+                "texture_ratio": float(np.mean([roughness(r[m], sel) for r in runs])) / max(real_rough, 1e-6),
                 "texture_ratio_copy": roughness(copy[m], sel) / max(real_rough, 1e-6),
-                "per_seed_pass": [bool(a < abs(float(target.base_z[m][sel].mean()) - float(real.mean()))
-                                       and b < float(np.mean(np.abs(real - const))))
-                                  for a, b in zip(syn_mean, syn_w)],
             })
     return rows
 
@@ -192,13 +188,13 @@ def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: i
     folds = make_folds(str(data_root))
     case_ids = list(cases or getattr(folds, split))
     weights = weights or {"bundled": None}
-    const_means = population_means(folds.train, data_root)
+    const_means, train_lesions = training_reference(folds.train, data_root)
     sources: dict[str, _CaseZ] = {}
     per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
                            "examples": {}} for label in weights}
     for case_id in case_ids:
         target = _CaseZ(case_id, data_root, device)
-        source_id = _nearest_volume_source(target, [c for c in folds.train if c != case_id], data_root)
+        source_id = _nearest_volume_source(target, train_lesions)
         if source_id not in sources:
             sources[source_id] = _CaseZ(source_id, data_root, device)
         copy = copy_paste(target, sources[source_id])

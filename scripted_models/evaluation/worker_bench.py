@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -52,8 +53,7 @@ def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
                 if str(path).endswith(".nii"):
                     read_volume(path)
             seconds = time.perf_counter() - t
-            for p in sorted(job.rglob("*"), reverse=True):  # keep the temp folder small over many jobs
-                p.unlink() if p.is_file() else p.rmdir()
+            shutil.rmtree(job)  # keep the temp folder small over many jobs
             return seconds
 
         t = time.perf_counter()
