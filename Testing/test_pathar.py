@@ -616,6 +616,54 @@ def test_real_case_patch_geometry(data_root):
     assert images["flair"][0][masks[0] == 2].mean() > images["flair"][0][masks[0] == 0].mean()
 
 
+def test_fold_split_holds_out_validation_and_leaves_the_test_fold_out(data_root):
+    """split="folds": validation fold held out, test fold absent from training sets (added, flagged, only with_test),
+    lesion masks join training as structure-only cases; the earlier split keeps its cache key."""
+    from scripted_models.folds import make_folds
+    from scripted_models.pathar.data import MASK_PREFIX, cache_path, patch_sources
+
+    folds = make_folds(str(data_root))
+    cfg = PatchConfig(split="folds", lesion_masks=True)
+    sources = patch_sources(cfg, data_root)
+    roles = {case: role for case, _, role in sources}
+    assert not set(folds.test) & set(roles)
+    assert {c for c, r in roles.items() if r == "val"} == set(folds.validation)
+    masks = [c for c in roles if c.startswith(MASK_PREFIX)]
+    assert len(masks) >= 10 and all(roles[c] == "train" for c in masks)
+    with_test = {case: role for case, _, role in patch_sources(PatchConfig(split="folds", with_test=True), data_root)}
+    assert {c for c, r in with_test.items() if r == "test"} == set(folds.test)
+    assert not any(c.startswith(MASK_PREFIX) for c in with_test)
+    assert set(PatchConfig().to_dict()) == set(PatchConfig(split="validation_case").to_dict())
+    assert "split" not in PatchConfig().to_dict() and PatchConfig.from_dict(cfg.to_dict()) == cfg
+    assert cache_path(Path("w"), cfg, sources) != cache_path(Path("w"), PatchConfig(split="folds"), sources)
+    with pytest.raises(InputError, match="split"):
+        patch_sources(PatchConfig(split="random"), data_root)
+
+
+def test_lesion_mask_rows_are_structure_only_real_lesions(data_root):
+    """A mask without a scan gives lesion-centred masks and no images; in a patch set it is a real pose (a
+    memorisation reference) drawn for structure only, never for appearance."""
+    from scripted_models.pathar.data import image_batch, mask_patches
+
+    path = sorted((data_root / "lesion_masks").glob("*.nii.gz"))[0]
+    cfg = PatchConfig(size=16, spacing_mm=8.0)
+    masks, images = mask_patches(path, cfg, 3, np.random.default_rng(0))
+    assert masks.shape == (3, 16, 16, 16) and images == {}
+    lesion = np.argwhere(masks[0] > 0)
+    assert len(lesion) > 20 and np.all(np.abs((lesion.min(0) + lesion.max(0)) / 2 - 7.5) <= 1.5)
+    assert set(np.unique(masks)) <= {0, 1, 2, 3}
+    ps = synthetic_patches(count=4)
+    n = len(masks)
+    ps = PatchSet(np.concatenate([ps.masks, masks]), np.r_[ps.patch_case, [len(ps.case_ids)] * n],
+                  np.r_[ps.is_val, np.zeros(n, bool)], ps.images, ps.image_patch, ps.image_modality,
+                  ps.case_ids + ["mask:x"], ps.config)
+    extra = np.arange(4, 4 + n)
+    assert set(extra) <= set(ps.real_poses(False)) and set(extra) == set(ps.structure_only_patches(False))
+    assert not set(extra) & set(ps.imaged_patches(False))
+    _, drawn = image_batch(ps, np.random.default_rng(0), 32)
+    assert not any(np.array_equal(m, x) or np.array_equal(m, x[..., ::-1]) for m in drawn for x in masks)
+
+
 def synthetic_cystic_lesion(shape=(48, 48, 48)):
     """z-scored t1c/t2/flair of a sphere cyst (r 6) with an enhancing rim (r 6-8) inside edema (r 8-13)."""
     zz, yy, xx = np.indices(shape)

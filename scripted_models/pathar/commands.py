@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blend-per-case", type=int, default=None, metavar="N",
                         help="structure-only blends of each training lesion with another one, for the transformer's "
                              "structure stream (default 0)")
+    parser.add_argument("--split", choices=("validation_case", "folds"), default=None,
+                        help="held-out cases: the earlier single validation case, or the case-level folds of "
+                             "scripted_models/folds.py (validation fold selects the weights, test fold left out)")
+    parser.add_argument("--lesion-masks", action="store_true",
+                        help="add the mask-only lesions of DATA/lesion_masks/ as structure-only training cases")
+    parser.add_argument("--augment-per-case", type=int, default=None, metavar="N",
+                        help="rigid patches per training case (default 32)")
     parser.add_argument("--pseudo-labels", action="store_true",
                         help="also train on the unlabelled case(s) given rule-based pseudo-labels "
                              "(aurora_met_unlabelled; measured, not better: see README)")

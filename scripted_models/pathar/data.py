@@ -20,10 +20,16 @@ and intensity jitter for images. Images are the case's z-scored volumes (Case.no
 foreground), with everything outside the brain/head foreground set to `background_z` and values clipped.
 Labels are resampled as one-hot channels (linear) and arg-maxed, which keeps boundaries smooth under rotation.
 
-Every case contributes the modalities it has: BraTS 2013 cases flair + t1c, tcga_du_7294 and brats_pkg_case
-all four. VALIDATION_CASE is held out (its patches are stored with is_val=True). Unlabelled cases named in
-`pseudo_labelled` (`train-pathar --pseudo-labels` names aurora_met_unlabelled, all four modalities) join with
-rule-based labels (pseudo_labels.py).
+Every case contributes the modalities it has: BraTS 2013 cases flair + t1c, the others all four. Which cases
+are held out depends on `split`:
+  * "validation_case" (the earlier weights): VALIDATION_CASE is held out (its patches have is_val=True).
+  * "folds": the case-level folds of folds.py. The validation fold is held out (is_val) and selects the
+    weights; the test fold is left out entirely, or, with `with_test` (evaluation only, never training), added
+    as held-out patches flagged `is_test`.
+With `lesion_masks`, the manual masks of ../shared/data/lesion_masks/ (no scan behind them) join the training
+split as structure-only cases ("mask:<id>"): patches without images, for the structure VQ and the transformer's
+structure stream. Unlabelled cases named in `pseudo_labelled` (`train-pathar --pseudo-labels` names
+aurora_met_unlabelled, all four modalities) join with rule-based labels (pseudo_labels.py).
 """
 from __future__ import annotations
 
@@ -35,10 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cases import VALIDATION_CASE, list_cases, load_case
+from ..cases import VALIDATION_CASE, default_data_root, list_cases, load_case
 from ..labels import MODALITIES
 
 CACHE_VERSION = 1
+SPLITS = ("validation_case", "folds")
+MASK_PREFIX = "mask:"  # case ids of the structure-only lesion masks
 ELASTIC_STREAM = 1  # seeds the elastic draws apart from the rigid ones: np.random.default_rng([seed, 1, case])
 BLEND_STREAM = 2  # and the blends: np.random.default_rng([seed, 2])
 
@@ -63,9 +71,16 @@ class PatchConfig:
     seed: int = 0
     exclude: tuple[str, ...] = field(default_factory=tuple)  # case ids to leave out entirely
     pseudo_labelled: tuple[str, ...] = field(default_factory=tuple)  # unlabelled cases given rule-based labels
+    split: str = "validation_case"  # or "folds" (folds.py: validation fold held out, test fold left out)
+    lesion_masks: bool = False  # add ../shared/data/lesion_masks/ as structure-only training cases
+    with_test: bool = False  # "folds" only, evaluation only: add the test fold as held-out is_test patches
 
     def to_dict(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        defaults = {"split": "validation_case", "lesion_masks": False, "with_test": False}
+        for k, v in defaults.items():  # configs from before these options keep their cache key and card entry
+            if out[k] == v:
+                out.pop(k)
         if not self.elastic_per_case:  # rigid-only configs keep their earlier cache key and card entry
             for k in ("elastic_per_case", "elastic_mm", "elastic_mesh"):
                 out.pop(k)
@@ -96,19 +111,24 @@ class PatchSet:
     config: PatchConfig
     is_elastic: np.ndarray | None = None  # (P,) bool: deformed patches (new shapes); None = all rigid
     is_blend: np.ndarray | None = None  # (P,) bool: blends of two training lesions, masks only; None = none
+    is_test: np.ndarray | None = None  # (P,) bool: test-fold patches (also is_val), evaluation sets only
 
     def __post_init__(self):
-        if self.is_elastic is None:
-            self.is_elastic = np.zeros(len(self.masks), bool)
-        if self.is_blend is None:
-            self.is_blend = np.zeros(len(self.masks), bool)
+        for name in ("is_elastic", "is_blend", "is_test"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(len(self.masks), bool))
+
+    @property
+    def has_images(self) -> np.ndarray:
+        """(P,) bool: patches with at least one image (not the blends or the mask-only lesions)."""
+        return np.isin(np.arange(len(self.masks)), self.image_patch)
 
     @property
     def spacing_mm(self) -> float:
         return self.config.spacing_mm
 
     def patches(self, val: bool = False) -> np.ndarray:
-        return np.nonzero(self.is_val == val)[0]
+        return np.nonzero((self.is_val == val) & ~self.is_test)[0]
 
     def plain_patches(self) -> np.ndarray:
         """The un-augmented patch of each case (its first one), in case order."""
@@ -116,14 +136,24 @@ class PatchSet:
 
     def real_poses(self, val: bool = False) -> np.ndarray:
         """Patches that only re-pose a real lesion (rigid augmentation): the memorisation reference."""
-        return np.nonzero((self.is_val == val) & ~self.is_elastic & ~self.is_blend)[0]
+        return np.nonzero((self.is_val == val) & ~self.is_test & ~self.is_elastic & ~self.is_blend)[0]
+
+    def test_plain_patches(self) -> np.ndarray:
+        """The un-augmented patch of each test-fold case (empty unless built with_test)."""
+        plain = self.plain_patches()
+        return plain[self.is_test[plain]]
 
     def imaged_patches(self, val: bool = False) -> np.ndarray:
-        """Patches with images (all but the structure-only blends)."""
-        return np.nonzero((self.is_val == val) & ~self.is_blend)[0]
+        """Patches with images (all but the structure-only blends and lesion masks)."""
+        return np.nonzero((self.is_val == val) & ~self.is_test & self.has_images)[0]
+
+    def structure_only_patches(self, val: bool = False) -> np.ndarray:
+        """Patches without images: blends and lesion masks."""
+        return np.nonzero((self.is_val == val) & ~self.is_test & ~self.has_images)[0]
 
     def image_indices(self, val: bool = False) -> np.ndarray:
-        return np.nonzero(self.is_val[self.image_patch] == val)[0]
+        patch = self.image_patch
+        return np.nonzero((self.is_val[patch] == val) & ~self.is_test[patch])[0]
 
     def modalities_of(self, patch: int) -> list[int]:
         return self.image_modality[self.image_patch == patch].tolist()
@@ -138,6 +168,9 @@ class PatchSet:
     def training_cases(self) -> list[str]:
         return sorted({self.case_ids[c] for c in self.patch_case[~self.is_val]})
 
+    def held_out_cases(self) -> list[str]:
+        return sorted({self.case_ids[c] for c in self.patch_case[self.is_val]})
+
 
 def labelled_cases(data_root=None, exclude=(), pseudo_labelled=()) -> list[Path]:
     """Case folders with canonical sub-region labels, plus the unlabelled cases named in `pseudo_labelled`
@@ -150,6 +183,37 @@ def labelled_cases(data_root=None, exclude=(), pseudo_labelled=()) -> list[Path]
         mapping = info.get("label_map_to_canonical") or {}
         if (mapping and all(isinstance(v, int) for v in mapping.values())) or folder.name in pseudo_labelled:
             out.append(folder)
+    return out
+
+
+def patch_sources(cfg: PatchConfig, data_root=None) -> list[tuple[str, Path, str]]:
+    """(case id, case folder or mask file, role "train" | "val" | "test") of every case the patch set holds."""
+    from ..errors import InputError
+
+    if cfg.split not in SPLITS:
+        raise InputError(f"unknown patch split '{cfg.split}': expected one of {', '.join(SPLITS)}")
+    root = Path(data_root or default_data_root())
+    folders = labelled_cases(root, cfg.exclude, cfg.pseudo_labelled)
+    out = []
+    if cfg.split == "folds":
+        from ..folds import make_folds
+
+        folds = make_folds(str(root))
+        for folder in folders:
+            role = {"validation": "val"}.get(folds.role(folder.name), folds.role(folder.name))
+            if role is None and folder.name in cfg.pseudo_labelled:
+                role = "train"
+            if role is None or (role == "test" and not cfg.with_test):
+                continue
+            out.append((folder.name, folder, role))
+    else:
+        out = [(f.name, f, "val" if f.name == VALIDATION_CASE else "train") for f in folders]
+    if cfg.lesion_masks:
+        index = json.loads((root / "lesion_masks" / "index.json").read_text())
+        for name in sorted(index["masks"]):
+            case_id = MASK_PREFIX + name.split(".")[0]
+            if case_id not in cfg.exclude:
+                out.append((case_id, root / "lesion_masks" / name, "train"))
     return out
 
 
@@ -276,17 +340,32 @@ def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Gene
     """(masks (count + elastic, S, S, S) uint8, {modality: (count + elastic, S, S, S) float16}) for one case:
     `count` rigid patches (drawn from rng), then `elastic` deformed ones (drawn from elastic_rng)."""
     case = load_labelled_case(folder, cfg)
-    ref = case.reference
     fg = case.foreground()
-    norm = case.normalized(fg)
-    idx = np.argwhere(case.seg > 0)
+    images = {m: np.clip(np.where(fg, a, cfg.background_z), *cfg.clip) for m, a in case.normalized(fg).items()}
+    return lesion_patches(case.reference, case.seg, images, cfg, count, rng, elastic, elastic_rng)
+
+
+def mask_patches(path: Path, cfg: PatchConfig, count: int, rng: np.random.Generator, elastic: int = 0,
+                 elastic_rng: np.random.Generator | None = None):
+    """The same for a lesion mask without a scan (canonical labels 0-3 already): masks only, no images."""
+    from ..errors import InputError
+    from ..volume import read_volume
+
+    mask = read_volume(path)
+    seg = np.rint(mask.array).astype(np.int16)
+    if seg.min() < 0 or seg.max() >= cfg.num_labels or not (seg > 0).any():
+        raise InputError(f"{path}: expected canonical labels 0-{cfg.num_labels - 1} with a lesion")
+    return lesion_patches(mask, seg.astype(np.uint8), {}, cfg, count, rng, elastic, elastic_rng)
+
+
+def lesion_patches(ref, seg: np.ndarray, images: dict[str, np.ndarray], cfg: PatchConfig, count: int,
+                   rng: np.random.Generator, elastic: int = 0, elastic_rng: np.random.Generator | None = None):
+    """Patches of one lesion: seg (canonical labels) and prepared images (z-scores) on the grid of `ref`."""
+    idx = np.argwhere(seg > 0)
     centre_kji = (idx.min(0) + idx.max(0)) / 2.0
     centre = (ref.ijk_to_lps() @ np.r_[centre_kji[::-1], 1.0])[:3]  # LPS mm
-    onehot = [_sitk(case.seg == c, ref) for c in range(cfg.num_labels)]
-    images = {}
-    for m, a in norm.items():
-        a = np.clip(np.where(fg, a, cfg.background_z), *cfg.clip)
-        images[m] = _sitk(a, ref)
+    onehot = [_sitk(seg == c, ref) for c in range(cfg.num_labels)]
+    images = {m: _sitk(a, ref) for m, a in images.items()}
     masks = np.zeros((count + elastic,) + (cfg.size,) * 3, np.uint8)
     out = {m: np.zeros_like(masks, dtype=np.float16) for m in images}
     for n in range(count + elastic):
@@ -308,42 +387,46 @@ def case_patches(folder: Path, cfg: PatchConfig, count: int, rng: np.random.Gene
     return masks, out
 
 
-def cache_path(work: Path, cfg: PatchConfig, folders: list[Path]) -> Path:
-    key = json.dumps({"v": CACHE_VERSION, "cfg": cfg.to_dict(), "cases": [f.name for f in folders]}, sort_keys=True)
+def cache_path(work: Path, cfg: PatchConfig, sources: list[tuple[str, Path, str]]) -> Path:
+    cases = [case_id for case_id, _, _ in sources]
+    if cfg.split != "validation_case":  # earlier caches keep their key
+        cases = [f"{case_id}:{role}" for case_id, _, role in sources]
+    key = json.dumps({"v": CACHE_VERSION, "cfg": cfg.to_dict(), "cases": cases}, sort_keys=True)
     return Path(work) / f"patches_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
 
 
 def build_patches(work: Path, cfg: PatchConfig | None = None, data_root=None, verbose: bool = True) -> PatchSet:
     """Load the cached patch set for this config and data, or build and cache it (about 1 min)."""
     cfg = cfg or PatchConfig()
-    folders = labelled_cases(data_root, cfg.exclude, cfg.pseudo_labelled)
-    path = cache_path(work, cfg, folders)
+    sources = patch_sources(cfg, data_root)
+    path = cache_path(work, cfg, sources)
     if path.is_file():
         return load_patches(path)
     t0 = time.time()
     rng = np.random.default_rng(cfg.seed)
     masks, patch_case, is_val, images, image_patch, image_modality, case_ids = [], [], [], [], [], [], []
-    is_elastic = []
-    for case_index, folder in enumerate(folders):
-        val = folder.name == VALIDATION_CASE
+    is_elastic, is_test = [], []
+    for case_index, (case_id, source, role) in enumerate(sources):
+        val = role != "train"
         rigid = cfg.val_per_case if val else cfg.augment_per_case
         elastic = 0 if val else cfg.elastic_per_case
-        m, imgs = case_patches(folder, cfg, rigid, rng, elastic,
-                               np.random.default_rng([cfg.seed, ELASTIC_STREAM, case_index]))
+        make = mask_patches if case_id.startswith(MASK_PREFIX) else case_patches
+        m, imgs = make(source, cfg, rigid, rng, elastic, np.random.default_rng([cfg.seed, ELASTIC_STREAM, case_index]))
         count = rigid + elastic
         base = sum(len(x) for x in masks)
         masks.append(m)
         patch_case += [len(case_ids)] * count
         is_val += [val] * count
+        is_test += [role == "test"] * count
         is_elastic += [False] * rigid + [True] * elastic
-        case_ids.append(folder.name)
+        case_ids.append(case_id)
         for mod, arr in imgs.items():
             images.append(arr)
             image_patch += list(range(base, base + count))
             image_modality += [MODALITIES.index(mod)] * count
         if verbose:
-            print(json.dumps({"patches": folder.name, "rigid": rigid, "elastic": elastic, "modalities": sorted(imgs),
-                              "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+            print(json.dumps({"patches": case_id, "role": role, "rigid": rigid, "elastic": elastic,
+                              "modalities": sorted(imgs), "elapsed_s": round(time.time() - t0, 1)}), flush=True)
     is_blend = [False] * len(is_val)
     if cfg.blend_per_case:
         rigid = np.nonzero(~np.array(is_val) & ~np.array(is_elastic))[0]
@@ -353,12 +436,13 @@ def build_patches(work: Path, cfg: PatchConfig | None = None, data_root=None, ve
         patch_case += first.tolist()
         is_val += [False] * len(blends)
         is_elastic += [False] * len(blends)
+        is_test += [False] * len(blends)
         is_blend += [True] * len(blends)
         if verbose:
             print(json.dumps({"blends": len(blends), "elapsed_s": round(time.time() - t0, 1)}), flush=True)
     ps = PatchSet(np.concatenate(masks), np.array(patch_case), np.array(is_val, bool), np.concatenate(images),
-                  np.array(image_patch), np.array(image_modality), case_ids, cfg, np.array(is_elastic, bool),
-                  np.array(is_blend, bool))
+                  np.array(image_patch, int), np.array(image_modality, int), case_ids, cfg,
+                  np.array(is_elastic, bool), np.array(is_blend, bool), np.array(is_test, bool))
     save_patches(path, ps)
     return ps
 
@@ -370,13 +454,15 @@ def save_patches(path: Path, ps: PatchSet) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, masks=ps.masks, patch_case=ps.patch_case, is_val=ps.is_val, images=ps.images,
              image_patch=ps.image_patch, image_modality=ps.image_modality, case_ids=np.array(ps.case_ids),
-             is_elastic=ps.is_elastic, is_blend=ps.is_blend, config=np.array(json.dumps(ps.config.to_dict())))
+             is_elastic=ps.is_elastic, is_blend=ps.is_blend, is_test=ps.is_test,
+             config=np.array(json.dumps(ps.config.to_dict())))
     os.replace(tmp, path)
 
 
 def load_patches(path: Path) -> PatchSet:
     z = np.load(path)
-    optional = {k: z[k] for k in ("is_elastic", "is_blend") if k in z.files}  # caches from before these flags
+    # caches from before these flags lack them
+    optional = {k: z[k] for k in ("is_elastic", "is_blend", "is_test") if k in z.files}
     return PatchSet(z["masks"], z["patch_case"], z["is_val"], z["images"], z["image_patch"], z["image_modality"],
                     [str(c) for c in z["case_ids"]], PatchConfig.from_dict(json.loads(str(z["config"]))), **optional)
 

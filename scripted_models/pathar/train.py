@@ -34,7 +34,7 @@ from ..runtime import autocast, pick_device
 from ..weights import load_card, load_state, save_state, weights_dir, write_safetensors
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
 from .commands import STAGES, add_arguments
-from .data import PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
+from .data import MASK_PREFIX, PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
 from .pseudo_labels import PSEUDO_LABELLED
 from .tokenizer import (
     AppearanceVQ,
@@ -185,6 +185,18 @@ class _Stage:
         return round(self.wall + time.time() - self.t0, 1)
 
 
+def _split_entries(ps: PatchSet) -> dict:
+    """Card entries naming what was held out: the validation case, or the folds (validation + test fold)."""
+    if ps.config.split != "folds":
+        return {"held_out": [VALIDATION_CASE]}
+    from ..folds import make_folds
+
+    folds = make_folds()
+    masks = sorted(c for c in ps.training_cases() if c.startswith(MASK_PREFIX))
+    return {"held_out": sorted(folds.validation + folds.test), "folds": folds.as_dict(),
+            "selection_fold": "validation", **({"structure_only_data": masks} if masks else {})}
+
+
 def _eval_subset(ps: PatchSet, val: bool, limit: int = 32) -> np.ndarray:
     idx = ps.patches(val)
     return idx[np.linspace(0, len(idx) - 1, min(limit, len(idx))).astype(int)]
@@ -229,7 +241,7 @@ def train_structure(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path
     card = {"model": STRUCTURE_NAME, "family": "PathAR structure VQ-VAE (MONAI VQVAE on one-hot canonical masks)",
             "config": cfg.structure.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step, "batch": tc.vq_batch,
             "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.training_cases(),
-            "held_out": [VALIDATION_CASE], "metrics": metrics, "versions": _versions(),
+            **_split_entries(ps), "metrics": metrics, "versions": _versions(),
             "license": license_of(cfg.patch)}
     path = save_state(STRUCTURE_NAME, model.state_dict(), card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
@@ -294,7 +306,7 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
             "family": "PathAR appearance VQ-VAE (MONAI Encoder/Decoder/EMA quantizer, decoder conditioned on the mask)",
             "config": cfg.appearance.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step,
             "batch": tc.vq_batch, "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.sources(),
-            "held_out": [VALIDATION_CASE], "metrics": metrics, "intensity": "z-score over healthy foreground",
+            **_split_entries(ps), "metrics": metrics, "intensity": "z-score over healthy foreground",
             "versions": _versions(), "license": license_of(cfg.patch)}
     path = save_state(APPEARANCE_NAME, model.state_dict(), card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
@@ -375,7 +387,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     # a share `modality_balanced` of them, modality-first (t1 and t2 exist in fewer cases); with blends, a share
     # `structure_only_share` of the rows are blends (structure tokens only)
     by_patch = {int(p): np.nonzero(ps.image_patch == p)[0] for p in ps.imaged_patches(False)}
-    blends = np.nonzero(ps.is_blend & ~ps.is_val)[0]
+    structure_only = ps.structure_only_patches(False)  # blends and lesion masks without a scan
     patches = np.array(sorted(by_patch))
     by_modality = [m for m in (train_imgs[ps.image_modality[train_imgs] == k] for k in range(len(MODALITIES)))
                    if len(m)]
@@ -392,10 +404,10 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
     total = tc.transformer_steps
 
-    def batch_of(images: np.ndarray, flips: np.ndarray, structure_only: np.ndarray | None = None):
-        """Rows for images (I,) and then structure-only patches (blends, no appearance: tokens 0, modality 0)."""
-        structure_only = np.zeros(0, int) if structure_only is None else structure_only
-        p = np.concatenate([ps.image_patch[images], structure_only])
+    def batch_of(images: np.ndarray, flips: np.ndarray, masks_only: np.ndarray | None = None):
+        """Rows for images (I,) and then structure-only patches (no appearance: tokens 0, modality 0)."""
+        masks_only = np.zeros(0, int) if masks_only is None else masks_only
+        p = np.concatenate([ps.image_patch[images], masks_only])
         real = torch.arange(len(p)) < len(images)
         a = torch.zeros(len(p), a_tok.shape[-1], dtype=torch.long)
         a[real] = a_tok[images, flips[:len(images)]]
@@ -423,14 +435,14 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.transformer_lr, tc.warmup_frac))
-        n_blend = int(rng.binomial(tc.transformer_batch, tc.structure_only_share)) if len(blends) else 0
+        n_masks = int(rng.binomial(tc.transformer_batch, tc.structure_only_share)) if len(structure_only) else 0
         images = np.array([rng.choice(by_modality[rng.integers(len(by_modality))])
                            if rng.random() < tc.modality_balanced else rng.choice(by_patch[int(rng.choice(patches))])
-                           for _ in range(tc.transformer_batch - n_blend)], dtype=int)
-        structure_only = rng.choice(blends, n_blend) if n_blend else None
+                           for _ in range(tc.transformer_batch - n_masks)], dtype=int)
+        masks_only = rng.choice(structure_only, n_masks) if n_masks else None
         flips = rng.integers(0, 2, tc.transformer_batch)
         with autocast(device):
-            loss, loss_s, loss_a = model.loss(*batch_of(images, flips, structure_only))
+            loss, loss_s, loss_a = model.loss(*batch_of(images, flips, masks_only))
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -462,10 +474,10 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
             "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
-            **({"structure_only_share": tc.structure_only_share} if len(blends) else {}),
+            **({"structure_only_share": tc.structure_only_share} if len(structure_only) else {}),
             "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(
                 "step", st.step), "val_curve": st.meta.get("val_curve", [])},
-            "params": model.num_params(), "data": ps.sources(), "held_out": [VALIDATION_CASE],
+            "params": model.num_params(), "data": ps.sources(), **_split_entries(ps),
             "metrics": metrics, "versions": _versions(), "license": license_of(cfg.patch)}
     path = save_state(TRANSFORMER_NAME, model.state_dict(), card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
@@ -658,6 +670,15 @@ def model_config_from_args(args) -> PathARConfig:
         cfg.patch.blend_per_case = int(blend)
     if getattr(args, "pseudo_labels", False):
         cfg.patch.pseudo_labelled = PSEUDO_LABELLED
+    if getattr(args, "split", None):
+        cfg.patch.split = args.split
+    if getattr(args, "lesion_masks", False):
+        cfg.patch.lesion_masks = True
+    augment = getattr(args, "augment_per_case", None)
+    if augment is not None:
+        if augment < 1:
+            raise InputError("--augment-per-case must be >= 1")
+        cfg.patch.augment_per_case = int(augment)
     return cfg
 
 

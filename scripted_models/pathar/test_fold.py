@@ -1,0 +1,291 @@
+"""PathAR judged against the real lesions of the fixed test fold (folds.py), which no PathAR weights saw.
+
+For each weights folder (bundled by default; `--weights LABEL=DIR` adds others, for a before/after table on
+the same test fold), samples are drawn at several seeds (all four modalities) and scored against:
+  * the model's own training lesions (rigid poses of the cases named in its card, lesion masks included):
+    nearest-training Dice of the samples, and the same for the test fold's real lesions (their plain patches):
+    a new lesion should be as far from the training set as a held-out real lesion is;
+  * the memorisation index with the test-fold lesions as the "new lesion" anchor: 0 = samples as far from the
+    training set as test-fold lesions, 1 = as close as a training lesion in a new pose (quality.py);
+  * plausibility (one main component, TC attached) and diversity (mean pairwise Dice) beside the real lesions';
+  * appearance: sign of each sub-region's contrast and the ordering of the sub-region means per modality, against
+    the test fold's real patches, per seed (12 signs = 3 sub-regions x 4 modalities);
+  * a segmenter trained on the real training fold (downstream.py's 2D UNet, flair + t1c, 2 mm) should find the
+    generated masks in the generated images: whole-lesion Dice, beside its Dice on the test fold's real patches.
+
+    python -m scripted_models.pathar.test_fold --weights new=.train/pathar_folds/weights --out docs/pathar
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..labels import MODALITIES, SUBREGION_NAMES
+from .quality import (
+    SUBREGIONS,
+    mask_plausibility,
+    mean_contrasts,
+    mean_pairwise_dice,
+    memorisation_index,
+    nearest_dice,
+    ordering_agreement,
+    same_lesion_new_pose,
+)
+
+SEGMENTER_MODALITIES = ("flair", "t1c")
+
+
+def model_training_cases(cards: dict) -> set[str]:
+    """Case ids the weights were trained on (images and structure-only masks), from their cards."""
+    seen = set()
+    for card in cards.values():
+        for source in card.get("data", []):
+            seen.add(source.split(":")[0] if not source.startswith("mask:") else source)
+        seen |= set(card.get("structure_only_data", []))
+    return seen
+
+
+def reference_patches(cards: dict, work: Path, data_root=None):
+    """Rigid patches of the model's training cases plus the test fold (is_test), on the model's patch grid."""
+    from .api import TRANSFORMER_NAME
+    from .data import MASK_PREFIX, PatchConfig, build_patches, patch_sources
+
+    cfg = PatchConfig.from_dict(cards[TRANSFORMER_NAME]["patch"])
+    seen = model_training_cases(cards)
+    cfg = replace(cfg, split="folds", with_test=True, elastic_per_case=0, blend_per_case=0,
+                  lesion_masks=any(c.startswith(MASK_PREFIX) for c in seen), exclude=())
+    unseen = [case for case, _, role in patch_sources(cfg, data_root) if role != "test" and case not in seen]
+    return build_patches(Path(work), replace(cfg, exclude=tuple(sorted(unseen))), data_root, verbose=False)
+
+
+def sample(folder: Path | None, n: int, seed: int, device: str):
+    from .api import sample_pairs
+
+    previous = os.environ.get("PATHOSYN_WEIGHTS_DIR")
+    if folder is not None:
+        os.environ["PATHOSYN_WEIGHTS_DIR"] = str(folder)
+    try:
+        return sample_pairs(list(MODALITIES), n, seed, device=device)
+    finally:
+        if folder is not None:
+            if previous is None:
+                os.environ.pop("PATHOSYN_WEIGHTS_DIR", None)
+            else:
+                os.environ["PATHOSYN_WEIGHTS_DIR"] = previous
+
+
+def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
+    """{modality: {sub-region: mean contrast}} over the test fold's real patches (all their poses)."""
+    out = {}
+    for k, mod in enumerate(MODALITIES):
+        idx = [i for i in range(len(patches.images))
+               if patches.is_test[patches.image_patch[i]] and patches.image_modality[i] == k]
+        out[mod] = mean_contrasts((patches.masks[patches.image_patch[i]], patches.images[i].astype(np.float32))
+                                  for i in idx)
+    return out
+
+
+def appearance_agreement(pairs, real: dict[str, dict[int, float]]) -> dict:
+    """Sign agreement per (modality, sub-region) and ordering agreement per modality for one seed's samples."""
+    signs, ordering, rows = 0, {}, []
+    for mod in MODALITIES:
+        gen = mean_contrasts((p.mask.array, p.images[mod].array) for p in pairs)
+        for c in SUBREGIONS:
+            r, g = real[mod].get(c), gen.get(c)
+            agrees = None if r is None or g is None else bool(np.sign(r) == np.sign(g))
+            signs += bool(agrees)
+            rows.append({"modality": mod, "subregion": SUBREGION_NAMES[c], "real": None if r is None else round(r, 3),
+                         "generated": None if g is None else round(g, 3), "sign_agrees": agrees})
+        ordering[mod] = ordering_agreement(real[mod], gen)
+    return {"signs_agree": signs, "signs_total": len(MODALITIES) * len(SUBREGIONS), "ordering": ordering,
+            "contrasts": rows}
+
+
+def train_real_segmenter(data_root=None, steps: int = 400, seed: int = 0, device: str = "auto"):
+    """downstream.py's segmenter on the training fold's real cases only (flair + t1c, axial slices at 2 mm)."""
+    from ..cases import default_data_root, load_case
+    from ..evaluation.downstream import DownstreamSettings, grid_case, train_segmenter
+    from ..folds import make_folds
+    from ..preprocess import IntensityNormalizer
+
+    root = Path(data_root or default_data_root())
+    real = []
+    for name in make_folds(str(root)).train:
+        case = load_case(root / "cases" / name)
+        if not all(m in case.images for m in SEGMENTER_MODALITIES):
+            continue
+        brain = case.foreground()
+        lesion = case.seg > 0
+        z = {m: IntensityNormalizer.fit(case.images[m].array, exclude=lesion, foreground=brain)
+             .forward(case.images[m].array) for m in SEGMENTER_MODALITIES}
+        real.append(grid_case(name, z, case.seg, case.reference, brain))
+    return train_segmenter([real], DownstreamSettings(steps=steps), seed, device), [c.name for c in real]
+
+
+def segmenter_dice(net, masks, images) -> list[float]:
+    """Whole-lesion Dice of the segmenter on (S, S, S) patches: images {flair, t1c} -> axial slices."""
+    from ..evaluation.downstream import dice, predict_slices
+
+    out = []
+    for mask, imgs in zip(masks, images):
+        x = np.stack([imgs[m] for m in SEGMENTER_MODALITIES]).transpose(1, 0, 2, 3).astype(np.float32)
+        out.append(dice(predict_slices(net, np.ascontiguousarray(x))[:, 0] > 0.5, mask > 0))
+    return out
+
+
+def real_test_patches(patches):
+    """(masks, [{modality: image}]) of the test fold's patches that have both segmenter modalities."""
+    masks, images = [], []
+    for p in np.nonzero(patches.is_test)[0]:
+        have = {MODALITIES[patches.image_modality[i]]: patches.images[i].astype(np.float32)
+                for i in np.nonzero(patches.image_patch == p)[0]}
+        if all(m in have for m in SEGMENTER_MODALITIES):
+            masks.append(patches.masks[p])
+            images.append(have)
+    return masks, images
+
+
+def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None, device: str = "auto",
+                  segmenter=None) -> dict:
+    from .api import load_models
+
+    model = load_models(device, folder)
+    patches = reference_patches(model.cards, work, data_root)
+    poses = patches.real_poses(False)
+    test_plain = patches.test_plain_patches()
+    test_near = nearest_dice(patches.masks[test_plain], patches.masks[poses])
+    new_pose = same_lesion_new_pose(patches)
+    real_contrasts = test_fold_contrasts(patches)
+    t0 = time.perf_counter()
+    pairs_by_seed = {seed: sample(folder, n, seed, device) for seed in seeds}
+    sampling_s = time.perf_counter() - t0
+    pairs = [p for seed in seeds for p in pairs_by_seed[seed]]
+    masks = [p.mask.array for p in pairs]
+    near = nearest_dice(masks, patches.masks[poses])
+    rows = [mask_plausibility(m, patches.spacing_mm) for m in masks]
+    train_plain = [int(p) for p in patches.plain_patches() if not patches.is_val[p]]
+    real_masks = [patches.masks[p] for p in list(train_plain) + list(test_plain)]
+    per_seed = {seed: appearance_agreement(pairs_by_seed[seed], real_contrasts) for seed in seeds}
+    report = {
+        "weights": str(folder) if folder else "bundled",
+        "training_cases": len(patches.training_cases()),
+        "test_cases": [patches.case_ids[patches.patch_case[p]] for p in test_plain],
+        "n_samples": len(pairs), "seeds": list(seeds),
+        "mean_nearest_train_dice": round(float(np.mean(near)), 3),
+        "test_real_nearest_train_dice": round(float(np.mean(test_near)), 3),
+        "test_real_nearest_train_dice_per_case": [round(v, 3) for v in test_near],
+        "same_lesion_new_pose_dice": round(new_pose, 3),
+        "memorisation_index": memorisation_index(float(np.mean(near)), float(np.mean(test_near)), new_pose),
+        "closer_than_every_test_lesion_fraction": round(float(np.mean([d > max(test_near) for d in near])), 3),
+        "plausible_fraction": round(float(np.mean([r["plausible"] for r in rows])), 3),
+        "one_main_component_fraction": round(float(np.mean([r["main_fraction"] >= 0.9 for r in rows])), 3),
+        "mean_pairwise_dice": round(mean_pairwise_dice(masks), 3),
+        "real_mean_pairwise_dice": round(mean_pairwise_dice(real_masks), 3),
+        "real_plausible_fraction": round(float(np.mean([mask_plausibility(m, patches.spacing_mm)["plausible"]
+                                                        for m in real_masks])), 3),
+        "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in rows])), 1),
+        "real_mean_volume_ml": round(float(np.mean([mask_plausibility(m, patches.spacing_mm)["volume_ml"]
+                                                    for m in real_masks])), 1),
+        "signs_agree_per_seed": {str(s): r["signs_agree"] for s, r in per_seed.items()},
+        "signs_total": len(MODALITIES) * len(SUBREGIONS),
+        "ordering_min_per_modality": {m: min((r["ordering"][m] for r in per_seed.values()
+                                              if r["ordering"][m] is not None), default=None) for m in MODALITIES},
+        "appearance_per_seed": {str(s): r for s, r in per_seed.items()},
+        "seconds_per_sample_4_modalities": round(sampling_s / max(1, len(pairs)), 2),
+    }
+    if segmenter is not None:
+        net, _ = segmenter
+        generated = segmenter_dice(net, masks, [{m: p.images[m].array for m in SEGMENTER_MODALITIES} for p in pairs])
+        real_m, real_i = real_test_patches(patches)
+        reference = segmenter_dice(net, real_m, real_i)
+        report["segmenter_dice_generated"] = round(float(np.mean(generated)), 3)
+        report["segmenter_dice_test_real_patches"] = round(float(np.mean(reference)), 3)
+    return report
+
+
+TARGETS = (
+    ("nearest-train Dice <= test real + 0.05", lambda r: r["mean_nearest_train_dice"]
+     <= r["test_real_nearest_train_dice"] + 0.05),
+    ("memorisation index <= 0.5", lambda r: r["memorisation_index"] is not None and r["memorisation_index"] <= 0.5),
+    ("plausible >= 0.95", lambda r: r["plausible_fraction"] >= 0.95),
+    ("pairwise Dice within 0.05 of real", lambda r: abs(r["mean_pairwise_dice"] - r["real_mean_pairwise_dice"])
+     <= 0.05),
+    ("signs 12/12 at every seed", lambda r: all(v == r["signs_total"] for v in r["signs_agree_per_seed"].values())),
+    ("ordering >= 0.9 in every modality", lambda r: all(v is not None and v >= 0.9
+                                                         for v in r["ordering_min_per_modality"].values())),
+    ("segmenter Dice on generated >= 0.65", lambda r: r.get("segmenter_dice_generated", 0) >= 0.65),
+)
+
+
+def markdown(reports: dict) -> str:
+    labels = list(reports)
+    keys = ["training_cases", "n_samples", "mean_nearest_train_dice", "test_real_nearest_train_dice",
+            "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
+            "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
+            "real_mean_volume_ml", "signs_agree_per_seed", "ordering_min_per_modality", "segmenter_dice_generated",
+            "segmenter_dice_test_real_patches", "seconds_per_sample_4_modalities"]
+    lines = ["# PathAR on the test fold", "",
+             "Test-fold lesions (never used for training or selection): "
+             + ", ".join(reports[labels[0]]["test_cases"]) + ".", "",
+             "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(str(reports[lb].get(k, "-")) for lb in labels) + " |")
+    lines += ["", "| target | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for name, check in TARGETS:
+        lines.append(f"| {name} | " + " | ".join("met" if check(reports[lb]) else "not met" for lb in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Score PathAR weights against the test fold's real lesions.")
+    parser.add_argument("--weights", action="append", default=[], metavar="LABEL=DIR",
+                        help="weights folder to score (repeatable); the bundled weights are always scored")
+    parser.add_argument("--bundled-label", default="bundled")
+    parser.add_argument("--n", type=int, default=16, help="samples per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = no segmenter check")
+    parser.add_argument("--work", default=str(Path.home() / ".cache" / "pathosyn" / "pathar_patches"))
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="folder for test_fold.json and test_fold.md")
+    args = parser.parse_args(argv)
+    import torch
+
+    from ..errors import InputError
+
+    torch.set_num_threads(args.threads)
+    folders = {args.bundled_label: None}
+    for item in args.weights:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not Path(folder).is_dir():
+            raise InputError(f"--weights expects LABEL=DIR with an existing folder, got {item!r}")
+        folders[label] = Path(folder)
+    segmenter = train_real_segmenter(args.data, args.segmenter_steps, device=args.device) \
+        if args.segmenter_steps else None
+    reports = {label: score_weights(folder, args.n, args.seeds, Path(args.work), args.data, args.device, segmenter)
+               for label, folder in folders.items()}
+    if segmenter is not None:
+        for r in reports.values():
+            r["segmenter_training_cases"] = segmenter[1]
+    text = markdown(reports)
+    print(text)
+    if args.out:
+        from ..pathosyn.commands import write_json_atomic
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "test_fold.json", reports)
+        tmp = out / "test_fold.md.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / "test_fold.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
