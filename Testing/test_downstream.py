@@ -107,6 +107,33 @@ def test_paired_comparison_names_only_gains_in_every_seed(tmp_path):
               "summary": summary, "settings": {"steps": 1, "batch": 1, "seeds": [0, 1, 2]}, "runs": runs}
     text = D.downstream_markdown(report)
     assert "Robust gain (higher in every one of at least 3 seeds): dice_WT vs real" in text
-    assert "+0.050 ± 0.000 (3/3)" in text
+    assert "+0.050 ± 0.000 [+0.050, +0.050] (3/3)" in text
     runs["pathosyn"][0]["dice_WT"] = 0.7
     assert "Robust gain (higher in every one of at least 3 seeds): none." in D.downstream_markdown(report)
+
+
+def test_fold_cases_train_on_the_training_fold_and_test_on_the_test_fold(data_root):
+    from scripted_models.folds import make_folds
+
+    folds = make_folds(str(data_root))
+    train, test = D.fold_cases(data_root, quick=False)
+    assert test == list(folds.test) and set(train) <= set(folds.train) and len(train) >= 10
+    assert not set(train) & (set(folds.test) | set(folds.validation))
+    quick_train, quick_test = D.fold_cases(data_root, quick=True)
+    assert set(quick_train) <= set(folds.train) and quick_test == list(folds.test[:1])
+
+
+def test_confidence_interval_of_paired_differences():
+    assert D.confidence_interval([0.1]) is None
+    lo, hi = D.confidence_interval([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, t(0.975, 2) = 4.303
+    assert lo == pytest.approx(0.2 - 4.303 * 0.1 / np.sqrt(3), abs=1e-3) and hi == pytest.approx(0.4484, abs=1e-3)
+    assert D.confidence_interval([0.05, 0.05, 0.05]) == [0.05, 0.05]
+
+
+def test_scores_are_averaged_over_the_test_cases():
+    settings = D.DownstreamSettings(seeds=(0,), steps=40, batch=8)
+    net = D.train_segmenter([[toy_case(s, f"toy{s}") for s in range(2)]], settings, seed=0)
+    cases = [toy_case(7, "a"), toy_case(8, "b")]
+    mean = D.score_cases(net, cases)
+    assert set(mean["per_case"]) == {"a", "b"}
+    assert mean["dice_WT"] == pytest.approx(np.mean([mean["per_case"][c]["dice_WT"] for c in "ab"]), abs=1e-4)

@@ -1,15 +1,19 @@
 """Downstream value: does training with synthetic lesions help a small segmentation network?
 
-Conditions (same network, steps and seeds; tested on the held-out case):
-  real        the real training cases only
+Cases: the case-level folds of folds.py. Networks train on the training fold and are scored on every case of
+the fixed test fold (never used for tuning); a seed's score is the mean over the test cases.
+Conditions (same network, steps and seeds):
+  real        the real training-fold cases only
   pathosyn    + lesions synthesized by PathoSyn on pseudo-healthy bases of the training cases, one with another
                 case's real mask and one with a PathAR-generated mask per base
   copy_paste  + the same number of lesions made by pasting another case's residual with its mask (CarveMix-like)
 Network: MONAI 2D UNet on axial flair + t1c slices at 2 mm; sigmoid outputs for the BraTS regions whole tumour
 (WT), tumour core (TC) and enhancing tumour (ET). Metrics on the held-out volume: Dice per region and slice-level
-lesion-detection AUROC (score = max WT probability in the slice). Mean and spread over seeds.
+lesion-detection AUROC (score = max WT probability in the slice). Mean and spread over seeds; conditions are
+compared paired by seed (the same seed trains every condition), with a 95 % t confidence interval of the
+per-seed differences.
 PathAR alignment: the `real` network segments PathAR images; Dice against the generated masks (real patches of
-the held-out case give the reference).
+the test cases give the reference).
 
     python -m scripted_models.evaluation.downstream --out docs/downstream
 """
@@ -23,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cases import VALIDATION_CASE, default_data_root, load_case
+from ..cases import default_data_root, load_case
 from ..labels import CORE, ENHANCING
 from ..preprocess import IntensityNormalizer, blend_weight, dilate_mm
 from ..volume import Volume, resample_to
 
 MODS = ("flair", "t1c")
-TRAIN_CASES = ("brats2013_pat0004", "brats2013_pat0005", "brats2013_pat0006", "tcga_du_7294", "brats_pkg_case")
+# --quick (CI): a fixed small subset of the training fold, and the first test case
+QUICK_TRAIN_CASES = ("brats2013_pat0004", "tcga_du_7294", "brats18_tcia02_135_1")
 REGIONS = ("WT", "TC", "ET")
 CONDITIONS = ("real", "pathosyn", "copy_paste")
 GRID_MM = 2.0
@@ -39,7 +44,7 @@ BACKGROUND_Z = -4.0
 
 @dataclass
 class DownstreamSettings:
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2, 3, 4)
     steps: int = 400
     batch: int = 16
     lr: float = 2e-3
@@ -104,6 +109,10 @@ class CaseData:
         self.base = base  # raw intensities, lesion removed
         self.base_z = {m: self.norms[m].forward(base[m].array) for m in MODS}
 
+    def release(self) -> None:
+        """Drop the full-resolution volumes once the grid cases are built (16 cases would hold several GB)."""
+        self.images = self.real_z = self.base = self.base_z = None
+
     @property
     def mask_volume(self) -> Volume:
         return self.reference.with_array(self.labels.astype(np.uint8))
@@ -112,6 +121,16 @@ class CaseData:
         from ..placement import lesion_points_lps
 
         return lesion_points_lps(self.mask_volume).mean(axis=1)
+
+
+def test_grid_case(folder: Path) -> GridCase:
+    """A test case on the grid: real images only (no pseudo-healthy base needed)."""
+    case = load_case(folder)
+    brain = case.foreground()
+    lesion = case.seg > 0
+    z = {m: IntensityNormalizer.fit(case.images[m].array, exclude=lesion, foreground=brain)
+         .forward(case.images[m].array) for m in MODS}
+    return grid_case(case.case_id, z, case.seg, case.reference, brain)
 
 
 def _moved_residual(source: CaseData, target: CaseData, shift_lps) -> dict:
@@ -278,8 +297,9 @@ def score(net, case: GridCase) -> dict:
     return out
 
 
-def pathar_alignment(net, real_case: GridCase, n: int, device: str) -> dict:
-    """WT Dice of the segmenter on PathAR images vs their generated masks; real patches as the reference."""
+def pathar_alignment(net, real_cases: list[GridCase], n: int, device: str) -> dict:
+    """WT Dice of the segmenter on PathAR images vs their generated masks; real lesion-centred patches of the
+    test cases as the reference."""
     from ..pathar.api import sample_pairs
 
     pairs = sample_pairs(list(MODS), n, seed=202, device=device)
@@ -289,15 +309,44 @@ def pathar_alignment(net, real_case: GridCase, n: int, device: str) -> dict:
         prob = predict_slices(net, images)
         generated.append(dice(prob[:, 0] > 0.5, pair.mask.array > 0))
     side = pairs[0].mask.array.shape[0] if pairs else 64
-    centre = np.argwhere(real_case.labels > 0).mean(axis=0).astype(int)
-    lo = np.maximum(centre - side // 2, 0)
-    crop = tuple(slice(int(a), int(a) + side) for a in lo)
-    images = real_case.images[(slice(None),) + crop].transpose(1, 0, 2, 3)
-    prob = predict_slices(net, np.ascontiguousarray(images))
-    reference = dice(prob[:, 0] > 0.5, real_case.labels[crop] > 0)
+    reference = []
+    for real_case in real_cases:
+        centre = np.argwhere(real_case.labels > 0).mean(axis=0).astype(int)
+        lo = np.maximum(centre - side // 2, 0)
+        crop = tuple(slice(int(a), int(a) + side) for a in lo)
+        images = real_case.images[(slice(None),) + crop].transpose(1, 0, 2, 3)
+        prob = predict_slices(net, np.ascontiguousarray(images))
+        reference.append(dice(prob[:, 0] > 0.5, real_case.labels[crop] > 0))
     return {"n": len(generated), "mean_wt_dice_generated": round(float(np.mean(generated)), 4) if generated else None,
             "wt_dice_per_sample": [round(d, 4) for d in generated],
-            "wt_dice_real_patch_reference": round(reference, 4)}
+            "wt_dice_real_patch_reference": round(float(np.mean(reference)), 4),
+            "wt_dice_real_patch_per_case": [round(d, 4) for d in reference]}
+
+
+def score_cases(net, cases: list[GridCase]) -> dict:
+    """score() of each test case and their mean (a case without lesion-free slices has no AUROC)."""
+    per_case = {c.name: score(net, c) for c in cases}
+    out = {}
+    for key in next(iter(per_case.values())):
+        values = [r[key] for r in per_case.values() if r[key] is not None]
+        out[key] = round(float(np.mean(values)), 4) if values else None
+    out["per_case"] = per_case
+    return out
+
+
+def fold_cases(root: Path, quick: bool) -> tuple[list[str], list[str]]:
+    """(training cases, test cases): the training and test folds (quick: a fixed small subset)."""
+    from ..folds import make_folds
+
+    folds = make_folds(str(root))
+    if quick:
+        return list(QUICK_TRAIN_CASES), list(folds.test[:1])
+    train = [c for c in folds.train if all(_find_modality(root / "cases" / c, m) for m in MODS)]
+    return train, list(folds.test)
+
+
+def _find_modality(folder: Path, modality: str) -> bool:
+    return any((folder / f"{modality}{ext}").is_file() for ext in (".nii.gz", ".nii", ".nrrd"))
 
 
 # --- the study --------------------------------------------------------------------------------------------------------
@@ -306,11 +355,13 @@ def run_downstream(data_root=None, settings: DownstreamSettings | None = None, d
     settings = settings or DownstreamSettings()
     root = Path(data_root or default_data_root())
     t0 = time.perf_counter()
-    cases = [CaseData(root / "cases" / name, device) for name in TRAIN_CASES]
+    train_names, test_names = fold_cases(root, settings.quick)
+    cases = [CaseData(root / "cases" / name, device) for name in train_names]
     real = [grid_case(c.name, c.real_z, c.labels, c.reference, c.brain) for c in cases]
     synthetic = synthetic_cases(cases, settings, device)
-    held = CaseData(root / "cases" / VALIDATION_CASE, device)
-    test_case = grid_case(held.name, held.real_z, held.labels, held.reference, held.brain)
+    for c in cases:  # the volumes are on the grid now
+        c.release()
+    test_cases = [test_grid_case(root / "cases" / name) for name in test_names]
     t_data = time.perf_counter() - t0
 
     groups = {"real": [real], "pathosyn": [real, synthetic["pathosyn"]],
@@ -321,11 +372,11 @@ def run_downstream(data_root=None, settings: DownstreamSettings | None = None, d
         for name in CONDITIONS:
             t = time.perf_counter()
             net = train_segmenter(groups[name], settings, seed, device)
-            row = score(net, test_case)
+            row = score_cases(net, test_cases)
             row["seed"], row["train_s"] = seed, round(time.perf_counter() - t, 1)
             runs[name].append(row)
             if name == "real" and alignment is None:
-                alignment = pathar_alignment(net, test_case, settings.pathar_samples, device)
+                alignment = pathar_alignment(net, test_cases, settings.pathar_samples, device)
     summary = {}
     for name, rows in runs.items():
         summary[name] = {}
@@ -333,7 +384,8 @@ def run_downstream(data_root=None, settings: DownstreamSettings | None = None, d
             values = [r[key] for r in rows if r[key] is not None]
             summary[name][key] = {"mean": round(float(np.mean(values)), 4) if values else None,
                                   "std": round(float(np.std(values)), 4) if values else None}
-    report = {"test_case": VALIDATION_CASE, "train_cases": list(TRAIN_CASES), "modalities": list(MODS),
+    report = {"test_case": f"test fold ({len(test_names)} cases)", "test_cases": test_names,
+              "train_cases": train_names, "modalities": list(MODS),
               "synthetic_volumes": {k: len(v) for k, v in synthetic.items()}, "runs": runs, "summary": summary,
               "pathar_alignment": alignment, "settings": asdict(settings),
               "timing_s": {"data": round(t_data, 1), "total": round(time.perf_counter() - t0, 1)}}
@@ -344,7 +396,8 @@ def run_downstream(data_root=None, settings: DownstreamSettings | None = None, d
 
 def downstream_markdown(report: dict) -> str:
     s = report["settings"]
-    lines = [f"## Downstream segmentation (test case {report['test_case']}, {', '.join(report['modalities'])})", "",
+    tested = ", ".join(report["test_cases"]) if report.get("test_cases") else report["test_case"]
+    lines = [f"## Downstream segmentation (tested on {tested}; {', '.join(report['modalities'])})", "",
              f"MONAI 2D UNet, {s['steps']} steps x batch {s['batch']}, seeds {list(s['seeds'])}; training cases: "
              f"{', '.join(report['train_cases'])}; synthetic volumes added: {report['synthetic_volumes']}.", "",
              "| condition | Dice WT | Dice TC | Dice ET | detection AUROC |", "|---|---|---|---|---|"]
@@ -358,20 +411,27 @@ def downstream_markdown(report: dict) -> str:
     comparison = paired_comparison(report)
     if comparison:
         lines += ["", "Paired by seed (the same training seed in both conditions): PathoSyn minus the other "
-                      "condition, mean ± sd of the per-seed differences, and the seeds where PathoSyn is higher.", "",
+                      "condition, mean ± sd of the per-seed differences, [95 % t interval], and the seeds where "
+                      "PathoSyn is higher.", "",
                   "| PathoSyn vs | Dice WT | Dice TC | Dice ET | detection AUROC |", "|---|---|---|---|---|"]
+
+        def interval(m):
+            ci = m.get("ci95")
+            return f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+
         for other, metrics in comparison.items():
             lines.append(f"| {other} | " + " | ".join(
-                f"{m['mean_diff']:+.3f} ± {m['sd_diff']:.3f} ({m['wins']}/{m['n']})" for m in metrics.values()) + " |")
+                f"{m['mean_diff']:+.3f} ± {m['sd_diff']:.3f}{interval(m)} ({m['wins']}/{m['n']})"
+                for m in metrics.values()) + " |")
         robust = [f"{key} vs {other}" for other, metrics in comparison.items() for key, m in metrics.items()
                   if m["wins"] == m["n"] and m["n"] >= 3]
         lines += ["", "Robust gain (higher in every one of at least 3 seeds): " + (", ".join(robust) if robust else
-                  "none. With five training cases and one test case, the seed-to-seed spread of a small 2D U-Net is "
-                  "as large as the differences between the conditions, so this study cannot show a gain.")]
+                  "none: the seed-to-seed spread of a small 2D U-Net is as large as the differences between the "
+                  "conditions.")]
     a = report.get("pathar_alignment") or {}
     if a:
         lines += ["", f"PathAR alignment: the `real` network's whole-tumour Dice on {a['n']} PathAR image patches "
-                      f"against their generated masks: {a['mean_wt_dice_generated']} (real patch of the test case: "
+                      f"against their generated masks: {a['mean_wt_dice_generated']} (real patches of the test cases: "
                       f"{a['wt_dice_real_patch_reference']})."]
     lines += ["", "![downstream](downstream.png)", ""]
     return "\n".join(lines)
@@ -391,8 +451,21 @@ def paired_comparison(report: dict) -> dict:
                      if r["seed"] in ours and r[key] is not None and ours[r["seed"]][key] is not None]
             if diffs:
                 out[other][key] = {"mean_diff": float(np.mean(diffs)), "sd_diff": float(np.std(diffs)),
-                                   "wins": int(sum(d > 0 for d in diffs)), "n": len(diffs)}
+                                   "wins": int(sum(d > 0 for d in diffs)), "n": len(diffs),
+                                   "ci95": confidence_interval(diffs)}
     return {k: v for k, v in out.items() if v}
+
+
+def confidence_interval(diffs, level: float = 0.95) -> list[float] | None:
+    """Two-sided t interval of the mean of paired differences (None with fewer than 2)."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(diffs, ddof=1) / np.sqrt(n))
+    mean = float(np.mean(diffs))
+    return [round(mean - half, 4), round(mean + half, 4)]
 
 
 def write_report(report: dict, out: Path) -> None:
