@@ -426,7 +426,7 @@ def downstream_markdown(report: dict) -> str:
         robust = [f"{key} vs {other}" for other, metrics in comparison.items() for key, m in metrics.items()
                   if m["wins"] == m["n"] and m["n"] >= 3]
         lines += ["", "Robust gain (higher in every one of at least 3 seeds): " + (", ".join(robust) if robust else
-                  "none: the seed-to-seed spread of a small 2D U-Net is as large as the differences between the "
+                  "none. The seed-to-seed spread of a small 2D U-Net is as large as the differences between the "
                   "conditions.")]
     a = report.get("pathar_alignment") or {}
     if a:
