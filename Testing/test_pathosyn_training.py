@@ -198,3 +198,43 @@ def test_band_limit_applies_only_to_models_trained_on_smoothed_residuals():
     raw = replace(variant_config("pathosyn"), residual_smoothing=0.0)  # older weights: untouched
     assert band_limit(samples, raw) is samples
     assert band_limit(samples, variant_config("holistic")) is samples  # image targets: never blurred
+
+
+def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fraction(monkeypatch, lesion_cache,
+                                                                                    tmp_path):
+    """select="realism": the EMA weights are written as a loadable candidate, scored on the validation fold
+    (stubbed here: the fold's scores are given per step), and the best pass fraction (then Wasserstein) wins."""
+    from safetensors.torch import load_file
+
+    from scripted_models.evaluation import realism
+    from scripted_models.pathosyn import train_deviation as T
+    from scripted_models.weights import load_card, load_state
+
+    scores = {0: (0.25, 1.0), 2: (0.75, 0.9), 4: (0.75, 0.8), 5: (0.5, 0.5)}  # step: (pass fraction, W)
+    seen = []
+
+    class FakeFold:
+        def __init__(self, data_root=None, split="test", device="auto", cases=None):
+            assert split == "validation"
+
+        def score(self, weights, seeds=(0, 1, 2), steps=None, figure=None):
+            state, card = load_state("deviation_diffusion", weights["candidate"])  # sha256-checked, loadable
+            seen.append(card["steps"])
+            p, w = scores[card["steps"]]
+            return {"results": {"candidate": {"summary": {"pass_fraction": p, "wasserstein": w, "mean_err": 1.0,
+                                                          "per_modality_pass": {}}}}}
+
+    monkeypatch.setattr(realism, "FoldRealism", FakeFold)
+    monkeypatch.setattr(T, "prepare_lesion_cache", lambda cache, data_root=None, cases=None: lesion_cache)
+    out = tmp_path / "out"
+    T.train_deviation(tmp_path / "work", steps=5, batch=1, crop=16, save_every=2, out_dir=out, threads=2,
+                      from_scratch=True, eval_every=1, select="realism", realism_every=2)
+    assert seen == [0, 2, 4, 5]
+    card = load_card("deviation_diffusion", out)
+    assert card["selection"]["selected_step"] == 4 and card["steps_selected"] == 4
+    assert [r["step"] for r in card["selection"]["curve"]] == [0, 2, 4, 5]
+    saved = load_file(str(out / "deviation_diffusion.safetensors"))
+    kept = load_file(str(tmp_path / "work" / "best_realism.safetensors"))
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
+    with pytest.raises(Exception, match="selection rule"):
+        T.train_deviation(tmp_path / "w2", steps=1, out_dir=out, select="newest")

@@ -175,71 +175,92 @@ def summarise(rows: list[dict], pairs: list[dict]) -> dict:
     }
 
 
+class FoldRealism:
+    """A fold's cases prepared once (pseudo-healthy bases, copy-paste, reference statistics), so that several
+    weights can be scored on the same bases: `realism_study` for reports, and the deviation training for
+    selecting its weights on the validation fold."""
+
+    def __init__(self, data_root=None, split: str = "test", device: str = "auto", cases: list[str] | None = None):
+        self.data_root = Path(data_root or default_data_root())
+        self.folds = make_folds(str(self.data_root))
+        self.split = split
+        self.device = device
+        self.case_ids = list(cases or getattr(self.folds, split))
+        self.const_means, train_lesions = training_reference(self.folds.train, self.data_root)
+        sources: dict[str, _CaseZ] = {}
+        self.targets = []
+        for case_id in self.case_ids:
+            target = _CaseZ(case_id, self.data_root, device)
+            source_id = _nearest_volume_source(target, train_lesions)
+            if source_id not in sources:
+                sources[source_id] = _CaseZ(source_id, self.data_root, device)
+            self.targets.append((target, source_id, copy_paste(target, sources[source_id])))
+        del sources  # only the pasted copies are needed from here on
+
+    def score(self, weights: dict | None = None, seeds=(0, 1, 2), steps: int | None = None,
+              figure: Path | None = None) -> dict:
+        """`weights` maps a label to a deviation-weights folder (None = bundled)."""
+        from ..pathosyn.api import synthesize_lesion
+        from .two_sample import axial_patches, classifier_auroc, lesion_centres
+
+        t0 = time.perf_counter()
+        weights = weights or {"bundled": None}
+        per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
+                               "examples": {}} for label in weights}
+        for target, source_id, copy in self.targets:
+            region = dilate_mm(target.lesion, 6.0, target.case.spacing_zyx)
+            mods = [m for m in MODALITIES if m in target.real]
+            centres = lesion_centres(target.lesion, n=120, seed=0)
+            for label, folder in weights.items():
+                acc = per_weights[label]
+                runs = []
+                for seed in seeds:
+                    result = synthesize_lesion(target.base, target.mask, seed=seed, steps=steps, device=self.device,
+                                               deviation_weights=folder)
+                    for m, vol in result.images.items():  # outside the blend region: the base, bit for bit
+                        diff = np.abs(vol.array.astype(np.float64) - target.base[m].array.astype(np.float64))[~region]
+                        acc["outside_max_abs"] = max(acc["outside_max_abs"], float(diff.max(initial=0.0)))
+                    runs.append(target.z(result.images))
+                rows = _region_rows(target, runs, self.const_means, copy)
+                for r in rows:
+                    r["copy_source"] = source_id
+                acc["rows"] += rows
+                if len(mods) == len(MODALITIES):
+                    acc["real_patches"].append(axial_patches([target.real[m] for m in mods], centres))
+                    acc["syn_patches"].append(axial_patches([runs[0][m] for m in mods], centres))
+                if len(acc["examples"]) < 3:
+                    acc["examples"][target.id] = (target.real, runs[0], target.seg)
+        report = {"split": self.split, "cases": self.case_ids, "seeds": list(seeds), "steps": steps,
+                  "folds": self.folds.as_dict(),
+                  "weights": {k: str(v) if v else "bundled" for k, v in weights.items()}, "results": {}}
+        for label, acc in per_weights.items():
+            pairs = pair_verdicts(acc["rows"])
+            summary = summarise(acc["rows"], pairs)
+            if acc["real_patches"]:
+                summary["classifier_auroc"] = round(classifier_auroc(np.concatenate(acc["real_patches"]),
+                                                                     np.concatenate(acc["syn_patches"])), 4)
+            summary["outside_region_max_abs_diff"] = acc["outside_max_abs"]
+            report["results"][label] = {"summary": summary, "pairs": pairs,
+                                        "regions": [{k: (round(v, 4) if isinstance(v, float) else v)
+                                                     for k, v in r.items()} for r in acc["rows"]]}
+            if figure is not None:
+                from .plots import real_vs_synthetic
+
+                path = Path(figure)
+                written = real_vs_synthetic(acc["examples"], path.with_name(f"{path.stem}_{label}{path.suffix}")
+                                            if len(weights) > 1 else path)
+                report.setdefault("figures", {})[label] = written.name
+        report["wall_s"] = round(time.perf_counter() - t0, 1)
+        return report
+
+
 def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: int | None = None,
                   device: str = "auto", weights: dict | None = None, cases: list[str] | None = None,
                   figure: Path | None = None) -> dict:
     """Score PathoSyn on a fold. `weights` maps a label to a deviation-weights folder (None = bundled); all are
     scored on the same bases, so the table is a paired before/after comparison."""
-    from ..pathosyn.api import synthesize_lesion
-    from .two_sample import axial_patches, classifier_auroc, lesion_centres
-
     t0 = time.perf_counter()
-    data_root = Path(data_root or default_data_root())
-    folds = make_folds(str(data_root))
-    case_ids = list(cases or getattr(folds, split))
-    weights = weights or {"bundled": None}
-    const_means, train_lesions = training_reference(folds.train, data_root)
-    sources: dict[str, _CaseZ] = {}
-    per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
-                           "examples": {}} for label in weights}
-    for case_id in case_ids:
-        target = _CaseZ(case_id, data_root, device)
-        source_id = _nearest_volume_source(target, train_lesions)
-        if source_id not in sources:
-            sources[source_id] = _CaseZ(source_id, data_root, device)
-        copy = copy_paste(target, sources[source_id])
-        region = dilate_mm(target.lesion, 6.0, target.case.spacing_zyx)
-        mods = [m for m in MODALITIES if m in target.real]
-        centres = lesion_centres(target.lesion, n=120, seed=0)
-        for label, folder in weights.items():
-            acc = per_weights[label]
-            runs = []
-            for seed in seeds:
-                result = synthesize_lesion(target.base, target.mask, seed=seed, steps=steps, device=device,
-                                           deviation_weights=folder)
-                for m, vol in result.images.items():  # outside the blend region: the base, bit for bit
-                    diff = np.abs(vol.array.astype(np.float64) - target.base[m].array.astype(np.float64))[~region]
-                    acc["outside_max_abs"] = max(acc["outside_max_abs"], float(diff.max(initial=0.0)))
-                runs.append(target.z(result.images))
-            rows = _region_rows(target, runs, const_means, copy)
-            for r in rows:
-                r["copy_source"] = source_id
-            acc["rows"] += rows
-            if len(mods) == len(MODALITIES):
-                acc["real_patches"].append(axial_patches([target.real[m] for m in mods], centres))
-                acc["syn_patches"].append(axial_patches([runs[0][m] for m in mods], centres))
-            if len(acc["examples"]) < 3:
-                acc["examples"][case_id] = (target.real, runs[0], target.seg)
-    report = {"split": split, "cases": case_ids, "seeds": list(seeds), "steps": steps,
-              "folds": folds.as_dict(), "weights": {k: str(v) if v else "bundled" for k, v in weights.items()},
-              "results": {}}
-    for label, acc in per_weights.items():
-        pairs = pair_verdicts(acc["rows"])
-        summary = summarise(acc["rows"], pairs)
-        if acc["real_patches"]:
-            summary["classifier_auroc"] = round(classifier_auroc(np.concatenate(acc["real_patches"]),
-                                                                 np.concatenate(acc["syn_patches"])), 4)
-        summary["outside_region_max_abs_diff"] = acc["outside_max_abs"]
-        report["results"][label] = {"summary": summary, "pairs": pairs,
-                                    "regions": [{k: (round(v, 4) if isinstance(v, float) else v)
-                                                 for k, v in r.items()} for r in acc["rows"]]}
-        if figure is not None:
-            from .plots import real_vs_synthetic
-
-            path = Path(figure)
-            written = real_vs_synthetic(acc["examples"], path.with_name(f"{path.stem}_{label}{path.suffix}")
-                                        if len(weights) > 1 else path)
-            report.setdefault("figures", {})[label] = written.name
+    report = FoldRealism(data_root, split, device, cases).score(weights, seeds, steps, figure)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     return report
 

@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
                         batch=args.batch or 4, seed=args.seed, data_root=args.data,
                         out_dir=args.weights_out, threads=args.threads,
                         max_minutes=args.max_minutes, variant=args.variant, crop=args.crop,
-                        from_scratch=args.from_scratch)
+                        from_scratch=args.from_scratch, select=args.select)
     return 0
 
 
@@ -164,4 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, default=48, help="deviation only: training crop side (voxels)")
     p.add_argument("--from-scratch", action="store_true",
                    help="deviation only: do not continue from the bundled weights")
+    p.add_argument("--select", choices=["loss", "realism"], default="loss",
+                   help="deviation only: keep the weights with the lowest validation-fold denoising loss, or with "
+                        "the highest validation-fold realism pass fraction (synthesizes the fold every 400 steps)")
     p.set_defaults(func=cmd_train)

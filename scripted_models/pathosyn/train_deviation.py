@@ -186,9 +186,17 @@ def validation_loss(net, draws, scheduler, cfg: DeviationConfig, device, chunk: 
 def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: float = 2e-4, seed: int = 0,
                     data_root=None, save_every: int = 100, out_dir: Path | None = None, threads: int | None = None,
                     max_minutes: float | None = None, variant: str = "pathosyn", cache: Path | None = None,
-                    from_scratch: bool = False, eval_every: int = 200):
+                    from_scratch: bool = False, eval_every: int = 200, select: str = "loss",
+                    realism_every: int = 400):
     """Train on the training fold; every `eval_every` steps the EMA weights are scored on fixed validation-fold
-    draws, and the best are kept (work/best_val.safetensors) and saved as the model."""
+    draws (denoising loss). select="loss" keeps the weights with the lowest loss (work/best_val.safetensors);
+    select="realism" also synthesizes the validation fold's lesions every `realism_every` steps (one seed, the
+    default sampler) and keeps the weights with the highest pass fraction, then the lowest Wasserstein
+    (work/best_realism.safetensors): a lower denoising loss did not mean more realistic lesions."""
+    if select not in ("loss", "realism"):
+        from ..errors import InputError
+
+        raise InputError(f"unknown selection rule '{select}': expected loss or realism")
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +227,32 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     best_path = work / "best_val.safetensors"
     val_curve = list(extra.get("val_curve", []))
     best = dict(extra.get("best_val", {}))
+    realism_path = work / "best_realism.safetensors"
+    realism_curve = list(extra.get("realism_curve", []))
+    best_realism = dict(extra.get("best_realism", {}))
+    validation_fold = None
+    if select == "realism":
+        from ..evaluation.realism import FoldRealism
+
+        validation_fold = FoldRealism(data_root, "validation", device=str(device))
+
+    def check_realism():
+        from ..weights import save_state, write_safetensors
+
+        candidate = work / "candidate"
+        state = {k: v.contiguous() for k, v in ema_net.state_dict().items()}
+        save_state(WEIGHTS_NAME, state, {"model": WEIGHTS_NAME, "variant": variant, "config": config_dict(cfg),
+                                         "steps": step, "note": "EMA weights under validation"}, candidate)
+        summary = validation_fold.score({"candidate": candidate}, seeds=(0,))["results"]["candidate"]["summary"]
+        row = {"step": step, "pass_fraction": summary["pass_fraction"], "wasserstein": summary["wasserstein"],
+               "mean_err": summary["mean_err"], "per_modality_pass": summary["per_modality_pass"]}
+        realism_curve.append(row)
+        print(json.dumps({"validation_realism": row}), flush=True)
+        key = (row["pass_fraction"], -row["wasserstein"])
+        if not best_realism or key > (best_realism["pass_fraction"], -best_realism["wasserstein"]):
+            write_safetensors(state, realism_path)
+            best_realism.clear()
+            best_realism.update(row)
 
     def check_validation():
         ema_net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()})
@@ -230,10 +264,12 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
 
             write_safetensors({k: v.contiguous() for k, v in ema_net.state_dict().items()}, best_path)
             best.update(step=step, val_loss=round(score, 5))
+        if validation_fold is not None and (step % realism_every == 0 or step == steps or not realism_curve):
+            check_realism()
 
     def state_extra():
         return {"wall_s": wall + time.time() - t0, "start_step": start_step, "val_curve": val_curve,
-                "best_val": best}
+                "best_val": best, "realism_curve": realism_curve, "best_realism": best_realism}
 
     net.train()
     t0 = time.time()
@@ -283,7 +319,15 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
                        "IEEE TMI 2015 and Bakas et al., Sci Data 2017"}
     from ..weights import save_state
 
-    if best_path.is_file():
+    if select == "realism" and realism_path.is_file():
+        from safetensors.torch import load_file
+
+        card["selection"] = {"rule": "highest validation-fold realism pass fraction of the EMA weights (one seed, "
+                                     "default sampler), then lowest Wasserstein", "selected_step": best_realism["step"],
+                             "curve": realism_curve, "loss_curve": val_curve}
+        state = load_file(realism_path)
+        card["steps_selected"] = best_realism["step"]
+    elif best_path.is_file():
         from safetensors.torch import load_file
 
         state = load_file(best_path)
