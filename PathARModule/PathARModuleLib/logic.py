@@ -207,8 +207,11 @@ class SamplesJob:
 class PathARModuleLogic:
     """PathAR samples in, new MRML nodes out. Works on `slicer.mrmlScene` unless a scene is given."""
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, appLogic=None):
+        """appLogic: the application logic whose Volume Rendering module logic to use (e.g. trame-slicer's
+        `SlicerApp.app_logic`); default: Slicer's, or `slicer.app_logic` headless."""
         self._scene = scene
+        self._appLogic = appLogic
         self._pathoSyn = PathoSynSlicerLogic(scene)
         self.lastPlacement: dict = {}
 
@@ -415,9 +418,19 @@ class PathARModuleLogic:
             if node is not None and node.GetScene() is not self.scene:
                 raise InputError(f"the PathoSyn {what} '{node.GetName()}' is no longer in the scene")
         layoutNode = self._layoutNode()
-        layoutId = LAYOUT_ID_BASE + n
         registerLayouts(layoutNode)
-        layoutNode.SetViewArrangement(layoutId)
+        layoutNode.SetViewArrangement(LAYOUT_ID_BASE + n)
+        layout = self.linkViews(n, volumeRendering)
+        self.showPathoSyn(layout, pathoSynInput, pathoSynOutput, pathoSynSegmentation)
+        if run is not None:
+            self.showModality(run, layout, modality or run.modalities[0])
+        return layout
+
+    def linkViews(self, n: int, volumeRendering: bool = True) -> LinkedLayout:
+        """Link the existing view nodes of the layout (tags PathARSlice<i>, PathAR<i>, PathoSynInput/Result/3D):
+        samples in one view group, the PathoSyn pair in another. Used by createLinkedLayout, and by front ends that
+        create these views themselves (the browser front end)."""
+        layoutId = LAYOUT_ID_BASE + n
         sliceNodes = [self._viewNode(sliceTag(i), "vtkMRMLSliceNode") for i in range(n)]
         viewNodes = [self._viewNode(viewTag(i), "vtkMRMLViewNode") for i in range(n)]
         composites = [self._compositeNode(sliceTag(i)) for i in range(n)]
@@ -435,12 +448,8 @@ class PathARModuleLogic:
             node.SetLinkedControl(True)
             node.SetBoxVisible(False)
             node.SetAxisLabelsVisible(False)
-        layout = LinkedLayout(layoutId, sliceNodes, viewNodes, cameras, composites, pathoSynSlices, pathoSynView,
-                              volumeRendering)
-        self.showPathoSyn(layout, pathoSynInput, pathoSynOutput, pathoSynSegmentation)
-        if run is not None:
-            self.showModality(run, layout, modality or run.modalities[0])
-        return layout
+        return LinkedLayout(layoutId, sliceNodes, viewNodes, cameras, composites, pathoSynSlices, pathoSynView,
+                            volumeRendering)
 
     def pathoSynResult(self) -> tuple:
         """(input, synthesized volume, lesion segmentation) of the latest PathoSyn synthesis in the scene, found by
@@ -500,9 +509,9 @@ class PathARModuleLogic:
         from .offscreen import applicationLogic
 
         modules = getattr(slicer, "modules", None)
-        if modules is not None and hasattr(modules, "volumerendering"):
+        if self._appLogic is None and modules is not None and hasattr(modules, "volumerendering"):
             return modules.volumerendering.logic()
-        appLogic = applicationLogic(self.scene)
+        appLogic = self._appLogic or applicationLogic(self.scene)
         logic = appLogic.GetModuleLogic("VolumeRendering")
         if logic is None:
             logic = slicer.vtkSlicerVolumeRenderingLogic()

@@ -1021,6 +1021,12 @@ def showCompare(scene, inputNode, outputNode, segmentation=None, layoutNode=None
     layoutNode = layoutNode or applicationLayoutNode(scene)
     registerLayouts(layoutNode)
     layoutNode.SetViewArrangement(COMPARE_LAYOUT_ID)
+    return linkCompareViews(scene, inputNode, outputNode, segmentation)
+
+
+def linkCompareViews(scene, inputNode, outputNode, segmentation=None) -> CompareViews:
+    """Input and result in the existing compare views (tags PathoSynInput / PathoSynResult / PathoSyn3D), linked to
+    each other only. Used by showCompare, and by front ends that create these views themselves (browser)."""
     sliceNodes = [scene.GetSingletonNode(tag, "vtkMRMLSliceNode") for tag in COMPARE_SLICE_TAGS]
     viewNode = scene.GetSingletonNode(COMPARE_3D_TAG, "vtkMRMLViewNode")
     if None in sliceNodes or viewNode is None:
@@ -1068,5 +1074,6 @@ class SynthesisJob:
 
 __all__ = ["BatchResult", "CompareViews", "DependencyProblem", "InputError", "JobError", "MODALITIES",
            "PathoSynSlicerLogic", "SynthesisJob", "SynthesisNodes", "WeightsError", "availableDevices",
-           "checkDependencies", "dependencyProblems", "missingDependencies", "registerLayouts", "showCompare",
+           "checkDependencies", "dependencyProblems", "linkCompareViews", "missingDependencies", "registerLayouts",
+           "showCompare",
            "subregionForSegmentName"]
