@@ -1,0 +1,235 @@
+"""The trame application: trame-slicer's SlicerApp, layouts, segment editor and upload, plus the PathoSyn panel.
+
+    pathosyn-web [--port 8080] [--host 127.0.0.1]
+
+One server process serves one shared state (one user). Jobs run in the warm engine worker (a child process: no torch
+in this process); the worker is started in a thread at startup so that the first click finds it warm.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # headless Mesa/GPU; no X server needed
+
+from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logic on sys.path
+
+log = logging.getLogger("pathosyn.web")
+
+
+class PathoSynWebApp:
+    def __init__(self, server=None, workDir: str | None = None, startWorker: bool = True):
+        from PathoSynSlicerLib.process import pythonExecutable
+        from trame.app import get_server
+        from trame_server.utils.asynchronous import create_task
+        from trame_server.utils.typed_state import TypedState
+        from trame_slicer import module as trame_slicer_module
+        from trame_slicer.app.logic import SegmentEditorLogic
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+
+        from scripted_models.worker import EngineWorker
+
+        from .controller import WebController
+        from .state import PathoSynWebState
+        from .views import WebViews, patharLayoutId
+
+        self.server = server or get_server(client_type="vue3")
+        self.server.enable_module(trame_slicer_module)
+        self.state = self.server.state
+        self.typed = TypedState(self.state, PathoSynWebState)
+        self.slicerApp = SlicerApp()
+        register_rca_factories(self.slicerApp.view_manager, self.server)
+        self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
+        self._patharLayoutId = patharLayoutId
+
+        def onLayout(layoutId: str):
+            self.typed.data.layout = "PathAR" if layoutId.startswith("PathAR") else layoutId
+
+        self.views = WebViews(self.slicerApp, self.layoutManager, onLayout=onLayout)
+        self.views.createAllViews()  # before the segment editor: its effect pipelines look the views up
+        self.segmentEditorLogic = SegmentEditorLogic(self.server, self.slicerApp)
+        # this front end's warm engine worker; --preload: the models are loaded before the first click
+        self.worker = EngineWorker(command=[pythonExecutable()], preload=True) if startWorker else None
+        self.controller = WebController(self.slicerApp.scene, self.typed.data, views=self.views,
+                                        appLogic=self.slicerApp.app_logic, worker=self.worker,
+                                        createTask=create_task, flush=lambda: self.state,
+                                        workDir=workDir)
+        self._buildUI()
+        self.views.setLayout("Paint")
+        self.views.observeClicks("Red", self._onAxialClick)
+        self.typed.bind_changes({
+            self.typed.name.layout: self._onLayoutChanged,
+            self.typed.name.overlay: self.controller.setOverlay,
+            self.typed.name.pathar_modality: self.controller.showPathARModality,
+        })
+        self.server.trigger("ps_ping")(self._ping)
+        self.server.trigger("ps_test_voxels")(self.controller.voxelCount)
+        self.server.trigger("ps_test_status")(self._status)
+        self.server.controller.on_server_ready.add(self._onReady)
+        self.state["trame__title"] = "PathoSyn"
+        self._createTask = create_task
+
+    # --- UI ----------------------------------------------------------------------------------------------------------
+    def _buildUI(self):
+        from trame.widgets.vuetify3 import Template
+        from trame_slicer.app.ui import (
+            ControlButton,
+            LoadVolumeUI,
+            SegmentEditorToolbarUI,
+            SegmentEditorUI,
+            SegmentEditorUndoRedoUI,
+            ViewerLayout,
+        )
+
+        from .panel_ui import LayoutToggle, PathoSynPanel
+
+        c = self.controller
+        handlers = {
+            "load_sample": self._clicked(c.loadSample), "load_scan": self._clicked(self._loadScanPath),
+            "set_modality": c.setModality, "new_subregions": self._clicked(lambda: c.newSegmentation(False)),
+            "new_whole": self._clicked(lambda: c.newSegmentation(True)),
+            "load_mask": self._clicked(lambda: c.loadMaskFile(self.typed.data.mask_path)),
+            "synthesize": self._starts(c.synthesize), "pseudo_healthy": self._starts(c.pseudoHealthy),
+            "cancel": c.cancel, "pathar": self._starts(c.samplePathAR), "use_mask": c.armPlacement,
+            "save": c.saveClicked,
+        }
+        with ViewerLayout(self.server, title="PathoSyn", is_drawer_visible=True) as self.layout:
+            viewer = self.layout.typed_state
+            self.layout.drawer.width = 400
+            viewer.data.active_tool = "PathoSynPanel"
+            with self.layout.appbar, Template(v_slot_prepend=True):
+                self.upload = LoadVolumeUI()
+            with self.layout.appbar:
+                LayoutToggle(self.typed.name, classes="mx-4")
+            with self.layout.drawer:
+                PathoSynPanel(self.typed.name, handlers, v_if=(f"{viewer.name.active_tool} === 'PathoSynPanel'",))
+                self.editorUI = SegmentEditorUI(v_if=(f"{viewer.name.active_tool} === 'SegmentEditorUI'",))
+            with self.layout.toolbar:
+                for tool, icon, label in (("PathoSynPanel", "mdi-brain", "PathoSyn panel"),
+                                          ("SegmentEditorUI", "mdi-palette", "Segment editor panel")):
+                    ControlButton(name=label, icon=icon, classes="mt-1", id=f"ps-tool-{tool}",
+                                  active=(f"{viewer.name.active_tool} === '{tool}'",),
+                                  click=f"{viewer.name.active_tool} = '{tool}'; {viewer.name.is_drawer_visible} = true")
+                SegmentEditorToolbarUI(editor_ui=self.editorUI)
+            with self.layout.undo_redo:
+                SegmentEditorUndoRedoUI(editor_ui=self.editorUI)
+            with self.layout.content:
+                self.layoutManager.initialize_layout_grid(self.layout)
+        self.segmentEditorLogic.set_ui(self.editorUI)
+        self.upload.on_load_volume.connect(self._onUpload)
+
+    def _clicked(self, action):
+        """A quick (sub-second) scene action run in the click handler; its error becomes the page's line."""
+        def handler(*_args):
+            with self.controller.reportErrors():
+                action()
+        return handler
+
+    @staticmethod
+    def _starts(start):
+        """A click that starts a job: the handler must return None. trame awaits a returned awaitable inside the
+        trigger, and wslink handles that browser's messages one at a time: returning the task would freeze the page
+        (views, pings, progress) for the whole job."""
+        def handler(*_args):
+            start()
+        return handler
+
+    # --- handlers ----------------------------------------------------------------------------------------------------
+    def _loadScanPath(self):
+        self.controller.loadScanFile(self.typed.data.scan_path, self.typed.data.scan_modality)
+
+    def _onUpload(self, files: list) -> None:
+        """Browser upload (trame-slicer's chunked file input): one volume per file, tagged by its name; a file
+        named like a mask (mask / seg / label) becomes the lesion mask."""
+        from trame_slicer.utils import write_client_files_to_dir
+
+        with self.controller.reportErrors(), tempfile.TemporaryDirectory(prefix="pathosyn-upload-") as folder:
+            paths = write_client_files_to_dir(files, folder)
+            masks = [p for p in paths if any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))]
+            scans = [p for p in paths if p not in masks]
+            self.controller.loadScanFiles([(p, None) for p in scans])
+            for path in masks:
+                self.controller.loadMaskFile(path)
+
+    def _onLayoutChanged(self, layout: str):
+        if layout == "PathAR":
+            run = self.controller.patharRun
+            n = len(run.samples) if run is not None and run.isIntact() else int(self.typed.data.pathar_n or 2)
+            layout = self._patharLayoutId(min(max(n, 1), 4))
+        if layout != self.layoutManager.layout_id:
+            self.layoutManager.set_layout(layout)
+
+    def _onAxialClick(self, pointRAS) -> None:
+        if self.typed.data.placing:
+            with self.state:
+                self.controller.placeSampleAt(pointRAS)
+
+    def _ping(self):
+        return time.time()
+
+    def _status(self):
+        """For tests and the bench: the nodes of the latest result and the job state."""
+        c = self.controller
+        result = c.lastResult
+        out = {"running": c.running, "error": self.typed.data.error, "message": self.typed.data.message,
+               "layout": self.layoutManager.layout_id, "has_result": result is not None,
+               "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
+               "worker_alive": bool(self.worker is not None and self.worker.alive)}
+        if result is not None:
+            out["volumes"] = {m: n.GetName() for m, n in result.volumes.items()}
+            out["report"] = {k: v for k, v in result.report.items() if isinstance(v, (int, float, str, list, dict))}
+        return out
+
+    def _onReady(self, **_):
+        print(f"PathoSyn web front end: http://{self.host}:{self.port}/", flush=True)
+        if self.worker is not None:  # warm the engine worker (imports torch, loads the models) off the loop
+            asyncio.get_event_loop().run_in_executor(None, self._startWorker)
+
+    def _startWorker(self):
+        try:
+            self.worker.start()
+        except Exception as exc:  # noqa: BLE001 - shown on the first click instead
+            log.warning("engine worker did not start: %s", exc)
+
+    def close(self):
+        if self.worker is not None:
+            self.worker.close()
+
+    def start(self, host: str = "127.0.0.1", port: int = 8080):
+        self.host, self.port = host, port
+        self.server.start(host=host, port=port, open_browser=False, timeout=0, show_connection_info=False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pathosyn-web", description="PathoSyn in the browser (trame-slicer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--work-dir", default=None, help="folder for the jobs' temporary files")
+    parser.add_argument("--no-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    app = PathoSynWebApp(workDir=args.work_dir, startWorker=not args.no_worker)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        app.start(args.host, args.port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

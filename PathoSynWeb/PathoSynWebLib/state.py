@@ -1,0 +1,57 @@
+"""The page's state: plain dataclasses, bound to trame through TypedState (names are prefixed by the dataclass)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODALITY_ITEMS = ["t1", "t1c", "t2", "flair"]
+OVERLAY_ITEMS = ["none", "residual", "uncertainty"]
+
+
+@dataclass
+class ScanEntry:
+    """One loaded scan and the modality it is tagged with."""
+
+    node_id: str = ""
+    name: str = ""
+    modality: str = "t1"
+
+
+@dataclass
+class PathoSynWebState:
+    # inputs
+    scans: list = field(default_factory=list)  # ScanEntry as dicts (trame state is JSON)
+    scan_path: str = ""  # a file on the server's disk (NIfTI / NRRD)
+    scan_modality: str = "t1"
+    mask_path: str = ""
+    segmentation_name: str = ""
+    # synthesis parameters
+    seed: int = 0
+    samples: int = 1
+    steps: int = 5
+    preview: bool = False  # 2 steps
+    guidance: float = 1.0
+    # job
+    running: bool = False
+    job_kind: str = ""  # synthesize | pseudo-healthy | sample
+    progress: float = 0.0  # 0..100
+    message: str = ""
+    error: str = ""
+    # results
+    has_result: bool = False
+    overlay: str = "none"
+    layout: str = "Paint"
+    # PathAR
+    pathar_modalities: list = field(default_factory=lambda: ["t1c", "flair"])
+    pathar_n: int = 2
+    pathar_seed: int = 0
+    pathar_temperature: float = 1.0
+    pathar_modality: str = "t1c"
+    pathar_has_run: bool = False
+    pathar_sample: int = 1  # 1-based, for "Use this mask"
+    placing: bool = False  # the next click in the input view places the sample's mask
+    # save
+    save_folder: str = ""
+    save_mrb: bool = False
+
+
+__all__ = ["MODALITY_ITEMS", "OVERLAY_ITEMS", "PathoSynWebState", "ScanEntry"]

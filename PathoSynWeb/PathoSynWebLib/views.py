@@ -1,0 +1,220 @@
+"""Layouts and what the views show: trame-slicer's LayoutManager and views, linked through the Slicer modules' logic.
+
+Three layouts, their views created at startup (the first creation of a view costs about 2 s on a CPU renderer):
+  Paint    axial (large) + coronal, sagittal, 3D: paint the lesion here
+  Compare  input | result slice views (tags PathoSynInput / PathoSynResult, the desktop module's) + 3D;
+           linked (view group, composite LinkedControl) by PathoSynSlicerLib.logic.linkCompareViews
+  PathAR n a row of sample 3D views over a row of sample slice views (tags PathAR<i> / PathARSlice<i>), linked by
+           PathARModuleLib.logic.PathARModuleLogic.linkViews
+"""
+from __future__ import annotations
+
+import logging
+
+# isort: off
+from PathoSynSlicerLib.logic import (  # noqa: E402
+    COMPARE_3D_TAG,
+    COMPARE_SLICE_TAGS,
+    COMPARE_VIEW_GROUP,
+    linkCompareViews,
+)
+from PathARModuleLib.logic import MAX_SAMPLES, PATHAR_VIEW_GROUP, sliceTag, viewTag  # noqa: E402
+# isort: on
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps  # noqa: E402
+from trame_slicer.views.view_layout_definition import ViewType  # noqa: E402
+
+log = logging.getLogger("pathosyn.web")
+PAINT_SLICE_TAGS = ("Red", "Green", "Yellow")
+OVERLAY_OPACITY = 0.6
+
+
+def _slice(tag: str, label: str, color: str, group: int = 0, orientation: str = "Axial") -> ViewLayoutDefinition:
+    return ViewLayoutDefinition(tag, ViewType.SLICE_VIEW, ViewProps(label=label, orientation=orientation, color=color,
+                                                                    group=group))
+
+
+def _threeD(tag: str, label: str, group: int = 0) -> ViewLayoutDefinition:
+    return ViewLayoutDefinition(tag, ViewType.THREE_D_VIEW, ViewProps(label=label, group=group, box_visible=False,
+                                                                      background_color=("#1f2020", "#3c3c3c")))
+
+
+def patharLayoutId(n: int) -> str:
+    return f"PathAR {n}"
+
+
+def layouts() -> dict:
+    paint = Layout(LayoutDirection.Horizontal, [
+        ViewLayoutDefinition.axial_view(),
+        Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view(),
+                                          ViewLayoutDefinition.threed_view()]),
+    ], flex_sizes=["3", "1"])
+    compare = Layout(LayoutDirection.Horizontal, [
+        _slice(COMPARE_SLICE_TAGS[0], "In", "#F34A33", COMPARE_VIEW_GROUP),
+        _slice(COMPARE_SLICE_TAGS[1], "Out", "#EDD54C", COMPARE_VIEW_GROUP),
+        _threeD(COMPARE_3D_TAG, "PS", COMPARE_VIEW_GROUP),
+    ])
+    out = {"Paint": paint, "Compare": compare}
+    for n in range(1, MAX_SAMPLES + 1):
+        out[patharLayoutId(n)] = Layout(LayoutDirection.Vertical, [
+            Layout(LayoutDirection.Horizontal, [_threeD(viewTag(i), f"S{i + 1}", PATHAR_VIEW_GROUP) for i in range(n)]),
+            Layout(LayoutDirection.Horizontal,
+                   [_slice(sliceTag(i), f"S{i + 1}", "#6E8FCB", PATHAR_VIEW_GROUP) for i in range(n)]),
+        ])
+    return out
+
+
+class WebViews:
+    """Display side of the controller (app-side; needs trame-slicer's SlicerApp and LayoutManager)."""
+
+    def __init__(self, slicerApp, layoutManager, onLayout=None):
+        self.app = slicerApp
+        self.scene = slicerApp.scene
+        self.layoutManager = layoutManager
+        self.onLayout = onLayout  # called with the layout id (the page's layout selector follows)
+        self.resultComposite = None
+        for layoutId, layout in layouts().items():
+            layoutManager.register_layout(layoutId, layout, lazy_initialization=True)
+
+    def createAllViews(self) -> None:
+        """Create every layout's views now, at startup: the first Compare / PathAR display then does not pay for
+        them (about 1-2 s per view on llvmpipe). Not in the background: a segment editor effect activated while a
+        view is half-created fails (its pipeline finds no view)."""
+        for layoutId in self.layoutManager.get_layout_ids():
+            self.layoutManager.create_layout_views_if_needed(layoutId)
+
+    def setLayout(self, layoutId: str) -> None:
+        self.layoutManager.set_layout(layoutId)
+        if self.onLayout is not None:
+            self.onLayout(layoutId)
+
+    def view(self, tag: str):
+        return self.app.view_manager.get_view(tag)
+
+    # --- painting ----------------------------------------------------------------------------------------------------
+    def showScan(self, volume, segmentation=None) -> None:
+        """The scan in the Paint views; the segmentation (filled) is the one the segment editor paints."""
+        self.setLayout("Paint")
+        for tag in PAINT_SLICE_TAGS:
+            view = self.view(tag)
+            if view is not None:
+                view.set_background_volume_id(volume.GetID())
+                view.set_foreground_volume_id(None)
+                view.fit_view_to_content()
+        editor = self.app.segmentation_editor
+        if segmentation is not None:
+            segmentation.CreateDefaultDisplayNodes()
+            display = segmentation.GetDisplayNode()
+            display.SetVisibility2DFill(True)
+            display.SetVisibility2DOutline(True)
+            self.showOnlyIn(segmentation, [*PAINT_SLICE_TAGS, "ThreeD"])
+            editor.set_active_segmentation(segmentation, volume)
+            centre = _segmentationCentre(segmentation)
+            if centre is not None:
+                for tag in PAINT_SLICE_TAGS:
+                    view = self.view(tag)
+                    if view is not None:
+                        view.get_view_node().JumpSliceByCentering(*centre)
+        threeD = self.view("ThreeD")
+        if threeD is not None:
+            threeD.reset_view()
+
+    def stopEditing(self) -> None:
+        self.app.segmentation_editor.deactivate_effect()
+
+    # --- compare -----------------------------------------------------------------------------------------------------
+    def showCompare(self, inputNode, outputNode, segmentation=None, residual=None, uncertainty=None,
+                    overlay: str = "none") -> None:
+        self.stopEditing()
+        self.setLayout("Compare")
+        views = linkCompareViews(self.scene, inputNode, outputNode, segmentation)
+        self.resultComposite = views.compositeNodes[1]
+        inputView, resultView = (self.view(tag) for tag in COMPARE_SLICE_TAGS)
+        if inputView is not None:
+            inputView.fit_view_to_content()
+        source, target = views.sliceNodes
+        centre = _segmentationCentre(segmentation) if segmentation is not None else None
+        if centre is not None:
+            source.JumpSliceByCentering(*centre)
+        target.SetFieldOfView(*source.GetFieldOfView())  # linked views share interaction, not the first FOV
+        target.GetSliceToRAS().DeepCopy(source.GetSliceToRAS())
+        target.UpdateMatrices()
+        if segmentation is not None:  # outline only: the synthesized voxels stay visible
+            display = segmentation.GetDisplayNode()
+            display.SetVisibility2DFill(False)
+            display.SetVisibility2DOutline(True)
+            display.SetSliceIntersectionThickness(2)
+            self.showOnlyIn(segmentation, [*COMPARE_SLICE_TAGS, COMPARE_3D_TAG])
+        self.setOverlay({"residual": residual, "uncertainty": uncertainty}.get(overlay))
+        if centre is not None:
+            self.aimCamera(COMPARE_3D_TAG, centre, _segmentationSize(segmentation))
+
+    def showOnlyIn(self, displayable, tags) -> None:
+        """Show a node in these views only (the painted mask in the Paint views, a result in the Compare views)."""
+        ids = [view.get_view_node().GetID() for view in (self.view(tag) for tag in tags) if view is not None]
+        for i in range(displayable.GetNumberOfDisplayNodes()):
+            display = displayable.GetNthDisplayNode(i)
+            if display is not None:
+                display.SetViewNodeIDs(ids)
+
+    def aimCamera(self, tag: str, centre, size: float) -> None:
+        """Look at `centre` from the front-right, `size` mm across (as the PathAR sample views do)."""
+        camera = next((c for c in self.scene.GetNodesByClass("vtkMRMLCameraNode") if c.GetLayoutName() == tag), None)
+        if camera is None:
+            return
+        distance = 1.6 * max(size, 20.0)
+        camera.SetFocalPoint(*centre)
+        camera.SetPosition(centre[0] + 0.6 * distance, centre[1] + 0.6 * distance, centre[2] + 0.5 * distance)
+        camera.SetViewUp(0.0, 0.0, 1.0)
+        camera.ResetClippingRange()
+
+    def setOverlay(self, node) -> None:
+        """Residual or uncertainty over the result (foreground layer), or nothing."""
+        if self.resultComposite is None:
+            return
+        self.resultComposite.SetForegroundVolumeID(node.GetID() if node is not None else None)
+        self.resultComposite.SetForegroundOpacity(OVERLAY_OPACITY if node is not None else 0.0)
+
+    # --- PathAR ------------------------------------------------------------------------------------------------------
+    def showPathAR(self, patharLogic, run, modality: str):
+        self.stopEditing()
+        n = len(run.samples)
+        self.setLayout(patharLayoutId(n))
+        layout = patharLogic.linkViews(n, volumeRendering=False)  # CPU rendering: surfaces only
+        patharLogic.showModality(run, layout, modality)
+        for i in range(n):
+            view = self.view(viewTag(i))
+            if view is not None:
+                view.schedule_render()
+        return layout
+
+    # --- placing a PathAR mask ---------------------------------------------------------------------------------------
+    def observeClicks(self, tag: str, onClick) -> None:
+        """onClick(pointRAS) on a left click in slice view `tag`; returns True to swallow the click."""
+        view = self.view(tag)
+        if view is None:
+            return
+        interactor = view.interactor()
+
+        def onPress(caller, _event):
+            x, y = caller.GetEventPosition()
+            xyToRAS = view.get_view_node().GetXYToRAS()
+            ras = xyToRAS.MultiplyPoint((float(x), float(y), 0.0, 1.0))[:3]
+            onClick(ras)
+
+        interactor.AddObserver("LeftButtonPressEvent", onPress, 10.0)
+
+
+def _segmentationCentre(segmentation):
+    segs = segmentation.GetSegmentation()
+    points = [segmentation.GetSegmentCenterRAS(segs.GetNthSegmentID(i)) for i in range(segs.GetNumberOfSegments())]
+    points = [p for p in points if p is not None]
+    if not points:
+        return None
+    return [sum(p[a] for p in points) / len(points) for a in range(3)]
+
+
+def _segmentationSize(segmentation) -> float:
+    """Largest extent (mm) of a segmentation's closed surface or labelmap bounds."""
+    bounds = [0.0] * 6
+    segmentation.GetRASBounds(bounds)
+    return max(bounds[1] - bounds[0], bounds[3] - bounds[2], bounds[5] - bounds[4], 0.0)

@@ -1,0 +1,1 @@
+"""PathoSyn in the browser (trame-slicer). Entry point: PathoSynWeb.py (`pathosyn-web`)."""

@@ -1,0 +1,152 @@
+"""The browser front end end to end, in a real browser: `pathosyn-web` on a free 127.0.0.1 port, Debian's Chromium
+driven by Playwright with real mouse events. Load the teaching sample, paint a brush stroke on the axial view (voxels
+counted on the server), Synthesize (2 steps) in the warm engine worker, wait for the result in the compare layout,
+Save, and check that outside the dilated mask the output equals the input bit for bit; then 2 PathAR samples.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`, done by .ci/run) and the `playwright` package; it fails, not
+skips, without them. PATHOSYN_WRITE_SCREENSHOT=1 also refreshes Resources/Screenshots/web_*.png.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "Resources" / "Screenshots"
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web-shots")
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory, shots):
+    """(server, page): one server and one browser for the module, both stopped by PID at the end."""
+    if not os.path.isfile("/usr/bin/chromium") and "PATHOSYN_CHROMIUM" not in os.environ:
+        pytest.fail("Debian's chromium is not installed (/usr/bin/chromium): apt-get install -y chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: pip install -e '.[test]'")
+    from PathoSynWeb.PathoSynWebLib.harness import Browser, Page, Server
+
+    work = tmp_path_factory.mktemp("web-work")
+    server = Server(work / "server.log", workDir=str(work))
+    browser = None
+    try:
+        server.waitReady(timeout=120)
+        with sync_playwright() as playwright:
+            browser = Browser(playwright)
+            page = Page(browser.page)
+            page.open(server.url)
+            yield server, page
+    finally:
+        if browser is not None:
+            browser.close()
+        server.stop()
+        print(server.logTail(15))
+
+
+def _save_shot(page, shots: Path, name: str) -> Path:
+    """A small PNG of the page (tmp; into Resources/Screenshots with PATHOSYN_WRITE_SCREENSHOT=1)."""
+    from PIL import Image
+
+    path = shots / f"web_{name}.png"
+    page.screenshot(path)
+    image = Image.open(path).convert("RGB")
+    image.thumbnail((1120, 700))
+    image.quantize(colors=256).save(path, optimize=True)
+    if os.environ.get("PATHOSYN_WRITE_SCREENSHOT") == "1":
+        shutil.copy(path, SCREENSHOTS / path.name)
+    return path
+
+
+def test_paint_synthesize_compare_save(web, shots, tmp_path):
+    from scripted_models.pathosyn.api import BLEND_MARGIN_MM
+    from scripted_models.preprocess import dilate_mm
+    from scripted_models.volume import read_volume
+
+    server, page = web
+    page.click("#ps-load-sample")
+    page.waitFor(lambda: page.voxels(), timeout=60, what="the teaching sample")
+    before = page.voxels()
+    assert set(before) == {"necrotic or non-enhancing core", "edema", "enhancing tumour"}, before
+
+    # a real brush stroke on the axial view (active segment: the first one, core)
+    page.selectPaint()
+    time.sleep(1.0)
+    page.brushStroke(dx=40)
+    after = page.waitFor(lambda: (v := page.voxels()) != before and v, timeout=30, what="painted voxels")
+    painted = sum(after.values()) - sum(before.values())
+    core = "necrotic or non-enhancing core"
+    assert after[core] > before[core] + 50, (before, after)
+    print(f"brush stroke: {before} -> {after} ({painted:+d} voxels in total)")
+    _save_shot(page, shots, "painted")
+
+    # Synthesize (2 steps): the click returns at once, progress streams, the result lands in the compare layout
+    page.fill("#ps-steps", STEPS)
+    page.click("#ps-synthesize")
+    page.page.wait_for_selector("#ps-progress", timeout=30000)
+    _save_shot(page, shots, "running")
+    pings = []
+    while True:  # the server answers while the worker computes (at least one ping, also for a quick job)
+        t0 = time.perf_counter()
+        page.trigger("ps_ping")
+        pings.append(time.perf_counter() - t0)
+        if not page.status()["running"]:
+            break
+        time.sleep(0.2)
+    status = page.waitFor(lambda: (s := page.status())["has_result"] and s, timeout=180, what="the result")
+    assert not status["error"], status
+    assert status["layout"] == "Compare"
+    assert max(pings) < 2.0, f"the page stopped answering during the synthesis: {max(pings):.2f} s"
+    time.sleep(3.0)  # let the compare views render
+    shot = _save_shot(page, shots, "compare")
+    assert shot.stat().st_size > 20_000
+
+    # Save through the page, then compare the files with the untouched input
+    out = tmp_path / "saved"
+    page.fill("#ps-save-folder", out)
+    page.click("#ps-save")
+    page.waitFor(lambda: (out / "mask.nii.gz").is_file() and (out / "t1.nii.gz").is_file(), timeout=60,
+                 what="the saved files")
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+
+    source = read_volume(PathoSynSlicerLogic().sampleDataFiles()["t1"])
+    output = read_volume(out / "t1.nii.gz")
+    mask = read_volume(out / "mask.nii.gz")
+    assert output.array.shape == source.array.shape and output.array.dtype == source.array.dtype
+    region = dilate_mm(mask.array > 0, BLEND_MARGIN_MM, tuple(reversed(source.spacing)))
+    assert region.any() and not region.all()
+    assert np.array_equal(output.array[~region], source.array[~region]), "voxels outside the lesion region changed"
+    assert np.abs(output.array[region].astype(float) - source.array[region]).max() > 0, "nothing was synthesized"
+    assert (out / "residual_t1.nii.gz").is_file()
+    assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
+
+
+def test_errors_show_in_the_page(web):
+    _, page = web
+    page.click("#ps-layout-paint")
+    page.fill("#ps-mask-path", "/nonexistent/mask.nii.gz")
+    page.click("#ps-load-mask")
+    page.page.wait_for_selector("#ps-error", timeout=10000)
+    assert "no such mask file" in page.page.inner_text("#ps-error")
+
+
+def test_pathar_samples_in_a_row(web, shots):
+    _, page = web
+    page.fill("#ps-pathar-n", 2)
+    page.click("#ps-pathar-generate")
+    status = page.waitFor(lambda: (s := page.status())["pathar_samples"] == 2 and not s["running"] and s,
+                          timeout=180, what="2 PathAR samples")
+    assert not status["error"], status
+    assert status["layout"] == "PathAR 2"
+    time.sleep(3.0)
+    _save_shot(page, shots, "pathar")
