@@ -1,0 +1,229 @@
+"""The browser front end's controller (PathoSynWeb/PathoSynWebLib/controller.py) on a plain slicer-core scene: no
+trame, no Qt, no browser. Jobs run through a fake runner that writes the CLI's outputs, so the tests are quick;
+the real engine worker is exercised by test_web_browser.py and test_worker.py."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_ball_mask, make_head
+
+pytest.importorskip("slicer")
+
+from slicer_scene import SlicerScene, array_of  # noqa: E402
+
+from PathoSynWeb.PathoSynWebLib.controller import WebController, guessModality  # noqa: E402
+from PathoSynWeb.PathoSynWebLib.state import PathoSynWebState  # noqa: E402
+from scripted_models.volume import read_volume, write_volume  # noqa: E402
+
+
+class FakeRunner:
+    """The WorkerRunner interface; on its 3rd poll it writes what `pathosyn synthesize --format nii` writes (input
+    copied, zero residual, the mask) and reports done, or fails / waits for cancel as told."""
+
+    def __init__(self, argv, outcome="done"):
+        self.argv, self.outcome = list(argv), outcome
+        self.state, self.fraction, self.message, self.result, self.error = "idle", 0.0, "", None, None
+        self.polls = 0
+
+    @property
+    def running(self):
+        return self.state == "running"
+
+    def start(self):
+        self.state = "running"
+        return self
+
+    def _arg(self, flag):
+        return self.argv[self.argv.index(flag) + 1]
+
+    def poll(self, _timeout=None):
+        self.polls += 1
+        self.fraction, self.message = min(1.0, self.polls / 3), f"denoising step {self.polls}/3"
+        if self.outcome == "wait" or self.polls < 3:
+            return True
+        if self.outcome == "died":
+            self.state, self.error = "failed", "the engine worker stopped (exit code -9): killed"
+            return False
+        out = Path(self._arg("--out"))
+        out.mkdir(parents=True)
+        for item in [a for a in self.argv if "=" in a and not a.startswith("--")]:
+            mod, path = item.split("=", 1)
+            image = read_volume(path)
+            write_volume(image, out / f"{mod}.nii")
+            write_volume(image.with_array(np.zeros(image.shape, np.float32)), out / f"residual_{mod}.nii")
+        write_volume(read_volume(self._arg("--mask")), out / "mask.nii")
+        (out / "report.json").write_text(json.dumps({"timing_s": {"total": 0.5}}))
+        self.state, self.result = "done", {"event": "done"}
+        return False
+
+    def cancel(self):
+        self.state = "cancelled"
+
+
+@pytest.fixture()
+def app():
+    return SlicerScene()
+
+
+def controller(app, outcome="done", tmp_path=None):
+    runners = []
+
+    def factory(argv):
+        runners.append(FakeRunner(argv, outcome))
+        return runners[-1]
+
+    c = WebController(app.scene, PathoSynWebState(), runnerFactory=factory, appLogic=app.app_logic,
+                      workDir=str(tmp_path) if tmp_path else None)
+    c.runners = runners
+    return c
+
+
+def write_head(tmp_path, name="sub01_t1.nii.gz"):
+    head = make_head()
+    return head, write_volume(head, tmp_path / name)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run(task):
+    async def go():
+        return await task
+    return asyncio.get_event_loop().run_until_complete(go()) if task is not None else None
+
+
+@pytest.fixture()
+def loop():
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+def test_modality_from_file_name():
+    assert guessModality("BraTS-GLI-00001-000-t1c.nii.gz") == "t1c"
+    assert guessModality("case_flair.nii") == "flair"
+    assert guessModality("/data/sub01_T2w.nrrd") == "t2"
+    assert guessModality("BraTS-GLI-00001-000-t2f.nii.gz") == "flair"
+    assert guessModality("anything.nii.gz") == "t1"
+
+
+def test_load_scans_masks_and_segments_leave_files_untouched(app, tmp_path):
+    c = controller(app)
+    head, path = write_head(tmp_path)
+    digest = sha(path)
+    node = c.loadScanFile(str(path))
+    assert c.scans == {"t1": node} and c.state.scans[0]["modality"] == "t1"
+    assert np.array_equal(array_of(node), head.array)
+
+    mask = make_ball_mask(head)
+    brats = mask.with_array(np.where(mask.array == 3, 4, mask.array).astype(np.uint8))  # BraTS: 4 = enhancing
+    mask_path = write_volume(brats, tmp_path / "lesion.nii.gz")
+    mask_digest = sha(mask_path)
+    seg = c.loadMaskFile(str(mask_path))
+    names = {seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(3)}
+    assert names == {"necrotic or non-enhancing core", "edema", "enhancing tumour"}
+    assert c.segmentation is seg and c.state.segmentation_name == seg.GetName()
+    assert sum(c.voxelCount().values()) == int((mask.array > 0).sum())
+    assert sha(path) == digest and sha(mask_path) == mask_digest, "an input file was modified"
+
+    whole = c.newSegmentation(wholeLesion=True)
+    assert [whole.GetSegmentation().GetNthSegment(i).GetName() for i in range(1)] == ["lesion"]
+    three = c.newSegmentation()
+    assert three.GetSegmentation().GetNumberOfSegments() == 3
+
+
+def test_bad_input_gives_one_line_and_changes_nothing(app, tmp_path, loop):
+    c = controller(app)
+    c.synthesize()
+    assert c.state.error.startswith("no scan loaded") and not c.runners
+    with pytest.raises(Exception, match="no such file"):
+        c.loadScanFile(str(tmp_path / "missing.nii.gz"))
+    _, path = write_head(tmp_path)
+    c.loadScanFile(str(path))
+    c.synthesize()
+    assert c.state.error.startswith("no lesion mask")
+    c.newSegmentation()  # segments, but nothing painted
+    ids = [app.scene.GetNthNode(i).GetID() for i in range(app.scene.GetNumberOfNodes())]
+    c.synthesize()
+    assert "empty" in c.state.error and "\n" not in c.state.error and not c.runners
+    assert [app.scene.GetNthNode(i).GetID() for i in range(app.scene.GetNumberOfNodes())] == ids
+    c.setModality(c.scans["t1"].GetID(), "t5")
+    assert "t5" in c.state.error
+    fractional = make_head().with_array(np.full((40, 48, 44), 0.5, np.float32))
+    with pytest.raises(Exception, match="non-integer"):
+        c.loadMaskFile(str(write_volume(fractional, tmp_path / "soft.nii.gz")))
+
+
+def test_synthesis_job_streams_progress_and_adds_new_nodes(app, tmp_path, loop):
+    c = controller(app, tmp_path=tmp_path)
+    head, path = write_head(tmp_path)
+    scan = c.loadScanFile(str(path))
+    c.loadMaskFile(str(write_volume(make_ball_mask(head), tmp_path / "mask.nii.gz")))
+    before = array_of(scan).copy()
+    c.state.steps, c.state.seed = 3, 7
+    task = c.synthesize()
+    assert c.state.running and task is not None
+    argv = c.runners[0].argv
+    assert argv[0] == "synthesize" and argv[argv.index("--steps") + 1] == "3" and "--seed" in argv
+    run(task)
+    assert not c.state.running and c.state.has_result and not c.state.error, c.state
+    assert c.state.message.startswith("Done in 0.5 s")
+    result = c.lastResult
+    assert result.volumes["t1"] is not scan and np.array_equal(array_of(scan), before)
+    assert result.segmentation is not None and "residual" in result.residuals["t1"].GetName()
+    assert not list(tmp_path.glob("pathosyn-*")), "the job folder was not removed"
+
+    out = tmp_path / "saved"
+    written = c.save(str(out), mrb=True)
+    assert {p.name for p in written} == {"t1.nii.gz", "residual_t1.nii.gz", "mask.nii.gz", "scene.mrb"}
+    assert np.array_equal(read_volume(out / "t1.nii.gz").array, head.array)
+    assert (read_volume(out / "mask.nii.gz").array > 0).sum() == (make_ball_mask(head).array > 0).sum()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+
+
+def test_worker_death_and_cancel_leave_the_scene_unchanged(app, tmp_path, loop):
+    for outcome in ("died", "wait"):
+        c = controller(app, outcome, tmp_path=tmp_path)
+        head, path = write_head(tmp_path)
+        c.loadScanFile(str(path))
+        c.loadMaskFile(str(write_volume(make_ball_mask(head), tmp_path / "mask.nii.gz")))
+        count = app.scene.GetNumberOfNodes()
+        task = c.synthesize()
+        if outcome == "wait":
+            loop.call_later(0.5, c.cancel)
+        run(task)
+        assert app.scene.GetNumberOfNodes() == count and c.lastResult is None
+        assert not c.state.running
+        if outcome == "died":
+            assert c.state.error.startswith("the engine worker stopped"), c.state.error
+        else:
+            assert c.state.message.startswith("Cancelled") and not c.state.error
+        assert not list(tmp_path.glob("pathosyn-*"))
+
+
+def test_pathar_sample_mask_placed_at_a_point(app, tmp_path):
+    c = controller(app)
+    head, path = write_head(tmp_path)
+    scan = c.loadScanFile(str(path))
+    patch = make_ball_mask(make_head(shape=(24, 24, 24), spacing=(1.0, 1.0, 1.0)), radius_vox=5)
+    image = patch.with_array(np.random.default_rng(0).normal(size=patch.shape).astype(np.float32))
+    c.patharRun = c.pathar.addSampleNodes([(patch, {"t1c": image})], ["t1c"], seed=0, temperature=1.0)
+    c.armPlacement()
+    assert c.state.placing and not c.state.error
+    bounds = [0.0] * 6
+    scan.GetRASBounds(bounds)
+    centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
+    c.placeSampleAt(centre)
+    assert not c.state.error and not c.state.placing
+    assert c.segmentation.GetName().endswith("placed") and sum(c.voxelCount().values()) > 0
+    assert c.logic.getParameters().maskSegmentation is c.segmentation  # useMaskInPathoSyn: PathoSyn's inputs
+    c.placeSampleAt([1e4, 1e4, 1e4])
+    assert "outside" in c.state.error
