@@ -102,3 +102,33 @@ def test_unknown_op_is_refused_before_it_reaches_the_worker():
     with pytest.raises(ValueError, match="unknown op"):
         EngineWorker().submit("format-disk", {})
     assert issubclass(WorkerError, RuntimeError)
+
+
+def test_handover_directory_prefers_a_writable_ram_folder_with_room(tmp_path):
+    from scripted_models.worker import handover_directory
+
+    missing = tmp_path / "no_such_folder"
+    assert handover_directory(0, candidates=(str(missing), str(tmp_path))) == str(tmp_path)
+    assert handover_directory(1 << 62, candidates=(str(tmp_path),)) is None  # not enough room: disk instead
+    assert handover_directory(0, candidates=(str(missing),)) is None
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if not os.access(read_only, os.W_OK):  # root may write anywhere
+            assert handover_directory(0, candidates=(str(read_only),)) is None
+    finally:
+        read_only.chmod(0o700)
+
+
+def test_job_files_go_to_the_ram_folder_when_there_is_one(monkeypatch, tmp_path):
+    """The Slicer logic hands job files over in handover_directory() when it answers, else the temp folder."""
+    import slicer_scene  # noqa: F401 - puts the module folders on sys.path
+    from PathoSynSlicerLib import logic
+
+    import scripted_models.worker as W
+
+    monkeypatch.setattr(W, "handover_directory", lambda: str(tmp_path))
+    assert logic.temporaryDirectory() == str(tmp_path)
+    monkeypatch.setattr(W, "handover_directory", lambda: None)
+    assert logic.temporaryDirectory() != str(tmp_path)

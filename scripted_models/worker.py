@@ -14,7 +14,8 @@ Events, one JSON object per stdout line, each with the job's "id":
     {"event": "progress", "id": ..., "fraction": 0.4, "message": "..."}
     {"event": "done", "id": ..., "outputs": {...}, "seconds": 1.2}
     {"event": "error", "id": ..., "kind": "input" | "weights" | "cancelled" | "internal", "message": "one line"}
-Volumes travel as files (the caller's temp folder); outputs are written atomically, report.json last.
+Volumes travel as files in the caller's temp folder, RAM-backed where the system has one (`handover_directory`:
+/dev/shm on Linux); outputs are written atomically, report.json last.
 
 `EngineWorker` is the client (Qt-free, used by the Slicer modules, the browser front end and the benches): it
 starts the process, sends jobs, delivers events, cancels, and restarts a worker that died, reporting the job it
@@ -36,6 +37,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 OPS = ("synthesize", "pseudo-healthy", "sample")
+HANDOVER_MIN_FREE = 2 << 30  # bytes a RAM folder must have free to be used for job files
+
+
+def handover_directory(min_free: int = HANDOVER_MIN_FREE, candidates=("/dev/shm",)) -> str | None:
+    """A RAM-backed folder for the files a job hands over (inputs and outputs), or None (the system temp folder):
+    writing a 1 mm volume there takes about 0.03 s instead of 0.04-0.25 s on disk. Used only when writable and
+    with `min_free` bytes free, so a full or read-only /dev/shm falls back to disk."""
+    import shutil
+
+    for folder in candidates:
+        try:
+            if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) \
+                    and shutil.disk_usage(folder).free >= min_free:
+                return folder
+        except OSError:
+            continue
+    return None
 
 
 class Cancelled(Exception):

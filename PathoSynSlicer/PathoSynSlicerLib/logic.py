@@ -953,9 +953,15 @@ class PathoSynSlicerLogic:
 
 
 def temporaryDirectory() -> str | None:
-    """Slicer's temporary folder (Application settings) when running in Slicer, else the system default."""
+    """Where job files are handed over: a RAM-backed folder (/dev/shm) when there is one with room, else Slicer's
+    temporary folder (Application settings) when running in Slicer, else the system default (None)."""
     import slicer
 
+    from scripted_models.worker import handover_directory
+
+    ram = handover_directory()
+    if ram:
+        return ram
     app = getattr(slicer, "app", None)
     path = getattr(app, "temporaryPath", None) if app is not None else None
     if isinstance(path, str) and path and os.path.isdir(path):

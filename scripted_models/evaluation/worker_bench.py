@@ -1,7 +1,8 @@
 """Click-to-result through the warm engine worker, as a front end sees it (prints the measured numbers).
 
-A "click" is what the Slicer modules and the browser front end do: write the input volumes to a temp folder,
-send the job, wait for "done", read the result volumes back. Workload: the MNI152 T1 with a lesion whose ROI
+A "click" is what the Slicer modules and the browser front end do: write the input volumes to the job hand-over
+folder (RAM-backed /dev/shm where available, as the front ends do), send the job, wait for "done", read the
+result volumes back. Workload: the MNI152 T1 with a lesion whose ROI
 is 64^3 voxels.
 - cold: the first click, including starting the worker process and loading the models;
 - warm: every later click (default steps), and the preview (the model's preview steps);
@@ -28,15 +29,20 @@ def rss_mb(pid: int) -> float:
 
 def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
     from ..pathosyn.deviation import DeviationConfig
+    from ..runtime import bf16_supported
     from ..templates import mni_t1
     from ..volume import read_volume, write_volume
-    from ..worker import EngineWorker
+    from ..worker import EngineWorker, handover_directory
     from .bench import _lesion, radius_for_roi
 
     t1 = mni_t1()
     preview_steps = DeviationConfig().preview_steps
-    rows = {"threads": threads, "warm_runs": warm, "memory_jobs": jobs}
-    with tempfile.TemporaryDirectory() as tmp:
+    import torch
+
+    handover = handover_directory()
+    rows = {"threads": threads, "warm_runs": warm, "memory_jobs": jobs, "handover_dir": handover or "system temp",
+            "bf16": bf16_supported(torch.device("cpu"))}
+    with tempfile.TemporaryDirectory(dir=handover) as tmp:
         tmp = Path(tmp)
         masks = {side: _lesion(t1, radius_for_roi(side)) for side in (32, 64)}
         counter = [0]
