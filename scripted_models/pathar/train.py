@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
-from ..runtime import autocast, pick_device
+from ..runtime import pick_device, training_autocast
 from ..weights import load_card, load_state, save_state, weights_dir, write_safetensors
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
 from .commands import STAGES, add_arguments
@@ -109,9 +109,13 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 
 def _versions() -> dict:
+    import os
+
     import monai
 
-    return {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()}
+    bf16 = torch.cuda.is_available() or bool(os.environ.get("PATHOSYN_TRAIN_BF16"))  # as training_autocast
+    return {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version(),
+            "train_precision": "bf16 autocast" if bf16 else "float32"}
 
 
 def _stage_done(name: str, out_dir: Path, steps: int, config: dict) -> bool:
@@ -218,9 +222,9 @@ def train_structure(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path
         if st.step == 0:  # fresh start: output layer at the class base rates
             init_output_bias(model.vqvae.decoder.blocks[-1].conv, ps.masks[ps.patches(False)], prior=True)
         if st.step == warm:  # end of the auto-encoder warm-up: codebook seeded on the (now informative) latents
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), training_autocast(device):
                 init_codebook(model.quantizer, model.vqvae.encode(one_hot(mask, cfg.structure.num_labels)))
-        with autocast(device):
+        with training_autocast(device):
             logits, q_loss, _, z = model(mask, quantize=st.step >= warm)
         ce = F.cross_entropy(logits.float(), mask.long())
         loss = ce + _soft_dice_loss(logits, mask) + q_loss
@@ -274,9 +278,9 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
         if st.step == 0:  # fresh start: output layer at the mean intensity
             init_output_bias(model.head[-1].conv, ps.images[ps.image_indices(False)[::8]], prior=False)
         if st.step == warm:  # end of the auto-encoder warm-up: codebook seeded on the (now informative) latents
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), training_autocast(device):
                 init_codebook(model.quantizer, model._encode(x, m)[0])
-        with autocast(device):
+        with training_autocast(device):
             recon, q_loss, _, z = model(x, m, quantize=st.step >= warm)
         err = (recon.float() - x).abs()
         lesion = (m > 0)[:, None].float()
@@ -441,7 +445,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
                            for _ in range(tc.transformer_batch - n_masks)], dtype=int)
         masks_only = rng.choice(structure_only, n_masks) if n_masks else None
         flips = rng.integers(0, 2, tc.transformer_batch)
-        with autocast(device):
+        with training_autocast(device):
             loss, loss_s, loss_a = model.loss(*batch_of(images, flips, masks_only))
         st.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from ..cases import INPAINTING_CASE, INPAINTING_TWIN, VALIDATION_CASE, list_cases, load_case
 from ..preprocess import IntensityNormalizer, dilate_mm, erode_mm
-from ..runtime import autocast
+from ..runtime import training_autocast
 from .anatomy import WEIGHTS_NAME, AnatomyConfig, anatomy_input, build_anatomy_model, config_dict
 from .training import LossLog, load_checkpoint, save_checkpoint
 
@@ -126,7 +126,7 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         x = torch.from_numpy(np.stack(xs)).to(device)
         y = torch.from_numpy(np.stack(ys)).float().to(device)
         h = torch.from_numpy(np.stack(holes)).float().to(device)
-        with autocast(device):
+        with training_autocast(device):
             pred = net(x).float()
         err = (pred - y).abs()
         loss = (err * h).sum() / h.sum().clamp(min=1) + 0.1 * (err * (1 - h)).mean()

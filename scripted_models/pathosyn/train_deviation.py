@@ -20,7 +20,7 @@ from ..cases import default_data_root, load_case
 from ..folds import make_folds
 from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
-from ..runtime import autocast
+from ..runtime import training_autocast
 from .api import BLEND_MARGIN_MM, HOLE_MARGIN_MM
 from .deviation import (
     NULL_CONDITION,
@@ -175,7 +175,7 @@ def validation_loss(net, draws, scheduler, cfg: DeviationConfig, device, chunk: 
         x, n, tt = x0[sl].to(device), noise[sl].to(device), t[sl].to(device)
         a = avail[sl].to(device)[:, :, None, None, None]
         target = scheduler.get_velocity(x, n, tt) if cfg.prediction_type == "v_prediction" else n
-        with autocast(device):
+        with training_autocast(device):
             pred = net(torch.cat([scheduler.add_noise(x, n, tt), cond[sl].to(device)], 1), timesteps=tt).float()
         total += float((((pred - target) ** 2) * a).sum())
         count += float(a.sum()) * float(np.prod(x.shape[2:]))
@@ -288,7 +288,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         t = torch.randint(0, cfg.num_train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t) if cfg.prediction_type == "v_prediction" else noise
-        with autocast(device):
+        with training_autocast(device):
             pred = net(torch.cat([noisy, cond], 1), timesteps=t).float()
         loss = (((pred - target) ** 2) * avail).sum() / (avail.sum() * np.prod(x0.shape[2:])).clamp(min=1)
         opt.zero_grad(set_to_none=True)
