@@ -54,8 +54,13 @@ PSEUDO_LICENSE = ("; the AURORA metastasis case (BrainLesion tutorials repositor
                   "undocumented) with rule-based pseudo-labels")
 
 
+FOLDS_LICENSE = ("; BraTS 2018/2021 training cases (CBICA, TCIA; research use under the BraTS terms, cite Bakas et "
+                 "al., Sci Data 2017 and arXiv:1811.02629) and the manual BraTS 2013 lesion masks of lesion_masks/")
+
+
 def license_of(patch: PatchConfig) -> str:
-    return LICENSE + (PSEUDO_LICENSE if patch.pseudo_labelled else "")
+    return LICENSE + (FOLDS_LICENSE if patch.split == "folds" else "") + \
+        (PSEUDO_LICENSE if patch.pseudo_labelled else "")
 
 
 @dataclass
@@ -548,10 +553,17 @@ def write_markdown_card(folder: Path | None = None) -> Path:
            "enhancing rim, flair-bright edema; scripted_models/pathar/pseudo_labels.py)."
            if patch.get("pseudo_labelled") else ""),
         f"- Modalities: {', '.join(t['modalities'])}.",
-        f"- Training data: {', '.join(sorted(set(t['data'])))}. Held out: {', '.join(t['held_out'])}.",
+        f"- Training data: {', '.join(sorted(set(t['data'])))}"
+        + (f"; structure only (lesion masks without a scan): {', '.join(t['structure_only_data'])}"
+           if t.get("structure_only_data") else "") + ".",
+        (f"- Folds (scripted_models/folds.py): the validation fold ({', '.join(t['folds']['validation'])}) selects "
+         f"the weights; the test fold ({', '.join(t['folds']['test'])}) was never used for training or selection "
+         "(`python -m scripted_models.pathar.test_fold` scores it)." if t.get("folds") else
+         f"- Held out: {', '.join(t['held_out'])}."),
         f"- Licence: {t['license']}.",
         "",
-        "| model | file sha256 | steps | batch | wall time | metrics (held-out case) |",
+        "| model | file sha256 | steps | batch | wall time | metrics (" + ("validation fold" if t.get("folds")
+                                                                       else "held-out case") + ") |",
         "|---|---|---|---|---|---|",
     ]
     for name, card in cards.items():
@@ -572,8 +584,11 @@ def write_markdown_card(folder: Path | None = None) -> Path:
               "log-likelihood per token (nats).", ""]
     if samples:
         lines += ["## Samples", "", "```", json.dumps(samples, indent=1), "```", ""]
+    test_fold = t.get("metrics", {}).get("test_fold")
+    if test_fold:
+        lines += ["## Test fold", "", "```", json.dumps(test_fold, indent=1), "```", ""]
     lines += ["## Limitations", "",
-              "Trained on very few cases (listed above), on 2 CPU cores (wall times above): samples are coarse, "
+              "Trained on few cases (listed above), on 2 CPU cores (wall times above): samples are coarse, "
               "and the nearest-training-mask Dice (`python -m scripted_models.pathar.quality`) shows how close they "
               "stay to the training lesions (they stay closer to them than real lesions are to each other). The "
               "transformer overfits: its held-out negative log-likelihood stays well above the training value, so "
