@@ -817,6 +817,12 @@ class PathoSynSlicerLogic:
 
     def loadJobOutputs(self, job: SynthesisJob):
         """Read the CLI outputs back into NEW nodes (SynthesisNodes, or {mod: node} for pseudo-healthy)."""
+        return self.addJobOutputs(job, self.readJobOutputs(job))
+
+    @staticmethod
+    def readJobOutputs(job: SynthesisJob) -> dict:
+        """The job's output files as engine Volumes on the exact input grid (no scene access: a front end may run
+        this in a thread, then call addJobOutputs on its main thread). Raises JobError when outputs are missing."""
         import json
 
         from scripted_models.volume import read_volume
@@ -826,8 +832,7 @@ class PathoSynSlicerLogic:
             missing = [m for m in job.prepared.images if not (out / f"{m}.{JOB_FORMAT}").is_file()]
             if missing:
                 raise JobError(f"the pseudo-healthy run produced no {', '.join(missing)} image in {out}")
-            healthy = {mod: read_volume(out / f"{mod}.{JOB_FORMAT}") for mod in job.prepared.images}
-            return self.addPseudoHealthyNodes(job.prepared, healthy)
+            return {"healthy": {mod: read_volume(out / f"{mod}.{JOB_FORMAT}") for mod in job.prepared.images}}
         report_path = out / "report.json"
         if not report_path.is_file():
             raise InputError(f"the synthesis produced no report in {out}")
@@ -843,12 +848,18 @@ class PathoSynSlicerLogic:
         def onGrid(path):  # NIfTI stores geometry in float32: put the voxels back on the exact input grid
             return reference.with_array(read_volume(path).array)
 
-        images = {m: onGrid(out / f"{m}.{ext}") for m in mods}
-        residuals = {m: onGrid(out / f"residual_{m}.{ext}") for m in mods}
-        uncertainty = {m: onGrid(out / f"uncertainty_{m}.{ext}") for m in mods
-                       if (out / f"uncertainty_{m}.{ext}").is_file()} or None
-        mask = onGrid(out / f"mask.{ext}")
-        return self.addSynthesisNodes(job.prepared, images, residuals, uncertainty, mask, report)
+        return {"images": {m: onGrid(out / f"{m}.{ext}") for m in mods},
+                "residuals": {m: onGrid(out / f"residual_{m}.{ext}") for m in mods},
+                "uncertainty": {m: onGrid(out / f"uncertainty_{m}.{ext}") for m in mods
+                                if (out / f"uncertainty_{m}.{ext}").is_file()} or None,
+                "mask": onGrid(out / f"mask.{ext}"), "report": report}
+
+    def addJobOutputs(self, job: SynthesisJob, outputs: dict):
+        """NEW nodes for what readJobOutputs read (all or nothing)."""
+        if job.command == "pseudo-healthy":
+            return self.addPseudoHealthyNodes(job.prepared, outputs["healthy"])
+        return self.addSynthesisNodes(job.prepared, outputs["images"], outputs["residuals"], outputs["uncertainty"],
+                                      outputs["mask"], outputs["report"])
 
     # --- cohorts (Python console) -----------------------------------------------------------------------------------
     def batch(self, manifest, outputDir, workers: int = 1, scheduler=None, resume: bool = True, device: str = "auto",
