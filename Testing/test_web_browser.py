@@ -91,7 +91,7 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     _save_shot(page, shots, "painted")
 
     # Synthesize (2 steps): the click returns at once, progress streams, the result lands in the compare layout
-    page.fill("#ps-steps", STEPS)
+    page.fill("#ps-steps", STEPS, field="steps")
     page.click("#ps-synthesize")
     page.page.wait_for_selector("#ps-progress", timeout=30000)
     _save_shot(page, shots, "running")
@@ -142,11 +142,45 @@ def test_errors_show_in_the_page(web):
 
 def test_pathar_samples_in_a_row(web, shots):
     _, page = web
-    page.fill("#ps-pathar-n", 2)
+    page.fill("#ps-pathar-n", 2, field="pathar_n")
     page.click("#ps-pathar-generate")
     status = page.waitFor(lambda: (s := page.status())["pathar_samples"] == 2 and not s["running"] and s,
                           timeout=180, what="2 PathAR samples")
     assert not status["error"], status
-    assert status["layout"] == "PathAR 2"
+    assert status["layout"] == "PathAR 2" and status["pathar_modality_shown"] == "t1c"
     time.sleep(3.0)
     _save_shot(page, shots, "pathar")
+
+    # another modality: the same structures in another contrast
+    page.page.locator(".v-select:has(#ps-pathar-modality) .v-field").first.click()
+    page.page.locator(".v-overlay .v-list-item", has_text="flair").first.click()
+    status = page.waitFor(lambda: (s := page.status())["pathar_modality_shown"] == "flair" and s, timeout=20,
+                          what="the flair samples")
+    assert status["pathar_structures"] == page.status()["pathar_structures"]
+
+    # "Use this mask": sample 2, placed where the axial view is clicked
+    page.fill("#ps-pathar-sample", 2, field="pathar_sample")
+    page.click("#ps-use-mask")
+    page.waitFor(lambda: page.status()["layout"] == "Paint", timeout=20, what="the Paint layout")
+    time.sleep(1.0)
+    box = page.largestView()
+    page.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    status = page.waitFor(lambda: (s := page.status())["segmentation"].endswith("placed") and s, timeout=20,
+                          what="the placed mask")
+    assert not status["error"] and sum(page.voxels().values()) > 0, status
+
+
+def test_upload_scans_tagged_by_name(web, tmp_path):
+    from conftest import make_ball_mask, make_head
+
+    from scripted_models.volume import write_volume
+
+    _, page = web
+    head = make_head()
+    files = [write_volume(head, tmp_path / "sub01_flair.nii.gz"),
+             write_volume(make_ball_mask(head), tmp_path / "sub01_mask.nii.gz")]
+    page.page.set_input_files("input[type=file]:not([webkitdirectory])", [str(f) for f in files])
+    status = page.waitFor(lambda: (s := page.status())["scans"].get("flair") and s, timeout=60,
+                          what="the uploaded flair scan")
+    assert status["scans"]["flair"] == "sub01_flair" and status["scans"]["t1"] == "MNI152 T1", status
+    assert status["segmentation"] == "sub01_mask" and not status["error"]

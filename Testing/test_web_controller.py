@@ -188,6 +188,11 @@ def test_synthesis_job_streams_progress_and_adds_new_nodes(app, tmp_path, loop):
     assert (read_volume(out / "mask.nii.gz").array > 0).sum() == (make_ball_mask(head).array > 0).sum()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
 
+    first = result.nodes()
+    run(c.synthesize())  # a new result replaces the previous one in the page (memory of a long session)
+    assert c.lastResult is not result and all(n.GetScene() is None for n in first)
+    assert scan.GetScene() is app.scene and c.segmentation.GetScene() is app.scene
+
 
 def test_worker_death_and_cancel_leave_the_scene_unchanged(app, tmp_path, loop):
     for outcome in ("died", "wait"):

@@ -72,6 +72,7 @@ class PathoSynWebApp:
         self.server.trigger("ps_ping")(self._ping)
         self.server.trigger("ps_test_voxels")(self.controller.voxelCount)
         self.server.trigger("ps_test_status")(self._status)
+        self.server.trigger("ps_test_state")(lambda name: getattr(self.typed.data, name))
         self.server.controller.on_server_ready.add(self._onReady)
         self.state["trame__title"] = "PathoSyn"
         self._createTask = create_task
@@ -92,13 +93,13 @@ class PathoSynWebApp:
 
         c = self.controller
         handlers = {
-            "load_sample": self._clicked(c.loadSample), "load_scan": self._clicked(self._loadScanPath),
+            "load_sample": self._clicked(c.loadSample), "load_scan": self._clicked(c.loadScanFile),
             "set_modality": c.setModality, "new_subregions": self._clicked(lambda: c.newSegmentation(False)),
             "new_whole": self._clicked(lambda: c.newSegmentation(True)),
-            "load_mask": self._clicked(lambda: c.loadMaskFile(self.typed.data.mask_path)),
+            "load_mask": self._clicked(c.loadMaskFile),
             "synthesize": self._starts(c.synthesize), "pseudo_healthy": self._starts(c.pseudoHealthy),
             "cancel": c.cancel, "pathar": self._starts(c.samplePathAR), "use_mask": c.armPlacement,
-            "save": c.saveClicked,
+            "save": c.saveClicked,  # text fields: the click carries their values (no race with the state sync)
         }
         with ViewerLayout(self.server, title="PathoSyn", is_drawer_visible=True) as self.layout:
             viewer = self.layout.typed_state
@@ -127,9 +128,9 @@ class PathoSynWebApp:
 
     def _clicked(self, action):
         """A quick (sub-second) scene action run in the click handler; its error becomes the page's line."""
-        def handler(*_args):
+        def handler(*args):
             with self.controller.reportErrors():
-                action()
+                action(*args)
         return handler
 
     @staticmethod
@@ -142,9 +143,6 @@ class PathoSynWebApp:
         return handler
 
     # --- handlers ----------------------------------------------------------------------------------------------------
-    def _loadScanPath(self):
-        self.controller.loadScanFile(self.typed.data.scan_path, self.typed.data.scan_modality)
-
     def _onUpload(self, files: list) -> None:
         """Browser upload (trame-slicer's chunked file input): one volume per file, tagged by its name; a file
         named like a mask (mask / seg / label) becomes the lesion mask."""
@@ -182,6 +180,13 @@ class PathoSynWebApp:
                "layout": self.layoutManager.layout_id, "has_result": result is not None,
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
                "worker_alive": bool(self.worker is not None and self.worker.alive)}
+        out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
+        out["segmentation"] = self.typed.data.segmentation_name
+        if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():
+            shown = self.slicerApp.scene.GetNodeByID(c.patharLayout.sliceCompositeNodes[0].GetBackgroundVolumeID())
+            out["pathar_modality_shown"] = shown.GetAttribute("PathAR.Modality") if shown is not None else None
+            out["pathar_structures"] = [int((c.pathar.labelsFromSegmentation(s.segmentation).array > 0).sum())
+                                        for s in c.patharRun.samples]
         if result is not None:
             out["volumes"] = {m: n.GetName() for m, n in result.volumes.items()}
             out["report"] = {k: v for k, v in result.report.items() if isinstance(v, (int, float, str, list, dict))}

@@ -268,7 +268,7 @@ class WebController:
             job = self.logic.createJob(dict(self.scans), self.segmentation, seed=seed, samples=samples, steps=steps,
                                        guidance=guidance, command=command, workDir=self.workDir)
             log.info("job inputs written")
-            return self._start(job, command, self._onSynthesisDone)
+            return self._start(job, command, self._onSynthesisDone, read=self.logic.readJobOutputs)
         return None
 
     def pseudoHealthy(self):
@@ -285,18 +285,19 @@ class WebController:
             return self._start(job, "sample", self._onSamplesDone)
         return None
 
-    def _start(self, job, kind: str, onDone: Callable):
+    def _start(self, job, kind: str, onDone: Callable, read: Callable | None = None):
         s = self.state
         s.running, s.job_kind, s.progress, s.error = True, kind, 0.0, ""
         s.message = "Starting the engine worker..." if self.worker is not None and not self.worker.alive \
             else "Starting..."
         self._cancelRequested = False
         self.runner = self._runnerFactory(job.argv)
-        self.task = self._createTask(self._run(job, onDone))
+        self.task = self._createTask(self._run(job, onDone, read))
         return self.task
 
-    async def _run(self, job, onDone: Callable) -> None:
-        """Start the job in the worker, stream its progress into the page, then load its outputs as new nodes."""
+    async def _run(self, job, onDone: Callable, read: Callable | None = None) -> None:
+        """Start the job in the worker, stream its progress into the page, then load its outputs as new nodes:
+        `read(job)` reads the files in a thread (no scene access), `onDone(job, outputs)` adds the nodes here."""
         loop = asyncio.get_running_loop()
         runner = self.runner
         try:
@@ -319,9 +320,9 @@ class WebController:
                     self.state.message = "Loading the results..."
             log.info("job ended: %s", runner.state)
             if runner.state == DONE:
-                await asyncio.sleep(0)  # let the message reach the page before the scene work
+                outputs = await loop.run_in_executor(None, read, job) if read is not None else runner.result
                 with self._flush():
-                    onDone(job, runner.result or {})
+                    onDone(job, outputs)
                 log.info("results shown")
             else:
                 with self._flush():
@@ -349,8 +350,11 @@ class WebController:
             self._cancelRequested = True
             self.state.message = "Cancelling..."
 
-    def _onSynthesisDone(self, job, payload: dict) -> None:
-        result = self.logic.loadJobOutputs(job)
+    def _onSynthesisDone(self, job, outputs: dict) -> None:
+        """New nodes for the outputs; they replace the previous result in the page (Save keeps a result), so that
+        a long session does not pile up volumes in the server's memory."""
+        result = self.logic.addJobOutputs(job, outputs)
+        self._removePreviousResults()
         if job.command == "pseudo-healthy":
             self.lastHealthy = result
             mod = next(iter(result))
@@ -370,7 +374,15 @@ class WebController:
             self.views.showCompare(job.prepared.nodes[mod], output, seg, residual, uncertainty, self.state.overlay)
             self.state.layout = "Compare"
 
-    def _onSamplesDone(self, job, payload: dict) -> None:
+    def _removePreviousResults(self) -> None:
+        if self.lastResult is not None:
+            self.lastResult.removeFromScene()
+        for node in self.lastHealthy.values():
+            if node.GetScene() is not None:
+                self.scene.RemoveNode(node)
+        self.lastResult, self.lastHealthy = None, {}
+
+    def _onSamplesDone(self, job, payload) -> None:
         if self.patharRun is not None and self.patharRun.isIntact():
             self.patharRun.removeFromScene()  # one run on screen at a time (the views show n samples)
         self.patharRun = self.pathar.loadJobOutputs(job)
@@ -487,10 +499,11 @@ class WebController:
             shutil.rmtree(bundle, ignore_errors=True)
         return path
 
-    def saveClicked(self) -> None:
+    def saveClicked(self, folder: str | None = None, mrb: bool | None = None) -> None:
         with self.reportErrors():
-            written = self.save(self.state.save_folder, bool(self.state.save_mrb))
-            self.state.message = f"Saved {len(written)} files to {Path(self.state.save_folder).expanduser()}"
+            folder = self.state.save_folder if folder is None else folder
+            written = self.save(folder, bool(self.state.save_mrb if mrb is None else mrb))
+            self.state.message = f"Saved {len(written)} files to {Path(folder).expanduser()}"
 
 
 __all__ = ["MODALITIES", "WebController", "guessModality"]

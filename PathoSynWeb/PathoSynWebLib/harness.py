@@ -142,10 +142,15 @@ class Page:
     def click(self, selector: str) -> None:
         self.page.click(selector)
 
-    def fill(self, selector: str, value) -> None:
-        field = self.page.locator(f"input{selector}, {selector} input").first  # vuetify puts the id on the input
-        field.fill(str(value))
-        field.press("Tab")
+    def fill(self, selector: str, value, field: str | None = None) -> None:
+        """Type into a text field; with `field` (a PathoSynWebState name), wait until the server has the value
+        (the browser syncs state asynchronously: a click right after typing could overtake it)."""
+        box = self.page.locator(f"input{selector}, {selector} input").first  # vuetify puts the id on the input
+        box.fill(str(value))
+        box.press("Tab")
+        if field is not None:
+            self.waitFor(lambda: str(self.trigger("ps_test_state", field)) == str(value), timeout=10,
+                         interval=0.05, what=f"{field} = {value} on the server")
 
     def waitFor(self, predicate, timeout: float = 120.0, interval: float = 0.2, what: str = "condition"):
         deadline = time.monotonic() + timeout

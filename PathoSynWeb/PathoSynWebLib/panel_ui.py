@@ -51,7 +51,7 @@ class PathoSynPanel(html.Div):
                         VSelect(v_model=(n.scan_modality,), items=("modalities", MODALITY_ITEMS), density="compact",
                                 hide_details=True, label="modality")
                 VBtn("Load scan", id="ps-load-scan", size="small", variant="tonal", classes="mt-1",
-                     click=handlers["load_scan"], disabled=(busy,))
+                     click=(handlers["load_scan"], f"[{n.scan_path}, {n.scan_modality}]"), disabled=(busy,))
                 with html.Div(v_for=f"scan in {n.scans}", key="scan.node_id", classes="d-flex align-center mt-1"):
                     html.Span("{{ scan.name }}", classes="text-body-2 flex-grow-1")
                     VSelect(model_value=("scan.modality",), items=("modalities", MODALITY_ITEMS), density="compact",
@@ -72,8 +72,8 @@ class PathoSynPanel(html.Div):
                         VTextField(v_model=(n.mask_path,), label="mask file on the server", density="compact",
                                    hide_details=True, id="ps-mask-path")
                     with VCol(cols=4):
-                        VBtn("Load", id="ps-load-mask", size="small", variant="tonal", click=handlers["load_mask"],
-                             disabled=(busy,))
+                        VBtn("Load", id="ps-load-mask", size="small", variant="tonal", disabled=(busy,),
+                             click=(handlers["load_mask"], f"[{n.mask_path}]"))
             with _section("3. Synthesize"), VCardText(classes="py-1"):
                 with VRow(dense=True):
                     with VCol(cols=4):
@@ -124,7 +124,8 @@ class PathoSynPanel(html.Div):
                             density="compact", hide_details=True, id="ps-pathar-modality")
                     with html.Div(classes="d-flex ga-1 align-center mt-1"):
                         VTextField(v_model_number=(n.pathar_sample,), type="number", label="sample",
-                                   density="compact", hide_details=True, style="max-width: 90px;")
+                                   density="compact", hide_details=True, style="max-width: 90px;",
+                                   id="ps-pathar-sample")
                         VBtn("Use this mask", id="ps-use-mask", size="small", variant="tonal",
                              click=handlers["use_mask"], disabled=(busy,))
                     html.Div(v_if=(n.placing,), children=["click a point in the axial view"],
@@ -133,7 +134,8 @@ class PathoSynPanel(html.Div):
                 VTextField(v_model=(n.save_folder,), label="folder on the server", density="compact",
                            hide_details=True, id="ps-save-folder")
                 VCheckbox(v_model=(n.save_mrb,), label="also the scene (.mrb)", density="compact", hide_details=True)
-                VBtn("Save results", id="ps-save", size="small", variant="tonal", click=handlers["save"],
+                VBtn("Save results", id="ps-save", size="small", variant="tonal",
+                     click=(handlers["save"], f"[{n.save_folder}, {n.save_mrb}]"),
                      disabled=(f"{busy} || !{n.has_result}",))
             VDivider()
 

@@ -1,0 +1,185 @@
+"""Browser-side timings of the web front end (Debian's Chromium through Playwright, server on 127.0.0.1):
+
+    python -m PathoSynWeb.PathoSynWebLib.bench [--runs 3] [--out docs/bench_web.json]
+
+  page ready            navigation -> the panel is up and trame's state is connected
+  scan visible          click "Load teaching sample" -> the axial view shows the brain (mean pixel value > 20)
+  stroke -> voxels      mouse-up after a brush stroke -> the server has the voxels (trigger) and -> a frame of the
+                        axial view with more lesion-coloured pixels than before the stroke
+  synthesize -> shown   click "Synthesize lesion" (warm worker, the teaching sample's lesion ROI) -> the compare
+                        layout shows the result view; 5 steps and the 2-step preview, median of --runs
+  ping during a run     round trip of a trame trigger every 0.2 s while the worker computes
+  server memory         RSS of the server process (the engine worker, a child process, is listed apart)
+
+Times are wall-clock on whatever else the machine is doing: note the load average that is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .harness import Browser, Page, Server
+
+VIEW_STATS_JS = """(mode) => {
+  const imgs = Array.from(document.querySelectorAll('img.image-display-area'))
+      .filter(e => e.getBoundingClientRect().width > 50 && e.complete && e.naturalWidth > 0)
+      .sort((a, b) => a.getBoundingClientRect().x - b.getBoundingClientRect().x);
+  if (!imgs.length) return null;
+  const pick = mode === 'largest'
+      ? imgs.reduce((a, b) => a.width * a.height >= b.width * b.height ? a : b)
+      : imgs[Math.min(1, imgs.length - 1)];
+  const c = document.createElement('canvas');
+  c.width = pick.naturalWidth; c.height = pick.naturalHeight;
+  const g = c.getContext('2d'); g.drawImage(pick, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  let sum = 0, red = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    sum += d[i] + d[i + 1] + d[i + 2];
+    if (d[i] > 90 && d[i] > 1.6 * d[i + 1] && d[i] > 1.6 * d[i + 2]) red++;
+  }
+  return {mean: sum / (d.length / 4) / 3, red: red, src: pick.src.slice(-24), n: imgs.length};
+}"""
+
+
+def viewStats(page: Page, mode: str = "largest"):
+    return page.page.evaluate(VIEW_STATS_JS, mode)
+
+
+def timeUntil(predicate, timeout: float, interval: float = 0.02) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if predicate():
+            return time.perf_counter() - t0
+        time.sleep(interval)
+    raise TimeoutError("timed out")
+
+
+def layoutIs(page: Page, name: str) -> bool:
+    return page.page.evaluate(f"document.querySelector('#ps-layout-{name}').classList.contains('v-btn--active')")
+
+
+def synthesizeOnce(page: Page, steps: int, pings: list | None = None) -> dict:
+    page.click("#ps-layout-paint")
+    page.waitFor(lambda: layoutIs(page, "paint") and not page.status()["running"], timeout=30, what="Paint layout")
+    page.fill("#ps-steps", steps, field="steps")
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    page.click("#ps-synthesize")
+    while True:
+        if layoutIs(page, "compare"):
+            stats = viewStats(page, "second")
+            if stats and stats["n"] == 3 and stats["mean"] > 20:
+                shown = time.perf_counter() - t0
+                break
+        if pings is not None:
+            p0 = time.perf_counter()
+            page.trigger("ps_ping")
+            pings.append(1000 * (time.perf_counter() - p0))
+        if time.perf_counter() - t0 > 300:
+            raise TimeoutError(f"no result on screen after 300 s: {page.status()}")
+        time.sleep(0.05 if pings is None else 0.2)
+    status = page.status()
+    if status["error"]:
+        raise RuntimeError(status["error"])
+    report = status.get("report", {})
+    return {"seconds": round(shown, 2), "engine_s": (report.get("timing_s") or {}).get("total"),
+            "roi_size_zyx": report.get("roi_size_zyx")}
+
+
+def run(runs: int = 3, out: Path | None = None, shots: Path | None = None) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    work = Path(tempfile.mkdtemp(prefix="pathosyn-web-bench-"))
+    server = Server(work / "server.log", workDir=str(work))
+    result: dict = {"load_average_start": list(os.getloadavg()), "cpus": os.cpu_count()}
+    browser = None
+    try:
+        result["server_start_to_http_s"] = round(server.waitReady(timeout=180), 2)
+        with sync_playwright() as playwright:
+            browser = Browser(playwright)
+            page = Page(browser.page)
+            result["page_ready_s"] = round(page.open(server.url), 2)
+            result["server_rss_idle_mb"] = round(server.rssMB())
+
+            page.click("#ps-load-sample")
+            result["scan_visible_s"] = round(timeUntil(
+                lambda: (s := viewStats(page)) is not None and s["mean"] > 20, 60), 2)
+            time.sleep(1.0)
+
+            # brush stroke: mouse-up -> voxels on the server, -> more lesion-coloured pixels on screen
+            page.selectPaint()
+            time.sleep(1.0)
+            strokes = []
+            for k in range(3):
+                page.page.mouse.move(10, 10)  # away from the view: no brush circle in the baseline
+                time.sleep(0.8)
+                before_vox = sum(page.voxels().values())
+                before_red = viewStats(page)["red"]
+                box = page.largestView()
+                x, y = box["x"] + box["width"] / 2 + 30 * k, box["y"] + box["height"] / 2 + 40
+                mouse = page.page.mouse
+                mouse.move(x, y)
+                mouse.down()
+                for i in range(1, 9):
+                    mouse.move(x + 5 * i, y, steps=1)
+                    time.sleep(0.03)
+                mouse.up()
+                up, vox_s, shown_s = time.perf_counter(), None, None
+                while (vox_s is None or shown_s is None) and time.perf_counter() - up < 30:
+                    if vox_s is None and sum(page.voxels().values()) > before_vox:
+                        vox_s = time.perf_counter() - up
+                    if shown_s is None and viewStats(page)["red"] > before_red + 30:
+                        shown_s = time.perf_counter() - up
+                    time.sleep(0.02)
+                if vox_s is None or shown_s is None:
+                    raise TimeoutError(f"stroke {k}: voxels after {vox_s} s, on screen after {shown_s} s")
+                strokes.append({"to_voxels_s": round(vox_s, 3), "to_screen_s": round(shown_s, 3)})
+                page.page.mouse.move(10, 10)
+            result["brush_stroke"] = strokes
+            result["brush_stroke_to_screen_median_s"] = statistics.median(s["to_screen_s"] for s in strokes)
+            if shots:
+                page.screenshot(shots / "bench_painted.png")
+
+            # synthesis, warm: one warm-up click, then `runs` clicks per setting; pings during the last runs
+            page.waitFor(lambda: page.status()["worker_alive"], timeout=120, what="the engine worker")
+            result["warmup"] = synthesizeOnce(page, 2)
+            pings: list = []
+            for steps, key in ((5, "synthesize_5_steps"), (2, "synthesize_preview_2_steps")):
+                rows = [synthesizeOnce(page, steps, pings if steps == 5 else None) for _ in range(runs)]
+                result[key] = {"runs": rows, "median_s": statistics.median(r["seconds"] for r in rows)}
+            result["ping_during_synthesis_ms"] = {
+                "n": len(pings), "median": round(statistics.median(pings), 1),
+                "p95": round(sorted(pings)[int(0.95 * (len(pings) - 1))], 1), "max": round(max(pings), 1)}
+            result["server_rss_after_mb"] = round(server.rssMB())
+            result["worker_rss_mb"] = round(server.workerRssMB())
+            if shots:
+                page.screenshot(shots / "bench_compare.png")
+    finally:
+        if browser is not None:
+            browser.close()
+        server.stop()
+    result["load_average_end"] = list(os.getloadavg())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (e.g. docs/bench_web.json)")
+    parser.add_argument("--shots", type=Path, default=None, help="folder for screenshots of the runs")
+    args = parser.parse_args(argv)
+    run(args.runs, args.out, args.shots)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
