@@ -94,6 +94,8 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     page.fill("#ps-steps", STEPS, field="steps")
     page.click("#ps-synthesize")
     page.page.wait_for_selector("#ps-progress", timeout=30000)
+    page.waitFor(lambda: page.trigger("ps_test_state", "progress") >= 20 or not page.status()["running"], timeout=60,
+                 what="some progress")
     _save_shot(page, shots, "running")
     pings = []
     while True:  # the server answers while the worker computes (at least one ping, also for a quick job)

@@ -91,7 +91,7 @@ def synthesizeOnce(page: Page, steps: int, pings: list | None = None) -> dict:
             "roi_size_zyx": report.get("roi_size_zyx")}
 
 
-def run(runs: int = 3, out: Path | None = None, shots: Path | None = None) -> dict:
+def run(runs: int = 3, out: Path | None = None, shots: Path | None = None, strokesOnly: bool = False) -> dict:
     from playwright.sync_api import sync_playwright
 
     work = Path(tempfile.mkdtemp(prefix="pathosyn-web-bench-"))
@@ -145,20 +145,21 @@ def run(runs: int = 3, out: Path | None = None, shots: Path | None = None) -> di
             if shots:
                 page.screenshot(shots / "bench_painted.png")
 
-            # synthesis, warm: one warm-up click, then `runs` clicks per setting; pings during the last runs
-            page.waitFor(lambda: page.status()["worker_alive"], timeout=120, what="the engine worker")
-            result["warmup"] = synthesizeOnce(page, 2)
-            pings: list = []
-            for steps, key in ((5, "synthesize_5_steps"), (2, "synthesize_preview_2_steps")):
-                rows = [synthesizeOnce(page, steps, pings if steps == 5 else None) for _ in range(runs)]
-                result[key] = {"runs": rows, "median_s": statistics.median(r["seconds"] for r in rows)}
-            result["ping_during_synthesis_ms"] = {
-                "n": len(pings), "median": round(statistics.median(pings), 1),
-                "p95": round(sorted(pings)[int(0.95 * (len(pings) - 1))], 1), "max": round(max(pings), 1)}
-            result["server_rss_after_mb"] = round(server.rssMB())
-            result["worker_rss_mb"] = round(server.workerRssMB())
-            if shots:
-                page.screenshot(shots / "bench_compare.png")
+            if not strokesOnly:
+                # synthesis, warm: one warm-up click, then `runs` clicks per setting; pings during the last runs
+                page.waitFor(lambda: page.status()["worker_alive"], timeout=120, what="the engine worker")
+                result["warmup"] = synthesizeOnce(page, 2)
+                pings: list = []
+                for steps, key in ((5, "synthesize_5_steps"), (2, "synthesize_preview_2_steps")):
+                    rows = [synthesizeOnce(page, steps, pings if steps == 5 else None) for _ in range(runs)]
+                    result[key] = {"runs": rows, "median_s": statistics.median(r["seconds"] for r in rows)}
+                result["ping_during_synthesis_ms"] = {
+                    "n": len(pings), "median": round(statistics.median(pings), 1),
+                    "p95": round(sorted(pings)[int(0.95 * (len(pings) - 1))], 1), "max": round(max(pings), 1)}
+                result["server_rss_after_mb"] = round(server.rssMB())
+                result["worker_rss_mb"] = round(server.workerRssMB())
+                if shots:
+                    page.screenshot(shots / "bench_compare.png")
     finally:
         if browser is not None:
             browser.close()
@@ -176,8 +177,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (e.g. docs/bench_web.json)")
     parser.add_argument("--shots", type=Path, default=None, help="folder for screenshots of the runs")
+    parser.add_argument("--strokes-only", action="store_true", help="page, scan and brush timings only")
     args = parser.parse_args(argv)
-    run(args.runs, args.out, args.shots)
+    run(args.runs, args.out, args.shots, args.strokes_only)
     return 0
 
 
