@@ -133,6 +133,10 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
 
 
+def _error_line(page, what: str) -> str:
+    return page.waitFor(lambda: page.status()["error"], timeout=60, what=what)
+
+
 def test_errors_show_in_the_page(web):
     _, page = web
     page.click("#ps-layout-paint")
@@ -140,6 +144,25 @@ def test_errors_show_in_the_page(web):
     page.click("#ps-load-mask")
     page.page.wait_for_selector("#ps-error", timeout=10000)
     assert "no such mask file" in page.page.inner_text("#ps-error")
+
+    page.click("#ps-new-whole")  # an empty whole-lesion segmentation
+    page.waitFor(lambda: page.voxels() == {"lesion": 0}, timeout=20, what="the empty segment")
+    page.click("#ps-synthesize")
+    assert "empty" in _error_line(page, "the empty-mask error")
+
+    page.selectPaint()  # a stroke in the scan's background, left of the brain
+    time.sleep(1.0)
+    box = page.largestView()
+    x, y = box["x"] + 0.13 * box["width"], box["y"] + 0.5 * box["height"]
+    page.page.mouse.move(x, y)
+    page.page.mouse.down()
+    page.page.mouse.move(x, y + 15, steps=3)
+    page.page.mouse.up()
+    page.waitFor(lambda: page.voxels()["lesion"] > 0, timeout=30, what="voxels outside the brain")
+    page.click("#ps-synthesize")
+    line = _error_line(page, "the outside-the-brain error")
+    assert "does not overlap the brain" in line and "\n" not in line, line
+    assert page.page.inner_text("#ps-error").strip() == line
 
 
 def test_pathar_samples_in_a_row(web, shots):
@@ -172,6 +195,19 @@ def test_pathar_samples_in_a_row(web, shots):
     assert not status["error"] and sum(page.voxels().values()) > 0, status
 
 
+def test_cancel_keeps_the_scene(web):
+    _, page = web
+    before = page.status()
+    assert before["segmentation"].endswith("placed")  # the PathAR mask placed by the previous test
+    page.fill("#ps-steps", 5, field="steps")
+    page.click("#ps-synthesize")
+    page.waitFor(lambda: page.trigger("ps_test_state", "progress") > 0, timeout=60, what="the job to run")
+    page.click("#ps-cancel")
+    status = page.waitFor(lambda: (s := page.status())["message"].startswith("Cancelled") and s, timeout=30,
+                          what="the cancel")
+    assert not status["running"] and not status["error"]
+    assert status.get("volumes") == before.get("volumes"), "a cancelled run changed the result"
+
 def test_upload_scans_tagged_by_name(web, tmp_path):
     from conftest import make_ball_mask, make_head
 
@@ -186,3 +222,4 @@ def test_upload_scans_tagged_by_name(web, tmp_path):
                           what="the uploaded flair scan")
     assert status["scans"]["flair"] == "sub01_flair" and status["scans"]["t1"] == "MNI152 T1", status
     assert status["segmentation"] == "sub01_mask" and not status["error"]
+
