@@ -112,6 +112,12 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     time.sleep(3.0)  # let the compare views render
     shot = _save_shot(page, shots, "compare")
     assert shot.stat().st_size > 20_000
+    page.page.locator(".v-select:has(#ps-overlay) .v-field").first.click()  # residual as an overlay, then off
+    page.page.locator(".v-overlay .v-list-item", has_text="residual").first.click()
+    page.waitFor(lambda: (page.status()["overlay"] or "").endswith("residual"), timeout=20, what="the overlay")
+    page.page.locator(".v-select:has(#ps-overlay) .v-field").first.click()
+    page.page.locator(".v-overlay .v-list-item", has_text="none").first.click()
+    page.waitFor(lambda: page.status()["overlay"] is None, timeout=20, what="no overlay")
 
     # Save through the page, then compare the files with the untouched input
     out = tmp_path / "saved"
@@ -207,6 +213,15 @@ def test_cancel_keeps_the_scene(web):
                           what="the cancel")
     assert not status["running"] and not status["error"]
     assert status.get("volumes") == before.get("volumes"), "a cancelled run changed the result"
+
+
+def test_pseudo_healthy_on_the_placed_lesion(web):
+    _, page = web
+    page.click("#ps-pseudo-healthy")
+    status = page.waitFor(lambda: (s := page.status())["healthy"] and not s["running"] and s, timeout=180,
+                          what="the pseudo-healthy volume")
+    assert not status["error"] and status["healthy"]["t1"].endswith("pseudo-healthy"), status
+    assert status["layout"] == "Compare"
 
 def test_upload_scans_tagged_by_name(web, tmp_path):
     from conftest import make_ball_mask, make_head

@@ -188,6 +188,14 @@ def test_synthesis_job_streams_progress_and_adds_new_nodes(app, tmp_path, loop):
     assert (read_volume(out / "mask.nii.gz").array > 0).sum() == (make_ball_mask(head).array > 0).sum()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
 
+    run(c.pseudoHealthy())
+    assert c.runners[-1].argv[0] == "pseudo-healthy" and not c.state.error
+    assert c.lastHealthy["t1"].GetName().endswith("pseudo-healthy") and c.lastResult is None  # replaces the result
+    written = c.save(str(tmp_path / "healthy"))
+    assert [p.name for p in written] == ["pseudo_healthy_t1.nii.gz"]
+
+    run(c.synthesize())
+    result = c.lastResult
     first = result.nodes()
     run(c.synthesize())  # a new result replaces the previous one in the page (memory of a long session)
     assert c.lastResult is not result and all(n.GetScene() is None for n in first)

@@ -183,10 +183,16 @@ class PathoSynWebApp:
         out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
         out["segmentation"] = self.typed.data.segmentation_name
         if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():
-            shown = self.slicerApp.scene.GetNodeByID(c.patharLayout.sliceCompositeNodes[0].GetBackgroundVolumeID())
+            shownId = c.patharLayout.sliceCompositeNodes[0].GetBackgroundVolumeID()
+            shown = self.slicerApp.scene.GetNodeByID(shownId) if shownId else None
             out["pathar_modality_shown"] = shown.GetAttribute("PathAR.Modality") if shown is not None else None
             out["pathar_structures"] = [int((c.pathar.labelsFromSegmentation(s.segmentation).array > 0).sum())
                                         for s in c.patharRun.samples]
+        composite = self.views.resultComposite
+        overlayId = composite.GetForegroundVolumeID() if composite is not None else None
+        overlay = self.slicerApp.scene.GetNodeByID(overlayId) if overlayId else None
+        out["overlay"] = overlay.GetName() if overlay is not None else None
+        out["healthy"] = {m: n.GetName() for m, n in c.lastHealthy.items()}
         if result is not None:
             out["volumes"] = {m: n.GetName() for m, n in result.volumes.items()}
             out["report"] = {k: v for k, v in result.report.items() if isinstance(v, (int, float, str, list, dict))}
