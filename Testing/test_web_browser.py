@@ -223,6 +223,23 @@ def test_pseudo_healthy_on_the_placed_lesion(web):
     assert not status["error"] and status["healthy"]["t1"].endswith("pseudo-healthy"), status
     assert status["layout"] == "Compare"
 
+def test_a_worker_that_dies_is_one_line(web):
+    import psutil
+
+    server, page = web
+    page.fill("#ps-steps", 5, field="steps")
+    page.click("#ps-synthesize")
+    page.waitFor(lambda: page.trigger("ps_test_state", "progress") > 0, timeout=60, what="the job to run")
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if "scripted_models.worker" in " ".join(p.cmdline())]
+    assert workers, "no engine worker process"
+    for p in workers:
+        p.kill()
+    line = _error_line(page, "the worker error")
+    assert line.startswith("the engine worker stopped") and "\n" not in line, line
+    assert not page.status()["running"]
+
+
 def test_upload_scans_tagged_by_name(web, tmp_path):
     from conftest import make_ball_mask, make_head
 

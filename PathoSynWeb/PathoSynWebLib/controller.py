@@ -410,6 +410,7 @@ class WebController:
             self.state.placing = True
             self.state.message = "Click a point in the scan (axial view) to place the lesion"
             if self.views is not None:
+                self.views.stopEditing()  # the placing click must not paint
                 self.views.showScan(self.referenceNode, self.segmentation)
                 self.state.layout = "Paint"
 
