@@ -137,6 +137,7 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     assert np.abs(output.array[region].astype(float) - source.array[region]).max() > 0, "nothing was synthesized"
     assert (out / "residual_t1.nii.gz").is_file()
     assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
+    assert not page.status()["torch_in_server"], "the server process imported torch (jobs belong in the worker)"
 
 
 def _error_line(page, what: str) -> str:

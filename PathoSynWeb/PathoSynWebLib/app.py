@@ -74,6 +74,7 @@ class PathoSynWebApp:
         self.server.trigger("ps_test_status")(self._status)
         self.server.trigger("ps_test_state")(lambda name: getattr(self.typed.data, name))
         self.server.controller.on_server_ready.add(self._onReady)
+        self.server.controller.on_client_connected.add(self._onClientConnected)
         self.state["trame__title"] = "PathoSyn"
         self._createTask = create_task
 
@@ -179,7 +180,8 @@ class PathoSynWebApp:
         out = {"running": c.running, "error": self.typed.data.error, "message": self.typed.data.message,
                "layout": self.layoutManager.layout_id, "has_result": result is not None,
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
-               "worker_alive": bool(self.worker is not None and self.worker.alive)}
+               "worker_alive": bool(self.worker is not None and self.worker.alive),
+               "torch_in_server": "torch" in sys.modules}
         out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
         out["segmentation"] = self.typed.data.segmentation_name
         if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():
@@ -197,6 +199,15 @@ class PathoSynWebApp:
             out["volumes"] = {m: n.GetName() for m, n in result.volumes.items()}
             out["report"] = {k: v for k, v in result.report.items() if isinstance(v, (int, float, str, list, dict))}
         return out
+
+    def _onClientConnected(self, *_args, **_kwargs):
+        """A page that was closed during an upload left the upload buttons busy for every later page (shared state):
+        a new page starts with them free."""
+        from trame_server.utils.typed_state import TypedState
+        from trame_slicer.app.ui import LoadVolumeState
+
+        upload = TypedState(self.state, LoadVolumeState).data
+        upload.file_button.loading_busy = upload.dir_button.loading_busy = False
 
     def _onReady(self, **_):
         print(f"PathoSyn web front end: http://{self.host}:{self.port}/", flush=True)
