@@ -108,7 +108,9 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     status = page.waitFor(lambda: (s := page.status())["has_result"] and s, timeout=180, what="the result")
     assert not status["error"], status
     assert status["layout"] == "Compare"
-    assert max(pings) < 2.0, f"the page stopped answering during the synthesis: {max(pings):.2f} s"
+    # a frozen page answers once, after the whole job; a responsive one within milliseconds (the last ping may wait
+    # for the result nodes to be created, about 1 s)
+    assert sorted(pings)[len(pings) // 2] < 0.5 and max(pings) < 4.0, f"the page stopped answering: {pings}"
     time.sleep(3.0)  # let the compare views render
     shot = _save_shot(page, shots, "compare")
     assert shot.stat().st_size > 20_000
