@@ -114,6 +114,18 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     time.sleep(3.0)  # let the compare views render
     shot = _save_shot(page, shots, "compare")
     assert shot.stat().st_size > 20_000
+    offsets = page.status()["compare_offsets"]
+    assert offsets[0] == offsets[1], offsets  # the result view starts where the input view is
+    first = page.page.evaluate("""Array.from(document.querySelectorAll('img.image-display-area'))
+        .map(e => e.getBoundingClientRect()).filter(r => r.width > 50).sort((a, b) => a.x - b.x)
+        .map(r => [r.x + r.width / 2, r.y + r.height / 2])[0]""")
+    page.page.mouse.move(*first)
+    for _ in range(3):  # scroll the input view: the linked result view follows
+        page.page.mouse.wheel(0, 120)
+        time.sleep(0.3)
+    moved = page.waitFor(lambda: (o := page.status()["compare_offsets"])[0] != offsets[0] and o[0] == o[1] and o,
+                         timeout=20, what="the linked views to scroll together")
+    print(f"linked scroll: {offsets} -> {moved}")
     page.page.locator(".v-select:has(#ps-overlay) .v-field").first.click()  # residual as an overlay, then off
     page.page.locator(".v-overlay .v-list-item", has_text="residual").first.click()
     page.waitFor(lambda: (page.status()["overlay"] or "").endswith("residual"), timeout=20, what="the overlay")

@@ -195,6 +195,8 @@ class PathoSynWebApp:
         overlay = self.slicerApp.scene.GetNodeByID(overlayId) if overlayId else None
         out["overlay"] = overlay.GetName() if overlay is not None else None
         out["healthy"] = {m: n.GetName() for m, n in c.lastHealthy.items()}
+        out["compare_offsets"] = [round(self.views.view(tag).get_view_node().GetSliceOffset(), 3)
+                                  for tag in ("PathoSynInput", "PathoSynResult")]
         if result is not None:
             out["volumes"] = {m: n.GetName() for m, n in result.volumes.items()}
             out["report"] = {k: v for k, v in result.report.items() if isinstance(v, (int, float, str, list, dict))}

@@ -8,18 +8,9 @@ OVERLAY_ITEMS = ["none", "residual", "uncertainty"]
 
 
 @dataclass
-class ScanEntry:
-    """One loaded scan and the modality it is tagged with."""
-
-    node_id: str = ""
-    name: str = ""
-    modality: str = "t1"
-
-
-@dataclass
 class PathoSynWebState:
     # inputs
-    scans: list = field(default_factory=list)  # ScanEntry as dicts (trame state is JSON)
+    scans: list = field(default_factory=list)  # [{"node_id", "name", "modality"}] (trame state is JSON)
     scan_path: str = ""  # a file on the server's disk (NIfTI / NRRD)
     scan_modality: str = "t1"
     mask_path: str = ""
@@ -54,4 +45,4 @@ class PathoSynWebState:
     save_mrb: bool = False
 
 
-__all__ = ["MODALITY_ITEMS", "OVERLAY_ITEMS", "PathoSynWebState", "ScanEntry"]
+__all__ = ["MODALITY_ITEMS", "OVERLAY_ITEMS", "PathoSynWebState"]
