@@ -240,3 +240,20 @@ def test_pathar_sample_mask_placed_at_a_point(app, tmp_path):
     assert c.logic.getParameters().maskSegmentation is c.segmentation  # useMaskInPathoSyn: PathoSyn's inputs
     c.placeSampleAt([1e4, 1e4, 1e4])
     assert "outside" in c.state.error
+
+
+def test_one_volume_per_modality_goes_to_the_job(app, tmp_path, loop):
+    c = controller(app, tmp_path=tmp_path)
+    head, t1 = write_head(tmp_path, "sub01_t1.nii.gz")
+    _, flair = write_head(tmp_path, "sub01_flair.nii.gz")
+    c.loadScanFiles([(str(t1), None), (str(flair), None)])
+    assert set(c.scans) == {"t1", "flair"}
+    c.setModality(c.scans["flair"].GetID(), "t1")  # taken: refused, tags unchanged
+    assert "already given" in c.state.error and set(c.scans) == {"t1", "flair"}
+    c.setModality(c.scans["flair"].GetID(), "t2")
+    assert set(c.scans) == {"t1", "t2"} and not c.state.error
+    c.loadMaskFile(str(write_volume(make_ball_mask(head), tmp_path / "mask.nii.gz")))
+    run(c.synthesize())
+    images = [a for a in c.runners[0].argv if "=" in a and not a.startswith("--")]
+    assert sorted(a.split("=")[0] for a in images) == ["t1", "t2"]
+    assert set(c.lastResult.volumes) == {"t1", "t2"}
