@@ -21,6 +21,7 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # head
 from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logic on sys.path
 
 log = logging.getLogger("pathosyn.web")
+STILL_QUALITY = 90  # trame_rca RcaImageRenderScheduler's default still_quality
 
 
 class PathoSynWebApp:
@@ -45,7 +46,9 @@ class PathoSynWebApp:
         self.state = self.server.state
         self.typed = TypedState(self.state, PathoSynWebState)
         self.slicerApp = SlicerApp()
-        register_rca_factories(self.slicerApp.view_manager, self.server)
+        # interactive quality = trame-rca's still quality (90): one render per change instead of an interactive
+        # frame plus a still one. Renders run on the event loop, about 0.2 s for a large slice view on llvmpipe.
+        register_rca_factories(self.slicerApp.view_manager, self.server, interactive_quality=STILL_QUALITY)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
         self._patharLayoutId = patharLayoutId
 
