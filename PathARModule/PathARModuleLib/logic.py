@@ -38,6 +38,7 @@ from PathoSynSlicerLib.logic import (  # noqa: E402 - PathoSyn's node helpers; a
     applicationLayoutNode,
     checkDependencies,
     nodeIJKToRAS,
+    nodesByClass,
     temporaryDirectory,
 )
 
@@ -157,14 +158,10 @@ class PathARRun:
         """Remove the run's nodes and folders. Items go first: removing a data node under a folder and then the
         folder can hang when no GUI plugin cleans the item up (slicer-core)."""
         import slicer
+        from PathoSynSlicerLib.logic import removeNodes
 
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene) if self.scene else None
-        for node in self.nodes():
-            item = sh.GetItemByDataNode(node) if sh is not None else 0
-            if item:
-                sh.RemoveItem(item, False, False)
-            if node.GetScene() is not None:
-                node.GetScene().RemoveNode(node)
+        removeNodes(self.nodes())  # items, display and storage nodes too
         if sh is not None:
             for folder in [s.folderItemID for s in self.samples] + [self.folderItemID]:
                 if folder:
@@ -389,9 +386,7 @@ class PathARModuleLogic:
         return _compositeNodeFor(self.scene, tag)
 
     def _cameraNode(self, tag: str):
-        nodes = self.scene.GetNodesByClass("vtkMRMLCameraNode")
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
+        for node in nodesByClass(self.scene, "vtkMRMLCameraNode"):
             if node.GetLayoutName() == tag:
                 return node
         import slicer
@@ -468,9 +463,7 @@ class PathARModuleLogic:
                 # sample views: restricting it to the PathAR views would hide it everywhere else, also after saving
                 sampleViews = {node.GetID() for node in (*layout.viewNodes, *layout.sliceNodes)}
                 for cls in ("vtkMRMLSliceNode", "vtkMRMLViewNode"):
-                    views = self.scene.GetNodesByClass(cls)
-                    for i in range(views.GetNumberOfItems()):
-                        view = views.GetItemAsObject(i)
+                    for view in nodesByClass(self.scene, cls):
                         if view.GetID() not in sampleViews and not (view.GetLayoutName() or "").startswith("PathAR"):
                             display.AddViewNodeID(view.GetID())
             for node in (*layout.pathoSynSliceNodes, layout.pathoSynViewNode):
