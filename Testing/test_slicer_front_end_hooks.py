@@ -94,3 +94,34 @@ def test_pathar_link_views_and_explicit_application_logic(app):
     logic.showModality(run, layout, "t1c")  # switching the modality keeps the structures
     assert all(np.array_equal(logic.labelsFromSegmentation(s.segmentation).array, m)
                for s, m in zip(run.samples, structure))
+
+
+def test_removing_results_leaves_no_display_nodes_behind(app):
+    """A front end that replaces its result must get the scene (and the memory) back: display, storage nodes and
+    subject-hierarchy items go with the data nodes."""
+    import slicer
+    from PathARModuleLib.logic import PathARModuleLogic
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic, SynthesisNodes
+
+    logic = PathoSynSlicerLogic(app.scene)
+    head = make_head()
+    source = logic.addVolumeNode(head, "source")
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    count, items = app.scene.GetNumberOfNodes(), sh.GetNumberOfItems()
+    out = SynthesisNodes(volumes={"t1": logic.addVolumeNode(head, "out")},
+                         residuals={"t1": logic.addVolumeNode(head, "residual")})
+    out.segmentation = logic.addSegmentationNode(make_ball_mask(head).array, head.ijk_to_ras(), "lesion", False, source)
+    logic.placeNextToInput(out.nodes(), source)
+    logic.tagOutput(out.volumes["t1"], "synthesized", logic.nextRunNumber(), source, "t1")  # scene queries
+    assert logic.latestSynthesis()[1] is out.volumes["t1"]
+    volume = out.volumes["t1"]
+    out.removeFromScene()
+    assert app.scene.GetNumberOfNodes() == count and sh.GetNumberOfItems() == items  # no display node left behind
+    # nothing but this Python name holds the removed node (a collection from GetNodesByClass would: its voxels leak)
+    assert volume.GetReferenceCount() == 1
+
+    pathar = PathARModuleLogic(app.scene)
+    patch = make_head(shape=(24, 24, 24), spacing=(1.0, 1.0, 1.0))
+    run = pathar.addSampleNodes([(make_ball_mask(patch, radius_vox=5), {"t1c": patch})], ["t1c"], 0, 1.0)
+    run.removeFromScene()
+    assert app.scene.GetNumberOfNodes() == count and sh.GetNumberOfItems() == items

@@ -184,7 +184,7 @@ class PathoSynWebApp:
                "layout": self.layoutManager.layout_id, "has_result": result is not None,
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
                "worker_alive": bool(self.worker is not None and self.worker.alive),
-               "torch_in_server": "torch" in sys.modules}
+               "torch_in_server": "torch" in sys.modules, "scene_nodes": self.slicerApp.scene.GetNumberOfNodes()}
         out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
         out["segmentation"] = self.typed.data.segmentation_name
         if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():

@@ -24,7 +24,7 @@ import numpy as np
 from . import state as _state  # noqa: F401 - also puts the Slicer modules' logic on sys.path (package __init__)
 
 # isort: off
-from PathoSynSlicerLib.logic import InputError, JobError, PathoSynSlicerLogic  # noqa: E402
+from PathoSynSlicerLib.logic import InputError, JobError, PathoSynSlicerLogic, removeNodes  # noqa: E402
 from PathoSynSlicerLib.process import DONE, WorkerRunner  # noqa: E402
 from PathARModuleLib.logic import PathARModuleLogic  # noqa: E402
 # isort: on
@@ -377,9 +377,7 @@ class WebController:
     def _removePreviousResults(self) -> None:
         if self.lastResult is not None:
             self.lastResult.removeFromScene()
-        for node in self.lastHealthy.values():
-            if node.GetScene() is not None:
-                self.scene.RemoveNode(node)
+        removeNodes(self.lastHealthy.values())
         self.lastResult, self.lastHealthy = None, {}
 
     def _onSamplesDone(self, job, payload) -> None:

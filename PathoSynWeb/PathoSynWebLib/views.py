@@ -17,6 +17,7 @@ from PathoSynSlicerLib.logic import (  # noqa: E402
     COMPARE_SLICE_TAGS,
     COMPARE_VIEW_GROUP,
     linkCompareViews,
+    nodesByClass,
 )
 from PathARModuleLib.logic import MAX_SAMPLES, PATHAR_VIEW_GROUP, sliceTag, viewTag  # noqa: E402
 # isort: on
@@ -158,7 +159,7 @@ class WebViews:
 
     def aimCamera(self, tag: str, centre, size: float) -> None:
         """Look at `centre` from the front-right, `size` mm across (as the PathAR sample views do)."""
-        camera = next((c for c in self.scene.GetNodesByClass("vtkMRMLCameraNode") if c.GetLayoutName() == tag), None)
+        camera = next((c for c in nodesByClass(self.scene, "vtkMRMLCameraNode") if c.GetLayoutName() == tag), None)
         if camera is None:
             return
         distance = 1.6 * max(size, 20.0)
