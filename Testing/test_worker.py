@@ -132,3 +132,51 @@ def test_job_files_go_to_the_ram_folder_when_there_is_one(monkeypatch, tmp_path)
     assert logic.temporaryDirectory() == str(tmp_path)
     monkeypatch.setattr(W, "handover_directory", lambda: None)
     assert logic.temporaryDirectory() != str(tmp_path)
+
+
+def test_warm_up_starts_the_shared_worker_in_the_background(monkeypatch):
+    """Opening a module starts the shared worker without blocking the GUI; a worker already running is left be,
+    and a start failure is only logged (the first job reports it)."""
+    import threading
+
+    import slicer_scene  # noqa: F401 - puts the module folders on sys.path
+    from PathoSynSlicerLib import process
+
+    class SlowWorker:
+        def __init__(self, fail=False):
+            self.alive, self.fail, self.started = False, fail, threading.Event()
+
+        def start(self):
+            time.sleep(0.5)
+            if self.fail:
+                raise WorkerError("no python here", "died")
+            self.alive = True
+            self.started.set()
+
+    worker = SlowWorker()
+    monkeypatch.setattr(process, "_SHARED_WORKER", worker)
+    t0 = time.perf_counter()
+    thread = process.warmUpSharedWorker()
+    assert time.perf_counter() - t0 < 0.3 and not worker.alive
+    thread.join(5)
+    assert worker.started.is_set() and worker.alive
+    assert process.warmUpSharedWorker() is None  # running already
+    monkeypatch.setattr(process, "_SHARED_WORKER", SlowWorker(fail=True))
+    process.warmUpSharedWorker().join(5)  # no exception escapes the thread
+
+
+def test_preloaded_worker_is_warm_for_its_first_job(tmp_path):
+    """--preload runs a warm-up synthesis before "ready": the first real job is as fast as a later one."""
+    head = make_head()
+    mask = make_ball_mask(head)
+    image = write_volume(head, tmp_path / "in" / "t1.nii")
+    mask_path = write_volume(mask, tmp_path / "in" / "mask.nii")
+    with EngineWorker(preload=True, threads=2) as worker:
+        worker.start()
+        times = []
+        for k in range(2):
+            t = time.perf_counter()
+            worker.run("synthesize", {"images": {"t1": str(image)}, "mask": str(mask_path),
+                                      "out": str(tmp_path / f"out{k}"), "steps": 2, "format": "nii"})
+            times.append(time.perf_counter() - t)
+    assert times[0] < 2.0 * times[1] + 0.5, times

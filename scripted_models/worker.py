@@ -171,13 +171,21 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
     return write_synthesis(result, out, fmt)
 
 
+def warm_up() -> None:
+    """Load the deviation model and run one small synthesis (64^3 ROI of the MNI T1, one step), so that the first
+    job finds the weights verified and loaded and the convolution kernels built for that size."""
+    from .evaluation.bench import _lesion, radius_for_roi
+    from .pathosyn.api import synthesize_lesion
+    from .templates import mni_t1
+
+    t1 = mni_t1()
+    synthesize_lesion({"t1": t1}, _lesion(t1, radius_for_roi(64)), seed=0, steps=1)
+
+
 def serve(preload: bool = False, stdin=None, stdout=None) -> int:
     server = _Server(stdout or sys.stdout)
     if preload:
-        from .pathosyn.api import _model
-        from .runtime import pick_device
-
-        _model("deviation", pick_device("auto"))
+        warm_up()
     reader = threading.Thread(target=server.read_requests, args=(stdin or sys.stdin,), daemon=True)
     reader.start()
     server.emit(event="ready", pid=os.getpid())
@@ -190,7 +198,8 @@ def serve(preload: bool = False, stdin=None, stdout=None) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="PathoSyn warm engine worker (JSON lines on stdin/stdout)")
-    p.add_argument("--preload", action="store_true", help="load the deviation model before saying ready")
+    p.add_argument("--preload", action="store_true",
+                   help="load the deviation model and run one small warm-up synthesis before saying ready")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:

@@ -8,7 +8,7 @@ import vtk
 from PathoSynSlicerLib.logic import dependencyMessage, dependencyProblems
 from PathoSynSlicerLib.parameters import HAVE_PARAMETER_NODE_WRAPPER
 from PathoSynSlicerLib.parameters import connectGui as connectWrapperToGui
-from PathoSynSlicerLib.process import WorkerRunner
+from PathoSynSlicerLib.process import WorkerRunner, warmUpSharedWorker
 from PathoSynSlicerLib.widget import reportErrors
 from slicer.util import VTKObservationMixin
 
@@ -49,6 +49,8 @@ class PathARWidget(VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
         self.initializeParameterNode()
+        if not dependencyProblems():  # the shared engine worker loads the models while the user sets up
+            warmUpSharedWorker()
 
     # --- parameter node ----------------------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ child gets no console window.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -254,14 +255,36 @@ _SHARED_WORKER = None
 
 
 def sharedWorker():
-    """The front end's one warm engine worker (scripted_models.worker), started on first use with Slicer's
-    `PythonSlicer` when present. The models stay loaded between clicks."""
+    """The front end's one warm engine worker (scripted_models.worker) with Slicer's `PythonSlicer` when present.
+    It loads the models and runs one small warm-up synthesis before it takes jobs (--preload), and the models stay
+    loaded between clicks."""
     global _SHARED_WORKER
     if _SHARED_WORKER is None:
         from scripted_models.worker import EngineWorker
 
-        _SHARED_WORKER = EngineWorker(command=[pythonExecutable()])
+        _SHARED_WORKER = EngineWorker(command=[pythonExecutable()], preload=True)
     return _SHARED_WORKER
+
+
+def warmUpSharedWorker():
+    """Start the shared worker in the background (a module calls this when it opens), so that the first click
+    finds the models loaded instead of waiting for the process to start. Never blocks; a worker that fails to
+    start is reported by the first job that needs it."""
+    import threading
+
+    worker = sharedWorker()
+    if worker.alive:
+        return None
+
+    def start():
+        try:
+            worker.start()
+        except Exception as exc:  # noqa: BLE001 - reported again, with the job, on the first click
+            logging.warning(f"PathoSyn: the engine worker did not start in the background: {exc}")
+
+    thread = threading.Thread(target=start, name="pathosyn-worker-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def shutdownSharedWorker() -> None:

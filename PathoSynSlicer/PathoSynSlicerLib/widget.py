@@ -21,7 +21,7 @@ from .logic import (
     dependencyProblems,
     showCompare,
 )
-from .process import WorkerRunner
+from .process import WorkerRunner, warmUpSharedWorker
 
 INPUT_WIDGETS = ("t1VolumeSelector", "t1cVolumeSelector", "t2VolumeSelector", "flairVolumeSelector",
                  "maskSegmentationSelector", "maskLabelmapSelector", "useLabelmapCheckBox", "createSegmentationButton",
@@ -96,6 +96,8 @@ class PathoSynWidget(VTKObservationMixin):
         # no torch import here (seconds, and CUDA initialisation in the GUI process): the child picks the device
         ui.deviceInfoLabel.setText("GPU: 'auto' uses CUDA when the background process finds one")
         self.updateDependencies()
+        if not self._problems:  # the engine worker loads the models while the user prepares the inputs
+            warmUpSharedWorker()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
