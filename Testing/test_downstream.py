@@ -137,3 +137,13 @@ def test_scores_are_averaged_over_the_test_cases():
     mean = D.score_cases(net, cases)
     assert set(mean["per_case"]) == {"a", "b"}
     assert mean["dice_WT"] == pytest.approx(np.mean([mean["per_case"][c]["dice_WT"] for c in "ab"]), abs=1e-4)
+
+
+def test_lesion_patch_pads_at_the_volume_edge():
+    case = toy_case(3)
+    case.labels[:] = 0
+    case.labels[1:3, 2:5, 2:5] = 2  # a lesion at the corner: the patch runs off the volume
+    images, labels = D.lesion_patch(case, 16)
+    assert images.shape == (2, 16, 16, 16) and labels.shape == (16, 16, 16)
+    assert (labels > 0).sum() == (case.labels > 0).sum()
+    assert (images[:, :4] == D.BACKGROUND_Z).all()  # padding, not brain

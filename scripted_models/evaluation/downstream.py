@@ -311,16 +311,29 @@ def pathar_alignment(net, real_cases: list[GridCase], n: int, device: str) -> di
     side = pairs[0].mask.array.shape[0] if pairs else 64
     reference = []
     for real_case in real_cases:
-        centre = np.argwhere(real_case.labels > 0).mean(axis=0).astype(int)
-        lo = np.maximum(centre - side // 2, 0)
-        crop = tuple(slice(int(a), int(a) + side) for a in lo)
-        images = real_case.images[(slice(None),) + crop].transpose(1, 0, 2, 3)
-        prob = predict_slices(net, np.ascontiguousarray(images))
-        reference.append(dice(prob[:, 0] > 0.5, real_case.labels[crop] > 0))
+        images, labels = lesion_patch(real_case, side)
+        prob = predict_slices(net, np.ascontiguousarray(images.transpose(1, 0, 2, 3)))
+        reference.append(dice(prob[:, 0] > 0.5, labels > 0))
     return {"n": len(generated), "mean_wt_dice_generated": round(float(np.mean(generated)), 4) if generated else None,
             "wt_dice_per_sample": [round(d, 4) for d in generated],
             "wt_dice_real_patch_reference": round(float(np.mean(reference)), 4),
             "wt_dice_real_patch_per_case": [round(d, 4) for d in reference]}
+
+
+def lesion_patch(case: GridCase, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images (2, side, side, side), labels) centred on the lesion; parts outside the volume are background."""
+    centre = np.argwhere(case.labels > 0).mean(axis=0).astype(int)
+    images = np.full((case.images.shape[0],) + (side,) * 3, BACKGROUND_Z, np.float32)
+    labels = np.zeros((side,) * 3, case.labels.dtype)
+    src, dst = [], []
+    for c, n in zip(centre, case.labels.shape):
+        lo = int(c) - side // 2
+        a, b = max(lo, 0), min(lo + side, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    images[(slice(None),) + tuple(dst)] = case.images[(slice(None),) + tuple(src)]
+    labels[tuple(dst)] = case.labels[tuple(src)]
+    return images, labels
 
 
 def score_cases(net, cases: list[GridCase]) -> dict:
