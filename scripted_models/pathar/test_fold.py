@@ -280,7 +280,7 @@ def main(argv=None) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "test_fold.json", reports)
+        write_json_atomic(reports, out / "test_fold.json")
         tmp = out / "test_fold.md.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / "test_fold.md")
