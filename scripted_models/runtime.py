@@ -53,9 +53,12 @@ def training_autocast(device: torch.device):
     PATHOSYN_TRAIN_BF16=1. Measured on this project's CPU host (AMX bf16): the PathAR structure VQ trained under
     CPU bf16 autocast did not learn (loss 1.24 after 175 steps, codebook collapsed to 19 codes, whole-lesion
     Dice 0.58) where float32 reached loss 0.80 by step 150; inference (`autocast`) stays bf16."""
-    if device.type == "cuda" or os.environ.get("PATHOSYN_TRAIN_BF16"):
-        return autocast(device)
-    return contextlib.nullcontext()
+    return autocast(device) if trains_in_bf16(device) else contextlib.nullcontext()
+
+
+def trains_in_bf16(device: torch.device) -> bool:
+    """Whether `training_autocast` uses bf16 on `device` (cards record it)."""
+    return (device.type == "cuda" or bool(os.environ.get("PATHOSYN_TRAIN_BF16"))) and bf16_supported(device)
 
 
 def set_threads(n: int | None) -> None:

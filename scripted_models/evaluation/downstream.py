@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cases import default_data_root, load_case
+from ..cases import _find, default_data_root, load_case
 from ..labels import CORE, ENHANCING
 from ..preprocess import IntensityNormalizer, blend_weight, dilate_mm
 from ..volume import Volume, resample_to
@@ -123,8 +123,8 @@ class CaseData:
         return lesion_points_lps(self.mask_volume).mean(axis=1)
 
 
-def test_grid_case(folder: Path) -> GridCase:
-    """A test case on the grid: real images only (no pseudo-healthy base needed)."""
+def real_grid_case(folder: Path) -> GridCase:
+    """A real case on the grid (flair + t1c z-scores and labels; no pseudo-healthy base needed)."""
     case = load_case(folder)
     brain = case.foreground()
     lesion = case.seg > 0
@@ -354,12 +354,9 @@ def fold_cases(root: Path, quick: bool) -> tuple[list[str], list[str]]:
     folds = make_folds(str(root))
     if quick:
         return list(QUICK_TRAIN_CASES), list(folds.test[:1])
-    train = [c for c in folds.train if all(_find_modality(root / "cases" / c, m) for m in MODS)]
+    train = [c for c in folds.train if all(_find(root / "cases" / c, m) for m in MODS)]
     return train, list(folds.test)
 
-
-def _find_modality(folder: Path, modality: str) -> bool:
-    return any((folder / f"{modality}{ext}").is_file() for ext in (".nii.gz", ".nii", ".nrrd"))
 
 
 # --- the study --------------------------------------------------------------------------------------------------------
@@ -374,7 +371,7 @@ def run_downstream(data_root=None, settings: DownstreamSettings | None = None, d
     synthetic = synthetic_cases(cases, settings, device)
     for c in cases:  # the volumes are on the grid now
         c.release()
-    test_cases = [test_grid_case(root / "cases" / name) for name in test_names]
+    test_cases = [real_grid_case(root / "cases" / name) for name in test_names]
     t_data = time.perf_counter() - t0
 
     groups = {"real": [real], "pathosyn": [real, synthetic["pathosyn"]],

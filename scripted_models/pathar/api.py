@@ -191,13 +191,15 @@ def _check_args(modalities, n, seed, temperature, top_k) -> list[str]:
 
 
 def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
-                 device: str = "auto", progress: Callable[[float, str], None] | None = None) -> list[SamplePair]:
+                 device: str = "auto", progress: Callable[[float, str], None] | None = None,
+                 weights: Path | None = None) -> list[SamplePair]:
     """Sample n lesion structures, each rendered in every requested modality.
 
     modalities: names from t1, t1c, t2, flair. Raises InputError for bad arguments and WeightsError for
-    missing or corrupted weights (sha256 checked against the model cards)."""
+    missing or corrupted weights (sha256 checked against the model cards). weights: a folder other than the
+    bundled one (or PATHOSYN_WEIGHTS_DIR)."""
     mods = _check_args(modalities, n, seed, temperature, top_k)
-    model = load_models(device)
+    model = load_models(device, weights)
     missing = [m for m in mods if m not in model.modalities]
     if missing:
         raise InputError(f"the PathAR weights do not know modality {', '.join(missing)}")

@@ -37,6 +37,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ class PatchSet:
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(len(self.masks), bool))
 
-    @property
+    @cached_property
     def has_images(self) -> np.ndarray:
         """(P,) bool: patches with at least one image (not the blends or the mask-only lesions)."""
         return np.isin(np.arange(len(self.masks)), self.image_patch)

@@ -63,28 +63,11 @@ def reference_patches(cards: dict, work: Path, data_root=None):
     return build_patches(Path(work), replace(cfg, exclude=tuple(sorted(unseen))), data_root, verbose=False)
 
 
-def sample(folder: Path | None, n: int, seed: int, device: str):
-    from .api import sample_pairs
-
-    previous = os.environ.get("PATHOSYN_WEIGHTS_DIR")
-    if folder is not None:
-        os.environ["PATHOSYN_WEIGHTS_DIR"] = str(folder)
-    try:
-        return sample_pairs(list(MODALITIES), n, seed, device=device)
-    finally:
-        if folder is not None:
-            if previous is None:
-                os.environ.pop("PATHOSYN_WEIGHTS_DIR", None)
-            else:
-                os.environ["PATHOSYN_WEIGHTS_DIR"] = previous
-
-
 def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
     """{modality: {sub-region: mean contrast}} over the test fold's real patches (all their poses)."""
     out = {}
     for k, mod in enumerate(MODALITIES):
-        idx = [i for i in range(len(patches.images))
-               if patches.is_test[patches.image_patch[i]] and patches.image_modality[i] == k]
+        idx = np.nonzero(patches.is_test[patches.image_patch] & (patches.image_modality == k))[0]
         out[mod] = mean_contrasts((patches.masks[patches.image_patch[i]], patches.images[i].astype(np.float32))
                                   for i in idx)
     return out
@@ -108,22 +91,11 @@ def appearance_agreement(pairs, real: dict[str, dict[int, float]]) -> dict:
 
 def train_real_segmenter(data_root=None, steps: int = 400, seed: int = 0, device: str = "auto"):
     """downstream.py's segmenter on the training fold's real cases only (flair + t1c, axial slices at 2 mm)."""
-    from ..cases import default_data_root, load_case
-    from ..evaluation.downstream import DownstreamSettings, grid_case, train_segmenter
-    from ..folds import make_folds
-    from ..preprocess import IntensityNormalizer
+    from ..cases import default_data_root
+    from ..evaluation.downstream import DownstreamSettings, fold_cases, real_grid_case, train_segmenter
 
     root = Path(data_root or default_data_root())
-    real = []
-    for name in make_folds(str(root)).train:
-        case = load_case(root / "cases" / name)
-        if not all(m in case.images for m in SEGMENTER_MODALITIES):
-            continue
-        brain = case.foreground()
-        lesion = case.seg > 0
-        z = {m: IntensityNormalizer.fit(case.images[m].array, exclude=lesion, foreground=brain)
-             .forward(case.images[m].array) for m in SEGMENTER_MODALITIES}
-        real.append(grid_case(name, z, case.seg, case.reference, brain))
+    real = [real_grid_case(root / "cases" / name) for name in fold_cases(root, quick=False)[0]]
     return train_segmenter([real], DownstreamSettings(steps=steps), seed, device), [c.name for c in real]
 
 
@@ -152,7 +124,7 @@ def real_test_patches(patches):
 
 def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None, device: str = "auto",
                   segmenter=None) -> dict:
-    from .api import load_models
+    from .api import load_models, sample_pairs
 
     model = load_models(device, folder)
     patches = reference_patches(model.cards, work, data_root)
@@ -162,7 +134,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
     t0 = time.perf_counter()
-    pairs_by_seed = {seed: sample(folder, n, seed, device) for seed in seeds}
+    pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder) for seed in seeds}
     sampling_s = time.perf_counter() - t0
     pairs = [p for seed in seeds for p in pairs_by_seed[seed]]
     masks = [p.mask.array for p in pairs]
@@ -170,6 +142,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     rows = [mask_plausibility(m, patches.spacing_mm) for m in masks]
     train_plain = [int(p) for p in patches.plain_patches() if not patches.is_val[p]]
     real_masks = [patches.masks[p] for p in list(train_plain) + list(test_plain)]
+    real_rows = [mask_plausibility(m, patches.spacing_mm) for m in real_masks]
     per_seed = {seed: appearance_agreement(pairs_by_seed[seed], real_contrasts) for seed in seeds}
     report = {
         "weights": str(folder) if folder else "bundled",
@@ -186,11 +159,9 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "one_main_component_fraction": round(float(np.mean([r["main_fraction"] >= 0.9 for r in rows])), 3),
         "mean_pairwise_dice": round(mean_pairwise_dice(masks), 3),
         "real_mean_pairwise_dice": round(mean_pairwise_dice(real_masks), 3),
-        "real_plausible_fraction": round(float(np.mean([mask_plausibility(m, patches.spacing_mm)["plausible"]
-                                                        for m in real_masks])), 3),
+        "real_plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
         "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in rows])), 1),
-        "real_mean_volume_ml": round(float(np.mean([mask_plausibility(m, patches.spacing_mm)["volume_ml"]
-                                                    for m in real_masks])), 1),
+        "real_mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
         "signs_agree_per_seed": {str(s): r["signs_agree"] for s, r in per_seed.items()},
         "signs_total": len(MODALITIES) * len(SUBREGIONS),
         "ordering_min_per_modality": {m: min((r["ordering"][m] for r in per_seed.values()

@@ -114,11 +114,11 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 
 def _versions() -> dict:
-    import os
-
     import monai
 
-    bf16 = torch.cuda.is_available() or bool(os.environ.get("PATHOSYN_TRAIN_BF16"))  # as training_autocast
+    from ..runtime import trains_in_bf16
+
+    bf16 = trains_in_bf16(pick_device("auto"))
     return {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version(),
             "train_precision": "bf16 autocast" if bf16 else "float32"}
 
@@ -495,23 +495,13 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
 
 def add_sample_metrics(out_dir: Path, n: int = 8, seed: int = 0) -> dict:
     """Sample n pairs with the saved weights, add quality metrics and sampling time to the transformer card."""
-    import os
-
     from ..weights import load_state as _load
     from . import api, quality
 
-    prev = os.environ.get("PATHOSYN_WEIGHTS_DIR")
-    os.environ["PATHOSYN_WEIGHTS_DIR"] = str(out_dir)
-    try:
-        t0 = time.time()
-        pairs = api.sample_pairs(list(MODALITIES), n=n, seed=seed, device="cpu")
-        seconds = (time.time() - t0) / n
-        summary = quality.summarize_masks([p.mask.array for p in pairs])
-    finally:
-        if prev is None:
-            os.environ.pop("PATHOSYN_WEIGHTS_DIR", None)
-        else:
-            os.environ["PATHOSYN_WEIGHTS_DIR"] = prev
+    t0 = time.time()
+    pairs = api.sample_pairs(list(MODALITIES), n=n, seed=seed, device="cpu", weights=out_dir)
+    seconds = (time.time() - t0) / n
+    summary = quality.summarize_masks([p.mask.array for p in pairs])
     state, card = _load(TRANSFORMER_NAME, out_dir)
     card["metrics"]["samples"] = {"n": n, "seed": seed, "seconds_per_sample_4_modalities": round(seconds, 2),
                                   **summary}
