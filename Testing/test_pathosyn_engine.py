@@ -46,6 +46,31 @@ def test_same_seed_same_output_and_seed_changes_it():
     assert not np.array_equal(a, c)
 
 
+def test_weights_rewritten_in_a_folder_are_used_by_the_next_synthesis(tmp_path):
+    """A training rewrites its candidate folder at every realism check: the model cache must not serve the weights
+    that were there before (it did, and every candidate scored as the first one)."""
+    import torch
+
+    from scripted_models.pathosyn.deviation import WEIGHTS_NAME
+    from scripted_models.weights import load_state, save_state
+
+    state, card = load_state(WEIGHTS_NAME)
+    head = make_head(dtype=np.float32)
+    mask = make_ball_mask(head)
+
+    def synthesize():
+        return synthesize_lesion({"t1": head}, mask, seed=0, steps=1, deviation_weights=tmp_path).images["t1"].array
+
+    save_state(WEIGHTS_NAME, state, card, tmp_path)
+    first = synthesize()
+    changed = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in state.items()}
+    save_state(WEIGHTS_NAME, changed, card, tmp_path)
+    assert not np.array_equal(synthesize(), first), "the cached model of the old weights was used"
+    save_state(WEIGHTS_NAME, {k: v.clone() for k, v in state.items()}, card, tmp_path)
+    np.testing.assert_array_equal(synthesize(), first)
+    assert torch.equal(load_state(WEIGHTS_NAME, tmp_path)[0][next(iter(state))], next(iter(state.values())))
+
+
 def test_uncertainty_is_localised_to_the_region():
     head = make_head(dtype=np.float32)
     mask = make_ball_mask(head)

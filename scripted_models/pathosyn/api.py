@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -47,11 +48,27 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def _weights_version(folder: Path, name: str) -> tuple:
+    """Identity of the weights file as it is now: a folder whose weights were replaced (a training's candidate
+    folder, rewritten at every check) must not be served from the cache."""
+    try:
+        st = (Path(folder) / f"{name}.safetensors").stat()
+    except OSError:
+        return ()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _model(kind: str, device, folder=None):
     from ..weights import weights_dir
+    from .anatomy import WEIGHTS_NAME as ANATOMY_WEIGHTS
+    from .deviation import WEIGHTS_NAME as DEVIATION_WEIGHTS
 
-    key = (kind, str(device), str(folder or weights_dir()))
+    folder = Path(folder or weights_dir())
+    name = ANATOMY_WEIGHTS if kind == "anatomy" else DEVIATION_WEIGHTS
+    key = (kind, str(device), str(folder), _weights_version(folder, name))
     if key not in _MODELS:
+        for stale in [k for k in _MODELS if k[:3] == key[:3]]:  # older weights of the same folder
+            del _MODELS[stale]
         if kind == "anatomy":
             from .anatomy import AnatomyModel
 

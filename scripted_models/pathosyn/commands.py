@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
                         batch=args.batch or 4, seed=args.seed, data_root=args.data,
                         out_dir=args.weights_out, threads=args.threads,
                         max_minutes=args.max_minutes, variant=args.variant, crop=args.crop,
-                        from_scratch=args.from_scratch, select=args.select)
+                        from_scratch=args.from_scratch, select=args.select, realism_every=args.realism_every)
     return 0
 
 
@@ -166,5 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="deviation only: do not continue from the bundled weights")
     p.add_argument("--select", choices=["loss", "realism"], default="loss",
                    help="deviation only: keep the weights with the lowest validation-fold denoising loss, or with "
-                        "the highest validation-fold realism pass fraction (synthesizes the fold every 400 steps)")
+                        "the highest validation-fold realism pass fraction (synthesizes the fold every "
+                        "--realism-every steps)")
+    p.add_argument("--realism-every", type=int, default=400,
+                   help="deviation with --select realism: steps between two realism checks (a multiple of 200)")
     p.set_defaults(func=cmd_train)
