@@ -133,6 +133,21 @@ def test_synthesize_segmentation_outputs_new_nodes_exact_geometry(app, logic, di
         assert np.allclose(names[name], SUBREGION_COLORS[value])
     assert out.report["lesion_voxels"] == int((mask.array > 0).sum())
     assert out.report["whole_lesion_only"] is False
+    # the segmentation (built from bounding-box crops of each sub-region) gives back the engine's labels exactly
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+
+    engine_mask, _ = PathoSynSlicerLogic().maskFromNode(seg, node)
+    assert np.array_equal(_segmentation_labels(out.segmentation, node), engine_mask.array)
+    # displays set directly (no automatic window/level pass): the input's, the residual's diverging one centred on
+    # 0, the uncertainty's from 0 to its largest value
+    source = node.GetDisplayNode()
+    shown = out.volumes["t1"].GetDisplayNode()
+    assert not shown.GetAutoWindowLevel()
+    assert (shown.GetWindow(), shown.GetLevel()) == (source.GetWindow(), source.GetLevel())
+    assert display.GetWindow() == pytest.approx(2 * np.abs(residual).max(), rel=1e-5)
+    spread = out.uncertainty["t1"].GetDisplayNode()
+    top = float(array_of(out.uncertainty["t1"]).max())
+    assert spread.GetWindow() == pytest.approx(top, rel=1e-5) and spread.GetLevel() == pytest.approx(top / 2, rel=1e-5)
 
 
 def _distance_mm(mask, spacing_xyz):

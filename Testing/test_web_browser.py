@@ -90,8 +90,10 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     print(f"brush stroke: {before} -> {after} ({painted:+d} voxels in total)")
     _save_shot(page, shots, "painted")
 
-    # Synthesize (2 steps): the click returns at once, progress streams, the result lands in the compare layout
+    # Synthesize (2 steps, 2 samples: an uncertainty map too): the click returns at once, progress streams, the
+    # result lands in the compare layout
     page.fill("#ps-steps", STEPS, field="steps")
+    page.fill("#ps-samples", 2, field="samples")
     page.click("#ps-synthesize")
     page.page.wait_for_selector("#ps-progress", timeout=30000)
     page.waitFor(lambda: page.trigger("ps_test_state", "progress") >= 20 or not page.status()["running"], timeout=60,
@@ -130,6 +132,10 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     page.page.locator(".v-overlay .v-list-item", has_text="residual").first.click()
     page.waitFor(lambda: (page.status()["overlay"] or "").endswith("residual"), timeout=20, what="the overlay")
     page.page.locator(".v-select:has(#ps-overlay) .v-field").first.click()
+    page.page.locator(".v-overlay .v-list-item", has_text="uncertainty").first.click()
+    page.waitFor(lambda: (page.status()["overlay"] or "").endswith("uncertainty"), timeout=20,
+                 what="the uncertainty overlay")
+    page.page.locator(".v-select:has(#ps-overlay) .v-field").first.click()
     page.page.locator(".v-overlay .v-list-item", has_text="none").first.click()
     page.waitFor(lambda: page.status()["overlay"] is None, timeout=20, what="no overlay")
 
@@ -149,9 +155,36 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     assert region.any() and not region.all()
     assert np.array_equal(output.array[~region], source.array[~region]), "voxels outside the lesion region changed"
     assert np.abs(output.array[region].astype(float) - source.array[region]).max() > 0, "nothing was synthesized"
-    assert (out / "residual_t1.nii.gz").is_file()
+    assert (out / "residual_t1.nii.gz").is_file() and (out / "uncertainty_t1.nii.gz").is_file()
     assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
     assert not page.status()["torch_in_server"], "the server process imported torch (jobs belong in the worker)"
+    page.fill("#ps-samples", 1, field="samples")
+
+
+def test_test_hooks_are_off_for_users(web, tmp_path):
+    """Without PATHOSYN_WEB_TEST_HOOKS=1 (which the harness sets) the server has no ps_test_* triggers; ps_ping
+    stays. A second server, opened in a new tab of the module's browser."""
+    from PathoSynWeb.PathoSynWebLib.harness import Server
+
+    _, page = web
+    server = Server(tmp_path / "server.log", workDir=str(tmp_path), env={"PATHOSYN_WEB_TEST_HOOKS": "0"},
+                    args=["--no-worker"])
+    tab = None
+    ask = """([name, args]) => Promise.race([window.trame.trigger(name, args).then(
+                                         v => v === null || v === undefined ? 'nothing' : 'answered', () => 'refused'),
+                                     new Promise(r => setTimeout(() => r('no answer'), 3000))])"""
+    try:
+        server.waitReady(timeout=120)
+        tab = page.page.context.browser.new_page()
+        tab.goto(server.url)
+        tab.wait_for_function("window.trame && window.trame.state", timeout=90000)
+        assert tab.evaluate(ask, ["ps_ping", []]) == "answered"
+        for name, args in (("ps_test_status", []), ("ps_test_voxels", []), ("ps_test_state", ["steps"])):
+            assert tab.evaluate(ask, [name, args]) != "answered", name
+    finally:
+        if tab is not None:
+            tab.close()
+        server.stop()
 
 
 def _error_line(page, what: str) -> str:
@@ -174,7 +207,7 @@ def test_errors_show_in_the_page(web):
     page.selectPaint()  # a stroke in the scan's background, left of the brain
     time.sleep(1.0)
     box = page.largestView()
-    x, y = box["x"] + 0.13 * box["width"], box["y"] + 0.5 * box["height"]
+    x, y = box["x"] + 0.07 * box["width"], box["y"] + 0.5 * box["height"]  # brush well clear of the head
     page.page.mouse.move(x, y)
     page.page.mouse.down()
     page.page.mouse.move(x, y + 15, steps=3)

@@ -333,6 +333,20 @@ def _orientedImage(array: np.ndarray, ijkToRAS: np.ndarray):
     return image
 
 
+def _croppedOrientedImage(mask: np.ndarray, ijkToRAS: np.ndarray):
+    """A binary mask as a uint8 vtkOrientedImageData on its bounding box (+1 voxel), the extent placed on the full
+    grid: Slicer converts and merges only that box (the closed surface of a lesion on a 1 mm head: 0.06 s instead
+    of 0.22 s)."""
+    found = np.argwhere(mask)
+    if len(found) == 0:
+        return _orientedImage(mask.astype(np.uint8), ijkToRAS)
+    lo = np.maximum(found.min(0) - 1, 0)
+    hi = np.minimum(found.max(0) + 2, mask.shape)
+    image = _orientedImage(mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.uint8), ijkToRAS)
+    image.SetExtent(int(lo[2]), int(hi[2]) - 1, int(lo[1]), int(hi[1]) - 1, int(lo[0]), int(hi[0]) - 1)
+    return image
+
+
 def _orientedArray(image, reference_shape=None) -> np.ndarray:
     """Voxels of a vtkOrientedImageData on its extent (which may not start at 0)."""
     from vtkmodules.util.numpy_support import vtk_to_numpy
@@ -607,27 +621,39 @@ class PathoSynSlicerLogic:
         return self.addPseudoHealthyNodes(prepared, healthy)
 
     # --- engine outputs -> new nodes --------------------------------------------------------------------------------
-    def addVolumeNode(self, volume: Volume, name: str, labelmap: bool = False, like=None, ijkToRAS=None):
-        """A new volume node with the voxels of `volume`. Geometry: `ijkToRAS` (exact) if given, else the Volume's."""
+    def addVolumeNode(self, volume: Volume, name: str, labelmap: bool = False, like=None, ijkToRAS=None,
+                      windowLevel: tuple | None = None):
+        """A new volume node with the voxels of `volume`. Geometry: `ijkToRAS` (exact) if given, else the Volume's.
+        `windowLevel` (scalar volumes): display with this window/level, skipping Slicer's automatic window/level
+        (a histogram pass over every voxel: 0.13 s of the 0.18 s a 1 mm head's volume node costs)."""
         cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
         node = self.scene.AddNewNodeByClass(cls, self.scene.GenerateUniqueName(name))
         node.SetAndObserveImageData(_imageFromArray(volume.array))
         node.SetIJKToRASMatrix(_vtkMatrix(volume.ijk_to_ras() if ijkToRAS is None else ijkToRAS))
         if like is not None and like.GetParentTransformNode() is not None:
             node.SetAndObserveTransformNodeID(like.GetParentTransformNode().GetID())
-        node.CreateDefaultDisplayNodes()
+        if windowLevel is not None and not labelmap:
+            display = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(float(windowLevel[0]), float(windowLevel[1]))
+            display.SetDefaultColorMap()
+            node.SetAndObserveDisplayNodeID(display.GetID())
+        else:
+            node.CreateDefaultDisplayNodes()
         return node
 
-    def _outputVolume(self, volume: Volume, reference: Volume, referenceNode, name: str):
+    def _outputVolume(self, volume: Volume, reference: Volume, referenceNode, name: str, windowLevel=None):
+        """A new volume on the input's grid, shown like the input (window/level, colours) unless `windowLevel`."""
         if not volume.same_grid(reference):
             raise InputError(f"engine output '{name}' is not on the input grid")
-        node = self.addVolumeNode(volume, name, like=referenceNode, ijkToRAS=nodeIJKToRAS(referenceNode))
-        src, dst = referenceNode.GetDisplayNode(), node.GetDisplayNode()
-        if src is not None and dst is not None:
-            dst.SetAutoWindowLevel(False)
-            dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
-            if src.GetColorNodeID():
-                dst.SetAndObserveColorNodeID(src.GetColorNodeID())
+        src = referenceNode.GetDisplayNode()
+        if windowLevel is None and src is not None:
+            windowLevel = (src.GetWindow(), src.GetLevel())
+        node = self.addVolumeNode(volume, name, like=referenceNode, ijkToRAS=nodeIJKToRAS(referenceNode),
+                                  windowLevel=windowLevel)
+        dst = node.GetDisplayNode()
+        if src is not None and dst is not None and src.GetColorNodeID():
+            dst.SetAndObserveColorNodeID(src.GetColorNodeID())
         return node
 
     def residualColorNode(self):
@@ -665,7 +691,7 @@ class PathoSynSlicerLogic:
             if not np.any(labels == value):
                 continue
             segmentName = WHOLE_LESION_NAME if wholeLesion else SUBREGION_NAMES[value]
-            image = _orientedImage((labels == value).astype(np.uint8), ijkToRAS)
+            image = _croppedOrientedImage(labels == value, ijkToRAS)
             segmentId = node.AddSegmentFromBinaryLabelmapRepresentation(image, segmentName,
                                                                         list(SUBREGION_COLORS[value]))
             if value == EDEMA and node.GetDisplayNode() is not None:  # see the tumour core through the edema
@@ -688,10 +714,14 @@ class PathoSynSlicerLogic:
                 base = inputNode.GetName()
                 out.volumes[mod] = self._outputVolume(volume, reference, inputNode, f"{base} synthesized")
                 res = residuals[mod]
-                out.residuals[mod] = self._outputVolume(res, reference, inputNode, f"{base} residual")
-                self._setDivergingDisplay(out.residuals[mod], colorNode, float(np.abs(res.array).max()))
+                maxAbs = max(float(np.abs(res.array).max()), 1e-6)
+                out.residuals[mod] = self._outputVolume(res, reference, inputNode, f"{base} residual",
+                                                        windowLevel=(2.0 * maxAbs, 0.0))
+                self._setDivergingDisplay(out.residuals[mod], colorNode, maxAbs)
                 if uncertainty and mod in uncertainty:
-                    node = self._outputVolume(uncertainty[mod], reference, inputNode, f"{base} uncertainty")
+                    top = max(float(uncertainty[mod].array.max()), 1e-6)  # 0 (certain) .. the largest spread
+                    node = self._outputVolume(uncertainty[mod], reference, inputNode, f"{base} uncertainty",
+                                              windowLevel=(top, top / 2.0))
                     inferno = nodesByClass(self.scene, "vtkMRMLColorNode", "Inferno")
                     if inferno:
                         node.GetDisplayNode().SetAndObserveColorNodeID(inferno[0].GetID())

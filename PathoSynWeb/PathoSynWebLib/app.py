@@ -21,11 +21,12 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # head
 from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logic on sys.path
 
 log = logging.getLogger("pathosyn.web")
-STILL_QUALITY = 90  # trame_rca RcaImageRenderScheduler's default still_quality
+TEST_HOOKS_ENV = "PATHOSYN_WEB_TEST_HOOKS"  # "1": register the ps_test_* triggers (tests and the bench)
 
 
 class PathoSynWebApp:
-    def __init__(self, server=None, workDir: str | None = None, startWorker: bool = True):
+    def __init__(self, server=None, workDir: str | None = None, startWorker: bool = True,
+                 maxViewPixels: int | None = None, testHooks: bool | None = None):
         from PathoSynSlicerLib.process import pythonExecutable
         from trame.app import get_server
         from trame_server.utils.asynchronous import create_task
@@ -33,22 +34,21 @@ class PathoSynWebApp:
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.app.logic import SegmentEditorLogic
         from trame_slicer.core import LayoutManager, SlicerApp
-        from trame_slicer.rca_view import register_rca_factories
 
         from scripted_models.worker import EngineWorker
 
         from .controller import WebController
         from .state import PathoSynWebState
-        from .views import WebViews, patharLayoutId
+        from .views import MAX_VIEW_PIXELS, WebViews, patharLayoutId, registerViewFactories
 
         self.server = server or get_server(client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         self.state = self.server.state
         self.typed = TypedState(self.state, PathoSynWebState)
         self.slicerApp = SlicerApp()
-        # interactive quality = trame-rca's still quality (90): one render per change instead of an interactive
-        # frame plus a still one. Renders run on the event loop, about 0.2 s for a large slice view on llvmpipe.
-        register_rca_factories(self.slicerApp.view_manager, self.server, interactive_quality=STILL_QUALITY)
+        # renders run on the event loop: one per change, at most MAX_VIEW_PIXELS each (views.registerViewFactories)
+        registerViewFactories(self.slicerApp.view_manager, self.server,
+                              MAX_VIEW_PIXELS if maxViewPixels is None else maxViewPixels)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
         self._patharLayoutId = patharLayoutId
 
@@ -73,9 +73,11 @@ class PathoSynWebApp:
             self.typed.name.pathar_modality: self.controller.showPathARModality,
         })
         self.server.trigger("ps_ping")(self._ping)
-        self.server.trigger("ps_test_voxels")(self.controller.voxelCount)
-        self.server.trigger("ps_test_status")(self._status)
-        self.server.trigger("ps_test_state")(lambda name: getattr(self.typed.data, name))
+        if testHooks if testHooks is not None else os.environ.get(TEST_HOOKS_ENV) == "1":
+            # server-side checks for the browser tests and the bench; not registered for users
+            self.server.trigger("ps_test_voxels")(self.controller.voxelCount)
+            self.server.trigger("ps_test_status")(self._status)
+            self.server.trigger("ps_test_state")(lambda name: getattr(self.typed.data, name))
         self.server.controller.on_server_ready.add(self._onReady)
         self.server.controller.on_client_connected.add(self._onClientConnected)
         self.state["trame__title"] = "PathoSyn"
@@ -184,7 +186,8 @@ class PathoSynWebApp:
                "layout": self.layoutManager.layout_id, "has_result": result is not None,
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
                "worker_alive": bool(self.worker is not None and self.worker.alive),
-               "torch_in_server": "torch" in sys.modules, "scene_nodes": self.slicerApp.scene.GetNumberOfNodes()}
+               "torch_in_server": "torch" in sys.modules, "scene_nodes": self.slicerApp.scene.GetNumberOfNodes(),
+               "show_timings_s": c.lastShowTimings}
         out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
         out["segmentation"] = self.typed.data.segmentation_name
         if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():
@@ -239,11 +242,16 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--work-dir", default=None, help="folder for the jobs' temporary files")
+    parser.add_argument("--max-view-pixels", type=int, default=None,
+                        help="render each view at most this many pixels, scaled up in the page (default 300000; "
+                             "0: full size). Rendering is on the CPU here: fewer pixels, faster brush strokes")
     parser.add_argument("--no-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
-    app = PathoSynWebApp(workDir=args.work_dir, startWorker=not args.no_worker)
+    if args.max_view_pixels is not None and args.max_view_pixels < 0:
+        parser.error(f"--max-view-pixels must be 0 or more, got {args.max_view_pixels}")
+    app = PathoSynWebApp(workDir=args.work_dir, startWorker=not args.no_worker, maxViewPixels=args.max_view_pixels)
 
     def stop(*_):
         raise KeyboardInterrupt

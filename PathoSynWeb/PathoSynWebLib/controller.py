@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class WebController:
         self.lastHealthy: dict = {}  # {modality: node} of the latest pseudo-healthy run
         self.patharRun = None
         self.patharLayout = None
+        self.lastShowTimings: dict = {}  # {display phase: seconds} of the latest result (log, status, bench)
         self.runner = None
         self.task = None
         self._cancelRequested = False
@@ -297,7 +299,8 @@ class WebController:
 
     async def _run(self, job, onDone: Callable, read: Callable | None = None) -> None:
         """Start the job in the worker, stream its progress into the page, then load its outputs as new nodes:
-        `read(job)` reads the files in a thread (no scene access), `onDone(job, outputs)` adds the nodes here."""
+        `read(job)` reads the files in a thread (no scene access), `onDone(job, outputs)` adds the nodes here, in
+        phases (see _showPhases)."""
         loop = asyncio.get_running_loop()
         runner = self.runner
         try:
@@ -321,9 +324,7 @@ class WebController:
             log.info("job ended: %s", runner.state)
             if runner.state == DONE:
                 outputs = await loop.run_in_executor(None, read, job) if read is not None else runner.result
-                with self._flush():
-                    onDone(job, outputs)
-                log.info("results shown")
+                await self._showPhases(onDone(job, outputs))
             else:
                 with self._flush():
                     if runner.state == "cancelled":
@@ -344,17 +345,35 @@ class WebController:
                 self.state.progress = 100.0 if runner.state == DONE else 0.0
             self.runner = None
 
+    async def _showPhases(self, phases) -> None:
+        """Run a result's display phases: `phases` is a generator whose every `yield <name>` ends one scene step
+        (new nodes, old ones removed, layout, links, overlay). The event loop is given back between them, so that
+        pings, other messages and view renders are served while a result is set up instead of after it."""
+        timings = {}
+        while True:
+            t0 = time.perf_counter()
+            with self._flush():
+                name = next(phases, None)
+            if name is None:
+                break
+            timings[name] = round(time.perf_counter() - t0, 3)
+            await asyncio.sleep(0)
+        log.info("results shown; scene steps (s): %s", timings)
+        self.lastShowTimings = timings
+
     def cancel(self) -> None:
         """Stop the running job (at its next denoising step; the models stay loaded). The scene is not changed."""
         if self.running:
             self._cancelRequested = True
             self.state.message = "Cancelling..."
 
-    def _onSynthesisDone(self, job, outputs: dict) -> None:
+    def _onSynthesisDone(self, job, outputs: dict):
         """New nodes for the outputs; they replace the previous result in the page (Save keeps a result), so that
-        a long session does not pile up volumes in the server's memory."""
+        a long session does not pile up volumes in the server's memory. A generator of display phases."""
         result = self.logic.addJobOutputs(job, outputs)
+        yield "new nodes"
         self._removePreviousResults()
+        yield "previous result removed"
         if job.command == "pseudo-healthy":
             self.lastHealthy = result
             mod = next(iter(result))
@@ -371,8 +390,10 @@ class WebController:
         self.state.has_result = True
         self.state.progress = 100.0
         if self.views is not None:
-            self.views.showCompare(job.prepared.nodes[mod], output, seg, residual, uncertainty, self.state.overlay)
+            yield from self.views.showCompare(job.prepared.nodes[mod], output, seg, residual, uncertainty,
+                                              self.state.overlay)
             self.state.layout = "Compare"
+            yield "layout"
 
     def _removePreviousResults(self) -> None:
         if self.lastResult is not None:
@@ -380,10 +401,13 @@ class WebController:
         removeNodes(self.lastHealthy.values())
         self.lastResult, self.lastHealthy = None, {}
 
-    def _onSamplesDone(self, job, payload) -> None:
+    def _onSamplesDone(self, job, payload):
+        """New nodes for the samples, replacing the previous run's. A generator of display phases."""
         if self.patharRun is not None and self.patharRun.isIntact():
             self.patharRun.removeFromScene()  # one run on screen at a time (the views show n samples)
+            yield "previous samples removed"
         self.patharRun = self.pathar.loadJobOutputs(job)
+        yield "new nodes"
         modality = self.state.pathar_modality if self.state.pathar_modality in job.modalities else job.modalities[0]
         self.state.pathar_modality = modality
         self.state.pathar_has_run = True
@@ -392,6 +416,7 @@ class WebController:
         if self.views is not None:
             self.patharLayout = self.views.showPathAR(self.pathar, self.patharRun, modality)
             self.state.layout = "PathAR"
+            yield "layout"
 
     # --- PathAR: modality, use a sample's mask ---------------------------------------------------------------------
     def showPathARModality(self, modality: str) -> None:

@@ -27,7 +27,8 @@ def freePort() -> int:
 class Server:
     """`python PathoSynWeb.py --port N` in its own session; `stop()` ends it and every process it started."""
 
-    def __init__(self, logPath: Path, port: int | None = None, workDir: str | None = None, env: dict | None = None):
+    def __init__(self, logPath: Path, port: int | None = None, workDir: str | None = None, env: dict | None = None,
+                 args: list | None = None):
         self.port = port or freePort()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.logPath = Path(logPath)
@@ -35,9 +36,11 @@ class Server:
         argv = [sys.executable, *wrapper, str(ENTRY_POINT), "--port", str(self.port)]
         if workDir:
             argv += ["--work-dir", str(workDir)]
+        argv += [str(a) for a in args or []]
         self._log = open(self.logPath, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, "PATHOSYN_WEB_TEST_HOOKS": "1", **(env or {})},
+                                     start_new_session=True)
         self.started = time.perf_counter()
 
     def waitReady(self, timeout: float = 120.0) -> float:

@@ -27,6 +27,33 @@ from trame_slicer.views.view_layout_definition import ViewType  # noqa: E402
 log = logging.getLogger("pathosyn.web")
 PAINT_SLICE_TAGS = ("Red", "Green", "Yellow")
 OVERLAY_OPACITY = 0.6
+STILL_QUALITY = 90  # trame_rca RcaImageRenderScheduler's default still_quality
+# Views render at most this many pixels; the browser scales the image up to the view's size. On a CPU renderer
+# (llvmpipe, 2 cores) a render costs about its pixel count: the Paint layout's 718x764 axial view took 0.10 s a
+# frame, capped to 530x564 0.05 s, which took a brush stroke from mouse-up to screen from 0.62-0.79 s to 0.41-0.45 s.
+MAX_VIEW_PIXELS = 300_000
+
+
+def registerViewFactories(viewManager, server, maxPixels: int = MAX_VIEW_PIXELS) -> None:
+    """trame-slicer's remote slice and 3D view factories (as `register_rca_factories`), each view capped at
+    `maxPixels` rendered pixels (0: the view's full size) and at one render per change (interactive quality = still
+    quality: no interactive frame followed by a still one)."""
+    from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
+    from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory, RemoteThreeDViewFactory
+
+    def capped(factoryClass):
+        class Capped(factoryClass):
+            def _create_view(self, *args, **kwargs):
+                view = super()._create_view(*args, **kwargs)
+                view.view_adapter.max_pixel_count = int(maxPixels)
+                return view
+
+        return Capped
+
+    for factoryClass, populate in ((RemoteSliceViewFactory, create_vertical_slice_view_gutter_ui),
+                                   (RemoteThreeDViewFactory, create_vertical_view_gutter_ui)):
+        viewManager.register_factory(capped(factoryClass)(server, interactive_quality=STILL_QUALITY,
+                                                          populate_view_ui_f=populate))
 
 
 def _slice(tag: str, label: str, color: str, group: int = 0, orientation: str = "Axial") -> ViewLayoutDefinition:
@@ -124,9 +151,13 @@ class WebViews:
 
     # --- compare -----------------------------------------------------------------------------------------------------
     def showCompare(self, inputNode, outputNode, segmentation=None, residual=None, uncertainty=None,
-                    overlay: str = "none") -> None:
+                    overlay: str = "none"):
+        """Input and result in the linked Compare views, the lesion as an outline. A generator: each `yield` ends a
+        scene step, and the controller gives the event loop back in between (the layout switch alone schedules
+        renders of three views)."""
         self.stopEditing()
         self.setLayout("Compare")
+        yield "compare layout"
         views = linkCompareViews(self.scene, inputNode, outputNode, segmentation)
         self.resultComposite = views.compositeNodes[1]
         inputView, resultView = (self.view(tag) for tag in COMPARE_SLICE_TAGS)
@@ -139,15 +170,18 @@ class WebViews:
         target.SetFieldOfView(*source.GetFieldOfView())  # linked views share interaction, not the first FOV
         target.GetSliceToRAS().DeepCopy(source.GetSliceToRAS())
         target.UpdateMatrices()
+        yield "views linked"
         if segmentation is not None:  # outline only: the synthesized voxels stay visible
             display = segmentation.GetDisplayNode()
             display.SetVisibility2DFill(False)
             display.SetVisibility2DOutline(True)
             display.SetSliceIntersectionThickness(2)
             self.showOnlyIn(segmentation, [*COMPARE_SLICE_TAGS, COMPARE_3D_TAG])
+            yield "lesion outline"
         self.setOverlay({"residual": residual, "uncertainty": uncertainty}.get(overlay))
         if centre is not None:
             self.aimCamera(COMPARE_3D_TAG, centre, _segmentationSize(segmentation))
+        yield "overlay and camera"
 
     def showOnlyIn(self, displayable, tags) -> None:
         """Show a node in these views only (the painted mask in the Paint views, a result in the Compare views)."""
