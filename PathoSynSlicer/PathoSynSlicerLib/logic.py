@@ -816,28 +816,24 @@ class PathoSynSlicerLogic:
     # --- background runs: files for the `pathosyn` CLI and back --------------------------------------------------
     def writeJobInputs(self, prepared: PreparedInputs, folder: Path) -> dict:
         """Write the validated inputs as NIfTI for the CLI: {'images': {mod: path}, 'mask': path}."""
-        from scripted_models.volume import write_volume
-
-        folder = Path(folder)
-        # uncompressed: a temp hand-over to the engine worker (gzip would cost about 1 s per 1 mm volume)
-        images = {mod: str(write_volume(vol, folder / "inputs" / f"{mod}.nii"))
-                  for mod, vol in prepared.images.items()}
-        mask = str(write_volume(prepared.mask, folder / "inputs" / "mask.nii"))
-        return {"images": images, "mask": mask}
+        return _writeJobInputs(prepared, folder)
 
     def createJob(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                   steps: int | None = None, guidance: float = 1.0, device: str = "auto", command: str = "synthesize",
-                  threads: int | None = None, workDir: str | None = None) -> SynthesisJob:
+                  threads: int | None = None, workDir: str | None = None, writeInputs: bool = True) -> SynthesisJob:
         """Validate, write the inputs to a temporary folder and return the job (CLI arguments, output folder).
         Run it with process.WorkerRunner(job.argv) (the warm engine worker) or process.CLIRunner(job.argv) (a fresh
-        process); then call loadJobOutputs(job). Nothing touches the scene yet."""
+        process); then call loadJobOutputs(job). Nothing touches the scene yet. writeInputs=False leaves the files
+        to job.writeInputs(), which does not touch the scene either: a front end can run it in a thread."""
         prepared = self.prepare(volumeNodes, maskNode, modality)
         folder = Path(tempfile.mkdtemp(prefix="pathosyn-", dir=workDir or temporaryDirectory()))
-        try:
-            files = self.writeJobInputs(prepared, folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        files = _jobInputPaths(prepared, folder)
+        if writeInputs:
+            try:
+                _writeJobInputs(prepared, folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
         out = folder / "outputs"
         argv = [command]
         for mod, path in files["images"].items():
@@ -1144,8 +1140,30 @@ class SynthesisJob:
     outputDir: Path
     prepared: PreparedInputs
 
+    def writeInputs(self) -> dict:
+        """The input files (for createJob(..., writeInputs=False)); no scene access."""
+        return _writeJobInputs(self.prepared, self.folder)
+
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _jobInputPaths(prepared: PreparedInputs, folder: Path) -> dict:
+    """{'images': {mod: path}, 'mask': path}: where a job's inputs are written."""
+    inputs = Path(folder) / "inputs"
+    return {"images": {mod: str(inputs / f"{mod}.nii") for mod in prepared.images}, "mask": str(inputs / "mask.nii")}
+
+
+def _writeJobInputs(prepared: PreparedInputs, folder: Path) -> dict:
+    """Write the validated inputs as NIfTI at _jobInputPaths. Uncompressed: a temporary hand-over to the engine
+    worker (gzip would cost about 1 s per 1 mm volume)."""
+    from scripted_models.volume import write_volume
+
+    files = _jobInputPaths(prepared, folder)
+    for mod, vol in prepared.images.items():
+        write_volume(vol, files["images"][mod])
+    write_volume(prepared.mask, files["mask"])
+    return files
 
 
 __all__ = ["BatchResult", "CompareViews", "DependencyProblem", "InputError", "JobError", "MODALITIES",

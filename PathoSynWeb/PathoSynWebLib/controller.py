@@ -240,7 +240,9 @@ class WebController:
     # --- jobs --------------------------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.runner is not None and self.runner.running
+        """From the click until the result is shown (input files, worker start, job, new nodes): a Cancel in
+        any of these stops it, a second click is refused."""
+        return self.runner is not None
 
     def effectiveSteps(self) -> int:
         return 2 if self.state.preview else int(self.state.steps)
@@ -268,9 +270,10 @@ class WebController:
                 self.views.stopEditing()
             log.info("synthesis clicked")
             job = self.logic.createJob(dict(self.scans), self.segmentation, seed=seed, samples=samples, steps=steps,
-                                       guidance=guidance, command=command, workDir=self.workDir)
-            log.info("job inputs written")
-            return self._start(job, command, self._onSynthesisDone, read=self.logic.readJobOutputs)
+                                       guidance=guidance, command=command, workDir=self.workDir, writeInputs=False)
+            log.info("job validated")
+            return self._start(job, command, self._onSynthesisDone, read=self.logic.readJobOutputs,
+                               write=job.writeInputs)
         return None
 
     def pseudoHealthy(self):
@@ -287,25 +290,32 @@ class WebController:
             return self._start(job, "sample", self._onSamplesDone)
         return None
 
-    def _start(self, job, kind: str, onDone: Callable, read: Callable | None = None):
+    def _start(self, job, kind: str, onDone: Callable, read: Callable | None = None, write: Callable | None = None):
         s = self.state
         s.running, s.job_kind, s.progress, s.error = True, kind, 0.0, ""
         s.message = "Starting the engine worker..." if self.worker is not None and not self.worker.alive \
             else "Starting..."
         self._cancelRequested = False
         self.runner = self._runnerFactory(job.argv)
-        self.task = self._createTask(self._run(job, onDone, read))
+        self.task = self._createTask(self._run(job, onDone, read, write))
         return self.task
 
-    async def _run(self, job, onDone: Callable, read: Callable | None = None) -> None:
-        """Start the job in the worker, stream its progress into the page, then load its outputs as new nodes:
-        `read(job)` reads the files in a thread (no scene access), `onDone(job, outputs)` adds the nodes here, in
-        phases (see _showPhases)."""
+    async def _run(self, job, onDone: Callable, read: Callable | None = None, write: Callable | None = None) -> None:
+        """Write the job's input files in a thread (`write`, no scene access), start the job in the worker, stream
+        its progress into the page, then load its outputs as new nodes: `read(job)` reads the files in a thread,
+        `onDone(job, outputs)` adds the nodes here, in phases (see _showPhases)."""
         loop = asyncio.get_running_loop()
         runner = self.runner
         try:
+            if write is not None:  # about 0.1-0.5 s of file writing for a 1 mm head: not on the loop
+                await loop.run_in_executor(None, write)
+                log.info("job inputs written")
             if self.worker is not None and not self.worker.alive:  # starting it imports torch: not on the loop
                 await loop.run_in_executor(None, self.worker.start)
+            if self._cancelRequested:  # cancelled while the inputs were written or the worker started
+                with self._flush():
+                    self.state.message = "Cancelled: the scene was not changed."
+                return
             runner.start()
             log.info("job started: %s", " ".join(job.argv[:1]))
             while True:
