@@ -333,17 +333,25 @@ def _orientedImage(array: np.ndarray, ijkToRAS: np.ndarray):
     return image
 
 
-def _croppedOrientedImage(mask: np.ndarray, ijkToRAS: np.ndarray):
-    """A binary mask as a uint8 vtkOrientedImageData on its bounding box (+1 voxel), the extent placed on the full
-    grid: Slicer converts and merges only that box (the closed surface of a lesion on a 1 mm head: 0.06 s instead
-    of 0.22 s)."""
-    found = np.argwhere(mask)
-    if len(found) == 0:
-        return _orientedImage(mask.astype(np.uint8), ijkToRAS)
-    lo = np.maximum(found.min(0) - 1, 0)
-    hi = np.minimum(found.max(0) + 2, mask.shape)
-    image = _orientedImage(mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.uint8), ijkToRAS)
-    image.SetExtent(int(lo[2]), int(hi[2]) - 1, int(lo[1]), int(hi[1]) - 1, int(lo[0]), int(hi[0]) - 1)
+def _boundingBox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
+    """Slices of the box around a mask's voxels (+margin, within the array); None for an empty mask. From the
+    per-axis projections: a full np.argwhere of a 1 mm head took 0.04 s."""
+    box = []
+    for axis in range(mask.ndim):
+        found = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(found) == 0:
+            return None
+        box.append(slice(max(int(found[0]) - margin, 0), min(int(found[-1]) + margin + 1, mask.shape[axis])))
+    return tuple(box)
+
+
+def _orientedImageInBox(boxed: np.ndarray, box: tuple[slice, ...], ijkToRAS: np.ndarray):
+    """The voxels of a box of the full grid ((z, y, x) slices) as a uint8 vtkOrientedImageData whose extent puts
+    them back in place: Slicer converts and merges only that box (the closed surface of a lesion on a 1 mm head:
+    0.06 s instead of 0.22 s for the whole grid)."""
+    image = _orientedImage(boxed.astype(np.uint8), ijkToRAS)
+    z, y, x = box
+    image.SetExtent(x.start, x.stop - 1, y.start, y.stop - 1, z.start, z.stop - 1)
     return image
 
 
@@ -687,11 +695,13 @@ class PathoSynSlicerLogic:
             node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), referenceNode.GetID())  # DICOM SEG
             if referenceNode.GetParentTransformNode() is not None:
                 node.SetAndObserveTransformNodeID(referenceNode.GetParentTransformNode().GetID())
-        for value in (CORE, EDEMA, ENHANCING):
-            if not np.any(labels == value):
+        box = _boundingBox(labels > 0)  # None: no lesion voxels, no segments
+        for value in (CORE, EDEMA, ENHANCING) if box is not None else ():
+            inside = labels[box] == value
+            if not inside.any():
                 continue
             segmentName = WHOLE_LESION_NAME if wholeLesion else SUBREGION_NAMES[value]
-            image = _croppedOrientedImage(labels == value, ijkToRAS)
+            image = _orientedImageInBox(inside, box, ijkToRAS)
             segmentId = node.AddSegmentFromBinaryLabelmapRepresentation(image, segmentName,
                                                                         list(SUBREGION_COLORS[value]))
             if value == EDEMA and node.GetDisplayNode() is not None:  # see the tumour core through the edema
