@@ -32,12 +32,17 @@ STILL_QUALITY = 90  # trame_rca RcaImageRenderScheduler's default still_quality
 # (llvmpipe, 2 cores) a render costs about its pixel count: the Paint layout's 718x764 axial view took 0.10 s a
 # frame, capped to 530x564 0.05 s, which took a brush stroke from mouse-up to screen from 0.62-0.79 s to 0.41-0.45 s.
 MAX_VIEW_PIXELS = 300_000
+# Views the mouse is not over render at most this often (trame-slicer's default: 10 per second). A brush stroke in
+# the axial view re-renders the other three (the brush shows in each), and every render holds the event loop that
+# has to take the stroke's mouse-up: 3 per second took stroke-to-screen medians from 0.56 / 0.47 s to 0.44 / 0.37 s
+# (two interleaved runs of 4 strokes each, 2 cores).
+BLUR_FPS = 3.0
 
 
 def registerViewFactories(viewManager, server, maxPixels: int = MAX_VIEW_PIXELS) -> None:
     """trame-slicer's remote slice and 3D view factories (as `register_rca_factories`), each view capped at
-    `maxPixels` rendered pixels (0: the view's full size) and at one render per change (interactive quality = still
-    quality: no interactive frame followed by a still one)."""
+    `maxPixels` rendered pixels (0: the view's full size), at one render per change (interactive quality = still
+    quality: no interactive frame followed by a still one) and at BLUR_FPS while the mouse is elsewhere."""
     from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
     from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory, RemoteThreeDViewFactory
 
@@ -53,7 +58,7 @@ def registerViewFactories(viewManager, server, maxPixels: int = MAX_VIEW_PIXELS)
     for factoryClass, populate in ((RemoteSliceViewFactory, create_vertical_slice_view_gutter_ui),
                                    (RemoteThreeDViewFactory, create_vertical_view_gutter_ui)):
         viewManager.register_factory(capped(factoryClass)(server, interactive_quality=STILL_QUALITY,
-                                                          populate_view_ui_f=populate))
+                                                          populate_view_ui_f=populate, blur_fps=BLUR_FPS))
 
 
 def _slice(tag: str, label: str, color: str, group: int = 0, orientation: str = "Axial") -> ViewLayoutDefinition:
