@@ -100,7 +100,8 @@ def render_model_cards(folder: Path | None = None) -> Path:
     for card_path in sorted(folder.glob("*.json")):
         card = json.loads(card_path.read_text())
         lines += [f"## {card_path.stem}", "", card.get("family", ""), ""]
-        for key in ("steps", "batch", "crop", "wall_time_s", "history", "sampler", "bundled_because", "license"):
+        for key in ("steps", "batch", "crop", "wall_time_s", "train_precision", "history", "sampler", "bundled_because",
+                    "license"):
             if key in card:
                 lines.append(f"- **{key}**: {card[key]}")
         selection = card.get("selection") or {}
@@ -109,6 +110,12 @@ def render_model_cards(folder: Path | None = None) -> Path:
                               for c in selection.get("val_curve", []))
             lines.append(f"- **selected step**: {selection.get('selected_step')} (lowest held-out NLL; "
                          f"structure/appearance NLL by step: {curve})")
+        elif selection.get("curve") and "pass_fraction" in selection["curve"][0]:  # --select realism
+            curve = ", ".join(f"{c['step']}: {c['pass_fraction']} / {c['wasserstein']}" for c in selection["curve"])
+            losses = ", ".join(f"{c['step']}: {c['val_loss']}" for c in selection.get("loss_curve", []))
+            lines.append(f"- **selected step**: {selection.get('selected_step')} ({selection.get('rule')}; "
+                         f"validation-fold pass fraction / Wasserstein by step: {curve}; denoising loss by step: "
+                         f"{losses})")
         elif selection.get("curve"):
             curve = ", ".join(f"{c['step']}: {c['val_loss']}" for c in selection["curve"])
             lines.append(f"- **selected step**: {selection.get('selected_step')} ({selection.get('rule')}; "
