@@ -824,10 +824,6 @@ class PathoSynSlicerLogic:
         return created
 
     # --- background runs: files for the `pathosyn` CLI and back --------------------------------------------------
-    def writeJobInputs(self, prepared: PreparedInputs, folder: Path) -> dict:
-        """Write the validated inputs as NIfTI for the CLI: {'images': {mod: path}, 'mask': path}."""
-        return _writeJobInputs(prepared, folder)
-
     def createJob(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                   steps: int | None = None, guidance: float = 1.0, device: str = "auto", command: str = "synthesize",
                   threads: int | None = None, workDir: str | None = None, writeInputs: bool = True) -> SynthesisJob:

@@ -10,3 +10,5 @@ _ROOT = Path(__file__).resolve().parents[2]
 for _package, _folder in (("PathoSynSlicerLib", "PathoSynSlicer"), ("PathARModuleLib", "PathARModule")):
     if importlib.util.find_spec(_package) is None and (_ROOT / _folder / _package).is_dir():
         sys.path.insert(0, str(_ROOT / _folder))
+
+TEST_HOOKS_ENV = "PATHOSYN_WEB_TEST_HOOKS"  # "1": the server registers the ps_test_* triggers (tests, bench)

@@ -18,15 +18,15 @@ import time
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # headless Mesa/GPU; no X server needed
 
+from . import TEST_HOOKS_ENV  # noqa: E402
 from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logic on sys.path
 
 log = logging.getLogger("pathosyn.web")
-TEST_HOOKS_ENV = "PATHOSYN_WEB_TEST_HOOKS"  # "1": register the ps_test_* triggers (tests and the bench)
 
 
 class PathoSynWebApp:
     def __init__(self, server=None, workDir: str | None = None, startWorker: bool = True,
-                 maxViewPixels: int | None = None, testHooks: bool | None = None):
+                 maxViewPixels: int | None = None):
         from PathoSynSlicerLib.process import pythonExecutable
         from trame.app import get_server
         from trame_server.utils.asynchronous import create_task
@@ -73,7 +73,7 @@ class PathoSynWebApp:
             self.typed.name.pathar_modality: self.controller.showPathARModality,
         })
         self.server.trigger("ps_ping")(self._ping)
-        if testHooks if testHooks is not None else os.environ.get(TEST_HOOKS_ENV) == "1":
+        if os.environ.get(TEST_HOOKS_ENV) == "1":
             # server-side checks for the browser tests and the bench; not registered for users
             self.server.trigger("ps_test_voxels")(self.controller.voxelCount)
             self.server.trigger("ps_test_status")(self._status)

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from . import TEST_HOOKS_ENV
+
 CHROMIUM = os.environ.get("PATHOSYN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -39,7 +41,7 @@ class Server:
         argv += [str(a) for a in args or []]
         self._log = open(self.logPath, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PATHOSYN_WEB_TEST_HOOKS": "1", **(env or {})},
+                                     env={**os.environ, TEST_HOOKS_ENV: "1", **(env or {})},
                                      start_new_session=True)
         self.started = time.perf_counter()
 
