@@ -99,6 +99,9 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     page.waitFor(lambda: page.trigger("ps_test_state", "progress") >= 20 or not page.status()["running"], timeout=60,
                  what="some progress")
     _save_shot(page, shots, "running")
+    # nothing animates while the worker computes (app.QUIET_PAGE_CSS): CSS animations cost the shared cores
+    animations = page.page.evaluate("document.getAnimations().map(a => a.animationName || a.transitionProperty)")
+    assert animations == [] or not page.status()["running"], animations
     pings = []
     while True:  # the server answers while the worker computes (at least one ping, also for a quick job)
         t0 = time.perf_counter()

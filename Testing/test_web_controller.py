@@ -277,3 +277,33 @@ def test_one_volume_per_modality_goes_to_the_job(app, tmp_path, loop):
     images = [a for a in c.runners[0].argv if "=" in a and not a.startswith("--")]
     assert sorted(a.split("=")[0] for a in images) == ["t1", "t2"]
     assert set(c.lastResult.volumes) == {"t1", "t2"}
+
+
+def test_render_gate_renders_shown_views_now_hidden_ones_when_shown_and_holds_during_a_setup():
+    from PathoSynWeb.PathoSynWebLib.views import RenderHold
+
+    class Scheduler:
+        def __init__(self):
+            self.renders = 0
+
+        def schedule_render(self):
+            self.renders += 1
+
+    gate = RenderHold()
+    views = {tag: Scheduler() for tag in ("Red", "ThreeD", "PathoSynResult")}
+    for tag, scheduler in views.items():
+        gate.manage(scheduler, tag)
+    gate.show(["Red", "ThreeD"])
+    for scheduler in views.values():
+        scheduler.schedule_render()
+        scheduler.schedule_render()
+    assert [v.renders for v in views.values()] == [2, 2, 0]  # the hidden view waits
+    with gate():
+        views["Red"].schedule_render()
+        views["Red"].schedule_render()
+        with gate():  # nested holds release at the outermost
+            gate.show(["Red", "PathoSynResult"])
+        assert [v.renders for v in views.values()] == [2, 2, 0]
+    assert [v.renders for v in views.values()] == [3, 2, 1]  # one render each, after the hold
+    gate.show(["ThreeD"])
+    assert [v.renders for v in views.values()] == [3, 2, 1]  # nothing was pending for it

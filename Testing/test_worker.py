@@ -2,6 +2,7 @@
 without losing the warm models, a killed worker reported and restarted, bad input as a one-line error."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -55,6 +56,26 @@ def test_jobs_match_the_api_bytes_in_one_warm_process(worker, job, tmp_path):
     direct = synthesize_lesion({"t1": read_volume(img)}, read_volume(mask), seed=3, steps=2)
     for k in range(2):
         assert np.array_equal(read_volume(tmp_path / f"o{k}" / "t1.nii.gz").array, direct.images["t1"].array)
+
+
+def test_cropped_outputs_pasted_into_the_input_are_the_full_outputs_bit_for_bit(worker, job, tmp_path):
+    """--crop-outputs (the front ends' hand-over) writes the lesion ROI box of each output at its physical place;
+    pasted into the input (images) or zeros (residual, uncertainty, mask) it gives the full outputs' bytes."""
+    head, img, mask = job
+    args = {"images": {"t1": str(img)}, "mask": str(mask), "seed": 5, "steps": 2, "samples": 2, "format": "nii"}
+    full = worker.run("synthesize", {**args, "out": str(tmp_path / "full")})
+    cropped = worker.run("synthesize", {**args, "out": str(tmp_path / "crop"), "crop_outputs": True})
+    report = json.loads((tmp_path / "crop" / "report.json").read_text())
+    box = tuple(slice(a, b) for a, b in report["outputs_box_zyx"])
+    assert set(cropped) == set(full) == {"t1", "residual_t1", "uncertainty_t1", "mask"}
+    for name in full:
+        whole, part = read_volume(full[name]), read_volume(cropped[name])
+        assert part.shape == tuple(b.stop - b.start for b in box) and part.array.size < whole.array.size
+        corner = whole.ijk_to_ras() @ np.array([box[2].start, box[1].start, box[0].start, 1.0])
+        assert np.allclose(part.ijk_to_ras()[:, 3], corner, atol=1e-3)  # same physical place
+        pasted = (read_volume(img).array if name == "t1" else np.zeros(whole.shape)).astype(part.array.dtype)
+        pasted[box] = part.array
+        assert pasted.dtype == whole.array.dtype and np.array_equal(pasted, whole.array), name
 
 
 def test_ping_is_answered_while_a_job_runs_and_cancel_keeps_the_worker(worker, job, tmp_path):
@@ -180,3 +201,28 @@ def test_preloaded_worker_is_warm_for_its_first_job(tmp_path):
                                       "out": str(tmp_path / f"out{k}"), "steps": 2, "format": "nii"})
             times.append(time.perf_counter() - t)
     assert times[0] < 2.0 * times[1] + 0.5, times
+
+
+def test_worker_runs_with_tcmalloc_when_installed_and_not_when_turned_off(tmp_path):
+    """The worker preloads tcmalloc where it is installed (1.5x faster convolutions on 2 cores); PATHOSYN_TCMALLOC=0
+    keeps the system allocator; an LD_PRELOAD of the caller is kept."""
+    from scripted_models.worker import fast_allocator, with_fast_allocator
+
+    library = fast_allocator({})
+    env = with_fast_allocator({"LD_PRELOAD": "/some/other.so"})
+    if library is None:
+        assert env == {"LD_PRELOAD": "/some/other.so"}
+    else:
+        assert env["LD_PRELOAD"].split() == ["/some/other.so", library]
+        assert with_fast_allocator(env) == env  # not added twice
+    assert with_fast_allocator({"PATHOSYN_TCMALLOC": "0"}) == {"PATHOSYN_TCMALLOC": "0"}
+
+    with EngineWorker(threads=1, env={**os.environ, "PATHOSYN_TCMALLOC": "1"}) as w:
+        w.start()
+        maps = open(f"/proc/{w.proc.pid}/maps").read()
+        assert w.allocator == ("tcmalloc" if library else "system")
+        assert ("libtcmalloc" in maps) == (library is not None)
+    with EngineWorker(threads=1, env={**os.environ, "PATHOSYN_TCMALLOC": "0", "LD_PRELOAD": ""}) as w:
+        w.start()
+        assert w.allocator == "system"
+        assert "libtcmalloc" not in open(f"/proc/{w.proc.pid}/maps").read()

@@ -39,6 +39,12 @@ class Volume:
             raise ValueError(f"shape {array.shape} != {self.array.shape}")
         return replace(self, array=array)
 
+    def crop(self, box: tuple[slice, ...]) -> Volume:
+        """The voxels inside `box` (slices in z, y, x, step 1) as a volume of their own, at the same physical place."""
+        start = np.array([b.start or 0 for b in box][::-1], float)  # i, j, k
+        origin = self.ijk_to_lps()[:3, :] @ np.array([*start, 1.0])
+        return replace(self, array=self.array[box].copy(), origin=tuple(origin))
+
     def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
         return (
             self.shape == other.shape

@@ -10,7 +10,7 @@ Requests, one JSON object per stdin line:
     {"op": "cancel", "id": "j1"}       the job stops at its next progress tick (one denoising step); nothing is written
     {"op": "shutdown"}
 Events, one JSON object per stdout line, each with the job's "id":
-    {"event": "ready", "pid": N}                                      once, when the worker can take jobs
+    {"event": "ready", "pid": N, "allocator": "tcmalloc" | "system"}  once, when the worker can take jobs
     {"event": "progress", "id": ..., "fraction": 0.4, "message": "..."}
     {"event": "done", "id": ..., "outputs": {...}, "seconds": 1.2}
     {"event": "error", "id": ..., "kind": "input" | "weights" | "cancelled" | "internal", "message": "one line"}
@@ -168,7 +168,7 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
                                device=args.get("device", "auto"), base=args.get("base", "input"),
                                whole_lesion=True if args.get("whole_lesion") else None, progress=progress)
     progress(1.0, "writing")
-    return write_synthesis(result, out, fmt)
+    return write_synthesis(result, out, fmt, crop=bool(args.get("crop_outputs")))
 
 
 def warm_up() -> None:
@@ -182,13 +182,22 @@ def warm_up() -> None:
     synthesize_lesion({"t1": t1}, _lesion(t1, radius_for_roi(64)), seed=0, steps=1)
 
 
+def loaded_allocator() -> str:
+    """"tcmalloc" when this process runs with it (see fast_allocator), else "system"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "tcmalloc" if "libtcmalloc" in maps else "system"
+
+
 def serve(preload: bool = False, stdin=None, stdout=None) -> int:
     server = _Server(stdout or sys.stdout)
     if preload:
         warm_up()
     reader = threading.Thread(target=server.read_requests, args=(stdin or sys.stdin,), daemon=True)
     reader.start()
-    server.emit(event="ready", pid=os.getpid())
+    server.emit(event="ready", pid=os.getpid(), allocator=loaded_allocator())
     while True:
         request = server.jobs.get()
         if request is None:
@@ -291,6 +300,35 @@ def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
             pass
 
 
+# tcmalloc (Debian: libtcmalloc-minimal4), preloaded into the worker when installed: PyTorch's CPU convolutions
+# allocate and free large buffers at every step, and glibc's allocator made a 5-step 64^3 synthesis about 1.5x
+# slower on 2 cores (5.0 s against 3.3 s, docs/bench_worker.json). PATHOSYN_TCMALLOC=0 turns it off.
+TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
+
+
+def fast_allocator(env: dict | None = None) -> str | None:
+    """Path of an installed tcmalloc for the worker's LD_PRELOAD (Linux), or None."""
+    env = os.environ if env is None else env
+    if not sys.platform.startswith("linux") or env.get("PATHOSYN_TCMALLOC", "1") == "0":
+        return None
+    for folder in LIBRARY_DIRS:
+        for name in TCMALLOC_NAMES:
+            path = Path(folder) / name
+            if path.is_file():
+                return str(path)
+    return None
+
+
+def with_fast_allocator(env: dict) -> dict:
+    """`env` with tcmalloc added to LD_PRELOAD (when installed and not there already)."""
+    library = fast_allocator(env)
+    preload = env.get("LD_PRELOAD", "")
+    if library and library not in preload.replace(":", " ").split():
+        env = {**env, "LD_PRELOAD": f"{preload} {library}".strip()}
+    return env
+
+
 class EngineWorker:
     """Client of one warm worker process. Thread-safe submit/cancel; events arrive through `poll()` (GUI timers)
     or `run()` (blocking). A worker that dies is restarted on the next submit; its running job fails with kind
@@ -308,6 +346,7 @@ class EngineWorker:
         self.ready = threading.Event()
         self.running: set[str] = set()
         self.last_stderr = ""
+        self.allocator = ""  # the running worker's memory allocator, from its "ready" event
         self.starts = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -321,7 +360,7 @@ class EngineWorker:
         with self._lock:
             if self.alive:
                 return
-            env = dict(os.environ if self.env is None else self.env)
+            env = with_fast_allocator(dict(os.environ if self.env is None else self.env))
             root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
             self.ready.clear()
@@ -342,6 +381,7 @@ class EngineWorker:
             except json.JSONDecodeError:
                 continue
             if event.get("event") == "ready":
+                self.allocator = str(event.get("allocator", "system"))
                 self.ready.set()
             elif event.get("event") in ("done", "error"):
                 self.running.discard(str(event.get("id")))

@@ -851,6 +851,7 @@ class PathoSynSlicerLogic:
                 argv += ["--steps", str(int(steps))]
             if prepared.wholeLesion:
                 argv += ["--whole-lesion"]
+            argv += ["--crop-outputs"]  # the lesion ROI box only: readJobOutputs pastes it into the inputs
         if threads:
             argv += ["--threads", str(int(threads))]
         return SynthesisJob(command, argv, folder, out, prepared)
@@ -908,10 +909,21 @@ class PathoSynSlicerLogic:
         if absent:
             raise JobError(f"the synthesis output is incomplete: {', '.join(absent)} missing in {out}")
 
-        def onGrid(path):  # NIfTI stores geometry in float32: put the voxels back on the exact input grid
-            return reference.with_array(read_volume(path).array)
+        box = tuple(slice(a, b) for a, b in report["outputs_box_zyx"]) if "outputs_box_zyx" in report else None
 
-        return {"images": {m: onGrid(out / f"{m}.{ext}") for m in mods},
+        def onGrid(path, inside=None):
+            """The output on the exact input grid (NIfTI stores geometry in float32). A cropped output (the job's
+            --crop-outputs) is pasted into `inside` (the input image) or into zeros."""
+            array = read_volume(path).array
+            if box is not None:
+                if array.shape != tuple(b.stop - b.start for b in box):
+                    raise JobError(f"{Path(path).name}: shape {array.shape} does not match the reported box {box}")
+                full = inside.astype(array.dtype) if inside is not None else np.zeros(reference.shape, array.dtype)
+                full[box] = array
+                array = full
+            return reference.with_array(array)
+
+        return {"images": {m: onGrid(out / f"{m}.{ext}", job.prepared.images[m].array) for m in mods},
                 "residuals": {m: onGrid(out / f"residual_{m}.{ext}") for m in mods},
                 "uncertainty": {m: onGrid(out / f"uncertainty_{m}.{ext}") for m in mods
                                 if (out / f"uncertainty_{m}.{ext}").is_file()} or None,

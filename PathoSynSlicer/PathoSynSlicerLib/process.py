@@ -307,7 +307,7 @@ def workerJob(argv: list[str]) -> tuple[str, dict]:
             "device": ns.device, "format": ns.format}
     if op == "synthesize":
         args.update(seed=ns.seed, samples=ns.samples, steps=ns.steps, guidance=ns.guidance, base=ns.base,
-                    whole_lesion=bool(ns.whole_lesion))
+                    whole_lesion=bool(ns.whole_lesion), crop_outputs=bool(ns.crop_outputs))
     return op, args
 
 

@@ -21,6 +21,13 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # head
 from . import TEST_HOOKS_ENV  # noqa: E402
 from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logic on sys.path
 
+# No CSS motion where nothing moves: Vuetify keeps the indeterminate bars of every card's and text field's (unused,
+# hidden) loader animating, and eases each progress-bar update; in a software-rendered Chromium that shares the
+# engine worker's 2 cores this cost about 0.1 core, and made a 10-step 64^3 synthesis about 25% slower
+# (docs/ARCHITECTURE.md, "What the page costs the engine").
+QUIET_PAGE_CSS = (".v-card__loader, .v-field__loader { display: none !important; } "
+                  ".v-progress-linear, .v-progress-linear * { transition: none !important; animation: none !important; }")
+
 log = logging.getLogger("pathosyn.web")
 
 
@@ -39,7 +46,7 @@ class PathoSynWebApp:
 
         from .controller import WebController
         from .state import PathoSynWebState
-        from .views import MAX_VIEW_PIXELS, WebViews, patharLayoutId, registerViewFactories
+        from .views import MAX_VIEW_PIXELS, RenderHold, WebViews, patharLayoutId, registerViewFactories
 
         self.server = server or get_server(client_type="vue3")
         self.server.enable_module(trame_slicer_module)
@@ -47,15 +54,16 @@ class PathoSynWebApp:
         self.typed = TypedState(self.state, PathoSynWebState)
         self.slicerApp = SlicerApp()
         # renders run on the event loop: one per change, at most MAX_VIEW_PIXELS each (views.registerViewFactories)
+        renderHold = RenderHold()  # the controller holds renders while it sets a result up
         registerViewFactories(self.slicerApp.view_manager, self.server,
-                              MAX_VIEW_PIXELS if maxViewPixels is None else maxViewPixels)
+                              MAX_VIEW_PIXELS if maxViewPixels is None else maxViewPixels, renderHold)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
         self._patharLayoutId = patharLayoutId
 
         def onLayout(layoutId: str):
             self.typed.data.layout = "PathAR" if layoutId.startswith("PathAR") else layoutId
 
-        self.views = WebViews(self.slicerApp, self.layoutManager, onLayout=onLayout)
+        self.views = WebViews(self.slicerApp, self.layoutManager, onLayout=onLayout, renderHold=renderHold)
         self.views.createAllViews()  # before the segment editor: its effect pipelines look the views up
         self.segmentEditorLogic = SegmentEditorLogic(self.server, self.slicerApp)
         # this front end's warm engine worker; --preload: the models are loaded before the first click
@@ -85,6 +93,7 @@ class PathoSynWebApp:
 
     # --- UI ----------------------------------------------------------------------------------------------------------
     def _buildUI(self):
+        from trame.widgets import client
         from trame.widgets.vuetify3 import Template
         from trame_slicer.app.ui import (
             ControlButton,
@@ -108,6 +117,7 @@ class PathoSynWebApp:
             "save": c.saveClicked,  # text fields: the click carries their values (no race with the state sync)
         }
         with ViewerLayout(self.server, title="PathoSyn", is_drawer_visible=True) as self.layout:
+            client.Style(QUIET_PAGE_CSS)
             viewer = self.layout.typed_state
             self.layout.drawer.width = 400
             viewer.data.active_tool = "PathoSynPanel"
@@ -169,6 +179,7 @@ class PathoSynWebApp:
             layout = self._patharLayoutId(min(max(n, 1), 4))
         if layout != self.layoutManager.layout_id:
             self.layoutManager.set_layout(layout)
+            self.views.layoutShown(layout)
 
     def _onAxialClick(self, pointRAS) -> None:
         if self.typed.data.placing:
@@ -187,7 +198,7 @@ class PathoSynWebApp:
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
                "worker_alive": bool(self.worker is not None and self.worker.alive),
                "torch_in_server": "torch" in sys.modules, "scene_nodes": self.slicerApp.scene.GetNumberOfNodes(),
-               "show_timings_s": c.lastShowTimings}
+               "show_timings_s": c.lastShowTimings, "job_timeline_s": c.lastJobTimeline}
         out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
         out["segmentation"] = self.typed.data.segmentation_name
         if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():

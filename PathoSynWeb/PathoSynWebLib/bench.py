@@ -7,8 +7,10 @@
   stroke -> screen      mouse-up after a brush stroke -> a frame of the axial view with more lesion-coloured pixels
                         than before the stroke (page only; the voxels are checked after it)
   stroke -> voxels      same, -> the server has the voxels (a trigger polled every 20 ms), on separate strokes
-  synthesize -> shown   click "Synthesize lesion" (warm worker, the teaching sample's lesion ROI) -> the compare
-                        layout shows the result view; 5 steps and the 2-step preview, median of --runs
+  synthesize -> shown   click "Synthesize lesion" (warm worker) -> the compare layout shows the result view; 5 steps
+                        and the 2-step preview, median of --runs. The mask is loaded from a file (the "mask file on
+                        the server" field): the sample scan with the lesion of `pathosyn bench`, whose ROI is 64^3;
+                        with the server's milestones since the click and the CPU seconds of each process
   ping during a run     round trip of a trame trigger every 0.2 s while the worker computes
   server memory         RSS of the server process (the engine worker, a child process, is listed apart)
 
@@ -17,6 +19,7 @@ Times are wall-clock on whatever else the machine is doing: note the load averag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -64,11 +67,34 @@ def layoutIs(page: Page, name: str) -> bool:
     return page.page.evaluate(f"document.querySelector('#ps-layout-{name}').classList.contains('v-btn--active')")
 
 
-def synthesizeOnce(page: Page, steps: int, pings: list | None = None) -> dict:
+def cpuSeconds(server: Server, browser: Browser) -> dict:
+    """CPU seconds (user + system) used so far by the server, its engine worker, Chromium and this process."""
+    import psutil
+
+    def used(procs) -> float:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    serverProc = psutil.Process(server.proc.pid)
+    chromium = []
+    for pid in browser.pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            chromium += [root, *root.children(recursive=True)]
+    return {"server": used([serverProc]), "worker": used(serverProc.children(recursive=True)),
+            "chromium": used({p.pid: p for p in chromium}.values()), "bench": used([psutil.Process()])}
+
+
+def synthesizeOnce(page: Page, steps: int, pings: list | None = None, cpu=None) -> dict:
     page.click("#ps-layout-paint")
     page.waitFor(lambda: layoutIs(page, "paint") and not page.status()["running"], timeout=30, what="Paint layout")
     page.fill("#ps-steps", steps, field="steps")
     time.sleep(0.5)
+    cpuBefore = cpu() if cpu is not None else None
     t0 = time.perf_counter()
     page.click("#ps-synthesize")
     while True:
@@ -84,12 +110,18 @@ def synthesizeOnce(page: Page, steps: int, pings: list | None = None) -> dict:
         if time.perf_counter() - t0 > 300:
             raise TimeoutError(f"no result on screen after 300 s: {page.status()}")
         time.sleep(0.05 if pings is None else 0.2)
+    cpuAfter = cpu() if cpu is not None else None
+    page.waitFor(lambda: not page.status()["running"], timeout=60, what="the job's end")
     status = page.status()
     if status["error"]:
         raise RuntimeError(status["error"])
     report = status.get("report", {})
-    return {"seconds": round(shown, 2), "engine_s": (report.get("timing_s") or {}).get("total"),
-            "roi_size_zyx": report.get("roi_size_zyx"), "scene_steps_s": status.get("show_timings_s")}
+    row = {"seconds": round(shown, 2), "engine_s": (report.get("timing_s") or {}).get("total"),
+           "roi_size_zyx": report.get("roi_size_zyx"), "server_timeline_s": status.get("job_timeline_s"),
+           "scene_steps_s": status.get("show_timings_s")}
+    if cpu is not None:
+        row["cpu_s"] = {k: round(cpuAfter[k] - cpuBefore[k], 2) for k in cpuBefore}
+    return row
 
 
 def run(runs: int = 3, out: Path | None = None, shots: Path | None = None, strokesOnly: bool = False,
@@ -159,12 +191,24 @@ def run(runs: int = 3, out: Path | None = None, shots: Path | None = None, strok
                 page.screenshot(shots / "bench_painted.png")
 
             if not strokesOnly:
-                # synthesis, warm: one warm-up click, then `runs` clicks per setting; pings during the last runs
+                # synthesis on the 64^3 workload of `pathosyn bench`, loaded as a mask file; warm: one warm-up
+                # click, then `runs` clicks per setting; pings during the 5-step runs
+                from scripted_models.evaluation.bench import _lesion, radius_for_roi
+                from scripted_models.templates import mni_t1
+                from scripted_models.volume import write_volume
+
+                maskPath = write_volume(_lesion(mni_t1(), radius_for_roi(64)), work / "lesion_roi64.nii.gz")
+                page.click("#ps-tool-PathoSynPanel")
+                page.fill("#ps-mask-path", str(maskPath), field="mask_path")
+                page.click("#ps-load-mask")
+                page.waitFor(lambda: page.status()["segmentation"] == "lesion_roi64", timeout=60,
+                             what="the 64^3-ROI mask")
                 page.waitFor(lambda: page.status()["worker_alive"], timeout=120, what="the engine worker")
+                cpu = lambda: cpuSeconds(server, browser)  # noqa: E731
                 result["warmup"] = synthesizeOnce(page, 2)
                 pings: list = []
                 for steps, key in ((5, "synthesize_5_steps"), (2, "synthesize_preview_2_steps")):
-                    rows = [synthesizeOnce(page, steps, pings if steps == 5 else None) for _ in range(runs)]
+                    rows = [synthesizeOnce(page, steps, pings if steps == 5 else None, cpu) for _ in range(runs)]
                     result[key] = {"runs": rows, "median_s": statistics.median(r["seconds"] for r in rows)}
                 result["ping_during_synthesis_ms"] = {
                     "n": len(pings), "median": round(statistics.median(pings), 1),

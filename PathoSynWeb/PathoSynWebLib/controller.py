@@ -79,6 +79,7 @@ class WebController:
         self.patharRun = None
         self.patharLayout = None
         self.lastShowTimings: dict = {}  # {display phase: seconds} of the latest result (log, status, bench)
+        self.lastJobTimeline: dict = {}  # {milestone: seconds since the click} of the latest job (log, status, bench)
         self.runner = None
         self.task = None
         self._cancelRequested = False
@@ -296,6 +297,7 @@ class WebController:
         s.message = "Starting the engine worker..." if self.worker is not None and not self.worker.alive \
             else "Starting..."
         self._cancelRequested = False
+        self._clickTime = time.perf_counter()
         self.runner = self._runnerFactory(job.argv)
         self.task = self._createTask(self._run(job, onDone, read, write))
         return self.task
@@ -306,9 +308,15 @@ class WebController:
         `onDone(job, outputs)` adds the nodes here, in phases (see _showPhases)."""
         loop = asyncio.get_running_loop()
         runner = self.runner
+        timeline = {}
+
+        def milestone(name: str) -> None:
+            timeline[name] = round(time.perf_counter() - self._clickTime, 3)
+
         try:
             if write is not None:  # about 0.1-0.5 s of file writing for a 1 mm head: not on the loop
                 await loop.run_in_executor(None, write)
+                milestone("inputs written")
                 log.info("job inputs written")
             if self.worker is not None and not self.worker.alive:  # starting it imports torch: not on the loop
                 await loop.run_in_executor(None, self.worker.start)
@@ -317,6 +325,7 @@ class WebController:
                     self.state.message = "Cancelled: the scene was not changed."
                 return
             runner.start()
+            milestone("job sent")
             log.info("job started: %s", " ".join(job.argv[:1]))
             while True:
                 if self._cancelRequested:
@@ -331,10 +340,13 @@ class WebController:
             with self._flush():
                 if runner.state == DONE:
                     self.state.message = "Loading the results..."
+            milestone("job ended")
             log.info("job ended: %s", runner.state)
             if runner.state == DONE:
                 outputs = await loop.run_in_executor(None, read, job) if read is not None else runner.result
+                milestone("outputs read")
                 await self._showPhases(onDone(job, outputs))
+                milestone("scene set up")
             else:
                 with self._flush():
                     if runner.state == "cancelled":
@@ -354,20 +366,24 @@ class WebController:
                 self.state.running = False
                 self.state.progress = 100.0 if runner.state == DONE else 0.0
             self.runner = None
+            self.lastJobTimeline = timeline
+            log.info("job timeline (s since the click): %s", timeline)
 
     async def _showPhases(self, phases) -> None:
         """Run a result's display phases: `phases` is a generator whose every `yield <name>` ends one scene step
         (new nodes, old ones removed, layout, links, overlay). The event loop is given back between them, so that
-        pings, other messages and view renders are served while a result is set up instead of after it."""
+        pings and other messages are served while a result is set up instead of after it. The views' renders are held
+        until the last phase (views.RenderHold): one render per view, of the finished scene."""
         timings = {}
-        while True:
-            t0 = time.perf_counter()
-            with self._flush():
-                name = next(phases, None)
-            if name is None:
-                break
-            timings[name] = round(time.perf_counter() - t0, 3)
-            await asyncio.sleep(0)
+        with self.views.renderHold() if self.views is not None else contextlib.nullcontext():
+            while True:
+                t0 = time.perf_counter()
+                with self._flush():
+                    name = next(phases, None)
+                if name is None:
+                    break
+                timings[name] = round(time.perf_counter() - t0, 3)
+                await asyncio.sleep(0)
         log.info("results shown; scene steps (s): %s", timings)
         self.lastShowTimings = timings
 

@@ -9,6 +9,7 @@ Three layouts, their views created at startup (the first creation of a view cost
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 # isort: off
@@ -39,18 +40,67 @@ MAX_VIEW_PIXELS = 300_000
 BLUR_FPS = 3.0
 
 
-def registerViewFactories(viewManager, server, maxPixels: int = MAX_VIEW_PIXELS) -> None:
+class RenderHold:
+    """Which views render, and when. A view renders only while its layout is shown: every layout's views exist from
+    startup (createAllViews), and each scene change asked all of them, hidden ones included, for a render (CPU
+    rendering, 2 cores). A hidden view's render waits until its layout is shown again. While a result is set up in
+    phases (new nodes, layout, links, overlay) renders are held: one per view at the end instead of one per phase.
+    Each intermediate render cost the event loop 0.05-0.1 s, and at BLUR_FPS the final one waited behind them."""
+
+    def __init__(self):
+        self.depth = 0
+        self.shown: set | None = None  # tags of the shown layout's views (None: all)
+        self.pending: dict = {}  # view tag -> its scheduler's own schedule_render
+
+    def manage(self, scheduler, tag: str) -> None:
+        """Route `scheduler.schedule_render` (trame_rca's RcaImageRenderScheduler) of view `tag` through the gate."""
+        schedule = scheduler.schedule_render
+
+        def scheduleRender():
+            if self.depth or (self.shown is not None and tag not in self.shown):
+                self.pending[tag] = schedule
+            else:
+                schedule()
+
+        scheduler.schedule_render = scheduleRender
+
+    def show(self, tags) -> None:
+        """The layout with these views is on screen: their deferred renders run now."""
+        self.shown = set(tags)
+        self._release()
+
+    def _release(self) -> None:
+        if self.depth:
+            return
+        for tag in [t for t in self.pending if self.shown is None or t in self.shown]:
+            self.pending.pop(tag)()
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self._release()
+
+
+def registerViewFactories(viewManager, server, maxPixels: int = MAX_VIEW_PIXELS,
+                          hold: RenderHold | None = None) -> None:
     """trame-slicer's remote slice and 3D view factories (as `register_rca_factories`), each view capped at
     `maxPixels` rendered pixels (0: the view's full size), at one render per change (interactive quality = still
-    quality: no interactive frame followed by a still one) and at BLUR_FPS while the mouse is elsewhere."""
+    quality: no interactive frame followed by a still one) and at BLUR_FPS while the mouse is elsewhere; `hold`
+    (a RenderHold) can defer their renders."""
     from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
     from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory, RemoteThreeDViewFactory
 
     def capped(factoryClass):
         class Capped(factoryClass):
-            def _create_view(self, *args, **kwargs):
-                view = super()._create_view(*args, **kwargs)
+            def _create_view(self, definition, *args, **kwargs):
+                view = super()._create_view(definition, *args, **kwargs)
                 view.view_adapter.max_pixel_count = int(maxPixels)
+                if hold is not None:
+                    hold.manage(view.view_adapter._scheduler, definition.singleton_tag)
                 return view
 
         return Capped
@@ -99,14 +149,17 @@ def layouts() -> dict:
 class WebViews:
     """Display side of the controller (app-side; needs trame-slicer's SlicerApp and LayoutManager)."""
 
-    def __init__(self, slicerApp, layoutManager, onLayout=None):
+    def __init__(self, slicerApp, layoutManager, onLayout=None, renderHold: RenderHold | None = None):
         self.app = slicerApp
         self.scene = slicerApp.scene
         self.layoutManager = layoutManager
         self.onLayout = onLayout  # called with the layout id (the page's layout selector follows)
+        self.renderHold = renderHold or RenderHold()  # the one registerViewFactories was given
         self.resultComposite = None
+        self.layoutTags: dict = {}  # layout id -> tags of its views
         for layoutId, layout in layouts().items():
             layoutManager.register_layout(layoutId, layout, lazy_initialization=True)
+            self.layoutTags[layoutId] = [v.singleton_tag for v in layout.get_views(is_recursive=True)]
 
     def createAllViews(self) -> None:
         """Create every layout's views now, at startup: the first Compare / PathAR display then does not pay for
@@ -117,8 +170,13 @@ class WebViews:
 
     def setLayout(self, layoutId: str) -> None:
         self.layoutManager.set_layout(layoutId)
+        self.layoutShown(layoutId)
         if self.onLayout is not None:
             self.onLayout(layoutId)
+
+    def layoutShown(self, layoutId: str) -> None:
+        """Tell the render gate (RenderHold) which views are on screen; every layout change must come here."""
+        self.renderHold.show(self.layoutTags.get(layoutId, []))
 
     def view(self, tag: str):
         return self.app.view_manager.get_view(tag)

@@ -84,6 +84,7 @@ def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
             rows["rss_mb_after_jobs"] = rss
             rows["rss_growth_10_to_n"] = round(rss[jobs] / rss[10] - 1.0, 4) if 10 in rss else None
             rows["worker_starts"] = worker.starts
+            rows["allocator"] = worker.allocator
         finally:
             worker.close()
     return rows
