@@ -307,3 +307,36 @@ def test_render_gate_renders_shown_views_now_hidden_ones_when_shown_and_holds_du
     assert [v.renders for v in views.values()] == [3, 2, 1]  # one render each, after the hold
     gate.show(["ThreeD"])
     assert [v.renders for v in views.values()] == [3, 2, 1]  # nothing was pending for it
+
+
+def test_render_gate_releases_one_view_per_event_loop_turn():
+    """After a hold, the views render one per loop turn, so that a ping waits for one render, not for all."""
+    from PathoSynWeb.PathoSynWebLib.views import RenderHold
+
+    class Scheduler:
+        def __init__(self, tag, log):
+            self.tag, self.log = tag, log
+
+        def schedule_render(self):
+            self.log.append(self.tag)
+
+    renders: list = []
+    gate = RenderHold()
+    schedulers = [Scheduler(tag, renders) for tag in ("a", "b", "c")]
+    for scheduler in schedulers:
+        gate.manage(scheduler, scheduler.tag)
+
+    async def run():
+        seen = []
+        with gate():
+            for scheduler in schedulers:
+                scheduler.schedule_render()
+            seen.append(list(renders))
+        seen.append(list(renders))
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append(list(renders))
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[0] == [] and seen[1] == ["a"] and seen[2] == ["a", "b"] and seen[-1] == ["a", "b", "c"], seen

@@ -301,8 +301,9 @@ def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
 
 
 # tcmalloc (Debian: libtcmalloc-minimal4), preloaded into the worker when installed: PyTorch's CPU convolutions
-# allocate and free large buffers at every step, and glibc's allocator made a 5-step 64^3 synthesis about 1.5x
-# slower on 2 cores (5.0 s against 3.3 s, docs/bench_worker.json). PATHOSYN_TCMALLOC=0 turns it off.
+# allocate and free large buffers at every step. Worker bench, 2 cores, AVX512-BF16 host: warm 5-step 64^3 click
+# 4.9 -> 3.9 s p50, preview 2.5 -> 2.0 s, resident memory 636 -> 975 MB (docs/bench_worker_avx512bf16_no_amx.json).
+# PATHOSYN_TCMALLOC=0 turns it off.
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
 

@@ -22,9 +22,9 @@ from . import TEST_HOOKS_ENV  # noqa: E402
 from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logic on sys.path
 
 # No CSS motion where nothing moves: Vuetify keeps the indeterminate bars of every card's and text field's (unused,
-# hidden) loader animating, and eases each progress-bar update; in a software-rendered Chromium that shares the
-# engine worker's 2 cores this cost about 0.1 core, and made a 10-step 64^3 synthesis about 25% slower
-# (docs/ARCHITECTURE.md, "What the page costs the engine").
+# hidden) loader animating, and eases each progress-bar update. In a software-rendered Chromium on the engine
+# worker's 2 cores that cost 0.5 CPU-s per 4 s of a job, against 0.12-0.2 without
+# (docs/ARCHITECTURE.md, "What a click costs in the browser").
 QUIET_PAGE_CSS = (".v-card__loader, .v-field__loader { display: none !important; } "
                   ".v-progress-linear, .v-progress-linear * { transition: none !important; animation: none !important; }")
 

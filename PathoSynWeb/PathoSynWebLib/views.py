@@ -9,6 +9,7 @@ Three layouts, their views created at startup (the first creation of a view cost
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -70,10 +71,21 @@ class RenderHold:
         self._release()
 
     def _release(self) -> None:
+        """Run the deferred renders of shown views, one per event-loop turn: a ping or a mouse event that arrives
+        meanwhile waits for one render (about 0.1 s), not for all of them."""
         if self.depth:
             return
-        for tag in [t for t in self.pending if self.shown is None or t in self.shown]:
+        ready = [t for t in self.pending if self.shown is None or t in self.shown]
+        if not ready:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tests): all at once
+            loop = None
+        for tag in ready if loop is None else ready[:1]:
             self.pending.pop(tag)()
+        if loop is not None and len(ready) > 1:
+            loop.call_soon(self._release)
 
     @contextlib.contextmanager
     def __call__(self):
