@@ -80,6 +80,7 @@ class WebController:
         self.patharLayout = None
         self.lastShowTimings: dict = {}  # {display phase: seconds} of the latest result (log, status, bench)
         self.lastJobTimeline: dict = {}  # {milestone: seconds since the click} of the latest job (log, status, bench)
+        self._clickTime = 0.0  # perf_counter of the latest job's click
         self.runner = None
         self.task = None
         self._cancelRequested = False
