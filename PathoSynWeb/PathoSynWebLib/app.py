@@ -26,7 +26,8 @@ from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logi
 # worker's 2 cores that cost 0.5 CPU-s per 4 s of a job, against 0.12-0.2 without
 # (docs/ARCHITECTURE.md, "What a click costs in the browser").
 QUIET_PAGE_CSS = (".v-card__loader, .v-field__loader { display: none !important; } "
-                  ".v-progress-linear, .v-progress-linear * { transition: none !important; animation: none !important; }")
+                  ".v-progress-linear, .v-progress-linear * "
+                  "{ transition: none !important; animation: none !important; }")
 
 log = logging.getLogger("pathosyn.web")
 
