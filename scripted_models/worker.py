@@ -304,21 +304,14 @@ def kill_process_tree(proc: subprocess.Popen, grace: float = 3.0) -> None:
 # allocate and free large buffers at every step. Worker bench, 2 cores, AVX512-BF16 host: warm 5-step 64^3 click
 # 4.9 -> 3.9 s p50, preview 2.5 -> 2.0 s, resident memory 636 -> 975 MB (docs/bench_worker_avx512bf16_no_amx.json).
 # PATHOSYN_TCMALLOC=0 turns it off.
-TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
-
-
 def fast_allocator(env: dict | None = None) -> str | None:
-    """Path of an installed tcmalloc for the worker's LD_PRELOAD (Linux), or None."""
+    """tcmalloc's library name for the worker's LD_PRELOAD (Linux, when installed), or None."""
+    import ctypes.util
+
     env = os.environ if env is None else env
     if not sys.platform.startswith("linux") or env.get("PATHOSYN_TCMALLOC", "1") == "0":
         return None
-    for folder in LIBRARY_DIRS:
-        for name in TCMALLOC_NAMES:
-            path = Path(folder) / name
-            if path.is_file():
-                return str(path)
-    return None
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 
 
 def with_fast_allocator(env: dict) -> dict:

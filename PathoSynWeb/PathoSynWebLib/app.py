@@ -179,8 +179,7 @@ class PathoSynWebApp:
             n = len(run.samples) if run is not None and run.isIntact() else int(self.typed.data.pathar_n or 2)
             layout = self._patharLayoutId(min(max(n, 1), 4))
         if layout != self.layoutManager.layout_id:
-            self.layoutManager.set_layout(layout)
-            self.views.layoutShown(layout)
+            self.views.setLayout(layout)
 
     def _onAxialClick(self, pointRAS) -> None:
         if self.typed.data.placing:

@@ -52,6 +52,7 @@ class RenderHold:
         self.depth = 0
         self.shown: set | None = None  # tags of the shown layout's views (None: all)
         self.pending: dict = {}  # view tag -> its scheduler's own schedule_render
+        self._nextTurn = None  # the event-loop handle of the release chain, while one runs
 
     def manage(self, scheduler, tag: str) -> None:
         """Route `scheduler.schedule_render` (trame_rca's RcaImageRenderScheduler) of view `tag` through the gate."""
@@ -73,11 +74,15 @@ class RenderHold:
     def _release(self) -> None:
         """Run the deferred renders of shown views, one per event-loop turn: a ping or a mouse event that arrives
         meanwhile waits for one render (about 0.1 s), not for all of them."""
+        if self.depth or self._nextTurn is not None:
+            return
+        self._releaseOne()
+
+    def _releaseOne(self) -> None:
+        self._nextTurn = None
         if self.depth:
             return
         ready = [t for t in self.pending if self.shown is None or t in self.shown]
-        if not ready:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (tests): all at once
@@ -85,7 +90,7 @@ class RenderHold:
         for tag in ready if loop is None else ready[:1]:
             self.pending.pop(tag)()
         if loop is not None and len(ready) > 1:
-            loop.call_soon(self._release)
+            self._nextTurn = loop.call_soon(self._releaseOne)
 
     @contextlib.contextmanager
     def __call__(self):
@@ -181,14 +186,11 @@ class WebViews:
             self.layoutManager.create_layout_views_if_needed(layoutId)
 
     def setLayout(self, layoutId: str) -> None:
+        """Every layout change comes here: the render gate (RenderHold) learns which views are on screen."""
         self.layoutManager.set_layout(layoutId)
-        self.layoutShown(layoutId)
+        self.renderHold.show(self.layoutTags.get(layoutId, []))
         if self.onLayout is not None:
             self.onLayout(layoutId)
-
-    def layoutShown(self, layoutId: str) -> None:
-        """Tell the render gate (RenderHold) which views are on screen; every layout change must come here."""
-        self.renderHold.show(self.layoutTags.get(layoutId, []))
 
     def view(self, tag: str):
         return self.app.view_manager.get_view(tag)

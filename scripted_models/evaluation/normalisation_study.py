@@ -19,7 +19,7 @@ from scipy import ndimage
 from ..cases import default_data_root, load_case
 from ..folds import make_folds
 from ..labels import MODALITIES
-from ..preprocess import IntensityNormalizer, dilate_mm
+from ..preprocess import dilate_mm
 
 SUBREGIONS = {1: "core", 2: "edema", 3: "enhancing"}
 MIN_VOXELS = 50
@@ -40,8 +40,7 @@ def case_rows(case_id: str, data_root: Path) -> list[dict]:
     fg, lesion, spacing = case.foreground(), case.seg > 0, case.spacing_zyx
     shell = dilate_mm(lesion, 12.0, spacing) & ~dilate_mm(lesion, 4.0, spacing) & fg
     rows = []
-    for m, vol in case.images.items():
-        z = IntensityNormalizer.fit(vol.array, exclude=lesion, foreground=fg).forward(vol.array)
+    for m, z in case.normalized(fg).items():
         healthy = z[fg & ~lesion].astype(np.float64)
         hist, edges = np.histogram(healthy, bins=200, range=tuple(np.percentile(healthy, [1, 99])))
         peak = int(ndimage.gaussian_filter1d(hist.astype(float), 3).argmax())
