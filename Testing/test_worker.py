@@ -58,6 +58,24 @@ def test_jobs_match_the_api_bytes_in_one_warm_process(worker, job, tmp_path):
         assert np.array_equal(read_volume(tmp_path / f"o{k}" / "t1.nii.gz").array, direct.images["t1"].array)
 
 
+def test_population_pull_reaches_the_engine_from_the_worker_and_the_slicer_job_arguments(worker, job, tmp_path):
+    """The front ends' way in (CLI arguments -> worker job) carries --population-pull; the worker's bytes are the
+    API's for that pull, and another pull gives other bytes."""
+    from PathoSynSlicerLib.process import workerJob
+
+    from scripted_models.pathosyn.api import synthesize_lesion
+
+    head, img, mask = job
+    op, args = workerJob(["synthesize", "--image", f"t1={img}", "--mask", str(mask), "--out", str(tmp_path / "p"),
+                          "--seed", "1", "--steps", "2", "--population-pull", "0.25"])
+    assert op == "synthesize" and args["population_pull"] == 0.25
+    worker.run(op, args)
+    direct = {p: synthesize_lesion({"t1": read_volume(img)}, read_volume(mask), seed=1, steps=2,
+                                   population_pull=p).images["t1"].array for p in (0.25, 1.0)}
+    got = read_volume(tmp_path / "p" / "t1.nii.gz").array
+    assert np.array_equal(got, direct[0.25]) and not np.array_equal(got, direct[1.0])
+
+
 def test_cropped_outputs_pasted_into_the_input_are_the_full_outputs_bit_for_bit(worker, job, tmp_path):
     """--crop-outputs (the front ends' hand-over) writes the lesion ROI box of each output at its physical place;
     pasted into the input (images) or zeros (residual, uncertainty, mask) it gives the full outputs' bytes."""

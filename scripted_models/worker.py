@@ -157,7 +157,8 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
         from .pathosyn.api import pseudo_healthy
         from .volume import write_volume
 
-        healthy = pseudo_healthy(images, mask, device=args.get("device", "auto"), progress=progress)
+        healthy = pseudo_healthy(images, mask, device=args.get("device", "auto"), progress=progress,
+                                 seed=int(args.get("seed", 0)), scanner_noise=not args.get("smooth"))
         progress(1.0, "writing")
         return {m: str(write_volume(v, out / f"{m}.{fmt}")) for m, v in healthy.items()}
     from .pathosyn.api import synthesize_lesion
@@ -166,7 +167,8 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
     result = synthesize_lesion(images, mask, seed=args.get("seed", 0), samples=int(args.get("samples", 1)),
                                steps=args.get("steps"), guidance=float(args.get("guidance", 1.0)),
                                device=args.get("device", "auto"), base=args.get("base", "input"),
-                               whole_lesion=True if args.get("whole_lesion") else None, progress=progress)
+                               whole_lesion=True if args.get("whole_lesion") else None, progress=progress,
+                               population_pull=args.get("population_pull"))
     progress(1.0, "writing")
     return write_synthesis(result, out, fmt, crop=bool(args.get("crop_outputs")))
 

@@ -307,7 +307,8 @@ def workerJob(argv: list[str]) -> tuple[str, dict]:
             "device": ns.device, "format": ns.format}
     if op == "synthesize":
         args.update(seed=ns.seed, samples=ns.samples, steps=ns.steps, guidance=ns.guidance, base=ns.base,
-                    whole_lesion=bool(ns.whole_lesion), crop_outputs=bool(ns.crop_outputs))
+                    whole_lesion=bool(ns.whole_lesion), crop_outputs=bool(ns.crop_outputs),
+                    population_pull=ns.population_pull)
     return op, args
 
 

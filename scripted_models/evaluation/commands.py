@@ -32,7 +32,7 @@ def cmd_evaluate(args) -> int:
     rows = run_validation(data_root=args.data, samples=args.samples, steps=args.steps, quick=args.quick,
                           out=Path(args.out) if args.out else None, device=args.device,
                           compare_weights=dict(_labelled(w) for w in args.compare_weights or []),
-                          bundled_label=args.bundled_label)
+                          bundled_label=args.bundled_label, compare_uncalibrated=args.compare_uncalibrated)
     print_validation(rows)
     if args.downstream:
         from .downstream import DownstreamSettings, downstream_markdown, run_downstream
@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="report folder (Markdown + JSON)")
     p.add_argument("--compare-weights", action="append", metavar="[LABEL=]DIR",
                    help="also score the deviation weights in DIR on the same bases (paired before/after table)")
+    p.add_argument("--compare-uncalibrated", action="store_true",
+                   help="also score the bundled weights without calibration (population pull 0, smooth base)")
     p.add_argument("--bundled-label", default="bundled", help="name of the bundled weights in the tables")
     p.add_argument("--downstream", action="store_true",
                    help="also run the downstream segmentation study (9 small networks; about 15 min on 2 cores)")

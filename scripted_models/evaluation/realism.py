@@ -16,6 +16,7 @@ modalities) is pooled over the fold's cases.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,26 +44,40 @@ def roughness(values_z: np.ndarray, region: np.ndarray) -> float:
 def training_reference(case_ids, data_root: Path) -> tuple[dict, dict]:
     """One pass over the (training-fold) cases: the mean z-score per (modality, sub-region), and per case its
     whole-lesion volume in ml and its modalities (for choosing a copy-paste source)."""
-    sums: dict = {}
+    from ..pathosyn.calibration import SUBREGION_KEYS, case_levels
+
     lesions: dict = {}
-    for case_id in case_ids:
-        case = load_case(data_root / "cases" / case_id)
-        if case.seg is None or case.binary_only:
-            continue
+
+    def note(case_id, case):
         lesions[case_id] = (int((case.seg > 0).sum()) * float(np.prod(case.reference.spacing)) / 1000.0,
                             set(case.images))
-        for m, img in case.normalized().items():
-            for k in SUBREGIONS:
-                sel = case.seg == k
-                if sel.any():
-                    s = sums.setdefault((m, k), [0.0, 0])
-                    s[0] += float(img[sel].sum())
-                    s[1] += int(sel.sum())
-    return {key: s / n for key, (s, n) in sums.items()}, lesions
+
+    levels = case_levels(case_ids, data_root, on_case=note)
+    means = {(m, k): per[key] for m, per in levels.items() for k, key in SUBREGION_KEYS.items() if key in per}
+    return means, lesions
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What is scored under one label: deviation weights (None = bundled), the population pull (None = the
+    weights' card value) and whether the pseudo-healthy base gets the scan's noise back."""
+
+    weights: Path | None = None
+    population_pull: float | None = None
+    scanner_noise: bool = True
+
+
+UNCALIBRATED = Pipeline(population_pull=0.0, scanner_noise=False)  # the pipeline before calibration (2026-12-02)
+
+
+def as_pipeline(value) -> Pipeline:
+    return value if isinstance(value, Pipeline) else Pipeline(weights=Path(value) if value else None)
 
 
 class _CaseZ:
-    """A case in z-units of its healthy tissue: real images, pseudo-healthy base, masks."""
+    """A case in z-units of its healthy tissue: real images, pseudo-healthy base, masks. `base` is the smooth
+    inpainting (the no-lesion baseline and copy-paste use it, as before the scanner noise existed); the base with
+    the scan's noise is made on request."""
 
     def __init__(self, case_id: str, data_root: Path, device: str):
         from ..pathosyn.api import pseudo_healthy
@@ -76,8 +91,18 @@ class _CaseZ:
                       for m, v in self.case.images.items()}
         self.real = {m: self.norms[m].forward(v.array) for m, v in self.case.images.items()}
         self.mask = self.case.reference.with_array(self.seg)
-        self.base = pseudo_healthy(self.case.images, self.mask, device=device)
+        self.device = device
+        self.bases = {False: pseudo_healthy(self.case.images, self.mask, device=device, scanner_noise=False)}
+        self.base = self.bases[False]
         self.base_z = {m: self.norms[m].forward(v.array) for m, v in self.base.items()}
+
+    def base_with(self, scanner_noise: bool) -> dict:
+        from ..pathosyn.api import pseudo_healthy
+
+        if scanner_noise not in self.bases:
+            self.bases[scanner_noise] = pseudo_healthy(self.case.images, self.mask, device=self.device,
+                                                       scanner_noise=scanner_noise)
+        return self.bases[scanner_noise]
 
     def z(self, volumes) -> dict[str, np.ndarray]:
         return {m: self.norms[m].forward(v.array) for m, v in volumes.items()}
@@ -199,26 +224,27 @@ class FoldRealism:
 
     def score(self, weights: dict | None = None, seeds=(0, 1, 2), steps: int | None = None,
               figure: Path | None = None) -> dict:
-        """`weights` maps a label to a deviation-weights folder (None = bundled)."""
+        """`weights` maps a label to a Pipeline, or to a deviation-weights folder (None = bundled)."""
         from ..pathosyn.api import synthesize_lesion
         from .two_sample import axial_patches, classifier_auroc, lesion_centres
 
         t0 = time.perf_counter()
-        weights = weights or {"bundled": None}
+        weights = {label: as_pipeline(v) for label, v in (weights or {"bundled": None}).items()}
         per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
                                "examples": {}} for label in weights}
         for target, source_id, copy in self.targets:
             region = dilate_mm(target.lesion, 6.0, target.case.spacing_zyx)
             mods = [m for m in MODALITIES if m in target.real]
             centres = lesion_centres(target.lesion, n=120, seed=0)
-            for label, folder in weights.items():
+            for label, pipe in weights.items():
                 acc = per_weights[label]
                 runs = []
+                base = target.base_with(pipe.scanner_noise)
                 for seed in seeds:
-                    result = synthesize_lesion(target.base, target.mask, seed=seed, steps=steps, device=self.device,
-                                               deviation_weights=folder)
+                    result = synthesize_lesion(base, target.mask, seed=seed, steps=steps, device=self.device,
+                                               deviation_weights=pipe.weights, population_pull=pipe.population_pull)
                     for m, vol in result.images.items():  # outside the blend region: the base, bit for bit
-                        diff = np.abs(vol.array.astype(np.float64) - target.base[m].array.astype(np.float64))[~region]
+                        diff = np.abs(vol.array.astype(np.float64) - base[m].array.astype(np.float64))[~region]
                         acc["outside_max_abs"] = max(acc["outside_max_abs"], float(diff.max(initial=0.0)))
                     runs.append(target.z(result.images))
                 rows = _region_rows(target, runs, self.const_means, copy)
@@ -232,7 +258,10 @@ class FoldRealism:
                     acc["examples"][target.id] = (target.real, runs[0], target.seg)
         report = {"split": self.split, "cases": self.case_ids, "seeds": list(seeds), "steps": steps,
                   "folds": self.folds.as_dict(),
-                  "weights": {k: str(v) if v else "bundled" for k, v in weights.items()}, "results": {}}
+                  "weights": {k: {"weights": str(p.weights) if p.weights else "bundled",
+                                  "population_pull": "card" if p.population_pull is None else p.population_pull,
+                                  "scanner_noise": p.scanner_noise} for k, p in weights.items()},
+                  "results": {}}
         for label, acc in per_weights.items():
             pairs = pair_verdicts(acc["rows"])
             summary = summarise(acc["rows"], pairs)
@@ -257,8 +286,8 @@ class FoldRealism:
 def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: int | None = None,
                   device: str = "auto", weights: dict | None = None, cases: list[str] | None = None,
                   figure: Path | None = None) -> dict:
-    """Score PathoSyn on a fold. `weights` maps a label to a deviation-weights folder (None = bundled); all are
-    scored on the same bases, so the table is a paired before/after comparison."""
+    """Score PathoSyn on a fold. `weights` maps a label to a Pipeline or a deviation-weights folder (None =
+    bundled); all are scored on the same cases and masks, so the table is a paired before/after comparison."""
     t0 = time.perf_counter()
     report = FoldRealism(data_root, split, device, cases).score(weights, seeds, steps, figure)
     report["wall_s"] = round(time.perf_counter() - t0, 1)

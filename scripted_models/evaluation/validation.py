@@ -29,10 +29,14 @@ def ablation_dir() -> Path:
     return weights_dir() / "ablation"
 
 
+INPAINTING_METHODS = ("anatomy_model", "anatomy_model_scanner_noise", "mean_fill_baseline")
+
+
 def score_inpainting(real: np.ndarray, filled: np.ndarray, voided: np.ndarray, brain: np.ndarray,
-                     hole: np.ndarray, target: np.ndarray) -> dict:
+                     hole: np.ndarray, target: np.ndarray, filled_noisy: np.ndarray | None = None) -> dict:
     """BraTS local-inpainting scores inside `target`: intensities scaled to [0, 1] by the 0.5-99.5 percentiles
-    of the visible brain; SSIM / PSNR / MSE for the model and for a brain-mean fill."""
+    of the visible brain; SSIM / PSNR / MSE for the model (smooth fill, and with the scan's noise restored when
+    `filled_noisy` is given) and for a brain-mean fill."""
     lo, hi = np.percentile(real[brain & ~hole], [0.5, 99.5])
 
     def scale(a):
@@ -41,7 +45,10 @@ def score_inpainting(real: np.ndarray, filled: np.ndarray, voided: np.ndarray, b
     gt = scale(real)
     mean_fill = scale(np.where(hole, real[brain & ~hole].mean(), voided))
     out = {}
-    for name, img in (("anatomy_model", scale(filled)), ("mean_fill_baseline", mean_fill)):
+    methods = [("anatomy_model", scale(filled))]
+    if filled_noisy is not None:
+        methods.append(("anatomy_model_scanner_noise", scale(filled_noisy)))
+    for name, img in methods + [("mean_fill_baseline", mean_fill)]:
         mse, psnr = masked_mse_psnr(img, gt, target)
         ssim = ssim_in_box(np.where(target, img, gt), gt, target)
         out[name] = {"ssim": round(ssim, 4), "psnr_db": round(psnr, 2), "mse": round(mse, 5)}
@@ -61,9 +68,10 @@ def inpainting_protocol(data_root: Path, device: str = "auto") -> dict:
     brain = foreground_mask(t1.array)
     hole = brain & (voided.array == 0)
     hole |= target_mask
-    filled = pseudo_healthy({"t1": voided.with_array(voided.array.astype(np.float32))},
-                            voided.with_array(hole.astype(np.uint8)), device=device)["t1"].array
-    return score_inpainting(t1.array, filled, voided.array, brain, hole, target_mask)
+    images, mask = {"t1": voided.with_array(voided.array.astype(np.float32))}, voided.with_array(hole.astype(np.uint8))
+    filled, noisy = (pseudo_healthy(images, mask, device=device, scanner_noise=noise)["t1"].array
+                     for noise in (False, True))
+    return score_inpainting(t1.array, filled, voided.array, brain, hole, target_mask, noisy)
 
 
 def healthy_tissue_mask(brain: np.ndarray, lesion: np.ndarray, spacing_zyx, rng: np.random.Generator) -> np.ndarray:
@@ -104,11 +112,12 @@ def inpainting_test_fold(data_root: Path, cases, masks_per_case: int = 2, device
                 continue
             hole = target | (dilate_mm(lesion, 2.0, case.spacing_zyx) & brain)
             voided = np.where(hole, 0, t1.array).astype(np.float32)
-            filled = pseudo_healthy({"t1": t1.with_array(voided)}, t1.with_array(hole.astype(np.uint8)),
-                                    device=device)["t1"].array
-            rows.append({"case": case_id, **score_inpainting(t1.array, filled, voided, brain, hole, target)})
+            images, mask = {"t1": t1.with_array(voided)}, t1.with_array(hole.astype(np.uint8))
+            filled, noisy = (pseudo_healthy(images, mask, device=device, scanner_noise=noise)["t1"].array
+                             for noise in (False, True))
+            rows.append({"case": case_id, **score_inpainting(t1.array, filled, voided, brain, hole, target, noisy)})
     summary = {name: {key: round(float(np.mean([r[name][key] for r in rows])), 4) for key in ("ssim", "psnr_db", "mse")}
-               for name in ("anatomy_model", "mean_fill_baseline")} if rows else {}
+               for name in INPAINTING_METHODS} if rows else {}
     return {"cases": list(cases), "masks": len(rows), "summary": summary, "rows": rows}
 
 
@@ -160,12 +169,14 @@ def pathar_quality(data_root: Path, n: int = 8, seed: int = 0, work: Path | None
 
 def run_validation(data_root=None, samples: int = 3, steps: int | None = None, quick: bool = False,
                    out: Path | None = None, device: str = "auto", pathar_n: int = 8,
-                   compare_weights: dict | None = None, bundled_label: str = "bundled") -> dict:
+                   compare_weights: dict | None = None, bundled_label: str = "bundled",
+                   compare_uncalibrated: bool = False) -> dict:
     """Realism on the fixed test fold (headline) and the validation fold, the inpainting protocol, the demo
     residual and PathAR quality. quick (for CI): one test case, one seed, 3 DDIM steps, no validation fold,
     4 PathAR samples. compare_weights {label: folder}: also score these deviation weights on the same bases
-    (a paired before/after table); bundled_label names the bundled weights in it."""
-    from .realism import realism_study
+    (a paired before/after table); bundled_label names the bundled weights in it. compare_uncalibrated: also
+    score the bundled weights without the calibration (population pull 0, smooth pseudo-healthy base)."""
+    from .realism import UNCALIBRATED, realism_study
 
     data_root = Path(data_root or default_data_root())
     if quick:
@@ -176,6 +187,8 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     t0 = time.perf_counter()
     seeds = tuple(range(samples))
     weights = {bundled_label: None, **{label: Path(folder) for label, folder in (compare_weights or {}).items()}}
+    if compare_uncalibrated:
+        weights["uncalibrated"] = UNCALIBRATED
     test_cases = None
     if quick:
         from ..folds import make_folds
@@ -209,7 +222,7 @@ def validation_markdown(rows: dict) -> str:
     inp = rows["inpainting"]
     lines = ["## Pseudo-healthy: BraTS 2023 local-inpainting protocol (brats_gli_00001, t1)", "",
              "| method | SSIM | PSNR (dB) | MSE |", "|---|---|---|---|"]
-    for name in ("anatomy_model", "mean_fill_baseline"):
+    for name in (n for n in INPAINTING_METHODS if n in inp):
         r = inp[name]
         lines.append(f"| {name} | {r['ssim']} | {r['psnr_db']} | {r['mse']} |")
     if rows.get("inpainting_test_fold", {}).get("summary"):

@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_erosion
 
 from ..labels import MODALITIES
-from ..preprocess import dilate_mm, roi_around
+from ..preprocess import background_value, dilate_mm, roi_around
 from ..runtime import autocast, pin_onednn_convolutions
 
 WEIGHTS_NAME = "anatomy_inpainter"
+NOISE_RING_GAP_MM = 6.0  # the scan's noise is measured this far beyond the hole (away from lesion margins)
 
 
 @dataclass
@@ -59,17 +61,31 @@ class AnatomyModel:
         return cls(net, cfg, device, card)
 
     @torch.no_grad()
-    def inpaint(self, images: dict[str, np.ndarray], hole: np.ndarray, spacing_zyx) -> dict[str, np.ndarray]:
-        """Fill `hole` in each z-scored image; voxels outside the hole are returned unchanged."""
+    def inpaint(self, images: dict[str, np.ndarray], hole: np.ndarray, spacing_zyx,
+                noise_seed: int | None = 0) -> dict[str, np.ndarray]:
+        """Fill `hole` in each z-scored image; voxels outside the hole are returned unchanged. With a
+        `noise_seed`, the fill gets the scan's noise back (calibration.scanner_noise); None leaves it smooth."""
+        from .calibration import scanner_noise
+
         context = dilate_mm(hole, self.cfg.context_mm, spacing_zyx)
         box = roi_around(context, multiple=self.cfg.multiple, min_size=64)
         hole_roi = box.crop(hole, mode="constant")
-        batch = np.stack([anatomy_input(box.crop(img), hole_roi, m) for m, img in images.items()])
+        crops = {m: box.crop(img) for m, img in images.items()}
+        batch = np.stack([anatomy_input(crops[m], hole_roi, m) for m in images])
         with autocast(self.device):
             pred = self.net(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()[:, 0]
+        if noise_seed is not None:  # healthy tissue 6 mm beyond the hole, inside the context, in the head
+            ring = box.crop(context, mode="constant") & ~dilate_mm(hole_roi, NOISE_RING_GAP_MM, spacing_zyx)
         out = {}
         vol_sl, roi_sl = box.paste_slices(hole.shape)
-        for (m, img), p in zip(images.items(), pred):
+        for i, (m, img) in enumerate(images.items()):
+            p = pred[i]
+            if noise_seed is not None:
+                crop = crops[m]
+                head = binary_erosion(np.abs(crop - background_value(img)) > 1e-6 * max(1.0, float(np.abs(crop).max())),
+                                      iterations=2)  # not the head's border
+                filled = np.where(hole_roi, p, crop)
+                p = p + scanner_noise(filled, hole_roi, ring & head, seed=int(noise_seed) + i)
             filled = img.copy()
             region = hole[vol_sl]
             filled[vol_sl][region] = p[roi_sl][region]

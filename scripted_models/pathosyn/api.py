@@ -158,8 +158,11 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
 
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
-                   progress: ProgressFn | None = None) -> dict[str, Volume]:
-    """Remove the lesion: inpaint the (slightly dilated) mask with healthy tissue. Returns new Volumes."""
+                   progress: ProgressFn | None = None, seed: int = 0, scanner_noise: bool = True) -> dict[str, Volume]:
+    """Remove the lesion: inpaint the (slightly dilated) mask with healthy tissue. Returns new Volumes.
+    scanner_noise: give the fill the scan's noise (seeded); False returns the network's smooth expected tissue
+    (what pixel-wise inpainting scores such as PSNR favour)."""
+    check_seed(seed)
     prep = _prepare(images, mask, label_mapping)
     dev = pick_device(device)
     if progress:
@@ -168,7 +171,7 @@ def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto"
     hole = dilate_mm(prep.lesion_labels > 0, HOLE_MARGIN_MM, prep.spacing_zyx)
     if progress:
         progress(0.3, "inpainting healthy tissue")
-    filled = model.inpaint(prep.normalized, hole, prep.spacing_zyx)
+    filled = model.inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed if scanner_noise else None)
     out = {}
     for m, vol in prep.images.items():
         restored = cast_like(prep.normalizers[m].inverse(filled[m]), vol.array.dtype)
@@ -183,8 +186,12 @@ def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto"
 def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, samples: int = 1,
                       steps: int | None = None, guidance: float = 1.0, device: str = "auto",
                       base: str = "input", whole_lesion: bool | None = None, label_mapping: dict | None = None,
-                      progress: ProgressFn | None = None, deviation_weights=None) -> SynthesisResult:
+                      progress: ProgressFn | None = None, deviation_weights=None,
+                      population_pull: float | None = None) -> SynthesisResult:
     """Add a synthetic lesion to healthy scan(s): output = anatomy + residual inside the blended region.
+
+    population_pull: move each sub-region's mean level towards the training population's by this fraction
+    (0 = as sampled, most diverse; 1 = the population mean); None = the value in the weights' card.
 
     base: "input" (the scan is healthy, so it is its own anatomy) or "pseudo-healthy" (remove an existing
     lesion first). whole_lesion: None infers it from the mask (binary -> the model invents sub-regions).
@@ -198,6 +205,8 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         raise InputError(f"steps must be >= 1, got {steps}")
     if not np.isfinite(guidance) or guidance < 0:
         raise InputError(f"guidance must be a finite number >= 0, got {guidance}")
+    if population_pull is not None and not (np.isfinite(population_pull) and 0.0 <= population_pull <= 1.0):
+        raise InputError(f"population_pull must be a number from 0 to 1, got {population_pull}")
     if base not in ("input", "pseudo-healthy"):
         raise InputError(f"base must be 'input' or 'pseudo-healthy', got '{base}'")
     prep = _prepare(images, mask, label_mapping)
@@ -213,7 +222,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     if base == "pseudo-healthy":
         say(0.05, "building pseudo-healthy anatomy")
         hole = dilate_mm(lesion, HOLE_MARGIN_MM, prep.spacing_zyx)
-        anatomy = _model("anatomy", dev).inpaint(prep.normalized, hole, prep.spacing_zyx)
+        anatomy = _model("anatomy", dev).inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed)
 
     def anatomy_crop(m: str, crop):
         return crop(anatomy[m]) if anatomy is not None else prep.normalized_crop(m, crop)
@@ -255,6 +264,16 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         residuals = residuals - anatomy_in[None]
     if scale < 1.0:
         residuals = resize(residuals, crop_shape, order=1)
+    levels = model.card.get("population_levels") or {}
+    pull = float(model.card.get("population_pull", 0.0) if population_pull is None else population_pull)
+    if pull > 0.0 and levels:
+        from .calibration import pull_levels
+
+        for m in (m for m in prep.images if m in levels):
+            c = MODALITIES.index(m)
+            for k in range(samples):
+                residuals[k, c] += pull_levels(anatomy_roi[c] + residuals[k, c], labels_roi, levels[m], pull,
+                                               whole_only)
     residuals = residuals * weight_roi[None, None]  # (K, 4, D, H, W), seam-blended
 
     say(0.96, "compositing")
@@ -280,6 +299,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     report = {
         "modalities": list(prep.images), "seed": seed, "samples": samples, "steps": int(steps or cfg.default_steps),
         "guidance": guidance, "device": str(dev), "base": base, "whole_lesion_only": whole_only,
+        "population_pull": pull if levels else 0.0,
         "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
         "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
         "region_voxels": int(region.sum()), "warnings": warn,

@@ -79,7 +79,8 @@ def cmd_synthesize(args) -> int:
     mask = read_volume(args.mask)
     result = synthesize_lesion(images, mask, seed=args.seed, samples=args.samples, steps=args.steps,
                                guidance=args.guidance, device=args.device, base=args.base,
-                               whole_lesion=True if args.whole_lesion else None, progress=progress)
+                               whole_lesion=True if args.whole_lesion else None, progress=progress,
+                               population_pull=args.population_pull)
     files = write_synthesis(result, Path(args.out), args.format, crop=args.crop_outputs)
     progress.done(outputs=files, report=result.report)
     return 0
@@ -92,7 +93,8 @@ def cmd_pseudo_healthy(args) -> int:
 
     progress = Progress(args.progress)
     images = _image_args(args.image)
-    healthy = pseudo_healthy(images, read_volume(args.mask), device=args.device, progress=progress)
+    healthy = pseudo_healthy(images, read_volume(args.mask), device=args.device, progress=progress, seed=args.seed,
+                             scanner_noise=not args.smooth)
     files = {m: str(write_volume(v, Path(args.out) / f"{m}.{args.format}")) for m, v in healthy.items()}
     progress.done(outputs=files)
     return 0
@@ -143,6 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", choices=["input", "pseudo-healthy"], default="input",
                    help="anatomy base: the (healthy) input itself, or a pseudo-healthy version of it")
     p.add_argument("--whole-lesion", action="store_true", help="ignore sub-region labels; the model invents them")
+    p.add_argument("--population-pull", type=float, default=None, metavar="0..1",
+                   help="move each sub-region's mean level towards the training population's by this fraction "
+                        "(0 = as sampled, most diverse; 1 = the population mean; default: the weights' card)")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="output file format")
     p.add_argument("--crop-outputs", action="store_true",
                    help="write only the lesion ROI box of each output, with its geometry (report.json: "
@@ -155,6 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="output file format")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scan noise given to the fill")
+    p.add_argument("--smooth", action="store_true",
+                   help="leave the fill smooth (the network's expected tissue, without the scan's noise)")
     add_common(p)
     p.set_defaults(func=cmd_pseudo_healthy)
 

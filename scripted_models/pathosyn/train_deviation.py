@@ -22,6 +22,7 @@ from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
 from ..runtime import training_autocast
 from .api import BLEND_MARGIN_MM, HOLE_MARGIN_MM
+from .calibration import DEFAULT_POPULATION_PULL, case_levels
 from .deviation import (
     NULL_CONDITION,
     WEIGHTS_NAME,
@@ -61,7 +62,7 @@ def prepare_lesion_cache(cache: Path, data_root=None, device=None, cases: tuple[
         real = case.normalized()
         lesion = case.seg > 0
         hole = dilate_mm(lesion, HOLE_MARGIN_MM, sp)
-        anatomy = model.inpaint(real, hole, sp)
+        anatomy = model.inpaint(real, hole, sp, noise_seed=None)  # the smooth expected tissue
         region = dilate_mm(lesion, BLEND_MARGIN_MM, sp)
         box = roi_around(dilate_mm(region, 16.0, sp), multiple=8, min_size=48)
         avail = np.array([m in real for m in MODALITIES], np.float32)
@@ -313,6 +314,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
             "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
             "data": data.names, "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
             "folds": folds.as_dict(),
+            "population_levels": case_levels(folds.train, data_root or default_data_root()),
+            "population_pull": DEFAULT_POPULATION_PULL,
             "selection": {"rule": "lowest validation-fold denoising loss of the EMA weights",
                           "draws": VALIDATION_CROPS, "selected_step": best.get("step"), "curve": val_curve},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "

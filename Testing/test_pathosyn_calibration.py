@@ -1,0 +1,119 @@
+"""Calibration after the networks: the scan's noise in an inpainted hole, lesion levels pulled towards the
+training population (unit level, and through synthesize_lesion / pseudo_healthy on the committed weights)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_ball_mask, make_head
+from scipy.ndimage import gaussian_filter
+
+from scripted_models import pseudo_healthy, synthesize_lesion
+from scripted_models.errors import InputError
+from scripted_models.labels import CORE, EDEMA, ENHANCING
+from scripted_models.pathosyn.calibration import highpass, population_levels, pull_levels, scanner_noise
+from scripted_models.preprocess import IntensityNormalizer, dilate_mm
+
+
+def ball(shape, radius, centre=None):
+    centre = centre or [n // 2 for n in shape]
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+
+
+def noisy_scan(shape=(48, 48, 48), seed=0):
+    """Smooth anatomy plus spatially correlated noise (as a resampled MRI has)."""
+    rng = np.random.default_rng(seed)
+    anatomy = gaussian_filter(rng.standard_normal(shape), 6) * 20
+    return anatomy + gaussian_filter(rng.standard_normal(shape), 0.7) * 1.5, anatomy
+
+
+def test_scanner_noise_restores_the_roughness_of_the_tissue_around_a_smooth_hole():
+    scan, anatomy = noisy_scan()
+    hole = ball(scan.shape, 8)
+    healthy = ball(scan.shape, 20) & ~ball(scan.shape, 13)
+    filled = np.where(hole, anatomy, scan)  # a smooth fill, as the inpainting network gives
+    noise = scanner_noise(filled, hole, healthy, seed=1)
+    assert np.all(noise[~hole] == 0)
+    wanted = highpass(scan)[healthy].std()
+    before, after = highpass(filled)[hole].std(), highpass(filled + noise)[hole].std()
+    assert before < 0.5 * wanted
+    assert abs(after / wanted - 1) < 0.15, (before, after, wanted)
+    np.testing.assert_array_equal(noise, scanner_noise(filled, hole, healthy, seed=1))
+    assert not np.array_equal(noise, scanner_noise(filled, hole, healthy, seed=2))
+    # a hole that already has the scan's noise gets none
+    assert np.abs(scanner_noise(scan, hole, healthy, seed=1)).max() < 0.3 * wanted
+
+
+def test_pull_levels_moves_each_subregion_mean_by_the_fraction():
+    shape = (40, 40, 40)
+    labels = np.zeros(shape, np.uint8)
+    labels[ball(shape, 14)] = EDEMA
+    labels[ball(shape, 9)] = ENHANCING
+    labels[ball(shape, 5)] = CORE
+    image = np.random.default_rng(0).normal(0.0, 0.3, shape).astype(np.float32)
+    levels = {"core": -2.0, "edema": 1.5, "enhancing": 3.0, "whole": 1.0}
+    assert not pull_levels(image, labels, levels, 0.0).any()
+    for pull in (0.5, 1.0):
+        shifted = image + pull_levels(image, labels, levels, pull)
+        for lab, key in ((CORE, "core"), (EDEMA, "edema"), (ENHANCING, "enhancing")):
+            sel = labels == lab
+            expected = image[sel].mean() + pull * (levels[key] - image[sel].mean())
+            assert abs(shifted[sel].mean() - expected) < 1e-4, (key, pull)
+    whole = image + pull_levels(image, labels, levels, 1.0, whole_lesion=True)
+    assert abs(whole[labels > 0].mean() - levels["whole"]) < 1e-4
+    assert np.ptp(whole[labels == ENHANCING] - image[labels == ENHANCING]) < 0.2  # one shift, not per sub-region
+
+
+def test_population_levels_are_voxel_weighted_means_per_subregion():
+    seg = np.array([[[0, CORE, CORE, EDEMA]]], np.uint8)
+    a = {"t1": np.array([[[9.0, 1.0, 3.0, 5.0]]])}
+    b = {"t1": np.array([[[9.0, 7.0, 0.0, 0.0]]]), "flair": np.array([[[0.0, 4.0, 4.0, 4.0]]])}
+    seg_b = np.array([[[0, CORE, 0, 0]]], np.uint8)
+    levels = population_levels([(a, seg), (b, seg_b)])
+    assert levels["t1"] == {"core": round((1 + 3 + 7) / 3, 4), "edema": 5.0, "whole": 4.0}
+    assert levels["flair"] == {"core": 4.0, "whole": 4.0}
+
+
+def lesion_means_z(result, head, modality):
+    labels = result.mask.array
+    norm = IntensityNormalizer.fit(head.array, exclude=labels > 0)
+    z = norm.forward(result.images[modality].array)
+    return {key: float(z[labels == lab].mean()) for lab, key in ((CORE, "core"), (EDEMA, "edema"),
+                                                                 (ENHANCING, "enhancing"))}
+
+
+def test_synthesize_pulls_subregion_levels_towards_the_card_population():
+    from scripted_models.pathosyn.deviation import WEIGHTS_NAME
+    from scripted_models.weights import load_card
+
+    levels = load_card(WEIGHTS_NAME)["population_levels"]
+    head = make_head(shape=(48, 48, 48), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
+    mask = make_ball_mask(head, radius_vox=10)
+    free, pulled = (synthesize_lesion({"flair": head, "t1c": head}, mask, seed=2, steps=2, population_pull=p)
+                    for p in (0.0, 1.0))
+    assert free.report["population_pull"] == 0.0 and pulled.report["population_pull"] == 1.0
+    for m in ("flair", "t1c"):
+        before, after = lesion_means_z(free, head, m), lesion_means_z(pulled, head, m)
+        for key in before:
+            assert abs(after[key] - levels[m][key]) < 0.02 + 0.1 * abs(before[key] - levels[m][key]), (m, key)
+    default = synthesize_lesion({"flair": head}, mask, seed=2, steps=2)
+    assert default.report["population_pull"] == load_card(WEIGHTS_NAME)["population_pull"]
+    with pytest.raises(InputError, match="population_pull"):
+        synthesize_lesion({"flair": head}, mask, seed=2, steps=2, population_pull=1.5)
+
+
+def test_pseudo_healthy_fill_gets_the_scan_noise_back_and_only_inside_the_hole():
+    head = make_head(shape=(48, 48, 48), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
+    mask = make_ball_mask(head, radius_vox=8, labels=False)
+    lesioned = np.where(mask.array > 0, head.array + 300, head.array).astype(np.float32)
+    inputs = {"t1": head.with_array(lesioned)}
+    smooth = pseudo_healthy(inputs, mask, scanner_noise=False)["t1"].array
+    noisy = pseudo_healthy(inputs, mask, seed=4)["t1"].array
+    np.testing.assert_array_equal(noisy, pseudo_healthy(inputs, mask, seed=4)["t1"].array)
+    hole = dilate_mm(mask.array > 0, 2.0, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(noisy[~hole], lesioned[~hole])
+    inner = mask.array > 0
+    tissue = highpass(head.array)[ball(head.shape, 16) & ~hole].std()
+    assert highpass(smooth)[inner].std() < 0.6 * tissue
+    assert abs(highpass(noisy)[inner].std() / tissue - 1) < 0.3
+    assert abs(noisy[inner].mean() - smooth[inner].mean()) < 0.5 * tissue  # noise, not a level change
