@@ -320,6 +320,8 @@ def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
     params.t1Volume, params.t2Volume, params.maskSegmentation = node, t2, seg
     params.seed, params.samples, params.steps, params.guidance, params.device = 42, 3, 17, 2.5, "cpu"
     params.preview = True
+    assert params.populationPull == 0.5  # the default, as in the weights' card
+    params.populationPull = 0.25
     assert parameters.inputVolumes(params) == {"t1": node, "t2": t2}
     assert parameters.effectiveSteps(params) == parameters.PREVIEW_STEPS
 
@@ -331,7 +333,7 @@ def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
 
     params = logic.getParameters()
     assert (params.seed, params.samples, params.steps, params.guidance, params.device) == (42, 3, 17, 2.5, "cpu")
-    assert params.preview is True and params.t1cVolume is None
+    assert params.preview is True and params.t1cVolume is None and params.populationPull == 0.25
     reloaded = params.t1Volume
     assert reloaded is not None and reloaded.GetName() == "head"
     assert params.t2Volume.GetName() == "T2"

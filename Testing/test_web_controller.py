@@ -157,6 +157,10 @@ def test_bad_input_gives_one_line_and_changes_nothing(app, tmp_path, loop):
     assert [app.scene.GetNthNode(i).GetID() for i in range(app.scene.GetNumberOfNodes())] == ids
     c.setModality(c.scans["t1"].GetID(), "t5")
     assert "t5" in c.state.error
+    c.state.population_pull = 1.5
+    c.synthesize()
+    assert c.state.error.startswith("population pull must be 0 to 1") and not c.runners
+    c.state.population_pull = 0.5
     fractional = make_head().with_array(np.full((40, 48, 44), 0.5, np.float32))
     with pytest.raises(Exception, match="non-integer"):
         c.loadMaskFile(str(write_volume(fractional, tmp_path / "soft.nii.gz")))
@@ -168,11 +172,12 @@ def test_synthesis_job_streams_progress_and_adds_new_nodes(app, tmp_path, loop):
     scan = c.loadScanFile(str(path))
     c.loadMaskFile(str(write_volume(make_ball_mask(head), tmp_path / "mask.nii.gz")))
     before = array_of(scan).copy()
-    c.state.steps, c.state.seed = 3, 7
+    c.state.steps, c.state.seed, c.state.population_pull = 3, 7, 0.2
     task = c.synthesize()
     assert c.state.running and task is not None
     argv = c.runners[0].argv
     assert argv[0] == "synthesize" and argv[argv.index("--steps") + 1] == "3" and "--seed" in argv
+    assert float(argv[argv.index("--population-pull") + 1]) == 0.2
     run(task)
     assert not c.state.running and c.state.has_result and not c.state.error, c.state
     assert c.state.message.startswith("Done in 0.5 s")

@@ -35,6 +35,7 @@ FIELDS = {
     "steps": (int, 0),
     "preview": (bool, False),
     "guidance": (float, 1.0),
+    "populationPull": (float, 0.5),
     "device": (str, "auto"),
 }
 PREVIEW_STEPS = 2  # the model card's preview setting (engine: DeviationConfig.preview_steps)
@@ -93,6 +94,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         steps: Annotated[int, WithinRange(0, 1000)] = 0
         preview: bool = False
         guidance: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
+        populationPull: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
 
 else:

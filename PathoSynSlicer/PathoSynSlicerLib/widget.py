@@ -308,7 +308,8 @@ class PathoSynWidget(VTKObservationMixin):
         with slicer.util.WaitCursor():  # writes the inputs as NIfTI (seconds for 1 mm scans)
             self._job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
                                              samples=params.samples, steps=P.effectiveSteps(params),
-                                             guidance=params.guidance, device=params.device, command=command)
+                                             guidance=params.guidance, device=params.device, command=command,
+                                             populationPull=params.populationPull)
         self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
                                     onError=self.showError, onFinished=self.onFinished)
         try:

@@ -268,11 +268,15 @@ class WebController:
                 raise InputError(f"steps must be 1 to 50, got {steps}")
             if not 0.0 <= guidance <= 10.0:
                 raise InputError(f"guidance must be 0 to 10, got {guidance}")
+            pull = float(s.population_pull)
+            if not 0.0 <= pull <= 1.0:
+                raise InputError(f"population pull must be 0 to 1, got {pull}")
             if self.views is not None:
                 self.views.stopEditing()
             log.info("synthesis clicked")
             job = self.logic.createJob(dict(self.scans), self.segmentation, seed=seed, samples=samples, steps=steps,
-                                       guidance=guidance, command=command, workDir=self.workDir, writeInputs=False)
+                                       guidance=guidance, command=command, workDir=self.workDir, writeInputs=False,
+                                       populationPull=pull)
             log.info("job validated")
             return self._start(job, command, self._onSynthesisDone, read=self.logic.readJobOutputs,
                                write=job.writeInputs)

@@ -91,6 +91,11 @@ class PathoSynPanel(html.Div):
                     with VCol(cols=7):
                         VSlider(v_model=(n.guidance,), min=0, max=3, step=0.1, label="guidance", density="compact",
                                 hide_details=True, thumb_label=True)
+                with VRow(dense=True):
+                    with VCol(cols=12):
+                        VSlider(v_model=(n.population_pull,), min=0, max=1, step=0.1, label="population pull",
+                                density="compact", hide_details=True, thumb_label=True, id="ps-population-pull",
+                                title="how far lesion levels move towards the training lesions' typical level")
                 with html.Div(classes="d-flex ga-1 mt-1"):
                     VBtn("Synthesize lesion", id="ps-synthesize", color="primary", click=handlers["synthesize"],
                          disabled=(busy,))

@@ -21,6 +21,7 @@ class PathoSynWebState:
     steps: int = 5
     preview: bool = False  # 2 steps
     guidance: float = 1.0
+    population_pull: float = 0.5  # 0 = sampled levels, 1 = the training population's
     # job
     running: bool = False
     job_kind: str = ""  # synthesize | pseudo-healthy | sample
