@@ -238,3 +238,31 @@ def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fract
     assert all(torch.equal(saved[k], kept[k]) for k in kept)
     with pytest.raises(Exception, match="selection rule"):
         T.train_deviation(tmp_path / "w2", steps=1, out_dir=out, select="newest")
+
+
+def test_anatomy_training_uses_the_training_fold_keeps_its_best_validation_weights_and_resumes(monkeypatch, data_root,
+                                                                                             tmp_path):
+    """Fine-tunes from the bundled weights on a one-case training fold, scores the validation fold's holes at
+    every check, writes the weights of lowest validation error with a card that names the folds; a second call
+    with more steps resumes from the checkpoint."""
+    from scripted_models import folds as folds_module
+    from scripted_models.pathosyn import train_anatomy as T
+    from scripted_models.weights import load_card
+
+    real = folds_module.make_folds(str(data_root))
+    small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
+    monkeypatch.setattr(T, "make_folds", lambda root=None: small)
+    monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
+    start = load_card(T.WEIGHTS_NAME)["steps"]
+    out = tmp_path / "weights"
+    T.train_anatomy(tmp_path / "work", steps=start + 2, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)
+    card = load_card(T.WEIGHTS_NAME, out)
+    assert card["steps"] == start + 2 and [c["step"] for c in card["selection"]["curve"]] == [start, start + 1,
+                                                                                             start + 2]
+    assert card["steps_selected"] == min(card["selection"]["curve"], key=lambda c: c["mae"])["step"]
+    held_out = set(real.test) | set(real.validation)
+    assert {d.split(":")[0] for d in card["data"]} == {"brats18_tcia13_623_1", "mni152"}
+    assert not held_out & {d.split(":")[0] for d in card["data"]}
+    T.train_anatomy(tmp_path / "work", steps=start + 3, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)
+    card = load_card(T.WEIGHTS_NAME, out)
+    assert [c["step"] for c in card["selection"]["curve"]][-2:] == [start + 2, start + 3]

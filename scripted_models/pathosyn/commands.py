@@ -117,7 +117,8 @@ def cmd_train(args) -> int:
         from .train_anatomy import train_anatomy
 
         train_anatomy(work / "anatomy", steps=args.steps, batch=args.batch or 4, seed=args.seed,
-                      data_root=args.data, out_dir=args.weights_out, threads=args.threads)
+                      data_root=args.data, out_dir=args.weights_out, threads=args.threads,
+                      max_minutes=args.max_minutes, from_scratch=args.from_scratch)
     else:
         from .train_deviation import train_deviation
 
@@ -188,7 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="deviation only: the PathoSyn model or an ablation baseline for `pathosyn evaluate`")
     p.add_argument("--crop", type=int, default=48, help="deviation only: training crop side (voxels)")
     p.add_argument("--from-scratch", action="store_true",
-                   help="deviation only: do not continue from the bundled weights")
+                   help="do not continue from the bundled weights")
     p.add_argument("--select", choices=["loss", "realism"], default="loss",
                    help="deviation only: keep the weights with the lowest validation-fold denoising loss, or with "
                         "the highest validation-fold realism pass fraction (synthesizes the fold every "

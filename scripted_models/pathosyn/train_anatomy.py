@@ -1,7 +1,8 @@
 """Train the anatomy inpainter on healthy tissue: random holes (real lesion shapes and blobs) placed
-outside lesions, on the shared cases and the MNI152 template. Resumable.
+outside lesions, on the training fold's cases (scripted_models.folds) and the MNI152 template. Resumable;
+continues from the bundled weights; keeps the weights with the lowest validation-fold inpainting error.
 
-    pathosyn train anatomy --steps 4000 --work .train/anatomy
+    pathosyn train anatomy --steps 4500 --work .train
 """
 from __future__ import annotations
 
@@ -13,27 +14,25 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..cases import INPAINTING_CASE, INPAINTING_TWIN, VALIDATION_CASE, list_cases, load_case
-from ..preprocess import IntensityNormalizer, dilate_mm, erode_mm
-from ..runtime import training_autocast
-from .anatomy import WEIGHTS_NAME, AnatomyConfig, anatomy_input, build_anatomy_model, config_dict
-from .training import LossLog, load_checkpoint, save_checkpoint
+from ..cases import default_data_root, load_case
+from ..folds import make_folds
+from ..preprocess import IntensityNormalizer, bounding_box, dilate_mm, erode_mm
+from ..runtime import training_autocast, trains_in_bf16
+from .anatomy import WEIGHTS_NAME, AnatomyConfig, AnatomyModel, anatomy_input, build_anatomy_model, config_dict
+from .training import LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
-HELD_OUT = {VALIDATION_CASE, INPAINTING_CASE, INPAINTING_TWIN}
-# Unlabelled tumour or skull-on anisotropic scans: their "healthy" tissue is not known to be healthy.
-EXCLUDED = {"aurora_met_unlabelled", "pyradiomics_brain1", "pyradiomics_brain2"}
+VALIDATION_HOLES_PER_CASE = 2  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
 
 
 class HealthyPool:
     """Healthy-tissue training volumes plus a library of lesion-shaped holes."""
 
-    def __init__(self, data_root=None, include_mni: bool = True):
+    def __init__(self, case_ids, data_root=None, include_mni: bool = True):
         self.items = []  # (case_id, modality, z-scored image, allowed-centre mask)
         self.shapes = []  # binary lesion masks cropped to their bbox
-        for folder in list_cases(data_root):
-            if folder.name in HELD_OUT or folder.name in EXCLUDED:
-                continue
-            case = load_case(folder)
+        root = Path(data_root or default_data_root())
+        for case_id in case_ids:
+            case = load_case(root / "cases" / case_id)
             fg = case.foreground()
             lesion = case.seg > 0 if case.seg is not None else np.zeros_like(fg)
             forbidden = dilate_mm(lesion, 8.0, case.spacing_zyx)
@@ -65,13 +64,13 @@ class HealthyPool:
             for ax in range(3):
                 if rng.random() < 0.5:
                     shape = np.flip(shape, ax)
-            shape = shape[tuple(slice(0, min(s, crop - 4)) for s in shape.shape)]
         else:
             radii = rng.uniform(4, 18, size=3)
             r = int(np.ceil(radii.max())) + 2
             g = np.ogrid[tuple(slice(-r, r + 1) for _ in range(3))]
             noise = ndimage.gaussian_filter(rng.standard_normal((2 * r + 1,) * 3), 2) * 3
             shape = sum((gi / ri) ** 2 for gi, ri in zip(g, radii)) + noise < 1.0
+        shape = shape[tuple(slice(0, min(s, crop - 4)) for s in shape.shape)]  # fits the crop
         if not shape.any():
             shape = np.zeros((3, 3, 3), bool)
             shape[1, 1, 1] = True
@@ -98,25 +97,83 @@ class HealthyPool:
         return np.ascontiguousarray(image), np.ascontiguousarray(hole), modality
 
 
-def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: float = 2e-4, seed: int = 0,
-                  data_root=None, save_every: int = 200, out_dir: Path | None = None, threads: int | None = None):
+class ValidationHoles:
+    """Fixed inpainting problems on the validation fold, as in the evaluation's test-fold protocol: a random
+    healthy-tissue ellipsoid (radii 8-15 mm) and the case's tumour are voided; the error is scored inside the
+    ellipsoid, where the truth is known (mean absolute error, z-units, every modality)."""
+
+    def __init__(self, case_ids, data_root=None, per_case: int = VALIDATION_HOLES_PER_CASE, seed: int = 0):
+        from ..evaluation.validation import healthy_tissue_mask
+
+        rng = np.random.default_rng(seed)
+        root = Path(data_root or default_data_root())
+        self.problems = []  # (z-scored crops {modality: array}, hole, target, spacing)
+        for case_id in case_ids:
+            case = load_case(root / "cases" / case_id)
+            brain, lesion = case.foreground(), case.seg > 0
+            images = case.normalized(brain)
+            for _ in range(per_case):
+                target = healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng)
+                if target.sum() < 100:
+                    continue
+                hole = target | (dilate_mm(lesion, 2.0, case.spacing_zyx) & brain)
+                box = bounding_box(dilate_mm(hole, 24.0, case.spacing_zyx))
+                self.problems.append(({m: img[box].copy() for m, img in images.items()}, hole[box], target[box],
+                                      case.spacing_zyx))
+
+    def error(self, net, cfg: AnatomyConfig, device) -> float:
+        model = AnatomyModel(net, cfg, device)
+        errors = []
+        for images, hole, target, spacing in self.problems:
+            filled = model.inpaint(images, hole, spacing, noise_seed=None)
+            errors += [float(np.abs(filled[m] - images[m])[target].mean()) for m in images]
+        net.train()
+        return float(np.mean(errors))
+
+
+def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: float = 1e-4, seed: int = 0,
+                  data_root=None, save_every: int = 100, out_dir: Path | None = None, threads: int | None = None,
+                  eval_every: int = 100, max_minutes: float | None = None, from_scratch: bool = False):
+    """Train up to `steps` (counted from the bundled weights' steps when continuing from them)."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
+    folds = make_folds(str(data_root) if data_root else None)
     cfg = AnatomyConfig()
     net = build_anatomy_model(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     ckpt = work / "checkpoint.pt"
     step, extra = load_checkpoint(ckpt, net, opt)
     wall = float(extra.get("wall_s", 0.0))
-    print(f"anatomy: resuming at step {step}" if step else "anatomy: starting", flush=True)
-    pool = HealthyPool(data_root)
+    start_step = int(extra.get("start_step", 0))
+    curve = extra.get("curve", [])
+    if step == 0 and not from_scratch:
+        start_step, wall = warm_start(WEIGHTS_NAME, net, bundled=True)
+        step = start_step
+    print(f"anatomy: at step {step} (from {start_step})", flush=True)
+    pool = HealthyPool(folds.train, data_root)
+    validation = ValidationHoles(folds.validation, data_root, per_case=VALIDATION_HOLES_PER_CASE)
+    best_path = work / "best.safetensors"
+
+    def check():
+        from ..weights import write_safetensors
+
+        error = validation.error(net.eval(), cfg, device)
+        best = min((c["mae"] for c in curve), default=float("inf"))
+        curve.append({"step": step, "mae": round(error, 5)})
+        if error < best or not best_path.is_file():
+            write_safetensors(net.state_dict(), best_path)
+        print(json.dumps({"validation_mae": round(error, 5), "step": step, "best": min(error, best)}), flush=True)
+
+    if not curve:
+        check()  # the starting weights are a candidate too
     rng = np.random.default_rng(seed + step)
     log = LossLog(work / "loss.jsonl")
     net.train()
     t0 = time.time()
-    while step < steps:
+    deadline = t0 + 60 * max_minutes if max_minutes else None
+    while step < steps and (deadline is None or time.time() < deadline):
         xs, ys, holes = [], [], []
         for _ in range(batch):
             image, hole, modality = pool.sample(rng, crop)
@@ -126,6 +183,8 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         x = torch.from_numpy(np.stack(xs)).to(device)
         y = torch.from_numpy(np.stack(ys)).float().to(device)
         h = torch.from_numpy(np.stack(holes)).float().to(device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, start_step, steps, lr)
         with training_autocast(device):
             pred = net(x).float()
         err = (pred - y).abs()
@@ -134,16 +193,30 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         loss.backward()
         opt.step()
         step += 1
-        log.add(step, float(loss))
+        log.add(step, loss.item())
+        if step % eval_every == 0 or step == steps:
+            check()
         if step % save_every == 0 or step == steps:
-            save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0})
+            save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step,
+                                                   "curve": curve})
     wall += time.time() - t0
-    card = {"model": WEIGHTS_NAME, "family": "PathoSyn anatomy branch (3D inpainting U-Net, MONAI UNet)",
-            "config": config_dict(cfg), "steps": step, "batch": batch, "crop": crop, "lr": lr,
-            "wall_time_s": round(wall, 1), "data": pool.sources, "held_out": sorted(HELD_OUT),
-            "license": "research use only: trained on BraTS 2013 (CC BY-NC-SA 3.0), cite Menze et al., IEEE TMI 2015"}
+    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall, "start_step": start_step, "curve": curve})
+    from safetensors.torch import load_file
+
     from ..weights import save_state
 
-    path = save_state(WEIGHTS_NAME, net.state_dict(), card, out_dir)
-    print(json.dumps({"saved": str(path), "steps": step}))
+    selected = min(curve, key=lambda c: c["mae"])
+    card = {"model": WEIGHTS_NAME, "family": "PathoSyn anatomy branch (3D inpainting U-Net, MONAI UNet)",
+            "config": config_dict(cfg), "steps": step, "steps_selected": selected["step"], "batch": batch,
+            "crop": crop, "lr": lr, "lr_schedule": f"cosine from step {start_step}", "wall_time_s": round(wall, 1),
+            "train_precision": "bf16 autocast" if trains_in_bf16(device) else "float32",
+            "data": pool.sources, "folds": folds.as_dict(),
+            "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
+            "selection": {"rule": "lowest validation-fold inpainting error (mean absolute error in z-units inside "
+                                  f"{VALIDATION_HOLES_PER_CASE} random healthy-tissue ellipsoids per case, tumour "
+                                  "voided too, every modality)", "curve": curve},
+            "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
+                       "IEEE TMI 2015 and Bakas et al., Sci Data 2017"}
+    path = save_state(WEIGHTS_NAME, load_file(best_path), card, out_dir)
+    print(json.dumps({"saved": str(path), "steps": step, "selected": selected}), flush=True)
     return path

@@ -116,6 +116,10 @@ def render_model_cards(folder: Path | None = None) -> Path:
             lines.append(f"- **selected step**: {selection.get('selected_step')} ({selection.get('rule')}; "
                          f"validation-fold pass fraction / Wasserstein by step: {curve}; denoising loss by step: "
                          f"{losses})")
+        elif selection.get("curve") and "mae" in selection["curve"][0]:  # anatomy
+            curve = ", ".join(f"{c['step']}: {c['mae']}" for c in selection["curve"])
+            lines.append(f"- **selected step**: {card.get('steps_selected')} ({selection.get('rule')}; "
+                         f"by step: {curve})")
         elif selection.get("curve"):
             curve = ", ".join(f"{c['step']}: {c['val_loss']}" for c in selection["curve"])
             lines.append(f"- **selected step**: {selection.get('selected_step')} ({selection.get('rule')}; "
