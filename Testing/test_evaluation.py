@@ -40,7 +40,8 @@ def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
     out = tmp_path / "bench_pathosyn.json"
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
     rows = json.loads(out.read_text())
-    assert "p50" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "p50" in printed
     sides = {r["side"]: r for r in rows["vs_roi"]}
     assert sides[64]["roi_voxels"] > sides[32]["roi_voxels"]
     assert sides[64]["p50_s"] > sides[32]["p50_s"] > 0  # latency grows with the lesion ROI
@@ -49,6 +50,10 @@ def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
     assert rows["peak_rss_mb_synthesize"] > 100
     assert rows["cli_end_to_end"]["peak_rss_mb"] > 100 and rows["cli_end_to_end"]["default_steps_s"] > 0
     assert np.isfinite(rows["roi64_preview"]["p50_s"])
+    sizes = rows["vs_model_size"]["variants"]  # a wider U-Net has more parameters and a slower step
+    assert sizes["wider x1.5"]["parameters"] > 1.5 * sizes["bundled"]["parameters"]
+    assert sizes["wider x1.5"]["step_s"] > sizes["bundled"]["step_s"] > 0
+    assert "model bundled" in printed
 
 
 def test_normalisation_study_scores_a_reference_that_explains_the_lesion_level_as_perfect():

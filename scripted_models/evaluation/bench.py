@@ -127,6 +127,9 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
     # 6. naive whole-volume diffusion: one U-Net step on the whole volume vs one on the 64^3 ROI
     if naive and not quick:
         rows["naive_whole_volume"] = _naive_ratio(t1, device)
+
+    # 7. model size vs latency: what a larger deviation U-Net would cost per click (64^3, default steps)
+    rows["vs_model_size"] = _model_size_tradeoff(device, rows["roi64_default"]["p50_s"], quick)
     rows["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if out:
         from ..pathosyn.commands import write_json_atomic
@@ -212,6 +215,55 @@ def _naive_ratio(t1, device: str) -> dict:
     return out
 
 
+MODEL_SIZES = {  # name: DeviationConfig overrides; "bundled" is the shipped configuration
+    "bundled": {},
+    "wider x1.5": {"channels": (24, 48, 96, 96)},
+    "wider x2": {"channels": (32, 64, 128, 128)},
+    "2 res blocks": {"num_res_blocks": 2},
+    "attention at 1/8": {"attention_levels": (False, False, False, True)},
+}
+
+
+def _model_size_tradeoff(device: str, click_p50_s: float, quick: bool) -> dict:
+    """Per variant: parameters and the seconds of one denoising step on the 64^3 ROI (untrained weights of the same
+    architecture: the time does not depend on the values), and the click this implies: the measured default click
+    with the bundled network's steps swapped for the variant's."""
+    import dataclasses
+
+    import torch
+
+    from ..pathosyn.api import _model
+    from ..pathosyn.deviation import build_deviation_model
+    from ..runtime import autocast, pick_device, pin_onednn_convolutions
+
+    dev = pick_device(device)
+    bundled = _model("deviation", dev).cfg
+    x = torch.zeros((1, bundled.out_channels + bundled.cond_channels, 64, 64, 64), device=dev)
+    step = torch.tensor([500], device=dev)
+    nets = {name: pin_onednn_convolutions(build_deviation_model(dataclasses.replace(bundled, **overrides)).eval()
+                                          .to(dev))
+            for name, overrides in MODEL_SIZES.items() if not quick or name in ("bundled", "wider x1.5")}
+    times = {name: [] for name in nets}
+    with torch.no_grad(), autocast(dev):
+        for net in nets.values():
+            net(x, timesteps=step)  # warm-up
+        for _ in range(1 if quick else 5):  # interleaved: a slow spell of the host hits every variant alike
+            for name, net in nets.items():
+                t = time.perf_counter()
+                net(x, timesteps=step)
+                times[name].append(time.perf_counter() - t)
+    variants = {}
+    for name, net in nets.items():
+        variants[name] = {"parameters": sum(p.numel() for p in net.parameters()),
+                          "step_s": round(statistics.median(times[name]), 3),
+                          **{k: list(v) if isinstance(v, tuple) else v for k, v in MODEL_SIZES[name].items()}}
+    base_step = variants["bundled"]["step_s"]
+    for row in variants.values():
+        row["click_s_estimate"] = round(click_p50_s + bundled.default_steps * (row["step_s"] - base_step), 2)
+    return {"steps": bundled.default_steps, "roi": [64, 64, 64], "variants": variants,
+            "note": "click_s_estimate = measured roi64_default p50 + steps x (variant step - bundled step)"}
+
+
 def print_bench(rows: dict) -> None:
     print(f"threads={rows['threads']} device={rows['device']} torch={rows['torch']} repeats={rows['repeats']}")
     for key in ("roi64_default", "roi64_preview", "roi64_double_volume"):
@@ -225,4 +277,7 @@ def print_bench(rows: dict) -> None:
         print(f"steps {r['steps']:3d}  p50 {r['p50_s']:.3f} s")
     if "naive_whole_volume" in rows:
         print(f"naive whole-volume step vs 64^3 ROI step: {json.dumps(rows['naive_whole_volume'])}")
+    for name, r in rows.get("vs_model_size", {}).get("variants", {}).items():
+        print(f"model {name:18s} {r['parameters']:9d} parameters  step {r['step_s']:.3f} s  "
+              f"click ~{r['click_s_estimate']} s")
     print(f"peak RSS {rows['peak_rss_mb']:.0f} MB")

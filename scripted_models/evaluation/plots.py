@@ -25,9 +25,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def bench_plot(rows: dict, path: Path) -> Path:
-    """Latency vs lesion-ROI voxels (with the whole volume's voxel count marked) and vs DDIM steps."""
+    """Latency vs lesion-ROI voxels (with the whole volume's voxel count marked), vs DDIM steps and vs the
+    deviation U-Net's size (when measured)."""
     plt = _figure()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    sizes = (rows.get("vs_model_size") or {}).get("variants") or {}
+    fig, axes = plt.subplots(1, 3 if sizes else 2, figsize=(15 if sizes else 10, 3.6))
+    ax, ax2 = axes[0], axes[1]
     roi = rows["vs_roi"]
     x = [r["roi_voxels"] for r in roi]
     ax.errorbar(x, [r["p50_s"] for r in roi], yerr=[[r["p50_s"] - r["min_s"] for r in roi],
@@ -46,6 +49,16 @@ def bench_plot(rows: dict, path: Path) -> Path:
                  marker="o", capsize=3)
     ax2.set_xlabel("DDIM steps (64³ ROI)")
     ax2.set_ylabel("p50 (s)")
+    if sizes:
+        ax3 = axes[2]
+        for name, r in sizes.items():
+            ax3.scatter(r["parameters"] / 1e6, r["click_s_estimate"], color="C1" if name == "bundled" else "C0")
+            ax3.annotate(name, (r["parameters"] / 1e6, r["click_s_estimate"]), textcoords="offset points",
+                         xytext=(4, 4), fontsize=8)
+        ax3.axhline(5.0, color="grey", linestyle="--", linewidth=1)
+        ax3.set_xlabel("deviation U-Net parameters (M)")
+        ax3.set_ylabel("click estimate, 64³, default steps (s)")
+        ax3.set_title("model size vs the 5 s goal (dashed)", fontsize=9)
     path = _save(fig, path)
     plt.close(fig)
     return path

@@ -59,7 +59,7 @@ def scanner_noise(image: np.ndarray, hole: np.ndarray, healthy: np.ndarray, seed
     amplitude = np.abs(np.fft.rfftn(sample))
     white = np.fft.rfftn(np.random.default_rng(seed).standard_normal(image.shape))
     field = np.fft.irfftn(amplitude * white / np.maximum(np.abs(white), 1e-12), s=image.shape)
-    field *= missing / max(float(field[hole].std()), 1e-9)  # the field has the high-pass's spectrum: it is one
+    field *= missing / max(float(field[hole].std()), 1e-9)  # sized on the hole alone
     out[hole] = field[hole]
     return out
 
