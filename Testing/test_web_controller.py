@@ -345,3 +345,27 @@ def test_render_gate_releases_one_view_per_event_loop_turn():
 
     seen = asyncio.run(run())
     assert seen[0] == [] and seen[1] == ["a"] and seen[2] == ["a", "b"] and seen[-1] == ["a", "b", "c"], seen
+
+
+def test_the_compare_3d_camera_frames_the_lesion_not_its_labelmap(app):
+    """A 40 mm lesion in a 120 mm labelmap: the size is the lesion's, and the camera is far enough for the whole
+    lesion to fit the view with a margin (it used to sit inside large lesions)."""
+    import math
+
+    from PathoSynWeb.PathoSynWebLib import views as V
+
+    labels = np.zeros((120, 120, 120), np.uint8)
+    labels[40:60, 50:70, 30:70] = 1  # 40 mm along x (RAS = ijk here)
+    seg = app.add_segmentation(labels, np.eye(4), {1: "lesion"})
+    size = V._segmentationSize(seg)
+    assert 38 <= size <= 42, size
+    camera = app.scene.AddNewNodeByClass("vtkMRMLCameraNode")
+    camera.SetLayoutName("Compare3D")
+    centre = V._segmentationCentre(seg)
+    for aspect in (1.0, 0.4):  # a square view, and one narrower than tall (the Compare layout's 3D view)
+        V.aimCamera(camera, centre, size, aspect)
+        assert np.allclose(camera.GetFocalPoint(), centre)
+        distance = math.dist(camera.GetPosition(), centre)
+        across = 2 * math.atan(math.tan(math.radians(camera.GetViewAngle()) / 2) * aspect)  # horizontal view angle
+        seen = 2 * math.atan(size / 2 / (distance - size / 2))  # angle the lesion spans, its near side included
+        assert seen < across, (aspect, math.degrees(seen), math.degrees(across))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 # isort: off
 from PathoSynSlicerLib.logic import (  # noqa: E402
@@ -29,6 +30,7 @@ from trame_slicer.views.view_layout_definition import ViewType  # noqa: E402
 log = logging.getLogger("pathosyn.web")
 PAINT_SLICE_TAGS = ("Red", "Green", "Yellow")
 OVERLAY_OPACITY = 0.6
+FRAME_MARGIN = 1.8  # a 3D view aimed at a lesion is this many times the lesion's size across
 STILL_QUALITY = 90  # trame_rca RcaImageRenderScheduler's default still_quality
 # Views render at most this many pixels; the browser scales the image up to the view's size. On a CPU renderer
 # (llvmpipe, 2 cores) a render costs about its pixel count: the Paint layout's 718x764 axial view took 0.10 s a
@@ -174,6 +176,8 @@ class WebViews:
         self.renderHold = renderHold or RenderHold()  # the one registerViewFactories was given
         self.resultComposite = None
         self.layoutTags: dict = {}  # layout id -> tags of its views
+        self.aims: dict = {}  # 3D view tag -> (camera node, centre, size, position set): see aimCamera
+        self.resizeObservers: dict = {}
         for layoutId, layout in layouts().items():
             layoutManager.register_layout(layoutId, layout, lazy_initialization=True)
             self.layoutTags[layoutId] = [v.singleton_tag for v in layout.get_views(is_recursive=True)]
@@ -269,15 +273,29 @@ class WebViews:
                 display.SetViewNodeIDs(ids)
 
     def aimCamera(self, tag: str, centre, size: float) -> None:
-        """Look at `centre` from the front-right, `size` mm across (as the PathAR sample views do)."""
+        """Frame a lesion (`centre`, `size` mm across) in 3D view `tag`, again whenever the view is resized (the page
+        sends a new layout's sizes after the switch) until the user moves the camera."""
         camera = next((c for c in nodesByClass(self.scene, "vtkMRMLCameraNode") if c.GetLayoutName() == tag), None)
         if camera is None:
             return
-        distance = 1.6 * max(size, 20.0)
-        camera.SetFocalPoint(*centre)
-        camera.SetPosition(centre[0] + 0.6 * distance, centre[1] + 0.6 * distance, centre[2] + 0.5 * distance)
-        camera.SetViewUp(0.0, 0.0, 1.0)
-        camera.ResetClippingRange()
+        aimCamera(camera, centre, size, self.viewAspect(tag))
+        self.aims[tag] = (camera, centre, size, camera.GetPosition())
+        view = self.view(tag)
+        if view is not None and tag not in self.resizeObservers:
+            self.resizeObservers[tag] = view.render_window().AddObserver(
+                "WindowResizeEvent", lambda *_args, tag=tag: self._reaim(tag))
+
+    def _reaim(self, tag: str) -> None:
+        camera, centre, size, position = self.aims.get(tag, (None,) * 4)
+        if camera is not None and math.dist(camera.GetPosition(), position) < 1e-3:  # not moved by the user since
+            aimCamera(camera, centre, size, self.viewAspect(tag))
+            self.aims[tag] = (camera, centre, size, camera.GetPosition())
+
+    def viewAspect(self, tag: str) -> float:
+        """Width / height of a view's render window (1 when unknown)."""
+        view = self.view(tag)
+        width, height = view.render_window().GetSize() if view is not None else (0, 0)
+        return width / height if width > 0 and height > 0 else 1.0
 
     def setOverlay(self, node) -> None:
         """Residual or uncertainty over the result (foreground layer), or nothing."""
@@ -316,6 +334,19 @@ class WebViews:
         interactor.AddObserver("LeftButtonPressEvent", onPress, 10.0)
 
 
+def aimCamera(camera, centre, size: float, aspect: float = 1.0) -> None:
+    """Point a camera node at `centre` from the front-right, far enough that `size` mm spans 1 / FRAME_MARGIN of
+    the view across its narrower side (the view angle is vertical; `aspect` = width / height)."""
+    tangent = math.tan(math.radians(camera.GetViewAngle() or 30.0) / 2.0) * min(1.0, aspect)
+    distance = FRAME_MARGIN * max(size, 20.0) / (2.0 * tangent)
+    direction = [0.6, 0.6, 0.5]
+    norm = math.sqrt(sum(d * d for d in direction))
+    camera.SetFocalPoint(*centre)
+    camera.SetPosition(*(c + distance * d / norm for c, d in zip(centre, direction)))
+    camera.SetViewUp(0.0, 0.0, 1.0)
+    camera.ResetClippingRange()
+
+
 def _segmentationCentre(segmentation):
     segs = segmentation.GetSegmentation()
     points = [segmentation.GetSegmentCenterRAS(segs.GetNthSegmentID(i)) for i in range(segs.GetNumberOfSegments())]
@@ -326,7 +357,20 @@ def _segmentationCentre(segmentation):
 
 
 def _segmentationSize(segmentation) -> float:
-    """Largest extent (mm) of a segmentation's closed surface or labelmap bounds."""
+    """Largest extent (mm) of the segments' closed surfaces (the lesion itself; the node's RAS bounds are those of
+    its labelmap, which may be the whole scan or just the painted box), else of the labelmap."""
+    segmentation.CreateClosedSurfaceRepresentation()  # the 3D view shows it anyway
+    segs = segmentation.GetSegmentation()
+    low, high = [math.inf] * 3, [-math.inf] * 3
+    for i in range(segs.GetNumberOfSegments()):
+        surface = segmentation.GetClosedSurfaceInternalRepresentation(segs.GetNthSegmentID(i))
+        if surface is None or not surface.GetNumberOfPoints():
+            continue
+        b = surface.GetBounds()
+        low = [min(v, b[2 * a]) for a, v in enumerate(low)]
+        high = [max(v, b[2 * a + 1]) for a, v in enumerate(high)]
+    if all(math.isfinite(v) for v in low + high):
+        return max(h - lo for lo, h in zip(low, high))
     bounds = [0.0] * 6
     segmentation.GetRASBounds(bounds)
     return max(bounds[1] - bounds[0], bounds[3] - bounds[2], bounds[5] - bounds[4], 0.0)
