@@ -599,6 +599,39 @@ def test_outputs_are_new_nodes_and_inputs_untouched_by_tagging(app, logic):
     assert np.array_equal(array_of(node), before)
 
 
+def test_result_nodes_come_one_step_at_a_time_and_an_abandoned_setup_leaves_the_scene_as_it_was(app, logic):
+    """synthesisNodeSteps (used by the browser front end to serve its event loop between nodes) makes the same nodes
+    as addSynthesisNodes, one per step; closed half-way, it removes the nodes it made."""
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    prepared = logic.prepare(node, seg)
+    images = {m: v.with_array(v.array + 1) for m, v in prepared.images.items()}
+    residuals = {m: v.with_array(np.ones(v.shape, np.float32)) for m, v in prepared.images.items()}
+
+    def count():
+        return app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), \
+            app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+
+    before = count()
+    steps = logic.synthesisNodeSteps(prepared, images, residuals, None, prepared.mask, {"seed": 0})
+    assert next(steps) == "t1 synthesized" and count() == (before[0] + 1, before[1])
+    steps.close()  # abandoned: e.g. the page went away
+    assert count() == before
+    from PathoSynSlicerLib.logic import runSteps
+
+    names, steps = [], logic.synthesisNodeSteps(prepared, images, residuals, None, prepared.mask, {"seed": 0})
+    while True:
+        try:
+            names.append(next(steps))
+        except StopIteration as stop:
+            out = stop.value
+            break
+    assert names == ["t1 synthesized", "t1 residual", "lesion segmentation"]
+    assert count() == (before[0] + 2, before[1] + 1) and out.segmentation is not None
+    again = runSteps(logic.synthesisNodeSteps(prepared, images, residuals, None, prepared.mask, {"seed": 0}))
+    assert set(again.volumes) == set(out.volumes) == {"t1"}
+
+
 def test_logic_files_import_without_qt_after_the_fixes():
     code = ("import sys; sys.path[:0] = ['PathoSynSlicer', 'PathARModule'];"
             "import PathoSynSlicerLib.logic, PathoSynSlicerLib.process, PathARModuleLib.logic;"

@@ -347,6 +347,32 @@ def test_render_gate_releases_one_view_per_event_loop_turn():
     assert seen[0] == [] and seen[1] == ["a"] and seen[2] == ["a", "b"] and seen[-1] == ["a", "b", "c"], seen
 
 
+def test_render_gate_releases_the_result_view_first():
+    """After a result's set-up the Compare layout's result view renders first, then the input, then the rest, in
+    whatever order they asked."""
+    from PathoSynSlicerLib.logic import COMPARE_3D_TAG, COMPARE_SLICE_TAGS
+
+    from PathoSynWeb.PathoSynWebLib.views import RenderHold
+
+    renders: list = []
+
+    class Scheduler:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def schedule_render(self):
+            renders.append(self.tag)
+
+    gate = RenderHold()
+    schedulers = [Scheduler(tag) for tag in (COMPARE_3D_TAG, COMPARE_SLICE_TAGS[0], COMPARE_SLICE_TAGS[1])]
+    for scheduler in schedulers:
+        gate.manage(scheduler, scheduler.tag)
+    with gate():
+        for scheduler in schedulers:
+            scheduler.schedule_render()
+    assert renders == [COMPARE_SLICE_TAGS[1], COMPARE_SLICE_TAGS[0], COMPARE_3D_TAG]  # no loop here: all at once
+
+
 def test_the_compare_3d_camera_frames_the_lesion_not_its_labelmap(app):
     """A 40 mm lesion in a 120 mm labelmap: the size is the lesion's, and the camera is far enough for the whole
     lesion to fit the view with a margin (it used to sit inside large lesions)."""

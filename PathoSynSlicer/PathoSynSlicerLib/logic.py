@@ -281,6 +281,15 @@ def _numpyMatrix(m) -> np.ndarray:
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def runSteps(steps):
+    """Run a generator of scene steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 def nodesByClass(scene, className: str, name: str | None = None) -> list:
     """The scene's nodes of a class (and name) as a list. vtkMRMLScene.GetNodesByClass / GetNodesByClassByName return
     a new collection the caller owns; in Python it is never freed and keeps every node in it alive (the removed
@@ -715,6 +724,13 @@ class PathoSynSlicerLogic:
     def addSynthesisNodes(self, prepared: PreparedInputs, images: dict, residuals: dict, uncertainty: dict | None,
                           mask: Volume, report: dict | None = None) -> SynthesisNodes:
         """Create the output nodes; if anything fails, remove what was created (the scene stays as it was)."""
+        return runSteps(self.synthesisNodeSteps(prepared, images, residuals, uncertainty, mask, report))
+
+    def synthesisNodeSteps(self, prepared: PreparedInputs, images: dict, residuals: dict, uncertainty: dict | None,
+                           mask: Volume, report: dict | None = None):
+        """addSynthesisNodes a node at a time: a generator that yields a name after each new node (a front end
+        serves its event loop in between) and returns the SynthesisNodes. Closed early or failing, it removes what
+        it made."""
         out = SynthesisNodes(report=dict(report or {}))
         reference = next(iter(prepared.images.values()))
         referenceNode = next(iter(prepared.nodes.values()))
@@ -726,11 +742,13 @@ class PathoSynSlicerLogic:
                 inputNode = prepared.nodes[mod]
                 base = inputNode.GetName()
                 out.volumes[mod] = self._outputVolume(volume, reference, inputNode, f"{base} synthesized")
+                yield f"{mod} synthesized"
                 res = residuals[mod]
                 maxAbs = max(float(np.abs(res.array).max()), 1e-6)
                 out.residuals[mod] = self._outputVolume(res, reference, inputNode, f"{base} residual",
                                                         windowLevel=(2.0 * maxAbs, 0.0))
                 self._setDivergingDisplay(out.residuals[mod], colorNode, maxAbs)
+                yield f"{mod} residual"
                 if uncertainty and mod in uncertainty:
                     top = max(float(uncertainty[mod].array.max()), 1e-6)  # 0 (certain) .. the largest spread
                     node = self._outputVolume(uncertainty[mod], reference, inputNode, f"{base} uncertainty",
@@ -739,9 +757,11 @@ class PathoSynSlicerLogic:
                     if inferno:
                         node.GetDisplayNode().SetAndObserveColorNodeID(inferno[0].GetID())
                     out.uncertainty[mod] = node
+                    yield f"{mod} uncertainty"
             whole = bool(out.report.get("whole_lesion_only", prepared.wholeLesion))
             out.segmentation = self.addSegmentationNode(mask.array, nodeIJKToRAS(referenceNode),
                                                         f"{referenceNode.GetName()} lesion", whole, referenceNode)
+            yield "lesion segmentation"
             run = self.nextRunNumber()
             for role, nodes in (("synthesized", out.volumes), ("residual", out.residuals),
                                 ("uncertainty", out.uncertainty)):
@@ -937,10 +957,15 @@ class PathoSynSlicerLogic:
 
     def addJobOutputs(self, job: SynthesisJob, outputs: dict):
         """NEW nodes for what readJobOutputs read (all or nothing)."""
+        return runSteps(self.jobOutputSteps(job, outputs))
+
+    def jobOutputSteps(self, job: SynthesisJob, outputs: dict):
+        """addJobOutputs as a generator of steps (see synthesisNodeSteps); returns the new nodes."""
         if job.command == "pseudo-healthy":
+            yield "pseudo-healthy"
             return self.addPseudoHealthyNodes(job.prepared, outputs["healthy"])
-        return self.addSynthesisNodes(job.prepared, outputs["images"], outputs["residuals"], outputs["uncertainty"],
-                                      outputs["mask"], outputs["report"])
+        return (yield from self.synthesisNodeSteps(job.prepared, outputs["images"], outputs["residuals"],
+                                                   outputs["uncertainty"], outputs["mask"], outputs["report"]))
 
     # --- cohorts (Python console) -----------------------------------------------------------------------------------
     def batch(self, manifest, outputDir, workers: int = 1, scheduler=None, resume: bool = True, device: str = "auto",

@@ -401,8 +401,7 @@ class WebController:
     def _onSynthesisDone(self, job, outputs: dict):
         """New nodes for the outputs; they replace the previous result in the page (Save keeps a result), so that
         a long session does not pile up volumes in the server's memory. A generator of display phases."""
-        result = self.logic.addJobOutputs(job, outputs)
-        yield "new nodes"
+        result = yield from self.logic.jobOutputSteps(job, outputs)  # a node per step
         self._removePreviousResults()
         yield "previous result removed"
         if job.command == "pseudo-healthy":

@@ -50,8 +50,9 @@ class RenderHold:
     phases (new nodes, layout, links, overlay) renders are held: one per view at the end instead of one per phase.
     Each intermediate render cost the event loop 0.05-0.1 s, and at BLUR_FPS the final one waited behind them."""
 
-    def __init__(self):
+    def __init__(self, first=(COMPARE_SLICE_TAGS[1], COMPARE_SLICE_TAGS[0])):
         self.depth = 0
+        self.first = tuple(first)  # released before the others: the result view, then the input it is compared to
         self.shown: set | None = None  # tags of the shown layout's views (None: all)
         self.pending: dict = {}  # view tag -> its scheduler's own schedule_render
         self._nextTurn = None  # the event-loop handle of the release chain, while one runs
@@ -84,7 +85,8 @@ class RenderHold:
         self._nextTurn = None
         if self.depth:
             return
-        ready = [t for t in self.pending if self.shown is None or t in self.shown]
+        ready = sorted((t for t in self.pending if self.shown is None or t in self.shown),
+                       key=lambda t: self.first.index(t) if t in self.first else len(self.first))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (tests): all at once
