@@ -290,8 +290,7 @@ class WebViews:
     def _reaim(self, tag: str) -> None:
         camera, centre, size, position = self.aims.get(tag, (None,) * 4)
         if camera is not None and math.dist(camera.GetPosition(), position) < 1e-3:  # not moved by the user since
-            aimCamera(camera, centre, size, self.viewAspect(tag))
-            self.aims[tag] = (camera, centre, size, camera.GetPosition())
+            self.aimCamera(tag, centre, size)
 
     def viewAspect(self, tag: str) -> float:
         """Width / height of a view's render window (1 when unknown)."""
