@@ -219,6 +219,31 @@ def test_tokenizer_round_trip_shapes(dims, labels, patch):
         cfg.grid(tuple(p + 1 for p in patch))
 
 
+def test_modality_conditioned_appearance_vq_renders_the_same_tokens_per_modality():
+    """With num_modalities the label reaches encoder, decoder and head: the same tokens and mask decode to
+    another image in another modality; the label is required; token noise swaps whole positions for codes."""
+    cfg = VQConfig(num_labels=4, channels=(4, 8), num_embeddings=16, embedding_dim=8, head_channels=4,
+                   num_modalities=4)
+    torch.manual_seed(0)
+    vq = AppearanceVQ(cfg).eval()
+    mask, image = torch.randint(0, 4, (2, 8, 8, 8)), torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        tokens = vq.encode(image, mask, torch.tensor([0, 3]))
+        as_t1 = vq.decode(tokens, mask, torch.tensor([0, 0]))
+        as_flair = vq.decode(tokens, mask, torch.tensor([3, 3]))
+        assert as_t1.shape == (2, 1, 8, 8, 8) and (as_t1 - as_flair).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-6
+        torch.testing.assert_close(vq.decode(tokens, mask, torch.tensor([0, 0])), as_t1)
+        with pytest.raises(ValueError, match="modality"):
+            vq.decode(tokens, mask)
+        quantized = vq.quantizer.embed(tokens)
+        assert vq.corrupt(quantized, 0.0) is quantized
+        swapped = vq.corrupt(quantized, 1.0)
+        codebook = vq.quantizer.quantizer.embedding.weight  # (16, E)
+        per_position = swapped.permute(0, 2, 3, 4, 1).reshape(-1, 8)
+        assert (torch.cdist(per_position, codebook).min(1).values < 1e-5).all()  # every position is a code
+        assert (swapped - quantized).abs().sum(1).gt(0).float().mean() > 0.5  # mostly other codes than before
+
+
 def test_codebook_and_reconstruction_metrics():
     usage = codebook_usage(torch.tensor([0, 1, 2, 3]), 8)
     assert usage["perplexity"] == pytest.approx(4.0) and usage["used_codes"] == 4
@@ -265,7 +290,7 @@ def tiny_config():
 
     patch = PatchConfig(size=16, spacing_mm=4.0)
     vq = dict(channels=(4, 8), num_embeddings=16, embedding_dim=8, head_channels=4)
-    structure, appearance = VQConfig(**vq), VQConfig(**vq)
+    structure, appearance = VQConfig(**vq), VQConfig(**vq, num_modalities=len(MODALITIES))
     transformer = IARConfig(grid=structure.grid((16, 16, 16)), structure_vocab=16, appearance_vocab=16,
                             n_layer=1, n_head=2, n_embd=32)
     return PathARConfig(patch, structure, appearance, transformer)
@@ -544,7 +569,7 @@ def test_blends_are_structure_only_patches_between_two_training_lesions():
                   np.r_[ps.is_val, np.zeros(n, bool)], ps.images, ps.image_patch, ps.image_modality, ps.case_ids,
                   ps.config, None, np.r_[np.zeros(6, bool), np.ones(n, bool)])
     assert list(ps.real_poses(False)) == list(poses) and list(ps.imaged_patches(False)) == list(poses)
-    _, masks = image_batch(ps, np.random.default_rng(0), 64)
+    _, masks, _ = image_batch(ps, np.random.default_rng(0), 64)
     assert all(any(np.array_equal(m, ps.masks[p]) or np.array_equal(m, ps.masks[p][..., ::-1]) for p in poses)
                for m in masks)  # every image row is a real patch, never a blend
     assert "blend_per_case" not in PatchConfig().to_dict()  # configs without blends keep their cache key
@@ -660,7 +685,7 @@ def test_lesion_mask_rows_are_structure_only_real_lesions(data_root):
     extra = np.arange(4, 4 + n)
     assert set(extra) <= set(ps.real_poses(False)) and set(extra) == set(ps.structure_only_patches(False))
     assert not set(extra) & set(ps.imaged_patches(False))
-    _, drawn = image_batch(ps, np.random.default_rng(0), 32)
+    _, drawn, _ = image_batch(ps, np.random.default_rng(0), 32)
     assert not any(np.array_equal(m, x) or np.array_equal(m, x[..., ::-1]) for m in drawn for x in masks)
 
 
@@ -746,7 +771,8 @@ def test_bundled_weights_sample(monkeypatch):
 
 def test_warm_start_keeps_old_predictions_and_checks_the_tokenizers(tmp_path):
     """A transformer without the per-slot modality embedding warm-starts one with it: the new layer starts at
-    zero, so the logits are unchanged; weights trained on other tokenizers are refused."""
+    zero, so the logits are unchanged. Weights trained on another structure VQ are refused; with another
+    appearance VQ the structure stream is reused and the appearance codes' embeddings and head start afresh."""
     from scripted_models.errors import WeightsError
     from scripted_models.pathar.api import TRANSFORMER_NAME
     from scripted_models.pathar.train import warm_start_transformer
@@ -764,4 +790,14 @@ def test_warm_start_keeps_old_predictions_and_checks_the_tokenizers(tmp_path):
         for x, y in zip(old(s, a, mod), new.eval()(s, a, mod)):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     with pytest.raises(WeightsError, match="different"):
-        warm_start_transformer(tiny_iar(modality_embedding=True), tmp_path, s_card, {"model": "a", "sha256": "cc"})
+        warm_start_transformer(tiny_iar(modality_embedding=True), tmp_path, {"model": "s", "sha256": "zz"}, a_card)
+    fresh = tiny_iar(seed=4, modality_embedding=False)
+    fresh_head = fresh.head_a.weight.detach().clone()
+    info = warm_start_transformer(fresh, tmp_path, s_card, {"model": "a", "sha256": "cc"})
+    assert info["reinitialised"] and torch.equal(fresh.head_a.weight, fresh_head)
+    vocab = old.cfg.appearance_vocab
+    assert torch.equal(fresh.wae.weight[vocab:], old.wae.weight[vocab:])  # the modality labels are kept
+    assert not torch.equal(fresh.wae.weight[:vocab], old.wae.weight[:vocab])
+    with torch.no_grad():
+        torch.testing.assert_close(old(s, a, mod)[0], fresh.eval()(s, a, mod)[0], atol=1e-6, rtol=0)  # structure
+        assert not torch.allclose(old(s, a, mod)[1], fresh(s, a, mod)[1])

@@ -244,3 +244,18 @@ def test_worker_runs_with_tcmalloc_when_installed_and_not_when_turned_off(tmp_pa
         w.start()
         assert w.allocator == "system"
         assert "libtcmalloc" not in open(f"/proc/{w.proc.pid}/maps").read()
+
+
+def test_the_worker_runs_below_its_caller_priority_so_the_gui_keeps_the_cores():
+    """The engine's nice value is the caller's plus WORKER_NICENESS (or what was asked): a GUI or web server that
+    needs a core during a synthesis gets it first. niceness=0 leaves the worker at the caller's priority."""
+    from scripted_models.worker import WORKER_NICENESS
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    expected = min(19, own + WORKER_NICENESS)
+    with EngineWorker(threads=1) as w:
+        w.start()
+        assert w.niceness == expected == os.getpriority(os.PRIO_PROCESS, w.proc.pid)
+    with EngineWorker(threads=1, niceness=0) as w:
+        w.start()
+        assert w.niceness == own == os.getpriority(os.PRIO_PROCESS, w.proc.pid)

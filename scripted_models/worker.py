@@ -10,7 +10,7 @@ Requests, one JSON object per stdin line:
     {"op": "cancel", "id": "j1"}       the job stops at its next progress tick (one denoising step); nothing is written
     {"op": "shutdown"}
 Events, one JSON object per stdout line, each with the job's "id":
-    {"event": "ready", "pid": N, "allocator": "tcmalloc" | "system"}  once, when the worker can take jobs
+    {"event": "ready", "pid": N, "allocator": "tcmalloc" | "system", "niceness": N}  once, when it can take jobs
     {"event": "progress", "id": ..., "fraction": 0.4, "message": "..."}
     {"event": "done", "id": ..., "outputs": {...}, "seconds": 1.2}
     {"event": "error", "id": ..., "kind": "input" | "weights" | "cancelled" | "internal", "message": "one line"}
@@ -38,6 +38,7 @@ from pathlib import Path
 
 OPS = ("synthesize", "pseudo-healthy", "sample")
 HANDOVER_MIN_FREE = 2 << 30  # bytes a RAM folder must have free to be used for job files
+WORKER_NICENESS = 5  # the engine yields the cores to the GUI or web server it works for (Unix nice value)
 
 
 def handover_directory(min_free: int = HANDOVER_MIN_FREE, candidates=("/dev/shm",)) -> str | None:
@@ -199,7 +200,7 @@ def serve(preload: bool = False, stdin=None, stdout=None) -> int:
         warm_up()
     reader = threading.Thread(target=server.read_requests, args=(stdin or sys.stdin,), daemon=True)
     reader.start()
-    server.emit(event="ready", pid=os.getpid(), allocator=loaded_allocator())
+    server.emit(event="ready", pid=os.getpid(), allocator=loaded_allocator(), niceness=current_niceness())
     while True:
         request = server.jobs.get()
         if request is None:
@@ -207,12 +208,25 @@ def serve(preload: bool = False, stdin=None, stdout=None) -> int:
         server.run_job(request)
 
 
+def current_niceness() -> int | None:
+    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None
+
+
+def lower_priority(increment: int) -> None:
+    """Raise this process's nice value by `increment` (Unix; a no-op elsewhere or for increment <= 0)."""
+    if increment > 0 and hasattr(os, "nice"):
+        os.nice(increment)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="PathoSyn warm engine worker (JSON lines on stdin/stdout)")
     p.add_argument("--preload", action="store_true",
                    help="load the deviation model and run one small warm-up synthesis before saying ready")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--nice", type=int, default=0,
+                   help="raise the worker's nice value by N, so that the GUI or server it works for keeps the cores")
     args = p.parse_args(argv)
+    lower_priority(args.nice)
     if args.threads:
         import torch
 
@@ -331,10 +345,10 @@ class EngineWorker:
     "died" and the worker's last stderr line."""
 
     def __init__(self, command: list[str] | None = None, env: dict | None = None, preload: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, niceness: int = WORKER_NICENESS):
         base = list(command or [sys.executable])
         self.command = base + ["-m", "scripted_models.worker"] + (["--preload"] if preload else []) + \
-            ([f"--threads={threads}"] if threads else [])
+            ([f"--threads={threads}"] if threads else []) + ([f"--nice={niceness}"] if niceness > 0 else [])
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.events: queue.Queue = queue.Queue()  # events of no submitted job (ready, pong, stray errors)
@@ -343,6 +357,7 @@ class EngineWorker:
         self.running: set[str] = set()
         self.last_stderr = ""
         self.allocator = ""  # the running worker's memory allocator, from its "ready" event
+        self.niceness: int | None = None  # the running worker's nice value, from its "ready" event
         self.starts = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -378,6 +393,7 @@ class EngineWorker:
                 continue
             if event.get("event") == "ready":
                 self.allocator = str(event.get("allocator", "system"))
+                self.niceness = event.get("niceness")
                 self.ready.set()
             elif event.get("event") in ("done", "error"):
                 self.running.discard(str(event.get("id")))

@@ -111,8 +111,10 @@ class PathAR:
                 self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
                 callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
         report(0.92, "decoding")
+        vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)
         masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
-        images = self.appearance.decode(a_tokens.view(B * M, *self.grid), masks.repeat_interleave(M, 0))[:, 0]
+        images = self.appearance.decode(a_tokens.view(B * M, *self.grid), masks.repeat_interleave(M, 0),
+                                        vq_modality if self.appearance.cfg.num_modalities else None)[:, 0]
         masks, images = masks.cpu().numpy(), images.float().cpu().numpy()
         spacing = (self.spacing,) * 3
         out = []

@@ -481,11 +481,11 @@ def mask_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> np.ndarray
     return np.stack([flip_lr(ps.masks[i]) if rng.random() < 0.5 else ps.masks[i] for i in idx])
 
 
-def image_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images (B, S, S, S) float32, masks (B, S, S, S) uint8): random flips and intensity jitter
+def image_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images (B, S, S, S) float32, masks (B, S, S, S) uint8, modality indices (B,)): random flips and intensity jitter
     (x * U(0.9, 1.1) + U(-0.1, 0.1)). Patches with images are drawn uniformly, then one of their modalities."""
     patches = rng.choice(ps.imaged_patches(False), batch)
-    xs, ms = [], []
+    xs, ms, mods = [], [], []
     for p in patches:
         choices = np.nonzero(ps.image_patch == p)[0]
         i = int(rng.choice(choices))
@@ -494,4 +494,5 @@ def image_batch(ps: PatchSet, rng: np.random.Generator, batch: int) -> tuple[np.
             x, m = flip_lr(x), flip_lr(m)
         xs.append(x * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1))
         ms.append(m)
-    return np.stack(xs).astype(np.float32), np.stack(ms)
+        mods.append(int(ps.image_modality[i]))
+    return np.stack(xs).astype(np.float32), np.stack(ms), np.asarray(mods, np.int64)

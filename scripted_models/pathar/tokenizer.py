@@ -36,6 +36,7 @@ class VQConfig:
     commitment_cost: float = 0.25
     decay: float = 0.9  # EMA codebook decay (fast: the encoder moves a lot early on)
     head_channels: int = 8  # appearance only: features fed to the mask-conditioned output head
+    num_modalities: int = 0  # appearance only: > 0 = encoder, decoder and head also see the modality label
 
     @property
     def downsample(self) -> int:
@@ -135,7 +136,9 @@ class StructureVQ(nn.Module):
 
 
 class AppearanceVQ(nn.Module):
-    """Image VQ-VAE whose encoder sees [image, mask] and whose decoder is conditioned on the mask."""
+    """Image VQ-VAE whose encoder sees [image, mask] and whose decoder is conditioned on the mask, and with
+    cfg.num_modalities > 0 on the modality label too: then the mask and the label can carry a sub-region's
+    typical contrast in that sequence, and the tokens what is particular to the case."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -143,18 +146,18 @@ class AppearanceVQ(nn.Module):
         from monai.networks.nets.vqvae import Decoder, Encoder
 
         self.cfg = cfg
-        L, dims, F_ = cfg.num_labels, cfg.spatial_dims, cfg.head_channels
+        L, M, dims, F_ = cfg.num_labels, cfg.num_modalities, cfg.spatial_dims, cfg.head_channels
         down, up = _down_up(cfg)
-        self.encoder = Encoder(spatial_dims=dims, in_channels=1 + L, out_channels=cfg.embedding_dim,
+        self.encoder = Encoder(spatial_dims=dims, in_channels=1 + L + M, out_channels=cfg.embedding_dim,
                                channels=cfg.channels, num_res_layers=cfg.num_res_layers,
                                num_res_channels=cfg.channels, downsample_parameters=down, dropout=0.0, act="RELU")
         self.quantizer = _quantizer(cfg)
-        self.decoder = Decoder(spatial_dims=dims, in_channels=cfg.embedding_dim + L, out_channels=F_,
+        self.decoder = Decoder(spatial_dims=dims, in_channels=cfg.embedding_dim + L + M, out_channels=F_,
                                channels=cfg.channels, num_res_layers=cfg.num_res_layers,
                                num_res_channels=cfg.channels, upsample_parameters=up, dropout=0.0, act="RELU",
                                output_act=None)
-        self.head = nn.Sequential(  # per voxel [features, mask] -> image (1x1 convs: full-res 3x3 ones cost 3x)
-            Convolution(dims, F_ + L, 2 * F_, kernel_size=1, adn_ordering="A", act="RELU", norm=None),
+        self.head = nn.Sequential(  # per voxel [features, mask, modality] -> image (1x1: 3x3 at full res cost 3x)
+            Convolution(dims, F_ + L + M, 2 * F_, kernel_size=1, adn_ordering="A", act="RELU", norm=None),
             Convolution(dims, 2 * F_, 1, kernel_size=1, conv_only=True),
         )
 
@@ -163,29 +166,53 @@ class AppearanceVQ(nn.Module):
         pool = getattr(F, f"avg_pool{self.cfg.spatial_dims}d")
         return pool(onehot, self.cfg.downsample)
 
-    def _encode(self, image: torch.Tensor, mask: torch.Tensor):
+    def _conditions(self, mask: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+        """(B, L [+ M], *S): the mask one-hot, then the modality one-hot broadcast over space if modelled."""
         onehot = one_hot(mask, self.cfg.num_labels)
-        return self.encoder(torch.cat([image, onehot], 1)), onehot  # (B, E, *G)
+        if not self.cfg.num_modalities:
+            return onehot
+        if modality is None:
+            raise ValueError("this appearance VQ is conditioned on the modality: pass modality indices (B,)")
+        label = F.one_hot(modality.long().to(mask.device), self.cfg.num_modalities).to(onehot.dtype)  # (B, M)
+        label = label.view(*label.shape, *(1,) * self.cfg.spatial_dims).expand(-1, -1, *mask.shape[1:])
+        return torch.cat([onehot, label], 1)
 
-    def _decode(self, quantized: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        h = self.decoder(torch.cat([quantized.to(onehot.dtype), self._pool(onehot)], 1))  # (B, F, *S)
-        return self.head(torch.cat([h, onehot.to(h.dtype)], 1))  # (B, 1, *S)
+    def _encode(self, image: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor | None = None):
+        conditions = self._conditions(mask, modality)
+        return self.encoder(torch.cat([image, conditions.to(image.dtype)], 1)), conditions  # (B, E, *G)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor, quantize: bool = True):
-        """image (B, 1, *S), mask (B, *S) -> (recon (B, 1, *S), commitment loss, tokens (B, *G), latent).
-        quantize=False skips the codebook (plain auto-encoder warm-up; loss 0, tokens None)."""
-        z, onehot = self._encode(image, mask)
+    def _decode(self, quantized: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        h = self.decoder(torch.cat([quantized.to(conditions.dtype), self._pool(conditions)], 1))  # (B, F, *S)
+        return self.head(torch.cat([h, conditions.to(h.dtype)], 1))  # (B, 1, *S)
+
+    def corrupt(self, quantized: torch.Tensor, rate: float) -> torch.Tensor:
+        """Replace a share `rate` of token positions by random codes: the decoder learns to live with the
+        imperfect tokens an autoregressive sampler writes, leaning on the mask and the modality label."""
+        if rate <= 0:
+            return quantized
+        B, E = quantized.shape[:2]
+        grid = quantized.shape[2:]
+        codes = torch.randint(0, self.cfg.num_embeddings, (B, *grid), device=quantized.device)
+        random = _lookup(self.quantizer, codes).detach().to(quantized.dtype)  # (B, E, *G)
+        swap = torch.rand((B, 1, *grid), device=quantized.device) < rate
+        return torch.where(swap, random, quantized)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, quantize: bool = True,
+                modality: torch.Tensor | None = None, token_noise: float = 0.0):
+        """image (B, 1, *S), mask (B, *S) [, modality (B,)] -> (recon (B, 1, *S), commitment loss, tokens (B, *G),
+        latent). quantize=False skips the codebook (plain auto-encoder warm-up; loss 0, tokens None)."""
+        z, conditions = self._encode(image, mask, modality)
         if not quantize:
-            return self._decode(z, onehot), z.new_zeros(()).float(), None, z
+            return self._decode(z, conditions), z.new_zeros(()).float(), None, z
         quantized, q_loss, tokens = _quantize(self.quantizer, z)
-        return self._decode(quantized, onehot), q_loss, tokens, z
+        return self._decode(self.corrupt(quantized, token_noise), conditions), q_loss, tokens, z
 
-    def encode(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return _indices(self.quantizer, self._encode(image, mask)[0])
+    def encode(self, image: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        return _indices(self.quantizer, self._encode(image, mask, modality)[0])
 
-    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens (B, *G), mask (B, *S) labels -> image (B, 1, *S)."""
-        return self._decode(_lookup(self.quantizer, tokens), one_hot(mask, self.cfg.num_labels)).float()
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, *G), mask (B, *S) labels [, modality (B,) indices] -> image (B, 1, *S)."""
+        return self._decode(_lookup(self.quantizer, tokens), self._conditions(mask, modality)).float()
 
 
 # --------------------------------------------------------------------------- codebook care and metrics
@@ -287,15 +314,18 @@ def evaluate_structure(model: StructureVQ, masks: np.ndarray, device, batch: int
 
 
 @torch.no_grad()
-def evaluate_appearance(model: AppearanceVQ, images: np.ndarray, masks: np.ndarray, device, batch: int = 8) -> dict:
-    """Reconstruction MAE (z units) and codebook usage on images (I, *S) with their masks (I, *S)."""
+def evaluate_appearance(model: AppearanceVQ, images: np.ndarray, masks: np.ndarray, device, batch: int = 8,
+                        modalities: np.ndarray | None = None) -> dict:
+    """Reconstruction MAE (z units) and codebook usage on images (I, *S) with their masks (I, *S) and, for a
+    modality-conditioned model, their modality indices (I,)."""
     model.eval()
     maes, tokens = [], []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(np.asarray(images[i:i + batch], np.float32))[:, None].to(device)
         m = torch.from_numpy(np.asarray(masks[i:i + batch])).to(device)
-        t = model.encode(x, m)
-        rec = model.decode(t, m)[:, 0].cpu().numpy()
+        mod = None if modalities is None else torch.as_tensor(np.asarray(modalities[i:i + batch]), device=device)
+        t = model.encode(x, m, mod)
+        rec = model.decode(t, m, mod)[:, 0].cpu().numpy()
         tokens.append(t.cpu())
         maes += [image_mae(r, g, k) for r, g, k in zip(rec, images[i:i + batch], masks[i:i + batch])]
     out = {k: round(float(np.mean([d[k] for d in maes if k in d])), 4) for k in ("mae", "mae_lesion")}

@@ -76,7 +76,8 @@ class PathARConfig:
     def default(cls) -> PathARConfig:
         patch = PatchConfig(elastic_per_case=48)
         structure = VQConfig(num_labels=patch.num_labels, num_embeddings=128, embedding_dim=32)
-        appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32)
+        appearance = VQConfig(num_labels=patch.num_labels, num_embeddings=256, embedding_dim=32,
+                              num_modalities=len(MODALITIES))
         grid = structure.grid((patch.size,) * 3)
         transformer = IARConfig(grid=grid, structure_vocab=structure.num_embeddings,
                                 appearance_vocab=appearance.num_embeddings, num_modalities=len(MODALITIES),
@@ -102,6 +103,7 @@ class TrainConfig:
     structure_only_share: float = 0.25  # share of transformer rows drawn from the blends (masks only), if any
     transformer_init: str | None = None  # weights folder to warm-start the transformer from (new layers start at 0)
     transformer_select: str = "best_val"  # "best_val": keep the weights of the lowest held-out NLL; "last"
+    appearance_token_noise: float = 0.1  # share of token positions the appearance decoder sees as random codes
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -277,16 +279,18 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
     model.train()
     while st.step < total:
         st.set_lr(lr_at(st.step, total, tc.vq_lr, tc.warmup_frac))
-        x, m = image_batch(ps, rng, tc.vq_batch)
+        x, m, mod = image_batch(ps, rng, tc.vq_batch)
         x = torch.from_numpy(x)[:, None].to(device)
         m = torch.from_numpy(m).to(device)
+        mod = torch.from_numpy(mod).to(device) if cfg.appearance.num_modalities else None
         if st.step == 0:  # fresh start: output layer at the mean intensity
             init_output_bias(model.head[-1].conv, ps.images[ps.image_indices(False)[::8]], prior=False)
         if st.step == warm:  # end of the auto-encoder warm-up: codebook seeded on the (now informative) latents
             with torch.no_grad(), training_autocast(device):
-                init_codebook(model.quantizer, model._encode(x, m)[0])
+                init_codebook(model.quantizer, model._encode(x, m, mod)[0])
         with training_autocast(device):
-            recon, q_loss, _, z = model(x, m, quantize=st.step >= warm)
+            recon, q_loss, _, z = model(x, m, quantize=st.step >= warm, modality=mod,
+                                        token_noise=tc.appearance_token_noise)
         err = (recon.float() - x).abs()
         lesion = (m > 0)[:, None].float()
         l1 = err.mean()
@@ -307,12 +311,18 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
     def subset(val):
         idx = ps.image_indices(val)
         idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
-        return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]]
+        return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]], ps.image_modality[idx]
 
-    metrics = {"val": evaluate_appearance(model, *subset(True), device),
-               "train": evaluate_appearance(model, *subset(False), device)}
+    def evaluate(val):
+        images, masks, modalities = subset(val)
+        return evaluate_appearance(model, images, masks, device,
+                                   modalities=modalities if cfg.appearance.num_modalities else None)
+
+    metrics = {"val": evaluate(True), "train": evaluate(False)}
     card = {"model": APPEARANCE_NAME,
-            "family": "PathAR appearance VQ-VAE (MONAI Encoder/Decoder/EMA quantizer, decoder conditioned on the mask)",
+            "family": "PathAR appearance VQ-VAE (MONAI Encoder/Decoder/EMA quantizer, decoder conditioned on the mask"
+            + (" and the modality label)" if cfg.appearance.num_modalities else ")"),
+            "token_noise": tc.appearance_token_noise,
             "config": cfg.appearance.to_dict(), "patch": cfg.patch.to_dict(), "steps": st.step,
             "batch": tc.vq_batch, "lr": tc.vq_lr, "wall_time_s": st.wall_time(), "data": ps.sources(),
             **_split_entries(ps), "metrics": metrics, "intensity": "z-score over healthy foreground",
@@ -338,7 +348,9 @@ def tokenize(ps: PatchSet, structure: StructureVQ, appearance: AppearanceVQ, dev
         for i in range(0, n_images, batch):
             x = np.stack([f(v.astype(np.float32)) for v in ps.images[i:i + batch]])
             m = np.stack([f(ps.masks[p]) for p in ps.image_patch[i:i + batch]])
-            t = appearance.encode(torch.from_numpy(x)[:, None].to(device), torch.from_numpy(m).to(device))
+            mod = torch.from_numpy(ps.image_modality[i:i + batch].astype(np.int64)).to(device) \
+                if appearance.cfg.num_modalities else None
+            t = appearance.encode(torch.from_numpy(x)[:, None].to(device), torch.from_numpy(m).to(device), mod)
             a[i:i + batch, flip] = t.flatten(1).cpu().numpy()
     return {"s": s, "a": a}
 
@@ -355,14 +367,24 @@ def load_vqs(folder: Path, device):
 
 
 def warm_start_transformer(model: IARTransformer, folder: Path, s_card: dict, a_card: dict) -> dict:
-    """Load earlier transformer weights (same tokenizers) into `model`; layers the old model lacks (e.g. the
-    modality embedding) start at zero, so training resumes from the old model's predictions."""
+    """Load earlier transformer weights into `model`; layers the old model lacks (e.g. the modality embedding)
+    start at zero, so training resumes from the old model's predictions. The structure VQ must be the same. With
+    another appearance VQ the appearance codes mean something else: their embeddings and output head keep their
+    fresh initialisation, the rest (blocks, structure stream, modality labels) is reused."""
     from ..errors import WeightsError
 
     state, card = load_state(TRANSFORMER_NAME, folder)
-    for key, vq in (("structure_vq", s_card), ("appearance_vq", a_card)):
-        if card.get(key, {}).get("sha256") != vq["sha256"]:
-            raise WeightsError(f"cannot warm-start from {folder}: its transformer used a different {vq['model']}")
+    if card.get("structure_vq", {}).get("sha256") != s_card["sha256"]:
+        raise WeightsError(f"cannot warm-start from {folder}: its transformer used a different {s_card['model']}")
+    fresh = []
+    if card.get("appearance_vq", {}).get("sha256") != a_card["sha256"]:
+        vocab = model.cfg.appearance_vocab
+        state = dict(state)
+        wae = state["wae.weight"].clone()
+        wae[:vocab] = model.wae.weight.detach()[:vocab]
+        state["wae.weight"] = wae
+        state["head_a.weight"] = model.head_a.weight.detach().clone()
+        fresh = ["wae.weight[:appearance_vocab]", "head_a.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise WeightsError(f"cannot warm-start from {folder}: unexpected weights {unexpected[:3]}")
@@ -370,7 +392,8 @@ def warm_start_transformer(model: IARTransformer, folder: Path, s_card: dict, a_
         for name, p in model.named_parameters():
             if name in missing:
                 p.zero_()
-    info = {"from": str(folder), "sha256": card["sha256"], "steps": card.get("steps"), "new_layers": missing}
+    info = {"from": str(folder), "sha256": card["sha256"], "steps": card.get("steps"), "new_layers": missing,
+            "reinitialised": fresh}
     print(json.dumps({"warm_start": info}), flush=True)
     return info
 
@@ -521,9 +544,10 @@ def write_markdown_card(folder: Path | None = None) -> Path:
         "# PathAR model card",
         "",
         "Structure-first autoregressive synthesis of lesion patches: a structure VQ-VAE (lesion mask), an appearance "
-        "VQ-VAE (one MRI modality, decoder conditioned on the mask) and an interleaved autoregressive transformer "
-        "whose structure tokens never attend to appearance tokens or the modality label. One sampled structure is "
-        "rendered in every requested modality.",
+        "VQ-VAE (one MRI modality, decoder conditioned on the mask"
+        + (" and the modality label" if cards[APPEARANCE_NAME]["config"].get("num_modalities") else "")
+        + ") and an interleaved autoregressive transformer whose structure tokens never attend to appearance tokens "
+        "or the modality label. One sampled structure is rendered in every requested modality.",
         "",
         f"- Patch: {patch['size']}^3 voxels at {patch['spacing_mm']} mm, lesion-centred, identity direction; "
         f"token grid {'x'.join(str(g) for g in t['config']['grid'])}.",
@@ -543,6 +567,10 @@ def write_markdown_card(folder: Path | None = None) -> Path:
            "enhancing rim, flair-bright edema; scripted_models/pathar/pseudo_labels.py)."
            if patch.get("pseudo_labelled") else ""),
         f"- Modalities: {', '.join(t['modalities'])}.",
+        *([f"- Appearance VQ decoder trained with {cards[APPEARANCE_NAME]['token_noise']:.0%} of its token "
+           "positions swapped for random codes, so that it renders the mask's sub-regions in the labelled "
+           "modality even where the sampled tokens are imperfect."] if cards[APPEARANCE_NAME].get("token_noise")
+          else []),
         f"- Training data: {', '.join(sorted(set(t['data'])))}"
         + (f"; structure only (lesion masks without a scan): {', '.join(t['structure_only_data'])}"
            if t.get("structure_only_data") else "") + ".",
