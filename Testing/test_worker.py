@@ -259,3 +259,6 @@ def test_the_worker_runs_below_its_caller_priority_so_the_gui_keeps_the_cores():
     with EngineWorker(threads=1, niceness=0) as w:
         w.start()
         assert w.niceness == own == os.getpriority(os.PRIO_PROCESS, w.proc.pid)
+    with EngineWorker(threads=1, env={**os.environ, "PATHOSYN_WORKER_NICE": "2"}) as w:
+        w.start()
+        assert w.niceness == min(19, own + 2)

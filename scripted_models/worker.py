@@ -41,6 +41,15 @@ HANDOVER_MIN_FREE = 2 << 30  # bytes a RAM folder must have free to be used for 
 WORKER_NICENESS = 5  # the engine yields the cores to the GUI or web server it works for (Unix nice value)
 
 
+def worker_niceness(env=None) -> int:
+    """PATHOSYN_WORKER_NICE if set (0 = the caller's priority), else WORKER_NICENESS."""
+    value = (os.environ if env is None else env).get("PATHOSYN_WORKER_NICE", "").strip()
+    try:
+        return max(0, int(value)) if value else WORKER_NICENESS
+    except ValueError:
+        return WORKER_NICENESS
+
+
 def handover_directory(min_free: int = HANDOVER_MIN_FREE, candidates=("/dev/shm",)) -> str | None:
     """A RAM-backed folder for the files a job hands over (inputs and outputs), or None (the system temp folder):
     writing a 1 mm volume there takes about 0.03 s instead of 0.04-0.25 s on disk. Used only when writable and
@@ -345,10 +354,12 @@ class EngineWorker:
     "died" and the worker's last stderr line."""
 
     def __init__(self, command: list[str] | None = None, env: dict | None = None, preload: bool = False,
-                 threads: int | None = None, niceness: int = WORKER_NICENESS):
+                 threads: int | None = None, niceness: int | None = None):
         base = list(command or [sys.executable])
         self.command = base + ["-m", "scripted_models.worker"] + (["--preload"] if preload else []) + \
-            ([f"--threads={threads}"] if threads else []) + ([f"--nice={niceness}"] if niceness > 0 else [])
+            ([f"--threads={threads}"] if threads else [])
+        niceness = worker_niceness(env) if niceness is None else niceness
+        self.command += [f"--nice={niceness}"] if niceness > 0 else []
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.events: queue.Queue = queue.Queue()  # events of no submitted job (ready, pong, stray errors)
