@@ -1,6 +1,6 @@
 """A warm engine worker: one long-lived process keeps the models loaded and runs jobs sent as JSON lines.
 
-    python -m scripted_models.worker [--preload] [--threads N]
+    python -m scripted_models.worker [--preload] [--threads N] [--nice N]
 
 Requests, one JSON object per stdin line:
     {"id": "j1", "op": "synthesize", "args": {"images": {"t1": PATH}, "mask": PATH, "out": DIR, "seed": 0, ...}}
