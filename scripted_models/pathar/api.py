@@ -114,7 +114,7 @@ class PathAR:
         vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)
         masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
         images = self.appearance.decode(a_tokens.view(B * M, *self.grid), masks.repeat_interleave(M, 0),
-                                        vq_modality if self.appearance.cfg.num_modalities else None)[:, 0]
+                                        vq_modality)[:, 0]
         masks, images = masks.cpu().numpy(), images.float().cpu().numpy()
         spacing = (self.spacing,) * 3
         out = []

@@ -167,7 +167,8 @@ class AppearanceVQ(nn.Module):
         return pool(onehot, self.cfg.downsample)
 
     def _conditions(self, mask: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
-        """(B, L [+ M], *S): the mask one-hot, then the modality one-hot broadcast over space if modelled."""
+        """(B, L [+ M], *S): the mask one-hot, then the modality one-hot broadcast over space if modelled (a
+        model without the label ignores `modality`)."""
         onehot = one_hot(mask, self.cfg.num_labels)
         if not self.cfg.num_modalities:
             return onehot
@@ -314,8 +315,8 @@ def evaluate_structure(model: StructureVQ, masks: np.ndarray, device, batch: int
 
 
 @torch.no_grad()
-def evaluate_appearance(model: AppearanceVQ, images: np.ndarray, masks: np.ndarray, device, batch: int = 8,
-                        modalities: np.ndarray | None = None) -> dict:
+def evaluate_appearance(model: AppearanceVQ, images: np.ndarray, masks: np.ndarray, device,
+                        modalities: np.ndarray | None = None, batch: int = 8) -> dict:
     """Reconstruction MAE (z units) and codebook usage on images (I, *S) with their masks (I, *S) and, for a
     modality-conditioned model, their modality indices (I,)."""
     model.eval()

@@ -282,7 +282,7 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
         x, m, mod = image_batch(ps, rng, tc.vq_batch)
         x = torch.from_numpy(x)[:, None].to(device)
         m = torch.from_numpy(m).to(device)
-        mod = torch.from_numpy(mod).to(device) if cfg.appearance.num_modalities else None
+        mod = torch.from_numpy(mod).to(device)
         if st.step == 0:  # fresh start: output layer at the mean intensity
             init_output_bias(model.head[-1].conv, ps.images[ps.image_indices(False)[::8]], prior=False)
         if st.step == warm:  # end of the auto-encoder warm-up: codebook seeded on the (now informative) latents
@@ -313,12 +313,10 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
         idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
         return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]], ps.image_modality[idx]
 
-    def evaluate(val):
+    metrics = {}
+    for split, val in (("val", True), ("train", False)):
         images, masks, modalities = subset(val)
-        return evaluate_appearance(model, images, masks, device,
-                                   modalities=modalities if cfg.appearance.num_modalities else None)
-
-    metrics = {"val": evaluate(True), "train": evaluate(False)}
+        metrics[split] = evaluate_appearance(model, images, masks, device, modalities)
     card = {"model": APPEARANCE_NAME,
             "family": "PathAR appearance VQ-VAE (MONAI Encoder/Decoder/EMA quantizer, decoder conditioned on the mask"
             + (" and the modality label)" if cfg.appearance.num_modalities else ")"),
@@ -348,8 +346,7 @@ def tokenize(ps: PatchSet, structure: StructureVQ, appearance: AppearanceVQ, dev
         for i in range(0, n_images, batch):
             x = np.stack([f(v.astype(np.float32)) for v in ps.images[i:i + batch]])
             m = np.stack([f(ps.masks[p]) for p in ps.image_patch[i:i + batch]])
-            mod = torch.from_numpy(ps.image_modality[i:i + batch].astype(np.int64)).to(device) \
-                if appearance.cfg.num_modalities else None
+            mod = torch.from_numpy(ps.image_modality[i:i + batch].astype(np.int64)).to(device)
             t = appearance.encode(torch.from_numpy(x)[:, None].to(device), torch.from_numpy(m).to(device), mod)
             a[i:i + batch, flip] = t.flatten(1).cpu().numpy()
     return {"s": s, "a": a}
