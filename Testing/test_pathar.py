@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,34 @@ def test_joint_sampling_draws_the_sequential_tokens():
     assert torch.equal(s_seq, s_joint) and torch.equal(a_seq, a_joint)
     s_one, a_one = sample_joint(model, s_noise, torch.tensor([3, 3]), a_noise[[2, 5]], temperature=0.8)
     assert torch.equal(s_one, s_joint) and torch.equal(a_one, a_joint[[2, 5]])
+
+
+def test_modality_guidance_samples_from_the_contrast_with_the_label_average():
+    """With guidance w each appearance token is drawn from (1 + w) log p(a | m) - w mean_j log p(a | j), every
+    term under the row's own history (checked against teacher forcing); w = 0 is plain sampling; the structure
+    never depends on it; pipelined and sequential sampling still agree."""
+    model = tiny_iar(grid=(2, 2, 2))
+    N, cfg = model.cfg.positions, model.cfg
+    g = torch.Generator().manual_seed(5)
+    s_noise = gumbel_noise(g, (2, N, cfg.structure_vocab))
+    a_noise = gumbel_noise(g, (4, N, cfg.appearance_vocab))
+    mods = torch.tensor([0, 3, 1, 2])  # 2 samples x 2 modalities
+    w = 2.0
+    s_plain, a_plain = sample_joint(model, s_noise, mods, a_noise)
+    s_guided, a_guided = sample_joint(model, s_noise, mods, a_noise, guidance=w)
+    assert torch.equal(s_plain, s_guided)
+    assert not torch.equal(a_plain, a_guided)
+    s_seq, cache = sample_structure(model, s_noise)
+    assert torch.equal(sample_appearance(model, cache, mods, a_noise, guidance=w), a_guided)
+    assert torch.equal(sample_appearance(model, cache, mods, a_noise, guidance=0.0), a_plain)
+    # the tokens are the argmax of guided log-probabilities + noise, from teacher forcing under every label
+    rows = torch.arange(4) // 2
+    with torch.no_grad():
+        logp = torch.stack([torch.log_softmax(model(s_seq[rows], a_guided, torch.full((4,), j))[1], -1)
+                            for j in range(cfg.num_modalities)], 1)  # (B, M, N, V)
+    own = logp[torch.arange(4), mods]
+    expected = (own + w * (own - logp.mean(1)) + a_noise).argmax(-1)
+    assert torch.equal(expected, a_guided)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -378,9 +407,31 @@ def test_sample_structure_independent_of_n_and_modalities(weights_env):
         np.testing.assert_allclose(a[i].images["t1c"].array, b[i].images["t1c"].array, atol=1e-4)
 
 
+def test_modality_guidance_defaults_to_the_weights_card(tiny_weights, tmp_path):
+    """The transformer card's sampling.modality_guidance is the default; an explicit value overrides it."""
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    card_path = folder / f"{api.TRANSFORMER_NAME}.json"
+    card = json.loads(card_path.read_text())
+    assert "sampling" not in card  # trained weights start with plain sampling
+
+    def images(**kw):
+        pairs = api.sample_pairs(["t1", "flair"], n=2, seed=1, device="cpu", weights=folder, **kw)
+        return np.stack([p.images[m].array for p in pairs for m in ("t1", "flair")])
+
+    plain = images()
+    strong = images(modality_guidance=1e4)
+    assert not np.array_equal(plain, strong)
+    card["sampling"] = {"modality_guidance": 1e4}  # an untrained model: labels barely differ
+    card_path.write_text(json.dumps(card))
+    assert np.array_equal(images(), strong)
+    assert np.array_equal(images(modality_guidance=0.0), plain)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"modalities": ["t5"]}, {"modalities": []}, {"n": 0}, {"n": -2}, {"n": 1.5}, {"seed": -1},
-    {"temperature": 0.0}, {"temperature": "hot"}, {"top_k": 0},
+    {"temperature": 0.0}, {"temperature": "hot"}, {"top_k": 0}, {"modality_guidance": -1.0},
+    {"modality_guidance": "strong"}, {"modality_guidance": float("nan")},
 ])
 def test_sample_pairs_bad_input(weights_env, kwargs):
     args = {"modalities": ["t1c"], "n": 1, "seed": 0, **kwargs}

@@ -269,6 +269,21 @@ def test_placed_mask_lands_at_the_clicked_point_with_its_volume(app, logic, run,
     assert np.array_equal(array_of(target), before)  # the healthy scan is untouched
 
 
+def test_a_sample_with_one_sub_region_keeps_its_label_when_placed(app, logic):
+    """A PathAR sample may have a single segment (only edema): placing it keeps label 2, it does not become a
+    whole-lesion mask (label 1) as a single unnamed segment would."""
+    head, target = add_target(app)
+    lesion = np.zeros((20, 20, 20), np.uint8)
+    lesion[6:14, 5:15, 6:13] = 2
+    for value, expected in ((2, 2), (3, 3), (1, 1)):
+        sample = logic._pathoSyn.addSegmentationNode(np.where(lesion > 0, value, 0).astype(np.uint8),
+                                                     np.diag([2.0, 2.0, 2.0, 1.0]), f"only {value}", wholeLesion=False)
+        point = (ijk_to_ras(target) @ np.r_[np.array(head.shape[::-1]) / 2.0, 1.0])[:3]
+        placed = logic.placeMask(sample, target, point)
+        assert set(np.unique(segment_labels(logic, sample).array)) - {0} == {expected}
+        assert set(np.unique(logic._pathoSyn.maskFromNode(placed, target)[0].array)) == {0, expected}
+
+
 def test_mask_sticking_out_is_clipped_with_a_warning(app, logic, run, caplog):
     head, target = add_target(app, shape=(60, 70, 80))
     corner = (ijk_to_ras(target) @ np.r_[0.0, 0.0, 30.0, 1.0])[:3]
@@ -317,9 +332,10 @@ def test_use_mask_in_pathosyn_then_synthesize(app, logic, run):
     from PathoSynSlicerLib import parameters as P
     from PathoSynSlicerLib.logic import PathoSynSlicerLogic
 
-    head, target = add_target(app, shape=(48, 56, 52))
+    head, target = add_target(app, shape=(80, 90, 84))
     point = (ijk_to_ras(target) @ np.r_[np.array(head.shape[::-1]) / 2.0, 1.0])[:3]
-    placed = logic.placeMask(run.samples[1].segmentation, target, point)
+    smallest = min(run.samples, key=lambda s: int((segment_labels(logic, s.segmentation).array > 0).sum()))
+    placed = logic.placeMask(smallest.segmentation, target, point)
     params = logic.useMaskInPathoSyn(placed, target, modality="t1")
     pathoSyn = PathoSynSlicerLogic(app.scene)
     stored = pathoSyn.getParameters()

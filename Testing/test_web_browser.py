@@ -250,6 +250,7 @@ def test_pathar_samples_in_a_row(web, shots):
     status = page.waitFor(lambda: (s := page.status())["segmentation"].endswith("placed") and s, timeout=20,
                           what="the placed mask")
     assert not status["error"] and sum(page.voxels().values()) > 0, status
+    assert "outside" not in status["message"], status["message"]  # the view showed the whole scan: a head click
 
 
 def test_cancel_keeps_the_scene(web):

@@ -523,14 +523,16 @@ class PathoSynSlicerLogic:
         raise InputError(f"'{maskNode.GetName()}' is not a segmentation or a labelmap volume")
 
     def segmentSubregions(self, segmentationNode) -> dict[str, int]:
-        """{segment ID: canonical value}. One segment = the whole lesion (value 1, the model invents the structure);
-        several segments are mapped by name (core/necrotic/non-enhancing -> 1, edema -> 2, enhancing -> 3)."""
+        """{segment ID: canonical value}. Segments are mapped by name (core/necrotic/non-enhancing -> 1, edema -> 2,
+        enhancing -> 3). A single segment is the whole lesion (value 1, the model invents the structure) unless it
+        is named edema or enhancing (e.g. a PathAR sample that has only edema)."""
         segmentation = segmentationNode.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         if not ids:
             raise InputError(f"the segmentation '{segmentationNode.GetName()}' has no segments (the mask is empty)")
         if len(ids) == 1:
-            return {ids[0]: 1}
+            value = subregionForSegmentName(segmentation.GetSegment(ids[0]).GetName())
+            return {ids[0]: value if value in (EDEMA, ENHANCING) else 1}
         mapping, unknown = {}, []
         for sid in ids:
             name = segmentation.GetSegment(sid).GetName()

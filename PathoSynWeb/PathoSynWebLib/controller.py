@@ -464,7 +464,8 @@ class WebController:
             self.state.message = "Click a point in the scan (axial view) to place the lesion"
             if self.views is not None:
                 self.views.stopEditing()  # the placing click must not paint
-                self.views.showScan(self.referenceNode, self.segmentation)
+                # the whole scan in view: centring on the current mask could leave the view's middle off the head
+                self.views.showScan(self.referenceNode, self.segmentation, centreOnSegmentation=False)
                 self.state.layout = "Paint"
 
     def _sampleSegmentation(self):

@@ -202,8 +202,9 @@ class WebViews:
         return self.app.view_manager.get_view(tag)
 
     # --- painting ----------------------------------------------------------------------------------------------------
-    def showScan(self, volume, segmentation=None) -> None:
-        """The scan in the Paint views; the segmentation (filled) is the one the segment editor paints."""
+    def showScan(self, volume, segmentation=None, centreOnSegmentation: bool = True) -> None:
+        """The scan in the Paint views, fitted; the segmentation (filled) is the one the segment editor paints, and
+        the slices pass through its centre unless centreOnSegmentation is False (the whole scan stays in view)."""
         self.setLayout("Paint")
         for tag in PAINT_SLICE_TAGS:
             view = self.view(tag)
@@ -219,7 +220,7 @@ class WebViews:
             display.SetVisibility2DOutline(True)
             self.showOnlyIn(segmentation, [*PAINT_SLICE_TAGS, "ThreeD"])
             editor.set_active_segmentation(segmentation, volume)
-            centre = _segmentationCentre(segmentation)
+            centre = _segmentationCentre(segmentation) if centreOnSegmentation else None
             if centre is not None:
                 for tag in PAINT_SLICE_TAGS:
                     view = self.view(tag)

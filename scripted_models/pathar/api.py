@@ -29,7 +29,10 @@ from .transformer import IARConfig, IARTransformer, gumbel_noise, sample_joint
 STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME = "pathar_structure_vq", "pathar_appearance_vq", "pathar_transformer"
 WEIGHT_NAMES = (STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME)
 CHUNK = 8  # samples generated together (memory of the KV caches grows with samples x modalities)
-AR_THREADS = 1  # token-by-token decoding is bound by per-op overhead and memory: extra threads only cost time
+# torch threads of the token loop. Measured 2026-12-03 (one sample, 4 modalities, 2 cores, tcmalloc), 1 / 2 threads:
+# bundled weights 3.24 / 2.23 s; modality guidance 8 (4x the appearance rows) 5.39 / 4.47 s. (An earlier, smaller
+# model was faster on 1 thread.)
+AR_THREADS = 2
 
 _MODELS: dict[tuple, PathAR] = {}
 
@@ -56,6 +59,8 @@ class PathAR:
         self.patch = (int(card["patch"]["size"]),) * structure.cfg.spatial_dims
         self.modalities = list(card.get("modalities", MODALITIES))
         self.grid = tuple(transformer.cfg.grid)
+        # the weights' recommended modality guidance (chosen on the validation fold; absent = plain sampling)
+        self.modality_guidance = float(card.get("sampling", {}).get("modality_guidance", 0.0))
 
     @classmethod
     def load(cls, device: torch.device, folder: Path | None = None) -> PathAR:
@@ -86,8 +91,9 @@ class PathAR:
 
     @torch.no_grad()
     def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
-                 top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0):
-        """SamplePairs for sample indices `indices` (one batch)."""
+                 top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0,
+                 guidance: float | None = None):
+        """SamplePairs for sample indices `indices` (one batch); guidance None = the weights' default."""
         cfg = self.transformer.cfg
         B, M, N = len(indices), len(modalities), cfg.positions
 
@@ -109,6 +115,7 @@ class PathAR:
         with _cpu_threads(self.device, AR_THREADS):  # structure and appearance tokens, pipelined
             s_tokens, a_tokens = sample_joint(
                 self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
+                guidance=self.modality_guidance if guidance is None else guidance,
                 callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
         report(0.92, "decoding")
         vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)
@@ -128,8 +135,8 @@ class PathAR:
 
 @contextlib.contextmanager
 def _cpu_threads(device: torch.device, n: int):
-    """Run the token loop with at most n torch threads on CPU (measured: 1 thread 4.6 s, 2 threads 5.6 s per
-    sample with 4 modalities on 2 cores); the convolutional decoders keep the caller's setting."""
+    """Run the token loop with at most n torch threads on CPU (AR_THREADS); the convolutional decoders keep the
+    caller's setting."""
     before = torch.get_num_threads()
     if device.type != "cpu" or before <= n:
         yield
@@ -165,7 +172,7 @@ def load_models(device: str | torch.device = "auto", folder: Path | None = None)
     return _MODELS[key]
 
 
-def _check_args(modalities, n, seed, temperature, top_k) -> list[str]:
+def _check_args(modalities, n, seed, temperature, top_k, modality_guidance=None) -> list[str]:
     if isinstance(modalities, str):
         modalities = [modalities]
     if modalities is None or not isinstance(modalities, Iterable):
@@ -189,18 +196,27 @@ def _check_args(modalities, n, seed, temperature, top_k) -> list[str]:
         raise InputError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if modality_guidance is not None:
+        try:
+            ok = not isinstance(modality_guidance, bool) and np.isfinite(float(modality_guidance)) \
+                and float(modality_guidance) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"modality guidance must be a number >= 0 or None, got {modality_guidance!r}")
     return mods
 
 
 def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
                  device: str = "auto", progress: Callable[[float, str], None] | None = None,
-                 weights: Path | None = None) -> list[SamplePair]:
+                 weights: Path | None = None, modality_guidance: float | None = None) -> list[SamplePair]:
     """Sample n lesion structures, each rendered in every requested modality.
 
     modalities: names from t1, t1c, t2, flair. Raises InputError for bad arguments and WeightsError for
     missing or corrupted weights (sha256 checked against the model cards). weights: a folder other than the
-    bundled one (or PATHOSYN_WEIGHTS_DIR)."""
-    mods = _check_args(modalities, n, seed, temperature, top_k)
+    bundled one (or PATHOSYN_WEIGHTS_DIR). modality_guidance: None = the weights' card default (0 = plain
+    sampling; larger values push each modality's appearance away from the modality average)."""
+    mods = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
     model = load_models(device, weights)
     missing = [m for m in mods if m not in model.modalities]
     if missing:
@@ -210,5 +226,6 @@ def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k:
     for start in range(0, n, CHUNK):
         indices = list(range(start, min(n, start + CHUNK)))
         out += model.generate(mods, indices, int(seed), float(temperature), None if top_k is None else int(top_k),
-                              progress, done=start / n, share=len(indices) / n)
+                              progress, done=start / n, share=len(indices) / n,
+                              guidance=None if modality_guidance is None else float(modality_guidance))
     return out

@@ -41,11 +41,11 @@ def save_random_weights(folder: Path) -> None:
                {**common, "config": cfg.transformer.to_dict(), "modalities": list(MODALITIES)}, folder)
 
 
-def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu") -> dict:
+def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_guidance: float | None = None) -> dict:
     from .api import load_models, sample_pairs
 
     t0 = time.perf_counter()
-    load_models(device)
+    model = load_models(device)
     load_s = time.perf_counter() - t0
     marks: dict[str, float] = {}
 
@@ -56,7 +56,8 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu") -> dict:
     for r in range(runs + 1):
         marks.clear()
         c0, t0 = time.process_time(), time.perf_counter()
-        sample_pairs(list(modalities), n=1, seed=r, device=device, progress=progress)
+        sample_pairs(list(modalities), n=1, seed=r, device=device, progress=progress,
+                     modality_guidance=modality_guidance)
         t1, c1 = time.perf_counter(), time.process_time()
         if r == 0:
             continue  # warm-up
@@ -71,7 +72,8 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu") -> dict:
 
     return {"total_s": pct(totals), "cpu_s": pct(cpu), **{k: pct(v) for k, v in parts.items()},
             "load_s": round(load_s, 2), "runs": runs, "threads": torch.get_num_threads(),
-            "modalities": list(modalities)}
+            "modalities": list(modalities),
+            "modality_guidance": model.modality_guidance if modality_guidance is None else modality_guidance}
 
 
 def main(argv=None) -> int:
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weights", default=None, help="weights folder (default: weights_dir())")
     parser.add_argument("--random-init", action="store_true", help="real-size models with random weights")
+    parser.add_argument("--modality-guidance", type=float, default=None, help="default: the weights' card")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = None
@@ -90,9 +93,10 @@ def main(argv=None) -> int:
         os.environ["PATHOSYN_WEIGHTS_DIR"] = tmp.name
     elif args.weights:
         os.environ["PATHOSYN_WEIGHTS_DIR"] = str(Path(args.weights).resolve())
-    result = bench(args.runs, MODALITIES, args.device)
+    result = bench(args.runs, MODALITIES, args.device, args.modality_guidance)
     t = result["total_s"]
-    print(f"PathAR sample (structure + {len(MODALITIES)} modalities), {result['threads']} threads, "
+    print(f"PathAR sample (structure + {len(MODALITIES)} modalities, modality guidance "
+          f"{result['modality_guidance']:g}), {result['threads']} threads, "
           f"{args.runs} runs: p50 {t['p50']:.2f} s, p90 {t['p90']:.2f} s")
     c = result["cpu_s"]
     print(f"  CPU time   p50 {c['p50']:.2f} s  p90 {c['p90']:.2f} s  (process CPU seconds; with 1 thread this is the "

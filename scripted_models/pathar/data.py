@@ -9,7 +9,7 @@ Augmentation, precomputed per case (`augment_per_case` patches; the first is the
 `max_rotation_deg` about each axis, isotropic scale jitter (the lesion looks up to 10 % smaller/larger), shift.
 Training cases also get `elastic_per_case` patches that add a smooth random deformation (a cubic B-spline on a
 `elastic_mesh`^3 mesh over the patch, control-point displacements N(0, `elastic_mm`) clipped at 2.5 sd), applied
-to the mask and the images alike: new lesion shapes rather than new poses of the same five lesions. They come
+to the mask and the images alike: new lesion shapes rather than new poses of the same training lesions. They come
 from their own random stream, so the rigid patches are the same with or without them, and they are flagged
 (`is_elastic`) so that memorisation is measured against the real lesions' poses only.
 With `blend_per_case`, each training case also gets that many structure-only masks (`is_blend`, no images): a

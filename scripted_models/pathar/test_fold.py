@@ -123,7 +123,7 @@ def real_test_patches(patches):
 
 
 def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None, device: str = "auto",
-                  segmenter=None) -> dict:
+                  segmenter=None, modality_guidance: float | None = None) -> dict:
     from .api import load_models, sample_pairs
 
     model = load_models(device, folder)
@@ -134,7 +134,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
     t0 = time.perf_counter()
-    pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder) for seed in seeds}
+    pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder,
+                                        modality_guidance=modality_guidance) for seed in seeds}
     sampling_s = time.perf_counter() - t0
     pairs = [p for seed in seeds for p in pairs_by_seed[seed]]
     masks = [p.mask.array for p in pairs]
@@ -149,6 +150,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "training_cases": len(patches.training_cases()),
         "test_cases": [patches.case_ids[patches.patch_case[p]] for p in test_plain],
         "n_samples": len(pairs), "seeds": list(seeds),
+        "modality_guidance": model.modality_guidance if modality_guidance is None else modality_guidance,
         "mean_nearest_train_dice": round(float(np.mean(near)), 3),
         "test_real_nearest_train_dice": round(float(np.mean(test_near)), 3),
         "test_real_nearest_train_dice_per_case": [round(v, 3) for v in test_near],
@@ -195,7 +197,8 @@ TARGETS = (
 
 def markdown(reports: dict) -> str:
     labels = list(reports)
-    keys = ["training_cases", "n_samples", "mean_nearest_train_dice", "test_real_nearest_train_dice",
+    keys = ["training_cases", "n_samples", "modality_guidance", "mean_nearest_train_dice",
+            "test_real_nearest_train_dice",
             "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
             "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
             "real_mean_volume_ml", "signs_agree_per_seed", "ordering_min_per_modality", "segmenter_dice_generated",
@@ -217,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", action="append", default=[], metavar="LABEL=DIR",
                         help="weights folder to score (repeatable); the bundled weights are always scored")
     parser.add_argument("--bundled-label", default="bundled")
+    parser.add_argument("--guidance", action="append", default=[], metavar="LABEL=W",
+                        help="modality guidance for that label's weights (default: the weights' card)")
     parser.add_argument("--n", type=int, default=16, help="samples per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = no segmenter check")
@@ -237,10 +242,19 @@ def main(argv=None) -> int:
         if not sep or not label or not Path(folder).is_dir():
             raise InputError(f"--weights expects LABEL=DIR with an existing folder, got {item!r}")
         folders[label] = Path(folder)
+    guidance = {}
+    for item in args.guidance:
+        label, sep, value = item.partition("=")
+        try:
+            guidance[label] = float(value)
+        except ValueError:
+            guidance[label] = None
+        if not sep or label not in folders or guidance[label] is None or guidance[label] < 0:
+            raise InputError(f"--guidance expects LABEL=W with a scored label and W >= 0, got {item!r}")
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device=args.device) \
         if args.segmenter_steps else None
-    reports = {label: score_weights(folder, args.n, args.seeds, Path(args.work), args.data, args.device, segmenter)
-               for label, folder in folders.items()}
+    reports = {label: score_weights(folder, args.n, args.seeds, Path(args.work), args.data, args.device, segmenter,
+                                    guidance.get(label)) for label, folder in folders.items()}
     if segmenter is not None:
         for r in reports.values():
             r["segmenter_training_cases"] = segmenter[1]

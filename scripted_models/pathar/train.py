@@ -599,6 +599,21 @@ def write_markdown_card(folder: Path | None = None) -> Path:
               "log-likelihood per token (nats).", ""]
     if samples:
         lines += ["## Samples", "", "```", json.dumps(samples, indent=1), "```", ""]
+    sampling = t.get("sampling")
+    if sampling:
+        lines += ["## Sampling", "",
+                  f"Modality guidance {sampling['modality_guidance']:g} by default (`sample_pairs(..., "
+                  "modality_guidance=W)` or `pathosyn sample --modality-guidance W` overrides it): each appearance "
+                  "token is drawn from (1 + W) log p(a | m) - W mean_j log p(a | j) over the modality labels j. "
+                  + sampling.get("chosen_on", ""), ""]
+        if sampling.get("validation"):
+            lines += ["| W | " + " | ".join(sampling["validation"]["columns"]) + " |",
+                      "|---|" + "---|" * len(sampling["validation"]["columns"])]
+            lines += [f"| {w} | " + " | ".join(str(v) for v in row) + " |"
+                      for w, row in sorted(sampling["validation"]["rows"].items(), key=lambda kv: float(kv[0]))]
+            lines.append("")
+    if t.get("bundled_because"):
+        lines += ["## Why these weights are bundled", "", t["bundled_because"], ""]
     test_fold = t.get("metrics", {}).get("test_fold")
     if test_fold:
         lines += ["## Test fold", "", "```", json.dumps(test_fold, indent=1), "```", ""]

@@ -30,6 +30,11 @@ Cross-modal sampling: the structure is sampled once per sample and shared by eve
 appearance rows run as one batch. `sample_structure` then `sample_appearance` do it in two passes over the
 positions; `sample_joint` pipelines them (s_j and a_{j-1} in one forward pass: a_{j-1} needs only s_0..s_{j-1}),
 which draws the same tokens with half the passes.
+
+Modality guidance (`guidance` w > 0, sampling only): every appearance row is also run under each modality label
+with its own history, and samples from (1 + w) log p(a | s, m) - w mean_j log p(a | s, j). What sets the
+requested modality apart (t1's dark core, flair's bright edema) is amplified; what all modalities share is kept.
+No extra training: the label-average is computed from the same conditional model.
 """
 from __future__ import annotations
 
@@ -433,24 +438,47 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
     return tokens, cache
 
 
+def guidance_labels(modality: torch.Tensor, num_modalities: int, guidance: float) -> torch.Tensor:
+    """Appearance rows to run: modality (B,) itself, or with guidance every label for each row (B*M,), row b's
+    M labels adjacent (so rows stay structure-major)."""
+    if guidance <= 0:
+        return modality.long()
+    return torch.arange(num_modalities, device=modality.device).repeat(modality.shape[0])
+
+
+def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: int, guidance: float):
+    """logits of guidance_labels' rows -> (B, V): (1 + w) log p(a | m) - w mean_j log p(a | j)."""
+    if guidance <= 0:
+        return logits
+    B, M = modality.shape[0], num_modalities
+    logp = torch.log_softmax(logits.float(), -1).view(B, M, -1)  # (B, M, V)
+    own = logp[torch.arange(B, device=logits.device), modality.long()]  # (B, V)
+    return own + guidance * (own - logp.mean(1))
+
+
 @torch.no_grad()
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
-                      temperature: float = 1.0, top_k: int | None = None, callback=None) -> torch.Tensor:
+                      temperature: float = 1.0, top_k: int | None = None, callback=None,
+                      guidance: float = 0.0) -> torch.Tensor:
     """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
     indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
-    The structure cache is shared by the r modalities of a sample, never copied. Returns tokens (B, N)."""
-    N = model.cfg.positions
+    The structure cache is shared by the r modalities of a sample, never copied. guidance: modality guidance
+    weight (module docstring; 0 = plain sampling). Returns tokens (B, N)."""
+    N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     B = modality.shape[0]
     if B % s_cache.batch:
         raise ValueError(f"{B} appearance rows for {s_cache.batch} structures")
-    cache = model.new_cache(B, APPEARANCE, device)
+    modality = modality.long().to(device)
+    labels = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
+    repeat = labels.shape[0] // B
+    cache = model.new_cache(labels.shape[0], APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
-    x = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
+    x = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for t in range(N):
-        logits = model.appearance(x, cache, s_cache, modality)[:, -1]
+        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, M, guidance)
         tokens[:, t] = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)
-        x = tokens[:, t:t + 1]
+        x = tokens[:, t:t + 1].repeat_interleave(repeat, 0)
         if callback is not None:
             callback(t + 1, N)
     return tokens
@@ -459,31 +487,36 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
 @torch.no_grad()
 def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: torch.Tensor,
                  a_noise: torch.Tensor | None, batch: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 top_k: int | None = None, callback=None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Structure once per sample (S rows) and its appearance in every modality (B = S*r rows, structure-major),
     pipelined: step j samples s_j and a_{j-1} in one pass (N+1 passes instead of 2N+1). a_{j-1} only needs
     s_0..s_{j-1}, so this draws exactly the tokens of sample_structure + sample_appearance with the same noise
-    (up to float rounding). Returns (structure tokens (S, N), appearance tokens (B, N))."""
-    N = model.cfg.positions
+    (up to float rounding). guidance: modality guidance weight (module docstring).
+    Returns (structure tokens (S, N), appearance tokens (B, N))."""
+    N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     S = s_noise.shape[0] if s_noise is not None else batch
     B = modality.shape[0]
     if B % S:
         raise ValueError(f"{B} appearance rows for {S} structures")
-    s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(B, APPEARANCE, device)
+    modality = modality.long().to(device)
+    labels = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
+    repeat = labels.shape[0] // B
+    s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(labels.shape[0], APPEARANCE, device)
     s_tokens = torch.empty(S, N, dtype=torch.long, device=device)
     a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
     bos = torch.full((S, 1), model.bos, dtype=torch.long, device=device)
     logits_s = model.structure(bos, s_cache)[:, -1]
     s_tokens[:, 0] = pick(logits_s, None if s_noise is None else s_noise[:, 0].to(device), temperature, top_k)
-    a_in = (model.cfg.appearance_vocab + modality.long().to(device)).view(B, 1)
+    a_in = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for j in range(1, N + 1):
-        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache, modality)
+        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache, labels)
+        logits_a = guided_logits(logits_a, modality, M, guidance)
         if j < N:
             s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
         a_tokens[:, j - 1] = pick(logits_a, None if a_noise is None else a_noise[:, j - 1].to(device), temperature,
                                   top_k)
-        a_in = a_tokens[:, j - 1:j]
+        a_in = a_tokens[:, j - 1:j].repeat_interleave(repeat, 0)
         if callback is not None:
             callback(j, N)
     return s_tokens, a_tokens
