@@ -151,6 +151,16 @@ def test_layout_is_registered_and_views_are_linked(app, logic, run, layout):
         assert composite.GetLinkedControl() and composite.GetLayoutName() == node.GetLayoutName()
         assert node.GetViewGroup() == PATHAR_VIEW_GROUP
     assert all(n.GetViewGroup() == PATHOSYN_VIEW_GROUP for n in layout.pathoSynSliceNodes)
+    # slices and cameras aim at the mean of the samples' lesion centres (every sample's lesion, not the first's)
+    labels = [segment_labels(logic, s.segmentation) for s in run.samples]
+    centroids = [(lab.ijk_to_ras() @ np.r_[np.argwhere(lab.array > 0)[:, ::-1].mean(axis=0), 1.0])[:3]
+                 for lab in labels]
+    aim = np.mean([logic._segmentationCentreRAS(s.segmentation) for s in run.samples], axis=0)  # box centres
+    assert np.linalg.norm(aim - np.mean(centroids, axis=0)) < 8.0
+    for node in layout.sliceNodes:
+        matrix = node.GetSliceToRAS()
+        assert np.allclose([matrix.GetElement(r, 3) for r in range(3)], aim, atol=2.5)
+    assert all(np.allclose(camera.GetFocalPoint(), aim, atol=2.5) for camera in layout.cameraNodes)
 
 
 def test_pathosyn_result_is_shown_on_the_left(app, logic, layout):

@@ -551,13 +551,15 @@ class PathARModuleLogic:
         propertyNode.GetVolumeProperty().SetShade(False)
 
     def _aimViews(self, run: PathARRun, layout: LinkedLayout) -> None:
-        """Centre slices and cameras on the samples' common patch (same geometry for every sample)."""
+        """Centre slices and cameras on the samples' common patch (same geometry for every sample), at the mean of
+        their lesion centres: the linked slices then cut every sample's lesion, not only the first one's."""
         first = next(iter(run.samples[0].volumes.values()))
         bounds = [0.0] * 6
         first.GetRASBounds(bounds)
         centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
         size = max(bounds[2 * a + 1] - bounds[2 * a] for a in range(3))
-        lesion = self._segmentationCentreRAS(run.samples[0].segmentation) or centre
+        centres = [c for c in (self._segmentationCentreRAS(s.segmentation) for s in run.samples) if c is not None]
+        lesion = list(np.mean(centres, axis=0)) if centres else centre
         for node in layout.sliceNodes:
             node.SetFieldOfView(size, size, node.GetFieldOfView()[2])
             node.JumpSliceByCentering(*lesion)

@@ -120,6 +120,9 @@ def registerViewFactories(viewManager, server, maxPixels: int = MAX_VIEW_PIXELS,
             def _create_view(self, definition, *args, **kwargs):
                 view = super()._create_view(definition, *args, **kwargs)
                 view.view_adapter.max_pixel_count = int(maxPixels)
+                if definition.view_type == ViewType.THREE_D_VIEW:
+                    # depth peeling dropped translucent surfaces (edema, opacity 0.35) on llvmpipe: plain blending
+                    view.slicer_view.renderer().SetUseDepthPeeling(False)
                 if hold is not None:
                     hold.manage(view.view_adapter._scheduler, definition.singleton_tag)
                 return view
