@@ -155,7 +155,9 @@ def test_layout_is_registered_and_views_are_linked(app, logic, run, layout):
     labels = [segment_labels(logic, s.segmentation) for s in run.samples]
     centroids = [(lab.ijk_to_ras() @ np.r_[np.argwhere(lab.array > 0)[:, ::-1].mean(axis=0), 1.0])[:3]
                  for lab in labels]
-    aim = np.mean([logic._segmentationCentreRAS(s.segmentation) for s in run.samples], axis=0)  # box centres
+    from PathARModuleLib.logic import segmentationCentreRAS
+
+    aim = np.mean([segmentationCentreRAS(s.segmentation) for s in run.samples], axis=0)  # box centres
     assert np.linalg.norm(aim - np.mean(centroids, axis=0)) < 8.0
     for node in layout.sliceNodes:
         matrix = node.GetSliceToRAS()

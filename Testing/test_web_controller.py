@@ -387,7 +387,7 @@ def test_the_compare_3d_camera_frames_the_lesion_not_its_labelmap(app):
     assert 38 <= size <= 42, size
     camera = app.scene.AddNewNodeByClass("vtkMRMLCameraNode")
     camera.SetLayoutName("Compare3D")
-    centre = V._segmentationCentre(seg)
+    centre = V.segmentationCentreRAS(seg)
     for aspect in (1.0, 0.4):  # a square view, and one narrower than tall (the Compare layout's 3D view)
         V.aimCamera(camera, centre, size, aspect)
         assert np.allclose(camera.GetFocalPoint(), centre)

@@ -85,6 +85,14 @@ def _threeDView(tag: str, label: str, group: int) -> str:
             f'<property name="viewgroup" action="default">{group}</property></view></item>')
 
 
+def segmentationCentreRAS(segmentation) -> list[float] | None:
+    """Mean of the segments' centres (RAS), None without segments."""
+    segs = segmentation.GetSegmentation()
+    points = [segmentation.GetSegmentCenterRAS(segs.GetNthSegmentID(i)) for i in range(segs.GetNumberOfSegments())]
+    points = [p for p in points if p is not None]
+    return [float(v) for v in np.mean(points, axis=0)] if points else None
+
+
 def layoutDescription(n: int) -> str:
     """PathoSyn input / result / 3D on the left; the PathAR samples as a row of 3D views over a row of slices."""
     left = (_sliceView(PATHOSYN_SLICE_TAGS[0], "In", PATHOSYN_VIEW_GROUP, "#F34A33")
@@ -468,7 +476,7 @@ class PathARModuleLogic:
                             display.AddViewNodeID(view.GetID())
             for node in (*layout.pathoSynSliceNodes, layout.pathoSynViewNode):
                 display.AddViewNodeID(node.GetID())
-            centre = self._segmentationCentreRAS(segmentation)
+            centre = segmentationCentreRAS(segmentation)
             for node in layout.pathoSynSliceNodes:
                 node.JumpSliceByCentering(*centre)
 
@@ -558,7 +566,7 @@ class PathARModuleLogic:
         first.GetRASBounds(bounds)
         centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
         size = max(bounds[2 * a + 1] - bounds[2 * a] for a in range(3))
-        centres = [c for c in (self._segmentationCentreRAS(s.segmentation) for s in run.samples) if c is not None]
+        centres = [c for c in (segmentationCentreRAS(s.segmentation) for s in run.samples) if c is not None]
         lesion = list(np.mean(centres, axis=0)) if centres else centre
         for node in layout.sliceNodes:
             node.SetFieldOfView(size, size, node.GetFieldOfView()[2])
@@ -567,15 +575,6 @@ class PathARModuleLogic:
             camera.SetFocalPoint(*lesion)
             camera.SetPosition(lesion[0] + 0.9 * size, lesion[1] + 0.9 * size, lesion[2] + 0.6 * size)
             camera.SetViewUp(0.0, 0.0, 1.0)
-
-    @staticmethod
-    def _segmentationCentreRAS(segmentation):
-        segs = segmentation.GetSegmentation()
-        if not segs.GetNumberOfSegments():
-            return None
-        points = [segmentation.GetSegmentCenterRAS(segs.GetNthSegmentID(i)) for i in range(segs.GetNumberOfSegments())]
-        points = [p for p in points if p is not None]
-        return list(np.mean(points, axis=0)) if points else None
 
     # --- masks -> PathoSyn -------------------------------------------------------------------------------------------
     def labelsFromSegmentation(self, segmentationNode) -> Volume:

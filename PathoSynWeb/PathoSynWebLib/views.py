@@ -22,7 +22,13 @@ from PathoSynSlicerLib.logic import (  # noqa: E402
     linkCompareViews,
     nodesByClass,
 )
-from PathARModuleLib.logic import MAX_SAMPLES, PATHAR_VIEW_GROUP, sliceTag, viewTag  # noqa: E402
+from PathARModuleLib.logic import (  # noqa: E402
+    MAX_SAMPLES,
+    PATHAR_VIEW_GROUP,
+    segmentationCentreRAS,
+    sliceTag,
+    viewTag,
+)
 # isort: on
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps  # noqa: E402
 from trame_slicer.views.view_layout_definition import ViewType  # noqa: E402
@@ -223,7 +229,7 @@ class WebViews:
             display.SetVisibility2DOutline(True)
             self.showOnlyIn(segmentation, [*PAINT_SLICE_TAGS, "ThreeD"])
             editor.set_active_segmentation(segmentation, volume)
-            centre = _segmentationCentre(segmentation) if centreOnSegmentation else None
+            centre = segmentationCentreRAS(segmentation) if centreOnSegmentation else None
             if centre is not None:
                 for tag in PAINT_SLICE_TAGS:
                     view = self.view(tag)
@@ -251,7 +257,7 @@ class WebViews:
         if inputView is not None:
             inputView.fit_view_to_content()
         source, target = views.sliceNodes
-        centre = _segmentationCentre(segmentation) if segmentation is not None else None
+        centre = segmentationCentreRAS(segmentation) if segmentation is not None else None
         if centre is not None:
             source.JumpSliceByCentering(*centre)
         target.SetFieldOfView(*source.GetFieldOfView())  # linked views share interaction, not the first FOV
@@ -350,15 +356,6 @@ def aimCamera(camera, centre, size: float, aspect: float = 1.0) -> None:
     camera.SetPosition(*(c + distance * d / norm for c, d in zip(centre, direction)))
     camera.SetViewUp(0.0, 0.0, 1.0)
     camera.ResetClippingRange()
-
-
-def _segmentationCentre(segmentation):
-    segs = segmentation.GetSegmentation()
-    points = [segmentation.GetSegmentCenterRAS(segs.GetNthSegmentID(i)) for i in range(segs.GetNumberOfSegments())]
-    points = [p for p in points if p is not None]
-    if not points:
-        return None
-    return [sum(p[a] for p in points) / len(points) for a in range(3)]
 
 
 def _segmentationSize(segmentation) -> float:

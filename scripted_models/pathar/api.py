@@ -62,6 +62,10 @@ class PathAR:
         # the weights' recommended modality guidance (chosen on the validation fold; absent = plain sampling)
         self.modality_guidance = float(card.get("sampling", {}).get("modality_guidance", 0.0))
 
+    def guidance(self, override: float | None = None) -> float:
+        """The modality guidance a sampling call uses: `override`, else the weights' default."""
+        return self.modality_guidance if override is None else float(override)
+
     @classmethod
     def load(cls, device: torch.device, folder: Path | None = None) -> PathAR:
         from ..weights import load_state
@@ -115,7 +119,7 @@ class PathAR:
         with _cpu_threads(self.device, AR_THREADS):  # structure and appearance tokens, pipelined
             s_tokens, a_tokens = sample_joint(
                 self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
-                guidance=self.modality_guidance if guidance is None else guidance,
+                guidance=self.guidance(guidance),
                 callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
         report(0.92, "decoding")
         vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)
@@ -196,14 +200,10 @@ def _check_args(modalities, n, seed, temperature, top_k, modality_guidance=None)
         raise InputError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if modality_guidance is not None:
-        try:
-            ok = not isinstance(modality_guidance, bool) and np.isfinite(float(modality_guidance)) \
-                and float(modality_guidance) >= 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise InputError(f"modality guidance must be a number >= 0 or None, got {modality_guidance!r}")
+    if modality_guidance is not None and (isinstance(modality_guidance, bool)
+                                          or not isinstance(modality_guidance, (int, float, np.number))
+                                          or not np.isfinite(modality_guidance) or modality_guidance < 0):
+        raise InputError(f"modality guidance must be a number >= 0 or None, got {modality_guidance!r}")
     return mods
 
 
@@ -227,5 +227,5 @@ def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k:
         indices = list(range(start, min(n, start + CHUNK)))
         out += model.generate(mods, indices, int(seed), float(temperature), None if top_k is None else int(top_k),
                               progress, done=start / n, share=len(indices) / n,
-                              guidance=None if modality_guidance is None else float(modality_guidance))
+                              guidance=modality_guidance)
     return out

@@ -73,7 +73,7 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_gu
     return {"total_s": pct(totals), "cpu_s": pct(cpu), **{k: pct(v) for k, v in parts.items()},
             "load_s": round(load_s, 2), "runs": runs, "threads": torch.get_num_threads(),
             "modalities": list(modalities),
-            "modality_guidance": model.modality_guidance if modality_guidance is None else modality_guidance}
+            "modality_guidance": model.guidance(modality_guidance)}
 
 
 def main(argv=None) -> int:

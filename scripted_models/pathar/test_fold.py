@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -150,7 +151,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "training_cases": len(patches.training_cases()),
         "test_cases": [patches.case_ids[patches.patch_case[p]] for p in test_plain],
         "n_samples": len(pairs), "seeds": list(seeds),
-        "modality_guidance": model.modality_guidance if modality_guidance is None else modality_guidance,
+        "modality_guidance": model.guidance(modality_guidance),
         "mean_nearest_train_dice": round(float(np.mean(near)), 3),
         "test_real_nearest_train_dice": round(float(np.mean(test_near)), 3),
         "test_real_nearest_train_dice_per_case": [round(v, 3) for v in test_near],
@@ -244,12 +245,9 @@ def main(argv=None) -> int:
         folders[label] = Path(folder)
     guidance = {}
     for item in args.guidance:
-        label, sep, value = item.partition("=")
-        try:
-            guidance[label] = float(value)
-        except ValueError:
-            guidance[label] = None
-        if not sep or label not in folders or guidance[label] is None or guidance[label] < 0:
+        label, _, value = item.partition("=")
+        guidance[label] = float(value) if re.fullmatch(r"\d+(\.\d*)?", value) else -1.0
+        if label not in folders or guidance[label] < 0:
             raise InputError(f"--guidance expects LABEL=W with a scored label and W >= 0, got {item!r}")
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device=args.device) \
         if args.segmenter_steps else None

@@ -438,12 +438,12 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
     return tokens, cache
 
 
-def guidance_labels(modality: torch.Tensor, num_modalities: int, guidance: float) -> torch.Tensor:
-    """Appearance rows to run: modality (B,) itself, or with guidance every label for each row (B*M,), row b's
-    M labels adjacent (so rows stay structure-major)."""
+def guidance_labels(modality: torch.Tensor, num_modalities: int, guidance: float) -> tuple[torch.Tensor, int]:
+    """Appearance rows to run and rows per sampled row: modality (B,) itself (1), or with guidance every label
+    for each row (B*M,; M), row b's M labels adjacent (so rows stay structure-major)."""
     if guidance <= 0:
-        return modality.long()
-    return torch.arange(num_modalities, device=modality.device).repeat(modality.shape[0])
+        return modality.long(), 1
+    return torch.arange(num_modalities, device=modality.device).repeat(modality.shape[0]), num_modalities
 
 
 def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: int, guidance: float):
@@ -470,8 +470,7 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     if B % s_cache.batch:
         raise ValueError(f"{B} appearance rows for {s_cache.batch} structures")
     modality = modality.long().to(device)
-    labels = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
-    repeat = labels.shape[0] // B
+    labels, repeat = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
     cache = model.new_cache(labels.shape[0], APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = (model.cfg.appearance_vocab + labels).view(-1, 1)
@@ -500,8 +499,7 @@ def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: 
     if B % S:
         raise ValueError(f"{B} appearance rows for {S} structures")
     modality = modality.long().to(device)
-    labels = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
-    repeat = labels.shape[0] // B
+    labels, repeat = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
     s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(labels.shape[0], APPEARANCE, device)
     s_tokens = torch.empty(S, N, dtype=torch.long, device=device)
     a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
