@@ -219,6 +219,58 @@ def test_modality_guidance_samples_from_the_contrast_with_the_label_average():
     assert torch.equal(expected, a_guided)
 
 
+def test_modality_guidance_per_label_weights_act_row_by_row():
+    """One weight per modality label: each row is sampled exactly as under a uniform guidance of its label's weight
+    (rows are independent), and a weight of 0 gives that row's plain tokens."""
+    model = tiny_iar(grid=(2, 2, 2))
+    N, cfg = model.cfg.positions, model.cfg
+    g = torch.Generator().manual_seed(6)
+    s_noise = gumbel_noise(g, (2, N, cfg.structure_vocab))
+    a_noise = gumbel_noise(g, (6, N, cfg.appearance_vocab))
+    mods = torch.tensor([0, 2, 3, 0, 2, 3])  # 2 samples x 3 modalities
+    per_label = [3.0, 1.0, 0.0, 0.5]
+    s_mixed, a_mixed = sample_joint(model, s_noise, mods, a_noise, guidance=per_label)
+    for label in (0, 2, 3):
+        rows = mods == label
+        s_one, a_one = sample_joint(model, s_noise, mods, a_noise, guidance=per_label[label])
+        assert torch.equal(s_one, s_mixed) and torch.equal(a_one[rows], a_mixed[rows]), label
+    assert not torch.equal(a_mixed, sample_joint(model, s_noise, mods, a_noise, guidance=3.0)[1])
+    s_seq, cache = sample_structure(model, s_noise)
+    assert torch.equal(sample_appearance(model, cache, mods, a_noise, guidance=per_label), a_mixed)
+    for bad in ([1.0, 2.0], [1.0, -1.0, 0.0, 0.0], [float("nan")] * 4):
+        with pytest.raises(ValueError, match="modality guidance"):
+            sample_joint(model, s_noise, mods, a_noise, guidance=bad)
+
+
+def test_parse_and_describe_modality_guidance():
+    assert api.parse_modality_guidance("8") == 8.0
+    assert api.parse_modality_guidance("T1=8, flair=1.5") == {"t1": 8.0, "flair": 1.5}
+    assert api.describe_guidance({"t1": 8.0, "flair": 8.0}) == "8"
+    assert api.describe_guidance({"t1": 8.0, "flair": 1.5}) == "t1 8, flair 1.5"
+    for bad in ("", "x", "-1", "nan", "inf", "t1=x", "t9=1", "flair=-2", "flair="):
+        with pytest.raises(InputError):
+            api.parse_modality_guidance(bad)
+
+
+def test_guidance_sweep_rule_keeps_signs_and_dice_then_lowest_contrast_error():
+    from scripted_models.pathar.guidance_sweep import DICE_MARGIN, choose
+
+    def run(dice, signs, ordering, error):
+        return [{"segmenter_dice": dice, "signs": signs, "worst_ordering": ordering, "contrast_error": error}] * 2
+
+    results = {"8": run(0.43, 11, 0.67, 1.0),
+               "fewer signs": run(0.50, 10, 0.67, 0.3),
+               "worse ordering": run(0.50, 11, 0.33, 0.3),
+               "much lower Dice": run(0.43 - DICE_MARGIN - 0.01, 11, 0.67, 0.4),
+               "slightly lower Dice": run(0.43 - DICE_MARGIN + 0.01, 12, 1.0, 0.6),
+               "same": run(0.43, 11, 0.67, 0.7)}
+    chosen, qualifies = choose(results)
+    assert chosen == "slightly lower Dice"
+    assert qualifies == {"8": True, "fewer signs": False, "worse ordering": False, "much lower Dice": False,
+                         "slightly lower Dice": True, "same": True}
+    assert choose({"8": run(0.4, 9, 0.5, 1.0)})[0] == "8"  # the reference qualifies by definition
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 @pytest.mark.parametrize("dims,labels,patch", [(2, 3, (16, 24)), (3, 4, (8, 16, 8))])
@@ -426,12 +478,25 @@ def test_modality_guidance_defaults_to_the_weights_card(tiny_weights, tmp_path):
     card_path.write_text(json.dumps(card))
     assert np.array_equal(images(), strong)
     assert np.array_equal(images(modality_guidance=0.0), plain)
+    # per modality: the card's map is the default, a partial override changes only the modalities it names
+    card["sampling"] = {"modality_guidance": {"t1": 1e4, "t1c": 1e4, "t2": 1e4, "flair": 0.0}}
+    card_path.write_text(json.dumps(card))
+    t1_strong_flair_plain = images()
+    assert np.array_equal(t1_strong_flair_plain[0::2], strong[0::2])
+    assert np.array_equal(t1_strong_flair_plain[1::2], plain[1::2])
+    assert np.array_equal(images(modality_guidance={"flair": 1e4}), strong)
+    assert np.array_equal(images(modality_guidance={"t1": 0}), plain)
+    card["sampling"] = {"modality_guidance": {"t1": -1}}
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="card: modality guidance"):
+        images()
 
 
 @pytest.mark.parametrize("kwargs", [
     {"modalities": ["t5"]}, {"modalities": []}, {"n": 0}, {"n": -2}, {"n": 1.5}, {"seed": -1},
     {"temperature": 0.0}, {"temperature": "hot"}, {"top_k": 0}, {"modality_guidance": -1.0},
-    {"modality_guidance": "strong"}, {"modality_guidance": float("nan")},
+    {"modality_guidance": "strong"}, {"modality_guidance": float("nan")}, {"modality_guidance": {"flair": -1}},
+    {"modality_guidance": {"t9": 1.0}}, {"modality_guidance": {"flair": "x"}},
 ])
 def test_sample_pairs_bad_input(weights_env, kwargs):
     args = {"modalities": ["t1c"], "n": 1, "seed": 0, **kwargs}
@@ -488,6 +553,24 @@ def test_cli_bad_input_exit_2(tiny_weights, tmp_path):
     assert r.returncode == 2 and "unknown modality" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("guidance,ok", [("flair=1,t1c=4", True), ("3", True), ("flair=-1", False),
+                                         ("t9=2", False), ("strong", False)])
+def test_cli_sample_modality_guidance(tiny_weights, tmp_path, monkeypatch, capsys, guidance, ok):
+    """--modality-guidance takes one weight or MOD=W pairs; a bad value is a one-line error, nothing written."""
+    from scripted_models import cli
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tiny_weights))
+    code = cli.main(["sample", "--modality", "t1c", "--modality", "flair", "--n", "1", "--out", str(out),
+                     "--progress", "none", "--modality-guidance", guidance])
+    err = capsys.readouterr().err.strip()
+    if ok:
+        assert code == 0 and (out / "sample_000" / "flair.nii.gz").is_file(), err
+    else:
+        assert code == 2 and len(err.splitlines()) == 1 and ("guidance" in err or "modality" in err), err
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("case", ["n0", "missing", "corrupted"])

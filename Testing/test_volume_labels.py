@@ -116,6 +116,32 @@ def test_roi_box_crop_paste_and_blend():
     assert 0 < w[region & ~mask].mean() < 1
 
 
+def test_blend_weight_in_the_region_box_equals_the_whole_array_formula():
+    """blend_weight computes its distances in the region's box only; the weights must equal those computed over
+    the whole array, bit for bit, also for regions touching the array's edge and anisotropic voxels."""
+    from scipy import ndimage
+
+    def whole_array(lesion, region, spacing):
+        outside = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+        to_border = ndimage.distance_transform_edt(region, sampling=spacing)
+        t = np.clip(to_border / np.maximum(to_border + outside, 1e-6), 0.0, 1.0)
+        w = t * t * (3.0 - 2.0 * t)
+        w[lesion] = 1.0
+        w[~region] = 0.0
+        return w.astype(np.float32)
+
+    rng = np.random.default_rng(3)
+    for corner in ((2, 5, 5), (20, 0, 11), (14, 14, 14)):
+        lesion = np.zeros((24, 26, 28), bool)
+        z, y, x = corner
+        lesion[z:z + 7, y:y + 5, x:x + 9] = rng.random((7, 5, 9))[: 24 - z, : 26 - y, : 28 - x] > 0.3
+        spacing = (2.0, 0.8, 1.1)
+        region = dilate_mm(lesion, 4.0, spacing)
+        np.testing.assert_array_equal(blend_weight(lesion, region, spacing), whole_array(lesion, region, spacing))
+    empty = np.zeros((8, 8, 8), bool)
+    assert not blend_weight(empty, empty, (1, 1, 1)).any()
+
+
 def test_dilate_mm_respects_anisotropic_spacing():
     mask = np.zeros((21, 21, 21), bool)
     mask[10, 10, 10] = True

@@ -104,14 +104,24 @@ def erode_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
 
 
 def blend_weight(lesion: np.ndarray, region: np.ndarray, spacing_zyx) -> np.ndarray:
-    """Seam-aware soft mask: 1 inside the lesion, smooth decay to exactly 0 at the region border."""
-    outside = ndimage.distance_transform_edt(~lesion, sampling=spacing_zyx)
-    to_border = ndimage.distance_transform_edt(region, sampling=spacing_zyx)
+    """Seam-aware soft mask: 1 inside the lesion, smooth decay to exactly 0 at the region border.
+    The distances are computed in the region's box grown by one voxel (clipped to the array): the same values
+    inside the region as over the whole array (the lesion lies in it, and the rim is outside it), for less."""
+    lesion, region = lesion.astype(bool), region.astype(bool)
+    out = np.zeros(region.shape, np.float32)
+    tight = bounding_box(region | lesion)
+    if tight is None:
+        return out
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in tight)
+    lesion_box, region_box = lesion[box], region[box]
+    outside = ndimage.distance_transform_edt(~lesion_box, sampling=spacing_zyx)
+    to_border = ndimage.distance_transform_edt(region_box, sampling=spacing_zyx)
     t = np.clip(to_border / np.maximum(to_border + outside, 1e-6), 0.0, 1.0)
     w = t * t * (3.0 - 2.0 * t)  # smoothstep
-    w[lesion] = 1.0
-    w[~region] = 0.0
-    return w.astype(np.float32)
+    w[lesion_box] = 1.0
+    w[~region_box] = 0.0
+    out[box] = w
+    return out
 
 
 @dataclass(frozen=True)

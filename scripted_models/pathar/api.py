@@ -12,7 +12,7 @@ n or on which modalities are requested (up to floating-point ties).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,45 @@ CHUNK = 8  # samples generated together (memory of the KV caches grows with samp
 AR_THREADS = 2
 
 _MODELS: dict[tuple, PathAR] = {}
+
+
+ModalityGuidance = float | Mapping[str, float]  # one weight for every modality, or {modality: weight}
+
+
+def _guidance_weight(w, shown) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w) or w < 0:
+        raise InputError(f"modality guidance must be a number >= 0 or {{modality: number >= 0}}, got {shown!r}")
+    return float(w)
+
+
+def per_modality_guidance(value, modalities: list[str]) -> dict[str, float]:
+    """A guidance number or {modality: weight} -> {modality: weight} for `modalities`; InputError when invalid."""
+    if isinstance(value, Mapping):
+        return {check_modality(m): _guidance_weight(w, value) for m, w in value.items()}
+    weight = _guidance_weight(value, value)
+    return {m: weight for m in modalities}
+
+
+def parse_modality_guidance(text: str) -> ModalityGuidance:
+    """Command-line guidance: "8" (every modality) or "t1=8,t2=4,flair=1" (those modalities)."""
+    def number(item: str) -> float:
+        try:
+            return float(item)
+        except ValueError:
+            raise InputError(f"modality guidance must be W or MOD=W,MOD=W... with numbers W >= 0, got {text!r}") \
+                from None
+
+    if "=" not in text:
+        return _guidance_weight(number(text), text)
+    pairs = [item.partition("=") for item in text.split(",")]
+    return per_modality_guidance({m.strip(): number(w) for m, _, w in pairs}, [])
+
+
+def describe_guidance(guidance: dict[str, float]) -> str:
+    """{modality: weight} -> "8" when all are equal, else "t1 8, t1c 8, t2 4, flair 1"."""
+    if len(set(guidance.values())) == 1:
+        return f"{next(iter(guidance.values())):g}"
+    return ", ".join(f"{m} {w:g}" for m, w in guidance.items())
 
 
 @dataclass
@@ -60,11 +99,20 @@ class PathAR:
         self.modalities = list(card.get("modalities", MODALITIES))
         self.grid = tuple(transformer.cfg.grid)
         # the weights' recommended modality guidance (chosen on the validation fold; absent = plain sampling)
-        self.modality_guidance = float(card.get("sampling", {}).get("modality_guidance", 0.0))
+        try:
+            self.modality_guidance = per_modality_guidance(card.get("sampling", {}).get("modality_guidance", 0.0),
+                                                           self.modalities)
+        except InputError as exc:
+            raise WeightsError(f"{TRANSFORMER_NAME} card: {exc}") from None
 
-    def guidance(self, override: float | None = None) -> float:
-        """The modality guidance a sampling call uses: `override`, else the weights' default."""
-        return self.modality_guidance if override is None else float(override)
+    def guidance(self, override: ModalityGuidance | None = None) -> dict[str, float]:
+        """{modality: weight} a sampling call uses: the weights' default, with `override` (one number for every
+        modality, or some modalities' weights) on top."""
+        if override is None:
+            return dict(self.modality_guidance)
+        if isinstance(override, Mapping):
+            return {**self.modality_guidance, **per_modality_guidance(override, list(override))}
+        return per_modality_guidance(override, self.modalities)
 
     @classmethod
     def load(cls, device: torch.device, folder: Path | None = None) -> PathAR:
@@ -96,7 +144,7 @@ class PathAR:
     @torch.no_grad()
     def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
                  top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0,
-                 guidance: float | None = None):
+                 guidance: ModalityGuidance | None = None):
         """SamplePairs for sample indices `indices` (one batch); guidance None = the weights' default."""
         cfg = self.transformer.cfg
         B, M, N = len(indices), len(modalities), cfg.positions
@@ -119,7 +167,7 @@ class PathAR:
         with _cpu_threads(self.device, AR_THREADS):  # structure and appearance tokens, pipelined
             s_tokens, a_tokens = sample_joint(
                 self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
-                guidance=self.guidance(guidance),
+                guidance=[self.guidance(guidance)[m] for m in self.modalities],
                 callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
         report(0.92, "decoding")
         vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)
@@ -200,22 +248,22 @@ def _check_args(modalities, n, seed, temperature, top_k, modality_guidance=None)
         raise InputError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if modality_guidance is not None and (isinstance(modality_guidance, bool)
-                                          or not isinstance(modality_guidance, (int, float, np.number))
-                                          or not np.isfinite(modality_guidance) or modality_guidance < 0):
-        raise InputError(f"modality guidance must be a number >= 0 or None, got {modality_guidance!r}")
+    if modality_guidance is not None:
+        per_modality_guidance(modality_guidance, mods)
     return mods
 
 
 def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
                  device: str = "auto", progress: Callable[[float, str], None] | None = None,
-                 weights: Path | None = None, modality_guidance: float | None = None) -> list[SamplePair]:
+                 weights: Path | None = None, modality_guidance: ModalityGuidance | None = None
+                 ) -> list[SamplePair]:
     """Sample n lesion structures, each rendered in every requested modality.
 
     modalities: names from t1, t1c, t2, flair. Raises InputError for bad arguments and WeightsError for
     missing or corrupted weights (sha256 checked against the model cards). weights: a folder other than the
-    bundled one (or PATHOSYN_WEIGHTS_DIR). modality_guidance: None = the weights' card default (0 = plain
-    sampling; larger values push each modality's appearance away from the modality average)."""
+    bundled one (or PATHOSYN_WEIGHTS_DIR). modality_guidance: None = the weights' card default; a number for every
+    modality or {modality: number} for some (0 = plain sampling; larger values push that modality's appearance
+    away from the modality average)."""
     mods = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
     model = load_models(device, weights)
     missing = [m for m in mods if m not in model.modalities]

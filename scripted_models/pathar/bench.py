@@ -41,7 +41,7 @@ def save_random_weights(folder: Path) -> None:
                {**common, "config": cfg.transformer.to_dict(), "modalities": list(MODALITIES)}, folder)
 
 
-def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_guidance: float | None = None) -> dict:
+def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_guidance=None) -> dict:
     from .api import load_models, sample_pairs
 
     t0 = time.perf_counter()
@@ -83,8 +83,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weights", default=None, help="weights folder (default: weights_dir())")
     parser.add_argument("--random-init", action="store_true", help="real-size models with random weights")
-    parser.add_argument("--modality-guidance", type=float, default=None, help="default: the weights' card")
+    parser.add_argument("--modality-guidance", default=None, metavar="W|MOD=W,...",
+                        help="default: the weights' card")
     args = parser.parse_args(argv)
+    from .api import describe_guidance, parse_modality_guidance
+
     torch.set_num_threads(args.threads)
     tmp = None
     if args.random_init:
@@ -93,10 +96,11 @@ def main(argv=None) -> int:
         os.environ["PATHOSYN_WEIGHTS_DIR"] = tmp.name
     elif args.weights:
         os.environ["PATHOSYN_WEIGHTS_DIR"] = str(Path(args.weights).resolve())
-    result = bench(args.runs, MODALITIES, args.device, args.modality_guidance)
+    guidance = None if args.modality_guidance is None else parse_modality_guidance(args.modality_guidance)
+    result = bench(args.runs, MODALITIES, args.device, guidance)
     t = result["total_s"]
     print(f"PathAR sample (structure + {len(MODALITIES)} modalities, modality guidance "
-          f"{result['modality_guidance']:g}), {result['threads']} threads, "
+          f"{describe_guidance(result['modality_guidance'])}), {result['threads']} threads, "
           f"{args.runs} runs: p50 {t['p50']:.2f} s, p90 {t['p90']:.2f} s")
     c = result["cpu_s"]
     print(f"  CPU time   p50 {c['p50']:.2f} s  p90 {c['p90']:.2f} s  (process CPU seconds; with 1 thread this is the "

@@ -57,9 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--modality-guidance", type=float, default=None,
-                   help="push each modality's appearance away from the modality average (0 = plain sampling; "
-                        "default: the weights' card)")
+    p.add_argument("--modality-guidance", default=None, metavar="W|MOD=W,...",
+                   help="push each modality's appearance away from the modality average: one weight, or some "
+                        "modalities' weights, e.g. flair=1 (0 = plain sampling; default: the weights' card)")
     add_common(p)
     p.set_defaults(func=run_sample)
 
@@ -91,12 +91,13 @@ def write_samples(pairs, out: Path) -> dict:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from .api import sample_pairs
+    from .api import parse_modality_guidance, sample_pairs
 
+    guidance = None if args.modality_guidance is None else parse_modality_guidance(args.modality_guidance)
     progress = _progress(args)
     # everything is generated (and every argument checked) before the first file is written
     pairs = sample_pairs(args.modality, args.n, args.seed, temperature=args.temperature, top_k=args.top_k,
-                         device=args.device, progress=progress, modality_guidance=args.modality_guidance)
+                         device=args.device, progress=progress, modality_guidance=guidance)
     progress.done(**write_samples(pairs, Path(args.out)), seed=args.seed)
     return 0
 

@@ -18,8 +18,6 @@ the same test fold), samples are drawn at several seeds (all four modalities) an
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -86,8 +84,9 @@ def appearance_agreement(pairs, real: dict[str, dict[int, float]]) -> dict:
             rows.append({"modality": mod, "subregion": SUBREGION_NAMES[c], "real": None if r is None else round(r, 3),
                          "generated": None if g is None else round(g, 3), "sign_agrees": agrees})
         ordering[mod] = ordering_agreement(real[mod], gen)
+    errors = [abs(r["real"] - r["generated"]) for r in rows if r["real"] is not None and r["generated"] is not None]
     return {"signs_agree": signs, "signs_total": len(MODALITIES) * len(SUBREGIONS), "ordering": ordering,
-            "contrasts": rows}
+            "contrast_error": round(float(np.mean(errors)), 3) if errors else None, "contrasts": rows}
 
 
 def train_real_segmenter(data_root=None, steps: int = 400, seed: int = 0, device: str = "auto"):
@@ -124,8 +123,8 @@ def real_test_patches(patches):
 
 
 def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None, device: str = "auto",
-                  segmenter=None, modality_guidance: float | None = None) -> dict:
-    from .api import load_models, sample_pairs
+                  segmenter=None, modality_guidance=None) -> dict:
+    from .api import describe_guidance, load_models, sample_pairs
 
     model = load_models(device, folder)
     patches = reference_patches(model.cards, work, data_root)
@@ -151,7 +150,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "training_cases": len(patches.training_cases()),
         "test_cases": [patches.case_ids[patches.patch_case[p]] for p in test_plain],
         "n_samples": len(pairs), "seeds": list(seeds),
-        "modality_guidance": model.guidance(modality_guidance),
+        "modality_guidance": describe_guidance(model.guidance(modality_guidance)),
         "mean_nearest_train_dice": round(float(np.mean(near)), 3),
         "test_real_nearest_train_dice": round(float(np.mean(test_near)), 3),
         "test_real_nearest_train_dice_per_case": [round(v, 3) for v in test_near],
@@ -167,6 +166,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "real_mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
         "signs_agree_per_seed": {str(s): r["signs_agree"] for s, r in per_seed.items()},
         "signs_total": len(MODALITIES) * len(SUBREGIONS),
+        "contrast_error_per_seed": {str(s): r["contrast_error"] for s, r in per_seed.items()},
         "ordering_min_per_modality": {m: min((r["ordering"][m] for r in per_seed.values()
                                               if r["ordering"][m] is not None), default=None) for m in MODALITIES},
         "appearance_per_seed": {str(s): r for s, r in per_seed.items()},
@@ -202,7 +202,8 @@ def markdown(reports: dict) -> str:
             "test_real_nearest_train_dice",
             "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
             "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
-            "real_mean_volume_ml", "signs_agree_per_seed", "ordering_min_per_modality", "segmenter_dice_generated",
+            "real_mean_volume_ml", "signs_agree_per_seed", "contrast_error_per_seed", "ordering_min_per_modality",
+            "segmenter_dice_generated",
             "segmenter_dice_test_real_patches", "seconds_per_sample_4_modalities"]
     lines = ["# PathAR on the test fold", "",
              "Test-fold lesions (never used for training or selection): "
@@ -221,8 +222,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", action="append", default=[], metavar="LABEL=DIR",
                         help="weights folder to score (repeatable); the bundled weights are always scored")
     parser.add_argument("--bundled-label", default="bundled")
-    parser.add_argument("--guidance", action="append", default=[], metavar="LABEL=W",
-                        help="modality guidance for that label's weights (default: the weights' card)")
+    parser.add_argument("--guidance", action="append", default=[], metavar="LABEL=W|LABEL=MOD=W,...",
+                        help="modality guidance for that label's weights, one weight or some modalities' "
+                             "(default: the weights' card)")
     parser.add_argument("--n", type=int, default=16, help="samples per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = no segmenter check")
@@ -235,6 +237,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..errors import InputError
+    from .api import parse_modality_guidance
 
     torch.set_num_threads(args.threads)
     folders = {args.bundled_label: None}
@@ -246,9 +249,9 @@ def main(argv=None) -> int:
     guidance = {}
     for item in args.guidance:
         label, _, value = item.partition("=")
-        guidance[label] = float(value) if re.fullmatch(r"\d+(\.\d*)?", value) else -1.0
-        if label not in folders or guidance[label] < 0:
-            raise InputError(f"--guidance expects LABEL=W with a scored label and W >= 0, got {item!r}")
+        if label not in folders:
+            raise InputError(f"--guidance expects LABEL=W or LABEL=MOD=W,MOD=W... with a scored label, got {item!r}")
+        guidance[label] = parse_modality_guidance(value)
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device=args.device) \
         if args.segmenter_steps else None
     reports = {label: score_weights(folder, args.n, args.seeds, Path(args.work), args.data, args.device, segmenter,
@@ -259,14 +262,10 @@ def main(argv=None) -> int:
     text = markdown(reports)
     print(text)
     if args.out:
-        from ..pathosyn.commands import write_json_atomic
+        from ..pathosyn.commands import write_json_atomic, write_text_atomic
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(reports, out / "test_fold.json")
-        tmp = out / "test_fold.md.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / "test_fold.md")
+        write_json_atomic(reports, Path(args.out) / "test_fold.json")
+        write_text_atomic(text, Path(args.out) / "test_fold.md")
     return 0
 
 

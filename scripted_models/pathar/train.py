@@ -32,7 +32,7 @@ from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
 from ..runtime import pick_device, training_autocast
 from ..weights import load_card, load_state, save_state, weights_dir, write_safetensors
-from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME
+from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME, describe_guidance, per_modality_guidance
 from .commands import STAGES, add_arguments
 from .data import MASK_PREFIX, PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
 from .pseudo_labels import PSEUDO_LABELLED
@@ -531,6 +531,14 @@ def add_sample_metrics(out_dir: Path, n: int = 8, seed: int = 0) -> dict:
     return card["metrics"]["samples"]
 
 
+def _numbers_first(item: tuple[str, object]) -> tuple:
+    """Sort key of table rows named by a guidance: numbers in numeric order, then the rest by name."""
+    try:
+        return 0, float(item[0]), ""
+    except ValueError:
+        return 1, 0.0, item[0]
+
+
 def write_markdown_card(folder: Path | None = None) -> Path:
     """scripted_models/weights/pathar.md from the three JSON model cards."""
     folder = Path(folder or weights_dir())
@@ -601,16 +609,20 @@ def write_markdown_card(folder: Path | None = None) -> Path:
         lines += ["## Samples", "", "```", json.dumps(samples, indent=1), "```", ""]
     sampling = t.get("sampling")
     if sampling:
+        default = describe_guidance(per_modality_guidance(sampling["modality_guidance"], MODALITIES))
         lines += ["## Sampling", "",
-                  f"Modality guidance {sampling['modality_guidance']:g} by default (`sample_pairs(..., "
-                  "modality_guidance=W)` or `pathosyn sample --modality-guidance W` overrides it): each appearance "
-                  "token is drawn from (1 + W) log p(a | m) - W mean_j log p(a | j) over the modality labels j. "
+                  f"Modality guidance {default} by default "
+                  "(`sample_pairs(..., modality_guidance=W or {modality: W})` or `pathosyn sample "
+                  "--modality-guidance W|MOD=W,...` overrides it): each appearance token of modality m is drawn from "
+                  "(1 + W_m) log p(a | m) - W_m mean_j log p(a | j) over the modality labels j. "
                   + sampling.get("chosen_on", ""), ""]
+        if sampling.get("per_modality_sweep"):
+            lines += ["A weight per modality: " + sampling["per_modality_sweep"], ""]
         if sampling.get("validation"):
             lines += ["| W | " + " | ".join(sampling["validation"]["columns"]) + " |",
                       "|---|" + "---|" * len(sampling["validation"]["columns"])]
             lines += [f"| {w} | " + " | ".join(str(v) for v in row) + " |"
-                      for w, row in sorted(sampling["validation"]["rows"].items(), key=lambda kv: float(kv[0]))]
+                      for w, row in sorted(sampling["validation"]["rows"].items(), key=_numbers_first)]
             lines.append("")
     if t.get("bundled_because"):
         lines += ["## Why these weights are bundled", "", t["bundled_because"], ""]

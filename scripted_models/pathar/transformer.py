@@ -34,11 +34,13 @@ which draws the same tokens with half the passes.
 Modality guidance (`guidance` w > 0, sampling only): every appearance row is also run under each modality label
 with its own history, and samples from (1 + w) log p(a | s, m) - w mean_j log p(a | s, j). What sets the
 requested modality apart (t1's dark core, flair's bright edema) is amplified; what all modalities share is kept.
-No extra training: the label-average is computed from the same conditional model.
+No extra training: the label-average is computed from the same conditional model. w is one number or one weight
+per modality label (w_m for rows of label m), since each modality needs a different push.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -438,44 +440,60 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
     return tokens, cache
 
 
-def guidance_labels(modality: torch.Tensor, num_modalities: int, guidance: float) -> tuple[torch.Tensor, int]:
+Guidance = float | Sequence[float]  # one weight for every label, or one per modality label
+
+
+def guidance_weights(guidance: Guidance, num_modalities: int) -> torch.Tensor | None:
+    """Guidance -> weight per modality label (M,), or None when every weight is 0 (plain sampling)."""
+    weights = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    if weights.numel() == 1:
+        weights = weights.expand(num_modalities)
+    if weights.numel() != num_modalities or not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"modality guidance needs 1 or {num_modalities} finite weights >= 0, got {guidance!r}")
+    return weights if (weights > 0).any() else None
+
+
+def guidance_labels(modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, int]:
     """Appearance rows to run and rows per sampled row: modality (B,) itself (1), or with guidance every label
     for each row (B*M,; M), row b's M labels adjacent (so rows stay structure-major)."""
-    if guidance <= 0:
+    if weights is None:
         return modality.long(), 1
     return torch.arange(num_modalities, device=modality.device).repeat(modality.shape[0]), num_modalities
 
 
-def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: int, guidance: float):
-    """logits of guidance_labels' rows -> (B, V): (1 + w) log p(a | m) - w mean_j log p(a | j)."""
-    if guidance <= 0:
+def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None):
+    """logits of guidance_labels' rows -> (B, V): (1 + w_m) log p(a | m) - w_m mean_j log p(a | j)."""
+    if weights is None:
         return logits
     B, M = modality.shape[0], num_modalities
     logp = torch.log_softmax(logits.float(), -1).view(B, M, -1)  # (B, M, V)
     own = logp[torch.arange(B, device=logits.device), modality.long()]  # (B, V)
-    return own + guidance * (own - logp.mean(1))
+    w = weights.to(logits.device)[modality.long()][:, None]  # (B, 1)
+    return own + w * (own - logp.mean(1))
 
 
 @torch.no_grad()
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                       temperature: float = 1.0, top_k: int | None = None, callback=None,
-                      guidance: float = 0.0) -> torch.Tensor:
+                      guidance: Guidance = 0.0) -> torch.Tensor:
     """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
     indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
     The structure cache is shared by the r modalities of a sample, never copied. guidance: modality guidance
-    weight (module docstring; 0 = plain sampling). Returns tokens (B, N)."""
+    weight, or one per label (module docstring; 0 = plain sampling). Returns tokens (B, N)."""
     N, M = model.cfg.positions, model.cfg.num_modalities
+    weights = guidance_weights(guidance, M)
     device = model.wse.weight.device
     B = modality.shape[0]
     if B % s_cache.batch:
         raise ValueError(f"{B} appearance rows for {s_cache.batch} structures")
     modality = modality.long().to(device)
-    labels, repeat = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
+    labels, repeat = guidance_labels(modality, M, weights)  # (B,) or (B*M,)
     cache = model.new_cache(labels.shape[0], APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     x = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for t in range(N):
-        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, M, guidance)
+        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, M, weights)
         tokens[:, t] = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)
         x = tokens[:, t:t + 1].repeat_interleave(repeat, 0)
         if callback is not None:
@@ -486,20 +504,22 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
 @torch.no_grad()
 def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: torch.Tensor,
                  a_noise: torch.Tensor | None, batch: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, callback=None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 top_k: int | None = None, callback=None, guidance: Guidance = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Structure once per sample (S rows) and its appearance in every modality (B = S*r rows, structure-major),
     pipelined: step j samples s_j and a_{j-1} in one pass (N+1 passes instead of 2N+1). a_{j-1} only needs
     s_0..s_{j-1}, so this draws exactly the tokens of sample_structure + sample_appearance with the same noise
-    (up to float rounding). guidance: modality guidance weight (module docstring).
+    (up to float rounding). guidance: modality guidance weight, or one per label (module docstring).
     Returns (structure tokens (S, N), appearance tokens (B, N))."""
     N, M = model.cfg.positions, model.cfg.num_modalities
+    weights = guidance_weights(guidance, M)
     device = model.wse.weight.device
     S = s_noise.shape[0] if s_noise is not None else batch
     B = modality.shape[0]
     if B % S:
         raise ValueError(f"{B} appearance rows for {S} structures")
     modality = modality.long().to(device)
-    labels, repeat = guidance_labels(modality, M, guidance)  # (B,) or (B*M,)
+    labels, repeat = guidance_labels(modality, M, weights)  # (B,) or (B*M,)
     s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(labels.shape[0], APPEARANCE, device)
     s_tokens = torch.empty(S, N, dtype=torch.long, device=device)
     a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
@@ -509,7 +529,7 @@ def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: 
     a_in = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for j in range(1, N + 1):
         logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache, labels)
-        logits_a = guided_logits(logits_a, modality, M, guidance)
+        logits_a = guided_logits(logits_a, modality, M, weights)
         if j < N:
             s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
         a_tokens[:, j - 1] = pick(logits_a, None if a_noise is None else a_noise[:, j - 1].to(device), temperature,

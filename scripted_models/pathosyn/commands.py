@@ -28,12 +28,16 @@ def _image_args(values: list[str]) -> dict:
     return images
 
 
-def write_json_atomic(payload: dict, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
+        fh.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(payload: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(payload, indent=2), path)
 
 
 OUTPUT_FORMATS = ("nii.gz", "nrrd", "nii")
