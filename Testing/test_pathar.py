@@ -40,6 +40,7 @@ from scripted_models.pathar.transformer import (
     sample_joint,
     sample_structure,
 )
+from scripted_models.weights import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -396,6 +397,65 @@ def tiny_weights(tmp_path_factory) -> Path:
     T.train_transformer(ps, cfg, tc, work, out, dev)
     T.write_markdown_card(out)
     return out
+
+
+def test_decoder_fine_tune_keeps_tokens_and_the_transformer_valid(tiny_weights, tmp_path):
+    """Stage "decoder": the appearance decoder (plus a zero-started refinement) is fine-tuned with the encoder and
+    codebook frozen. Every image keeps its tokens; the transformer card follows the new sha256, so sampling loads;
+    a warm start treats the old and new VQ as the same tokens; resuming continues the step count."""
+    from scripted_models.pathar import train as T
+    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
+
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    before_state, before_card = load_state(api.APPEARANCE_NAME, folder)
+    before = AppearanceVQ(VQConfig.from_dict(before_card["config"]))
+    before.load_state_dict(before_state)
+    ps, cfg = synthetic_patches(), tiny_config()
+    tc = T.TrainConfig(decoder_steps=2, vq_batch=2, save_every=1, log_every=1, decoder_refine_channels=4)
+    work = tmp_path / "work"
+    T.train_appearance_decoder(ps, cfg, tc, work, folder, torch.device("cpu"))
+    tc.decoder_steps = 3  # resume
+    T.train_appearance_decoder(ps, cfg, tc, work, folder, torch.device("cpu"))
+    after_state, after_card = load_state(api.APPEARANCE_NAME, folder)
+    after = AppearanceVQ(VQConfig.from_dict(after_card["config"]))
+    after.load_state_dict(after_state)
+    assert after_card["config"]["refine_channels"] == 4 and after.refine is not None
+    assert after_card["decoder_finetunes"][-1]["steps"] == 3
+    assert before_card["sha256"] in after_card["token_compatible_sha256"]
+    idx = ps.image_indices(False)[:4]
+    x = torch.from_numpy(ps.images[idx].astype(np.float32))[:, None]
+    m = torch.from_numpy(ps.masks[ps.image_patch[idx]])
+    mod = torch.from_numpy(ps.image_modality[idx])
+    with torch.no_grad():
+        tokens = before.eval().encode(x, m, mod)
+        assert torch.equal(after.eval().encode(x, m, mod), tokens)
+        assert not torch.equal(after.decode(tokens, m, mod), before.decode(tokens, m, mod))
+    transformer = json.loads((folder / f"{api.TRANSFORMER_NAME}.json").read_text())
+    assert transformer["appearance_vq"]["sha256"] == after_card["sha256"]
+    pairs = api.sample_pairs(["t1c"], n=1, seed=0, device="cpu", weights=folder)
+    assert np.isfinite(pairs[0].images["t1c"].array).all()
+    model = T.IARTransformer(T.IARConfig.from_dict(transformer["config"]))
+    structure_card = json.loads((folder / f"{api.STRUCTURE_NAME}.json").read_text())
+    info = T.warm_start_transformer(model, tiny_weights, structure_card, after_card)  # old VQ sha, same tokens
+    assert info["reinitialised"] == []
+
+
+def test_appearance_refinement_starts_as_the_identity():
+    """A refinement added to trained weights changes nothing until it is trained (its last layer starts at 0)."""
+    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
+
+    cfg = VQConfig(channels=(4, 8), num_embeddings=8, embedding_dim=4, head_channels=4, num_modalities=2)
+    plain = AppearanceVQ(cfg).eval()
+    refined = AppearanceVQ(VQConfig(**{**cfg.__dict__, "refine_channels": 4})).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("refine.") for k in missing)
+    tokens = torch.randint(0, 8, (2, 4, 4, 4))
+    mask = torch.randint(0, 4, (2, 16, 16, 16))
+    with torch.no_grad():
+        assert torch.equal(refined.decode(tokens, mask, torch.tensor([0, 1])),
+                           plain.decode(tokens, mask, torch.tensor([0, 1])))
+    assert "refine_channels" not in cfg.to_dict()  # cards of weights without it stay as they were
 
 
 @pytest.fixture

@@ -4,16 +4,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-STAGES = ("structure", "appearance", "transformer")
+STAGES = ("structure", "appearance", "transformer")  # "all" runs these, in order
+FINE_TUNES = ("decoder",)  # run on trained weights only when asked: --stage decoder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default=".train/pathar", help="checkpoints, logs and the patch cache")
-    parser.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    parser.add_argument("--stage", default="all", choices=("all",) + STAGES + FINE_TUNES,
+                        help="decoder: fine-tune the appearance decoder of the weights in --out with their tokens "
+                             "kept (the transformer stays valid)")
     parser.add_argument("--steps", type=int, default=None, help="steps of the selected single stage")
     parser.add_argument("--structure-steps", type=int, default=None)
     parser.add_argument("--appearance-steps", type=int, default=None)
     parser.add_argument("--transformer-steps", type=int, default=None)
+    parser.add_argument("--decoder-steps", type=int, default=None)
     parser.add_argument("--vq-batch", type=int, default=None)
     parser.add_argument("--transformer-batch", type=int, default=None)
     parser.add_argument("--out", default=None, help="weights folder (default: the bundled scripted_models/weights)")

@@ -37,6 +37,7 @@ class VQConfig:
     decay: float = 0.9  # EMA codebook decay (fast: the encoder moves a lot early on)
     head_channels: int = 8  # appearance only: features fed to the mask-conditioned output head
     num_modalities: int = 0  # appearance only: > 0 = encoder, decoder and head also see the modality label
+    refine_channels: int = 0  # appearance only: > 0 = a full-resolution 3x3x3 refinement after the head
 
     @property
     def downsample(self) -> int:
@@ -48,7 +49,10 @@ class VQConfig:
         return tuple(p // self.downsample for p in patch)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not d["refine_channels"]:
+            del d["refine_channels"]  # cards written before the refinement existed stay equal
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> VQConfig:
@@ -160,6 +164,24 @@ class AppearanceVQ(nn.Module):
             Convolution(dims, F_ + L + M, 2 * F_, kernel_size=1, adn_ordering="A", act="RELU", norm=None),
             Convolution(dims, 2 * F_, 1, kernel_size=1, conv_only=True),
         )
+        self.refine = None
+        if cfg.refine_channels:
+            self.refine = self._refinement(dims, 1 + F_ + L + M, cfg.refine_channels)
+
+    @staticmethod
+    def _refinement(dims: int, in_channels: int, channels: int) -> nn.Sequential:
+        """[image, features, mask, modality] -> a correction of the image, from a 5-voxel neighbourhood: thin
+        structures (the enhancing rim and the core inside it) that the 1x1 head cannot draw from 8x coarser
+        features. The last layer starts at zero, so a refinement added to trained weights changes nothing yet."""
+        from monai.networks.blocks import Convolution
+
+        out = nn.Sequential(
+            Convolution(dims, in_channels, channels, kernel_size=3, adn_ordering="A", act="RELU", norm=None),
+            Convolution(dims, channels, 1, kernel_size=3, conv_only=True),
+        )
+        nn.init.zeros_(out[-1].conv.weight)
+        nn.init.zeros_(out[-1].conv.bias)
+        return out
 
     def _pool(self, onehot: torch.Tensor) -> torch.Tensor:
         """Label fractions on the token grid: (B, L, *S) -> (B, L, *G)."""
@@ -184,7 +206,11 @@ class AppearanceVQ(nn.Module):
 
     def _decode(self, quantized: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         h = self.decoder(torch.cat([quantized.to(conditions.dtype), self._pool(conditions)], 1))  # (B, F, *S)
-        return self.head(torch.cat([h, conditions.to(h.dtype)], 1))  # (B, 1, *S)
+        per_voxel = torch.cat([h, conditions.to(h.dtype)], 1)  # (B, F + L + M, *S)
+        image = self.head(per_voxel)  # (B, 1, *S)
+        if self.refine is not None:
+            image = image + self.refine(torch.cat([image, per_voxel], 1))
+        return image
 
     def corrupt(self, quantized: torch.Tensor, rate: float) -> torch.Tensor:
         """Replace a share `rate` of token positions by random codes: the decoder learns to live with the
@@ -210,6 +236,10 @@ class AppearanceVQ(nn.Module):
 
     def encode(self, image: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         return _indices(self.quantizer, self._encode(image, mask, modality)[0])
+
+    def code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, *G) -> their codebook vectors (B, E, *G), the decoder's input."""
+        return _lookup(self.quantizer, tokens)
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, *G), mask (B, *S) labels [, modality (B,) indices] -> image (B, 1, *S)."""

@@ -33,7 +33,7 @@ from ..labels import MODALITIES
 from ..runtime import pick_device, training_autocast
 from ..weights import load_card, load_state, save_state, weights_dir, write_safetensors
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME, describe_guidance, per_modality_guidance
-from .commands import STAGES, add_arguments
+from .commands import FINE_TUNES, STAGES, add_arguments
 from .data import MASK_PREFIX, PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
 from .pseudo_labels import PSEUDO_LABELLED
 from .tokenizer import (
@@ -104,6 +104,9 @@ class TrainConfig:
     transformer_init: str | None = None  # weights folder to warm-start the transformer from (new layers start at 0)
     transformer_select: str = "best_val"  # "best_val": keep the weights of the lowest held-out NLL; "last"
     appearance_token_noise: float = 0.1  # share of token positions the appearance decoder sees as random codes
+    decoder_steps: int = 1000  # stage "decoder": fine-tune the appearance decoder with the tokens kept
+    decoder_refine_channels: int = 16  # ... adding a full-resolution refinement of this width (0 = none)
+    decoder_contrast_weight: float = 2.0  # ... and a loss on each sub-region's contrast to healthy tissue
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -330,6 +333,113 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
     return path
 
 
+def subregion_contrast_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, num_labels: int,
+                            background_z: float, min_voxels: int = 20) -> torch.Tensor:
+    """Mean |contrast(recon) - contrast(image)| over the sub-regions present (>= min_voxels), where a contrast is
+    a sub-region's mean minus healthy tissue's (label 0 above the background), as in quality.mean_contrasts.
+    recon, image (B, 1, *S), mask (B, *S)."""
+    regions = one_hot(mask, num_labels)  # (B, L, *S)
+    regions[:, 0] *= (image[:, 0] > background_z + 0.5).float()
+    count = regions.flatten(2).sum(-1)  # (B, L)
+    present = (count[:, 1:] >= min_voxels).float()
+    if not present.any():
+        return recon.new_zeros(())
+
+    def contrasts(x):
+        means = (regions * x.float()).flatten(2).sum(-1) / count.clamp(min=1)  # (B, L)
+        return means[:, 1:] - means[:, :1]
+
+    return ((contrasts(recon) - contrasts(image)).abs() * present).sum() / present.sum()
+
+
+def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
+                             progress=None) -> Path:
+    """Fine-tune the appearance VQ's decoder in out_dir (plus a full-resolution refinement, tc.decoder_*), with
+    the encoder and the codebook frozen: every image keeps its tokens, so the transformer stays valid. The loss
+    adds each sub-region's contrast to healthy tissue, which the coarse decoder blurred (the t1c rim and the core
+    inside it). The transformer card in out_dir is pointed at the new weights."""
+    from ..errors import WeightsError
+
+    base_state, base_card = load_state(APPEARANCE_NAME, out_dir)
+    vq_cfg = VQConfig.from_dict({**base_card["config"], "refine_channels": tc.decoder_refine_channels
+                                 or base_card["config"].get("refine_channels", 0)})
+    model = AppearanceVQ(vq_cfg).to(device)
+    missing, unexpected = model.load_state_dict(base_state, strict=False)
+    if unexpected or any(not k.startswith("refine.") for k in missing):
+        raise WeightsError(f"{APPEARANCE_NAME} in {out_dir} does not match its card's config")
+    for part in (model.encoder, model.quantizer):
+        part.requires_grad_(False)
+    torch.manual_seed(tc.seed + 3)
+    st = _Stage(work, "appearance_decoder", model, tc.vq_lr * 0.3)
+    st.every = tc.log_every
+    rng = np.random.default_rng(tc.seed + 3000 + st.step)
+    total = tc.decoder_steps
+    probe = ps.image_indices(True)[:16]  # the tokens of these must not change
+    probe_x = torch.from_numpy(ps.images[probe].astype(np.float32))[:, None].to(device)
+    probe_m = torch.from_numpy(ps.masks[ps.image_patch[probe]]).to(device)
+    probe_mod = torch.from_numpy(ps.image_modality[probe]).to(device)
+    with torch.no_grad():
+        tokens_before = model.encode(probe_x, probe_m, probe_mod)
+    model.train()
+    model.encoder.eval()  # frozen: no dropout or norm statistics to update
+    while st.step < total:
+        st.set_lr(lr_at(st.step, total, tc.vq_lr * 0.3, tc.warmup_frac))
+        x, m, mod = image_batch(ps, rng, tc.vq_batch)
+        x, m, mod = torch.from_numpy(x)[:, None].to(device), torch.from_numpy(m).to(device), \
+            torch.from_numpy(mod).to(device)
+        with torch.no_grad():
+            quantized = model.corrupt(model.code_vectors(model.encode(x, m, mod)), tc.appearance_token_noise)
+        with training_autocast(device):
+            recon = model._decode(quantized, model._conditions(m, mod))
+        err = (recon.float() - x).abs()
+        lesion = (m > 0)[:, None].float()
+        contrast = subregion_contrast_loss(recon, x, m, vq_cfg.num_labels, ps.config.background_z)
+        loss = err.mean() + (err * lesion).sum() / lesion.sum().clamp(min=1.0) \
+            + tc.decoder_contrast_weight * contrast
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        st.opt.step()
+        st.step += 1
+        st.record(loss.item(), total, contrast=round(contrast.item(), 4))
+        if st.step % tc.save_every == 0 or st.step == total:
+            st.checkpoint()
+        if progress:
+            progress(st.step / total, f"appearance decoder {st.step}/{total}")
+    model.eval()
+    with torch.no_grad():
+        if not torch.equal(model.encode(probe_x, probe_m, probe_mod), tokens_before):
+            raise RuntimeError("the appearance tokens changed while fine-tuning the decoder")
+
+    def subset(val):
+        idx = ps.image_indices(val)
+        idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
+        return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]], ps.image_modality[idx]
+
+    metrics = {split: evaluate_appearance(model, *subset(val)[:2], device, subset(val)[2])
+               for split, val in (("val", True), ("train", False))}
+    history = list(base_card.get("decoder_finetunes", []))
+    history.append({"from_sha256": base_card["sha256"], "steps": st.step, "batch": tc.vq_batch,
+                    "lr": tc.vq_lr * 0.3, "refine_channels": vq_cfg.refine_channels,
+                    "contrast_weight": tc.decoder_contrast_weight, "token_noise": tc.appearance_token_noise,
+                    "wall_time_s": st.wall_time(), "metrics_before": base_card.get("metrics")})
+    card = {**base_card, "config": vq_cfg.to_dict(), "metrics": metrics, "decoder_finetunes": history,
+            "token_compatible_sha256": sorted(set(base_card.get("token_compatible_sha256", []))
+                                              | {base_card["sha256"]}),
+            "family": base_card["family"] if "decoder fine-tuned" in base_card["family"]
+            else base_card["family"] + "; decoder fine-tuned with the encoder and codebook frozen"}
+    path = save_state(APPEARANCE_NAME, model.state_dict(), card, out_dir)
+    new_sha = load_card(APPEARANCE_NAME, out_dir)["sha256"]
+    if (out_dir / f"{TRANSFORMER_NAME}.json").is_file():
+        t_card = load_card(TRANSFORMER_NAME, out_dir)
+        if t_card.get("appearance_vq", {}).get("sha256") in card["token_compatible_sha256"]:
+            t_card["appearance_vq"] = {"name": APPEARANCE_NAME, "sha256": new_sha}
+            tmp = out_dir / f".{TRANSFORMER_NAME}.json.tmp"
+            tmp.write_text(json.dumps(t_card, indent=2, sort_keys=True) + "\n")
+            tmp.replace(out_dir / f"{TRANSFORMER_NAME}.json")
+    print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
+    return path
+
+
 @torch.no_grad()
 def tokenize(ps: PatchSet, structure: StructureVQ, appearance: AppearanceVQ, device, batch: int = 8) -> dict:
     """Tokens of every patch (and its left-right flip): s (P, 2, N), images' a (I, 2, N)."""
@@ -374,7 +484,8 @@ def warm_start_transformer(model: IARTransformer, folder: Path, s_card: dict, a_
     if card.get("structure_vq", {}).get("sha256") != s_card["sha256"]:
         raise WeightsError(f"cannot warm-start from {folder}: its transformer used a different {s_card['model']}")
     fresh = []
-    if card.get("appearance_vq", {}).get("sha256") != a_card["sha256"]:
+    same_tokens = {a_card["sha256"], *a_card.get("token_compatible_sha256", [])}  # a decoder fine-tune keeps them
+    if card.get("appearance_vq", {}).get("sha256") not in same_tokens:
         vocab = model.cfg.appearance_vocab
         state = dict(state)
         wae = state["wae.weight"].clone()
@@ -650,10 +761,10 @@ def train(work: Path, stage: str = "all", tc: TrainConfig | None = None, cfg: Pa
           out_dir: Path | None = None, data_root=None, device: str = "auto", threads: int | None = None,
           progress=None, sample_check: int = 8) -> dict:
     """Run one stage or all; resumable. Returns {stage: weights path}."""
-    if stage not in STAGES + ("all",):
+    if stage not in STAGES + FINE_TUNES + ("all",):
         from ..errors import InputError
 
-        raise InputError(f"unknown stage '{stage}': expected all, {', '.join(STAGES)}")
+        raise InputError(f"unknown stage '{stage}': expected all, {', '.join(STAGES + FINE_TUNES)}")
     if threads:
         torch.set_num_threads(int(threads))
     tc = tc or TrainConfig()
@@ -674,6 +785,7 @@ def train(work: Path, stage: str = "all", tc: TrainConfig | None = None, cfg: Pa
             "structure": (STRUCTURE_NAME, tc.structure_steps, cfg.structure.to_dict(), train_structure),
             "appearance": (APPEARANCE_NAME, tc.appearance_steps, cfg.appearance.to_dict(), train_appearance),
             "transformer": (TRANSFORMER_NAME, tc.transformer_steps, cfg.transformer.to_dict(), train_transformer),
+            "decoder": (APPEARANCE_NAME, tc.decoder_steps, None, train_appearance_decoder),
         }[name]
         if stage == "all" and _stage_done(weights_name, out_dir, steps, config):
             print(json.dumps({"stage": name, "skipped": "weights already trained"}), flush=True)
@@ -698,7 +810,7 @@ def config_from_args(args) -> TrainConfig:
             raise InputError("--steps needs a single --stage; use --structure-steps/--appearance-steps/"
                              "--transformer-steps with --stage all")
         setattr(tc, f"{args.stage}_steps", args.steps)
-    for name in STAGES:
+    for name in STAGES + FINE_TUNES:
         value = getattr(args, f"{name}_steps")
         if value is not None:
             setattr(tc, f"{name}_steps", value)
@@ -709,7 +821,7 @@ def config_from_args(args) -> TrainConfig:
     if getattr(args, "transformer_init", None):
         tc.transformer_init = str(args.transformer_init)
     tc.transformer_select = getattr(args, "transformer_select", "best_val")
-    for name in STAGES:
+    for name in STAGES + FINE_TUNES:
         if getattr(tc, f"{name}_steps") < 1:
             raise InputError(f"{name} steps must be >= 1")
     return tc
