@@ -441,6 +441,24 @@ def test_decoder_fine_tune_keeps_tokens_and_the_transformer_valid(tiny_weights, 
     assert info["reinitialised"] == []
 
 
+def test_subregion_contrast_loss_measures_the_contrast_to_healthy_tissue():
+    from scripted_models.pathar.train import subregion_contrast_loss
+
+    mask = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    mask[0, 2:5, 2:5, 2:5] = 1  # 27 core voxels
+    mask[0, 5:7, 2:5, 2:5] = 3  # 18 enhancing voxels
+    image = torch.zeros(1, 1, 8, 8, 8)
+    image[0, 0, 0] = -4.0  # background slab: not healthy tissue
+    image[mask[:, None] == 3] = 2.0
+    assert subregion_contrast_loss(image, image, mask, 4, -4.0).item() == 0.0
+    shifted = image + 5.0  # the same contrasts at another level
+    assert subregion_contrast_loss(shifted, image, mask, 4, -4.0).item() == pytest.approx(0.0, abs=1e-5)
+    dim_rim = image.clone()
+    dim_rim[mask[:, None] == 3] = 1.0
+    assert subregion_contrast_loss(dim_rim, image, mask, 4, -4.0, min_voxels=10).item() == pytest.approx(0.5)
+    assert subregion_contrast_loss(dim_rim, image, mask, 4, -4.0).item() == 0.0  # 18 rim voxels < 20: ignored
+
+
 def test_appearance_refinement_starts_as_the_identity():
     """A refinement added to trained weights changes nothing until it is trained (its last layer starts at 0)."""
     from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
@@ -546,6 +564,9 @@ def test_modality_guidance_defaults_to_the_weights_card(tiny_weights, tmp_path):
     assert np.array_equal(t1_strong_flair_plain[1::2], plain[1::2])
     assert np.array_equal(images(modality_guidance={"flair": 1e4}), strong)
     assert np.array_equal(images(modality_guidance={"t1": 0}), plain)
+    card["sampling"] = {"modality_guidance": {"t1": 1e4}}  # modalities left out sample plainly
+    card_path.write_text(json.dumps(card))
+    assert np.array_equal(images(), t1_strong_flair_plain)
     card["sampling"] = {"modality_guidance": {"t1": -1}}
     card_path.write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="card: modality guidance"):

@@ -99,9 +99,9 @@ class PathAR:
         self.modalities = list(card.get("modalities", MODALITIES))
         self.grid = tuple(transformer.cfg.grid)
         # the weights' recommended modality guidance (chosen on the validation fold; absent = plain sampling)
-        try:
-            self.modality_guidance = per_modality_guidance(card.get("sampling", {}).get("modality_guidance", 0.0),
-                                                           self.modalities)
+        try:  # a map may leave modalities out: those sample plainly
+            self.modality_guidance = {m: 0.0 for m in self.modalities} | per_modality_guidance(
+                card.get("sampling", {}).get("modality_guidance", 0.0), self.modalities)
         except InputError as exc:
             raise WeightsError(f"{TRANSFORMER_NAME} card: {exc}") from None
 
@@ -148,6 +148,7 @@ class PathAR:
         """SamplePairs for sample indices `indices` (one batch); guidance None = the weights' default."""
         cfg = self.transformer.cfg
         B, M, N = len(indices), len(modalities), cfg.positions
+        weights = self.guidance(guidance)
 
         def noise(i: int, stream: int, vocab: int) -> torch.Tensor:
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i, stream]).generate_state(1)[0]))
@@ -167,7 +168,7 @@ class PathAR:
         with _cpu_threads(self.device, AR_THREADS):  # structure and appearance tokens, pipelined
             s_tokens, a_tokens = sample_joint(
                 self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
-                guidance=[self.guidance(guidance)[m] for m in self.modalities],
+                guidance=[weights[m] for m in self.modalities],
                 callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
         report(0.92, "decoding")
         vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)

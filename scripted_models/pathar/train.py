@@ -374,7 +374,7 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
     st.every = tc.log_every
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
     total = tc.decoder_steps
-    probe = ps.image_indices(True)[:16]  # the tokens of these must not change
+    probe = np.concatenate([ps.image_indices(True)[:8], ps.image_indices(False)[:8]])  # tokens must not change
     probe_x = torch.from_numpy(ps.images[probe].astype(np.float32))[:, None].to(device)
     probe_m = torch.from_numpy(ps.masks[ps.image_patch[probe]]).to(device)
     probe_mod = torch.from_numpy(ps.image_modality[probe]).to(device)
