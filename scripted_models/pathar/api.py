@@ -24,7 +24,7 @@ from ..labels import MODALITIES, check_modality
 from ..runtime import pick_device, pin_onednn_convolutions
 from ..volume import Volume
 from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
-from .transformer import IARConfig, IARTransformer, gumbel_noise, sample_joint
+from .transformer import IARConfig, IARTransformer, sample_joint, seeded_gumbel_noise
 
 STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME = "pathar_structure_vq", "pathar_appearance_vq", "pathar_transformer"
 WEIGHT_NAMES = (STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME)
@@ -142,6 +142,14 @@ class PathAR:
                    device)
 
     @torch.no_grad()
+    def decode_images(self, a_tokens: torch.Tensor, masks: torch.Tensor, modalities: list[str]) -> np.ndarray:
+        """Appearance tokens (B*M, N) of B masks (B, *S) in M modalities, structure-major -> images (B*M, *S)."""
+        M = len(modalities)
+        vq_modality = torch.tensor([MODALITIES.index(m) for m in modalities] * masks.shape[0], device=self.device)
+        images = self.appearance.decode(a_tokens.view(-1, *self.grid), masks.repeat_interleave(M, 0), vq_modality)
+        return images[:, 0].float().cpu().numpy()
+
+    @torch.no_grad()
     def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
                  top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0,
                  guidance: ModalityGuidance | None = None):
@@ -151,8 +159,7 @@ class PathAR:
         weights = self.guidance(guidance)
 
         def noise(i: int, stream: int, vocab: int) -> torch.Tensor:
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i, stream]).generate_state(1)[0]))
-            return gumbel_noise(g, (N, vocab))
+            return seeded_gumbel_noise([seed, i, stream], (N, vocab))
 
         def report(part: float, message: str):
             if progress is not None:
@@ -171,11 +178,9 @@ class PathAR:
                 guidance=[weights[m] for m in self.modalities],
                 callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
         report(0.92, "decoding")
-        vq_modality = torch.tensor([MODALITIES.index(m) for _, m in rows], device=self.device)
         masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
-        images = self.appearance.decode(a_tokens.view(B * M, *self.grid), masks.repeat_interleave(M, 0),
-                                        vq_modality)[:, 0]
-        masks, images = masks.cpu().numpy(), images.float().cpu().numpy()
+        images = self.decode_images(a_tokens, masks, modalities)
+        masks = masks.cpu().numpy()
         spacing = (self.spacing,) * 3
         out = []
         for b, i in enumerate(indices):

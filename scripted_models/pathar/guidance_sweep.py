@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES, SUBREGION_NAMES
-from .quality import SUBREGIONS, mean_contrasts, ordering_agreement
+from .quality import SUBREGIONS, mean_contrasts
 
 DICE_MARGIN = 0.03
 
@@ -43,39 +43,34 @@ def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]
 @torch.no_grad()
 def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float], seed: int) -> list[dict]:
     """Each real mask's structure tokens, then sampled appearance in every modality -> [{modality: image}]."""
-    from .transformer import gumbel_noise, sample_appearance
+    from .transformer import sample_appearance, seeded_gumbel_noise
 
-    tr, M = model.transformer, len(model.modalities)
-    N, V = tr.cfg.positions, tr.cfg.appearance_vocab
+    tr, M, S = model.transformer, len(model.modalities), len(masks)
     mask_t = torch.from_numpy(np.stack(masks).astype(np.int64)).to(model.device)
-    s_tokens = model.structure.encode(mask_t).view(len(masks), -1)  # (S, N)
-    s_cache = tr.new_cache(len(masks), device=model.device)
-    tr.structure(torch.cat([torch.full((len(masks), 1), tr.bos, device=model.device), s_tokens], 1), s_cache)
-    modality = torch.arange(M).repeat(len(masks))  # (S*M,) structure-major
-    noise = torch.stack([gumbel_noise(torch.Generator().manual_seed(
-        int(np.random.SeedSequence([seed, s, m]).generate_state(1)[0])), (N, V))
-        for s in range(len(masks)) for m in range(M)])
+    s_tokens = model.structure.encode(mask_t).view(S, -1)  # (S, N)
+    s_cache = tr.new_cache(S, device=model.device)
+    tr.structure(torch.cat([torch.full((S, 1), tr.bos, device=model.device), s_tokens], 1), s_cache)
+    modality = torch.arange(M).repeat(S)  # (S*M,) structure-major
+    noise = torch.stack([seeded_gumbel_noise([seed, s, m], (tr.cfg.positions, tr.cfg.appearance_vocab))
+                         for s in range(S) for m in range(M)])
     a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=[guidance[m] for m in model.modalities])
-    decoded = model.structure.decode_mask(s_tokens.view(len(masks), *model.grid))
-    vq_modality = torch.tensor([MODALITIES.index(model.modalities[int(m)]) for m in modality], device=model.device)
-    images = model.appearance.decode(a_tokens.view(-1, *model.grid), decoded.repeat_interleave(M, 0),
-                                     vq_modality)[:, 0].float().cpu().numpy()
-    return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(len(masks))]
+    decoded = model.structure.decode_mask(s_tokens.view(S, *model.grid))
+    images = model.decode_images(a_tokens, decoded, model.modalities)
+    return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(S)]
 
 
 def score(rows, rendered: list[dict], real: dict, segmenter) -> dict:
-    from .test_fold import SEGMENTER_MODALITIES, segmenter_dice
+    from .test_fold import SEGMENTER_MODALITIES, appearance_agreement, segmenter_dice
 
-    gen = {m: mean_contrasts((mask, imgs[m]) for (mask, _), imgs in zip(rows, rendered)) for m in MODALITIES}
-    pairs = [(m, c) for m in MODALITIES for c in SUBREGIONS if c in real[m]]
-    signs = sum(bool(np.sign(real[m][c]) == np.sign(gen[m].get(c, 0.0))) for m, c in pairs)
-    ordering = [ordering_agreement(real[m], gen[m]) for m in MODALITIES]
+    agreement = appearance_agreement(((mask, imgs) for (mask, _), imgs in zip(rows, rendered)), real)
     dice = segmenter_dice(segmenter, [mask for mask, _ in rows],
                           [{m: imgs[m] for m in SEGMENTER_MODALITIES} for imgs in rendered])
-    return {"segmenter_dice": round(float(np.mean(dice)), 3), "signs": signs, "signs_total": len(pairs),
-            "worst_ordering": round(min(o for o in ordering if o is not None), 3),
-            "contrast_error": round(float(np.mean([abs(real[m][c] - gen[m].get(c, 0.0)) for m, c in pairs])), 3),
-            "flair": {SUBREGION_NAMES[c]: round(gen["flair"].get(c, 0.0), 2) for c in SUBREGIONS}}
+    return {"segmenter_dice": round(float(np.mean(dice)), 3), "signs": agreement["signs_agree"],
+            "signs_total": sum(r["real"] is not None for r in agreement["contrasts"]),
+            "worst_ordering": round(min(o for o in agreement["ordering"].values() if o is not None), 3),
+            "contrast_error": agreement["contrast_error"],
+            "flair": {r["subregion"]: round(r["generated"] or 0.0, 2) for r in agreement["contrasts"]
+                      if r["modality"] == "flair"}}
 
 
 def choose(results: dict[str, list[dict]]) -> tuple[str, dict[str, bool]]:

@@ -72,19 +72,22 @@ def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
     return out
 
 
-def appearance_agreement(pairs, real: dict[str, dict[int, float]]) -> dict:
-    """Sign agreement per (modality, sub-region) and ordering agreement per modality for one seed's samples."""
-    signs, ordering, rows = 0, {}, []
+def appearance_agreement(samples, real: dict[str, dict[int, float]]) -> dict:
+    """Sign agreement per (modality, sub-region), ordering agreement per modality and the mean absolute contrast
+    error for one seed's samples: (mask, {modality: image}) pairs."""
+    samples = list(samples)
+    signs, ordering, rows, errors = 0, {}, [], []
     for mod in MODALITIES:
-        gen = mean_contrasts((p.mask.array, p.images[mod].array) for p in pairs)
+        gen = mean_contrasts((mask, images[mod]) for mask, images in samples)
         for c in SUBREGIONS:
             r, g = real[mod].get(c), gen.get(c)
             agrees = None if r is None or g is None else bool(np.sign(r) == np.sign(g))
             signs += bool(agrees)
+            if agrees is not None:
+                errors.append(abs(r - g))
             rows.append({"modality": mod, "subregion": SUBREGION_NAMES[c], "real": None if r is None else round(r, 3),
                          "generated": None if g is None else round(g, 3), "sign_agrees": agrees})
         ordering[mod] = ordering_agreement(real[mod], gen)
-    errors = [abs(r["real"] - r["generated"]) for r in rows if r["real"] is not None and r["generated"] is not None]
     return {"signs_agree": signs, "signs_total": len(MODALITIES) * len(SUBREGIONS), "ordering": ordering,
             "contrast_error": round(float(np.mean(errors)), 3) if errors else None, "contrasts": rows}
 
@@ -144,7 +147,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     train_plain = [int(p) for p in patches.plain_patches() if not patches.is_val[p]]
     real_masks = [patches.masks[p] for p in list(train_plain) + list(test_plain)]
     real_rows = [mask_plausibility(m, patches.spacing_mm) for m in real_masks]
-    per_seed = {seed: appearance_agreement(pairs_by_seed[seed], real_contrasts) for seed in seeds}
+    per_seed = {seed: appearance_agreement(((p.mask.array, {m: v.array for m, v in p.images.items()})
+                                            for p in pairs_by_seed[seed]), real_contrasts) for seed in seeds}
     report = {
         "weights": str(folder) if folder else "bundled",
         "training_cases": len(patches.training_cases()),

@@ -243,7 +243,7 @@ class AppearanceVQ(nn.Module):
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, *G), mask (B, *S) labels [, modality (B,) indices] -> image (B, 1, *S)."""
-        return self._decode(_lookup(self.quantizer, tokens), self._conditions(mask, modality)).float()
+        return self._decode(self.code_vectors(tokens), self._conditions(mask, modality)).float()
 
 
 # --------------------------------------------------------------------------- codebook care and metrics

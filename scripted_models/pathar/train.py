@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
 from ..runtime import pick_device, training_autocast
-from ..weights import load_card, load_state, save_state, weights_dir, write_safetensors
+from ..weights import load_card, load_state, save_state, weights_dir, write_card, write_safetensors
 from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME, describe_guidance, per_modality_guidance
 from .commands import FINE_TUNES, STAGES, add_arguments
 from .data import MASK_PREFIX, PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
@@ -270,6 +270,17 @@ def _perplexity_of(model) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _appearance_metrics(model: AppearanceVQ, ps: PatchSet, device) -> dict:
+    """evaluate_appearance on up to 48 evenly spread images of the validation and of the training split."""
+    metrics = {}
+    for split, val in (("val", True), ("train", False)):
+        idx = ps.image_indices(val)
+        idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
+        metrics[split] = evaluate_appearance(model, ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]],
+                                             device, ps.image_modality[idx])
+    return metrics
+
+
 def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
                      progress=None) -> Path:
     torch.manual_seed(tc.seed + 1)
@@ -311,15 +322,7 @@ def train_appearance(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pat
         if progress:
             progress(st.step / total, f"appearance VQ {st.step}/{total}")
 
-    def subset(val):
-        idx = ps.image_indices(val)
-        idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
-        return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]], ps.image_modality[idx]
-
-    metrics = {}
-    for split, val in (("val", True), ("train", False)):
-        images, masks, modalities = subset(val)
-        metrics[split] = evaluate_appearance(model, images, masks, device, modalities)
+    metrics = _appearance_metrics(model, ps, device)
     card = {"model": APPEARANCE_NAME,
             "family": "PathAR appearance VQ-VAE (MONAI Encoder/Decoder/EMA quantizer, decoder conditioned on the mask"
             + (" and the modality label)" if cfg.appearance.num_modalities else ")"),
@@ -410,13 +413,7 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
         if not torch.equal(model.encode(probe_x, probe_m, probe_mod), tokens_before):
             raise RuntimeError("the appearance tokens changed while fine-tuning the decoder")
 
-    def subset(val):
-        idx = ps.image_indices(val)
-        idx = idx[np.linspace(0, len(idx) - 1, min(48, len(idx))).astype(int)]
-        return ps.images[idx].astype(np.float32), ps.masks[ps.image_patch[idx]], ps.image_modality[idx]
-
-    metrics = {split: evaluate_appearance(model, *subset(val)[:2], device, subset(val)[2])
-               for split, val in (("val", True), ("train", False))}
+    metrics = _appearance_metrics(model, ps, device)
     history = list(base_card.get("decoder_finetunes", []))
     history.append({"from_sha256": base_card["sha256"], "steps": st.step, "batch": tc.vq_batch,
                     "lr": tc.vq_lr * 0.3, "refine_channels": vq_cfg.refine_channels,
@@ -428,14 +425,11 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
             "family": base_card["family"] if "decoder fine-tuned" in base_card["family"]
             else base_card["family"] + "; decoder fine-tuned with the encoder and codebook frozen"}
     path = save_state(APPEARANCE_NAME, model.state_dict(), card, out_dir)
-    new_sha = load_card(APPEARANCE_NAME, out_dir)["sha256"]
     if (out_dir / f"{TRANSFORMER_NAME}.json").is_file():
         t_card = load_card(TRANSFORMER_NAME, out_dir)
         if t_card.get("appearance_vq", {}).get("sha256") in card["token_compatible_sha256"]:
-            t_card["appearance_vq"] = {"name": APPEARANCE_NAME, "sha256": new_sha}
-            tmp = out_dir / f".{TRANSFORMER_NAME}.json.tmp"
-            tmp.write_text(json.dumps(t_card, indent=2, sort_keys=True) + "\n")
-            tmp.replace(out_dir / f"{TRANSFORMER_NAME}.json")
+            t_card["appearance_vq"] = {"name": APPEARANCE_NAME, "sha256": load_card(APPEARANCE_NAME, out_dir)["sha256"]}
+            write_card(TRANSFORMER_NAME, t_card, out_dir)
     print(json.dumps({"saved": str(path), "metrics": metrics}), flush=True)
     return path
 

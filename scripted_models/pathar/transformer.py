@@ -43,6 +43,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -407,6 +408,12 @@ def gumbel_noise(generator: torch.Generator, shape) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def seeded_gumbel_noise(key: list[int], shape) -> torch.Tensor:
+    """gumbel_noise from a generator seeded by the key (e.g. [seed, sample, stream]): the same key, the same noise."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+    return gumbel_noise(torch.Generator().manual_seed(seed), shape)
+
+
 def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float = 1.0,
          top_k: int | None = None) -> torch.Tensor:
     """logits (B, V), Gumbel noise (B, V) -> tokens (B,). temperature 0 (or noise None) = greedy."""
@@ -443,14 +450,15 @@ def sample_structure(model: IARTransformer, noise: torch.Tensor | None, batch: i
 Guidance = float | Sequence[float]  # one weight for every label, or one per modality label
 
 
-def guidance_weights(guidance: Guidance, num_modalities: int) -> torch.Tensor | None:
-    """Guidance -> weight per modality label (M,), or None when every weight is 0 (plain sampling)."""
+def row_guidance(guidance: Guidance, modality: torch.Tensor, num_modalities: int) -> torch.Tensor | None:
+    """Guidance (one weight, or one per label) -> each row's weight (B, 1) by its label modality (B,), or None
+    when every weight is 0 (plain sampling)."""
     weights = torch.as_tensor(guidance, dtype=torch.float32).flatten()
     if weights.numel() == 1:
         weights = weights.expand(num_modalities)
     if weights.numel() != num_modalities or not torch.isfinite(weights).all() or (weights < 0).any():
         raise ValueError(f"modality guidance needs 1 or {num_modalities} finite weights >= 0, got {guidance!r}")
-    return weights if (weights > 0).any() else None
+    return weights.to(modality.device)[modality.long()][:, None] if (weights > 0).any() else None
 
 
 def guidance_labels(modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None
@@ -463,14 +471,14 @@ def guidance_labels(modality: torch.Tensor, num_modalities: int, weights: torch.
 
 
 def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None):
-    """logits of guidance_labels' rows -> (B, V): (1 + w_m) log p(a | m) - w_m mean_j log p(a | j)."""
+    """logits of guidance_labels' rows -> (B, V): (1 + w) log p(a | m) - w mean_j log p(a | j), w the row's
+    weight (B, 1) from row_guidance."""
     if weights is None:
         return logits
     B, M = modality.shape[0], num_modalities
     logp = torch.log_softmax(logits.float(), -1).view(B, M, -1)  # (B, M, V)
     own = logp[torch.arange(B, device=logits.device), modality.long()]  # (B, V)
-    w = weights.to(logits.device)[modality.long()][:, None]  # (B, 1)
-    return own + w * (own - logp.mean(1))
+    return own + weights * (own - logp.mean(1))
 
 
 @torch.no_grad()
@@ -482,12 +490,12 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     The structure cache is shared by the r modalities of a sample, never copied. guidance: modality guidance
     weight, or one per label (module docstring; 0 = plain sampling). Returns tokens (B, N)."""
     N, M = model.cfg.positions, model.cfg.num_modalities
-    weights = guidance_weights(guidance, M)
     device = model.wse.weight.device
     B = modality.shape[0]
     if B % s_cache.batch:
         raise ValueError(f"{B} appearance rows for {s_cache.batch} structures")
     modality = modality.long().to(device)
+    weights = row_guidance(guidance, modality, M)  # (B, 1) or None
     labels, repeat = guidance_labels(modality, M, weights)  # (B,) or (B*M,)
     cache = model.new_cache(labels.shape[0], APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
@@ -512,13 +520,13 @@ def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: 
     (up to float rounding). guidance: modality guidance weight, or one per label (module docstring).
     Returns (structure tokens (S, N), appearance tokens (B, N))."""
     N, M = model.cfg.positions, model.cfg.num_modalities
-    weights = guidance_weights(guidance, M)
     device = model.wse.weight.device
     S = s_noise.shape[0] if s_noise is not None else batch
     B = modality.shape[0]
     if B % S:
         raise ValueError(f"{B} appearance rows for {S} structures")
     modality = modality.long().to(device)
+    weights = row_guidance(guidance, modality, M)  # (B, 1) or None
     labels, repeat = guidance_labels(modality, M, weights)  # (B,) or (B*M,)
     s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(labels.shape[0], APPEARANCE, device)
     s_tokens = torch.empty(S, N, dtype=torch.long, device=device)

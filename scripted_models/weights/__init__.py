@@ -57,14 +57,19 @@ def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
         raise WeightsError(f"cannot parse {path.name}: {exc}") from None
 
 
-def add_metrics(name: str, metrics: dict, folder: Path | None = None) -> None:
-    """Merge evaluation metrics into a model card (the weights file and its sha256 are unchanged)."""
+def write_card(name: str, card: dict, folder: Path | None = None) -> None:
+    """A model card as JSON, written to a temporary file and renamed."""
     folder = Path(folder or weights_dir())
-    card = load_card(name, folder)
-    card.setdefault("metrics", {}).update(metrics)
     tmp = folder / f".{name}.json.tmp"
     tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, folder / f"{name}.json")
+
+
+def add_metrics(name: str, metrics: dict, folder: Path | None = None) -> None:
+    """Merge evaluation metrics into a model card (the weights file and its sha256 are unchanged)."""
+    card = load_card(name, folder)
+    card.setdefault("metrics", {}).update(metrics)
+    write_card(name, card, folder)
 
 
 def write_safetensors(state: dict, path: Path) -> Path:
@@ -85,10 +90,7 @@ def save_state(name: str, state: dict, card: dict, folder: Path | None = None) -
     """Write weights, then their card (atomically each); the card gets the sha256 of the written file."""
     folder = Path(folder or weights_dir())
     path = write_safetensors(state, folder / f"{name}.safetensors")
-    card = dict(card, sha256=sha256_of(path), file=path.name)
-    card_tmp = folder / f".{name}.json.tmp"
-    card_tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    os.replace(card_tmp, folder / f"{name}.json")
+    write_card(name, dict(card, sha256=sha256_of(path), file=path.name), folder)
     return path
 
 
