@@ -208,6 +208,49 @@ def test_segmentation_on_a_different_grid(app, logic):
     assert prepared.wholeLesion is False and set(np.unique(prepared.mask.array)) == {0, 1, 2, 3}
 
 
+def test_segment_export_resamples_only_the_segments_box_with_the_whole_grid_result(app, logic):
+    """maskFromNode resamples each segment into the box of the reference grid its voxels cover: the same labels as a
+    resample onto the whole grid, for segments on an oblique coarser grid, one that reaches past the volume's edge,
+    and a reference whose extent does not start at 0."""
+    import slicer
+
+    from PathoSynSlicerLib.logic import _orientedArray, _vtkMatrix
+
+    from scripted_models.volume import resample_to
+
+    head, node = add_head(app)
+    other = centred_grid(head, (24, 30, 26), spacing=(1.7, 1.4, 2.1), direction=OBLIQUE, shift=(2.5, -3.0, 1.5))
+    labels = resample_to(make_ball_mask(head, radius_vox=7), other, nearest=True).array.copy()
+    labels[:3, :6, :5] = 2  # edema in a corner that lies partly outside the head's grid
+    seg = app.add_segmentation(labels, other.ijk_to_ras(), SUBREGION_SEGMENTS)
+
+    def whole_grid(reference_node):
+        """The old export: every segment resampled onto the whole reference grid."""
+        image = reference_node.GetImageData()
+        reference = slicer.vtkOrientedImageData()
+        reference.SetExtent(image.GetExtent())
+        reference.SetImageToWorldMatrix(_vtkMatrix(ijk_to_ras(reference_node)))
+        shape = tuple(reversed(image.GetDimensions()))
+        out = np.zeros(shape, np.uint8)
+        segmentation = seg.GetSegmentation()
+        for name, value in (("Edema", 2), ("Enhancing tumor", 3), ("Necrotic core", 1)):
+            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+            resampled = slicer.vtkOrientedImageData()
+            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                segment.GetRepresentation("Binary labelmap"), reference, resampled, False, False)
+            out[_orientedArray(resampled, shape) == segment.GetLabelValue()] = value
+        return out
+
+    got, _ = logic.maskFromNode(seg, node)
+    expected = whole_grid(node)
+    assert set(np.unique(expected)) == {0, 1, 2, 3}
+    assert np.array_equal(got.array, expected)
+    shifted = app.add_volume(head.array, head.ijk_to_ras(), "shifted extent")
+    shifted.GetImageData().SetExtent(4, 4 + head.shape[2] - 1, -3, -3 + head.shape[1] - 1, 2, 2 + head.shape[0] - 1)
+    got, _ = logic.maskFromNode(seg, shifted)
+    assert np.array_equal(got.array, whole_grid(shifted))
+
+
 def centred_grid(head, shape, spacing, direction, shift=(0.0, 0.0, 0.0)):
     """An empty Volume with another grid whose centre is the centre of `head` (+ shift mm)."""
     from scripted_models.volume import Volume

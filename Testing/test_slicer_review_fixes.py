@@ -626,8 +626,10 @@ def test_result_nodes_come_one_step_at_a_time_and_an_abandoned_setup_leaves_the_
         except StopIteration as stop:
             out = stop.value
             break
-    assert names == ["t1 synthesized", "t1 residual", "lesion segmentation"]
+    assert names == ["t1 synthesized", "t1 residual", "lesion segmentation", "lesion surfaces"]
     assert count() == (before[0] + 2, before[1] + 1) and out.segmentation is not None
+    closedSurface = "Closed surface"  # made in a step of its own, for the 3D views
+    assert out.segmentation.GetSegmentation().ContainsRepresentation(closedSurface)
     again = runSteps(logic.synthesisNodeSteps(prepared, images, residuals, None, prepared.mask, {"seed": 0}))
     assert set(again.volumes) == set(out.volumes) == {"t1"}
 

@@ -198,7 +198,8 @@ class PathoSynWebApp:
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
                "worker_alive": bool(self.worker is not None and self.worker.alive),
                "torch_in_server": "torch" in sys.modules, "scene_nodes": self.slicerApp.scene.GetNumberOfNodes(),
-               "show_timings_s": c.lastShowTimings, "job_timeline_s": c.lastJobTimeline}
+               "show_timings_s": c.lastShowTimings, "job_timeline_s": c.lastJobTimeline,
+               "recent_renders_s": list(self.views.renderHold.recentRenders)}
         out["scans"] = {e["modality"]: e["name"] for e in (self.typed.data.scans or [])}
         out["segmentation"] = self.typed.data.segmentation_name
         if c.patharLayout is not None and c.patharRun is not None and c.patharRun.isIntact():

@@ -132,9 +132,10 @@ def synthesizeOnce(page: Page, steps: int, pings: list | None = None, cpu=None) 
                 inPage = pageSeconds(page, "#ps-synthesize", stats["fullSrc"])
                 break
         if pings is not None:
-            p0 = time.perf_counter()
-            page.trigger("ps_ping")
-            pings.append(1000 * (time.perf_counter() - p0))
+            p0, wall0 = time.perf_counter(), time.time()
+            served = page.trigger("ps_ping")  # the server's time.time() when it answered (same machine, same clock)
+            ms = 1000 * (time.perf_counter() - p0)
+            pings.append((round(p0 - t0, 3), ms, round(1000 * (served - wall0), 1)))  # (s since the click, ms, ms out)
         if time.perf_counter() - t0 > 300:
             raise TimeoutError(f"no result on screen after 300 s: {page.status()}")
         time.sleep(0.05 if pings is None else 0.2)
@@ -149,10 +150,23 @@ def synthesizeOnce(page: Page, steps: int, pings: list | None = None, cpu=None) 
     row = {"seconds": inPage if inPage is not None else round(shown, 2), "polled_s": round(shown, 2),
            "engine_s": (report.get("timing_s") or {}).get("total"),
            "roi_size_zyx": report.get("roi_size_zyx"), "server_timeline_s": status.get("job_timeline_s"),
-           "scene_steps_s": status.get("show_timings_s")}
+           "scene_steps_s": status.get("show_timings_s"), "renders_s": status.get("recent_renders_s")}
     if cpu is not None:
         row["cpu_s"] = {k: round(cpuAfter[k] - cpuBefore[k], 2) for k in cpuBefore}
     return row
+
+
+def slowPings(pings: list, timeline: dict | None, limitMs: float = 150.0) -> list:
+    """The pings slower than `limitMs`, each with the server's phase it was sent in (the job's milestones since the
+    click: before "job sent", computing until "job ended", then reading and setting up the result, then rendering)
+    and the part of its round trip until the server answered (the rest: the answer's way back through the page)."""
+    marks = sorted((timeline or {}).items(), key=lambda kv: kv[1])
+    out = []
+    for sent, ms, outbound in pings:
+        if ms > limitMs:
+            phase = next((f"before '{name}'" for name, at in marks if sent < at), "after 'scene set up'")
+            out.append({"sent_s": sent, "ms": round(ms, 1), "to_server_ms": outbound, "phase": phase})
+    return out
 
 
 def run(runs: int = 3, out: Path | None = None, shots: Path | None = None, strokesOnly: bool = False,
@@ -238,16 +252,23 @@ def run(runs: int = 3, out: Path | None = None, shots: Path | None = None, strok
                              what="the 64^3-ROI mask")
                 page.waitFor(lambda: page.status()["worker_alive"], timeout=120, what="the engine worker")
                 cpu = lambda: cpuSeconds(server, browser)  # noqa: E731
+                allPings: list = []
                 result["warmup"] = synthesizeOnce(page, 2)
                 for steps, key in ((5, "synthesize_5_steps"), (2, "synthesize_preview_2_steps")):
                     rows = [synthesizeOnce(page, steps, None, cpu) for _ in range(runs)]
                     result[key] = {"runs": rows, "median_s": statistics.median(r["seconds"] for r in rows)}
-                pings: list = []
-                result["synthesize_5_steps_with_pings"] = [synthesizeOnce(page, 5, pings, cpu)
-                                                           for _ in range(pingRuns)]
+                pingRows = []
+                for _ in range(pingRuns):
+                    pings: list = []
+                    row = synthesizeOnce(page, 5, pings, cpu)
+                    row["slow_pings"] = slowPings(pings, row["server_timeline_s"])
+                    pingRows.append(row)
+                    allPings += [ms for _, ms, _ in pings]
+                result["synthesize_5_steps_with_pings"] = pingRows
                 result["ping_during_synthesis_ms"] = {
-                    "n": len(pings), "median": round(statistics.median(pings), 1),
-                    "p95": round(sorted(pings)[int(0.95 * (len(pings) - 1))], 1), "max": round(max(pings), 1)}
+                    "n": len(allPings), "median": round(statistics.median(allPings), 1),
+                    "p95": round(sorted(allPings)[int(0.95 * (len(allPings) - 1))], 1),
+                    "max": round(max(allPings), 1)}
                 result["server_rss_after_mb"] = round(server.rssMB())
                 result["worker_rss_mb"] = round(server.workerRssMB())
                 if shots:

@@ -33,6 +33,10 @@ from PathARModuleLib.logic import PathARModuleLogic  # noqa: E402
 from scripted_models.labels import MODALITIES, SUBREGION_COLORS, SUBREGION_NAMES, check_modality  # noqa: E402
 
 POLL_SECONDS = 0.2
+# Between two steps of a result's set-up, and between two held renders (views.RenderHold), the event loop runs freely
+# this long. A message (a ping, a mouse event) needs a few loop turns to be read, handled and answered: steps or
+# renders that followed each other turn by turn made it wait for three of them (pings of 300-460 ms, 2 cores).
+LOOP_BREATH_S = 0.005
 SUBREGION_SEGMENTS = [(SUBREGION_NAMES[v], SUBREGION_COLORS[v]) for v in (1, 2, 3)]  # core, edema, enhancing
 WHOLE_LESION_SEGMENT = ("lesion", (0.9, 0.3, 0.3))
 log = logging.getLogger("pathosyn.web")
@@ -377,7 +381,8 @@ class WebController:
     async def _showPhases(self, phases) -> None:
         """Run a result's display phases: `phases` is a generator whose every `yield <name>` ends one scene step
         (new nodes, old ones removed, layout, links, overlay). The event loop is given back between them, so that
-        pings and other messages are served while a result is set up instead of after it. The views' renders are held
+        pings and other messages are served while a result is set up instead of after it (for LOOP_BREATH_S: a
+        message needs a few loop turns). The views' renders are held
         until the last phase (views.RenderHold): one render per view, of the finished scene."""
         timings = {}
         with self.views.renderHold() if self.views is not None else contextlib.nullcontext():
@@ -388,7 +393,7 @@ class WebController:
                 if name is None:
                     break
                 timings[name] = round(time.perf_counter() - t0, 3)
-                await asyncio.sleep(0)
+                await asyncio.sleep(LOOP_BREATH_S)
         log.info("results shown; scene steps (s): %s", timings)
         self.lastShowTimings = timings
 

@@ -10,9 +10,11 @@ Three layouts, their views created at startup (the first creation of a view cost
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
+import time
 
 # isort: off
 from PathoSynSlicerLib.logic import (  # noqa: E402
@@ -33,6 +35,8 @@ from PathARModuleLib.logic import (  # noqa: E402
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps  # noqa: E402
 from trame_slicer.views.view_layout_definition import ViewType  # noqa: E402
 
+from .controller import LOOP_BREATH_S  # noqa: E402
+
 log = logging.getLogger("pathosyn.web")
 PAINT_SLICE_TAGS = ("Red", "Green", "Yellow")
 OVERLAY_OPACITY = 0.6
@@ -49,12 +53,18 @@ MAX_VIEW_PIXELS = 300_000
 BLUR_FPS = 3.0
 
 
+# A released view that has not rendered after this long (busy with its frame-rate wait) no longer holds the next one.
+RENDER_WAIT_S = 0.4
+
+
 class RenderHold:
     """Which views render, and when. A view renders only while its layout is shown: every layout's views exist from
     startup (createAllViews), and each scene change asked all of them, hidden ones included, for a render (CPU
     rendering, 2 cores). A hidden view's render waits until its layout is shown again. While a result is set up in
     phases (new nodes, layout, links, overlay) renders are held: one per view at the end instead of one per phase.
-    Each intermediate render cost the event loop 0.05-0.1 s, and at BLUR_FPS the final one waited behind them."""
+    Each intermediate render cost the event loop 0.05-0.1 s, and at BLUR_FPS the final one waited behind them.
+    Held renders are released one view at a time: the next when the previous has rendered and the loop has had
+    LOOP_BREATH_S to answer what came in meanwhile."""
 
     def __init__(self, first=(COMPARE_SLICE_TAGS[1], COMPARE_SLICE_TAGS[0])):
         self.depth = 0
@@ -62,9 +72,12 @@ class RenderHold:
         self.shown: set | None = None  # tags of the shown layout's views (None: all)
         self.pending: dict = {}  # view tag -> its scheduler's own schedule_render
         self._nextTurn = None  # the event-loop handle of the release chain, while one runs
+        self._rendering = None  # tag of the released view whose render the chain waits for
+        self.recentRenders = collections.deque(maxlen=12)  # (view tag, seconds) of the latest renders (status, bench)
 
     def manage(self, scheduler, tag: str) -> None:
-        """Route `scheduler.schedule_render` (trame_rca's RcaImageRenderScheduler) of view `tag` through the gate."""
+        """Route `scheduler.schedule_render` (trame_rca's RcaImageRenderScheduler) of view `tag` through the gate,
+        and learn when the view has rendered (its `_render_frame`, where it has one)."""
         schedule = scheduler.schedule_render
 
         def scheduleRender():
@@ -74,6 +87,17 @@ class RenderHold:
                 schedule()
 
         scheduler.schedule_render = scheduleRender
+        renderFrame = getattr(scheduler, "_render_frame", None)
+        if renderFrame is not None:
+            def renderAndTell(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return renderFrame(*args, **kwargs)
+                finally:
+                    self.recentRenders.append((tag, round(time.perf_counter() - t0, 3)))
+                    self._rendered(tag)
+
+            scheduler._render_frame = renderAndTell
 
     def show(self, tags) -> None:
         """The layout with these views is on screen: their deferred renders run now."""
@@ -81,26 +105,36 @@ class RenderHold:
         self._release()
 
     def _release(self) -> None:
-        """Run the deferred renders of shown views, one per event-loop turn: a ping or a mouse event that arrives
-        meanwhile waits for one render (about 0.1 s), not for all of them."""
         if self.depth or self._nextTurn is not None:
             return
         self._releaseOne()
 
+    def _ready(self) -> list:
+        return sorted((t for t in self.pending if self.shown is None or t in self.shown),
+                      key=lambda t: self.first.index(t) if t in self.first else len(self.first))
+
     def _releaseOne(self) -> None:
-        self._nextTurn = None
+        """Release the first ready view; the next follows once it has rendered (see _rendered)."""
+        self._nextTurn, self._rendering = None, None
         if self.depth:
             return
-        ready = sorted((t for t in self.pending if self.shown is None or t in self.shown),
-                       key=lambda t: self.first.index(t) if t in self.first else len(self.first))
+        ready = self._ready()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (tests): all at once
             loop = None
         for tag in ready if loop is None else ready[:1]:
             self.pending.pop(tag)()
-        if loop is not None and len(ready) > 1:
-            self._nextTurn = loop.call_soon(self._releaseOne)
+        if loop is not None and ready:
+            self._rendering = ready[0]
+            self._nextTurn = loop.call_later(RENDER_WAIT_S, self._releaseOne)
+
+    def _rendered(self, tag: str) -> None:
+        if tag != self._rendering or self._nextTurn is None:
+            return
+        self._nextTurn.cancel()
+        self._rendering = None
+        self._nextTurn = asyncio.get_running_loop().call_later(LOOP_BREATH_S, self._releaseOne)
 
     @contextlib.contextmanager
     def __call__(self):
