@@ -213,7 +213,6 @@ def test_segment_export_resamples_only_the_segments_box_with_the_whole_grid_resu
     resample onto the whole grid, for segments on an oblique coarser grid, one that reaches past the volume's edge,
     and a reference whose extent does not start at 0."""
     import slicer
-
     from PathoSynSlicerLib.logic import _orientedArray, _vtkMatrix
 
     from scripted_models.volume import resample_to

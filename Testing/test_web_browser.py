@@ -121,9 +121,10 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     assert shot.stat().st_size > 20_000
     offsets = page.status()["compare_offsets"]
     assert offsets[0] == offsets[1], offsets  # the result view starts where the input view is
-    first = page.page.evaluate("""Array.from(document.querySelectorAll('img.image-display-area'))
-        .map(e => e.getBoundingClientRect()).filter(r => r.width > 50).sort((a, b) => a.x - b.x)
-        .map(r => [r.x + r.width / 2, r.y + r.height / 2])[0]""")
+    from PathoSynWeb.PathoSynWebLib.harness import SHOWN_VIEW_IMAGES_JS
+
+    first = page.page.evaluate(SHOWN_VIEW_IMAGES_JS + """.map(e => e.getBoundingClientRect())
+        .sort((a, b) => a.x - b.x).map(r => [r.x + r.width / 2, r.y + r.height / 2])[0]""")
     page.page.mouse.move(*first)
     for _ in range(3):  # scroll the input view: the linked result view follows
         page.page.mouse.wheel(0, 120)

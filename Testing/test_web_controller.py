@@ -391,6 +391,19 @@ def test_render_gate_releases_the_result_view_first():
     assert renders == [COMPARE_SLICE_TAGS[1], COMPARE_SLICE_TAGS[0], COMPARE_3D_TAG]  # no loop here: all at once
 
 
+def test_compare_slices_zoom_to_three_lesion_sizes_but_never_out(app):
+    from PathoSynWeb.PathoSynWebLib import views as V
+
+    node = app.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    node.SetFieldOfView(150.0, 300.0, 1.0)  # a fitted narrow view: 150 mm across, 300 mm high
+    V.zoomSlice(node, 40.0)
+    assert np.allclose(node.GetFieldOfView(), (120.0, 240.0, 1.0))  # 3 x 40 mm across, same aspect
+    V.zoomSlice(node, 10.0)
+    assert np.allclose(node.GetFieldOfView(), (100.0, 200.0, 1.0))  # at least 100 mm
+    V.zoomSlice(node, 90.0)
+    assert np.allclose(node.GetFieldOfView(), (100.0, 200.0, 1.0))  # never zoomed out
+
+
 def test_the_compare_3d_camera_frames_the_lesion_not_its_labelmap(app):
     """A 40 mm lesion in a 120 mm labelmap: the size is the lesion's, and the camera is far enough for the whole
     lesion to fit the view with a margin (it used to sit inside large lesions)."""

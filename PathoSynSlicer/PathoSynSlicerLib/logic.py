@@ -785,7 +785,7 @@ class PathoSynSlicerLogic:
                 out.volumes[mod] = self._outputVolume(volume, reference, inputNode, f"{base} synthesized")
                 yield f"{mod} synthesized"
                 res = residuals[mod]
-                maxAbs = max(float(np.abs(res.array).max()), 1e-6)
+                maxAbs = max(float(res.array.max()), -float(res.array.min()), 1e-6)  # no |res| copy of the grid
                 out.residuals[mod] = self._outputVolume(res, reference, inputNode, f"{base} residual",
                                                         windowLevel=(2.0 * maxAbs, 0.0))
                 self._setDivergingDisplay(out.residuals[mod], colorNode, maxAbs)

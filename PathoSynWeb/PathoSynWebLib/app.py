@@ -47,7 +47,14 @@ class PathoSynWebApp:
 
         from .controller import WebController
         from .state import PathoSynWebState
-        from .views import MAX_VIEW_PIXELS, RenderHold, WebViews, patharLayoutId, registerViewFactories
+        from .views import (
+            MAX_VIEW_PIXELS,
+            RenderHold,
+            WebViews,
+            patharColumns,
+            patharLayoutId,
+            registerViewFactories,
+        )
 
         self.server = server or get_server(client_type="vue3")
         self.server.enable_module(trame_slicer_module)
@@ -62,7 +69,10 @@ class PathoSynWebApp:
         self._patharLayoutId = patharLayoutId
 
         def onLayout(layoutId: str):
-            self.typed.data.layout = "PathAR" if layoutId.startswith("PathAR") else layoutId
+            columns = patharColumns(layoutId)
+            if columns:
+                self.typed.data.pathar_columns = columns
+            self.typed.data.layout = "PathAR" if columns else layoutId
 
         self.views = WebViews(self.slicerApp, self.layoutManager, onLayout=onLayout, renderHold=renderHold)
         self.views.createAllViews()  # before the segment editor: its effect pipelines look the views up
@@ -106,6 +116,7 @@ class PathoSynWebApp:
         )
 
         from .panel_ui import LayoutToggle, PathoSynPanel
+        from .views import PAGE_LAYERS_CSS
 
         c = self.controller
         handlers = {
@@ -118,7 +129,7 @@ class PathoSynWebApp:
             "save": c.saveClicked,  # text fields: the click carries their values (no race with the state sync)
         }
         with ViewerLayout(self.server, title="PathoSyn", is_drawer_visible=True) as self.layout:
-            client.Style(QUIET_PAGE_CSS)
+            client.Style(QUIET_PAGE_CSS + " " + PAGE_LAYERS_CSS)
             viewer = self.layout.typed_state
             self.layout.drawer.width = 400
             viewer.data.active_tool = "PathoSynPanel"
@@ -139,7 +150,7 @@ class PathoSynWebApp:
             with self.layout.undo_redo:
                 SegmentEditorUndoRedoUI(editor_ui=self.editorUI)
             with self.layout.content:
-                self.layoutManager.initialize_layout_grid(self.layout)
+                self.views.buildLayers(self.server, self.typed.name.layout, self.typed.name.pathar_columns)
         self.segmentEditorLogic.set_ui(self.editorUI)
         self.upload.on_load_volume.connect(self._onUpload)
 
@@ -178,7 +189,7 @@ class PathoSynWebApp:
             run = self.controller.patharRun
             n = len(run.samples) if run is not None and run.isIntact() else int(self.typed.data.pathar_n or 2)
             layout = self._patharLayoutId(min(max(n, 1), 4))
-        if layout != self.layoutManager.layout_id:
+        if layout != self.views.currentLayout:
             self.views.setLayout(layout)
 
     def _onAxialClick(self, pointRAS) -> None:
@@ -194,7 +205,7 @@ class PathoSynWebApp:
         c = self.controller
         result = c.lastResult
         out = {"running": c.running, "error": self.typed.data.error, "message": self.typed.data.message,
-               "layout": self.layoutManager.layout_id, "has_result": result is not None,
+               "layout": self.views.currentLayout, "has_result": result is not None,
                "pathar_samples": len(c.patharRun.samples) if c.patharRun is not None else 0,
                "worker_alive": bool(self.worker is not None and self.worker.alive),
                "torch_in_server": "torch" in sys.modules, "scene_nodes": self.slicerApp.scene.GetNumberOfNodes(),

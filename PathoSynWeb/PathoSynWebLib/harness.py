@@ -122,6 +122,11 @@ class Browser:
                 psutil.Process(pid).kill()
 
 
+# The view images on screen: those of the shown layout's layer (the others stay in the page, hidden: views.buildLayers)
+SHOWN_VIEW_IMAGES_JS = ("Array.from(document.querySelectorAll('img.image-display-area')).filter(e => "
+                        "!e.closest('.ps-layer:not(.ps-layer-on)') && e.getBoundingClientRect().width > 50)")
+
+
 class Page:
     """The PathoSyn page: clicks by element id, server-side checks through trame triggers."""
 
@@ -170,15 +175,14 @@ class Page:
 
     def largestView(self):
         """Bounding box of the largest view image on screen (the axial view of the Paint layout)."""
-        boxes = self.page.evaluate("""Array.from(document.querySelectorAll('img.image-display-area'))
-            .map(e => e.getBoundingClientRect()).filter(r => r.width > 50)
+        boxes = self.page.evaluate(SHOWN_VIEW_IMAGES_JS + """.map(e => e.getBoundingClientRect())
             .map(r => ({x: r.x, y: r.y, width: r.width, height: r.height}))""")
         if not boxes:
             raise RuntimeError("no view image on the page")
         return max(boxes, key=lambda b: b["width"] * b["height"])
 
     def viewImageSources(self) -> list:
-        return self.page.evaluate("Array.from(document.querySelectorAll('img.image-display-area')).map(e => e.src)")
+        return self.page.evaluate(SHOWN_VIEW_IMAGES_JS + ".map(e => e.src)")
 
     def brushStroke(self, dx: float = 40.0, steps: int = 8) -> None:
         """Press, drag `dx` px to the right from the centre of the axial view, release: real mouse events."""

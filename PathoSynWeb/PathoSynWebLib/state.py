@@ -35,6 +35,7 @@ class PathoSynWebState:
     # PathAR
     pathar_modalities: list = field(default_factory=lambda: ["t1c", "flair"])
     pathar_n: int = 2
+    pathar_columns: int = 2  # samples the PathAR layout shows (its run's)
     pathar_seed: int = 0
     pathar_temperature: float = 1.0
     pathar_modality: str = "t1c"

@@ -41,6 +41,7 @@ log = logging.getLogger("pathosyn.web")
 PAINT_SLICE_TAGS = ("Red", "Green", "Yellow")
 OVERLAY_OPACITY = 0.6
 FRAME_MARGIN = 1.8  # a 3D view aimed at a lesion is this many times the lesion's size across
+COMPARE_SPAN, COMPARE_MIN_FOV_MM = 3.0, 100.0  # the compare slices show 3 lesion sizes across (>= 100 mm) around it
 STILL_QUALITY = 90  # trame_rca RcaImageRenderScheduler's default still_quality
 # Views render at most this many pixels; the browser scales the image up to the view's size. On a CPU renderer
 # (llvmpipe, 2 cores) a render costs about its pixel count: the Paint layout's 718x764 axial view took 0.10 s a
@@ -189,6 +190,24 @@ def patharLayoutId(n: int) -> str:
     return f"PathAR {n}"
 
 
+def patharColumns(layoutId: str) -> int:
+    """Samples shown by a PathAR layout (0 for the others)."""
+    return int(layoutId.split()[-1]) if layoutId.startswith("PathAR ") else 0
+
+
+def patharColumn(tag: str) -> int | None:
+    """The sample (column) of a PathAR view tag, None for other views."""
+    return next((i for i in range(MAX_SAMPLES) if tag in (viewTag(i), sliceTag(i))), None)
+
+
+# The view area's layers (WebViews.buildLayers): stacked in one place, each keeps its size while hidden (no resize, no
+# re-render when it shows again); hidden ones are not painted and take no mouse events.
+PAGE_LAYERS_CSS = (".ps-layers { position: relative; flex: 1 1 auto; height: 100%; background-color: black; } "
+                   ".ps-layer { position: absolute; inset: 0; display: flex; flex-direction: column; "
+                   "visibility: hidden; pointer-events: none; } "
+                   ".ps-layer-on { visibility: visible; pointer-events: auto; }")
+
+
 def layouts() -> dict:
     paint = Layout(LayoutDirection.Horizontal, [
         ViewLayoutDefinition.axial_view(),
@@ -216,8 +235,9 @@ class WebViews:
     def __init__(self, slicerApp, layoutManager, onLayout=None, renderHold: RenderHold | None = None):
         self.app = slicerApp
         self.scene = slicerApp.scene
-        self.layoutManager = layoutManager
+        self.layoutManager = layoutManager  # holds the layouts, creates their views; buildLayers shows them
         self.onLayout = onLayout  # called with the layout id (the page's layout selector follows)
+        self.currentLayout: str | None = None
         self.renderHold = renderHold or RenderHold()  # the one registerViewFactories was given
         self.resultComposite = None
         self.layoutTags: dict = {}  # layout id -> tags of its views
@@ -234,10 +254,47 @@ class WebViews:
         for layoutId in self.layoutManager.get_layout_ids():
             self.layoutManager.create_layout_views_if_needed(layoutId)
 
+    def buildLayers(self, server, layoutState: str, columnsState: str) -> None:
+        """The page's view area: the Paint, Compare and PathAR layouts as stacked layers (PAGE_LAYERS_CSS), built
+        once, every view mounted for good. A layout switch only changes which layer is visible (state `layoutState`:
+        Paint / Compare / PathAR) and how many PathAR columns show (`columnsState`). trame-slicer's LayoutManager
+        re-sent the whole page's template on every switch instead: a 200-290 ms task in the page, during which it
+        answered nothing (pings after a synthesis of up to 460 ms)."""
+        from trame.widgets import html
+
+        with html.Div(classes="ps-layers"):
+            layers = (("Paint", "Paint"), ("Compare", "Compare"), ("PathAR", patharLayoutId(MAX_SAMPLES)))
+            for layer, layoutId in layers:
+                with html.Div(id=f"ps-layer-{layer.lower()}",
+                              classes=(f"{layoutState} === '{layer}' ? 'ps-layer ps-layer-on' : 'ps-layer'",)):
+                    self._grid(server, self.layoutManager.get_layout(layoutId), columnsState)
+
+    def _grid(self, server, layout: Layout, columnsState: str) -> None:
+        """A layout's nested flex boxes, each view as its server template (as trame-slicer's LayoutGrid); the PathAR
+        sample i's views only while `columnsState` > i."""
+        from trame.widgets import client, html
+
+        direction = "row" if layout.direction == LayoutDirection.Horizontal else "column"
+        with html.Div(style=f"display: flex; flex-direction: {direction}; flex: 1; min-width: 0; min-height: 0;"):
+            for i, item in enumerate(layout.items):
+                flex = layout.flex_sizes[i] if layout.flex_sizes and len(layout.flex_sizes) > i else "1"
+                if isinstance(item, Layout):
+                    with html.Div(style=f"display: flex; flex: {flex}; min-width: 0; min-height: 0;"):
+                        self._grid(server, item, columnsState)
+                    continue
+                column = patharColumn(item.singleton_tag)
+                with html.Div(classes="layout-grid-item", style=f"display: flex; flex: {flex}; min-width: 0; "
+                              "min-height: 0; border: 1px solid #222;",
+                              v_show=(f"{columnsState} > {column}",) if column is not None else None):
+                    client.ServerTemplate(name=server.translator.translate_key(item.singleton_tag))
+
     def setLayout(self, layoutId: str) -> None:
-        """Every layout change comes here: the render gate (RenderHold) learns which views are on screen."""
-        self.layoutManager.set_layout(layoutId)
-        self.renderHold.show(self.layoutTags.get(layoutId, []))
+        """Every layout change comes here: the page shows its layer (onLayout sets the state buildLayers reads),
+        trame-slicer renders only its views, and the render gate (RenderHold) learns which views are on screen."""
+        tags = self.layoutTags.get(layoutId, [])
+        self.currentLayout = layoutId
+        self.app.view_manager.set_current_view_ids(tags)
+        self.renderHold.show(tags)
         if self.onLayout is not None:
             self.onLayout(layoutId)
 
@@ -292,8 +349,10 @@ class WebViews:
             inputView.fit_view_to_content()
         source, target = views.sliceNodes
         centre = segmentationCentreRAS(segmentation) if segmentation is not None else None
+        size = _segmentationSize(segmentation) if centre is not None else 0.0
         if centre is not None:
             source.JumpSliceByCentering(*centre)
+            zoomSlice(source, size)
         target.SetFieldOfView(*source.GetFieldOfView())  # linked views share interaction, not the first FOV
         target.GetSliceToRAS().DeepCopy(source.GetSliceToRAS())
         target.UpdateMatrices()
@@ -307,7 +366,7 @@ class WebViews:
             yield "lesion outline"
         self.setOverlay({"residual": residual, "uncertainty": uncertainty}.get(overlay))
         if centre is not None:
-            self.aimCamera(COMPARE_3D_TAG, centre, _segmentationSize(segmentation))
+            self.aimCamera(COMPARE_3D_TAG, centre, size)
         yield "overlay and camera"
 
     def showOnlyIn(self, displayable, tags) -> None:
@@ -377,6 +436,14 @@ class WebViews:
             onClick(ras)
 
         interactor.AddObserver("LeftButtonPressEvent", onPress, 10.0)
+
+
+def zoomSlice(sliceNode, size: float) -> None:
+    """Zoom a slice view (about its centre) so that its narrower side spans COMPARE_SPAN lesion sizes (`size` mm),
+    at least COMPARE_MIN_FOV_MM; never out beyond the fitted view."""
+    fov = sliceNode.GetFieldOfView()
+    scale = min(1.0, max(COMPARE_SPAN * size, COMPARE_MIN_FOV_MM) / max(min(fov[0], fov[1]), 1e-6))
+    sliceNode.SetFieldOfView(fov[0] * scale, fov[1] * scale, fov[2])
 
 
 def aimCamera(camera, centre, size: float, aspect: float = 1.0) -> None:
