@@ -142,6 +142,13 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     page.page.locator(".v-select:has(#ps-overlay) .v-field").first.click()
     page.page.locator(".v-overlay .v-list-item", has_text="none").first.click()
     page.waitFor(lambda: page.status()["overlay"] is None, timeout=20, what="no overlay")
+    # a layout switch shows another layer of the page: the views stay mounted (the whole page was re-rendered)
+    page.page.evaluate("document.querySelector('#ps-layer-compare img.image-display-area').__psMark = 1")
+    for layout in ("paint", "compare"):
+        page.click(f"#ps-layout-{layout}")
+        page.waitFor(lambda layout=layout: page.status()["layout"].lower() == layout, timeout=20, what=layout)
+    assert page.page.evaluate("document.querySelector('#ps-layer-compare img.image-display-area').__psMark === 1")
+    assert page.page.evaluate("document.querySelector('#ps-layer-compare').classList.contains('ps-layer-on')")
 
     # Save through the page, then compare the files with the untouched input
     out = tmp_path / "saved"

@@ -1,6 +1,7 @@
-"""Layouts and what the views show: trame-slicer's LayoutManager and views, linked through the Slicer modules' logic.
+"""Layouts and what the views show: trame-slicer's views, linked through the Slicer modules' logic.
 
-Three layouts, their views created at startup (the first creation of a view costs about 2 s on a CPU renderer):
+Three layouts, their views created at startup (the first creation of a view costs about 2 s on a CPU renderer) and
+shown as stacked layers of the page (WebViews.buildLayers: a switch changes which layer is visible):
   Paint    axial (large) + coronal, sagittal, 3D: paint the lesion here
   Compare  input | result slice views (tags PathoSynInput / PathoSynResult, the desktop module's) + 3D;
            linked (view group, composite LinkedControl) by PathoSynSlicerLib.logic.linkCompareViews
