@@ -367,21 +367,24 @@ def _orientedImageInBox(boxed: np.ndarray, box: tuple[slice, ...], ijkToRAS: np.
 def _referenceBox(image, ownBox: tuple, refIJKToRAS: np.ndarray, refExtent, refShape: tuple) -> tuple | None:
     """The (z, y, x) array slices of a reference grid (IJK to RAS, extent, array shape) that cover the voxels
     `ownBox` (array slices) of an oriented image, with one voxel of margin; None when they lie outside the grid."""
+    import slicer
     from vtkmodules.vtkCommonMath import vtkMatrix4x4
+    from vtkmodules.vtkCommonTransforms import vtkTransform
 
     ext = image.GetExtent()
+    z, y, x = ownBox
+    ownExtent = (ext[0] + x.start, ext[0] + x.stop - 1, ext[2] + y.start, ext[2] + y.stop - 1,
+                 ext[4] + z.start, ext[4] + z.stop - 1)
     toWorld = vtkMatrix4x4()
     image.GetImageToWorldMatrix(toWorld)
-    ranges = [(b.start - 0.5, b.stop - 0.5) for b in reversed(ownBox)]  # voxel edges along x, y, z (own indices)
-    corners = np.array([[i + ext[0], j + ext[2], k + ext[4], 1.0] for i in ranges[0] for j in ranges[1]
-                        for k in ranges[2]])
-    onReference = (np.linalg.inv(refIJKToRAS) @ _numpyMatrix(toWorld) @ corners.T)[:3]  # reference i, j, k
-    onReference -= np.array([[refExtent[0]], [refExtent[2]], [refExtent[4]]])  # -> array indices
-    low = np.floor(onReference.min(axis=1)).astype(int) - 1
-    high = np.ceil(onReference.max(axis=1)).astype(int) + 1
+    toReference = vtkTransform()
+    toReference.SetMatrix(_vtkMatrix(np.linalg.inv(refIJKToRAS) @ _numpyMatrix(toWorld)))
+    onReference = [0] * 6
+    slicer.vtkOrientedImageDataResample.TransformExtent(ownExtent, toReference, onReference)
     box = []
     for axis, size in zip((2, 1, 0), refShape):  # z, y, x
-        start, stop = max(int(low[axis]), 0), min(int(high[axis]) + 1, size)
+        start = max(onReference[2 * axis] - 1 - refExtent[2 * axis], 0)
+        stop = min(onReference[2 * axis + 1] + 2 - refExtent[2 * axis], size)
         if start >= stop:
             return None
         box.append(slice(start, stop))

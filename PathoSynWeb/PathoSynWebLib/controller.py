@@ -382,8 +382,8 @@ class WebController:
         """Run a result's display phases: `phases` is a generator whose every `yield <name>` ends one scene step
         (new nodes, old ones removed, layout, links, overlay). The event loop is given back between them, so that
         pings and other messages are served while a result is set up instead of after it (for LOOP_BREATH_S: a
-        message needs a few loop turns). The views' renders are held
-        until the last phase (views.RenderHold): one render per view, of the finished scene."""
+        message needs a few loop turns). The views' renders are held until the last phase (views.RenderHold): one
+        render per view, of the finished scene."""
         timings = {}
         with self.views.renderHold() if self.views is not None else contextlib.nullcontext():
             while True:
