@@ -7,7 +7,8 @@
 
 Randomness: sample i draws its structure from Gumbel noise seeded by (seed, i) and each modality's appearance
 from (seed, i, modality). The same arguments give identical output, and sample i's structure does not depend on
-n or on which modalities are requested (up to floating-point ties).
+n or on which modalities are requested (up to floating-point ties). With a shared anatomy (`anatomy_from`) every
+modality copies the anchor modality's tokens outside the lesion, drawn from the anchor's own noise.
 """
 from __future__ import annotations
 
@@ -24,7 +25,15 @@ from ..labels import MODALITIES, check_modality
 from ..runtime import pick_device, pin_onednn_convolutions
 from ..volume import Volume
 from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
-from .transformer import IARConfig, IARTransformer, sample_joint, seeded_gumbel_noise
+from .transformer import (
+    IARConfig,
+    IARTransformer,
+    SharedAnatomy,
+    sample_appearance,
+    sample_joint,
+    sample_structure,
+    seeded_gumbel_noise,
+)
 
 STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME = "pathar_structure_vq", "pathar_appearance_vq", "pathar_transformer"
 WEIGHT_NAMES = (STRUCTURE_NAME, APPEARANCE_NAME, TRANSFORMER_NAME)
@@ -38,6 +47,23 @@ _MODELS: dict[tuple, PathAR] = {}
 
 
 ModalityGuidance = float | Mapping[str, float]  # one weight for every modality, or {modality: weight}
+CARD_DEFAULT = "card"  # anatomy_from: the weights' card decides
+INDEPENDENT = "none"  # anatomy_from: every modality row draws its whole token field
+
+
+def check_anatomy_from(value, modalities: list[str]) -> str | None:
+    """anatomy_from -> the anchor modality, or None for independent rows; InputError when invalid."""
+    if value is None or value == INDEPENDENT:
+        return None
+    if not isinstance(value, str) or value not in modalities:
+        raise InputError(f"anatomy_from must be one of {', '.join(modalities)} or '{INDEPENDENT}', got {value!r}")
+    return value
+
+
+def lesion_cells(masks: torch.Tensor, downsample: int) -> torch.Tensor:
+    """(B, *S) labels -> (B, N) bool: token cells holding any lesion voxel (row-major, as the token grid)."""
+    pool = getattr(torch.nn.functional, f"max_pool{masks.dim() - 1}d")
+    return pool((masks > 0).float()[:, None], downsample).flatten(1) > 0
 
 
 def _guidance_weight(w, shown) -> float:
@@ -102,6 +128,8 @@ class PathAR:
         try:  # a map may leave modalities out: those sample plainly
             self.modality_guidance = {m: 0.0 for m in self.modalities} | per_modality_guidance(
                 card.get("sampling", {}).get("modality_guidance", 0.0), self.modalities)
+            # shared anatomy (transformer.SharedAnatomy): the modality whose tokens the others copy outside the lesion
+            self.anatomy_from = check_anatomy_from(card.get("sampling", {}).get("anatomy_from"), self.modalities)
         except InputError as exc:
             raise WeightsError(f"{TRANSFORMER_NAME} card: {exc}") from None
 
@@ -152,11 +180,14 @@ class PathAR:
     @torch.no_grad()
     def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
                  top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0,
-                 guidance: ModalityGuidance | None = None):
-        """SamplePairs for sample indices `indices` (one batch); guidance None = the weights' default."""
+                 guidance: ModalityGuidance | None = None, anatomy_from: str | None = CARD_DEFAULT):
+        """SamplePairs for sample indices `indices` (one batch); guidance None = the weights' default;
+        anatomy_from CARD_DEFAULT = the weights' default, None = independent modality rows."""
         cfg = self.transformer.cfg
         B, M, N = len(indices), len(modalities), cfg.positions
         weights = self.guidance(guidance)
+        anchor = self.anatomy_from if anatomy_from == CARD_DEFAULT else check_anatomy_from(anatomy_from,
+                                                                                           self.modalities)
 
         def noise(i: int, stream: int, vocab: int) -> torch.Tensor:
             return seeded_gumbel_noise([seed, i, stream], (N, vocab))
@@ -167,18 +198,38 @@ class PathAR:
 
         report(0.0, "sampling tokens")
         s_noise = torch.stack([noise(i, 0, cfg.structure_vocab) for i in indices])  # (B, N, Vs)
-        # one row per (sample, modality): the structure cache is shared, the modality label differs
-        rows = [(b, m) for b in range(B) for m in modalities]
+        # one row per (sample, modality): the structure cache is shared, the modality label differs; a shared
+        # anatomy's anchor modality is drawn even when it is not requested
+        row_modalities = modalities + ([anchor] if anchor and anchor not in modalities else [])
+        R = len(row_modalities)
+        rows = [(b, m) for b in range(B) for m in row_modalities]
         mod_index = torch.tensor([self.modalities.index(m) for _, m in rows])
         a_noise = torch.stack([noise(indices[b], 1 + MODALITIES.index(m), cfg.appearance_vocab) for b, m in rows])
+        label_weights = [weights[m] for m in self.modalities]
         every = max(1, N // 20)
-        with _cpu_threads(self.device, AR_THREADS):  # structure and appearance tokens, pipelined
-            s_tokens, a_tokens = sample_joint(
-                self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
-                guidance=[weights[m] for m in self.modalities],
-                callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
+        with _cpu_threads(self.device, AR_THREADS):
+            if anchor is None:  # structure and appearance tokens, pipelined
+                s_tokens, a_tokens = sample_joint(
+                    self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
+                    guidance=label_weights, callback=lambda j, n: j % every == 0 and report(0.9 * j / n,
+                                                                                           "sampling tokens"))
+            else:  # the lesion's cells must be known before the appearance: structure first
+                s_tokens, s_cache = sample_structure(
+                    self.transformer, s_noise, temperature=temperature, top_k=top_k,
+                    callback=lambda j, n: j % every == 0 and report(0.3 * j / n, "sampling the lesion"))
+                masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
+                cells = lesion_cells(masks, self.structure.cfg.downsample).repeat_interleave(R, 0)  # (B*R, N)
+                is_anchor = torch.tensor([m == anchor for _, m in rows])
+                shared = SharedAnatomy(anchor=torch.tensor([b * R + row_modalities.index(anchor) for b, _ in rows]),
+                                       own=cells | is_anchor[:, None])
+                a_tokens = sample_appearance(
+                    self.transformer, s_cache, mod_index, a_noise, temperature=temperature, top_k=top_k,
+                    guidance=label_weights, shared=shared,
+                    callback=lambda j, n: j % every == 0 and report(0.3 + 0.6 * j / n, "sampling the appearance"))
+                a_tokens = a_tokens.view(B, R, N)[:, :M].reshape(B * M, N)  # the requested modalities come first
         report(0.92, "decoding")
-        masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
+        if anchor is None:
+            masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
         images = self.decode_images(a_tokens, masks, modalities)
         masks = masks.cpu().numpy()
         spacing = (self.spacing,) * 3
@@ -261,17 +312,21 @@ def _check_args(modalities, n, seed, temperature, top_k, modality_guidance=None)
 
 def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
                  device: str = "auto", progress: Callable[[float, str], None] | None = None,
-                 weights: Path | None = None, modality_guidance: ModalityGuidance | None = None
-                 ) -> list[SamplePair]:
+                 weights: Path | None = None, modality_guidance: ModalityGuidance | None = None,
+                 anatomy_from: str | None = CARD_DEFAULT) -> list[SamplePair]:
     """Sample n lesion structures, each rendered in every requested modality.
 
     modalities: names from t1, t1c, t2, flair. Raises InputError for bad arguments and WeightsError for
     missing or corrupted weights (sha256 checked against the model cards). weights: a folder other than the
     bundled one (or PATHOSYN_WEIGHTS_DIR). modality_guidance: None = the weights' card default; a number for every
     modality or {modality: number} for some (0 = plain sampling; larger values push that modality's appearance
-    away from the modality average)."""
+    away from the modality average). anatomy_from: "card" = the weights' default; a modality = every modality of
+    a sample copies that modality's tokens outside the lesion, so all share one head and brain; "none" =
+    independent modality rows."""
     mods = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
     model = load_models(device, weights)
+    if anatomy_from != CARD_DEFAULT:
+        check_anatomy_from(anatomy_from, model.modalities)
     missing = [m for m in mods if m not in model.modalities]
     if missing:
         raise InputError(f"the PathAR weights do not know modality {', '.join(missing)}")
@@ -281,5 +336,5 @@ def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k:
         indices = list(range(start, min(n, start + CHUNK)))
         out += model.generate(mods, indices, int(seed), float(temperature), None if top_k is None else int(top_k),
                               progress, done=start / n, share=len(indices) / n,
-                              guidance=modality_guidance)
+                              guidance=modality_guidance, anatomy_from=anatomy_from)
     return out

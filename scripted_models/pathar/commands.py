@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     p.add_argument("--modality-guidance", default=None, metavar="W|MOD=W,...",
                    help="push each modality's appearance away from the modality average: one weight, or some "
                         "modalities' weights, e.g. flair=1 (0 = plain sampling; default: the weights' card)")
+    p.add_argument("--anatomy-from", default="card", metavar="MOD|none",
+                   help="every modality of a sample copies MOD's tokens outside the lesion, so all share one head "
+                        "and brain; none = each modality draws its own (default: the weights' card)")
     add_common(p)
     p.set_defaults(func=run_sample)
 
@@ -101,7 +104,8 @@ def run_sample(args: argparse.Namespace) -> int:
     progress = _progress(args)
     # everything is generated (and every argument checked) before the first file is written
     pairs = sample_pairs(args.modality, args.n, args.seed, temperature=args.temperature, top_k=args.top_k,
-                         device=args.device, progress=progress, modality_guidance=guidance)
+                         device=args.device, progress=progress, modality_guidance=guidance,
+                         anatomy_from=args.anatomy_from)
     progress.done(**write_samples(pairs, Path(args.out)), seed=args.seed)
     return 0
 

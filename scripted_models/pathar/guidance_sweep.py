@@ -25,8 +25,10 @@ import torch
 
 from ..labels import MODALITIES, SUBREGION_NAMES
 from .quality import SUBREGIONS, mean_contrasts
+from .test_fold import SEGMENTER_STEPS
 
 DICE_MARGIN = 0.03
+SHOWN_CONTRASTS = ("t1", "flair")  # the modalities whose levels went wrong (t1 edema sign, flair overshoot)
 
 
 def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -40,10 +42,19 @@ def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]
     return rows
 
 
+def parse_candidate(text: str) -> tuple[str, str | None]:
+    """ "W|MOD=W,...[@MOD]" -> (guidance text, anchor modality of a shared anatomy or None)."""
+    guidance, _, anchor = text.partition("@")
+    return guidance, (anchor or None)
+
+
 @torch.no_grad()
-def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float], seed: int) -> list[dict]:
-    """Each real mask's structure tokens, then sampled appearance in every modality -> [{modality: image}]."""
-    from .transformer import sample_appearance, seeded_gumbel_noise
+def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float], seed: int,
+                      anatomy_from: str | None = None) -> list[dict]:
+    """Each real mask's structure tokens, then sampled appearance in every modality -> [{modality: image}];
+    anatomy_from: the modality whose tokens the others copy outside the lesion (api.PathAR.generate)."""
+    from .api import lesion_cells
+    from .transformer import SharedAnatomy, sample_appearance, seeded_gumbel_noise
 
     tr, M, S = model.transformer, len(model.modalities), len(masks)
     mask_t = torch.from_numpy(np.stack(masks).astype(np.int64)).to(model.device)
@@ -53,8 +64,15 @@ def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float]
     modality = torch.arange(M).repeat(S)  # (S*M,) structure-major
     noise = torch.stack([seeded_gumbel_noise([seed, s, m], (tr.cfg.positions, tr.cfg.appearance_vocab))
                          for s in range(S) for m in range(M)])
-    a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=[guidance[m] for m in model.modalities])
     decoded = model.structure.decode_mask(s_tokens.view(S, *model.grid))
+    shared = None
+    if anatomy_from is not None:
+        anchor = model.modalities.index(anatomy_from)
+        own = lesion_cells(decoded, model.structure.cfg.downsample).repeat_interleave(M, 0)  # (S*M, N)
+        shared = SharedAnatomy(anchor=torch.arange(S).repeat_interleave(M) * M + anchor,
+                               own=own | (modality == anchor)[:, None])
+    a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=[guidance[m] for m in model.modalities],
+                                 shared=shared)
     images = model.decode_images(a_tokens, decoded, model.modalities)
     return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(S)]
 
@@ -69,8 +87,8 @@ def score(rows, rendered: list[dict], real: dict, segmenter) -> dict:
             "signs_total": sum(r["real"] is not None for r in agreement["contrasts"]),
             "worst_ordering": round(min(o for o in agreement["ordering"].values() if o is not None), 3),
             "contrast_error": agreement["contrast_error"],
-            "flair": {r["subregion"]: round(r["generated"] or 0.0, 2) for r in agreement["contrasts"]
-                      if r["modality"] == "flair"}}
+            "contrasts": {m: {r["subregion"]: round(r["generated"] or 0.0, 2) for r in agreement["contrasts"]
+                              if r["modality"] == m} for m in MODALITIES}}
 
 
 def choose(results: dict[str, list[dict]]) -> tuple[str, dict[str, bool]]:
@@ -89,47 +107,54 @@ def choose(results: dict[str, list[dict]]) -> tuple[str, dict[str, bool]]:
 
 def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -> str:
     lines = ["# PathAR modality guidance on the validation fold", "",
-             "Each cell: mean over the seeds (lowest-highest seed); flair: mean contrasts.", "",
+             "Each cell: mean over the seeds (lowest-highest seed); t1 and flair: mean sub-region contrasts.", "",
              f"{lesions} validation lesions (real structure tokens, sampled appearance), seeds "
-             f"{', '.join(map(str, seeds))}. Real patches: segmenter Dice {real_dice:.3f}, flair contrasts "
-             + ", ".join(f"{SUBREGION_NAMES[c]} {real['flair'][c]:.2f}" for c in SUBREGIONS if c in real["flair"])
+             f"{', '.join(map(str, seeds))}. Real patches: segmenter Dice {real_dice:.3f}; "
+             + "; ".join(f"{m} contrasts " + ", ".join(f"{SUBREGION_NAMES[c]} {real[m][c]:.2f}" for c in SUBREGIONS
+                                                          if c in real[m]) for m in SHOWN_CONTRASTS)
              + f". Rule: mean signs and mean worst ordering at least the reference's (first row), mean segmenter "
              f"Dice at most {DICE_MARGIN} below it, then the lowest mean contrast error.", "",
-             "| guidance | segmenter Dice | signs | worst ordering | contrast error (z) | flair core / edema / "
-             "enhancing | qualifies |", "|---|---|---|---|---|---|---|"]
+             "| guidance | segmenter Dice | signs | worst ordering | contrast error (z) | "
+             + " | ".join(f"{m} core / edema / enhancing" for m in SHOWN_CONTRASTS) + " | qualifies |",
+             "|---|---|---|---|---|" + "---|" * len(SHOWN_CONTRASTS) + "---|"]
     for name, per_seed in results.items():
         def col(key, per_seed=per_seed, digits=3):
             values = [r[key] for r in per_seed]
             return f"{np.mean(values):.{digits}f} ({min(values):g}-{max(values):g})"
 
-        flair = " / ".join(f"{np.mean([r['flair'][k] for r in per_seed]):.1f}" for k in per_seed[0]["flair"])
+        levels = " | ".join(" / ".join(f"{np.mean([r['contrasts'][m][k] for r in per_seed]):.2f}"
+                                       for k in per_seed[0]["contrasts"][m]) for m in SHOWN_CONTRASTS)
         mark = "**chosen**" if name == chosen else ("yes" if qualifies[name] else "no")
         lines.append(f"| {name} | {col('segmenter_dice')} | {col('signs', digits=1)} | "
-                     f"{col('worst_ordering', digits=2)} | {col('contrast_error', digits=2)} | {flair} | {mark} |")
+                     f"{col('worst_ordering', digits=2)} | {col('contrast_error', digits=2)} | {levels} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Choose PathAR's modality guidance on the validation fold.")
-    parser.add_argument("--candidates", nargs="+", required=True, metavar="W|MOD=W,...",
-                        help="guidance settings to compare; the first is the reference (normally the current default)")
+    parser.add_argument("--candidates", nargs="+", required=True, metavar="W|MOD=W,...[@MOD]",
+                        help="guidance settings to compare; the first is the reference (normally the current default); "
+                             "@MOD: a shared anatomy drawn in MOD")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--weights", default=None, help="weights folder (default: the bundled weights)")
-    parser.add_argument("--segmenter-steps", type=int, default=400)
+    parser.add_argument("--segmenter-steps", type=int, default=SEGMENTER_STEPS)
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "pathosyn" / "pathar_patches"))
     parser.add_argument("--data", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for guidance_validation.{json,md}")
     args = parser.parse_args(argv)
-    from .api import describe_guidance, load_models, parse_modality_guidance
+    from .api import check_anatomy_from, describe_guidance, load_models, parse_modality_guidance
     from .test_fold import SEGMENTER_MODALITIES, reference_patches, segmenter_dice, train_real_segmenter
 
     torch.set_num_threads(args.threads)
     model = load_models("cpu", args.weights and Path(args.weights))
-    candidates = {}
+    candidates, anchors = {}, {}
     for text in args.candidates:
-        setting = model.guidance(parse_modality_guidance(text))
-        candidates[describe_guidance(setting)] = setting
+        guidance_text, anchor = parse_candidate(text)
+        setting = model.guidance(parse_modality_guidance(guidance_text))
+        name = describe_guidance(setting) + (f", anatomy from {check_anatomy_from(anchor, model.modalities)}"
+                                             if anchor else "")
+        candidates[name], anchors[name] = setting, anchor
     patches = reference_patches(model.cards, Path(args.work), args.data)
     rows = validation_lesions(patches)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}
@@ -142,8 +167,8 @@ def main(argv=None) -> int:
         results[name] = []
         for seed in args.seeds:
             t0 = time.perf_counter()
-            results[name].append(score(complete, render_appearance(model, [m for m, _ in complete], setting, seed),
-                                       real, segmenter))
+            rendered = render_appearance(model, [m for m, _ in complete], setting, seed, anchors[name])
+            results[name].append(score(complete, rendered, real, segmenter))
             print(f"{name:32s} seed {seed}: {results[name][-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     chosen, qualifies = choose(results)
     text = markdown(results, qualifies, chosen, real, real_dice, len(complete), args.seeds)

@@ -723,6 +723,11 @@ def write_markdown_card(folder: Path | None = None) -> Path:
                   + sampling.get("chosen_on", ""), ""]
         if sampling.get("per_modality_sweep"):
             lines += ["A weight per modality: " + sampling["per_modality_sweep"], ""]
+        if sampling.get("shared_anatomy_sweep"):
+            anchor = sampling.get("anatomy_from")
+            anatomy_default = f"Shared anatomy from {anchor}" if anchor else "Independent modality rows"
+            lines += [anatomy_default + " by default (`sample_pairs(..., anatomy_from=MOD|'none')`, `pathosyn sample "
+                      "--anatomy-from`): " + sampling["shared_anatomy_sweep"], ""]
         if sampling.get("validation"):
             lines += ["| W | " + " | ".join(sampling["validation"]["columns"]) + " |",
                       "|---|" + "---|" * len(sampling["validation"]["columns"])]
