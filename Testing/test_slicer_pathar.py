@@ -117,6 +117,24 @@ def test_background_job_matches_blocking_run_and_cancel_leaves_scene(app, logic,
     assert runner.state == CANCELLED and app.node_ids() == before and not job.folder.exists()
 
 
+def test_anatomy_choice_reaches_the_engine(logic):
+    """The Anatomy choice goes to `pathosyn sample --anatomy-from`; a bad one is a one-line error and no job."""
+    from scripted_models.errors import InputError
+
+    job = logic.createJob(MODS, n=1, seed=SEED, anatomyFrom="t2")
+    try:
+        assert job.argv[job.argv.index("--anatomy-from") + 1] == "t2"
+    finally:
+        job.cleanup()
+    job = logic.createJob(MODS, n=1, seed=SEED)
+    job.cleanup()
+    assert job.argv[job.argv.index("--anatomy-from") + 1] == "card"
+    with pytest.raises(InputError, match="anatomy must be one of card, none, t1"):
+        logic.createJob(MODS, n=1, seed=SEED, anatomyFrom="pd")
+    with pytest.raises(InputError, match="anatomy must be one of"):
+        logic.generateSamples(MODS, n=1, seed=SEED, anatomyFrom="")
+
+
 def test_generate_through_the_warm_worker_matches_the_blocking_run(app, logic, run):
     from PathoSynSlicerLib.process import DONE, WorkerRunner
 

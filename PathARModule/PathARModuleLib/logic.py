@@ -255,28 +255,41 @@ class PathARModuleLogic:
             raise InputError(f"temperature must be a number > 0, got {temperature!r}")
         return mods
 
+    @staticmethod
+    def checkAnatomyFrom(anatomyFrom) -> str:
+        """"card" (the weights' default), "none" (each modality its own head) or the modality all copy."""
+        from .parameters import ANATOMY_CHOICES
+
+        if anatomyFrom not in ANATOMY_CHOICES:
+            raise InputError(f"anatomy must be one of {', '.join(ANATOMY_CHOICES)}, got {anatomyFrom!r}")
+        return anatomyFrom
+
     # --- samples -> nodes --------------------------------------------------------------------------------------------
     def generateSamples(self, modalities, n: int = 4, seed: int = 0, temperature: float = 1.0,
-                        topK: int | None = None, device: str = "auto", progress: Progress | None = None) -> PathARRun:
+                        topK: int | None = None, device: str = "auto", progress: Progress | None = None,
+                        anatomyFrom: str = "card") -> PathARRun:
         """Sample n lesion structures and render each in every modality (blocking). Returns the new nodes.
-        Raises InputError / WeightsError with a one-line message; the scene is then unchanged."""
+        anatomyFrom: see checkAnatomyFrom. Raises InputError / WeightsError with a one-line message; the scene is
+        then unchanged."""
         mods = self.checkArguments(modalities, n, seed, temperature)
+        anatomyFrom = self.checkAnatomyFrom(anatomyFrom)
         checkDependencies()
         from scripted_models.pathar.api import sample_pairs
 
         pairs = sample_pairs(mods, n=int(n), seed=int(seed), temperature=float(temperature), top_k=topK,
-                             device=device, progress=progress)
+                             device=device, progress=progress, anatomy_from=anatomyFrom)
         return self.addSampleNodes([(p.mask, p.images) for p in pairs], mods, int(seed), float(temperature))
 
     def createJob(self, modalities, n: int = 4, seed: int = 0, temperature: float = 1.0, device: str = "auto",
-                  threads: int | None = None, workDir: str | None = None) -> SamplesJob:
+                  threads: int | None = None, workDir: str | None = None, anatomyFrom: str = "card") -> SamplesJob:
         """Arguments for a background `pathosyn sample` (run with PathoSynSlicerLib.process.CLIRunner), then
         loadJobOutputs(job). The scene is not touched until then."""
         mods = self.checkArguments(modalities, n, seed, temperature)
+        anatomyFrom = self.checkAnatomyFrom(anatomyFrom)
         folder = Path(tempfile.mkdtemp(prefix="pathar-", dir=workDir or temporaryDirectory()))
         argv = ["sample", *[a for m in mods for a in ("--modality", m)], "--n", str(int(n)), "--seed",
                 str(int(seed)), "--temperature", repr(float(temperature)), "--out", str(folder / "samples"),
-                "--device", device]
+                "--device", device, "--anatomy-from", anatomyFrom]
         if threads:
             argv += ["--threads", str(int(threads))]
         return SamplesJob(argv, folder, mods, int(n), int(seed), float(temperature))

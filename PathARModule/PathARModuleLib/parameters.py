@@ -28,7 +28,10 @@ FIELDS = {
     "targetModality": (str, "t1"),
     "placementPoint": (slicer.vtkMRMLMarkupsFiducialNode, None),
     "device": (str, "auto"),
+    "anatomyFrom": (str, "card"),
 }
+# "card" = the weights' default; "none" = each modality draws its own head; a modality = all copy its anatomy
+ANATOMY_CHOICES = ("card", "none", *MODALITIES)
 RENDER_FIELDS = {"t1": "renderT1", "t1c": "renderT1c", "t2": "renderT2", "flair": "renderFlair"}
 
 if HAVE_PARAMETER_NODE_WRAPPER:
@@ -49,6 +52,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         targetModality: Annotated[str, Choice(list(MODALITIES))] = "t1"
         placementPoint: slicer.vtkMRMLMarkupsFiducialNode
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
+        anatomyFrom: Annotated[str, Choice(list(ANATOMY_CHOICES))] = "card"
 
 else:
     PathARParameterNode = qtFreeParameterClass("PathARParameterNode", FIELDS)

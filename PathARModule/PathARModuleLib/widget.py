@@ -17,7 +17,8 @@ from .logic import PathARModuleLogic
 
 PLACEMENT_NODE_NAME = "PathAR lesion centre"
 INPUT_WIDGETS = ("renderT1CheckBox", "renderT1cCheckBox", "renderT2CheckBox", "renderFlairCheckBox",
-                 "numberOfSamplesSpinBox", "seedSpinBox", "temperatureSlider", "deviceComboBox")
+                 "numberOfSamplesSpinBox", "seedSpinBox", "temperatureSlider", "deviceComboBox",
+                 "anatomyComboBox")
 
 
 class PathARWidget(VTKObservationMixin):
@@ -174,7 +175,7 @@ class PathARWidget(VTKObservationMixin):
         params = self.params
         self._job = self.logic.createJob(P.renderModalities(params), n=int(params.numberOfSamples),
                                          seed=int(params.seed), temperature=float(params.temperature),
-                                         device=params.device)
+                                         device=params.device, anatomyFrom=params.anatomyFrom or "card")
         self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
                                     onError=self.showError, onFinished=self.onFinished)
         try:
