@@ -211,6 +211,10 @@ def test_shared_anatomy_copies_the_anchor_outside_the_lesion_cells():
     own = lesion.repeat_interleave(3, 0)
     own[[1, 4]] = True  # the anchor rows draw every token
     anchor = torch.tensor([1, 1, 1, 4, 4, 4])
+    built = SharedAnatomy.from_lesion_cells(lesion, mods, anchor_label=2)
+    assert torch.equal(built.anchor, anchor) and torch.equal(built.own, own)
+    with pytest.raises(ValueError, match="exactly one row"):
+        SharedAnatomy.from_lesion_cells(lesion, mods, anchor_label=1)
     shared = sample_appearance(model, cache, mods, a_noise, guidance=2.0, shared=SharedAnatomy(anchor, own))
     assert torch.equal(shared[[1, 4]], independent[[1, 4]])
     assert torch.equal(shared[~own], shared[anchor][~own])

@@ -218,10 +218,8 @@ class PathAR:
                     self.transformer, s_noise, temperature=temperature, top_k=top_k,
                     callback=lambda j, n: j % every == 0 and report(0.3 * j / n, "sampling the lesion"))
                 masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
-                cells = lesion_cells(masks, self.structure.cfg.downsample).repeat_interleave(R, 0)  # (B*R, N)
-                is_anchor = torch.tensor([m == anchor for _, m in rows])
-                shared = SharedAnatomy(anchor=torch.tensor([b * R + row_modalities.index(anchor) for b, _ in rows]),
-                                       own=cells | is_anchor[:, None])
+                shared = SharedAnatomy.from_lesion_cells(lesion_cells(masks, self.structure.cfg.downsample),
+                                                         mod_index, self.modalities.index(anchor))
                 a_tokens = sample_appearance(
                     self.transformer, s_cache, mod_index, a_noise, temperature=temperature, top_k=top_k,
                     guidance=label_weights, shared=shared,

@@ -65,12 +65,8 @@ def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float]
     noise = torch.stack([seeded_gumbel_noise([seed, s, m], (tr.cfg.positions, tr.cfg.appearance_vocab))
                          for s in range(S) for m in range(M)])
     decoded = model.structure.decode_mask(s_tokens.view(S, *model.grid))
-    shared = None
-    if anatomy_from is not None:
-        anchor = model.modalities.index(anatomy_from)
-        own = lesion_cells(decoded, model.structure.cfg.downsample).repeat_interleave(M, 0)  # (S*M, N)
-        shared = SharedAnatomy(anchor=torch.arange(S).repeat_interleave(M) * M + anchor,
-                               own=own | (modality == anchor)[:, None])
+    shared = None if anatomy_from is None else SharedAnatomy.from_lesion_cells(
+        lesion_cells(decoded, model.structure.cfg.downsample), modality, model.modalities.index(anatomy_from))
     a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=[guidance[m] for m in model.modalities],
                                  shared=shared)
     images = model.decode_images(a_tokens, decoded, model.modalities)

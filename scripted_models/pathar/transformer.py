@@ -495,6 +495,18 @@ class SharedAnatomy:
     anchor: torch.Tensor
     own: torch.Tensor
 
+    @classmethod
+    def from_lesion_cells(cls, cells: torch.Tensor, modality: torch.Tensor, anchor_label: int) -> SharedAnatomy:
+        """cells (S, N): each sample's lesion token cells; modality (S*R,): the rows' labels, structure-major, one
+        row of `anchor_label` per sample."""
+        S = cells.shape[0]
+        is_anchor = modality.long().view(S, -1) == anchor_label  # (S, R)
+        if not (is_anchor.sum(1) == 1).all():
+            raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+        R = is_anchor.shape[1]
+        anchor = (torch.arange(S, device=modality.device) * R + is_anchor.long().argmax(1)).repeat_interleave(R)
+        return cls(anchor=anchor, own=cells.repeat_interleave(R, 0) | is_anchor.flatten()[:, None])
+
 
 @torch.no_grad()
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
