@@ -267,6 +267,18 @@ def test_pathar_sample_mask_placed_at_a_point(app, tmp_path):
     assert "outside" in c.state.error
 
 
+def test_pathar_anatomy_choice_goes_to_the_job(app, tmp_path, loop):
+    c = controller(app, tmp_path=tmp_path)
+    c.state.pathar_anatomy = "t2"
+    task = c.samplePathAR()
+    argv = c.runners[0].argv
+    assert argv[0] == "sample" and argv[argv.index("--anatomy-from") + 1] == "t2"
+    c.cancel()
+    run(task)
+    c.state.pathar_anatomy = "pd"
+    assert c.samplePathAR() is None and "anatomy must be one of" in c.state.error and len(c.runners) == 1
+
+
 def test_one_volume_per_modality_goes_to_the_job(app, tmp_path, loop):
     c = controller(app, tmp_path=tmp_path)
     head, t1 = write_head(tmp_path, "sub01_t1.nii.gz")

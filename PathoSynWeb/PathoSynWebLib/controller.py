@@ -296,7 +296,8 @@ class WebController:
                 raise InputError("a job is already running: wait for it or cancel it")
             s = self.state
             job = self.pathar.createJob(list(s.pathar_modalities or []), n=int(s.pathar_n), seed=int(s.pathar_seed),
-                                        temperature=float(s.pathar_temperature), workDir=self.workDir)
+                                        temperature=float(s.pathar_temperature), workDir=self.workDir,
+                                        anatomyFrom=s.pathar_anatomy)
             return self._start(job, "sample", self._onSamplesDone)
         return None
 

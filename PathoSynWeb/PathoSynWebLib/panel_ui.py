@@ -20,7 +20,7 @@ from trame.widgets.vuetify3 import (
     VTextField,
 )
 
-from .state import MODALITY_ITEMS, OVERLAY_ITEMS
+from .state import ANATOMY_ITEMS, MODALITY_ITEMS, OVERLAY_ITEMS
 
 
 def _section(title: str):
@@ -122,6 +122,8 @@ class PathoSynPanel(html.Div):
                     with VCol(cols=4):
                         VTextField(v_model_number=(n.pathar_temperature,), type="number", step="0.1",
                                    label="temperature", density="compact", hide_details=True)
+                VSelect(v_model=(n.pathar_anatomy,), items=("anatomy_items", ANATOMY_ITEMS), label="anatomy",
+                        density="compact", hide_details=True, classes="mt-1", id="ps-pathar-anatomy")
                 VBtn("Generate samples", id="ps-pathar-generate", variant="tonal", classes="mt-1",
                      click=handlers["pathar"], disabled=(busy,))
                 with html.Div(v_if=(n.pathar_has_run,), classes="mt-2"):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 MODALITY_ITEMS = ["t1", "t1c", "t2", "flair"]
 OVERLAY_ITEMS = ["none", "residual", "uncertainty"]
+ANATOMY_ITEMS = ["card", "none", *MODALITY_ITEMS]  # PathAR: the weights' default, own heads, or one shared
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PathoSynWebState:
     pathar_columns: int = 2  # samples the PathAR layout shows (its run's)
     pathar_seed: int = 0
     pathar_temperature: float = 1.0
+    pathar_anatomy: str = "card"
     pathar_modality: str = "t1c"
     pathar_has_run: bool = False
     pathar_sample: int = 1  # 1-based, for "Use this mask"
@@ -47,4 +49,4 @@ class PathoSynWebState:
     save_mrb: bool = False
 
 
-__all__ = ["MODALITY_ITEMS", "OVERLAY_ITEMS", "PathoSynWebState"]
+__all__ = ["ANATOMY_ITEMS", "MODALITY_ITEMS", "OVERLAY_ITEMS", "PathoSynWebState"]
