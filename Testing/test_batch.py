@@ -390,7 +390,9 @@ def test_a_job_that_always_kills_its_worker_fails_alone(tmp_path, monkeypatch):
     starts = [e for e in read_log(tmp_path / "out" / "case0" / "log.jsonl") if e["event"] == "start"]
     assert len(starts) == runner.MAX_POOL_RESTARTS + 1
     for case in ("case1", "case2"):
-        assert [e["event"] for e in read_log(tmp_path / "out" / case / "log.jsonl")].count("done") == 1
+        events = [e["event"] for e in read_log(tmp_path / "out" / case / "log.jsonl")]
+        assert events.count("done") == 1
+        assert events.count("start") <= 2  # charged at most once, beside case0; then run alone
 
 
 def test_dask_retries_a_task_that_raises(tmp_path, monkeypatch):

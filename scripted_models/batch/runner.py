@@ -122,11 +122,15 @@ def _run_pool(jobs: list[Job], out: Path, device: str, run_id: str, workers: int
     pending = {job.case_id: job for job in jobs}
     attempts = dict.fromkeys(pending, 0)  # starts in this run (the run id is new: no log holds one yet)
     while pending:
-        executor = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
+        # jobs that were in flight when a pool died run one at a time, so that the next death is charged to the
+        # job that caused it alone (side by side, an innocent job could be charged every time and fail too)
+        suspects = [job for case, job in pending.items() if attempts[case]]
+        batch = suspects or list(pending.values())
+        executor = ProcessPoolExecutor(max_workers=1 if suspects else min(workers, len(batch)), mp_context=ctx,
                                        initializer=_worker_init, initargs=(threads, os.getpid()))
         attempts_before, finished_here = dict(attempts), 0
         try:
-            futures = {executor.submit(run_job, job, out, device, run_id): job for job in pending.values()}
+            futures = {executor.submit(run_job, job, out, device, run_id): job for job in batch}
             for future in as_completed(futures):
                 job = futures[future]
                 try:
