@@ -12,6 +12,7 @@ import slicer
 from PathoSynSlicerLib.parameters import DEVICES, HAVE_PARAMETER_NODE_WRAPPER, qtFreeParameterClass
 
 from scripted_models.labels import MODALITIES
+from scripted_models.pathar import ANATOMY_CHOICES as PATHAR_ANATOMY_CHOICES
 
 # name -> (type, default). Node fields default to None.
 FIELDS = {
@@ -30,8 +31,7 @@ FIELDS = {
     "device": (str, "auto"),
     "anatomyFrom": (str, "card"),
 }
-# "card" = the weights' default; "none" = each modality draws its own head; a modality = all copy its anatomy
-ANATOMY_CHOICES = ("card", "none", *MODALITIES)
+ANATOMY_CHOICES = PATHAR_ANATOMY_CHOICES  # the weights' default, each modality its own head, or one shared
 RENDER_FIELDS = {"t1": "renderT1", "t1c": "renderT1c", "t2": "renderT2", "flair": "renderFlair"}
 
 if HAVE_PARAMETER_NODE_WRAPPER:

@@ -175,7 +175,7 @@ class PathARWidget(VTKObservationMixin):
         params = self.params
         self._job = self.logic.createJob(P.renderModalities(params), n=int(params.numberOfSamples),
                                          seed=int(params.seed), temperature=float(params.temperature),
-                                         device=params.device, anatomyFrom=params.anatomyFrom or "card")
+                                         device=params.device, anatomyFrom=params.anatomyFrom)
         self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
                                     onError=self.showError, onFinished=self.onFinished)
         try:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scripted_models.pathar import ANATOMY_CHOICES
+
 MODALITY_ITEMS = ["t1", "t1c", "t2", "flair"]
 OVERLAY_ITEMS = ["none", "residual", "uncertainty"]
-ANATOMY_ITEMS = ["card", "none", *MODALITY_ITEMS]  # PathAR: the weights' default, own heads, or one shared
+ANATOMY_ITEMS = list(ANATOMY_CHOICES)  # PathAR: the weights' default, each modality its own head, or one shared
 
 
 @dataclass

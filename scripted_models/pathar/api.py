@@ -24,6 +24,7 @@ from ..errors import InputError, WeightsError
 from ..labels import MODALITIES, check_modality
 from ..runtime import pick_device, pin_onednn_convolutions
 from ..volume import Volume
+from . import ANATOMY_CARD, ANATOMY_INDEPENDENT
 from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
 from .transformer import (
     IARConfig,
@@ -47,8 +48,7 @@ _MODELS: dict[tuple, PathAR] = {}
 
 
 ModalityGuidance = float | Mapping[str, float]  # one weight for every modality, or {modality: weight}
-CARD_DEFAULT = "card"  # anatomy_from: the weights' card decides
-INDEPENDENT = "none"  # anatomy_from: every modality row draws its whole token field
+CARD_DEFAULT, INDEPENDENT = ANATOMY_CARD, ANATOMY_INDEPENDENT  # anatomy_from values (package docstring)
 
 
 def check_anatomy_from(value, modalities: list[str]) -> str | None:
@@ -323,8 +323,6 @@ def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k:
     independent modality rows."""
     mods = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
     model = load_models(device, weights)
-    if anatomy_from != CARD_DEFAULT:
-        check_anatomy_from(anatomy_from, model.modalities)
     missing = [m for m in mods if m not in model.modalities]
     if missing:
         raise InputError(f"the PathAR weights do not know modality {', '.join(missing)}")
