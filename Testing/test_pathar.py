@@ -229,6 +229,53 @@ def test_shared_anatomy_copies_the_anchor_outside_the_lesion_cells():
     assert torch.equal(shared[own], expected[own])
 
 
+def test_rows_that_follow_an_anchor_row():
+    """anchor_conditioning: appearance slot t also sees the anchor row's token a'_t. The anchor ids never reach the
+    structure stream; the two-stream model equals the one masked sequence with them; sample_following draws each
+    sample's anchor row as plain sampling would and the other rows as the guided argmax given the anchor's tokens;
+    a model without it refuses anchor ids."""
+    from scripted_models.pathar.transformer import sample_following
+
+    model = tiny_iar(grid=(2, 2, 3), anchor_conditioning=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.wce.weight, std=0.5)
+    N, cfg = model.cfg.positions, model.cfg
+    s, a, mod = random_tokens(model)
+    follow = model.anchor_ids(random_tokens(model, seed=5)[1], torch.tensor([3, 3, 2]))
+    follow[2] = model.no_anchor
+    with torch.no_grad():
+        plain_s, plain_a = model(s, a, mod)
+        anchored_s, anchored_a = model(s, a, mod, follow)
+        assert torch.equal(plain_s, anchored_s)
+        assert not torch.allclose(plain_a[:2], anchored_a[:2]) and torch.equal(plain_a[2], anchored_a[2])
+        torch.testing.assert_close(model.forward_interleaved(s, a, mod, follow)[1], anchored_a, atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(7)
+    s_noise, a_noise = gumbel_noise(g, (2, N, cfg.structure_vocab)), gumbel_noise(g, (6, N, cfg.appearance_vocab))
+    mods = torch.tensor([0, 3, 2, 1, 3, 0])  # 2 samples x 3 rows; anchor = flair (3)
+    s_tokens, cache = sample_structure(model, s_noise)
+    tokens = sample_following(model, cache, mods, a_noise, anchor_label=3, guidance=2.0)
+    first = torch.tensor([1, 4])
+    assert torch.equal(tokens[first], sample_appearance(model, cache, mods[first], a_noise[first], guidance=2.0))
+    rest = torch.tensor([0, 2, 3, 5])
+    ids = model.anchor_ids(tokens[first], mods[first]).repeat_interleave(2, 0)
+    rows = rest // 3
+    with torch.no_grad():
+        logp = torch.stack([torch.log_softmax(model(s_tokens[rows], tokens[rest], torch.full((4,), j), ids)[1], -1)
+                            for j in range(cfg.num_modalities)], 1)  # (4, M, N, V)
+    mine = logp[torch.arange(4), mods[rest]]
+    expected = (mine + 2.0 * (mine - logp.mean(1)) + a_noise[rest]).argmax(-1)
+    assert torch.equal(tokens[rest], expected)
+    with pytest.raises(ValueError, match="exactly one row"):
+        sample_following(model, cache, mods, a_noise, anchor_label=1)
+    # pipelined: s_j, the anchor's a'_{j-1} and the followers' a_{j-2} in one pass draw the same tokens
+    s_joint, a_joint = sample_joint(model, s_noise, mods, a_noise, guidance=2.0, anchor_label=3)
+    assert torch.equal(s_joint, s_tokens) and torch.equal(a_joint, tokens)
+    with pytest.raises(ValueError, match="exactly one row"):
+        sample_joint(model, s_noise, mods, a_noise, anchor_label=1)
+    with pytest.raises(ValueError, match="anchor_conditioning"):
+        tiny_iar(grid=(2, 2, 3))(s, a, mod, follow)
+
+
 def test_modality_guidance_samples_from_the_contrast_with_the_label_average():
     """With guidance w each appearance token is drawn from (1 + w) log p(a | m) - w mean_j log p(a | j), every
     term under the row's own history (checked against teacher forcing); w = 0 is plain sampling; the structure
@@ -555,6 +602,75 @@ def test_training_writes_cards_and_resumes(tiny_weights):
     assert transformer["metrics"]["val"] == {k: best[k] for k in ("nll_structure", "nll_appearance")}
     md = (tiny_weights / "pathar.md").read_text()
     assert "pathar_transformer" in md and structure["sha256"][:16] in md
+
+
+def test_anchor_training_rows_follow_another_modality_of_the_same_patch(tmp_path, monkeypatch):
+    """--anchor-share: transformer rows follow the tokens of another modality of the same patch (and flip), so a
+    one-modality patch never has an anchor; the card records the share."""
+    from scripted_models.pathar import train as T
+
+    ps, cfg = synthetic_patches(), tiny_config()
+    cfg.transformer.anchor_conditioning = True
+    dev = torch.device("cpu")
+    tc = T.TrainConfig(structure_steps=2, appearance_steps=2, transformer_steps=2, vq_batch=2, transformer_batch=4,
+                       vq_warmup_frac=0.4, save_every=2, log_every=1, anchor_share=1.0, structure_only_share=0.0)
+    work, out = tmp_path / "work", tmp_path / "weights"
+    T.train_structure(ps, cfg, tc, work, out, dev)
+    T.train_appearance(ps, cfg, tc, work, out, dev)
+    seen = []
+    loss = T.IARTransformer.loss
+
+    def spy(self, s_tokens, a_tokens, modality, appearance_rows=None, anchor=None):
+        seen.append((a_tokens.clone(), modality.clone(), appearance_rows.clone(), anchor.clone()))
+        return loss(self, s_tokens, a_tokens, modality, appearance_rows, anchor)
+
+    monkeypatch.setattr(T.IARTransformer, "loss", spy)
+    T.train_transformer(ps, cfg, tc, work, out, dev)
+    card = json.loads((out / "pathar_transformer.json").read_text())
+    assert card["anchor_share"] == 1.0 and card["config"]["anchor_conditioning"]
+    tokens = dict(np.load(next((work / "transformer").glob("tokens_*.npz"))))["a"]
+    vocab, followed, alone = cfg.transformer.appearance_vocab, 0, 0
+    for a_tokens, modality, real, anchor in seen:
+        for row in np.nonzero(real.numpy())[0]:
+            matches = [i for i in range(len(ps.images)) for f in (0, 1)
+                       if np.array_equal(tokens[i, f], a_tokens[row].numpy()) and ps.image_modality[i] == modality[row]]
+            patch = ps.image_patch[matches[0]]
+            ids = anchor[row].numpy()
+            if (ids == cfg.transformer.num_modalities * vocab).all():
+                alone += 1
+                assert len(ps.modalities_of(patch)) == 1, "a patch with other modalities must be followed"
+                continue
+            followed += 1
+            anchor_mod = int(ids[0] // vocab)
+            assert (ids // vocab == anchor_mod).all() and anchor_mod != modality[row]
+            others = [i for i in np.nonzero(ps.image_patch == patch)[0] if ps.image_modality[i] == anchor_mod]
+            assert any(np.array_equal(tokens[i, f], ids % vocab) for i in others for f in (0, 1))
+    assert followed > 0
+    # sampling: the anatomy modality's row first, the others follow it; with copy they also take its tokens
+    # outside the lesion's cells
+    monkeypatch.setattr(T.IARTransformer, "loss", loss)
+
+    def sample(**kw):
+        pairs = api.sample_pairs(["t1", "flair"], n=2, seed=1, device="cpu", weights=out, **kw)
+        return np.stack([p.mask.array for p in pairs]), np.stack([p.images[m].array for p in pairs
+                                                                  for m in ("t1", "flair")])
+
+    masks, independent = sample(anatomy_from="none")
+    masks_t1c, following = sample(anatomy_from="t1c")
+    assert np.array_equal(masks, masks_t1c) and not np.array_equal(independent, following)
+    assert np.array_equal(sample(anatomy_from="t1c")[1], following)
+    model = api.load_models("cpu", out)
+    tr = model.transformer
+    s_tokens, s_cache = sample_structure(tr, None, batch=2)
+    decoded = model.structure.decode_mask(s_tokens.view(2, *model.grid))
+    mods = torch.tensor([0, 1, 3] * 2)
+    noise = gumbel_noise(torch.Generator().manual_seed(2), (6, tr.cfg.positions, tr.cfg.appearance_vocab))
+    followed_only = model.shared_anatomy_tokens(s_cache, decoded, mods, noise, "t1c", copy=False)
+    copied = model.shared_anatomy_tokens(s_cache, decoded, mods, noise, "t1c", copy=True)
+    cells = api.lesion_cells(decoded, model.structure.cfg.downsample).repeat_interleave(3, 0)
+    anchor_rows = copied[[1, 1, 1, 4, 4, 4]]
+    assert (~cells).any() and not torch.equal(copied, followed_only)
+    assert torch.equal(copied[~cells], anchor_rows[~cells]) and torch.equal(copied[[1, 4]], followed_only[[1, 4]])
 
 
 # --------------------------------------------------------------------------- sample_pairs API

@@ -7,8 +7,10 @@
 
 Randomness: sample i draws its structure from Gumbel noise seeded by (seed, i) and each modality's appearance
 from (seed, i, modality). The same arguments give identical output, and sample i's structure does not depend on
-n or on which modalities are requested (up to floating-point ties). With a shared anatomy (`anatomy_from`) every
-modality copies the anchor modality's tokens outside the lesion, drawn from the anchor's own noise.
+n or on which modalities are requested (up to floating-point ties). With a shared anatomy (`anatomy_from`) the
+anchor modality's row is drawn first, from its own noise; weights trained to follow an anchor row
+(IARConfig.anchor_conditioning) then draw every other modality seeing the anchor's tokens, older weights copy the
+anchor's tokens outside the lesion.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .transformer import (
     IARTransformer,
     SharedAnatomy,
     sample_appearance,
+    sample_following,
     sample_joint,
     sample_structure,
     seeded_gumbel_noise,
@@ -128,7 +131,7 @@ class PathAR:
         try:  # a map may leave modalities out: those sample plainly
             self.modality_guidance = {m: 0.0 for m in self.modalities} | per_modality_guidance(
                 card.get("sampling", {}).get("modality_guidance", 0.0), self.modalities)
-            # shared anatomy (transformer.SharedAnatomy): the modality whose tokens the others copy outside the lesion
+            # shared anatomy (shared_anatomy_tokens): the modality whose head and brain the others share
             self.anatomy_from = check_anatomy_from(card.get("sampling", {}).get("anatomy_from"), self.modalities)
         except InputError as exc:
             raise WeightsError(f"{TRANSFORMER_NAME} card: {exc}") from None
@@ -177,6 +180,31 @@ class PathAR:
         images = self.appearance.decode(a_tokens.view(-1, *self.grid), masks.repeat_interleave(M, 0), vq_modality)
         return images[:, 0].float().cpu().numpy()
 
+    @property
+    def copies_anatomy(self) -> bool:
+        """Whether a shared anatomy copies the anchor's tokens outside the lesion: always for a transformer not
+        trained to follow an anchor row, else as the card's `sampling.anatomy_copy` says (default no)."""
+        return not self.transformer.cfg.anchor_conditioning or \
+            bool(self.cards[TRANSFORMER_NAME].get("sampling", {}).get("anatomy_copy", False))
+
+    def shared_anatomy_tokens(self, s_cache, masks: torch.Tensor, modality: torch.Tensor, noise, anchor: str,
+                              temperature: float = 1.0, top_k: int | None = None, guidance=0.0, callback=None,
+                              copy: bool | None = None) -> torch.Tensor:
+        """Appearance tokens (S*R, N) whose rows share the anchor modality's anatomy, given the structure cache: a
+        transformer trained to follow an anchor row draws the anchor first and the others after it
+        (sample_following); copy: rows take the anchor's tokens outside the lesion's cells (SharedAnatomy; None =
+        copies_anatomy)."""
+        label = self.modalities.index(anchor)
+        follow = self.transformer.cfg.anchor_conditioning
+        copy = self.copies_anatomy if copy is None else copy
+        shared = SharedAnatomy.from_lesion_cells(lesion_cells(masks, self.structure.cfg.downsample), modality,
+                                                 label) if copy else None
+        if follow:
+            return sample_following(self.transformer, s_cache, modality, noise, label, temperature, top_k, callback,
+                                    guidance, shared)
+        return sample_appearance(self.transformer, s_cache, modality, noise, temperature, top_k, callback, guidance,
+                                 shared)
+
     @torch.no_grad()
     def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
                  top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0,
@@ -207,26 +235,24 @@ class PathAR:
         a_noise = torch.stack([noise(indices[b], 1 + MODALITIES.index(m), cfg.appearance_vocab) for b, m in rows])
         label_weights = [weights[m] for m in self.modalities]
         every = max(1, N // 20)
+        pipelined = anchor is None or not self.copies_anatomy  # copying needs the lesion's cells first
         with _cpu_threads(self.device, AR_THREADS):
-            if anchor is None:  # structure and appearance tokens, pipelined
+            if pipelined:  # structure and appearance tokens (the followers one slot behind the anchor row)
                 s_tokens, a_tokens = sample_joint(
                     self.transformer, s_noise, mod_index, a_noise, temperature=temperature, top_k=top_k,
-                    guidance=label_weights, callback=lambda j, n: j % every == 0 and report(0.9 * j / n,
-                                                                                           "sampling tokens"))
+                    guidance=label_weights, anchor_label=None if anchor is None else self.modalities.index(anchor),
+                    callback=lambda j, n: j % every == 0 and report(0.9 * j / n, "sampling tokens"))
             else:  # the lesion's cells must be known before the appearance: structure first
                 s_tokens, s_cache = sample_structure(
                     self.transformer, s_noise, temperature=temperature, top_k=top_k,
                     callback=lambda j, n: j % every == 0 and report(0.3 * j / n, "sampling the lesion"))
                 masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
-                shared = SharedAnatomy.from_lesion_cells(lesion_cells(masks, self.structure.cfg.downsample),
-                                                         mod_index, self.modalities.index(anchor))
-                a_tokens = sample_appearance(
-                    self.transformer, s_cache, mod_index, a_noise, temperature=temperature, top_k=top_k,
-                    guidance=label_weights, shared=shared,
+                a_tokens = self.shared_anatomy_tokens(
+                    s_cache, masks, mod_index, a_noise, anchor, temperature, top_k, label_weights,
                     callback=lambda j, n: j % every == 0 and report(0.3 + 0.6 * j / n, "sampling the appearance"))
-                a_tokens = a_tokens.view(B, R, N)[:, :M].reshape(B * M, N)  # the requested modalities come first
+        a_tokens = a_tokens.view(B, R, N)[:, :M].reshape(B * M, N)  # the requested modalities come first
         report(0.92, "decoding")
-        if anchor is None:
+        if pipelined:
             masks = self.structure.decode_mask(s_tokens.view(B, *self.grid))  # (B, *S)
         images = self.decode_images(a_tokens, masks, modalities)
         masks = masks.cpu().numpy()
@@ -319,8 +345,8 @@ def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k:
     bundled one (or PATHOSYN_WEIGHTS_DIR). modality_guidance: None = the weights' card default; a number for every
     modality or {modality: number} for some (0 = plain sampling; larger values push that modality's appearance
     away from the modality average). anatomy_from: "card" = the weights' default; a modality = every modality of
-    a sample copies that modality's tokens outside the lesion, so all share one head and brain; "none" =
-    independent modality rows."""
+    a sample shares that modality's head and brain (PathAR.shared_anatomy_tokens); "none" = independent modality
+    rows."""
     mods = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
     model = load_models(device, weights)
     missing = [m for m in mods if m not in model.modalities]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES
+from . import ANATOMY_CARD, ANATOMY_INDEPENDENT
 
 
 def save_random_weights(folder: Path) -> None:
@@ -41,8 +42,9 @@ def save_random_weights(folder: Path) -> None:
                {**common, "config": cfg.transformer.to_dict(), "modalities": list(MODALITIES)}, folder)
 
 
-def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_guidance=None) -> dict:
-    from .api import load_models, sample_pairs
+def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_guidance=None,
+          anatomy_from: str = ANATOMY_CARD) -> dict:
+    from .api import check_anatomy_from, load_models, sample_pairs
 
     t0 = time.perf_counter()
     model = load_models(device)
@@ -57,7 +59,7 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_gu
         marks.clear()
         c0, t0 = time.process_time(), time.perf_counter()
         sample_pairs(list(modalities), n=1, seed=r, device=device, progress=progress,
-                     modality_guidance=modality_guidance)
+                     modality_guidance=modality_guidance, anatomy_from=anatomy_from)
         t1, c1 = time.perf_counter(), time.process_time()
         if r == 0:
             continue  # warm-up
@@ -73,7 +75,9 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_gu
     return {"total_s": pct(totals), "cpu_s": pct(cpu), **{k: pct(v) for k, v in parts.items()},
             "load_s": round(load_s, 2), "runs": runs, "threads": torch.get_num_threads(),
             "modalities": list(modalities),
-            "modality_guidance": model.guidance(modality_guidance)}
+            "modality_guidance": model.guidance(modality_guidance),
+            "anatomy_from": (model.anatomy_from if anatomy_from == ANATOMY_CARD
+                             else check_anatomy_from(anatomy_from, model.modalities)) or ANATOMY_INDEPENDENT}
 
 
 def main(argv=None) -> int:
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--random-init", action="store_true", help="real-size models with random weights")
     parser.add_argument("--modality-guidance", default=None, metavar="W|MOD=W,...",
                         help="default: the weights' card")
+    parser.add_argument("--anatomy-from", default=ANATOMY_CARD, metavar="MOD|none", help="default: the weights' card")
     args = parser.parse_args(argv)
     from .api import describe_guidance, parse_modality_guidance
 
@@ -97,10 +102,11 @@ def main(argv=None) -> int:
     elif args.weights:
         os.environ["PATHOSYN_WEIGHTS_DIR"] = str(Path(args.weights).resolve())
     guidance = None if args.modality_guidance is None else parse_modality_guidance(args.modality_guidance)
-    result = bench(args.runs, MODALITIES, args.device, guidance)
+    result = bench(args.runs, MODALITIES, args.device, guidance, args.anatomy_from)
     t = result["total_s"]
     print(f"PathAR sample (structure + {len(MODALITIES)} modalities, modality guidance "
-          f"{describe_guidance(result['modality_guidance'])}), {result['threads']} threads, "
+          f"{describe_guidance(result['modality_guidance'])}, anatomy {result['anatomy_from']}), "
+          f"{result['threads']} threads, "
           f"{args.runs} runs: p50 {t['p50']:.2f} s, p90 {t['p90']:.2f} s")
     c = result["cpu_s"]
     print(f"  CPU time   p50 {c['p50']:.2f} s  p90 {c['p90']:.2f} s  (process CPU seconds; with 1 thread this is the "

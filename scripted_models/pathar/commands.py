@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-check", type=int, default=8, help="samples scored into the card (0 = none)")
     parser.add_argument("--transformer-init", default=None, metavar="FOLDER",
                         help="warm-start the transformer from the weights in FOLDER (same tokenizers)")
+    parser.add_argument("--anchor-share", type=float, default=None, metavar="P",
+                        help="share of transformer rows trained to follow another modality's row of the same patch "
+                             "(adds anchor conditioning; sampling then draws the anatomy modality first)")
     parser.add_argument("--transformer-select", choices=("best_val", "last"), default="best_val",
                         help="keep the transformer weights with the lowest held-out NLL (checked every save) "
                              "or the last ones")
@@ -65,8 +68,9 @@ def register(subparsers) -> None:
                    help="push each modality's appearance away from the modality average: one weight, or some "
                         "modalities' weights, e.g. flair=1 (0 = plain sampling; default: the weights' card)")
     p.add_argument("--anatomy-from", default="card", metavar="MOD|none",
-                   help="every modality of a sample copies MOD's tokens outside the lesion, so all share one head "
-                        "and brain; none = each modality draws its own (default: the weights' card)")
+                   help="every modality of a sample shares MOD's head and brain: MOD is drawn first and the others "
+                        "follow it (or copy its tokens outside the lesion, with weights not trained to follow); "
+                        "none = each modality draws its own (default: the weights' card)")
     add_common(p)
     p.set_defaults(func=run_sample)
 

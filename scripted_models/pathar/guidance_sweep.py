@@ -13,6 +13,7 @@ DICE_MARGIN below the reference's. The qualifying candidate with the lowest mean
 lesions make one seed noisy (segmenter Dice varies by ~0.05 between seeds), hence six seeds and means.
 
     python -m scripted_models.pathar.guidance_sweep --candidates 8 t1=8,t1c=8,t2=8,flair=1 --out docs/pathar
+    python -m scripted_models.pathar.guidance_sweep --compare new=DIR --candidates 8 new:8 new:8@t2 --out DIR
 """
 from __future__ import annotations
 
@@ -42,19 +43,22 @@ def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]
     return rows
 
 
-def parse_candidate(text: str) -> tuple[str, str | None]:
-    """ "W|MOD=W,...[@MOD]" -> (guidance text, anchor modality of a shared anatomy or None)."""
+def parse_candidate(text: str) -> tuple[str, str | None, bool | None]:
+    """ "W|MOD=W,...[@MOD[+copy]]" -> (guidance text, anchor modality of a shared anatomy or None, copy: True with
+    "+copy", else None = the weights' way)."""
     guidance, _, anchor = text.partition("@")
-    return guidance, (anchor or None)
+    anchor, plus, copy = anchor.partition("+")
+    if plus and copy != "copy":
+        raise ValueError(f"candidate {text!r}: expected W@MOD or W@MOD+copy")
+    return guidance, (anchor or None), (True if plus else None)
 
 
 @torch.no_grad()
 def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float], seed: int,
-                      anatomy_from: str | None = None) -> list[dict]:
+                      anatomy_from: str | None = None, copy: bool | None = None) -> list[dict]:
     """Each real mask's structure tokens, then sampled appearance in every modality -> [{modality: image}];
-    anatomy_from: the modality whose tokens the others copy outside the lesion (api.PathAR.generate)."""
-    from .api import lesion_cells
-    from .transformer import SharedAnatomy, sample_appearance, seeded_gumbel_noise
+    anatomy_from: the modality whose anatomy the others share (api.PathAR.shared_anatomy_tokens, with `copy`)."""
+    from .transformer import sample_appearance, seeded_gumbel_noise
 
     tr, M, S = model.transformer, len(model.modalities), len(masks)
     mask_t = torch.from_numpy(np.stack(masks).astype(np.int64)).to(model.device)
@@ -65,10 +69,12 @@ def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float]
     noise = torch.stack([seeded_gumbel_noise([seed, s, m], (tr.cfg.positions, tr.cfg.appearance_vocab))
                          for s in range(S) for m in range(M)])
     decoded = model.structure.decode_mask(s_tokens.view(S, *model.grid))
-    shared = None if anatomy_from is None else SharedAnatomy.from_lesion_cells(
-        lesion_cells(decoded, model.structure.cfg.downsample), modality, model.modalities.index(anatomy_from))
-    a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=[guidance[m] for m in model.modalities],
-                                 shared=shared)
+    weights = [guidance[m] for m in model.modalities]
+    if anatomy_from is None:
+        a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=weights)
+    else:
+        a_tokens = model.shared_anatomy_tokens(s_cache, decoded, modality, noise, anatomy_from, guidance=weights,
+                                               copy=copy)
     images = model.decode_images(a_tokens, decoded, model.modalities)
     return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(S)]
 
@@ -130,9 +136,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Choose PathAR's modality guidance on the validation fold.")
     parser.add_argument("--candidates", nargs="+", required=True, metavar="W|MOD=W,...[@MOD]",
                         help="guidance settings to compare; the first is the reference (normally the current default); "
-                             "@MOD: a shared anatomy drawn in MOD")
+                             "@MOD: a shared anatomy drawn in MOD (+copy: also copied outside "
+                             "the lesion by weights that follow an anchor row)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--weights", default=None, help="weights folder (default: the bundled weights)")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                        help="other weights, for candidates written LABEL:W...; scored on the same lesions, seeds "
+                             "and segmenter (repeatable)")
     parser.add_argument("--segmenter-steps", type=int, default=SEGMENTER_STEPS)
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "pathosyn" / "pathar_patches"))
     parser.add_argument("--data", default=None)
@@ -144,13 +154,23 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model = load_models("cpu", args.weights and Path(args.weights))
-    candidates, anchors = {}, {}
+    models = {"": model}
+    for item in args.compare:
+        label, _, folder = item.partition("=")
+        if not label or not Path(folder).is_dir():
+            parser.error(f"--compare expects LABEL=DIR with an existing folder, got {item!r}")
+        models[label] = load_models("cpu", Path(folder))
+    candidates, anchors, used = {}, {}, {}
     for text in args.candidates:
-        guidance_text, anchor = parse_candidate(text)
-        setting = model.guidance(parse_modality_guidance(guidance_text))
-        name = describe_guidance(setting) + (f", anatomy from {check_anatomy_from(anchor, model.modalities)}"
-                                             if anchor else "")
-        candidates[name], anchors[name] = setting, anchor
+        label, _, rest = text.rpartition(":")
+        if label not in models:
+            parser.error(f"candidate {text!r}: no weights labelled {label!r} (--compare LABEL=DIR)")
+        guidance_text, anchor, copy = parse_candidate(rest)
+        setting = models[label].guidance(parse_modality_guidance(guidance_text))
+        name = (f"{label}: " if label else "") + describe_guidance(setting) + (
+            f", anatomy from {check_anatomy_from(anchor, model.modalities)}" if anchor else "") + (
+            " (copied)" if copy else "")
+        candidates[name], anchors[name], used[name] = setting, (anchor, copy), models[label]
     patches = reference_patches(model.cards, Path(args.work), args.data)
     rows = validation_lesions(patches)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}
@@ -163,7 +183,7 @@ def main(argv=None) -> int:
         results[name] = []
         for seed in args.seeds:
             t0 = time.perf_counter()
-            rendered = render_appearance(model, [m for m, _ in complete], setting, seed, anchors[name])
+            rendered = render_appearance(used[name], [m for m, _ in complete], setting, seed, *anchors[name])
             results[name].append(score(complete, rendered, real, segmenter))
             print(f"{name:32s} seed {seed}: {results[name][-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     chosen, qualifies = choose(results)

@@ -107,6 +107,7 @@ class TrainConfig:
     decoder_steps: int = 1000  # stage "decoder": fine-tune the appearance decoder with the tokens kept
     decoder_refine_channels: int = 16  # ... adding a full-resolution refinement of this width (0 = none)
     decoder_contrast_weight: float = 2.0  # ... and a loss on each sub-region's contrast to healthy tissue
+    anchor_share: float = 0.0  # share of transformer rows that follow another modality's row of the same patch
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -538,8 +539,27 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
     total = tc.transformer_steps
 
-    def batch_of(images: np.ndarray, flips: np.ndarray, masks_only: np.ndarray | None = None):
-        """Rows for images (I,) and then structure-only patches (no appearance: tokens 0, modality 0)."""
+    if tc.anchor_share and not cfg.transformer.anchor_conditioning:
+        raise ValueError("anchor_share > 0 needs a transformer with anchor_conditioning")
+    images_of_patch: dict[int, list[int]] = {}
+    for i, p in enumerate(ps.image_patch):
+        images_of_patch.setdefault(int(p), []).append(i)
+
+    def anchors_of(images: np.ndarray, flips: np.ndarray, rows: int, draw: np.random.Generator) -> torch.Tensor:
+        """(rows, N) anchor ids: with probability anchor_share an image row follows another modality's tokens of
+        the same patch (and flip); the other rows, and structure-only rows, follow none."""
+        ids = torch.full((rows, a_tok.shape[-1]), model.no_anchor, dtype=torch.long)
+        for r, (i, f) in enumerate(zip(images, flips)):
+            others = [j for j in images_of_patch[int(ps.image_patch[i])] if j != i]
+            if others and draw.random() < tc.anchor_share:
+                j = int(draw.choice(others))
+                ids[r] = model.anchor_ids(a_tok[j, f][None], mod[j:j + 1])[0]
+        return ids
+
+    def batch_of(images: np.ndarray, flips: np.ndarray, masks_only: np.ndarray | None = None,
+                 draw: np.random.Generator | None = None):
+        """Rows for images (I,) and then structure-only patches (no appearance: tokens 0, modality 0); with
+        anchor conditioning also the rows' anchor ids."""
         masks_only = np.zeros(0, int) if masks_only is None else masks_only
         p = np.concatenate([ps.image_patch[images], masks_only])
         real = torch.arange(len(p)) < len(images)
@@ -547,7 +567,10 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
         a[real] = a_tok[images, flips[:len(images)]]
         m = torch.zeros(len(p), dtype=torch.long)
         m[real] = mod[images]
-        return s_tok[p, flips].to(device), a.to(device), m.to(device), real.to(device)
+        anchor = None
+        if cfg.transformer.anchor_conditioning:
+            anchor = anchors_of(images, flips, len(p), draw if draw is not None else rng).to(device)
+        return s_tok[p, flips].to(device), a.to(device), m.to(device), real.to(device), anchor
 
     if tc.transformer_select not in ("best_val", "last"):
         raise ValueError(f"transformer_select must be 'best_val' or 'last', got {tc.transformer_select!r}")
@@ -557,10 +580,11 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
         was_training = model.training
         model.eval()
         ls, la = [], []
+        draw = np.random.default_rng(tc.seed + 4000)  # the same anchors at every evaluation
         with torch.no_grad():
             for i in range(0, len(split_idx), 8):
                 chunk = split_idx[i:i + 8]
-                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int)))  # no blends held out
+                _, s_l, a_l = model.loss(*batch_of(chunk, np.zeros(len(chunk), int), draw=draw))  # no blends
                 ls.append(float(s_l))
                 la.append(float(a_l))
         model.train(was_training)
@@ -608,6 +632,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
             "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
+            **({"anchor_share": tc.anchor_share} if tc.anchor_share else {}),
             **({"structure_only_share": tc.structure_only_share} if len(structure_only) else {}),
             "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(
                 "step", st.step), "val_curve": st.meta.get("val_curve", [])},
@@ -820,6 +845,11 @@ def config_from_args(args) -> TrainConfig:
     if getattr(args, "transformer_init", None):
         tc.transformer_init = str(args.transformer_init)
     tc.transformer_select = getattr(args, "transformer_select", "best_val")
+    anchor_share = getattr(args, "anchor_share", None)
+    if anchor_share is not None:
+        if not 0.0 <= anchor_share <= 1.0:
+            raise InputError("--anchor-share must be between 0 and 1")
+        tc.anchor_share = float(anchor_share)
     for name in STAGES + FINE_TUNES:
         if getattr(tc, f"{name}_steps") < 1:
             raise InputError(f"{name} steps must be >= 1")
@@ -846,6 +876,8 @@ def model_config_from_args(args) -> PathARConfig:
         cfg.patch.split = args.split
     if getattr(args, "lesion_masks", False):
         cfg.patch.lesion_masks = True
+    if getattr(args, "anchor_share", None):
+        cfg.transformer.anchor_conditioning = True
     augment = getattr(args, "augment_per_case", None)
     if augment is not None:
         if augment < 1:

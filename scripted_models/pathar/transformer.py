@@ -42,6 +42,12 @@ its own head, ventricles and brain outline (the foreground of t1c and flair over
 validation fold). With it, one anchor row per sample draws the whole token field and the others copy its tokens
 outside the lesion's cells, drawing their own only where the lesion is; the appearance VQ's decoder renders each
 row in its own modality from the tokens, the mask and the label.
+
+Rows that follow an anchor row (`anchor_conditioning`, trained with a share of rows conditioned on another
+modality of the same patch): appearance slot t also embeds the anchor row's token a'_t (with the anchor's
+modality), so it sees a'_0..a'_t. `sample_following` draws the anchor row first, then the others, which learn
+the anchor's anatomy AND how their own lesion looks given the anchor's, instead of copying tokens. Structure slots
+never see it.
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class IARConfig:
     dropout: float = 0.0
     bias: bool = False
     modality_embedding: bool = False  # also add a modality embedding to every appearance slot (not only slot 0)
+    anchor_conditioning: bool = False  # appearance slot t also sees another modality's token a'_t (AnchorRows)
 
     @property
     def positions(self) -> int:
@@ -172,6 +179,16 @@ def appearance_attention(q, ks, vs, ka, va, mask: torch.Tensor | None) -> torch.
 
 # --------------------------------------------------------------------------- model
 
+@dataclass
+class AppearanceStep:
+    """One appearance group's next slot in a joint step: inputs (B, 1), its cache, labels (B,) for the modality
+    embedding and anchor ids (B, 1) or None."""
+    inputs: torch.Tensor
+    cache: KVCache
+    modality: torch.Tensor | None = None
+    anchor: torch.Tensor | None = None
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: IARConfig):
         super().__init__()
@@ -231,17 +248,25 @@ class Block(nn.Module):
         ks, vs = s_cache.view(layer, n_structure)
         return self._finish(x, appearance_attention(q, ks, vs, ka, va, mask))
 
-    def joint(self, xs, xa, layer: int, s_cache: KVCache, a_cache: KVCache):
-        """One new structure slot j (S rows) and appearance slot j-1 (S*r rows) in one pass: the linear layers run
-        once on all rows. The appearance query sees the structure slot computed in this very pass (0..j)."""
-        S = xs.shape[0]
-        x = torch.cat([xs, xa], 0)  # (S + B, 1, C)
+    def joint(self, xs, groups, layer: int, s_cache: KVCache):
+        """One new structure slot (S rows; xs None for none) and one new slot of each appearance group in one pass:
+        the linear layers run once on all rows. groups: [(x (B_g, 1, C), cache, n_structure)]; a group's query
+        sees structure slots 0..n_structure-1, including the one computed in this very pass."""
+        rows = ([] if xs is None else [xs]) + [x for x, _, _ in groups]
+        x = torch.cat(rows, 0)
         q, k, v = self.attn.qkv(self.ln_1(x))
-        ks, vs = s_cache.write(layer, k[:S], v[:S])
-        ka, va = a_cache.write(layer, k[S:], v[S:])
-        y = torch.cat([structure_attention(q[:S], ks, vs, None), appearance_attention(q[S:], ks, vs, ka, va, None)])
-        x = self._finish(x, y)
-        return x[:S], x[S:]
+        ys, start = [], 0
+        if xs is not None:
+            start = xs.shape[0]
+            ks, vs = s_cache.write(layer, k[:start], v[:start])
+            ys.append(structure_attention(q[:start], ks, vs, None))
+        for xa, cache, n_structure in groups:
+            end = start + xa.shape[0]
+            ka, va = cache.write(layer, k[start:end], v[start:end])
+            ks, vs = s_cache.view(layer, n_structure)
+            ys.append(appearance_attention(q[start:end], ks, vs, ka, va, None))
+            start = end
+        return self._finish(x, torch.cat(ys)).split([r.shape[0] for r in rows])
 
 
 class IARTransformer(nn.Module):
@@ -256,6 +281,8 @@ class IARTransformer(nn.Module):
         self.wpe_a = nn.Embedding(N, C)  # appearance slots 0..N-1
         # modality embedding on every appearance slot: the label is not only a token up to N slots back
         self.wme = nn.Embedding(cfg.num_modalities, C) if cfg.modality_embedding else None
+        # anchor token embedding: (anchor modality, code) pairs plus one "no anchor" entry (anchor_ids)
+        self.wce = nn.Embedding(cfg.num_modalities * cfg.appearance_vocab + 1, C) if cfg.anchor_conditioning else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
@@ -298,20 +325,36 @@ class IARTransformer(nn.Module):
         cache.length += T
         return self.head_s(self.ln_f(x))
 
-    def appearance_embedding(self, inputs: torch.Tensor, slots: torch.Tensor, modality: torch.Tensor | None):
-        """inputs (B, T) codes or MOD label, slots (T,), modality (B,) -> (B, T, C)."""
+    @property
+    def no_anchor(self) -> int:
+        """The anchor id of rows that follow no other modality."""
+        return self.cfg.num_modalities * self.cfg.appearance_vocab
+
+    def anchor_ids(self, tokens: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """An anchor row's tokens (B, N) of its modality (B,) -> the ids that condition a following row (B, N)."""
+        return modality.long().view(-1, 1) * self.cfg.appearance_vocab + tokens.long()
+
+    def appearance_embedding(self, inputs: torch.Tensor, slots: torch.Tensor, modality: torch.Tensor | None,
+                             anchor: torch.Tensor | None = None):
+        """inputs (B, T) codes or MOD label, slots (T,), modality (B,), anchor (B, T) anchor ids of these slots
+        (None = no anchor) -> (B, T, C)."""
         x = self.wae(inputs) + self.wpe_a(slots)
         if self.wme is not None:
             if modality is None:
                 raise ValueError("this model adds a modality embedding to every appearance slot: pass modality")
             x = x + self.wme(modality.long().to(inputs.device))[:, None]
+        if self.wce is not None:
+            x = x + self.wce(torch.full_like(inputs, self.no_anchor) if anchor is None else anchor.long())
+        elif anchor is not None:
+            raise ValueError("this model was not trained to follow an anchor row (IARConfig.anchor_conditioning)")
         return x
 
     def appearance(self, inputs: torch.Tensor, cache: KVCache, s_cache: KVCache,
-                   modality: torch.Tensor | None = None) -> torch.Tensor:
+                   modality: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Appearance slots start .. start+T-1 (start = cache.length) with inputs (B, T) (MOD label or codes)
         -> logits (B, T, Va). s_cache (S rows, B = S*r) must hold structure slots 0..start+T (s_0..s_{start+T-1}).
-        modality (B,) is needed when the config has `modality_embedding`."""
+        modality (B,) is needed when the config has `modality_embedding`; anchor (B, T): the anchor ids of these
+        slots (anchor_ids; None = no anchor)."""
         B, T = inputs.shape
         start = cache.length
         n_structure = start + T + 1
@@ -319,7 +362,7 @@ class IARTransformer(nn.Module):
             raise ValueError(f"appearance slots up to {start + T - 1} need {n_structure} structure slots, "
                              f"the cache holds {s_cache.length}")
         slots = torch.arange(start, start + T, device=inputs.device)
-        x = self.drop(self.appearance_embedding(inputs, slots, modality))  # (B, T, C)
+        x = self.drop(self.appearance_embedding(inputs, slots, modality, anchor))  # (B, T, C)
         mask = None
         if T > 1:  # slot t sees structure slots 0..t+1 and appearance slots 0..t; one new slot sees all
             js = torch.arange(n_structure, device=inputs.device)
@@ -330,21 +373,29 @@ class IARTransformer(nn.Module):
         cache.length += T
         return self.head_a(self.ln_f(x))
 
-    def joint_step(self, s_in: torch.Tensor, a_in: torch.Tensor, s_cache: KVCache, a_cache: KVCache,
-                   modality: torch.Tensor | None = None):
-        """Structure slot j = s_cache.length (inputs (S, 1)) and appearance slot j-1 = a_cache.length (inputs
-        (S*r, 1)) in one pass. Same result as structure() then appearance(), with half the weight reads.
-        Returns (structure logits (S, Vs), appearance logits (S*r, Va))."""
-        j, t = s_cache.length, a_cache.length
-        if t != j - 1:
-            raise ValueError(f"joint step needs appearance slot {j - 1}, the appearance cache is at {t}")
-        xs = self.wse(s_in) + self.wpe_s.weight[j]
-        xa = self.appearance_embedding(a_in, torch.tensor([t], device=a_in.device), modality)
+    def joint_step(self, s_in: torch.Tensor | None, groups: list[AppearanceStep], s_cache: KVCache):
+        """Structure slot j = s_cache.length (inputs (S, 1); None = no structure slot) and the next slot of each
+        appearance group in one pass, with one weight read for all rows. A group's slot t sees structure slots
+        0..t+1, so it may lag the structure by one or more slots. Returns (structure logits (S, Vs) or None,
+        [appearance logits (B_g, Va) per group])."""
+        xs = None if s_in is None else self.wse(s_in) + self.wpe_s.weight[s_cache.length]
+        xas = []
+        for g in groups:
+            t = g.cache.length
+            if s_cache.length + (s_in is not None) < t + 2:
+                raise ValueError(f"appearance slot {t} needs structure slots 0..{t + 1}")
+            xas.append(self.appearance_embedding(g.inputs, torch.tensor([t], device=g.inputs.device), g.modality,
+                                                 g.anchor))
+        n_structure = [g.cache.length + 2 for g in groups]
         for layer, block in enumerate(self.blocks):
-            xs, xa = block.joint(xs, xa, layer, s_cache, a_cache)
-        s_cache.length += 1
-        a_cache.length += 1
-        return self.head_s(self.ln_f(xs))[:, -1], self.head_a(self.ln_f(xa))[:, -1]
+            out = block.joint(xs, [(xa, g.cache, n) for xa, g, n in zip(xas, groups, n_structure)], layer, s_cache)
+            xs, xas = (out[0], list(out[1:])) if xs is not None else (None, list(out))
+        if xs is not None:
+            s_cache.length += 1
+        for g in groups:
+            g.cache.length += 1
+        logits_s = None if xs is None else self.head_s(self.ln_f(xs))[:, -1]
+        return logits_s, [self.head_a(self.ln_f(xa))[:, -1] for xa in xas]
 
     # --- teacher forcing -----------------------------------------------------------------------------------
     def stream_inputs(self, s_tokens, a_tokens, modality):
@@ -358,21 +409,25 @@ class IARTransformer(nn.Module):
         return s_in, torch.cat([mod, a_tokens[:, :-1].long()], 1)
 
     def forward(self, s_tokens: torch.Tensor, a_tokens: torch.Tensor | None = None,
-                modality: torch.Tensor | None = None):
-        """s_tokens, a_tokens (B, N) codes, modality (B,) index -> structure logits (B, N, Vs) for s_0..s_{N-1}
-        and appearance logits (B, N, Va) for a_0..a_{N-1} (None without a_tokens)."""
+                modality: torch.Tensor | None = None, anchor: torch.Tensor | None = None):
+        """s_tokens, a_tokens (B, N) codes, modality (B,) index, anchor (B, N) anchor ids or None -> structure
+        logits (B, N, Vs) for s_0..s_{N-1} and appearance logits (B, N, Va) for a_0..a_{N-1} (None without
+        a_tokens)."""
         B, N = s_tokens.shape
         s_in, a_in = self.stream_inputs(s_tokens, a_tokens, modality)
         s_cache = self.new_cache(B, STRUCTURE, s_tokens.device)
         logits_s = self.structure(s_in, s_cache)[:, :N]  # slot N predicts nothing
         if a_in is None:
             return logits_s, None
-        return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache, modality)
+        return logits_s, self.appearance(a_in, self.new_cache(B, APPEARANCE, s_tokens.device), s_cache, modality,
+                                         anchor)
 
-    def loss(self, s_tokens, a_tokens, modality, appearance_rows: torch.Tensor | None = None):
+    def loss(self, s_tokens, a_tokens, modality, appearance_rows: torch.Tensor | None = None,
+             anchor: torch.Tensor | None = None):
         """(total, structure, appearance) mean cross-entropy per token. appearance_rows (B,) bool marks the rows
-        whose appearance tokens are real; the others (structure-only masks) add to the structure loss only."""
-        logits_s, logits_a = self(s_tokens, a_tokens, modality)
+        whose appearance tokens are real; the others (structure-only masks) add to the structure loss only.
+        anchor (B, N): anchor ids (rows that follow another modality's tokens; no_anchor for the others)."""
+        logits_s, logits_a = self(s_tokens, a_tokens, modality, anchor)
         loss_s = F.cross_entropy(logits_s.flatten(0, 1).float(), s_tokens.flatten().long())
         if appearance_rows is not None:
             logits_a, a_tokens = logits_a[appearance_rows], a_tokens[appearance_rows]
@@ -381,7 +436,7 @@ class IARTransformer(nn.Module):
         loss_a = F.cross_entropy(logits_a.flatten(0, 1).float(), a_tokens.flatten().long())
         return loss_s + loss_a, loss_s, loss_a
 
-    def forward_interleaved(self, s_tokens, a_tokens, modality):
+    def forward_interleaved(self, s_tokens, a_tokens, modality, anchor=None):
         """Reference: the same model as ONE sequence with the asymmetric mask (no streams, no cache).
         Returns the same (structure logits, appearance logits) as forward()."""
         B, N = s_tokens.shape
@@ -391,7 +446,8 @@ class IARTransformer(nn.Module):
         is_s = kind == STRUCTURE
         x = torch.empty(B, kind.numel(), self.cfg.n_embd, device=s_tokens.device)
         x[:, is_s] = self.wse(s_in[:, slot[is_s]]) + self.wpe_s(slot[is_s])
-        x[:, ~is_s] = self.appearance_embedding(a_in[:, slot[~is_s]], slot[~is_s], modality)
+        x[:, ~is_s] = self.appearance_embedding(a_in[:, slot[~is_s]], slot[~is_s], modality,
+                                                None if anchor is None else anchor[:, slot[~is_s]])
         mask = interleaved_mask(N).to(s_tokens.device)
         for block in self.blocks:
             q, k, v = block.attn.qkv(block.ln_1(x))
@@ -511,12 +567,14 @@ class SharedAnatomy:
 @torch.no_grad()
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                       temperature: float = 1.0, top_k: int | None = None, callback=None,
-                      guidance: Guidance = 0.0, shared: SharedAnatomy | None = None) -> torch.Tensor:
+                      guidance: Guidance = 0.0, shared: SharedAnatomy | None = None,
+                      anchor: torch.Tensor | None = None) -> torch.Tensor:
     """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
     indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
     The structure cache is shared by the r modalities of a sample, never copied. guidance: modality guidance
     weight, or one per label (module docstring; 0 = plain sampling). shared: rows take their anchor row's token
-    where they do not draw their own (SharedAnatomy). Returns tokens (B, N)."""
+    where they do not draw their own (SharedAnatomy). anchor (B, N): each row's anchor ids, the tokens of an anchor
+    row it follows (models with anchor_conditioning; `anchor_ids`). Returns tokens (B, N)."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     B = modality.shape[0]
@@ -528,12 +586,15 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     cache = model.new_cache(labels.shape[0], APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     if shared is not None:
-        own, anchor = shared.own.to(device), shared.anchor.long().to(device)
+        own, copy_from = shared.own.to(device), shared.anchor.long().to(device)
+    if anchor is not None:
+        anchor = anchor.long().to(device).repeat_interleave(repeat, 0)  # every guidance label follows it
     x = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for t in range(N):
-        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, M, weights)
+        follow = None if anchor is None else anchor[:, t:t + 1]
+        logits = guided_logits(model.appearance(x, cache, s_cache, labels, follow)[:, -1], modality, M, weights)
         drawn = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)  # (B,)
-        tokens[:, t] = drawn if shared is None else torch.where(own[:, t], drawn, drawn[anchor])
+        tokens[:, t] = drawn if shared is None else torch.where(own[:, t], drawn, drawn[copy_from])
         x = tokens[:, t:t + 1].repeat_interleave(repeat, 0)
         if callback is not None:
             callback(t + 1, N)
@@ -541,14 +602,47 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
 
 
 @torch.no_grad()
+def sample_following(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
+                     anchor_label: int, temperature: float = 1.0, top_k: int | None = None, callback=None,
+                     guidance: Guidance = 0.0, shared: SharedAnatomy | None = None) -> torch.Tensor:
+    """Appearance rows that follow an anchor row (models with anchor_conditioning): each sample's row of
+    `anchor_label` is drawn first, then its other rows, each slot t seeing the anchor's token a'_t. modality (S*R,)
+    structure-major with one anchor row per sample; noise (S*R, N, Va) or None. shared: the followers also copy the
+    anchor's tokens outside their own cells (SharedAnatomy, built for the S*R rows). Returns tokens (S*R, N)."""
+    S, B, N = s_cache.batch, modality.shape[0], model.cfg.positions
+    R = B // S
+    is_anchor = (modality.long().view(S, R) == anchor_label).flatten()
+    if B % S or not (is_anchor.view(S, R).sum(1) == 1).all():
+        raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+    first, rest = torch.nonzero(is_anchor).flatten(), torch.nonzero(~is_anchor).flatten()  # structure-major
+
+    def part(offset: int, share: int):  # the two passes' progress as one count 0..N
+        return None if callback is None else (lambda t, n: callback(offset + t * share // R, N))
+
+    tokens = torch.empty(B, N, dtype=torch.long, device=model.wse.weight.device)
+    tokens[first] = sample_appearance(model, s_cache, modality[first], None if noise is None else noise[first],
+                                      temperature, top_k, part(0, 1), guidance)
+    if R > 1:
+        follow = model.anchor_ids(tokens[first], modality[first]).repeat_interleave(R - 1, 0)
+        drawn = sample_appearance(model, s_cache, modality[rest], None if noise is None else noise[rest],
+                                  temperature, top_k, part(N // R, R - 1), guidance, anchor=follow)
+        if shared is not None:
+            own = shared.own.to(drawn.device)[rest]
+            drawn = torch.where(own, drawn, tokens[first].repeat_interleave(R - 1, 0))
+        tokens[rest] = drawn
+    return tokens
+
+
+@torch.no_grad()
 def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: torch.Tensor,
                  a_noise: torch.Tensor | None, batch: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, callback=None, guidance: Guidance = 0.0
+                 top_k: int | None = None, callback=None, guidance: Guidance = 0.0, anchor_label: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Structure once per sample (S rows) and its appearance in every modality (B = S*r rows, structure-major),
     pipelined: step j samples s_j and a_{j-1} in one pass (N+1 passes instead of 2N+1). a_{j-1} only needs
     s_0..s_{j-1}, so this draws exactly the tokens of sample_structure + sample_appearance with the same noise
     (up to float rounding). guidance: modality guidance weight, or one per label (module docstring).
+    anchor_label: rows follow the sample's row of that label (sample_following), one slot behind it (N+2 passes).
     Returns (structure tokens (S, N), appearance tokens (B, N))."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
@@ -557,23 +651,47 @@ def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: 
     if B % S:
         raise ValueError(f"{B} appearance rows for {S} structures")
     modality = modality.long().to(device)
-    weights = row_guidance(guidance, modality, M)  # (B, 1) or None
-    labels, repeat = guidance_labels(modality, M, weights)  # (B,) or (B*M,)
-    s_cache, a_cache = model.new_cache(S, STRUCTURE, device), model.new_cache(labels.shape[0], APPEARANCE, device)
+    if anchor_label is None:
+        groups = [torch.arange(B, device=device)]
+    else:
+        is_anchor = (modality.view(S, -1) == anchor_label).flatten()
+        if not (is_anchor.view(S, -1).sum(1) == 1).all():
+            raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+        groups = [torch.nonzero(is_anchor).flatten(), torch.nonzero(~is_anchor).flatten()]  # lag 1, lag 2
+        groups = groups if len(groups[1]) else groups[:1]
+    s_cache = model.new_cache(S, STRUCTURE, device)
     s_tokens = torch.empty(S, N, dtype=torch.long, device=device)
     a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    plan = []  # per group: rows, guidance weights, labels run, rows per sampled row, cache
+    for rows in groups:
+        weights = row_guidance(guidance, modality[rows], M)  # (B_g, 1) or None
+        labels, repeat = guidance_labels(modality[rows], M, weights)
+        plan.append((rows, weights, labels, repeat, model.new_cache(labels.shape[0], APPEARANCE, device)))
     bos = torch.full((S, 1), model.bos, dtype=torch.long, device=device)
     logits_s = model.structure(bos, s_cache)[:, -1]
     s_tokens[:, 0] = pick(logits_s, None if s_noise is None else s_noise[:, 0].to(device), temperature, top_k)
-    a_in = (model.cfg.appearance_vocab + labels).view(-1, 1)
-    for j in range(1, N + 1):
-        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j], a_in, s_cache, a_cache, labels)
-        logits_a = guided_logits(logits_a, modality, M, weights)
+    for j in range(1, N + len(plan)):
+        steps, active = [], []
+        for lag, (rows, weights, labels, repeat, cache) in enumerate(plan, start=1):
+            t = j - lag
+            if not 0 <= t < N:
+                continue
+            inputs = (model.cfg.appearance_vocab + labels).view(-1, 1) if t == 0 else \
+                a_tokens[rows, t - 1:t].repeat_interleave(repeat, 0)
+            follow = None
+            if lag == 2:  # followers see the anchor row's token at their slot
+                first = plan[0][0]
+                follow = model.anchor_ids(a_tokens[first, t:t + 1], modality[first]).repeat_interleave(
+                    len(rows) // S * repeat, 0)
+            steps.append(AppearanceStep(inputs, cache, labels, follow))
+            active.append((t, rows, weights))
+        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j] if j <= N else None, steps, s_cache)
         if j < N:
             s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
-        a_tokens[:, j - 1] = pick(logits_a, None if a_noise is None else a_noise[:, j - 1].to(device), temperature,
-                                  top_k)
-        a_in = a_tokens[:, j - 1:j].repeat_interleave(repeat, 0)
+        for (t, rows, weights), logits in zip(active, logits_a):
+            logits = guided_logits(logits, modality[rows], M, weights)
+            a_tokens[rows, t] = pick(logits, None if a_noise is None else a_noise[rows, t].to(device), temperature,
+                                     top_k)
         if callback is not None:
-            callback(j, N)
+            callback(min(j, N), N)
     return s_tokens, a_tokens
