@@ -267,6 +267,15 @@ def test_rows_that_follow_an_anchor_row():
     assert torch.equal(tokens[rest], expected)
     with pytest.raises(ValueError, match="exactly one row"):
         sample_following(model, cache, mods, a_noise, anchor_label=1)
+    # guidance only where `guided` holds: none = plain sampling, everywhere = guided sampling, else a mix
+    plain = sample_following(model, cache, mods, a_noise, anchor_label=3)
+    nowhere, everywhere = torch.zeros(6, N, dtype=torch.bool), torch.ones(6, N, dtype=torch.bool)
+    assert torch.equal(sample_following(model, cache, mods, a_noise, 3, guidance=2.0, guided=nowhere), plain)
+    assert torch.equal(sample_following(model, cache, mods, a_noise, 3, guidance=2.0, guided=everywhere), tokens)
+    some = torch.rand(6, N, generator=torch.Generator().manual_seed(3)) < 0.5
+    mixed = sample_following(model, cache, mods, a_noise, 3, guidance=2.0, guided=some)
+    assert torch.equal(mixed[first, :1][~some[first, :1]], plain[first, :1][~some[first, :1]])
+    assert torch.equal(mixed[first, :1][some[first, :1]], tokens[first, :1][some[first, :1]])
     # pipelined: s_j, the anchor's a'_{j-1} and the followers' a_{j-2} in one pass draw the same tokens
     s_joint, a_joint = sample_joint(model, s_noise, mods, a_noise, guidance=2.0, anchor_label=3)
     assert torch.equal(s_joint, s_tokens) and torch.equal(a_joint, tokens)
@@ -670,6 +679,20 @@ def test_anchor_training_rows_follow_another_modality_of_the_same_patch(tmp_path
     cells = api.lesion_cells(decoded, model.structure.cfg.downsample).repeat_interleave(3, 0)
     anchor_rows = copied[[1, 1, 1, 4, 4, 4]]
     assert (~cells).any() and not torch.equal(copied, followed_only)
+    # guidance only in the lesion's cells (the card's sampling.guidance_in_lesion): plain sampling elsewhere
+    passed = []
+    following = api.sample_following
+    monkeypatch.setattr(api, "sample_following", lambda *a: passed.append(a[-1]) or following(*a))
+    model.shared_anatomy_tokens(s_cache, decoded, mods, noise, "t1c", guidance=4.0)
+    model.shared_anatomy_tokens(s_cache, decoded, mods, noise, "t1c", guidance=4.0, lesion_guidance=True)
+    assert passed[0] is None and torch.equal(passed[1], cells)  # the rows' lesion cells (sample_following tests)
+    assert not model.guides_lesion_only
+    card_path = out / "pathar_transformer.json"
+    card = json.loads(card_path.read_text())
+    card["sampling"] = {"guidance_in_lesion": True}
+    card_path.write_text(json.dumps(card))
+    assert api.load_models("cpu", out).guides_lesion_only
+    assert np.array_equal(sample(anatomy_from="t1c")[0], masks)
     assert torch.equal(copied[~cells], anchor_rows[~cells]) and torch.equal(copied[[1, 4]], followed_only[[1, 4]])
 
 

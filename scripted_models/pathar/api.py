@@ -187,21 +187,32 @@ class PathAR:
         return not self.transformer.cfg.anchor_conditioning or \
             bool(self.cards[TRANSFORMER_NAME].get("sampling", {}).get("anatomy_copy", False))
 
+    @property
+    def guides_lesion_only(self) -> bool:
+        """Whether rows that follow an anchor row are guided only in the lesion's cells (the card's
+        `sampling.guidance_in_lesion`, default no): modality guidance amplifies what sets the label apart and drowns
+        the anchor's anatomy, which all labels share."""
+        return self.transformer.cfg.anchor_conditioning and \
+            bool(self.cards[TRANSFORMER_NAME].get("sampling", {}).get("guidance_in_lesion", False))
+
     def shared_anatomy_tokens(self, s_cache, masks: torch.Tensor, modality: torch.Tensor, noise, anchor: str,
                               temperature: float = 1.0, top_k: int | None = None, guidance=0.0, callback=None,
-                              copy: bool | None = None) -> torch.Tensor:
+                              copy: bool | None = None, lesion_guidance: bool | None = None) -> torch.Tensor:
         """Appearance tokens (S*R, N) whose rows share the anchor modality's anatomy, given the structure cache: a
         transformer trained to follow an anchor row draws the anchor first and the others after it
         (sample_following); copy: rows take the anchor's tokens outside the lesion's cells (SharedAnatomy; None =
-        copies_anatomy)."""
+        copies_anatomy); lesion_guidance: following rows are guided only in the lesion's cells (None =
+        guides_lesion_only)."""
         label = self.modalities.index(anchor)
         follow = self.transformer.cfg.anchor_conditioning
         copy = self.copies_anatomy if copy is None else copy
-        shared = SharedAnatomy.from_lesion_cells(lesion_cells(masks, self.structure.cfg.downsample), modality,
-                                                 label) if copy else None
+        lesion_guidance = self.guides_lesion_only if lesion_guidance is None else lesion_guidance
+        cells = lesion_cells(masks, self.structure.cfg.downsample)  # (S, N)
+        shared = SharedAnatomy.from_lesion_cells(cells, modality, label) if copy else None
         if follow:
+            guided = cells.repeat_interleave(modality.shape[0] // cells.shape[0], 0) if lesion_guidance else None
             return sample_following(self.transformer, s_cache, modality, noise, label, temperature, top_k, callback,
-                                    guidance, shared)
+                                    guidance, shared, guided)
         return sample_appearance(self.transformer, s_cache, modality, noise, temperature, top_k, callback, guidance,
                                  shared)
 
@@ -235,7 +246,8 @@ class PathAR:
         a_noise = torch.stack([noise(indices[b], 1 + MODALITIES.index(m), cfg.appearance_vocab) for b, m in rows])
         label_weights = [weights[m] for m in self.modalities]
         every = max(1, N // 20)
-        pipelined = anchor is None or not self.copies_anatomy  # copying needs the lesion's cells first
+        # copying, or guiding only the lesion, needs the lesion's cells first
+        pipelined = anchor is None or not (self.copies_anatomy or self.guides_lesion_only)
         with _cpu_threads(self.device, AR_THREADS):
             if pipelined:  # structure and appearance tokens (the followers one slot behind the anchor row)
                 s_tokens, a_tokens = sample_joint(

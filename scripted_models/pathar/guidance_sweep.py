@@ -43,21 +43,23 @@ def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]
     return rows
 
 
-def parse_candidate(text: str) -> tuple[str, str | None, bool | None]:
-    """ "W|MOD=W,...[@MOD[+copy]]" -> (guidance text, anchor modality of a shared anatomy or None, copy: True with
-    "+copy", else None = the weights' way)."""
+def parse_candidate(text: str) -> tuple[str, str | None, dict]:
+    """ "W|MOD=W,...[@MOD[+copy][+lesion]]" -> (guidance text, anchor modality of a shared anatomy or None,
+    options for PathAR.shared_anatomy_tokens: copy=True with "+copy", lesion_guidance=True with "+lesion"; absent =
+    the weights' way)."""
     guidance, _, anchor = text.partition("@")
-    anchor, plus, copy = anchor.partition("+")
-    if plus and copy != "copy":
-        raise ValueError(f"candidate {text!r}: expected W@MOD or W@MOD+copy")
-    return guidance, (anchor or None), (True if plus else None)
+    anchor, *flags = anchor.split("+")
+    names = {"copy": "copy", "lesion": "lesion_guidance"}
+    if any(f not in names for f in flags):
+        raise ValueError(f"candidate {text!r}: expected W@MOD with optional +copy and +lesion")
+    return guidance, (anchor or None), {names[f]: True for f in flags}
 
 
 @torch.no_grad()
 def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float], seed: int,
-                      anatomy_from: str | None = None, copy: bool | None = None) -> list[dict]:
+                      anatomy_from: str | None = None, options: dict | None = None) -> list[dict]:
     """Each real mask's structure tokens, then sampled appearance in every modality -> [{modality: image}];
-    anatomy_from: the modality whose anatomy the others share (api.PathAR.shared_anatomy_tokens, with `copy`)."""
+    anatomy_from: the modality whose anatomy the others share (api.PathAR.shared_anatomy_tokens, with `options`)."""
     from .transformer import sample_appearance, seeded_gumbel_noise
 
     tr, M, S = model.transformer, len(model.modalities), len(masks)
@@ -74,7 +76,7 @@ def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float]
         a_tokens = sample_appearance(tr, s_cache, modality, noise, guidance=weights)
     else:
         a_tokens = model.shared_anatomy_tokens(s_cache, decoded, modality, noise, anatomy_from, guidance=weights,
-                                               copy=copy)
+                                               **(options or {}))
     images = model.decode_images(a_tokens, decoded, model.modalities)
     return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(S)]
 
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", nargs="+", required=True, metavar="W|MOD=W,...[@MOD]",
                         help="guidance settings to compare; the first is the reference (normally the current default); "
                              "@MOD: a shared anatomy drawn in MOD (+copy: also copied outside "
-                             "the lesion by weights that follow an anchor row)")
+                             "the lesion by weights that follow an anchor row; +lesion: their guidance only in the "
+                             "lesion's cells)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--weights", default=None, help="weights folder (default: the bundled weights)")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
@@ -165,12 +168,13 @@ def main(argv=None) -> int:
         label, _, rest = text.rpartition(":")
         if label not in models:
             parser.error(f"candidate {text!r}: no weights labelled {label!r} (--compare LABEL=DIR)")
-        guidance_text, anchor, copy = parse_candidate(rest)
+        guidance_text, anchor, options = parse_candidate(rest)
         setting = models[label].guidance(parse_modality_guidance(guidance_text))
         name = (f"{label}: " if label else "") + describe_guidance(setting) + (
             f", anatomy from {check_anatomy_from(anchor, model.modalities)}" if anchor else "") + (
-            " (copied)" if copy else "")
-        candidates[name], anchors[name], used[name] = setting, (anchor, copy), models[label]
+            " (copied)" if options.get("copy") else "") + (" (guided in the lesion)" if options.get(
+                "lesion_guidance") else "")
+        candidates[name], anchors[name], used[name] = setting, (anchor, options), models[label]
     patches = reference_patches(model.cards, Path(args.work), args.data)
     rows = validation_lesions(patches)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}

@@ -702,6 +702,10 @@ def write_markdown_card(folder: Path | None = None) -> Path:
            "enhancing rim, flair-bright edema; scripted_models/pathar/pseudo_labels.py)."
            if patch.get("pseudo_labelled") else ""),
         f"- Modalities: {', '.join(t['modalities'])}.",
+        *([f"- Anchor conditioning: {t['anchor_share']:.0%} of the transformer's appearance rows were trained "
+           "following another modality's row of the same patch (slot t also sees that row's token a'_t), so a "
+           "shared anatomy draws one modality first and lets the others follow it."] if t.get("anchor_share")
+          else []),
         *([f"- Appearance VQ decoder trained with {cards[APPEARANCE_NAME]['token_noise']:.0%} of its token "
            "positions swapped for random codes, so that it renders the mask's sub-regions in the labelled "
            "modality even where the sampled tokens are imperfect."] if cards[APPEARANCE_NAME].get("token_noise")

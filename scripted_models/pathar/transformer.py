@@ -568,13 +568,14 @@ class SharedAnatomy:
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                       temperature: float = 1.0, top_k: int | None = None, callback=None,
                       guidance: Guidance = 0.0, shared: SharedAnatomy | None = None,
-                      anchor: torch.Tensor | None = None) -> torch.Tensor:
+                      anchor: torch.Tensor | None = None, guided: torch.Tensor | None = None) -> torch.Tensor:
     """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
     indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
     The structure cache is shared by the r modalities of a sample, never copied. guidance: modality guidance
     weight, or one per label (module docstring; 0 = plain sampling). shared: rows take their anchor row's token
     where they do not draw their own (SharedAnatomy). anchor (B, N): each row's anchor ids, the tokens of an anchor
-    row it follows (models with anchor_conditioning; `anchor_ids`). Returns tokens (B, N)."""
+    row it follows (models with anchor_conditioning; `anchor_ids`). guided (B, N) bool: the positions where the
+    guidance applies (None = all); elsewhere tokens are drawn plainly. Returns tokens (B, N)."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     B = modality.shape[0]
@@ -592,7 +593,8 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     x = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for t in range(N):
         follow = None if anchor is None else anchor[:, t:t + 1]
-        logits = guided_logits(model.appearance(x, cache, s_cache, labels, follow)[:, -1], modality, M, weights)
+        w = weights if weights is None or guided is None else weights * guided[:, t:t + 1].to(device)
+        logits = guided_logits(model.appearance(x, cache, s_cache, labels, follow)[:, -1], modality, M, w)
         drawn = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)  # (B,)
         tokens[:, t] = drawn if shared is None else torch.where(own[:, t], drawn, drawn[copy_from])
         x = tokens[:, t:t + 1].repeat_interleave(repeat, 0)
@@ -604,11 +606,13 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
 @torch.no_grad()
 def sample_following(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                      anchor_label: int, temperature: float = 1.0, top_k: int | None = None, callback=None,
-                     guidance: Guidance = 0.0, shared: SharedAnatomy | None = None) -> torch.Tensor:
+                     guidance: Guidance = 0.0, shared: SharedAnatomy | None = None,
+                     guided: torch.Tensor | None = None) -> torch.Tensor:
     """Appearance rows that follow an anchor row (models with anchor_conditioning): each sample's row of
     `anchor_label` is drawn first, then its other rows, each slot t seeing the anchor's token a'_t. modality (S*R,)
     structure-major with one anchor row per sample; noise (S*R, N, Va) or None. shared: the followers also copy the
-    anchor's tokens outside their own cells (SharedAnatomy, built for the S*R rows). Returns tokens (S*R, N)."""
+    anchor's tokens outside their own cells (SharedAnatomy, built for the S*R rows). guided (S*R, N): where the
+    guidance applies (sample_appearance). Returns tokens (S*R, N)."""
     S, B, N = s_cache.batch, modality.shape[0], model.cfg.positions
     R = B // S
     is_anchor = (modality.long().view(S, R) == anchor_label).flatten()
@@ -621,11 +625,13 @@ def sample_following(model: IARTransformer, s_cache: KVCache, modality: torch.Te
 
     tokens = torch.empty(B, N, dtype=torch.long, device=model.wse.weight.device)
     tokens[first] = sample_appearance(model, s_cache, modality[first], None if noise is None else noise[first],
-                                      temperature, top_k, part(0, 1), guidance)
+                                      temperature, top_k, part(0, 1), guidance,
+                                      guided=None if guided is None else guided[first])
     if R > 1:
         follow = model.anchor_ids(tokens[first], modality[first]).repeat_interleave(R - 1, 0)
         drawn = sample_appearance(model, s_cache, modality[rest], None if noise is None else noise[rest],
-                                  temperature, top_k, part(N // R, R - 1), guidance, anchor=follow)
+                                  temperature, top_k, part(N // R, R - 1), guidance, anchor=follow,
+                                  guided=None if guided is None else guided[rest])
         if shared is not None:
             own = shared.own.to(drawn.device)[rest]
             drawn = torch.where(own, drawn, tokens[first].repeat_interleave(R - 1, 0))
