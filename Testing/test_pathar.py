@@ -1210,8 +1210,9 @@ def test_bundled_weights_sample(monkeypatch):
 
 
 def test_bundled_weights_shared_anatomy_gives_every_modality_one_head(monkeypatch):
-    """Independent modality rows drew each modality its own head and brain; with the anatomy shared from t2
-    the foregrounds agree as in a real scan (validation fold: t1c / flair Dice 0.63 -> 0.97, real 0.99)."""
+    """Independent modality rows draw each modality its own head and brain; the bundled default draws flair first
+    and lets the other modalities follow it (guided only in the lesion), so the foregrounds agree as in a real scan
+    (validation fold: 0.62-0.68 independent, 0.93 following; real 0.99)."""
     monkeypatch.delenv("PATHOSYN_WEIGHTS_DIR", raising=False)
 
     def foreground_dice(anatomy_from):
@@ -1219,8 +1220,9 @@ def test_bundled_weights_shared_anatomy_gives_every_modality_one_head(monkeypatc
         a, b = (pair.images[m].array > -3.0 for m in ("t1c", "flair"))
         return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
-    assert foreground_dice("t2") > 0.93
-    assert foreground_dice("none") < 0.85
+    assert api.load_models("cpu").anatomy_from == "flair"
+    assert foreground_dice("card") > 0.9
+    assert foreground_dice("none") < 0.8
 
 
 def test_warm_start_keeps_old_predictions_and_checks_the_tokenizers(tmp_path):

@@ -757,6 +757,9 @@ def write_markdown_card(folder: Path | None = None) -> Path:
             anatomy_default = f"Shared anatomy from {anchor}" if anchor else "Independent modality rows"
             lines += [anatomy_default + " by default (`sample_pairs(..., anatomy_from=MOD|'none')`, `pathosyn sample "
                       "--anatomy-from`): " + sampling["shared_anatomy_sweep"], ""]
+        if sampling.get("anchor_sweep"):
+            lines += [("Guidance only in the lesion's cells" if sampling.get("guidance_in_lesion") else
+                       "Guidance everywhere") + " for rows that follow an anchor row: " + sampling["anchor_sweep"], ""]
         if sampling.get("validation"):
             lines += ["| W | " + " | ".join(sampling["validation"]["columns"]) + " |",
                       "|---|" + "---|" * len(sampling["validation"]["columns"])]

@@ -603,40 +603,84 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     return tokens
 
 
+def _row_groups(modality: torch.Tensor, S: int, anchor_label: int | None) -> list[torch.Tensor]:
+    """Rows (B,) structure-major -> [all rows] or, with an anchor label, [each sample's anchor row, the others]."""
+    if modality.shape[0] % S:
+        raise ValueError(f"{modality.shape[0]} appearance rows for {S} structures")
+    if anchor_label is None:
+        return [torch.arange(modality.shape[0], device=modality.device)]
+    is_anchor = (modality.view(S, -1) == anchor_label).flatten()
+    if not (is_anchor.view(S, -1).sum(1) == 1).all():
+        raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+    groups = [torch.nonzero(is_anchor).flatten(), torch.nonzero(~is_anchor).flatten()]
+    return groups if len(groups[1]) else groups[:1]
+
+
+def _pipelined_rows(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, a_noise, groups, lag: int,
+                    temperature, top_k, guidance, callback, guided=None, own=None, structure=None) -> torch.Tensor:
+    """Appearance rows in groups, group g one slot behind group g-1 (the first `lag` slots behind the structure):
+    each pass draws one slot of every group, with one weight read. Followers (group 1) see the anchor's token at
+    their slot. guided (B, N): where guidance applies; own (B, N): where a follower keeps its own token rather
+    than the anchor's. structure: (s_tokens, s_noise) when the structure is sampled in the same passes."""
+    N, M = model.cfg.positions, model.cfg.num_modalities
+    device = model.wse.weight.device
+    S, B = s_cache.batch, modality.shape[0]
+    a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    plan = []  # per group: rows, guidance weights, labels run, rows per sampled row, cache
+    for rows in groups:
+        weights = row_guidance(guidance, modality[rows], M)  # (B_g, 1) or None
+        labels, repeat = guidance_labels(modality[rows], M, weights)
+        plan.append((rows, weights, labels, repeat, model.new_cache(labels.shape[0], APPEARANCE, device)))
+    for j in range(lag, N + lag + len(plan) - 1):
+        steps, active = [], []
+        for g, (rows, weights, labels, repeat, cache) in enumerate(plan):
+            t = j - lag - g
+            if not 0 <= t < N:
+                continue
+            inputs = (model.cfg.appearance_vocab + labels).view(-1, 1) if t == 0 else \
+                a_tokens[rows, t - 1:t].repeat_interleave(repeat, 0)
+            follow = None
+            if g == 1:  # followers see the anchor row's token at their slot
+                follow = model.anchor_ids(a_tokens[plan[0][0], t:t + 1], modality[plan[0][0]]).repeat_interleave(
+                    len(rows) // S * repeat, 0)
+            steps.append(AppearanceStep(inputs, cache, labels, follow))
+            active.append((g, t, rows, weights))
+        s_in = None
+        if structure is not None and j <= N:
+            s_in = structure[0][:, j - 1:j]
+        logits_s, logits_a = model.joint_step(s_in, steps, s_cache)
+        if structure is not None and j < N:
+            s_tokens, s_noise = structure
+            s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
+        for (g, t, rows, weights), logits in zip(active, logits_a):
+            if weights is not None and guided is not None:
+                weights = weights * guided[rows, t:t + 1].to(device)
+            logits = guided_logits(logits, modality[rows], M, weights)
+            drawn = pick(logits, None if a_noise is None else a_noise[rows, t].to(device), temperature, top_k)
+            if g == 1 and own is not None:
+                anchor_tokens = a_tokens[plan[0][0], t].repeat_interleave(len(rows) // S)
+                drawn = torch.where(own[rows, t].to(device), drawn, anchor_tokens)
+            a_tokens[rows, t] = drawn
+        if callback is not None:
+            callback(min(j + 1 - lag, N), N)
+    return a_tokens
+
+
 @torch.no_grad()
 def sample_following(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                      anchor_label: int, temperature: float = 1.0, top_k: int | None = None, callback=None,
                      guidance: Guidance = 0.0, shared: SharedAnatomy | None = None,
                      guided: torch.Tensor | None = None) -> torch.Tensor:
-    """Appearance rows that follow an anchor row (models with anchor_conditioning): each sample's row of
-    `anchor_label` is drawn first, then its other rows, each slot t seeing the anchor's token a'_t. modality (S*R,)
-    structure-major with one anchor row per sample; noise (S*R, N, Va) or None. shared: the followers also copy the
-    anchor's tokens outside their own cells (SharedAnatomy, built for the S*R rows). guided (S*R, N): where the
-    guidance applies (sample_appearance). Returns tokens (S*R, N)."""
-    S, B, N = s_cache.batch, modality.shape[0], model.cfg.positions
-    R = B // S
-    is_anchor = (modality.long().view(S, R) == anchor_label).flatten()
-    if B % S or not (is_anchor.view(S, R).sum(1) == 1).all():
-        raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
-    first, rest = torch.nonzero(is_anchor).flatten(), torch.nonzero(~is_anchor).flatten()  # structure-major
-
-    def part(offset: int, share: int):  # the two passes' progress as one count 0..N
-        return None if callback is None else (lambda t, n: callback(offset + t * share // R, N))
-
-    tokens = torch.empty(B, N, dtype=torch.long, device=model.wse.weight.device)
-    tokens[first] = sample_appearance(model, s_cache, modality[first], None if noise is None else noise[first],
-                                      temperature, top_k, part(0, 1), guidance,
-                                      guided=None if guided is None else guided[first])
-    if R > 1:
-        follow = model.anchor_ids(tokens[first], modality[first]).repeat_interleave(R - 1, 0)
-        drawn = sample_appearance(model, s_cache, modality[rest], None if noise is None else noise[rest],
-                                  temperature, top_k, part(N // R, R - 1), guidance, anchor=follow,
-                                  guided=None if guided is None else guided[rest])
-        if shared is not None:
-            own = shared.own.to(drawn.device)[rest]
-            drawn = torch.where(own, drawn, tokens[first].repeat_interleave(R - 1, 0))
-        tokens[rest] = drawn
-    return tokens
+    """Appearance rows that follow an anchor row (models with anchor_conditioning), given the complete structure
+    cache (S rows): each sample's row of `anchor_label` is drawn one slot ahead of its other rows, which see the
+    anchor's token a'_t at their slot t (one pass per slot for all rows). modality (S*R,) structure-major with one
+    anchor row per sample; noise (S*R, N, Va) or None. shared: the followers take the anchor's token outside their
+    own cells (SharedAnatomy for the S*R rows). guided (S*R, N): where the guidance applies, plain sampling
+    elsewhere. Returns tokens (S*R, N)."""
+    modality = modality.long().to(model.wse.weight.device)
+    groups = _row_groups(modality, s_cache.batch, anchor_label)
+    return _pipelined_rows(model, s_cache, modality, noise, groups, 0, temperature, top_k, guidance, callback,
+                           guided, None if shared is None else shared.own)
 
 
 @torch.no_grad()
@@ -650,54 +694,16 @@ def sample_joint(model: IARTransformer, s_noise: torch.Tensor | None, modality: 
     (up to float rounding). guidance: modality guidance weight, or one per label (module docstring).
     anchor_label: rows follow the sample's row of that label (sample_following), one slot behind it (N+2 passes).
     Returns (structure tokens (S, N), appearance tokens (B, N))."""
-    N, M = model.cfg.positions, model.cfg.num_modalities
+    N = model.cfg.positions
     device = model.wse.weight.device
     S = s_noise.shape[0] if s_noise is not None else batch
-    B = modality.shape[0]
-    if B % S:
-        raise ValueError(f"{B} appearance rows for {S} structures")
     modality = modality.long().to(device)
-    if anchor_label is None:
-        groups = [torch.arange(B, device=device)]
-    else:
-        is_anchor = (modality.view(S, -1) == anchor_label).flatten()
-        if not (is_anchor.view(S, -1).sum(1) == 1).all():
-            raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
-        groups = [torch.nonzero(is_anchor).flatten(), torch.nonzero(~is_anchor).flatten()]  # lag 1, lag 2
-        groups = groups if len(groups[1]) else groups[:1]
+    groups = _row_groups(modality, S, anchor_label)
     s_cache = model.new_cache(S, STRUCTURE, device)
     s_tokens = torch.empty(S, N, dtype=torch.long, device=device)
-    a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
-    plan = []  # per group: rows, guidance weights, labels run, rows per sampled row, cache
-    for rows in groups:
-        weights = row_guidance(guidance, modality[rows], M)  # (B_g, 1) or None
-        labels, repeat = guidance_labels(modality[rows], M, weights)
-        plan.append((rows, weights, labels, repeat, model.new_cache(labels.shape[0], APPEARANCE, device)))
     bos = torch.full((S, 1), model.bos, dtype=torch.long, device=device)
     logits_s = model.structure(bos, s_cache)[:, -1]
     s_tokens[:, 0] = pick(logits_s, None if s_noise is None else s_noise[:, 0].to(device), temperature, top_k)
-    for j in range(1, N + len(plan)):
-        steps, active = [], []
-        for lag, (rows, weights, labels, repeat, cache) in enumerate(plan, start=1):
-            t = j - lag
-            if not 0 <= t < N:
-                continue
-            inputs = (model.cfg.appearance_vocab + labels).view(-1, 1) if t == 0 else \
-                a_tokens[rows, t - 1:t].repeat_interleave(repeat, 0)
-            follow = None
-            if lag == 2:  # followers see the anchor row's token at their slot
-                first = plan[0][0]
-                follow = model.anchor_ids(a_tokens[first, t:t + 1], modality[first]).repeat_interleave(
-                    len(rows) // S * repeat, 0)
-            steps.append(AppearanceStep(inputs, cache, labels, follow))
-            active.append((t, rows, weights))
-        logits_s, logits_a = model.joint_step(s_tokens[:, j - 1:j] if j <= N else None, steps, s_cache)
-        if j < N:
-            s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
-        for (t, rows, weights), logits in zip(active, logits_a):
-            logits = guided_logits(logits, modality[rows], M, weights)
-            a_tokens[rows, t] = pick(logits, None if a_noise is None else a_noise[rows, t].to(device), temperature,
-                                     top_k)
-        if callback is not None:
-            callback(min(j, N), N)
+    a_tokens = _pipelined_rows(model, s_cache, modality, a_noise, groups, 1, temperature, top_k, guidance, callback,
+                               structure=(s_tokens, s_noise))
     return s_tokens, a_tokens
