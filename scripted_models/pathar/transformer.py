@@ -45,9 +45,10 @@ row in its own modality from the tokens, the mask and the label.
 
 Rows that follow an anchor row (`anchor_conditioning`, trained with a share of rows conditioned on another
 modality of the same patch): appearance slot t also embeds the anchor row's token a'_t (with the anchor's
-modality), so it sees a'_0..a'_t. `sample_following` draws the anchor row first, then the others, which learn
-the anchor's anatomy AND how their own lesion looks given the anchor's, instead of copying tokens. Structure slots
-never see it.
+modality), so it sees a'_0..a'_t. `sample_following` draws the anchor row one slot ahead of the others (one
+pass per slot for all rows), which learn the anchor's anatomy and how their own lesion looks given the anchor's,
+instead of copying tokens. Modality guidance amplifies what sets a label apart and drowns the anatomy all labels
+share, so followers are best guided only in the lesion's cells (`guided`). Structure slots never see the anchor.
 """
 from __future__ import annotations
 
@@ -567,15 +568,13 @@ class SharedAnatomy:
 @torch.no_grad()
 def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, noise: torch.Tensor | None,
                       temperature: float = 1.0, top_k: int | None = None, callback=None,
-                      guidance: Guidance = 0.0, shared: SharedAnatomy | None = None,
-                      anchor: torch.Tensor | None = None, guided: torch.Tensor | None = None) -> torch.Tensor:
+                      guidance: Guidance = 0.0, shared: SharedAnatomy | None = None) -> torch.Tensor:
     """Sample a_0..a_{N-1} given the complete structure cache (S rows) for B = S * r rows with modality (B,)
     indices, rows ordered structure-major (row b uses structure b // r); noise (B, N, Va) or None (greedy).
     The structure cache is shared by the r modalities of a sample, never copied. guidance: modality guidance
     weight, or one per label (module docstring; 0 = plain sampling). shared: rows take their anchor row's token
-    where they do not draw their own (SharedAnatomy). anchor (B, N): each row's anchor ids, the tokens of an anchor
-    row it follows (models with anchor_conditioning; `anchor_ids`). guided (B, N) bool: the positions where the
-    guidance applies (None = all); elsewhere tokens are drawn plainly. Returns tokens (B, N)."""
+    where they do not draw their own (SharedAnatomy). Rows that follow an anchor row: sample_following.
+    Returns tokens (B, N)."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     B = modality.shape[0]
@@ -588,13 +587,9 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     if shared is not None:
         own, copy_from = shared.own.to(device), shared.anchor.long().to(device)
-    if anchor is not None:
-        anchor = anchor.long().to(device).repeat_interleave(repeat, 0)  # every guidance label follows it
     x = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for t in range(N):
-        follow = None if anchor is None else anchor[:, t:t + 1]
-        w = weights if weights is None or guided is None else weights * guided[:, t:t + 1].to(device)
-        logits = guided_logits(model.appearance(x, cache, s_cache, labels, follow)[:, -1], modality, M, w)
+        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, M, weights)
         drawn = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)  # (B,)
         tokens[:, t] = drawn if shared is None else torch.where(own[:, t], drawn, drawn[copy_from])
         x = tokens[:, t:t + 1].repeat_interleave(repeat, 0)
