@@ -180,6 +180,12 @@ class PathAR:
         images = self.appearance.decode(a_tokens.view(-1, *self.grid), masks.repeat_interleave(M, 0), vq_modality)
         return images[:, 0].float().cpu().numpy()
 
+    def anchor_modality(self, anatomy_from: str | None = CARD_DEFAULT) -> str | None:
+        """anatomy_from ("card", "none"/None or a modality) -> the modality drawn first, or None for independent
+        rows; InputError when invalid."""
+        return self.anatomy_from if anatomy_from == CARD_DEFAULT else check_anatomy_from(anatomy_from,
+                                                                                         self.modalities)
+
     @property
     def copies_anatomy(self) -> bool:
         """Whether a shared anatomy copies the anchor's tokens outside the lesion: always for a transformer not
@@ -225,8 +231,7 @@ class PathAR:
         cfg = self.transformer.cfg
         B, M, N = len(indices), len(modalities), cfg.positions
         weights = self.guidance(guidance)
-        anchor = self.anatomy_from if anatomy_from == CARD_DEFAULT else check_anatomy_from(anatomy_from,
-                                                                                           self.modalities)
+        anchor = self.anchor_modality(anatomy_from)
 
         def noise(i: int, stream: int, vocab: int) -> torch.Tensor:
             return seeded_gumbel_noise([seed, i, stream], (N, vocab))

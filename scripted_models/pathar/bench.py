@@ -44,7 +44,7 @@ def save_random_weights(folder: Path) -> None:
 
 def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_guidance=None,
           anatomy_from: str = ANATOMY_CARD) -> dict:
-    from .api import check_anatomy_from, load_models, sample_pairs
+    from .api import load_models, sample_pairs
 
     t0 = time.perf_counter()
     model = load_models(device)
@@ -76,8 +76,7 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_gu
             "load_s": round(load_s, 2), "runs": runs, "threads": torch.get_num_threads(),
             "modalities": list(modalities),
             "modality_guidance": model.guidance(modality_guidance),
-            "anatomy_from": (model.anatomy_from if anatomy_from == ANATOMY_CARD
-                             else check_anatomy_from(anatomy_from, model.modalities)) or ANATOMY_INDEPENDENT}
+            "anatomy_from": model.anchor_modality(anatomy_from) or ANATOMY_INDEPENDENT}
 
 
 def main(argv=None) -> int:

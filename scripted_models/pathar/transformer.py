@@ -76,7 +76,7 @@ class IARConfig:
     dropout: float = 0.0
     bias: bool = False
     modality_embedding: bool = False  # also add a modality embedding to every appearance slot (not only slot 0)
-    anchor_conditioning: bool = False  # appearance slot t also sees another modality's token a'_t (AnchorRows)
+    anchor_conditioning: bool = False  # appearance slot t also sees another modality's token a'_t (sample_following)
 
     @property
     def positions(self) -> int:
@@ -380,14 +380,14 @@ class IARTransformer(nn.Module):
         0..t+1, so it may lag the structure by one or more slots. Returns (structure logits (S, Vs) or None,
         [appearance logits (B_g, Va) per group])."""
         xs = None if s_in is None else self.wse(s_in) + self.wpe_s.weight[s_cache.length]
-        xas = []
+        xas, n_structure = [], []
         for g in groups:
             t = g.cache.length
             if s_cache.length + (s_in is not None) < t + 2:
                 raise ValueError(f"appearance slot {t} needs structure slots 0..{t + 1}")
             xas.append(self.appearance_embedding(g.inputs, torch.tensor([t], device=g.inputs.device), g.modality,
                                                  g.anchor))
-        n_structure = [g.cache.length + 2 for g in groups]
+            n_structure.append(t + 2)
         for layer, block in enumerate(self.blocks):
             out = block.joint(xs, [(xa, g.cache, n) for xa, g, n in zip(xas, groups, n_structure)], layer, s_cache)
             xs, xas = (out[0], list(out[1:])) if xs is not None else (None, list(out))
@@ -544,6 +544,14 @@ def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: 
     return own + weights * (own - logp.mean(1))
 
 
+def anchor_rows(modality: torch.Tensor, S: int, anchor_label: int) -> torch.Tensor:
+    """Rows' labels (S*R,) structure-major -> (S, R) bool marking each sample's one row of `anchor_label`."""
+    is_anchor = modality.long().view(S, -1) == anchor_label
+    if not (is_anchor.sum(1) == 1).all():
+        raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+    return is_anchor
+
+
 @dataclass
 class SharedAnatomy:
     """Rows that copy another row's tokens outside the lesion: `anchor` (B,) is the row each row copies (itself
@@ -557,9 +565,7 @@ class SharedAnatomy:
         """cells (S, N): each sample's lesion token cells; modality (S*R,): the rows' labels, structure-major, one
         row of `anchor_label` per sample."""
         S = cells.shape[0]
-        is_anchor = modality.long().view(S, -1) == anchor_label  # (S, R)
-        if not (is_anchor.sum(1) == 1).all():
-            raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+        is_anchor = anchor_rows(modality, S, anchor_label)  # (S, R)
         R = is_anchor.shape[1]
         anchor = (torch.arange(S, device=modality.device) * R + is_anchor.long().argmax(1)).repeat_interleave(R)
         return cls(anchor=anchor, own=cells.repeat_interleave(R, 0) | is_anchor.flatten()[:, None])
@@ -604,9 +610,7 @@ def _row_groups(modality: torch.Tensor, S: int, anchor_label: int | None) -> lis
         raise ValueError(f"{modality.shape[0]} appearance rows for {S} structures")
     if anchor_label is None:
         return [torch.arange(modality.shape[0], device=modality.device)]
-    is_anchor = (modality.view(S, -1) == anchor_label).flatten()
-    if not (is_anchor.view(S, -1).sum(1) == 1).all():
-        raise ValueError(f"every sample needs exactly one row of the anchor label {anchor_label}")
+    is_anchor = anchor_rows(modality, S, anchor_label).flatten()
     groups = [torch.nonzero(is_anchor).flatten(), torch.nonzero(~is_anchor).flatten()]
     return groups if len(groups[1]) else groups[:1]
 
