@@ -23,6 +23,7 @@ def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
     summary = test["results"]["bundled"]["summary"]
     assert summary["pairs"] == 4  # one 4-modality case
     assert 0.0 <= summary["pass_fraction"] <= 1.0 and 0.0 <= summary["classifier_auroc"] <= 1.0
+    assert 0.0 <= summary["classifier_auroc_copy"] <= 1.0  # the same classifier on the copy-paste baseline
     assert summary["median_texture_ratio"] > 0
     assert summary["outside_region_max_abs_diff"] == 0.0  # outside the blend region: the base, bit for bit
     pathar = rows["pathar"]

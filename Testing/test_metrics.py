@@ -65,3 +65,20 @@ def test_two_sample_classifier_auroc_separates_only_different_textures():
     separable = classifier_auroc(p_real, axial_patches([smooth], centres))
     assert 0.35 < indistinguishable < 0.65, indistinguishable
     assert separable > 0.95, separable
+
+
+def test_separating_features_name_what_differs():
+    from scripted_models.evaluation.two_sample import FEATURE_NAMES, axial_patches, lesion_centres, separating_features
+
+    rng = np.random.default_rng(0)
+    shape = (20, 64, 64)
+    lesion = np.zeros(shape, bool)
+    lesion[5:15, 16:48, 16:48] = True
+    centres = lesion_centres(lesion, n=200, seed=0)
+    real = [rng.normal(0, 1, shape).astype(np.float32), rng.normal(0, 1, shape).astype(np.float32)]
+    shifted = [rng.normal(0, 1, shape).astype(np.float32), rng.normal(0, 1, shape).astype(np.float32) + 2.0]
+    rows = separating_features(axial_patches(real, centres), axial_patches(shifted, centres), ["t1", "flair"], top=3)
+    assert len(rows) == 3 and len(FEATURE_NAMES) == 25
+    assert all(r["channel"] == "flair" and r["auroc"] > 0.95 for r in rows)  # only flair's level moved
+    assert {r["feature"] for r in rows} <= {"mean", "q10", "q50", "q90"} | {f"block{i}" for i in range(16)}
+    assert rows[0]["synthetic_mean"] - rows[0]["real_mean"] == pytest.approx(2.0, abs=0.2)

@@ -10,7 +10,15 @@ from scipy.ndimage import gaussian_filter
 from scripted_models import pseudo_healthy, synthesize_lesion
 from scripted_models.errors import InputError
 from scripted_models.labels import CORE, EDEMA, ENHANCING
-from scripted_models.pathosyn.calibration import highpass, population_levels, pull_levels, scanner_noise
+from scripted_models.pathosyn.calibration import (
+    highpass,
+    lesion_texture_ratio,
+    population_levels,
+    pull_levels,
+    robust_std,
+    scanner_noise,
+    texture_match,
+)
 from scripted_models.preprocess import IntensityNormalizer, dilate_mm
 
 
@@ -117,3 +125,61 @@ def test_pseudo_healthy_fill_gets_the_scan_noise_back_and_only_inside_the_hole()
     assert highpass(smooth)[inner].std() < 0.6 * tissue
     assert abs(highpass(noisy)[inner].std() / tissue - 1) < 0.3
     assert abs(noisy[inner].mean() - smooth[inner].mean()) < 0.5 * tissue  # noise, not a level change
+
+
+def test_texture_match_scales_the_base_texture_by_what_the_population_ratio_leaves_after_the_residual():
+    scan, anatomy = noisy_scan(seed=3)  # base = healthy anatomy + its fine texture
+    lesion = ball(scan.shape, 12)
+    inner = ball(scan.shape, 10)
+    s_base = robust_std(highpass(scan)[lesion])
+    smooth_residual = gaussian_filter(np.where(lesion, 2.0, 0.0), 3.0)  # a lesion level, no texture of its own
+    rng = np.random.default_rng(5)
+    rough_residual = smooth_residual + gaussian_filter(rng.standard_normal(scan.shape), 0.7) * 0.75
+    measured = []
+    for residual in (smooth_residual, rough_residual):
+        s_res = robust_std(highpass(residual)[lesion])
+        for ratio in (0.3, 0.7):
+            field = texture_match(scan, residual, lesion, ratio)
+            keep = np.sqrt(max(ratio ** 2 - (s_res / s_base) ** 2, 0.0))
+            np.testing.assert_allclose(field, -(1 - keep) * highpass(scan), atol=1e-5)
+            out = robust_std(highpass(scan + residual + field)[inner])
+            assert ratio * s_base * 0.95 < out < s_base, (ratio, out / s_base)
+            measured.append(out)
+    assert measured[0] < measured[1] and measured[2] < measured[3]  # a lower ratio: a smoother lesion
+    assert measured[0] < measured[2]  # the residual's own texture counts: less of the base's is kept
+    # a residual already as rough as asked: none of the base's texture is kept
+    np.testing.assert_allclose(texture_match(scan, scan - anatomy, lesion, 0.7), -highpass(scan), atol=1e-5)
+    # attenuation only: a ratio of 1 or more, or a tiny lesion, change nothing
+    assert not texture_match(scan, smooth_residual, lesion, 1.3).any()
+    assert not texture_match(scan, smooth_residual, ball(scan.shape, 2), 0.5).any()
+
+
+def test_lesion_texture_ratio_measures_a_smoother_lesion():
+    scan, anatomy = noisy_scan(seed=6)
+    lesion = ball(scan.shape, 9)
+    head = np.ones(scan.shape, bool)
+    assert lesion_texture_ratio(scan, lesion, head, (1.0, 1.0, 1.0)) == pytest.approx(1.0, abs=0.15)
+    smoother = np.where(lesion, anatomy + 0.5 * (scan - anatomy), scan)
+    assert lesion_texture_ratio(smoother, lesion, head, (1.0, 1.0, 1.0)) == pytest.approx(0.5, abs=0.1)
+    assert lesion_texture_ratio(scan, ball(scan.shape, 2), head, (1.0, 1.0, 1.0)) is None
+
+
+def test_synthesize_matches_lesion_texture_to_the_card_population_only_inside_the_region():
+    from scripted_models.pathosyn.deviation import WEIGHTS_NAME
+    from scripted_models.weights import load_card
+
+    ratios = load_card(WEIGHTS_NAME)["population_texture"]
+    assert ratios["t1"] < 1.0
+    rng = np.random.default_rng(2)
+    head = make_head(shape=(48, 48, 48), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
+    textured = head.array + (gaussian_filter(rng.standard_normal(head.shape), 0.7) * 40).astype(np.float32)
+    head = head.with_array(textured)
+    mask = make_ball_mask(head, radius_vox=10, labels=False)
+    plain, matched = (synthesize_lesion({"t1": head}, mask, seed=1, steps=2, texture_match=t) for t in (False, True))
+    assert plain.report["texture_match"] == {} and matched.report["texture_match"] == {"t1": ratios["t1"]}
+    region = dilate_mm(mask.array > 0, 6.0, (1.0, 1.0, 1.0))
+    a, b = plain.images["t1"].array, matched.images["t1"].array
+    np.testing.assert_array_equal(a[~region], b[~region])  # outside the blend region: untouched
+    inner = ball(head.shape, 8, [n // 2 for n in head.shape])
+    assert robust_std(highpass(b)[inner]) < 0.9 * robust_std(highpass(a)[inner])  # smoother t1 lesion
+    assert abs(float(b[inner].mean()) - float(a[inner].mean())) < 0.1 * float(a[inner].std())  # level kept

@@ -230,6 +230,8 @@ def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fract
     T.train_deviation(tmp_path / "work", steps=5, batch=1, crop=16, save_every=2, out_dir=out, threads=2,
                       from_scratch=True, eval_every=1, select="realism", realism_every=2)
     assert seen == [0, 2, 4, 5]
+    assert sorted(f.name for f in (tmp_path / "work").glob("realism_step*.safetensors")) == [
+        f"realism_step{k}.safetensors" for k in (0, 2, 4, 5)]  # every scored candidate is kept
     card = load_card("deviation_diffusion", out)
     assert card["selection"]["selected_step"] == 4 and card["steps_selected"] == 4
     assert [r["step"] for r in card["selection"]["curve"]] == [0, 2, 4, 5]

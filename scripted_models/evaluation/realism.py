@@ -65,9 +65,10 @@ class Pipeline:
     weights: Path | None = None
     population_pull: float | None = None
     scanner_noise: bool = True
+    texture_match: bool = True
 
 
-UNCALIBRATED = Pipeline(population_pull=0.0, scanner_noise=False)  # the pipeline before calibration (2026-12-02)
+UNCALIBRATED = Pipeline(population_pull=0.0, scanner_noise=False, texture_match=False)  # before calibration
 
 
 def as_pipeline(value) -> Pipeline:
@@ -226,23 +227,27 @@ class FoldRealism:
               figure: Path | None = None) -> dict:
         """`weights` maps a label to a Pipeline, or to a deviation-weights folder (None = bundled)."""
         from ..pathosyn.api import synthesize_lesion
-        from .two_sample import axial_patches, classifier_auroc, lesion_centres
+        from .two_sample import axial_patches, classifier_auroc, lesion_centres, separating_features
 
         t0 = time.perf_counter()
         weights = {label: as_pipeline(v) for label, v in (weights or {"bundled": None}).items()}
         per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
                                "examples": {}} for label in weights}
+        copy_patches = []  # the copy-paste baseline's patches, for its classifier AUROC (a real lesion's texture)
         for target, source_id, copy in self.targets:
             region = dilate_mm(target.lesion, 6.0, target.case.spacing_zyx)
             mods = [m for m in MODALITIES if m in target.real]
             centres = lesion_centres(target.lesion, n=120, seed=0)
+            if len(mods) == len(MODALITIES):
+                copy_patches.append(axial_patches([copy[m] for m in mods], centres))
             for label, pipe in weights.items():
                 acc = per_weights[label]
                 runs = []
                 base = target.base_with(pipe.scanner_noise)
                 for seed in seeds:
                     result = synthesize_lesion(base, target.mask, seed=seed, steps=steps, device=self.device,
-                                               deviation_weights=pipe.weights, population_pull=pipe.population_pull)
+                                               deviation_weights=pipe.weights, population_pull=pipe.population_pull,
+                                               texture_match=pipe.texture_match)
                     for m, vol in result.images.items():  # outside the blend region: the base, bit for bit
                         diff = np.abs(vol.array.astype(np.float64) - base[m].array.astype(np.float64))[~region]
                         acc["outside_max_abs"] = max(acc["outside_max_abs"], float(diff.max(initial=0.0)))
@@ -260,14 +265,18 @@ class FoldRealism:
                   "folds": self.folds.as_dict(),
                   "weights": {k: {"weights": str(p.weights) if p.weights else "bundled",
                                   "population_pull": "card" if p.population_pull is None else p.population_pull,
-                                  "scanner_noise": p.scanner_noise} for k, p in weights.items()},
+                                  "scanner_noise": p.scanner_noise, "texture_match": p.texture_match}
+                              for k, p in weights.items()},
                   "results": {}}
         for label, acc in per_weights.items():
             pairs = pair_verdicts(acc["rows"])
             summary = summarise(acc["rows"], pairs)
             if acc["real_patches"]:
-                summary["classifier_auroc"] = round(classifier_auroc(np.concatenate(acc["real_patches"]),
-                                                                     np.concatenate(acc["syn_patches"])), 4)
+                real = np.concatenate(acc["real_patches"])
+                summary["classifier_auroc"] = round(classifier_auroc(real, np.concatenate(acc["syn_patches"])), 4)
+                summary["classifier_auroc_copy"] = round(classifier_auroc(real, np.concatenate(copy_patches)), 4)
+                summary["separating_features"] = separating_features(real, np.concatenate(acc["syn_patches"]),
+                                                                     list(MODALITIES))
             summary["outside_region_max_abs_diff"] = acc["outside_max_abs"]
             report["results"][label] = {"summary": summary, "pairs": pairs,
                                         "regions": [{k: (round(v, 4) if isinstance(v, float) else v)
@@ -312,13 +321,18 @@ def realism_markdown(report: dict) -> str:
 
     row("**pass fraction** (case, modality pairs)", "pass_fraction", "copy_paste_pass_fraction")
     row("median texture ratio (synthetic / real, 1 = real)", "median_texture_ratio", "median_texture_ratio_copy")
-    row("classifier AUROC (0.5 = indistinguishable)", "classifier_auroc")
+    row("classifier AUROC (0.5 = indistinguishable)", "classifier_auroc", "classifier_auroc_copy")
     row(f"mean error (base: {first['mean_err_base']})", "mean_err", "mean_err_copy")
     row(f"Wasserstein (constant fill: {first['wasserstein_const']})", "wasserstein", "wasserstein_copy")
     row("outside-region max abs difference", "outside_region_max_abs_diff")
     for m in first["per_modality_pass"]:
         lines.append(f"| pass fraction, {m} | " + " | ".join(str(s[k]["per_modality_pass"].get(m)) for k in labels)
                      + " | |")
+    for k in labels:
+        if s[k].get("separating_features"):
+            lines += ["", f"Single patch features that best separate real from synthetic ({k}): "
+                      + "; ".join(f"{r['channel']} {r['feature']} {r['auroc']} (real {r['real_mean']}, synthetic "
+                                  f"{r['synthetic_mean']})" for r in s[k]["separating_features"])]
     lines += ["", "Per (case, modality) pair: the base's mean error and the constant fill's Wasserstein, then each "
               "weights' mean error / Wasserstein / pass", "",
               "| case | modality | base mean err | const W | " + " | ".join(labels) + " |",

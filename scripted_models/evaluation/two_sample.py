@@ -31,6 +31,10 @@ def axial_patches(images: list[np.ndarray], centres: np.ndarray, size: int = PAT
     return out
 
 
+FEATURE_NAMES = ("mean", "std", "q10", "q50", "q90", "grad_x", "grad_y", "laplacian", "neighbour_corr") + tuple(
+    f"block{i}" for i in range(16))  # per channel, in patch_features' order
+
+
 def patch_features(patches: np.ndarray) -> np.ndarray:
     """(N, C, S, S) -> (N, F) intensity and texture features per channel."""
     n, c, s, _ = patches.shape
@@ -68,3 +72,19 @@ def classifier_auroc(real: np.ndarray, synthetic: np.ndarray, folds: int = 5, se
         model.fit(x[train], y[train])
         scores[test] = model.predict_proba(x[test])[:, 1]
     return float(roc_auc_score(y, scores))
+
+
+def separating_features(real: np.ndarray, synthetic: np.ndarray, channels: list[str], top: int = 5) -> list[dict]:
+    """The single patch features that best tell real from synthetic patches: the `top` with the highest
+    AUROC (max(a, 1 - a): either direction), each with its real and synthetic mean."""
+    from sklearn.metrics import roc_auc_score
+
+    fr, fs = patch_features(real), patch_features(synthetic)
+    y = np.r_[np.ones(len(fr)), np.zeros(len(fs))]
+    rows = []
+    for j in range(fr.shape[1]):
+        auc = float(roc_auc_score(y, np.r_[fr[:, j], fs[:, j]]))
+        rows.append({"channel": channels[j // len(FEATURE_NAMES)], "feature": FEATURE_NAMES[j % len(FEATURE_NAMES)],
+                     "auroc": round(max(auc, 1.0 - auc), 3), "real_mean": round(float(fr[:, j].mean()), 3),
+                     "synthetic_mean": round(float(fs[:, j].mean()), 3)})
+    return sorted(rows, key=lambda r: -r["auroc"])[:top]

@@ -187,11 +187,13 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
                       steps: int | None = None, guidance: float = 1.0, device: str = "auto",
                       base: str = "input", whole_lesion: bool | None = None, label_mapping: dict | None = None,
                       progress: ProgressFn | None = None, deviation_weights=None,
-                      population_pull: float | None = None) -> SynthesisResult:
+                      population_pull: float | None = None, texture_match: bool = True) -> SynthesisResult:
     """Add a synthetic lesion to healthy scan(s): output = anatomy + residual inside the blended region.
 
     population_pull: move each sub-region's mean level towards the training population's by this fraction
     (0 = as sampled, most diverse; 1 = the population mean); None = the value in the weights' card.
+    texture_match: give the lesion the population's fine texture relative to healthy tissue (card
+    `population_texture`; weights without it are left as sampled), by attenuating the base's texture there.
 
     base: "input" (the scan is healthy, so it is its own anatomy) or "pseudo-healthy" (remove an existing
     lesion first). whole_lesion: None infers it from the mask (binary -> the model invents sub-regions).
@@ -274,6 +276,13 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
             for k in range(samples):
                 residuals[k, c] += pull_levels(anatomy_roi[c] + residuals[k, c], labels_roi, levels[m], pull,
                                                whole_only)
+    textures = (model.card.get("population_texture") or {}) if texture_match else {}
+    for m in (m for m in prep.images if m in textures):
+        from .calibration import texture_match as match
+
+        c = MODALITIES.index(m)
+        for k in range(samples):
+            residuals[k, c] += match(anatomy_roi[c], residuals[k, c], lesion_roi, float(textures[m]))
     residuals = residuals * weight_roi[None, None]  # (K, 4, D, H, W), seam-blended
 
     say(0.96, "compositing")
@@ -300,6 +309,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         "modalities": list(prep.images), "seed": seed, "samples": samples, "steps": int(steps or cfg.default_steps),
         "guidance": guidance, "device": str(dev), "base": base, "whole_lesion_only": whole_only,
         "population_pull": pull if levels else 0.0,
+        "texture_match": {m: float(textures[m]) for m in prep.images if m in textures},
         "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
         "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
         "region_voxels": int(region.sum()), "warnings": warn,

@@ -22,7 +22,7 @@ from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
 from ..runtime import training_autocast
 from .api import BLEND_MARGIN_MM, HOLE_MARGIN_MM
-from .calibration import DEFAULT_POPULATION_PULL, case_levels
+from .calibration import DEFAULT_POPULATION_PULL, case_levels, case_texture_ratios
 from .deviation import (
     NULL_CONDITION,
     WEIGHTS_NAME,
@@ -193,7 +193,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     draws (denoising loss). select="loss" keeps the weights with the lowest loss (work/best_val.safetensors);
     select="realism" also synthesizes the validation fold's lesions every `realism_every` steps (one seed, the
     default sampler) and keeps the weights with the highest pass fraction, then the lowest Wasserstein
-    (work/best_realism.safetensors): a lower denoising loss did not mean more realistic lesions."""
+    (work/best_realism.safetensors): a lower denoising loss did not mean more realistic lesions. Every scored
+    candidate stays in work/realism_step{N}.safetensors."""
     if select not in ("loss", "realism"):
         from ..errors import InputError
 
@@ -246,7 +247,10 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
                                          "steps": step, "note": "EMA weights under validation"}, candidate)
         summary = validation_fold.score({"candidate": candidate}, seeds=(0,))["results"]["candidate"]["summary"]
         row = {"step": step, "pass_fraction": summary["pass_fraction"], "wasserstein": summary["wasserstein"],
-               "mean_err": summary["mean_err"], "per_modality_pass": summary["per_modality_pass"]}
+               "mean_err": summary["mean_err"], "per_modality_pass": summary["per_modality_pass"],
+               "classifier_auroc": summary.get("classifier_auroc"),
+               "median_texture_ratio": summary.get("median_texture_ratio")}
+        write_safetensors(state, work / f"realism_step{step}.safetensors")
         realism_curve.append(row)
         print(json.dumps({"validation_realism": row}), flush=True)
         key = (row["pass_fraction"], -row["wasserstein"])
@@ -316,6 +320,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
             "folds": folds.as_dict(),
             "population_levels": case_levels(folds.train, data_root or default_data_root()),
             "population_pull": DEFAULT_POPULATION_PULL,
+            "population_texture": case_texture_ratios(folds.train, data_root or default_data_root()),
             "selection": {"rule": "lowest validation-fold denoising loss of the EMA weights",
                           "draws": VALIDATION_CROPS, "selected_step": best.get("step"), "curve": val_curve},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
