@@ -144,23 +144,32 @@ def lesion_texture_ratio(image: np.ndarray, lesion: np.ndarray, head: np.ndarray
     return robust_std(texture[inner]) / max(robust_std(texture[ring]), 1e-6)
 
 
+def case_texture_ratio(case) -> dict[str, float]:
+    """lesion_texture_ratio per modality of a loaded labelled case, on a crop around its lesion and the ring."""
+    lesion = case.seg > 0 if case.seg is not None else None
+    if lesion is None or not lesion.any():
+        return {}
+    margin = int(np.ceil(TEXTURE_RING_MM[1] / min(case.spacing_zyx))) + 4  # the ring, then the high-pass support
+    box = tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in np.nonzero(lesion))
+    head = case.foreground()[box]
+    ratios = {m: lesion_texture_ratio(image[box], lesion[box], head, case.spacing_zyx)
+              for m, image in case.normalized().items()}
+    return {m: r for m, r in ratios.items() if r is not None}
+
+
+def median_texture_ratios(per_case: list[dict[str, float]]) -> dict[str, float]:
+    """{modality: median over cases} of case_texture_ratio results: the card's `population_texture`."""
+    modalities = sorted({m for ratios in per_case for m in ratios})
+    return {m: round(float(np.median([r[m] for r in per_case if m in r])), 4) for m in modalities}
+
+
 def case_texture_ratios(case_ids, data_root) -> dict[str, float]:
-    """{modality: median lesion_texture_ratio} over labelled cases of ../shared/data, one case at a time."""
+    """population_texture of labelled cases of ../shared/data, loading one case at a time."""
     from pathlib import Path
 
     from ..cases import load_case
 
-    ratios: dict[str, list[float]] = {}
-    for case_id in case_ids:
-        case = load_case(Path(data_root) / "cases" / case_id)
-        if case.seg is None or not case.seg.any():
-            continue
-        head = case.foreground()
-        for m, image in case.normalized().items():
-            ratio = lesion_texture_ratio(image, case.seg > 0, head, case.spacing_zyx)
-            if ratio is not None:
-                ratios.setdefault(m, []).append(ratio)
-    return {m: round(float(np.median(v)), 4) for m, v in sorted(ratios.items())}
+    return median_texture_ratios([case_texture_ratio(load_case(Path(data_root) / "cases" / c)) for c in case_ids])
 
 
 def texture_match(base: np.ndarray, residual: np.ndarray, lesion: np.ndarray, ratio: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
 from ..runtime import training_autocast
 from .api import BLEND_MARGIN_MM, HOLE_MARGIN_MM
-from .calibration import DEFAULT_POPULATION_PULL, case_levels, case_texture_ratios
+from .calibration import DEFAULT_POPULATION_PULL, case_levels, case_texture_ratio, median_texture_ratios
 from .deviation import (
     NULL_CONDITION,
     WEIGHTS_NAME,
@@ -313,14 +313,16 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
               "holistic": "Ablation baseline: the same DDPM generating the whole ROI image (no disentanglement)",
               "mask_only": "Ablation baseline: the same DDPM generating the ROI image from the mask only "
                            "(no anatomy branch)"}[variant]
+    textures: list[dict] = []  # per training case, filled while the population levels are measured
     card = {"model": WEIGHTS_NAME, "variant": variant, "family": family,
             "config": config_dict(cfg), "steps": step, "batch": batch, "crop": crop, "lr": lr,
             "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
             "data": data.names, "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
             "folds": folds.as_dict(),
-            "population_levels": case_levels(folds.train, data_root or default_data_root()),
+            "population_levels": case_levels(folds.train, data_root or default_data_root(),
+                                             on_case=lambda _, case: textures.append(case_texture_ratio(case))),
             "population_pull": DEFAULT_POPULATION_PULL,
-            "population_texture": case_texture_ratios(folds.train, data_root or default_data_root()),
+            "population_texture": median_texture_ratios(textures),
             "selection": {"rule": "lowest validation-fold denoising loss of the EMA weights",
                           "draws": VALIDATION_CROPS, "selected_step": best.get("step"), "curve": val_curve},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
