@@ -59,8 +59,8 @@ def test_jobs_match_the_api_bytes_in_one_warm_process(worker, job, tmp_path):
 
 
 def test_population_pull_reaches_the_engine_from_the_worker_and_the_slicer_job_arguments(worker, job, tmp_path):
-    """The front ends' way in (CLI arguments -> worker job) carries --population-pull; the worker's bytes are the
-    API's for that pull, and another pull gives other bytes."""
+    """The front ends' way in (CLI arguments -> worker job) carries --population-pull and --keep-base-texture; the
+    worker's bytes are the API's for those settings, and other settings give other bytes."""
     from PathoSynSlicerLib.process import workerJob
 
     from scripted_models.pathosyn.api import synthesize_lesion
@@ -74,6 +74,15 @@ def test_population_pull_reaches_the_engine_from_the_worker_and_the_slicer_job_a
                                    population_pull=p).images["t1"].array for p in (0.25, 1.0)}
     got = read_volume(tmp_path / "p" / "t1.nii.gz").array
     assert np.array_equal(got, direct[0.25]) and not np.array_equal(got, direct[1.0])
+    # --keep-base-texture: the same way in; the head's noise stays in the lesion (default: attenuated for t1)
+    op, args = workerJob(["synthesize", "--image", f"t1={img}", "--mask", str(mask), "--out", str(tmp_path / "k"),
+                          "--seed", "1", "--steps", "2", "--population-pull", "0.25", "--keep-base-texture"])
+    assert args["keep_base_texture"] is True
+    worker.run(op, args)
+    kept = synthesize_lesion({"t1": read_volume(img)}, read_volume(mask), seed=1, steps=2, population_pull=0.25,
+                             texture_match=False).images["t1"].array
+    got = read_volume(tmp_path / "k" / "t1.nii.gz").array
+    assert np.array_equal(got, kept) and not np.array_equal(got, direct[0.25])
 
 
 def test_cropped_outputs_pasted_into_the_input_are_the_full_outputs_bit_for_bit(worker, job, tmp_path):

@@ -178,7 +178,8 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
                                steps=args.get("steps"), guidance=float(args.get("guidance", 1.0)),
                                device=args.get("device", "auto"), base=args.get("base", "input"),
                                whole_lesion=True if args.get("whole_lesion") else None, progress=progress,
-                               population_pull=args.get("population_pull"))
+                               population_pull=args.get("population_pull"),
+                               texture_match=not args.get("keep_base_texture"))
     progress(1.0, "writing")
     return write_synthesis(result, out, fmt, crop=bool(args.get("crop_outputs")))
 

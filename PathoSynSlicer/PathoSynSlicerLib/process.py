@@ -308,7 +308,7 @@ def workerJob(argv: list[str]) -> tuple[str, dict]:
     if op == "synthesize":
         args.update(seed=ns.seed, samples=ns.samples, steps=ns.steps, guidance=ns.guidance, base=ns.base,
                     whole_lesion=bool(ns.whole_lesion), crop_outputs=bool(ns.crop_outputs),
-                    population_pull=ns.population_pull)
+                    population_pull=ns.population_pull, keep_base_texture=bool(ns.keep_base_texture))
     return op, args
 
 

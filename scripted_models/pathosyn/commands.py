@@ -84,7 +84,7 @@ def cmd_synthesize(args) -> int:
     result = synthesize_lesion(images, mask, seed=args.seed, samples=args.samples, steps=args.steps,
                                guidance=args.guidance, device=args.device, base=args.base,
                                whole_lesion=True if args.whole_lesion else None, progress=progress,
-                               population_pull=args.population_pull)
+                               population_pull=args.population_pull, texture_match=not args.keep_base_texture)
     files = write_synthesis(result, Path(args.out), args.format, crop=args.crop_outputs)
     progress.done(outputs=files, report=result.report)
     return 0
@@ -153,6 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--population-pull", type=float, default=None, metavar="0..1",
                    help="move each sub-region's mean level towards the training population's by this fraction "
                         "(0 = as sampled, most diverse; 1 = the population mean; default: the weights' card)")
+    p.add_argument("--keep-base-texture", action="store_true",
+                   help="keep the base's healthy fine texture inside the lesion (default: attenuated to the training "
+                        "population's lesion/healthy ratio per modality, the weights' card `population_texture`)")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="output file format")
     p.add_argument("--crop-outputs", action="store_true",
                    help="write only the lesion ROI box of each output, with its geometry (report.json: "
