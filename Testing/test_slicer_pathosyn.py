@@ -364,6 +364,8 @@ def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
     params.preview = True
     assert params.populationPull == 0.5  # the default, as in the weights' card
     params.populationPull = 0.25
+    assert params.keepBaseTexture is False
+    params.keepBaseTexture = True
     assert parameters.inputVolumes(params) == {"t1": node, "t2": t2}
     assert parameters.effectiveSteps(params) == parameters.PREVIEW_STEPS
 
@@ -376,6 +378,7 @@ def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
     params = logic.getParameters()
     assert (params.seed, params.samples, params.steps, params.guidance, params.device) == (42, 3, 17, 2.5, "cpu")
     assert params.preview is True and params.t1cVolume is None and params.populationPull == 0.25
+    assert params.keepBaseTexture is True
     reloaded = params.t1Volume
     assert reloaded is not None and reloaded.GetName() == "head"
     assert params.t2Volume.GetName() == "T2"
@@ -392,6 +395,24 @@ def _runner(argv, **kw):
     from PathoSynSlicerLib.process import CLIRunner, engineRoot
 
     return CLIRunner(argv, engineRoot=engineRoot(), env={"OMP_NUM_THREADS": "1"}, **kw)
+
+
+def test_keep_base_texture_reaches_the_job_and_the_in_process_run(app, logic):
+    from PathoSynSlicerLib.process import workerJob
+
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    for keep in (False, True):
+        job = logic.createJob(node, seg, seed=1, steps=2, keepBaseTexture=keep, writeInputs=False)
+        try:
+            assert ("--keep-base-texture" in job.argv) is keep
+            assert workerJob(job.argv)[1]["keep_base_texture"] is keep
+        finally:
+            job.cleanup()
+    kept, matched = (logic.synthesize(node, seg, seed=1, steps=2, device="cpu", keepBaseTexture=keep)
+                     for keep in (True, False))
+    assert kept.report["texture_match"] == {} and set(matched.report["texture_match"]) == {"t1"}
+    assert not np.array_equal(array_of(kept.volumes["t1"]), array_of(matched.volumes["t1"]))
 
 
 def test_runner_progress_then_outputs_as_new_nodes(app, logic):

@@ -178,6 +178,7 @@ def test_synthesis_job_streams_progress_and_adds_new_nodes(app, tmp_path, loop):
     argv = c.runners[0].argv
     assert argv[0] == "synthesize" and argv[argv.index("--steps") + 1] == "3" and "--seed" in argv
     assert float(argv[argv.index("--population-pull") + 1]) == 0.2
+    assert "--keep-base-texture" not in argv  # the default: the lesion gets the population's texture
     run(task)
     assert not c.state.running and c.state.has_result and not c.state.error, c.state
     assert c.state.message.startswith("Done in 0.5 s")

@@ -650,13 +650,16 @@ class PathoSynSlicerLogic:
     # --- engine runs (blocking) -------------------------------------------------------------------------------------
     def synthesize(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                    steps: int | None = None, guidance: float = 1.0, device: str = "auto", base: str = "input",
-                   progress: Progress | None = None, populationPull: float | None = None) -> SynthesisNodes:
+                   progress: Progress | None = None, populationPull: float | None = None,
+                   keepBaseTexture: bool = False) -> SynthesisNodes:
         """Add a synthetic lesion to the healthy volume(s); returns the NEW nodes (inputs are never modified).
 
         volumeNodes: a scalar volume node (tagged with `modality`, default t1) or a dict {modality: node}.
         maskNode: a segmentation (segments named core/edema/enhancing, or one segment = whole lesion) or a labelmap.
         populationPull: 0..1, how far each sub-region's level moves towards the training population's (None = the
         weights' card value; 0 = as sampled).
+        keepBaseTexture: keep the healthy scan's fine texture inside the lesion (default: attenuated to the training
+        population's lesion/healthy ratio per modality).
         Raises InputError / WeightsError with a one-line message; the scene is then unchanged.
         """
         checkDependencies()
@@ -668,7 +671,7 @@ class PathoSynSlicerLogic:
         result = synthesize_lesion(prepared.images, prepared.mask, seed=int(seed), samples=int(samples), steps=steps,
                                    guidance=float(guidance), device=device, base=base,
                                    whole_lesion=prepared.wholeLesion, progress=progress,
-                                   population_pull=populationPull)
+                                   population_pull=populationPull, texture_match=not keepBaseTexture)
         return self.addSynthesisNodes(prepared, result.images, result.residuals, result.uncertainty, result.mask,
                                       result.report)
 
@@ -897,7 +900,7 @@ class PathoSynSlicerLogic:
     def createJob(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                   steps: int | None = None, guidance: float = 1.0, device: str = "auto", command: str = "synthesize",
                   threads: int | None = None, workDir: str | None = None, writeInputs: bool = True,
-                  populationPull: float | None = None) -> SynthesisJob:
+                  populationPull: float | None = None, keepBaseTexture: bool = False) -> SynthesisJob:
         """Validate, write the inputs to a temporary folder and return the job (CLI arguments, output folder).
         Run it with process.WorkerRunner(job.argv) (the warm engine worker) or process.CLIRunner(job.argv) (a fresh
         process); then call loadJobOutputs(job). Nothing touches the scene yet. writeInputs=False leaves the files
@@ -924,6 +927,8 @@ class PathoSynSlicerLogic:
                 argv += ["--whole-lesion"]
             if populationPull is not None:
                 argv += ["--population-pull", repr(float(populationPull))]
+            if keepBaseTexture:
+                argv += ["--keep-base-texture"]
             argv += ["--crop-outputs"]  # the lesion ROI box only: readJobOutputs pastes it into the inputs
         if threads:
             argv += ["--threads", str(int(threads))]

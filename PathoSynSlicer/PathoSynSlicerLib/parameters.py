@@ -36,6 +36,7 @@ FIELDS = {
     "preview": (bool, False),
     "guidance": (float, 1.0),
     "populationPull": (float, 0.5),
+    "keepBaseTexture": (bool, False),
     "device": (str, "auto"),
 }
 PREVIEW_STEPS = 2  # the model card's preview setting (engine: DeviationConfig.preview_steps)
@@ -95,6 +96,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         preview: bool = False
         guidance: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
         populationPull: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+        keepBaseTexture: bool = False
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
 
 else:

@@ -309,7 +309,8 @@ class PathoSynWidget(VTKObservationMixin):
             self._job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
                                              samples=params.samples, steps=P.effectiveSteps(params),
                                              guidance=params.guidance, device=params.device, command=command,
-                                             populationPull=params.populationPull)
+                                             populationPull=params.populationPull,
+                                             keepBaseTexture=params.keepBaseTexture)
         self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
                                     onError=self.showError, onFinished=self.onFinished)
         try:

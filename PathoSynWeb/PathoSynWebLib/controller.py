@@ -280,7 +280,7 @@ class WebController:
             log.info("synthesis clicked")
             job = self.logic.createJob(dict(self.scans), self.segmentation, seed=seed, samples=samples, steps=steps,
                                        guidance=guidance, command=command, workDir=self.workDir, writeInputs=False,
-                                       populationPull=pull)
+                                       populationPull=pull, keepBaseTexture=bool(s.keep_base_texture))
             log.info("job validated")
             return self._start(job, command, self._onSynthesisDone, read=self.logic.readJobOutputs,
                                write=job.writeInputs)

@@ -96,6 +96,11 @@ class PathoSynPanel(html.Div):
                         VSlider(v_model=(n.population_pull,), min=0, max=1, step=0.1, label="population pull",
                                 density="compact", hide_details=True, thumb_label=True, id="ps-population-pull",
                                 title="how far lesion levels move towards the training lesions' typical level")
+                with VRow(dense=True):
+                    with VCol(cols=12):
+                        VCheckbox(v_model=(n.keep_base_texture,), label="keep healthy texture in the lesion",
+                                  density="compact", hide_details=True, id="ps-keep-texture",
+                                  title="off: the lesion gets the fine texture real lesions have in each sequence")
                 with html.Div(classes="d-flex ga-1 mt-1"):
                     VBtn("Synthesize lesion", id="ps-synthesize", color="primary", click=handlers["synthesize"],
                          disabled=(busy,))

@@ -25,6 +25,7 @@ class PathoSynWebState:
     preview: bool = False  # 2 steps
     guidance: float = 1.0
     population_pull: float = 0.5  # 0 = sampled levels, 1 = the training population's
+    keep_base_texture: bool = False  # True: the healthy fine texture stays inside the lesion
     # job
     running: bool = False
     job_kind: str = ""  # synthesize | pseudo-healthy | sample
