@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-weights", action="append", metavar="[LABEL=]DIR",
                    help="also score the deviation weights in DIR on the same bases (paired before/after table)")
     p.add_argument("--compare-uncalibrated", action="store_true",
-                   help="also score the bundled weights without calibration (population pull 0, smooth base)")
+                   help="also score the bundled weights without calibration (population pull 0, smooth base, "
+                        "the base's texture kept in the lesion)")
     p.add_argument("--bundled-label", default="bundled", help="name of the bundled weights in the tables")
     p.add_argument("--downstream", action="store_true",
                    help="also run the downstream segmentation study (9 small networks; about 15 min on 2 cores)")
