@@ -151,9 +151,9 @@ def case_texture_ratio(case) -> dict[str, float]:
         return {}
     margin = int(np.ceil(TEXTURE_RING_MM[1] / min(case.spacing_zyx))) + 4  # the ring, then the high-pass support
     box = tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in np.nonzero(lesion))
-    head = case.foreground()[box]
-    ratios = {m: lesion_texture_ratio(image[box], lesion[box], head, case.spacing_zyx)
-              for m, image in case.normalized().items()}
+    foreground = case.foreground()  # once: the normalisation uses it too
+    ratios = {m: lesion_texture_ratio(image[box], lesion[box], foreground[box], case.spacing_zyx)
+              for m, image in case.normalized(foreground).items()}
     return {m: r for m, r in ratios.items() if r is not None}
 
 
