@@ -1045,6 +1045,22 @@ def test_cli_blend_per_case_maps_onto_the_config(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_transformer_lr_maps_onto_the_config(tmp_path, capsys):
+    import argparse
+
+    from scripted_models import cli
+    from scripted_models.pathar.commands import add_arguments
+    from scripted_models.pathar.train import TrainConfig, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).transformer_lr == TrainConfig().transformer_lr
+    assert config_from_args(parser.parse_args(["--transformer-lr", "2e-4"])).transformer_lr == 2e-4
+    assert cli.main(["train-pathar", "--work", str(tmp_path), "--transformer-lr", "0"]) == 2
+    assert "transformer-lr" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_elastic_patches_are_new_shapes_of_the_same_lesion(data_root):
     """Elastic patches come after the rigid ones without changing them, deform mask and images alike, and keep
     the lesion plausible."""

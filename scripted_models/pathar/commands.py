@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor-share", type=float, default=None, metavar="P",
                         help="share of transformer rows trained to follow another modality's row of the same patch "
                              "(adds anchor conditioning; sampling then draws the anatomy modality first)")
+    parser.add_argument("--transformer-lr", type=float, default=None, metavar="LR",
+                        help="the transformer's peak learning rate (default 6e-4; lower for a warm-started run)")
     parser.add_argument("--transformer-select", choices=("best_val", "last"), default="best_val",
                         help="keep the transformer weights with the lowest held-out NLL (checked every save) "
                              "or the last ones")

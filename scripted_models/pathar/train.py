@@ -852,6 +852,11 @@ def config_from_args(args) -> TrainConfig:
     if getattr(args, "transformer_init", None):
         tc.transformer_init = str(args.transformer_init)
     tc.transformer_select = getattr(args, "transformer_select", "best_val")
+    transformer_lr = getattr(args, "transformer_lr", None)
+    if transformer_lr is not None:
+        if not 0.0 < transformer_lr < 1.0:
+            raise InputError("--transformer-lr must be between 0 and 1")
+        tc.transformer_lr = float(transformer_lr)
     anchor_share = getattr(args, "anchor_share", None)
     if anchor_share is not None:
         if not 0.0 <= anchor_share <= 1.0:
