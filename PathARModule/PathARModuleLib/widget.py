@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import qt
 import slicer
-import vtk
 from PathoSynSlicerLib.logic import dependencyMessage, dependencyProblems
-from PathoSynSlicerLib.parameters import HAVE_PARAMETER_NODE_WRAPPER
-from PathoSynSlicerLib.parameters import connectGui as connectWrapperToGui
-from PathoSynSlicerLib.process import WorkerRunner, warmUpSharedWorker
-from PathoSynSlicerLib.widget import reportErrors
-from slicer.util import VTKObservationMixin
+from PathoSynSlicerLib.process import warmUpSharedWorker
+from PathoSynSlicerLib.widget import JobPanel, reportErrors
 
 from . import parameters as P
 from .logic import PathARModuleLogic
@@ -21,32 +17,21 @@ INPUT_WIDGETS = ("renderT1CheckBox", "renderT1cCheckBox", "renderT2CheckBox", "r
                  "anatomyComboBox")
 
 
-class PathARWidget(VTKObservationMixin):
+class PathARWidget(JobPanel):
     """Binds the .ui to the parameter node, runs sampling in the background and drives the linked views."""
 
+    windowTitle = "PathAR"
+
     def __init__(self, ui, logic: PathARModuleLogic | None = None, parent=None):
-        VTKObservationMixin.__init__(self)
-        self.ui = ui
-        self.logic = logic or PathARModuleLogic()
-        self.parent = parent
-        self._parameterNode = None
-        self._guiConnection = None
-        self._runner: WorkerRunner | None = None
-        self._job = None
         self.run = None  # the latest PathARRun
         self.layout = None  # its LinkedLayout
-        self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._poll)
+        JobPanel.__init__(self, ui, logic or PathARModuleLogic(), parent)
         ui.generateButton.connect("clicked(bool)", self.onGenerateClicked)
         ui.useMaskButton.connect("clicked(bool)", self.onUseMask)
         ui.exportFigureButton.connect("clicked(bool)", self.onExportFigure)
         ui.displayedModalityComboBox.connect("currentTextChanged(QString)", self.onDisplayedModality)
-        # no parameterNodeWrapper connector exists for qSlicerSimpleMarkupsWidget: bound by hand (setParameterNode)
+        # qSlicerSimpleMarkupsWidget has no parameterNodeWrapper connector: bound in parameterNodeConnected
         ui.placementPointWidget.connect("markupsNodeChanged()", self.onPlacementNodeChanged)
-        ui.progressBar.setVisible(False)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
         self.initializeParameterNode()
@@ -54,10 +39,6 @@ class PathARWidget(VTKObservationMixin):
             warmUpSharedWorker()
 
     # --- parameter node ----------------------------------------------------------------------------------------------
-    @property
-    def params(self):
-        return self._parameterNode
-
     def initializeParameterNode(self) -> None:
         params = self.logic.getParameters()
         if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
@@ -82,28 +63,8 @@ class PathARWidget(VTKObservationMixin):
             self.ui.placementPointWidget.setCurrentNode(point)
         return params.placementPoint if params is not None else None
 
-    def setParameterNode(self, params) -> None:
-        if self._parameterNode is not None and self._parameterNode is not params:
-            self.disconnectGui()
-            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-        if params is not None and self._parameterNode is not params:
-            self.addObserver(params.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-        self._parameterNode = params
-        if params is not None:
-            self.connectGui()
-            self.ui.placementPointWidget.setCurrentNode(params.placementPoint)
-        self.updateGUI()
-
-    def connectGui(self) -> None:
-        if not HAVE_PARAMETER_NODE_WRAPPER or self._parameterNode is None or self._guiConnection is not None:
-            return
-        self._guiConnection = connectWrapperToGui(self._parameterNode, self.ui)
-
-    def disconnectGui(self) -> None:
-        """Called by the module's exit() and cleanup(): the widgets stop writing to the parameter node."""
-        if self._guiConnection is not None and self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self._guiConnection)
-        self._guiConnection = None
+    def parameterNodeConnected(self, params) -> None:
+        self.ui.placementPointWidget.setCurrentNode(params.placementPoint)
 
     def onPlacementNodeChanged(self, *_):
         if self._parameterNode is None:
@@ -118,7 +79,7 @@ class PathARWidget(VTKObservationMixin):
         params = self._parameterNode
         if params is None:
             return
-        running = self._runner is not None and self._runner.running
+        running = self.running
         self.ui.generateButton.setEnabled(running or bool(P.renderModalities(params)))
         for name in INPUT_WIDGETS:
             widget = getattr(self.ui, name, None)
@@ -133,13 +94,8 @@ class PathARWidget(VTKObservationMixin):
             self.ui.placementPointWidget.setCurrentNode(params.placementPoint)
 
     def onSceneStartClose(self, *_):
-        self.cancel()
         self.run = self.layout = None
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, *_):
-        if self.parent is None or self.parent.isEntered:
-            self.initializeParameterNode()
+        JobPanel.onSceneStartClose(self)
 
     def onSceneImported(self, *_):
         if self.run is None or not self.run.isIntact():
@@ -153,52 +109,20 @@ class PathARWidget(VTKObservationMixin):
             self.ui.statusLabel.setText("Samples were deleted: generate new ones to use the linked views.")
             self.updateGUI()
 
-    def cleanup(self):
-        self.cancel()
-        self._timer.stop()
-        self.disconnectGui()
-        self.removeObservers()
-
     # --- sampling in the background ----------------------------------------------------------------------------------
-    def showError(self, message: str) -> None:
-        self.ui.statusLabel.setText(f"<span style='color:#c0392b'>{message}</span>")
-        slicer.util.errorDisplay(message, windowTitle="PathAR")
-
     @reportErrors("Generating samples")
     def onGenerateClicked(self, *_):
-        if self._runner is not None and self._runner.running:
+        if self.running:
             return self.cancel()
         problems = dependencyProblems()
         if problems:
             return self.showError(dependencyMessage(problems).split(" (install")[0]
                                   + " (install them from the PathoSyn module's Dependencies section)")
         params = self.params
-        self._job = self.logic.createJob(P.renderModalities(params), n=int(params.numberOfSamples),
-                                         seed=int(params.seed), temperature=float(params.temperature),
-                                         device=params.device, anatomyFrom=params.anatomyFrom)
-        self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
-                                    onError=self.showError, onFinished=self.onFinished)
-        try:
-            self._runner.start()
-        except OSError as exc:
-            self._job.cleanup()
-            self._runner = self._job = None
-            return self.showError(f"cannot start the sampling process: {exc}")
-        self.ui.generateButton.text = "Cancel"
-        self.ui.progressBar.setValue(0)
-        self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.setText("Starting...")
-        self.updateGUI()
-        self._timer.start()
-
-    @reportErrors("Reading the samples")
-    def _poll(self):
-        if self._runner is None or not self._runner.poll():
-            self._timer.stop()
-
-    def onProgress(self, fraction: float, message: str):
-        self.ui.progressBar.setValue(int(1000 * fraction))
-        self.ui.statusLabel.setText(message)
+        job = self.logic.createJob(P.renderModalities(params), n=int(params.numberOfSamples), seed=int(params.seed),
+                                   temperature=float(params.temperature), device=params.device,
+                                   anatomyFrom=params.anatomyFrom)
+        return self.startJob(job, self.ui.generateButton, "sampling")
 
     @reportErrors("Loading the samples")
     def onDone(self, payload: dict):
@@ -206,20 +130,6 @@ class PathARWidget(VTKObservationMixin):
             self.run = self.logic.loadJobOutputs(self._job)
             self.showRun()
         self.ui.statusLabel.setText(f"Done: {len(self.run.samples)} samples in {', '.join(self.run.modalities)}")
-
-    def onFinished(self, state: str):
-        self._timer.stop()
-        if self._job is not None:
-            self._job.cleanup()
-        if state == "cancelled":
-            self.ui.statusLabel.setText("Cancelled: the scene was not changed.")
-        self._runner, self._job = None, None
-        self.ui.progressBar.setVisible(False)
-        self.updateGUI()
-
-    def cancel(self):
-        if self._runner is not None and self._runner.running:
-            self._runner.cancel()
 
     # --- views -------------------------------------------------------------------------------------------------------
     def showRun(self):

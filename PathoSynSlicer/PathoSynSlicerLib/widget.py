@@ -68,13 +68,18 @@ def installPythonPackages(problems: dict) -> None:
     importlib.invalidate_caches()
 
 
-class PathoSynWidget(VTKObservationMixin):
-    """Binds the .ui to the parameter node and runs the engine in a background process."""
+class JobPanel(VTKObservationMixin):
+    """What both module panels share: the parameter node bound to the .ui, one background job at a time (progress
+    bar, its button turned into Cancel, clean-up when it ends) and one-line errors. A panel sets `windowTitle` and
+    implements `updateGUI` and `onDone(payload)`; `runnerClass` is the background runner (the shared engine worker)."""
 
-    def __init__(self, ui, logic: PathoSynSlicerLogic | None = None, parent=None):
+    windowTitle = "PathoSyn"
+    runnerClass = WorkerRunner
+
+    def __init__(self, ui, logic, parent=None):
         VTKObservationMixin.__init__(self)
         self.ui = ui
-        self.logic = logic or PathoSynSlicerLogic()
+        self.logic = logic
         self.parent = parent
         self._parameterNode = None
         self._guiConnection = None
@@ -83,40 +88,18 @@ class PathoSynWidget(VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
-
-        self._problems = {}  # dependencyProblems()
-        ui.synthesizeButton.connect("clicked(bool)", self.onSynthesizeClicked)
-        ui.pseudoHealthyButton.connect("clicked(bool)", self.onPseudoHealthyClicked)
-        ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
-        ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
-        ui.loadMaskButton.connect("clicked(bool)", self.onLoadMask)
-        ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
-        ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         ui.progressBar.setVisible(False)
-        # no torch import here (seconds, and CUDA initialisation in the GUI process): the child picks the device
-        ui.deviceInfoLabel.setText("GPU: 'auto' uses CUDA when the background process finds one")
-        self.updateDependencies()
-        if not self._problems:  # the engine worker loads the models while the user prepares the inputs
-            warmUpSharedWorker()
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
 
     # --- parameter node ----------------------------------------------------------------------------------------------
     @property
     def params(self):
         return self._parameterNode
 
-    def initializeParameterNode(self) -> None:
-        params = self.logic.getParameters()
-        if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
-            params = self._parameterNode  # one wrapper per parameter node (no new set of connectors per visit)
-        if params.t1Volume is None:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
-                params.t1Volume = first
-        self.setParameterNode(params)
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and self._runner.running
 
     def setParameterNode(self, params) -> None:
         if self._parameterNode is not None and self._parameterNode is not params:
@@ -127,7 +110,11 @@ class PathoSynWidget(VTKObservationMixin):
         self._parameterNode = params
         if params is not None:
             self.connectGui()
+            self.parameterNodeConnected(params)
         self.updateGUI()
+
+    def parameterNodeConnected(self, params) -> None:
+        """Bind what the parameterNodeWrapper connectors cannot (none by default)."""
 
     def connectGui(self) -> None:
         if not P.HAVE_PARAMETER_NODE_WRAPPER or self._parameterNode is None or self._guiConnection is not None:
@@ -141,32 +128,7 @@ class PathoSynWidget(VTKObservationMixin):
         self._guiConnection = None
 
     def updateGUI(self, *_):
-        params = self._parameterNode
-        if params is None:
-            return
-        labelmap = bool(params.useLabelmap)
-        for w in (self.ui.maskLabelmapSelector, self.ui.maskLabelmapSelectorLabel):
-            w.setVisible(labelmap)
-        for w in (self.ui.maskSegmentationSelector, self.ui.maskSegmentationSelectorLabel,
-                  self.ui.editSegmentationButton, self.ui.createSegmentationButton):
-            w.setVisible(not labelmap)
-        self.ui.stepsSpinBox.setEnabled(not params.preview)
-        ready = bool(P.inputVolumes(params)) and P.maskNode(params) is not None
-        running = self._runner is not None and self._runner.running
-        command = self._job.command if running and self._job is not None else None
-        # while a job runs only its own button (now "Cancel") is enabled, and the inputs are locked
-        self.ui.synthesizeButton.setEnabled(command == "synthesize" if running else ready)
-        self.ui.pseudoHealthyButton.setEnabled(command == "pseudo-healthy" if running else ready)
-        for name in INPUT_WIDGETS:
-            widget = getattr(self.ui, name, None)
-            if widget is not None:
-                widget.setEnabled(not running)
-        if not running:
-            self.ui.installDependenciesButton.setEnabled(bool(self._problems))
-            self.ui.synthesizeButton.text = "Synthesize lesion"
-            self.ui.pseudoHealthyButton.text = "Pseudo-healthy"
-            self.ui.synthesizeButton.toolTip = ("Add a synthetic lesion" if ready else
-                                                "Select at least one healthy scan and a lesion mask")
+        raise NotImplementedError
 
     def onSceneStartClose(self, *_):
         self.cancel()
@@ -181,6 +143,115 @@ class PathoSynWidget(VTKObservationMixin):
         self._timer.stop()
         self.disconnectGui()
         self.removeObservers()
+
+    # --- the background job ------------------------------------------------------------------------------------------
+    def showError(self, message: str) -> None:
+        self.ui.statusLabel.setText(f"<span style='color:#c0392b'>{message}</span>")
+        slicer.util.errorDisplay(message, windowTitle=self.windowTitle)
+
+    def startJob(self, job, button, what: str) -> None:
+        """Run `job.argv` in the background; `button` becomes Cancel until the job ends."""
+        self._job = job
+        self._runner = self.runnerClass(job.argv, onProgress=self.onProgress, onDone=self.onDone,
+                                        onError=self.showError, onFinished=self.onFinished)
+        try:
+            self._runner.start()
+        except OSError as exc:
+            job.cleanup()
+            self._runner = self._job = None
+            return self.showError(f"cannot start the {what} process: {exc}")
+        button.text = "Cancel"
+        self.ui.progressBar.setValue(0)
+        self.ui.progressBar.setVisible(True)
+        self.ui.statusLabel.setText("Starting...")
+        self.updateGUI()
+        self._timer.start()
+        return None
+
+    @reportErrors("Reading the results")
+    def _poll(self):
+        if self._runner is None or not self._runner.poll():
+            self._timer.stop()
+
+    def onProgress(self, fraction: float, message: str):
+        self.ui.progressBar.setValue(int(1000 * fraction))
+        self.ui.statusLabel.setText(message)
+
+    def onDone(self, payload: dict):
+        raise NotImplementedError
+
+    def onFinished(self, state: str):
+        self._timer.stop()
+        if self._job is not None:
+            self._job.cleanup()
+        if state == "cancelled":
+            self.ui.statusLabel.setText("Cancelled: the scene was not changed.")
+        self._runner, self._job = None, None
+        self.ui.progressBar.setVisible(False)
+        self.updateGUI()
+
+    def cancel(self):
+        if self.running:
+            self._runner.cancel()
+
+
+class PathoSynWidget(JobPanel):
+    """Binds the .ui to the parameter node and runs the engine in a background process."""
+
+    def __init__(self, ui, logic: PathoSynSlicerLogic | None = None, parent=None):
+        JobPanel.__init__(self, ui, logic or PathoSynSlicerLogic(), parent)
+        self._problems = {}  # dependencyProblems()
+        ui.synthesizeButton.connect("clicked(bool)", self.onSynthesizeClicked)
+        ui.pseudoHealthyButton.connect("clicked(bool)", self.onPseudoHealthyClicked)
+        ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
+        ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+        ui.loadMaskButton.connect("clicked(bool)", self.onLoadMask)
+        ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
+        ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        # no torch import here (seconds, and CUDA initialisation in the GUI process): the child picks the device
+        ui.deviceInfoLabel.setText("GPU: 'auto' uses CUDA when the background process finds one")
+        self.updateDependencies()
+        if not self._problems:  # the engine worker loads the models while the user prepares the inputs
+            warmUpSharedWorker()
+        self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        params = self.logic.getParameters()
+        if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
+            params = self._parameterNode  # one wrapper per parameter node (no new set of connectors per visit)
+        if params.t1Volume is None:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                params.t1Volume = first
+        self.setParameterNode(params)
+
+    def updateGUI(self, *_):
+        params = self._parameterNode
+        if params is None:
+            return
+        labelmap = bool(params.useLabelmap)
+        for w in (self.ui.maskLabelmapSelector, self.ui.maskLabelmapSelectorLabel):
+            w.setVisible(labelmap)
+        for w in (self.ui.maskSegmentationSelector, self.ui.maskSegmentationSelectorLabel,
+                  self.ui.editSegmentationButton, self.ui.createSegmentationButton):
+            w.setVisible(not labelmap)
+        self.ui.stepsSpinBox.setEnabled(not params.preview)
+        ready = bool(P.inputVolumes(params)) and P.maskNode(params) is not None
+        running = self.running
+        command = self._job.command if running and self._job is not None else None
+        # while a job runs only its own button (now "Cancel") is enabled, and the inputs are locked
+        self.ui.synthesizeButton.setEnabled(command == "synthesize" if running else ready)
+        self.ui.pseudoHealthyButton.setEnabled(command == "pseudo-healthy" if running else ready)
+        for name in INPUT_WIDGETS:
+            widget = getattr(self.ui, name, None)
+            if widget is not None:
+                widget.setEnabled(not running)
+        if not running:
+            self.ui.installDependenciesButton.setEnabled(bool(self._problems))
+            self.ui.synthesizeButton.text = "Synthesize lesion"
+            self.ui.pseudoHealthyButton.text = "Pseudo-healthy"
+            self.ui.synthesizeButton.toolTip = ("Add a synthetic lesion" if ready else
+                                                "Select at least one healthy scan and a lesion mask")
 
     # --- dependencies ----------------------------------------------------------------------------------------------
     def updateDependencies(self) -> None:
@@ -281,60 +352,33 @@ class PathoSynWidget(VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=t1, fit=True)
 
     # --- running -----------------------------------------------------------------------------------------------------
-    def showError(self, message: str) -> None:
-        self.ui.statusLabel.setText(f"<span style='color:#c0392b'>{message}</span>")
-        slicer.util.errorDisplay(message, windowTitle="PathoSyn")
-
     @reportErrors("Synthesis")
     def onSynthesizeClicked(self, *_):
-        if self._runner is not None and self._runner.running:
-            if self._job is not None and self._job.command == "synthesize":
-                self.cancel()
-            return None
-        self.start("synthesize")
+        self.startOrCancel("synthesize")
 
     @reportErrors("Pseudo-healthy")
     def onPseudoHealthyClicked(self, *_):
-        if self._runner is not None and self._runner.running:
-            if self._job is not None and self._job.command == "pseudo-healthy":
+        self.startOrCancel("pseudo-healthy")
+
+    def startOrCancel(self, command: str) -> None:
+        """A job's own button cancels it; the other button is disabled while it runs (and ignored here)."""
+        if self.running:
+            if self._job is not None and self._job.command == command:
                 self.cancel()
-            return None
-        self.start("pseudo-healthy")
+            return
+        self.start(command)
 
     def start(self, command: str) -> None:
         if not self.ensureDependencies():
             return
         params = self.params
         with slicer.util.WaitCursor():  # writes the inputs as NIfTI (seconds for 1 mm scans)
-            self._job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
-                                             samples=params.samples, steps=P.effectiveSteps(params),
-                                             guidance=params.guidance, device=params.device, command=command,
-                                             populationPull=params.populationPull,
-                                             keepBaseTexture=params.keepBaseTexture)
-        self._runner = WorkerRunner(self._job.argv, onProgress=self.onProgress, onDone=self.onDone,
-                                    onError=self.showError, onFinished=self.onFinished)
-        try:
-            self._runner.start()
-        except OSError as exc:
-            self._job.cleanup()
-            self._runner = self._job = None
-            return self.showError(f"cannot start the synthesis process: {exc}")
+            job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
+                                       samples=params.samples, steps=P.effectiveSteps(params),
+                                       guidance=params.guidance, device=params.device, command=command,
+                                       populationPull=params.populationPull, keepBaseTexture=params.keepBaseTexture)
         button = self.ui.synthesizeButton if command == "synthesize" else self.ui.pseudoHealthyButton
-        button.text = "Cancel"
-        self.ui.progressBar.setValue(0)
-        self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.setText("Starting...")
-        self.updateGUI()
-        self._timer.start()
-
-    @reportErrors("Reading the results")
-    def _poll(self):
-        if self._runner is None or not self._runner.poll():
-            self._timer.stop()
-
-    def onProgress(self, fraction: float, message: str):
-        self.ui.progressBar.setValue(int(1000 * fraction))
-        self.ui.statusLabel.setText(message)
+        self.startJob(job, button, "synthesis")
 
     @reportErrors("Loading the results")
     def onDone(self, payload: dict):
@@ -349,20 +393,6 @@ class PathoSynWidget(VTKObservationMixin):
             node = next(iter(result.values()))
             self.showCompare(self._job.prepared.nodes[next(iter(result))], node)
             self.ui.statusLabel.setText(f"Done: {node.GetName()}")
-
-    def onFinished(self, state: str):
-        self._timer.stop()
-        if self._job is not None:
-            self._job.cleanup()
-        if state == "cancelled":
-            self.ui.statusLabel.setText("Cancelled: the scene was not changed.")
-        self._runner, self._job = None, None
-        self.ui.progressBar.setVisible(False)
-        self.updateGUI()
-
-    def cancel(self):
-        if self._runner is not None and self._runner.running:
-            self._runner.cancel()
 
     # --- views -------------------------------------------------------------------------------------------------------
     def showCompare(self, inputNode, outputNode, segmentation=None):
