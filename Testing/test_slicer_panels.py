@@ -186,10 +186,11 @@ def test_a_job_that_cannot_start_reports_one_line_and_cleans_up(gui):
 
 def test_pathar_panel_locks_its_inputs_while_sampling_and_cancels(gui):
     head = make_head()
-    gui.app.add_volume(head.array, head.ijk_to_ras(), "target")
+    target = gui.app.add_volume(head.array, head.ijk_to_ras(), "target")
     panel = gui.pathar.PathARWidget(StandInUI())
     panel.runnerClass = gui.runner
     gui.panels.append(panel)
+    assert panel.params.targetVolume is target  # the first volume of the scene
     panel.params.numberOfSamples = 4
     ui = panel.ui
     assert ui.generateButton.enabled and not ui.useMaskButton.enabled  # no samples yet

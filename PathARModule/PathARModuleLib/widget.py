@@ -21,6 +21,7 @@ class PathARWidget(JobPanel):
     """Binds the .ui to the parameter node, runs sampling in the background and drives the linked views."""
 
     windowTitle = "PathAR"
+    defaultVolumeField = "targetVolume"
 
     def __init__(self, ui, logic: PathARModuleLogic | None = None, parent=None):
         self.run = None  # the latest PathARRun
@@ -40,17 +41,10 @@ class PathARWidget(JobPanel):
 
     # --- parameter node ----------------------------------------------------------------------------------------------
     def initializeParameterNode(self) -> None:
-        params = self.logic.getParameters()
-        if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
-            params = self._parameterNode  # one wrapper per parameter node (no new set of connectors per visit)
-        if params.targetVolume is None:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
-                params.targetVolume = first
         if self.run is None:
             self.run = self.logic.runFromScene()  # e.g. a saved scene with a PathAR run was loaded
         # the placement markups node is created when there are samples to place (ensurePlacementNode), not here
-        self.setParameterNode(params)
+        JobPanel.initializeParameterNode(self)
 
     def ensurePlacementNode(self):
         params = self.params

@@ -75,6 +75,7 @@ class JobPanel(VTKObservationMixin):
 
     windowTitle = "PathoSyn"
     runnerClass = WorkerRunner
+    defaultVolumeField = "t1Volume"  # the parameter that takes the scene's first volume when it is empty
 
     def __init__(self, ui, logic, parent=None):
         VTKObservationMixin.__init__(self)
@@ -100,6 +101,16 @@ class JobPanel(VTKObservationMixin):
     @property
     def running(self) -> bool:
         return self._runner is not None and self._runner.running
+
+    def initializeParameterNode(self) -> None:
+        params = self.logic.getParameters()
+        if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
+            params = self._parameterNode  # one wrapper per parameter node (no new set of connectors per visit)
+        if getattr(params, self.defaultVolumeField) is None:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                setattr(params, self.defaultVolumeField, first)
+        self.setParameterNode(params)
 
     def setParameterNode(self, params) -> None:
         if self._parameterNode is not None and self._parameterNode is not params:
@@ -214,16 +225,6 @@ class PathoSynWidget(JobPanel):
         if not self._problems:  # the engine worker loads the models while the user prepares the inputs
             warmUpSharedWorker()
         self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        params = self.logic.getParameters()
-        if self._parameterNode is not None and self._parameterNode.parameterNode is params.parameterNode:
-            params = self._parameterNode  # one wrapper per parameter node (no new set of connectors per visit)
-        if params.t1Volume is None:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
-                params.t1Volume = first
-        self.setParameterNode(params)
 
     def updateGUI(self, *_):
         params = self._parameterNode
