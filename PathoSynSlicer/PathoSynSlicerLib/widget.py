@@ -71,7 +71,8 @@ def installPythonPackages(problems: dict) -> None:
 class JobPanel(VTKObservationMixin):
     """What both module panels share: the parameter node bound to the .ui, one background job at a time (progress
     bar, its button turned into Cancel, clean-up when it ends) and one-line errors. A panel sets `windowTitle` and
-    implements `updateGUI` and `onDone(payload)`; `runnerClass` is the background runner (the shared engine worker)."""
+    `defaultVolumeField` and implements `updateGUI` and `onDone(payload)`; `runnerClass` is the background runner
+    (the shared engine worker)."""
 
     windowTitle = "PathoSyn"
     runnerClass = WorkerRunner
