@@ -206,3 +206,23 @@ def test_pathar_panel_locks_its_inputs_while_sampling_and_cancels(gui):
     assert not panel.running and not gui.errors and gui.app.node_ids() == before and not job.folder.exists()
     assert ui.generateButton.text == "Generate samples" and ui.seedSpinBox.enabled
     assert ui.statusLabel.text == "Cancelled: the scene was not changed."
+
+
+def test_pathar_panel_shows_samples_in_linked_views_and_offers_the_mask(gui):
+    head = make_head()
+    gui.app.add_volume(head.array, head.ijk_to_ras(), "target")
+    panel = gui.pathar.PathARWidget(StandInUI())
+    panel.runnerClass = gui.runner
+    gui.panels.append(panel)
+    panel.params.numberOfSamples, panel.params.renderT1c = 1, False  # one sample, flair only
+    ui = panel.ui
+    assert not ui.useMaskButton.enabled and panel.params.placementPoint is None
+    ui.generateButton.click()
+    job = panel._job
+    run_timer(panel)
+    assert not gui.errors, gui.errors
+    assert panel.run is not None and panel.run.modalities == ["flair"] and len(panel.run.samples) == 1
+    assert panel.layout is not None and ui.statusLabel.text == "Done: 1 samples in flair"
+    assert ui.useMaskButton.enabled and ui.exportFigureButton.enabled and ui.generateButton.text == "Generate samples"
+    assert panel.params.placementPoint is not None  # created once there is a sample to place
+    assert ui.placementPointWidget.currentNode() is panel.params.placementPoint and not job.folder.exists()
