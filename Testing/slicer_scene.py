@@ -322,3 +322,10 @@ class _ThreeDView(_View):
         self.renderer.ResetCameraClippingRange()
         self.window.Render()
         return _grab(self.window)
+
+
+def engine_process(argv, **callbacks):
+    """A fresh `pathosyn` child process on one thread (the CLI runner the modules fall back to)."""
+    from PathoSynSlicerLib.process import CLIRunner, engineRoot
+
+    return CLIRunner(argv, engineRoot=engineRoot(), env={"OMP_NUM_THREADS": "1"}, **callbacks)

@@ -15,7 +15,7 @@ from conftest import make_ball_mask, make_head
 
 pytest.importorskip("slicer")
 
-from slicer_scene import SlicerScene, array_of  # noqa: E402
+from slicer_scene import SlicerScene, array_of, engine_process  # noqa: E402
 
 SUBREGION_SEGMENTS = {1: "Necrotic core", 2: "Edema", 3: "Enhancing tumor"}
 WIDGET_MODULES = ("PathoSynSlicerLib.widget", "PathARModuleLib.widget")
@@ -103,15 +103,11 @@ def gui(monkeypatch):
         sys.modules.pop(name, None)
     import PathARModuleLib.widget as pathar_widget
     import PathoSynSlicerLib.widget as pathosyn_widget
-    from PathoSynSlicerLib.process import CLIRunner, engineRoot
-
     for module in (pathosyn_widget, pathar_widget):
         monkeypatch.setattr(module, "warmUpSharedWorker", lambda: None)
 
-    def fresh_process(argv, **callbacks):  # a fresh `pathosyn` process instead of the shared warm worker
-        return CLIRunner(argv, engineRoot=engineRoot(), env={"OMP_NUM_THREADS": "1"}, **callbacks)
-
-    gui = types.SimpleNamespace(app=app, errors=errors, runner=fresh_process, pathosyn=pathosyn_widget,
+    # a fresh `pathosyn` process instead of the shared warm worker
+    gui = types.SimpleNamespace(app=app, errors=errors, runner=engine_process, pathosyn=pathosyn_widget,
                                 pathar=pathar_widget, panels=[])
     yield gui
     for panel in gui.panels:  # what Slicer does when the module is closed: no observers left on the scene
@@ -181,7 +177,7 @@ def test_a_job_that_cannot_start_reports_one_line_and_cleans_up(gui):
     panel.ui.synthesizeButton.click()
     assert gui.errors == ["cannot start the synthesis process: no such file: PythonSlicer"]
     assert panel._job is None and not panel.running and panel.ui.synthesizeButton.text == "Synthesize lesion"
-    assert not any(gui.app.scene.GetFirstNodeByName(n) for n in ("head synthesized",))
+    assert gui.app.scene.GetFirstNodeByName("head synthesized") is None
 
 
 def test_pathar_panel_locks_its_inputs_while_sampling_and_cancels(gui):

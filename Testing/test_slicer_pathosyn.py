@@ -11,7 +11,7 @@ from conftest import ROOT, make_ball_mask, make_head
 
 pytest.importorskip("slicer")
 
-from slicer_scene import SlicerScene, array_of, ijk_to_ras, save_png  # noqa: E402
+from slicer_scene import SlicerScene, array_of, engine_process, ijk_to_ras, save_png  # noqa: E402
 
 STEPS = 2  # keep the tests fast; the quality of the output is tested elsewhere
 SCREENSHOT = ROOT / "Resources" / "Screenshots" / "pathosyn.png"
@@ -391,12 +391,6 @@ def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
 
 
 # --- the background runner ------------------------------------------------------------------------------------------
-def _runner(argv, **kw):
-    from PathoSynSlicerLib.process import CLIRunner, engineRoot
-
-    return CLIRunner(argv, engineRoot=engineRoot(), env={"OMP_NUM_THREADS": "1"}, **kw)
-
-
 def test_keep_base_texture_reaches_the_job_and_the_in_process_run(app, logic):
     from PathoSynSlicerLib.process import workerJob
 
@@ -424,7 +418,7 @@ def test_runner_progress_then_outputs_as_new_nodes(app, logic):
     try:
         before_ids = app.node_ids()
         progress, done = [], []
-        runner = _runner(job.argv, onProgress=lambda f, m: progress.append((f, m)), onDone=done.append)
+        runner = engine_process(job.argv, onProgress=lambda f, m: progress.append((f, m)), onDone=done.append)
         runner.start()
         assert runner.running
         assert app.node_ids() == before_ids  # the background run does not touch the scene
@@ -450,7 +444,7 @@ def test_runner_cancel_leaves_scene_unchanged(app, logic):
     before = snapshot(app, [node])
     job = logic.createJob(node, seg, samples=4, steps=200, threads=1)
     finished = []
-    runner = _runner(job.argv, onFinished=finished.append).start()
+    runner = engine_process(job.argv, onFinished=finished.append).start()
     t0 = time.monotonic()
     while runner.poll() and not runner.events and time.monotonic() - t0 < 120:
         time.sleep(0.05)  # cancel once the child has started working
@@ -565,14 +559,15 @@ def test_runner_surfaces_exit_code_2_errors(tmp_path):
     write_volume(head, tmp_path / "t1.nii.gz")
     write_volume(head.with_array(np.zeros(head.shape, np.uint8)), tmp_path / "mask.nii.gz")
     errors = []
-    runner = _runner(["synthesize", "--image", f"t1={tmp_path / 't1.nii.gz'}", "--mask", str(tmp_path / "mask.nii.gz"),
-                      "--out", str(tmp_path / "out"), "--steps", "2"], onError=errors.append).start()
+    runner = engine_process(["synthesize", "--image", f"t1={tmp_path / 't1.nii.gz'}",
+                             "--mask", str(tmp_path / "mask.nii.gz"), "--out", str(tmp_path / "out"), "--steps", "2"],
+                            onError=errors.append).start()
     assert runner.wait(timeout=600) == FAILED
     assert runner.returnCode == 2
     assert errors == [runner.error] and "empty" in runner.error and "\n" not in runner.error
     assert not (tmp_path / "out" / "report.json").exists()
 
-    bad = _runner(["synthesize", "--image", "dwi=x.nii.gz", "--mask", "m.nii.gz", "--out", str(tmp_path / "o")])
+    bad = engine_process(["synthesize", "--image", "dwi=x.nii.gz", "--mask", "m.nii.gz", "--out", str(tmp_path / "o")])
     assert bad.start().wait(timeout=600) == FAILED and bad.returnCode == 2 and "unknown modality" in bad.error
 
 

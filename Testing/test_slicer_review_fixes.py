@@ -14,7 +14,7 @@ from conftest import make_ball_mask, make_head
 
 pytest.importorskip("slicer")
 
-from slicer_scene import SlicerScene, array_of  # noqa: E402
+from slicer_scene import SlicerScene, array_of, engine_process  # noqa: E402
 
 SUBREGION_SEGMENTS = {1: "Necrotic core", 2: "Edema", 3: "Enhancing tumor"}
 CONVENTIONAL = 2  # vtkMRMLLayoutNode.SlicerLayoutConventionalView: Red, Yellow (sagittal), Green, 3D view 1
@@ -470,13 +470,12 @@ def _kill_when_started(runner_or_none, predicate, timeout=120):
 
 @pytest.mark.skipif(os.name != "posix", reason="kills with a POSIX signal")
 def test_worker_dying_mid_job_is_a_one_line_failure_and_the_scene_is_unchanged(app, logic):
-    from PathoSynSlicerLib.process import FAILED, CLIRunner, engineRoot
+    from PathoSynSlicerLib.process import FAILED
 
     node, job = _engine_job(app, logic)
     before = app.node_ids()
     errors, finished = [], []
-    runner = CLIRunner(job.argv, engineRoot=engineRoot(), env={"OMP_NUM_THREADS": "1"}, onError=errors.append,
-                       onFinished=finished.append).start()
+    runner = engine_process(job.argv, onError=errors.append, onFinished=finished.append).start()
     try:
         t0 = time.monotonic()
         while runner.poll() and not runner.events and time.monotonic() - t0 < 120:

@@ -74,9 +74,9 @@ class JobPanel(VTKObservationMixin):
     `defaultVolumeField` and implements `updateGUI` and `onDone(payload)`; `runnerClass` is the background runner
     (the shared engine worker)."""
 
-    windowTitle = "PathoSyn"
+    windowTitle: str
+    defaultVolumeField: str  # the parameter that takes the scene's first volume when it is empty
     runnerClass = WorkerRunner
-    defaultVolumeField = "t1Volume"  # the parameter that takes the scene's first volume when it is empty
 
     def __init__(self, ui, logic, parent=None):
         VTKObservationMixin.__init__(self)
@@ -171,14 +171,14 @@ class JobPanel(VTKObservationMixin):
         except OSError as exc:
             job.cleanup()
             self._runner = self._job = None
-            return self.showError(f"cannot start the {what} process: {exc}")
+            self.showError(f"cannot start the {what} process: {exc}")
+            return
         button.text = "Cancel"
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setVisible(True)
         self.ui.statusLabel.setText("Starting...")
         self.updateGUI()
         self._timer.start()
-        return None
 
     @reportErrors("Reading the results")
     def _poll(self):
@@ -209,6 +209,9 @@ class JobPanel(VTKObservationMixin):
 
 class PathoSynWidget(JobPanel):
     """Binds the .ui to the parameter node and runs the engine in a background process."""
+
+    windowTitle = "PathoSyn"
+    defaultVolumeField = "t1Volume"
 
     def __init__(self, ui, logic: PathoSynSlicerLogic | None = None, parent=None):
         JobPanel.__init__(self, ui, logic or PathoSynSlicerLogic(), parent)
