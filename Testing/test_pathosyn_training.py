@@ -203,7 +203,8 @@ def test_band_limit_applies_only_to_models_trained_on_smoothed_residuals():
 def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fraction(monkeypatch, lesion_cache,
                                                                                     tmp_path):
     """select="realism": the EMA weights are written as a loadable candidate, scored on the validation fold
-    (stubbed here: the fold's scores are given per step), and the best pass fraction (then Wasserstein) wins."""
+    (stubbed here: the fold's scores are given per step), and the best pass fraction (then Wasserstein) wins.
+    Candidates carry the training fold's calibration, measured once and kept in the checkpoint."""
     from safetensors.torch import load_file
 
     from scripted_models.evaluation import realism
@@ -220,6 +221,8 @@ def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fract
         def score(self, weights, seeds=(0, 1, 2), steps=None, figure=None):
             state, card = load_state("deviation_diffusion", weights["candidate"])  # sha256-checked, loadable
             seen.append(card["steps"])
+            # scored as it would ship: the card carries the calibration that synthesize_lesion applies
+            assert card["population_pull"] > 0 and set(card["population_texture"]) == set(card["population_levels"])
             p, w = scores[card["steps"]]
             return {"results": {"candidate": {"summary": {"pass_fraction": p, "wasserstein": w, "mean_err": 1.0,
                                                           "per_modality_pass": {}}}}}
@@ -238,6 +241,8 @@ def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fract
     saved = load_file(str(out / "deviation_diffusion.safetensors"))
     kept = load_file(str(tmp_path / "work" / "best_realism.safetensors"))
     assert all(torch.equal(saved[k], kept[k]) for k in kept)
+    extra = json.loads(torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)["extra"])
+    assert extra["calibration"]["population_levels"] == card["population_levels"]
     with pytest.raises(Exception, match="selection rule"):
         T.train_deviation(tmp_path / "w2", steps=1, out_dir=out, select="newest")
 

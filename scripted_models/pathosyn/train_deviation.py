@@ -232,11 +232,24 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
     realism_path = work / "best_realism.safetensors"
     realism_curve = list(extra.get("realism_curve", []))
     best_realism = dict(extra.get("best_realism", {}))
+    calibration = dict(extra.get("calibration", {}))
+
+    def measure_calibration():
+        """The card's calibration entries (they depend on the training fold only, not on the weights)."""
+        if not calibration:
+            textures: list[dict] = []  # per training case, filled while the population levels are measured
+            levels = case_levels(folds.train, data_root or default_data_root(),
+                                 on_case=lambda _, case: textures.append(case_texture_ratio(case)))
+            calibration.update(population_levels=levels, population_pull=DEFAULT_POPULATION_PULL,
+                               population_texture=median_texture_ratios(textures))
+        return calibration
+
     validation_fold = None
     if select == "realism":
         from ..evaluation.realism import FoldRealism
 
         validation_fold = FoldRealism(data_root, "validation", device=str(device))
+        measure_calibration()  # candidates are scored as they would ship: calibrated
 
     def check_realism():
         from ..weights import save_state, write_safetensors
@@ -244,7 +257,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         candidate = work / "candidate"
         state = {k: v.contiguous() for k, v in ema_net.state_dict().items()}
         save_state(WEIGHTS_NAME, state, {"model": WEIGHTS_NAME, "variant": variant, "config": config_dict(cfg),
-                                         "steps": step, "note": "EMA weights under validation"}, candidate)
+                                         "steps": step, "note": "EMA weights under validation", **calibration},
+                   candidate)
         summary = validation_fold.score({"candidate": candidate}, seeds=(0,))["results"]["candidate"]["summary"]
         row = {"step": step, "pass_fraction": summary["pass_fraction"], "wasserstein": summary["wasserstein"],
                "mean_err": summary["mean_err"], "per_modality_pass": summary["per_modality_pass"],
@@ -274,7 +288,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
 
     def state_extra():
         return {"wall_s": wall + time.time() - t0, "start_step": start_step, "val_curve": val_curve,
-                "best_val": best, "realism_curve": realism_curve, "best_realism": best_realism}
+                "best_val": best, "realism_curve": realism_curve, "best_realism": best_realism,
+                "calibration": calibration}
 
     net.train()
     t0 = time.time()
@@ -313,16 +328,12 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
               "holistic": "Ablation baseline: the same DDPM generating the whole ROI image (no disentanglement)",
               "mask_only": "Ablation baseline: the same DDPM generating the ROI image from the mask only "
                            "(no anatomy branch)"}[variant]
-    textures: list[dict] = []  # per training case, filled while the population levels are measured
     card = {"model": WEIGHTS_NAME, "variant": variant, "family": family,
             "config": config_dict(cfg), "steps": step, "batch": batch, "crop": crop, "lr": lr,
             "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
             "data": data.names, "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
             "folds": folds.as_dict(),
-            "population_levels": case_levels(folds.train, data_root or default_data_root(),
-                                             on_case=lambda _, case: textures.append(case_texture_ratio(case))),
-            "population_pull": DEFAULT_POPULATION_PULL,
-            "population_texture": median_texture_ratios(textures),
+            **measure_calibration(),
             "selection": {"rule": "lowest validation-fold denoising loss of the EMA weights",
                           "draws": VALIDATION_CROPS, "selected_step": best.get("step"), "curve": val_curve},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
