@@ -1273,3 +1273,46 @@ def test_warm_start_keeps_old_predictions_and_checks_the_tokenizers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(old(s, a, mod)[0], fresh.eval()(s, a, mod)[0], atol=1e-6, rtol=0)  # structure
         assert not torch.allclose(old(s, a, mod)[1], fresh(s, a, mod)[1])
+
+
+def test_adversarial_decoder_fine_tune_trains_a_discriminator_resumes_and_keeps_tokens(tiny_weights, tmp_path):
+    """--decoder-adversarial-weight: a conditional patch discriminator joins the decoder fine-tune. It trains
+    alone first, then its loss reaches the decoder with an adaptive weight; it is checkpointed with the decoder
+    (resume continues it) but not saved in the weights, and the tokens stay the same."""
+    from scripted_models.pathar import train as T
+    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
+
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    before_state, before_card = load_state(api.APPEARANCE_NAME, folder)
+    ps, cfg = synthetic_patches(), tiny_config()
+    tc = T.TrainConfig(decoder_steps=2, vq_batch=2, save_every=1, log_every=1, decoder_refine_channels=4,
+                       decoder_adversarial_weight=0.5, decoder_discriminator_channels=4,
+                       decoder_adversarial_start=0.5)
+    work = tmp_path / "work"
+    T.train_appearance_decoder(ps, cfg, tc, work, folder, torch.device("cpu"))
+    checkpoint = torch.load(work / "appearance_decoder_adversarial" / "checkpoint.pt", weights_only=True)
+    critic_state = {k: v for k, v in checkpoint["model"].items() if k.startswith("discriminator.")}
+    assert critic_state and checkpoint["step"] == 2
+    log_file = work / "appearance_decoder_adversarial" / "loss.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert log[0]["adversarial_weight"] == 0.0 and log[1]["adversarial_weight"] > 0  # warm-up, then on
+    assert all(r["discriminator"] > 0 for r in log)
+    tc.decoder_steps = 3  # resume: the discriminator continues from its checkpoint
+    T.train_appearance_decoder(ps, cfg, tc, work, folder, torch.device("cpu"))
+    resumed = torch.load(work / "appearance_decoder_adversarial" / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 3
+    assert any(not torch.equal(resumed["model"][k], v) for k, v in critic_state.items())
+    after_state, after_card = load_state(api.APPEARANCE_NAME, folder)
+    assert not any(k.startswith("discriminator") for k in after_state)
+    assert after_card["decoder_finetunes"][-1]["adversarial"]["weight"] == 0.5
+    before, after = AppearanceVQ(VQConfig.from_dict(before_card["config"])), AppearanceVQ(
+        VQConfig.from_dict(after_card["config"]))
+    before.load_state_dict(before_state)
+    after.load_state_dict(after_state)
+    idx = ps.image_indices(False)[:4]
+    x = torch.from_numpy(ps.images[idx].astype(np.float32))[:, None]
+    m = torch.from_numpy(ps.masks[ps.image_patch[idx]])
+    mod = torch.from_numpy(ps.image_modality[idx])
+    with torch.no_grad():
+        assert torch.equal(after.eval().encode(x, m, mod), before.eval().encode(x, m, mod))

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--appearance-steps", type=int, default=None)
     parser.add_argument("--transformer-steps", type=int, default=None)
     parser.add_argument("--decoder-steps", type=int, default=None)
+    parser.add_argument("--decoder-adversarial-weight", type=float, default=None, metavar="W",
+                        help="decoder stage: add a patch discriminator whose gradient on the decoder's last layer is "
+                             "W x the reconstruction's (VQGAN-style; default 0 = none)")
     parser.add_argument("--vq-batch", type=int, default=None)
     parser.add_argument("--transformer-batch", type=int, default=None)
     parser.add_argument("--out", default=None, help="weights folder (default: the bundled scripted_models/weights)")

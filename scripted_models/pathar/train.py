@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
@@ -107,6 +108,9 @@ class TrainConfig:
     decoder_steps: int = 1000  # stage "decoder": fine-tune the appearance decoder with the tokens kept
     decoder_refine_channels: int = 16  # ... adding a full-resolution refinement of this width (0 = none)
     decoder_contrast_weight: float = 2.0  # ... and a loss on each sub-region's contrast to healthy tissue
+    decoder_adversarial_weight: float = 0.0  # ... and a patch discriminator's loss (VQGAN-style; 0 = none)
+    decoder_discriminator_channels: int = 16  # the discriminator's first-layer width
+    decoder_adversarial_start: float = 0.1  # share of the steps that train the discriminator alone first
     anchor_share: float = 0.0  # share of transformer rows that follow another modality's row of the same patch
 
 
@@ -356,6 +360,58 @@ def subregion_contrast_loss(recon: torch.Tensor, image: torch.Tensor, mask: torc
     return ((contrasts(recon) - contrasts(image)).abs() * present).sum() / present.sum()
 
 
+class DecoderCritic:
+    """A conditional patch discriminator for the decoder fine-tune (VQGAN's recipe, MONAI's PatchDiscriminator
+    and least-squares PatchAdversarialLoss). It sees [image, mask one-hot, modality one-hot] and judges local
+    patches, so the decoder learns to draw healthy tissue that looks scanned rather than a blurred mean. Its
+    weight is adaptive: the adversarial gradient on the decoder's last layer is scaled to `weight` x the
+    reconstruction's, so the reconstruction losses keep the tokens' meaning."""
+
+    def __init__(self, vq_cfg: VQConfig, tc: TrainConfig, patch_side: int):
+        from monai.losses import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        self.weight, self.channels = tc.decoder_adversarial_weight, tc.decoder_discriminator_channels
+        self.start = tc.decoder_adversarial_start
+        self.layers = max(1, min(3, int(math.log2(patch_side)) - 3))  # 3 for 64^3 patches
+        conditions = vq_cfg.num_labels + vq_cfg.num_modalities
+        self.discriminator = PatchDiscriminator(spatial_dims=vq_cfg.spatial_dims, channels=self.channels,
+                                                in_channels=1 + conditions, num_layers_d=self.layers,
+                                                norm="INSTANCE")
+        self.loss = PatchAdversarialLoss(criterion="least_squares")
+
+    def _logits(self, image: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        with training_autocast(image.device):
+            return self.discriminator(torch.cat([image.float(), conditions], 1))[-1].float()  # (B, 1, *patches)
+
+    def generator_loss(self, reconstruction_loss: torch.Tensor, recon: torch.Tensor, conditions: torch.Tensor,
+                       model: AppearanceVQ, on: bool) -> tuple[torch.Tensor, float]:
+        """reconstruction_loss + w * the decoder's adversarial loss (w = 0 while the discriminator warms up)."""
+        if not on:
+            return reconstruction_loss, 0.0
+        fooled = self.loss(self._logits(recon, conditions), target_is_real=True, for_discriminator=False)
+        last = (model.refine[-1] if model.refine is not None else model.head[-1]).conv.weight
+        rec_grad = torch.autograd.grad(reconstruction_loss, last, retain_graph=True)[0]
+        adv_grad = torch.autograd.grad(fooled, last, retain_graph=True)[0]
+        w = (self.weight * rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(max=1e4).detach()
+        return reconstruction_loss + w * fooled, round(float(w), 4)
+
+    def step_discriminator(self, recon: torch.Tensor, real: torch.Tensor, conditions: torch.Tensor) -> float:
+        """Replaces the discriminator's gradients (the generator loss reached it too) by its own loss's."""
+        for p in self.discriminator.parameters():
+            p.grad = None
+        loss = 0.5 * (self.loss(self._logits(recon.detach(), conditions), target_is_real=False, for_discriminator=True)
+                      + self.loss(self._logits(real, conditions), target_is_real=True, for_discriminator=True))
+        loss.backward()
+        return round(loss.item(), 4)
+
+    def describe(self) -> dict:
+        discriminator = (f"MONAI PatchDiscriminator, {self.layers} layers, {self.channels} channels, instance norm, "
+                         "least squares")
+        return {"adversarial": {"weight": self.weight, "discriminator": discriminator, "start": self.start,
+                                "weighting": "adaptive on the decoder's last layer (VQGAN)"}}
+
+
 def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
                              progress=None) -> Path:
     """Fine-tune the appearance VQ's decoder in out_dir (plus a full-resolution refinement, tc.decoder_*), with
@@ -374,7 +430,10 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
     for part in (model.encoder, model.quantizer):
         part.requires_grad_(False)
     torch.manual_seed(tc.seed + 3)
-    st = _Stage(work, "appearance_decoder", model, tc.vq_lr * 0.3)
+    critic = DecoderCritic(vq_cfg, tc, ps.config.size) if tc.decoder_adversarial_weight > 0 else None
+    trained = nn.ModuleDict({"appearance": model, "discriminator": critic.discriminator}) if critic else model
+    st = _Stage(work, "appearance_decoder_adversarial" if critic else "appearance_decoder", trained,
+                tc.vq_lr * 0.3)
     st.every = tc.log_every
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
     total = tc.decoder_steps
@@ -401,10 +460,18 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
         loss = err.mean() + (err * lesion).sum() / lesion.sum().clamp(min=1.0) \
             + tc.decoder_contrast_weight * contrast
         st.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        logged = {"contrast": round(contrast.item(), 4), "reconstruction": round(loss.item(), 4)}
+        if critic:
+            conditions = model._conditions(m, mod).float()
+            generator_on = st.step >= tc.decoder_adversarial_start * total
+            loss, logged["adversarial_weight"] = critic.generator_loss(loss, recon, conditions, model, generator_on)
+            loss.backward()
+            logged["discriminator"] = critic.step_discriminator(recon, x, conditions)  # adds the critic's grads
+        else:
+            loss.backward()
         st.opt.step()
         st.step += 1
-        st.record(loss.item(), total, contrast=round(contrast.item(), 4))
+        st.record(loss.item(), total, **logged)
         if st.step % tc.save_every == 0 or st.step == total:
             st.checkpoint()
         if progress:
@@ -419,6 +486,7 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
     history.append({"from_sha256": base_card["sha256"], "steps": st.step, "batch": tc.vq_batch,
                     "lr": tc.vq_lr * 0.3, "refine_channels": vq_cfg.refine_channels,
                     "contrast_weight": tc.decoder_contrast_weight, "token_noise": tc.appearance_token_noise,
+                    **(critic.describe() if critic else {}),
                     "wall_time_s": st.wall_time(), "metrics_before": base_card.get("metrics")})
     card = {**base_card, "config": vq_cfg.to_dict(), "metrics": metrics, "decoder_finetunes": history,
             "token_compatible_sha256": sorted(set(base_card.get("token_compatible_sha256", []))
@@ -862,6 +930,11 @@ def config_from_args(args) -> TrainConfig:
         if not 0.0 <= anchor_share <= 1.0:
             raise InputError("--anchor-share must be between 0 and 1")
         tc.anchor_share = float(anchor_share)
+    adversarial = getattr(args, "decoder_adversarial_weight", None)
+    if adversarial is not None:
+        if not 0.0 <= adversarial <= 10.0:
+            raise InputError("--decoder-adversarial-weight must be between 0 and 10")
+        tc.decoder_adversarial_weight = float(adversarial)
     for name in STAGES + FINE_TUNES:
         if getattr(tc, f"{name}_steps") < 1:
             raise InputError(f"{name} steps must be >= 1")
