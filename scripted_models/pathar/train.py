@@ -110,7 +110,8 @@ class TrainConfig:
     decoder_contrast_weight: float = 2.0  # ... and a loss on each sub-region's contrast to healthy tissue
     decoder_adversarial_weight: float = 0.0  # ... and a patch discriminator's loss (VQGAN-style; 0 = none)
     decoder_discriminator_channels: int = 16  # the discriminator's first-layer width
-    decoder_adversarial_start: float = 0.1  # share of the steps that train the discriminator alone first
+    decoder_adversarial_start: float = 0.3  # share of the steps that train the discriminator alone first
+    decoder_adversarial_max: float = 1.0  # cap on the adaptive weight (see DecoderCritic)
     anchor_share: float = 0.0  # share of transformer rows that follow another modality's row of the same patch
 
 
@@ -365,14 +366,16 @@ class DecoderCritic:
     and least-squares PatchAdversarialLoss). It sees [image, mask one-hot, modality one-hot] and judges local
     patches, so the decoder learns to draw healthy tissue that looks scanned rather than a blurred mean. Its
     weight is adaptive: the adversarial gradient on the decoder's last layer is scaled to `weight` x the
-    reconstruction's, so the reconstruction losses keep the tokens' meaning."""
+    reconstruction's, so the reconstruction losses keep the tokens' meaning, and capped at `max_weight`: a
+    discriminator near chance has tiny gradients, and the ratio then amplified their noise (weights of 10-35 in the
+    first run, reconstruction loss 1.7 -> 3.6 within 60 steps)."""
 
     def __init__(self, vq_cfg: VQConfig, tc: TrainConfig, patch_side: int):
         from monai.losses import PatchAdversarialLoss
         from monai.networks.nets import PatchDiscriminator
 
         self.weight, self.channels = tc.decoder_adversarial_weight, tc.decoder_discriminator_channels
-        self.start = tc.decoder_adversarial_start
+        self.start, self.max_weight = tc.decoder_adversarial_start, tc.decoder_adversarial_max
         self.layers = max(1, min(3, int(math.log2(patch_side)) - 3))  # 3 for 64^3 patches
         conditions = vq_cfg.num_labels + vq_cfg.num_modalities
         self.discriminator = PatchDiscriminator(spatial_dims=vq_cfg.spatial_dims, channels=self.channels,
@@ -393,7 +396,7 @@ class DecoderCritic:
         last = (model.refine[-1] if model.refine is not None else model.head[-1]).conv.weight
         rec_grad = torch.autograd.grad(reconstruction_loss, last, retain_graph=True)[0]
         adv_grad = torch.autograd.grad(fooled, last, retain_graph=True)[0]
-        w = (self.weight * rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(max=1e4).detach()
+        w = (self.weight * rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(max=self.max_weight).detach()
         return reconstruction_loss + w * fooled, round(float(w), 4)
 
     def step_discriminator(self, recon: torch.Tensor, real: torch.Tensor, conditions: torch.Tensor) -> float:
@@ -408,8 +411,9 @@ class DecoderCritic:
     def describe(self) -> dict:
         discriminator = (f"MONAI PatchDiscriminator, {self.layers} layers, {self.channels} channels, instance norm, "
                          "least squares")
+        weighting = f"adaptive on the decoder's last layer (VQGAN), at most {self.max_weight}"
         return {"adversarial": {"weight": self.weight, "discriminator": discriminator, "start": self.start,
-                                "weighting": "adaptive on the decoder's last layer (VQGAN)"}}
+                                "weighting": weighting}}
 
 
 def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Path, out_dir: Path, device,
