@@ -110,7 +110,7 @@ class TrainConfig:
     decoder_contrast_weight: float = 2.0  # ... and a loss on each sub-region's contrast to healthy tissue
     decoder_adversarial_weight: float = 0.0  # ... and a patch discriminator's loss (VQGAN-style; 0 = none)
     decoder_discriminator_channels: int = 16  # the discriminator's first-layer width
-    decoder_adversarial_start: float = 0.3  # share of the steps that train the discriminator alone first
+    decoder_adversarial_start: float = 0.3  # share of the steps before the adversarial loss reaches the decoder
     decoder_adversarial_max: float = 1.0  # cap on the adaptive weight (see DecoderCritic)
     anchor_share: float = 0.0  # share of transformer rows that follow another modality's row of the same patch
 
