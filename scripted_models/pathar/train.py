@@ -456,8 +456,9 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
             torch.from_numpy(mod).to(device)
         with torch.no_grad():
             quantized = model.corrupt(model.code_vectors(model.encode(x, m, mod)), tc.appearance_token_noise)
+        conditions = model._conditions(m, mod)  # (B, L + M, *S): the decoder's and the critic's
         with training_autocast(device):
-            recon = model._decode(quantized, model._conditions(m, mod))
+            recon = model._decode(quantized, conditions)
         err = (recon.float() - x).abs()
         lesion = (m > 0)[:, None].float()
         contrast = subregion_contrast_loss(recon, x, m, vq_cfg.num_labels, ps.config.background_z)
@@ -466,13 +467,11 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
         st.opt.zero_grad(set_to_none=True)
         logged = {"contrast": round(contrast.item(), 4), "reconstruction": round(loss.item(), 4)}
         if critic:
-            conditions = model._conditions(m, mod).float()
-            generator_on = st.step >= tc.decoder_adversarial_start * total
+            generator_on = st.step >= critic.start * total
             loss, logged["adversarial_weight"] = critic.generator_loss(loss, recon, conditions, model, generator_on)
-            loss.backward()
-            logged["discriminator"] = critic.step_discriminator(recon, x, conditions)  # adds the critic's grads
-        else:
-            loss.backward()
+        loss.backward()
+        if critic:
+            logged["discriminator"] = critic.step_discriminator(recon, x, conditions)  # replaces the critic's grads
         st.opt.step()
         st.step += 1
         st.record(loss.item(), total, **logged)
