@@ -273,3 +273,33 @@ def test_anatomy_training_uses_the_training_fold_keeps_its_best_validation_weigh
     T.train_anatomy(tmp_path / "work", steps=start + 3, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)
     card = load_card(T.WEIGHTS_NAME, out)
     assert [c["step"] for c in card["selection"]["curve"]][-2:] == [start + 2, start + 3]
+
+
+def test_anatomy_training_of_another_width_starts_from_scratch_and_keeps_its_width(monkeypatch, data_root, tmp_path):
+    """`channels` trains another U-Net size from scratch (the bundled weights have the default size); its card
+    builds that size again at load time; a resumed run keeps the size it started with and refuses another."""
+    import pytest
+    import torch
+
+    from scripted_models import folds as folds_module
+    from scripted_models.errors import InputError
+    from scripted_models.pathosyn import train_anatomy as T
+    from scripted_models.pathosyn.anatomy import AnatomyModel
+    from scripted_models.weights import load_card
+
+    real = folds_module.make_folds(str(data_root))
+    small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
+    monkeypatch.setattr(T, "make_folds", lambda root=None: small)
+    monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
+    out, work, widths = tmp_path / "weights", tmp_path / "work", (8, 8, 16, 16, 16)
+    T.train_anatomy(work, steps=2, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1, channels=widths)
+    card = load_card(T.WEIGHTS_NAME, out)
+    assert card["config"]["channels"] == list(widths) and card["steps"] == 2
+    assert [c["step"] for c in card["selection"]["curve"]] == [0, 1, 2]  # from scratch, not from the bundled step
+    model = AnatomyModel.load(torch.device("cpu"), out)
+    assert model.cfg.channels == widths
+    assert model.net.model[0].conv.unit0.conv.out_channels == widths[0]
+    with pytest.raises(InputError, match="started with channels"):
+        T.train_anatomy(work, steps=3, batch=1, crop=32, out_dir=out, eval_every=1, channels=(16, 32, 64, 128, 128))
+    T.train_anatomy(work, steps=3, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)  # keeps its width
+    assert load_card(T.WEIGHTS_NAME, out)["config"]["channels"] == list(widths)

@@ -115,6 +115,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def channel_list(text: str) -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128): positive widths (an argparse type; ValueError is its one-line error)."""
+    widths = tuple(int(part) for part in text.split(","))
+    if not widths or min(widths) < 1:
+        raise ValueError(text)
+    return widths
+
+
 def cmd_train(args) -> int:
     work = Path(args.work)
     if args.model == "anatomy":
@@ -122,7 +130,7 @@ def cmd_train(args) -> int:
 
         train_anatomy(work / "anatomy", steps=args.steps, batch=args.batch or 4, seed=args.seed,
                       data_root=args.data, out_dir=args.weights_out, threads=args.threads,
-                      max_minutes=args.max_minutes, from_scratch=args.from_scratch)
+                      max_minutes=args.max_minutes, from_scratch=args.from_scratch, channels=args.channels)
     else:
         from .train_deviation import train_deviation
 
@@ -195,6 +203,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=["pathosyn", "holistic", "mask_only"], default="pathosyn",
                    help="deviation only: the PathoSyn model or an ablation baseline for `pathosyn evaluate`")
     p.add_argument("--crop", type=int, default=48, help="deviation only: training crop side (voxels)")
+    p.add_argument("--channels", type=channel_list, default=None, metavar="C1,...,C5",
+                   help="anatomy only: the U-Net's width per level (default 16,32,64,128,128); another size "
+                        "trains from scratch")
     p.add_argument("--from-scratch", action="store_true",
                    help="do not continue from the bundled weights")
     p.add_argument("--select", choices=["loss", "realism"], default="loss",

@@ -15,6 +15,7 @@ import torch
 from scipy import ndimage
 
 from ..cases import default_data_root, load_case
+from ..errors import InputError
 from ..folds import make_folds
 from ..preprocess import IntensityNormalizer, bounding_box, dilate_mm, erode_mm
 from ..runtime import training_autocast, trains_in_bf16
@@ -22,6 +23,14 @@ from .anatomy import WEIGHTS_NAME, AnatomyConfig, AnatomyModel, anatomy_input, b
 from .training import LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
 VALIDATION_HOLES_PER_CASE = 2  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
+
+
+def saved_channels(ckpt: Path) -> tuple[int, ...] | None:
+    """The U-Net widths a checkpoint was started with (None: no checkpoint, or one from before they were kept)."""
+    if not ckpt.is_file():
+        return None
+    extra = json.loads(torch.load(ckpt, map_location="cpu", weights_only=True).get("extra", "{}"))
+    return tuple(extra["channels"]) if "channels" in extra else None
 
 
 class HealthyPool:
@@ -133,17 +142,26 @@ class ValidationHoles:
 
 def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: float = 1e-4, seed: int = 0,
                   data_root=None, save_every: int = 100, out_dir: Path | None = None, threads: int | None = None,
-                  eval_every: int = 100, max_minutes: float | None = None, from_scratch: bool = False):
-    """Train up to `steps` (counted from the bundled weights' steps when continuing from them)."""
+                  eval_every: int = 100, max_minutes: float | None = None, from_scratch: bool = False,
+                  channels: tuple[int, ...] | None = None):
+    """Train up to `steps` (counted from the bundled weights' steps when continuing from them). `channels`
+    (one width per U-Net level) trains another size than the default from scratch; a resumed checkpoint keeps the
+    size it was started with."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     folds = make_folds(str(data_root) if data_root else None)
-    cfg = AnatomyConfig()
+    ckpt = work / "checkpoint.pt"
+    started = saved_channels(ckpt)
+    if started and channels and tuple(channels) != started:
+        raise InputError(f"{ckpt} was started with channels {list(started)}, not {list(channels)}")
+    cfg = AnatomyConfig(channels=tuple(started or channels or AnatomyConfig.channels))
+    if len(cfg.channels) != len(cfg.strides) + 1:
+        raise InputError(f"channels needs {len(cfg.strides) + 1} widths (one per U-Net level), got {list(cfg.channels)}")
+    from_scratch = from_scratch or cfg.channels != AnatomyConfig.channels  # the bundled weights have the default
     net = build_anatomy_model(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    ckpt = work / "checkpoint.pt"
     step, extra = load_checkpoint(ckpt, net, opt)
     wall = float(extra.get("wall_s", 0.0))
     start_step = int(extra.get("start_step", 0))
@@ -198,9 +216,10 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
             check()
         if step % save_every == 0 or step == steps:
             save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step,
-                                                   "curve": curve})
+                                                   "curve": curve, "channels": list(cfg.channels)})
     wall += time.time() - t0
-    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall, "start_step": start_step, "curve": curve})
+    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall, "start_step": start_step, "curve": curve,
+                                           "channels": list(cfg.channels)})
     from safetensors.torch import load_file
 
     from ..weights import save_state
