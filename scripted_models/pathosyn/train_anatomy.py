@@ -25,6 +25,17 @@ from .training import LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm
 VALIDATION_HOLES_PER_CASE = 2  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
 
 
+def bundled_channels() -> tuple[int, ...] | None:
+    """The bundled anatomy weights' U-Net widths (None when there are none)."""
+    from ..errors import WeightsError
+    from ..weights import load_card
+
+    try:
+        return tuple(load_card(WEIGHTS_NAME)["config"]["channels"])
+    except (WeightsError, KeyError):  # no bundled card: nothing to warm-start from either
+        return None
+
+
 def saved_channels(ckpt: Path) -> tuple[int, ...] | None:
     """The U-Net widths a checkpoint was started with (None: no checkpoint, or one from before they were kept)."""
     if not ckpt.is_file():
@@ -158,8 +169,9 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         raise InputError(f"{ckpt} was started with channels {list(started)}, not {list(channels)}")
     cfg = AnatomyConfig(channels=tuple(started or channels or AnatomyConfig.channels))
     if len(cfg.channels) != len(cfg.strides) + 1:
-        raise InputError(f"channels needs {len(cfg.strides) + 1} widths (one per U-Net level), got {list(cfg.channels)}")
-    from_scratch = from_scratch or cfg.channels != AnatomyConfig.channels  # the bundled weights have the default
+        raise InputError(f"channels needs {len(cfg.strides) + 1} widths (one per U-Net level), "
+                         f"got {list(cfg.channels)}")
+    from_scratch = from_scratch or cfg.channels != bundled_channels()  # warm starts need the same size
     net = build_anatomy_model(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     step, extra = load_checkpoint(ckpt, net, opt)
