@@ -40,7 +40,8 @@ def saved_channels(ckpt: Path) -> tuple[int, ...] | None:
     """The U-Net widths a checkpoint was started with (None: no checkpoint, or one from before they were kept)."""
     if not ckpt.is_file():
         return None
-    extra = json.loads(torch.load(ckpt, map_location="cpu", weights_only=True).get("extra", "{}"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # mapped: only `extra` is read
+    extra = json.loads(state.get("extra", "{}"))
     return tuple(extra["channels"]) if "channels" in extra else None
 
 
@@ -156,8 +157,8 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
                   eval_every: int = 100, max_minutes: float | None = None, from_scratch: bool = False,
                   channels: tuple[int, ...] | None = None):
     """Train up to `steps` (counted from the bundled weights' steps when continuing from them). `channels`
-    (one width per U-Net level) trains another size than the default from scratch; a resumed checkpoint keeps the
-    size it was started with."""
+    (one width per U-Net level) other than the bundled weights' trains that size from scratch; a resumed
+    checkpoint keeps the size it was started with."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
