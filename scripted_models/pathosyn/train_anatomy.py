@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from ..cases import default_data_root, load_case
-from ..errors import InputError
+from ..errors import InputError, WeightsError
 from ..folds import make_folds
 from ..preprocess import IntensityNormalizer, bounding_box, dilate_mm, erode_mm
 from ..runtime import training_autocast, trains_in_bf16
@@ -27,7 +27,6 @@ VALIDATION_HOLES_PER_CASE = 2  # random healthy-tissue ellipsoids per validation
 
 def bundled_channels() -> tuple[int, ...] | None:
     """The bundled anatomy weights' U-Net widths (None when there are none)."""
-    from ..errors import WeightsError
     from ..weights import load_card
 
     try:
@@ -204,6 +203,13 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     net.train()
     t0 = time.time()
     deadline = t0 + 60 * max_minutes if max_minutes else None
+
+    def checkpoint() -> int:
+        save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step,
+                                               "curve": curve, "channels": list(cfg.channels)})
+        return step
+
+    saved_at = None
     while step < steps and (deadline is None or time.time() < deadline):
         xs, ys, holes = [], [], []
         for _ in range(batch):
@@ -228,11 +234,10 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         if step % eval_every == 0 or step == steps:
             check()
         if step % save_every == 0 or step == steps:
-            save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step,
-                                                   "curve": curve, "channels": list(cfg.channels)})
+            saved_at = checkpoint()
+    if saved_at != step:  # stopped by the deadline between saves, or nothing left to train
+        checkpoint()
     wall += time.time() - t0
-    save_checkpoint(ckpt, net, opt, step, {"wall_s": wall, "start_step": start_step, "curve": curve,
-                                           "channels": list(cfg.channels)})
     from safetensors.torch import load_file
 
     from ..weights import save_state
