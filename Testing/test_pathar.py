@@ -1316,3 +1316,39 @@ def test_adversarial_decoder_fine_tune_trains_a_discriminator_resumes_and_keeps_
     mod = torch.from_numpy(ps.image_modality[idx])
     with torch.no_grad():
         assert torch.equal(after.eval().encode(x, m, mod), before.eval().encode(x, m, mod))
+
+
+def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_the_test_fold():
+    """The reference row of the test-fold report: training lesions pooled like a seed's samples; a sub-region whose
+    sign differs between cases shows as a share below 1, and an ordering the test fold reverses as 0."""
+    from types import SimpleNamespace
+
+    from scripted_models.pathar.test_fold import compare_contrasts, patch_contrasts, training_lesions_as_samples
+
+    mask = np.zeros((12, 12, 12), np.int64)
+    mask[2:5, 2:8, 2:8], mask[5:8, 2:8, 2:8], mask[8:11, 2:8, 2:8] = 1, 2, 3
+    levels = {  # per case (2 training, 1 test): t1 contrast of core / edema / enhancing over healthy tissue 0
+        0: (-1.0, 0.5, 2.0), 1: (-1.0, -0.2, 1.0), 2: (-1.0, 0.3, 0.1)}
+    images, image_patch, image_modality = [], [], []
+    for case, (core, edema, enh) in levels.items():
+        image = np.zeros(mask.shape, np.float32)
+        image[mask == 1], image[mask == 2], image[mask == 3] = core, edema, enh
+        images.append(image)
+        image_patch.append(case)
+        image_modality.append(MODALITIES.index("t1"))
+    patches = SimpleNamespace(
+        masks=np.stack([mask] * 3), images=np.stack(images), image_patch=np.array(image_patch),
+        image_modality=np.array(image_modality), patch_case=np.array([0, 1, 2]),
+        is_val=np.array([False, False, True]), is_test=np.array([False, False, True]),
+        is_elastic=np.zeros(3, bool), is_blend=np.zeros(3, bool))
+    real = patch_contrasts(patches, [2])
+    assert real["t1"] == pytest.approx({1: -1.0, 2: 0.3, 3: 0.1}) and real["flair"] == {}
+    reference = training_lesions_as_samples(patches, real)
+    assert reference["cases_with_the_test_sign"] == {"t1 necrotic or non-enhancing core": 1.0, "t1 edema": 0.5,
+                                                     "t1 enhancing tumour": 1.0}
+    # pooled training lesions: core -1.0, edema 0.15, enhancing 1.5 -> signs agree; enhancing > edema reverses the
+    # test fold's edema > enhancing, so one of three pairs is out of order
+    assert reference["signs_agree"] == 3 and reference["ordering"]["t1"] == pytest.approx(2 / 3)
+    assert reference["contrast_error"] == pytest.approx((0.0 + 0.15 + 1.4) / 3, abs=1e-3)
+    flipped = compare_contrasts({"t1": {1: 1.0, 2: -0.3, 3: -0.1}}, real)
+    assert flipped["signs_agree"] == 0 and flipped["ordering"]["t1"] == 0.0

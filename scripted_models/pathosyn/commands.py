@@ -115,6 +115,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts of at least 1 (ValueError is its one-line error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def channel_list(text: str) -> tuple[int, ...]:
     """'32,64,128' -> (32, 64, 128): positive widths (an argparse type; ValueError is its one-line error)."""
     widths = tuple(int(part) for part in text.split(","))
@@ -130,7 +138,8 @@ def cmd_train(args) -> int:
 
         train_anatomy(work / "anatomy", steps=args.steps, batch=args.batch or 4, seed=args.seed,
                       data_root=args.data, out_dir=args.weights_out, threads=args.threads,
-                      max_minutes=args.max_minutes, from_scratch=args.from_scratch, channels=args.channels)
+                      max_minutes=args.max_minutes, from_scratch=args.from_scratch, channels=args.channels,
+                      validation_holes=args.validation_holes)
     else:
         from .train_deviation import train_deviation
 
@@ -206,6 +215,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=channel_list, default=None, metavar="C1,...,C5",
                    help="anatomy only: the U-Net's width per level (default 16,32,64,128,128); another size "
                         "trains from scratch")
+    p.add_argument("--validation-holes", type=positive_int, default=None, metavar="N",
+                   help="anatomy only: healthy-tissue holes per validation-fold case that select the weights "
+                        "(default 4)")
     p.add_argument("--from-scratch", action="store_true",
                    help="do not continue from the bundled weights")
     p.add_argument("--select", choices=["loss", "realism"], default="loss",

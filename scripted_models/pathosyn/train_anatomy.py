@@ -1,6 +1,6 @@
 """Train the anatomy inpainter on healthy tissue: random holes (real lesion shapes and blobs) placed
 outside lesions, on the training fold's cases (scripted_models.folds) and the MNI152 template. Resumable;
-continues from the bundled weights; keeps the weights with the lowest validation-fold inpainting error.
+continues from the bundled weights; keeps the EMA weights with the lowest validation-fold inpainting error.
 
     pathosyn train anatomy --steps 4500 --work .train
 """
@@ -20,9 +20,9 @@ from ..folds import make_folds
 from ..preprocess import IntensityNormalizer, bounding_box, dilate_mm, erode_mm
 from ..runtime import training_autocast, trains_in_bf16
 from .anatomy import WEIGHTS_NAME, AnatomyConfig, AnatomyModel, anatomy_input, build_anatomy_model, config_dict
-from .training import LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
+from .training import EMA, LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
-VALIDATION_HOLES_PER_CASE = 2  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
+VALIDATION_HOLES_PER_CASE = 4  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
 
 
 def bundled_channels() -> tuple[int, ...] | None:
@@ -154,10 +154,12 @@ class ValidationHoles:
 def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: float = 1e-4, seed: int = 0,
                   data_root=None, save_every: int = 100, out_dir: Path | None = None, threads: int | None = None,
                   eval_every: int = 100, max_minutes: float | None = None, from_scratch: bool = False,
-                  channels: tuple[int, ...] | None = None):
+                  channels: tuple[int, ...] | None = None, validation_holes: int | None = None):
     """Train up to `steps` (counted from the bundled weights' steps when continuing from them). `channels`
     (one width per U-Net level) other than the bundled weights' trains that size from scratch; a resumed
-    checkpoint keeps the size it was started with."""
+    checkpoint keeps the size it was started with. The EMA of the weights is what is scored and kept, on
+    `validation_holes` holes per validation-fold case (a checkpoint's curve scored otherwise is set aside)."""
+    validation_holes = validation_holes or VALIDATION_HOLES_PER_CASE
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,27 +175,36 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
                          f"got {list(cfg.channels)}")
     from_scratch = from_scratch or cfg.channels != bundled_channels()  # warm starts need the same size
     net = build_anatomy_model(cfg).to(device)
+    ema_net = build_anatomy_model(cfg).to(device)  # holds the EMA weights while they are scored
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    step, extra = load_checkpoint(ckpt, net, opt)
+    ema = EMA(net)
+    step, extra = load_checkpoint(ckpt, net, opt, ema)
     wall = float(extra.get("wall_s", 0.0))
     start_step = int(extra.get("start_step", 0))
-    curve = extra.get("curve", [])
+    scored_on = {"holes_per_case": validation_holes, "weights": "ema"}
+    curve = extra.get("curve", []) if extra.get("scored_on") == scored_on else []
+    earlier_curves = extra.get("earlier_curves", [])
+    if extra.get("curve") and not curve:  # scored on other holes or raw weights: not comparable, kept aside
+        earlier_curves.append({"scored_on": extra.get("scored_on", {"holes_per_case": 2, "weights": "raw"}),
+                               "curve": extra["curve"]})
     if step == 0 and not from_scratch:
         start_step, wall = warm_start(WEIGHTS_NAME, net, bundled=True)
         step = start_step
+        ema = EMA(net)
     print(f"anatomy: at step {step} (from {start_step})", flush=True)
     pool = HealthyPool(folds.train, data_root)
-    validation = ValidationHoles(folds.validation, data_root, per_case=VALIDATION_HOLES_PER_CASE)
+    validation = ValidationHoles(folds.validation, data_root, per_case=validation_holes)
     best_path = work / "best.safetensors"
 
     def check():
         from ..weights import write_safetensors
 
-        error = validation.error(net.eval(), cfg, device)
+        ema_net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        error = validation.error(ema_net.eval(), cfg, device)
         best = min((c["mae"] for c in curve), default=float("inf"))
         curve.append({"step": step, "mae": round(error, 5)})
         if error < best or not best_path.is_file():
-            write_safetensors(net.state_dict(), best_path)
+            write_safetensors({k: v.contiguous() for k, v in ema_net.state_dict().items()}, best_path)
         print(json.dumps({"validation_mae": round(error, 5), "step": step, "best": min(error, best)}), flush=True)
 
     if not curve:
@@ -206,7 +217,9 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
 
     def checkpoint() -> int:
         save_checkpoint(ckpt, net, opt, step, {"wall_s": wall + time.time() - t0, "start_step": start_step,
-                                               "curve": curve, "channels": list(cfg.channels)})
+                                               "curve": curve, "scored_on": scored_on,
+                                               "earlier_curves": earlier_curves, "channels": list(cfg.channels)},
+                        ema)
         return step
 
     saved_at = None
@@ -230,6 +243,7 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         loss.backward()
         opt.step()
         step += 1
+        ema.update(net, step - start_step)
         log.add(step, loss.item())
         if step % eval_every == 0 or step == steps:
             check()
@@ -246,12 +260,14 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     card = {"model": WEIGHTS_NAME, "family": "PathoSyn anatomy branch (3D inpainting U-Net, MONAI UNet)",
             "config": config_dict(cfg), "steps": step, "steps_selected": selected["step"], "batch": batch,
             "crop": crop, "lr": lr, "lr_schedule": f"cosine from step {start_step}", "wall_time_s": round(wall, 1),
+            "ema_decay": ema.decay,
             "train_precision": "bf16 autocast" if trains_in_bf16(device) else "float32",
             "data": pool.sources, "folds": folds.as_dict(),
             "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
-            "selection": {"rule": "lowest validation-fold inpainting error (mean absolute error in z-units inside "
-                                  f"{VALIDATION_HOLES_PER_CASE} random healthy-tissue ellipsoids per case, tumour "
-                                  "voided too, every modality)", "curve": curve},
+            "selection": {"rule": "lowest validation-fold inpainting error of the EMA weights (mean absolute error "
+                                  f"in z-units inside {validation_holes} random healthy-tissue ellipsoids per "
+                                  "case, tumour voided too, every modality)", "curve": curve,
+                          **({"earlier_curves": earlier_curves} if earlier_curves else {})},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
                        "IEEE TMI 2015 and Bakas et al., Sci Data 2017"}
     path = save_state(WEIGHTS_NAME, load_file(best_path), card, out_dir)
