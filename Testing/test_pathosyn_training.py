@@ -260,6 +260,7 @@ def test_anatomy_training_uses_the_training_fold_keeps_its_best_validation_weigh
     small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
     monkeypatch.setattr(T, "make_folds", lambda root=None: small)
     monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
+    monkeypatch.setattr(T, "LARGE_HOLES_PER_CASE", 0)
     start = load_card(T.WEIGHTS_NAME)["steps"]
     out = tmp_path / "weights"
     T.train_anatomy(tmp_path / "work", steps=start + 2, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)
@@ -291,6 +292,7 @@ def test_anatomy_training_of_another_width_starts_from_scratch_and_keeps_its_wid
     small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
     monkeypatch.setattr(T, "make_folds", lambda root=None: small)
     monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
+    monkeypatch.setattr(T, "LARGE_HOLES_PER_CASE", 0)
     out, work, widths = tmp_path / "weights", tmp_path / "work", (8, 8, 16, 16, 16)
     T.train_anatomy(work, steps=2, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1, channels=widths)
     card = load_card(T.WEIGHTS_NAME, out)
@@ -303,3 +305,31 @@ def test_anatomy_training_of_another_width_starts_from_scratch_and_keeps_its_wid
         T.train_anatomy(work, steps=3, batch=1, crop=32, out_dir=out, eval_every=1, channels=(16, 32, 64, 128, 128))
     T.train_anatomy(work, steps=3, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)  # keeps its width
     assert load_card(T.WEIGHTS_NAME, out)["config"]["channels"] == list(widths)
+
+
+def test_anatomy_validation_has_a_lesion_sized_hole_in_healthy_tissue_and_scores_it_apart(data_root):
+    """The tumour mirrored about the brain's mid-plane lands on healthy tissue clear of the tumour; the check
+    scores it apart from the small ellipsoids and selects on the mean of the two."""
+    import torch
+
+    from scripted_models.cases import load_case
+    from scripted_models.pathosyn import train_anatomy as T
+    from scripted_models.pathosyn.anatomy import AnatomyModel
+
+    lesion = np.zeros((8, 10, 20), bool)
+    lesion[3:5, 4:6, 3:6] = True
+    brain = np.zeros_like(lesion)
+    brain[:, :, 2:18] = True  # mid-plane between columns 9 and 10: column x lands on 19 - x
+    mirrored = T.mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=2.0)
+    assert mirrored[3:5, 4:6, 14:17].all() and mirrored.sum() == lesion.sum()
+    assert not T.mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=12.0).any()  # too close: nothing
+
+    case_id = "brats18_tcia13_623_1"
+    holes = T.ValidationHoles([case_id], data_root, per_case=1, large_per_case=1)
+    assert [large for *_, large in holes.problems] == [False, True]
+    images, hole, target, *_ = holes.problems[1]
+    assert 1000 <= target.sum() <= (load_case(data_root / "cases" / case_id).seg > 0).sum() and hole[target].all()
+    model = AnatomyModel.load(torch.device("cpu"))
+    scores = holes.errors(model.net, model.cfg, torch.device("cpu"))
+    assert set(scores) == {"mae", "small", "large"} and 0 < scores["small"] < 2 and 0 < scores["large"] < 2
+    assert abs(scores["mae"] - (scores["small"] + scores["large"]) / 2) < 1e-9

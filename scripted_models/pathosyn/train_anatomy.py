@@ -23,6 +23,20 @@ from .anatomy import WEIGHTS_NAME, AnatomyConfig, AnatomyModel, anatomy_input, b
 from .training import EMA, LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
 VALIDATION_HOLES_PER_CASE = 4  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
+LARGE_HOLES_PER_CASE = 1  # the case's own tumour mirrored into the healthy hemisphere (a lesion-sized hole)
+
+
+def mirrored_lesion(lesion: np.ndarray, brain: np.ndarray, spacing_zyx, margin_mm: float = 10.0) -> np.ndarray:
+    """The lesion reflected left-right (last array axis) about the brain's mid-plane, kept where it lands on
+    brain tissue `margin_mm` clear of the lesion: a lesion-shaped hole whose healthy truth is known."""
+    columns = np.nonzero(brain.any(axis=(0, 1)))[0]
+    if not len(columns) or not lesion.any():
+        return np.zeros_like(brain)
+    source = columns[0] + columns[-1] - np.arange(brain.shape[2])  # x -> a + b - x
+    inside = (source >= 0) & (source < brain.shape[2])
+    mirrored = np.zeros_like(lesion)
+    mirrored[..., inside] = lesion[..., source[inside]]
+    return mirrored & brain & ~dilate_mm(lesion, margin_mm, spacing_zyx)
 
 
 def bundled_channels() -> tuple[int, ...] | None:
@@ -120,35 +134,42 @@ class HealthyPool:
 class ValidationHoles:
     """Fixed inpainting problems on the validation fold, as in the evaluation's test-fold protocol: a random
     healthy-tissue ellipsoid (radii 8-15 mm) and the case's tumour are voided; the error is scored inside the
-    ellipsoid, where the truth is known (mean absolute error, z-units, every modality)."""
+    ellipsoid, where the truth is known (mean absolute error, z-units, every modality). `large_per_case` adds
+    the tumour mirrored into the healthy hemisphere (a lesion-sized hole, as in the BraTS inpainting protocol);
+    the error is then the mean of the small holes' and the large holes' errors."""
 
-    def __init__(self, case_ids, data_root=None, per_case: int = VALIDATION_HOLES_PER_CASE, seed: int = 0):
+    def __init__(self, case_ids, data_root=None, per_case: int = VALIDATION_HOLES_PER_CASE, seed: int = 0,
+                 large_per_case: int = 0):
         from ..evaluation.validation import healthy_tissue_mask
 
         rng = np.random.default_rng(seed)
         root = Path(data_root or default_data_root())
-        self.problems = []  # (z-scored crops {modality: array}, hole, target, spacing)
+        self.problems = []  # (z-scored crops {modality: array}, hole, target, spacing, large)
         for case_id in case_ids:
             case = load_case(root / "cases" / case_id)
             brain, lesion = case.foreground(), case.seg > 0
             images = case.normalized(brain)
-            for _ in range(per_case):
-                target = healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng)
-                if target.sum() < 100:
+            targets = [(healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng), False) for _ in range(per_case)]
+            targets += [(mirrored_lesion(lesion, brain, case.spacing_zyx), True)] * min(large_per_case, 1)
+            for target, large in targets:
+                if target.sum() < (1000 if large else 100):
                     continue
                 hole = target | (dilate_mm(lesion, 2.0, case.spacing_zyx) & brain)
                 box = bounding_box(dilate_mm(hole, 24.0, case.spacing_zyx))
                 self.problems.append(({m: img[box].copy() for m, img in images.items()}, hole[box], target[box],
-                                      case.spacing_zyx))
+                                      case.spacing_zyx, large))
 
-    def error(self, net, cfg: AnatomyConfig, device) -> float:
+    def errors(self, net, cfg: AnatomyConfig, device) -> dict[str, float]:
+        """{"mae": selection score, "small": ellipsoids' mean error, "large": lesion-sized holes' (if any)}."""
         model = AnatomyModel(net, cfg, device)
-        errors = []
-        for images, hole, target, spacing in self.problems:
+        by_size = {"small": [], "large": []}
+        for images, hole, target, spacing, large in self.problems:
             filled = model.inpaint(images, hole, spacing, noise_seed=None)
-            errors += [float(np.abs(filled[m] - images[m])[target].mean()) for m in images]
+            by_size["large" if large else "small"] += [float(np.abs(filled[m] - images[m])[target].mean())
+                                                       for m in images]
         net.train()
-        return float(np.mean(errors))
+        means = {k: float(np.mean(v)) for k, v in by_size.items() if v}
+        return {"mae": float(np.mean(list(means.values()))), **means}
 
 
 def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: float = 1e-4, seed: int = 0,
@@ -181,7 +202,7 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     step, extra = load_checkpoint(ckpt, net, opt, ema)
     wall = float(extra.get("wall_s", 0.0))
     start_step = int(extra.get("start_step", 0))
-    scored_on = {"holes_per_case": validation_holes, "weights": "ema"}
+    scored_on = {"holes_per_case": validation_holes, "large_holes_per_case": LARGE_HOLES_PER_CASE, "weights": "ema"}
     curve = extra.get("curve", []) if extra.get("scored_on") == scored_on else []
     earlier_curves = extra.get("earlier_curves", [])
     if extra.get("curve") and not curve:  # scored on other holes or raw weights: not comparable, kept aside
@@ -193,19 +214,21 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
         ema = EMA(net)
     print(f"anatomy: at step {step} (from {start_step})", flush=True)
     pool = HealthyPool(folds.train, data_root)
-    validation = ValidationHoles(folds.validation, data_root, per_case=validation_holes)
+    validation = ValidationHoles(folds.validation, data_root, per_case=validation_holes,
+                                 large_per_case=LARGE_HOLES_PER_CASE)
     best_path = work / "best.safetensors"
 
     def check():
         from ..weights import write_safetensors
 
         ema_net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()})
-        error = validation.error(ema_net.eval(), cfg, device)
+        scores = {k: round(v, 5) for k, v in validation.errors(ema_net.eval(), cfg, device).items()}
+        error = scores["mae"]
         best = min((c["mae"] for c in curve), default=float("inf"))
-        curve.append({"step": step, "mae": round(error, 5)})
+        curve.append({"step": step, **scores})
         if error < best or not best_path.is_file():
             write_safetensors({k: v.contiguous() for k, v in ema_net.state_dict().items()}, best_path)
-        print(json.dumps({"validation_mae": round(error, 5), "step": step, "best": min(error, best)}), flush=True)
+        print(json.dumps({"validation": scores, "step": step, "best": min(error, best)}), flush=True)
 
     if not curve:
         check()  # the starting weights are a candidate too
@@ -266,7 +289,10 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
             "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
             "selection": {"rule": "lowest validation-fold inpainting error of the EMA weights (mean absolute error "
                                   f"in z-units inside {validation_holes} random healthy-tissue ellipsoids per "
-                                  "case, tumour voided too, every modality)", "curve": curve,
+                                  "case, tumour voided too, every modality"
+                                  + (f"; averaged with the same inside {LARGE_HOLES_PER_CASE} lesion-sized hole "
+                                     "per case, the tumour mirrored into the healthy hemisphere)"
+                                     if LARGE_HOLES_PER_CASE else ")"), "curve": curve,
                           **({"earlier_curves": earlier_curves} if earlier_curves else {})},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
                        "IEEE TMI 2015 and Bakas et al., Sci Data 2017"}
