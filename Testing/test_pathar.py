@@ -1352,3 +1352,37 @@ def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_
     assert reference["contrast_error"] == pytest.approx((0.0 + 0.15 + 1.4) / 3, abs=1e-3)
     flipped = compare_contrasts({"t1": {1: 1.0, 2: -0.3, 3: -0.1}}, real)
     assert flipped["signs_agree"] == 0 and flipped["ordering"]["t1"] == 0.0
+
+
+def test_guidance_sweep_scores_the_validation_fold_and_never_the_test_fold(monkeypatch, tmp_path):
+    """reference_patches(held_out="validation") keeps the validation fold's cases (unseen by the model) and builds
+    without the test fold; held_out="test" keeps the test fold and drops the validation fold. validation_lesions
+    skips test patches, which a patch set built with the test fold also flags is_val (the sweeps of sessions 18-26
+    read the test fold's lesions through that flag)."""
+    from types import SimpleNamespace
+
+    from scripted_models.pathar import data as data_module
+    from scripted_models.pathar.api import TRANSFORMER_NAME
+    from scripted_models.pathar.guidance_sweep import validation_lesions
+    from scripted_models.pathar.test_fold import reference_patches
+
+    built = []
+    monkeypatch.setattr(data_module, "patch_sources", lambda cfg, root=None: [
+        ("train_a", tmp_path, "train"), ("train_unseen", tmp_path, "train"), ("val_b", tmp_path, "val")]
+        + ([("test_c", tmp_path, "test")] if cfg.with_test else []))
+    monkeypatch.setattr(data_module, "build_patches", lambda work, cfg, root=None, verbose=True: built.append(cfg))
+    cards = {TRANSFORMER_NAME: {"patch": PatchConfig().to_dict(), "data": ["train_a:flair"]}}
+    reference_patches(cards, tmp_path, held_out="validation")
+    reference_patches(cards, tmp_path)
+    assert not built[0].with_test and built[0].exclude == ("train_unseen",)
+    assert built[1].with_test and built[1].exclude == ("train_unseen", "val_b")
+    with pytest.raises(ValueError, match="held_out"):
+        reference_patches(cards, tmp_path, held_out="train")
+
+    mask = np.ones((4, 4, 4), np.int64)
+    patches = SimpleNamespace(plain_patches=lambda: np.array([0, 1, 2]), is_val=np.array([False, True, True]),
+                              is_test=np.array([False, False, True]), image_patch=np.array([0, 1, 2]),
+                              image_modality=np.array([0, 0, 0]), masks=np.stack([mask * 1, mask * 2, mask * 3]),
+                              images=np.zeros((3, 4, 4, 4), np.float32))
+    rows = validation_lesions(patches)
+    assert len(rows) == 1 and (rows[0][0] == 2).all()

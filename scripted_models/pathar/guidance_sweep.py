@@ -33,10 +33,11 @@ SHOWN_CONTRASTS = ("t1", "flair")  # the modalities whose levels went wrong (t1 
 
 
 def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """(mask, {modality: image}) of the validation fold's plain real patches."""
+    """(mask, {modality: image}) of the validation fold's plain real patches (never the test fold's, which a
+    patch set built with the test fold also flags is_val)."""
     rows = []
     for p in patches.plain_patches():
-        if patches.is_val[p]:
+        if patches.is_val[p] and not patches.is_test[p]:
             have = {MODALITIES[patches.image_modality[i]]: patches.images[i].astype(np.float32)
                     for i in np.nonzero(patches.image_patch == p)[0]}
             rows.append((patches.masks[p], have))
@@ -175,8 +176,11 @@ def main(argv=None) -> int:
             " (copied)" if options.get("copy") else "") + (" (guided in the lesion)" if options.get(
                 "lesion_guidance") else "")
         candidates[name], anchors[name], used[name] = setting, (anchor, options), models[label]
-    patches = reference_patches(model.cards, Path(args.work), args.data)
+    patches = reference_patches(model.cards, Path(args.work), args.data, held_out="validation")
     rows = validation_lesions(patches)
+    lesion_cases = sorted({patches.case_ids[patches.patch_case[p]] for p in patches.plain_patches()
+                           if patches.is_val[p] and not patches.is_test[p]})
+    print(f"validation-fold lesions: {', '.join(lesion_cases)}", flush=True)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device="cpu")[0]
     complete = [(mask, have) for mask, have in rows if all(m in have for m in MODALITIES)]
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
         from ..pathosyn.commands import write_json_atomic, write_text_atomic
 
         out = Path(args.out)
-        write_json_atomic({"seeds": args.seeds, "lesions": len(complete), "real_segmenter_dice": round(real_dice, 3),
+        write_json_atomic({"seeds": args.seeds, "lesions": len(complete), "lesion_cases": lesion_cases,
+                           "real_segmenter_dice": round(real_dice, 3),
                            "real_contrasts": {m: {SUBREGION_NAMES[c]: round(v, 3) for c, v in d.items()}
                                               for m, d in real.items()},
                            "candidates": {n: candidates[n] for n in results}, "results": results,

@@ -52,16 +52,21 @@ def model_training_cases(cards: dict) -> set[str]:
     return seen
 
 
-def reference_patches(cards: dict, work: Path, data_root=None):
-    """Rigid patches of the model's training cases plus the test fold (is_test), on the model's patch grid."""
+def reference_patches(cards: dict, work: Path, data_root=None, held_out: str = "test"):
+    """Rigid patches of the model's training cases plus one held-out fold, on the model's patch grid: the test
+    fold (is_test, and is_val) or the validation fold (is_val; the test fold left out), for choices that must not
+    see the test fold."""
     from .api import TRANSFORMER_NAME
     from .data import MASK_PREFIX, PatchConfig, build_patches, patch_sources
 
+    if held_out not in ("test", "validation"):
+        raise ValueError(f"held_out must be 'test' or 'validation', not {held_out!r}")
+    role_kept = "test" if held_out == "test" else "val"
     cfg = PatchConfig.from_dict(cards[TRANSFORMER_NAME]["patch"])
     seen = model_training_cases(cards)
-    cfg = replace(cfg, split="folds", with_test=True, elastic_per_case=0, blend_per_case=0,
+    cfg = replace(cfg, split="folds", with_test=held_out == "test", elastic_per_case=0, blend_per_case=0,
                   lesion_masks=any(c.startswith(MASK_PREFIX) for c in seen), exclude=())
-    unseen = [case for case, _, role in patch_sources(cfg, data_root) if role != "test" and case not in seen]
+    unseen = [case for case, _, role in patch_sources(cfg, data_root) if role != role_kept and case not in seen]
     return build_patches(Path(work), replace(cfg, exclude=tuple(sorted(unseen))), data_root, verbose=False)
 
 
