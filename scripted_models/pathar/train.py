@@ -812,6 +812,9 @@ def write_markdown_card(folder: Path | None = None) -> Path:
               "log-likelihood per token (nats).", ""]
     if samples:
         lines += ["## Samples", "", "```", json.dumps(samples, indent=1), "```", ""]
+    if t.get("protocol_correction"):
+        lines += ["## Correction: the sampling settings were chosen on the test fold", "", t["protocol_correction"],
+                  ""]
     sampling = t.get("sampling")
     if sampling:
         default = describe_guidance(per_modality_guidance(sampling["modality_guidance"], MODALITIES))
