@@ -260,7 +260,7 @@ def test_anatomy_training_uses_the_training_fold_keeps_its_best_validation_weigh
     small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
     monkeypatch.setattr(T, "make_folds", lambda root=None: small)
     monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
-    monkeypatch.setattr(T, "LARGE_HOLES_PER_CASE", 0)
+    monkeypatch.setattr(T, "LESION_SIZED_HOLES", False)
     start = load_card(T.WEIGHTS_NAME)["steps"]
     out = tmp_path / "weights"
     T.train_anatomy(tmp_path / "work", steps=start + 2, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1)
@@ -292,7 +292,7 @@ def test_anatomy_training_of_another_width_starts_from_scratch_and_keeps_its_wid
     small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
     monkeypatch.setattr(T, "make_folds", lambda root=None: small)
     monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
-    monkeypatch.setattr(T, "LARGE_HOLES_PER_CASE", 0)
+    monkeypatch.setattr(T, "LESION_SIZED_HOLES", False)
     out, work, widths = tmp_path / "weights", tmp_path / "work", (8, 8, 16, 16, 16)
     T.train_anatomy(work, steps=2, batch=1, crop=32, out_dir=out, eval_every=1, save_every=1, channels=widths)
     card = load_card(T.WEIGHTS_NAME, out)
@@ -325,7 +325,7 @@ def test_anatomy_validation_has_a_lesion_sized_hole_in_healthy_tissue_and_scores
     assert not T.mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=12.0).any()  # too close: nothing
 
     case_id = "brats18_tcia13_623_1"
-    holes = T.ValidationHoles([case_id], data_root, per_case=1, large_per_case=1)
+    holes = T.ValidationHoles([case_id], data_root, per_case=1, lesion_sized=True)
     assert [large for *_, large in holes.problems] == [False, True]
     images, hole, target, *_ = holes.problems[1]
     assert 1000 <= target.sum() <= (load_case(data_root / "cases" / case_id).seg > 0).sum() and hole[target].all()

@@ -23,7 +23,7 @@ from .anatomy import WEIGHTS_NAME, AnatomyConfig, AnatomyModel, anatomy_input, b
 from .training import EMA, LossLog, cosine_lr, load_checkpoint, save_checkpoint, warm_start
 
 VALIDATION_HOLES_PER_CASE = 4  # random healthy-tissue ellipsoids per validation-fold case (fixed seed)
-LARGE_HOLES_PER_CASE = 1  # the case's own tumour mirrored into the healthy hemisphere (a lesion-sized hole)
+LESION_SIZED_HOLES = True  # also one hole per case: its tumour mirrored into the healthy hemisphere
 
 
 def mirrored_lesion(lesion: np.ndarray, brain: np.ndarray, spacing_zyx, margin_mm: float = 10.0) -> np.ndarray:
@@ -134,12 +134,12 @@ class HealthyPool:
 class ValidationHoles:
     """Fixed inpainting problems on the validation fold, as in the evaluation's test-fold protocol: a random
     healthy-tissue ellipsoid (radii 8-15 mm) and the case's tumour are voided; the error is scored inside the
-    ellipsoid, where the truth is known (mean absolute error, z-units, every modality). `large_per_case` adds
+    ellipsoid, where the truth is known (mean absolute error, z-units, every modality). `lesion_sized` adds
     the tumour mirrored into the healthy hemisphere (a lesion-sized hole, as in the BraTS inpainting protocol);
     the error is then the mean of the small holes' and the large holes' errors."""
 
     def __init__(self, case_ids, data_root=None, per_case: int = VALIDATION_HOLES_PER_CASE, seed: int = 0,
-                 large_per_case: int = 0):
+                 lesion_sized: bool = False):
         from ..evaluation.validation import healthy_tissue_mask
 
         rng = np.random.default_rng(seed)
@@ -150,7 +150,8 @@ class ValidationHoles:
             brain, lesion = case.foreground(), case.seg > 0
             images = case.normalized(brain)
             targets = [(healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng), False) for _ in range(per_case)]
-            targets += [(mirrored_lesion(lesion, brain, case.spacing_zyx), True)] * min(large_per_case, 1)
+            if lesion_sized:
+                targets.append((mirrored_lesion(lesion, brain, case.spacing_zyx), True))
             for target, large in targets:
                 if target.sum() < (1000 if large else 100):
                     continue
@@ -202,7 +203,7 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     step, extra = load_checkpoint(ckpt, net, opt, ema)
     wall = float(extra.get("wall_s", 0.0))
     start_step = int(extra.get("start_step", 0))
-    scored_on = {"holes_per_case": validation_holes, "large_holes_per_case": LARGE_HOLES_PER_CASE, "weights": "ema"}
+    scored_on = {"holes_per_case": validation_holes, "lesion_sized_holes": LESION_SIZED_HOLES, "weights": "ema"}
     curve = extra.get("curve", []) if extra.get("scored_on") == scored_on else []
     earlier_curves = extra.get("earlier_curves", [])
     if extra.get("curve") and not curve:  # scored on other holes or raw weights: not comparable, kept aside
@@ -215,7 +216,7 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     print(f"anatomy: at step {step} (from {start_step})", flush=True)
     pool = HealthyPool(folds.train, data_root)
     validation = ValidationHoles(folds.validation, data_root, per_case=validation_holes,
-                                 large_per_case=LARGE_HOLES_PER_CASE)
+                                 lesion_sized=LESION_SIZED_HOLES)
     best_path = work / "best.safetensors"
 
     def check():
@@ -290,9 +291,9 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
             "selection": {"rule": "lowest validation-fold inpainting error of the EMA weights (mean absolute error "
                                   f"in z-units inside {validation_holes} random healthy-tissue ellipsoids per "
                                   "case, tumour voided too, every modality"
-                                  + (f"; averaged with the same inside {LARGE_HOLES_PER_CASE} lesion-sized hole "
-                                     "per case, the tumour mirrored into the healthy hemisphere)"
-                                     if LARGE_HOLES_PER_CASE else ")"), "curve": curve,
+                                  + ("; averaged with the same inside one lesion-sized hole per case, the "
+                                     "tumour mirrored into the healthy hemisphere)" if LESION_SIZED_HOLES else ")"),
+                          "curve": curve,
                           **({"earlier_curves": earlier_curves} if earlier_curves else {})},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
                        "IEEE TMI 2015 and Bakas et al., Sci Data 2017"}
