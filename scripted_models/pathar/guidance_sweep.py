@@ -32,15 +32,19 @@ DICE_MARGIN = 0.03
 SHOWN_CONTRASTS = ("t1", "flair")  # the modalities whose levels went wrong (t1 edema sign, flair overshoot)
 
 
+def validation_patches(patches) -> list[int]:
+    """The validation fold's plain real patches (never the test fold's, which a patch set built with the test
+    fold also flags is_val)."""
+    return [int(p) for p in patches.plain_patches() if patches.is_val[p] and not patches.is_test[p]]
+
+
 def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """(mask, {modality: image}) of the validation fold's plain real patches (never the test fold's, which a
-    patch set built with the test fold also flags is_val)."""
+    """(mask, {modality: image}) of validation_patches."""
     rows = []
-    for p in patches.plain_patches():
-        if patches.is_val[p] and not patches.is_test[p]:
-            have = {MODALITIES[patches.image_modality[i]]: patches.images[i].astype(np.float32)
-                    for i in np.nonzero(patches.image_patch == p)[0]}
-            rows.append((patches.masks[p], have))
+    for p in validation_patches(patches):
+        have = {MODALITIES[patches.image_modality[i]]: patches.images[i].astype(np.float32)
+                for i in np.nonzero(patches.image_patch == p)[0]}
+        rows.append((patches.masks[p], have))
     return rows
 
 
@@ -178,8 +182,7 @@ def main(argv=None) -> int:
         candidates[name], anchors[name], used[name] = setting, (anchor, options), models[label]
     patches = reference_patches(model.cards, Path(args.work), args.data, held_out="validation")
     rows = validation_lesions(patches)
-    lesion_cases = sorted({patches.case_ids[patches.patch_case[p]] for p in patches.plain_patches()
-                           if patches.is_val[p] and not patches.is_test[p]})
+    lesion_cases = sorted({patches.case_ids[patches.patch_case[p]] for p in validation_patches(patches)})
     print(f"validation-fold lesions: {', '.join(lesion_cases)}", flush=True)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device="cpu")[0]

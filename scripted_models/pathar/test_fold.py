@@ -216,9 +216,6 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "ordering_min_per_modality": {m: min((r["ordering"][m] for r in per_seed.values()
                                               if r["ordering"][m] is not None), default=None) for m in MODALITIES},
         "appearance_per_seed": {str(s): r for s, r in per_seed.items()},
-        "training_lesions_signs": training_reference["signs_agree"],
-        "training_lesions_ordering": training_reference["ordering"],
-        "training_lesions_contrast_error": training_reference["contrast_error"],
         "training_lesions_as_samples": training_reference,
         "seconds_per_sample_4_modalities": round(sampling_s / max(1, len(pairs)), 2),
     }
@@ -253,7 +250,6 @@ def markdown(reports: dict) -> str:
             "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
             "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
             "real_mean_volume_ml", "signs_agree_per_seed", "contrast_error_per_seed", "ordering_min_per_modality",
-            "training_lesions_signs", "training_lesions_contrast_error", "training_lesions_ordering",
             "segmenter_dice_generated",
             "segmenter_dice_test_real_patches", "seconds_per_sample_4_modalities"]
     lines = ["# PathAR on the test fold", "",
@@ -262,6 +258,9 @@ def markdown(reports: dict) -> str:
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(str(reports[lb].get(k, "-")) for lb in labels) + " |")
+    for k, field in (("signs", "signs_agree"), ("contrast_error", "contrast_error"), ("ordering", "ordering")):
+        lines.append(f"| training_lesions_{k} | " + " | ".join(
+            str(reports[lb].get("training_lesions_as_samples", {}).get(field, "-")) for lb in labels) + " |")
     lines += ["", "| target | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for name, check in TARGETS:
         lines.append(f"| {name} | " + " | ".join("met" if check(reports[lb]) else "not met" for lb in labels) + " |")

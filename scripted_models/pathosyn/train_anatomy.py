@@ -222,7 +222,7 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     def check():
         from ..weights import write_safetensors
 
-        ema_net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        ema_net.load_state_dict(ema.weights_for(net))
         scores = {k: round(v, 5) for k, v in validation.errors(ema_net.eval(), cfg, device).items()}
         error = scores["mae"]
         best = min((c["mae"] for c in curve), default=float("inf"))

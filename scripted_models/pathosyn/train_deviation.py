@@ -274,7 +274,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
             best_realism.update(row)
 
     def check_validation():
-        ema_net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        ema_net.load_state_dict(ema.weights_for(net))
         score = validation_loss(ema_net, val_draws, scheduler, cfg, device)
         val_curve.append({"step": step, "val_loss": round(score, 5)})
         print(json.dumps({"step": step, "val_loss": round(score, 5)}), flush=True)
@@ -354,7 +354,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         state = load_file(best_path)
         card["steps_selected"] = best.get("step")
     else:
-        state = {k: v.to(net.state_dict()[k].dtype) for k, v in ema.shadow.items()}
+        state = ema.weights_for(net)
     path = save_state(WEIGHTS_NAME, state, card, out_dir)
     print(json.dumps({"saved": str(path), "steps": step}), flush=True)
     return path

@@ -46,6 +46,11 @@ class EMA:
         return {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                 for k, v in model.state_dict().items()}
 
+    def weights_for(self, model) -> dict[str, torch.Tensor]:
+        """The averaged weights in `model`'s dtypes, ready for `load_state_dict`."""
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        return {k: v.to(dtypes[k]) for k, v in self.shadow.items()}
+
     @torch.no_grad()
     def update(self, model, updates: int | None = None) -> None:
         """`updates` (steps since training started) warms the decay up: min(decay, (1 + n) / (10 + n))."""
