@@ -349,19 +349,21 @@ def test_parse_and_describe_modality_guidance():
 def test_guidance_sweep_rule_keeps_signs_and_dice_then_lowest_contrast_error():
     from scripted_models.pathar.guidance_sweep import DICE_MARGIN, choose
 
-    def run(dice, signs, ordering, error):
-        return [{"segmenter_dice": dice, "signs": signs, "worst_ordering": ordering, "contrast_error": error}] * 2
+    def run(dice, signs_clear, ordering, error, signs=12):
+        return [{"segmenter_dice": dice, "signs": signs, "signs_clear": signs_clear, "worst_ordering": ordering,
+                 "contrast_error": error}] * 2
 
     results = {"8": run(0.43, 11, 0.67, 1.0),
                "fewer signs": run(0.50, 10, 0.67, 0.3),
+               "fewer signs near zero only": run(0.43, 11, 0.67, 0.9, signs=10),
                "worse ordering": run(0.50, 11, 0.33, 0.3),
                "much lower Dice": run(0.43 - DICE_MARGIN - 0.01, 11, 0.67, 0.4),
                "slightly lower Dice": run(0.43 - DICE_MARGIN + 0.01, 12, 1.0, 0.6),
                "same": run(0.43, 11, 0.67, 0.7)}
     chosen, qualifies = choose(results)
     assert chosen == "slightly lower Dice"
-    assert qualifies == {"8": True, "fewer signs": False, "worse ordering": False, "much lower Dice": False,
-                         "slightly lower Dice": True, "same": True}
+    assert qualifies == {"8": True, "fewer signs": False, "fewer signs near zero only": True, "worse ordering": False,
+                         "much lower Dice": False, "slightly lower Dice": True, "same": True}
     assert choose({"8": run(0.4, 9, 0.5, 1.0)})[0] == "8"  # the reference qualifies by definition
 
 
@@ -370,14 +372,31 @@ def test_guidance_sweep_table_shows_t1_and_flair_levels():
 
     def seed(t1_edema):
         contrasts = {m: {"core": 1.0, "edema": t1_edema if m == "t1" else 2.0, "enhancing": 3.0} for m in MODALITIES}
-        return {"segmenter_dice": 0.4, "signs": 10, "worst_ordering": 0.5, "contrast_error": 0.9,
-                "contrasts": contrasts}
+        return {"segmenter_dice": 0.4, "signs": 10, "signs_clear": 9, "signs_total_clear": 10, "worst_ordering": 0.5,
+                "contrast_error": 0.9, "contrasts": contrasts}
 
     real = {m: {1: -0.75, 2: 0.14, 3: -0.44} for m in MODALITIES}
     text = markdown({"8": [seed(-0.6), seed(-0.7)]}, {"8": True}, "8", real, 0.5, 5, [0, 1])
     row = next(line for line in text.splitlines() if line.startswith("| 8 |"))
     assert "| 1.00 / -0.65 / 3.00 | 1.00 / 2.00 / 3.00 | **chosen** |" in row  # t1, then flair
     assert "t1 contrasts necrotic or non-enhancing core -0.75, edema 0.14" in text
+    assert "| 9.0 (9-9) of 10 |" in row
+
+
+def test_signs_count_apart_where_the_real_contrast_is_clear_of_zero():
+    """A cell counts as clear only when the cases' mean is >= 0.1 z from zero and a case bootstrap excludes zero."""
+    from scripted_models.pathar.quality import clear_cells
+    from scripted_models.pathar.test_fold import compare_contrasts
+
+    cases = [{"t1": {1: -0.8 + 0.1 * k, 2: 0.05 + 0.01 * k, 3: (-1) ** k * 0.6}} for k in range(5)]
+    assert clear_cells(cases) == {("t1", 1)}  # edema too small, enhancing of mixed sign
+    assert clear_cells([{"t1": {1: -0.8}}]) == set()  # one case: no interval
+    real = {m: {1: -0.6, 2: 0.07, 3: 0.1} for m in MODALITIES}
+    out = compare_contrasts({"t1": {1: -0.5, 2: -0.2, 3: 0.3}}, real, {("t1", 1)})
+    assert (out["signs_agree"], out["signs_agree_clear"], out["signs_total_clear"]) == (2, 1, 1)
+    flipped = compare_contrasts({"t1": {1: 0.5, 2: 0.2, 3: 0.3}}, real, {("t1", 1)})
+    assert (flipped["signs_agree"], flipped["signs_agree_clear"]) == (2, 0)
+    assert "signs_agree_clear" not in compare_contrasts({"t1": {1: -0.5}}, real)
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -276,6 +276,34 @@ def test_anatomy_training_uses_the_training_fold_keeps_its_best_validation_weigh
     assert [c["step"] for c in card["selection"]["curve"]][-2:] == [start + 2, start + 3]
 
 
+def test_anatomy_training_crop_is_set_from_the_command_line(monkeypatch, data_root, tmp_path, capsys):
+    """`pathosyn train anatomy --crop N` trains on N^3 crops (recorded on the card); a crop the U-Net cannot halve
+    four times, or not a positive integer, is refused with a one-line error."""
+    import pytest
+
+    from scripted_models import folds as folds_module
+    from scripted_models.cli import main
+    from scripted_models.pathosyn import train_anatomy as T
+    from scripted_models.weights import load_card
+
+    real = folds_module.make_folds(str(data_root))
+    small = folds_module.Folds(test=real.test, validation=real.validation[:1], train=("brats18_tcia13_623_1",))
+    monkeypatch.setattr(T, "make_folds", lambda root=None: small)
+    monkeypatch.setattr(T, "VALIDATION_HOLES_PER_CASE", 1)
+    monkeypatch.setattr(T, "LESION_SIZED_HOLES", False)
+    steps = load_card(T.WEIGHTS_NAME)["steps"] + 1
+    out = tmp_path / "weights"
+    assert main(["train", "anatomy", "--steps", str(steps), "--batch", "1", "--crop", "48", "--work",
+                 str(tmp_path / "work"), "--weights-out", str(out), "--data", str(data_root)]) == 0
+    assert load_card(T.WEIGHTS_NAME, out)["crop"] == 48
+    assert main(["train", "anatomy", "--steps", str(steps), "--crop", "40", "--work", str(tmp_path / "work")]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "anatomy", "--steps", "1", "--crop", "0", "--work", str(tmp_path / "other")])
+    assert exited.value.code == 2 and "--crop" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_anatomy_training_of_another_width_starts_from_scratch_and_keeps_its_width(monkeypatch, data_root, tmp_path):
     """`channels` trains another U-Net size from scratch (the bundled weights have the default size); its card
     builds that size again at load time; a resumed run keeps the size it started with and refuses another."""
@@ -313,6 +341,7 @@ def test_anatomy_validation_has_a_lesion_sized_hole_in_healthy_tissue_and_scores
     import torch
 
     from scripted_models.cases import load_case
+    from scripted_models.evaluation.validation import mirrored_lesion
     from scripted_models.pathosyn import train_anatomy as T
     from scripted_models.pathosyn.anatomy import AnatomyModel
 
@@ -320,9 +349,9 @@ def test_anatomy_validation_has_a_lesion_sized_hole_in_healthy_tissue_and_scores
     lesion[3:5, 4:6, 3:6] = True
     brain = np.zeros_like(lesion)
     brain[:, :, 2:18] = True  # mid-plane between columns 9 and 10: column x lands on 19 - x
-    mirrored = T.mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=2.0)
+    mirrored = mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=2.0)
     assert mirrored[3:5, 4:6, 14:17].all() and mirrored.sum() == lesion.sum()
-    assert not T.mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=12.0).any()  # too close: nothing
+    assert not mirrored_lesion(lesion, brain, (1.0, 1.0, 1.0), margin_mm=12.0).any()  # too close: nothing
 
     case_id = "brats18_tcia13_623_1"
     holes = T.ValidationHoles([case_id], data_root, per_case=1, lesion_sized=True)

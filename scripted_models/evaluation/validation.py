@@ -90,10 +90,25 @@ def healthy_tissue_mask(brain: np.ndarray, lesion: np.ndarray, spacing_zyx, rng:
     return (dist <= 1.0) & brain
 
 
+def mirrored_lesion(lesion: np.ndarray, brain: np.ndarray, spacing_zyx, margin_mm: float = 10.0) -> np.ndarray:
+    """The lesion reflected left-right (last array axis) about the brain's mid-plane, kept where it lands on
+    brain tissue `margin_mm` clear of the lesion: a lesion-shaped hole whose healthy truth is known."""
+    columns = np.nonzero(brain.any(axis=(0, 1)))[0]
+    if not len(columns) or not lesion.any():
+        return np.zeros_like(brain)
+    source = columns[0] + columns[-1] - np.arange(brain.shape[2])  # x -> a + b - x
+    inside = (source >= 0) & (source < brain.shape[2])
+    mirrored = np.zeros_like(lesion)
+    mirrored[..., inside] = lesion[..., source[inside]]
+    return mirrored & brain & ~dilate_mm(lesion, margin_mm, spacing_zyx)
+
+
 def inpainting_test_fold(data_root: Path, cases, masks_per_case: int = 2, device: str = "auto",
-                         seed: int = 0) -> dict:
+                         seed: int = 0, lesion_sized: bool = False) -> dict:
     """The same protocol on test-fold cases (t1): each case's tumour and a random healthy-tissue ellipsoid are
-    voided and inpainted; scored inside the healthy ellipsoid only (where the truth is known)."""
+    voided and inpainted; scored inside the healthy ellipsoid only (where the truth is known). lesion_sized:
+    one hole per case instead, the case's tumour mirrored into the healthy hemisphere (the size of the holes
+    a synthesis fills)."""
     from ..cases import load_case
     from ..pathosyn.api import pseudo_healthy
 
@@ -106,9 +121,12 @@ def inpainting_test_fold(data_root: Path, cases, masks_per_case: int = 2, device
         t1 = case.images["t1"]
         brain = case.foreground()
         lesion = case.seg > 0
-        for _ in range(masks_per_case):
-            target = healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng)
-            if target.sum() < 100:
+        if lesion_sized:
+            targets = [mirrored_lesion(lesion, brain, case.spacing_zyx)]
+        else:
+            targets = [healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng) for _ in range(masks_per_case)]
+        for target in targets:
+            if target.sum() < (1000 if lesion_sized else 100):
                 continue
             hole = target | (dilate_mm(lesion, 2.0, case.spacing_zyx) & brain)
             voided = np.where(hole, 0, t1.array).astype(np.float32)
@@ -118,7 +136,7 @@ def inpainting_test_fold(data_root: Path, cases, masks_per_case: int = 2, device
             rows.append({"case": case_id, **score_inpainting(t1.array, filled, voided, brain, hole, target, noisy)})
     summary = {name: {key: round(float(np.mean([r[name][key] for r in rows])), 4) for key in ("ssim", "psnr_db", "mse")}
                for name in INPAINTING_METHODS} if rows else {}
-    return {"cases": list(cases), "masks": len(rows), "summary": summary, "rows": rows}
+    return {"cases": list(cases), "masks": len(rows), "lesion_sized": lesion_sized, "summary": summary, "rows": rows}
 
 
 def demo_residual(seeds=(0, 1, 2), steps: int | None = None, device: str = "auto",
@@ -202,7 +220,10 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     if not quick:
         from ..folds import make_folds
 
-        rows["inpainting_test_fold"] = inpainting_test_fold(data_root, make_folds(str(data_root)).test, device=device)
+        test = make_folds(str(data_root)).test
+        rows["inpainting_test_fold"] = inpainting_test_fold(data_root, test, device=device)
+        rows["inpainting_test_fold_lesion_sized"] = inpainting_test_fold(data_root, test, device=device,
+                                                                          lesion_sized=True)
     rows["demo_residual"] = demo_residual(seeds=(0,) if quick else (0, 1, 2), steps=steps, device=device)
     if pathar_n:
         rows["pathar"] = pathar_quality(data_root, pathar_n, device=device)
@@ -225,11 +246,14 @@ def validation_markdown(rows: dict) -> str:
     for name in (n for n in INPAINTING_METHODS if n in inp):
         r = inp[name]
         lines.append(f"| {name} | {r['ssim']} | {r['psnr_db']} | {r['mse']} |")
-    if rows.get("inpainting_test_fold", {}).get("summary"):
-        tf = rows["inpainting_test_fold"]
-        lines += ["", f"Same protocol on the test fold (t1; {tf['masks']} random healthy-tissue ellipsoids of radii "
-                  f"8-15 mm in {len(tf['cases'])} cases, tumour voided too; mean):", "",
-                  "| method | SSIM | PSNR (dB) | MSE |", "|---|---|---|---|"]
+    for key, holes in (("inpainting_test_fold", "random healthy-tissue ellipsoids of radii 8-15 mm"),
+                       ("inpainting_test_fold_lesion_sized", "lesion-sized holes (the case's tumour mirrored into "
+                                                             "the healthy hemisphere)")):
+        tf = rows.get(key, {})
+        if not tf.get("summary"):
+            continue
+        lines += ["", f"Same protocol on the test fold (t1; {tf['masks']} {holes} in {len(tf['cases'])} cases, "
+                  "tumour voided too; mean):", "", "| method | SSIM | PSNR (dB) | MSE |", "|---|---|---|---|"]
         for name, r in tf["summary"].items():
             lines.append(f"| {name} | {r['ssim']} | {r['psnr_db']} | {r['mse']} |")
     from .realism import realism_markdown

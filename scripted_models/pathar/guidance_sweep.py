@@ -7,10 +7,11 @@ the validation fold's real patches:
   * sub-region signs (of 12), worst ordering agreement over the modalities, and the mean absolute sub-region
     contrast error (z) with the flair contrasts, where the overshoot showed.
 
-Rule, fixed before the sweep: a candidate qualifies when, averaged over the seeds, its signs and worst ordering are
-at least the reference's (the first candidate: the weights' current default) and its segmenter Dice is at most
-DICE_MARGIN below the reference's. The qualifying candidate with the lowest mean contrast error is chosen. Five
-lesions make one seed noisy (segmenter Dice varies by ~0.05 between seeds), hence six seeds and means.
+Rule, fixed before the sweep: a candidate qualifies when, averaged over the seeds, its signs (counted where the
+validation fold's real contrast is clear of zero, quality.clear_cells; since 2026-12-04, session 28) and worst
+ordering are at least the reference's (the first candidate: the weights' current default) and its segmenter Dice
+is at most DICE_MARGIN below the reference's. The qualifying candidate with the lowest mean contrast error is
+chosen. Five lesions make one seed noisy (segmenter Dice varies by ~0.05 between seeds), hence six seeds and means.
 
     python -m scripted_models.pathar.guidance_sweep --candidates 8 t1=8,t1c=8,t2=8,flair=1 --out docs/pathar
     python -m scripted_models.pathar.guidance_sweep --compare new=DIR --candidates 8 new:8 new:8@t2 --out DIR
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES, SUBREGION_NAMES
-from .quality import SUBREGIONS, mean_contrasts
+from .quality import SUBREGIONS, clear_cells, mean_contrasts
 from .test_fold import SEGMENTER_STEPS
 
 DICE_MARGIN = 0.03
@@ -86,14 +87,15 @@ def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float]
     return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(S)]
 
 
-def score(rows, rendered: list[dict], real: dict, segmenter) -> dict:
+def score(rows, rendered: list[dict], real: dict, segmenter, clear: set[tuple[str, int]]) -> dict:
     from .test_fold import SEGMENTER_MODALITIES, appearance_agreement, segmenter_dice
 
-    agreement = appearance_agreement(((mask, imgs) for (mask, _), imgs in zip(rows, rendered)), real)
+    agreement = appearance_agreement(((mask, imgs) for (mask, _), imgs in zip(rows, rendered)), real, clear)
     dice = segmenter_dice(segmenter, [mask for mask, _ in rows],
                           [{m: imgs[m] for m in SEGMENTER_MODALITIES} for imgs in rendered])
     return {"segmenter_dice": round(float(np.mean(dice)), 3), "signs": agreement["signs_agree"],
             "signs_total": sum(r["real"] is not None for r in agreement["contrasts"]),
+            "signs_clear": agreement["signs_agree_clear"], "signs_total_clear": agreement["signs_total_clear"],
             "worst_ordering": round(min(o for o in agreement["ordering"].values() if o is not None), 3),
             "contrast_error": agreement["contrast_error"],
             "contrasts": {m: {r["subregion"]: round(r["generated"] or 0.0, 2) for r in agreement["contrasts"]
@@ -106,7 +108,7 @@ def choose(results: dict[str, list[dict]]) -> tuple[str, dict[str, bool]]:
         return float(np.mean([r[key] for r in results[name]]))
 
     ref = next(iter(results))
-    qualifies = {name: mean(name, "signs") >= mean(ref, "signs") - 1e-9
+    qualifies = {name: mean(name, "signs_clear") >= mean(ref, "signs_clear") - 1e-9
                  and mean(name, "worst_ordering") >= mean(ref, "worst_ordering") - 1e-9
                  and mean(name, "segmenter_dice") >= mean(ref, "segmenter_dice") - DICE_MARGIN
                  for name in results}
@@ -121,11 +123,12 @@ def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -
              f"{', '.join(map(str, seeds))}. Real patches: segmenter Dice {real_dice:.3f}; "
              + "; ".join(f"{m} contrasts " + ", ".join(f"{SUBREGION_NAMES[c]} {real[m][c]:.2f}" for c in SUBREGIONS
                                                           if c in real[m]) for m in SHOWN_CONTRASTS)
-             + f". Rule: mean signs and mean worst ordering at least the reference's (first row), mean segmenter "
+             + f". Rule: mean signs clear of zero (counted only where the real contrast is clear of zero) and mean "
+             f"worst ordering at least the reference's (first row), mean segmenter "
              f"Dice at most {DICE_MARGIN} below it, then the lowest mean contrast error.", "",
-             "| guidance | segmenter Dice | signs | worst ordering | contrast error (z) | "
+             "| guidance | segmenter Dice | signs | signs clear of zero | worst ordering | contrast error (z) | "
              + " | ".join(f"{m} core / edema / enhancing" for m in SHOWN_CONTRASTS) + " | qualifies |",
-             "|---|---|---|---|---|" + "---|" * len(SHOWN_CONTRASTS) + "---|"]
+             "|---|---|---|---|---|---|" + "---|" * len(SHOWN_CONTRASTS) + "---|"]
     for name, per_seed in results.items():
         def col(key, per_seed=per_seed, digits=3):
             values = [r[key] for r in per_seed]
@@ -135,6 +138,7 @@ def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -
                                        for k in per_seed[0]["contrasts"][m]) for m in SHOWN_CONTRASTS)
         mark = "**chosen**" if name == chosen else ("yes" if qualifies[name] else "no")
         lines.append(f"| {name} | {col('segmenter_dice')} | {col('signs', digits=1)} | "
+                     f"{col('signs_clear', digits=1)} of {per_seed[0]['signs_total_clear']} | "
                      f"{col('worst_ordering', digits=2)} | {col('contrast_error', digits=2)} | {levels} | {mark} |")
     return "\n".join(lines) + "\n"
 
@@ -185,6 +189,8 @@ def main(argv=None) -> int:
     lesion_cases = sorted({patches.case_ids[patches.patch_case[p]] for p in validation_patches(patches)})
     print(f"validation-fold lesions: {', '.join(lesion_cases)}", flush=True)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}
+    clear = clear_cells([{m: mean_contrasts([(mask, have[m])]) for m in have} for mask, have in rows])
+    print("clear of zero: " + ", ".join(sorted(f"{m} {SUBREGION_NAMES[c]}" for m, c in clear)), flush=True)
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device="cpu")[0]
     complete = [(mask, have) for mask, have in rows if all(m in have for m in MODALITIES)]
     real_dice = float(np.mean(segmenter_dice(segmenter, [mask for mask, _ in complete],
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             t0 = time.perf_counter()
             rendered = render_appearance(used[name], [m for m, _ in complete], setting, seed, *anchors[name])
-            results[name].append(score(complete, rendered, real, segmenter))
+            results[name].append(score(complete, rendered, real, segmenter, clear))
             print(f"{name:32s} seed {seed}: {results[name][-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     chosen, qualifies = choose(results)
     text = markdown(results, qualifies, chosen, real, real_dice, len(complete), args.seeds)

@@ -68,6 +68,28 @@ def mean_contrasts(items) -> dict[int, float]:
     return {c: float(np.mean(v)) for c, v in acc.items()}
 
 
+CLEAR_OF_ZERO_Z = 0.1  # a real sub-region contrast smaller than this has no sign worth matching
+
+
+def clear_cells(per_case: list[dict[str, dict[int, float]]], resamples: int = 1000,
+                seed: int = 0) -> set[tuple[str, int]]:
+    """(modality, sub-region) cells whose real contrast is clear of zero: the mean over the cases is at least
+    CLEAR_OF_ZERO_Z from zero and the 95% interval of a case bootstrap excludes zero. per_case: one
+    {modality: {sub-region: contrast}} per real case."""
+    rng = np.random.default_rng(seed)
+    cells = set()
+    for mod in {m for case in per_case for m in case}:
+        for c in SUBREGIONS:
+            values = np.array([case[mod][c] for case in per_case if c in case.get(mod, {})])
+            if len(values) < 2 or abs(values.mean()) < CLEAR_OF_ZERO_Z:
+                continue
+            means = values[rng.integers(len(values), size=(resamples, len(values)))].mean(axis=1)
+            low, high = np.percentile(means, [2.5, 97.5])
+            if low > 0 or high < 0:
+                cells.add((mod, c))
+    return cells
+
+
 def ordering_agreement(real: dict[int, float], generated: dict[int, float]) -> float | None:
     """Fraction of sub-region pairs whose mean intensities are ordered as in the real data."""
     common = [c for c in SUBREGIONS if c in real and c in generated]

@@ -27,6 +27,7 @@ import numpy as np
 from ..labels import MODALITIES, SUBREGION_NAMES
 from .quality import (
     SUBREGIONS,
+    clear_cells,
     mask_plausibility,
     mean_contrasts,
     mean_pairwise_dice,
@@ -86,30 +87,45 @@ def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
     return patch_contrasts(patches, np.nonzero(patches.is_test)[0])
 
 
-def compare_contrasts(generated: dict[str, dict[int, float]], real: dict[str, dict[int, float]]) -> dict:
+def test_fold_clear_cells(patches) -> set[tuple[str, int]]:
+    """The cells whose contrast is clear of zero over the test fold's cases (quality.clear_cells)."""
+    test = np.nonzero(patches.is_test)[0]
+    return clear_cells([patch_contrasts(patches, test[patches.patch_case[test] == c])
+                        for c in sorted(set(patches.patch_case[test]))])
+
+
+def compare_contrasts(generated: dict[str, dict[int, float]], real: dict[str, dict[int, float]],
+                      clear: set[tuple[str, int]] | None = None) -> dict:
     """Sign agreement per (modality, sub-region), ordering agreement per modality and the mean absolute contrast
-    error of `generated` contrasts against `real` ones."""
-    signs, ordering, rows, errors = 0, {}, [], []
+    error of `generated` contrasts against `real` ones; with `clear` (quality.clear_cells) also the signs counted
+    only where the real contrast is clear of zero."""
+    signs, clear_signs, ordering, rows, errors = 0, 0, {}, [], []
     for mod in MODALITIES:
         gen = generated.get(mod, {})
         for c in SUBREGIONS:
             r, g = real[mod].get(c), gen.get(c)
             agrees = None if r is None or g is None else bool(np.sign(r) == np.sign(g))
             signs += bool(agrees)
+            clear_signs += bool(agrees) and clear is not None and (mod, c) in clear
             if agrees is not None:
                 errors.append(abs(r - g))
             rows.append({"modality": mod, "subregion": SUBREGION_NAMES[c], "real": None if r is None else round(r, 3),
-                         "generated": None if g is None else round(g, 3), "sign_agrees": agrees})
+                         "generated": None if g is None else round(g, 3), "sign_agrees": agrees,
+                         **({"clear_of_zero": (mod, c) in clear} if clear is not None else {})})
         ordering[mod] = ordering_agreement(real[mod], gen)
-    return {"signs_agree": signs, "signs_total": len(MODALITIES) * len(SUBREGIONS), "ordering": ordering,
-            "contrast_error": round(float(np.mean(errors)), 3) if errors else None, "contrasts": rows}
+    out = {"signs_agree": signs, "signs_total": len(MODALITIES) * len(SUBREGIONS), "ordering": ordering,
+           "contrast_error": round(float(np.mean(errors)), 3) if errors else None, "contrasts": rows}
+    if clear is not None:
+        out.update(signs_agree_clear=clear_signs, signs_total_clear=len(clear))
+    return out
 
 
-def appearance_agreement(samples, real: dict[str, dict[int, float]]) -> dict:
+def appearance_agreement(samples, real: dict[str, dict[int, float]],
+                         clear: set[tuple[str, int]] | None = None) -> dict:
     """compare_contrasts for one seed's samples: (mask, {modality: image}) pairs, pooled."""
     samples = list(samples)
     return compare_contrasts({mod: mean_contrasts((mask, images[mod]) for mask, images in samples)
-                              for mod in MODALITIES}, real)
+                              for mod in MODALITIES}, real, clear)
 
 
 def training_lesions_as_samples(patches, real: dict[str, dict[int, float]]) -> dict:
@@ -177,6 +193,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     test_near = nearest_dice(patches.masks[test_plain], patches.masks[poses])
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
+    clear = test_fold_clear_cells(patches)
     training_reference = training_lesions_as_samples(patches, real_contrasts)
     t0 = time.perf_counter()
     pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder,
@@ -190,7 +207,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     real_masks = [patches.masks[p] for p in list(train_plain) + list(test_plain)]
     real_rows = [mask_plausibility(m, patches.spacing_mm) for m in real_masks]
     per_seed = {seed: appearance_agreement(((p.mask.array, {m: v.array for m, v in p.images.items()})
-                                            for p in pairs_by_seed[seed]), real_contrasts) for seed in seeds}
+                                            for p in pairs_by_seed[seed]), real_contrasts, clear) for seed in seeds}
     report = {
         "weights": str(folder) if folder else "bundled",
         "training_cases": len(patches.training_cases()),
@@ -212,6 +229,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "real_mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
         "signs_agree_per_seed": {str(s): r["signs_agree"] for s, r in per_seed.items()},
         "signs_total": len(MODALITIES) * len(SUBREGIONS),
+        "signs_clear_of_zero_per_seed": {str(s): r["signs_agree_clear"] for s, r in per_seed.items()},
+        "clear_of_zero_cells": sorted(f"{m} {SUBREGION_NAMES[c]}" for m, c in clear),
         "contrast_error_per_seed": {str(s): r["contrast_error"] for s, r in per_seed.items()},
         "ordering_min_per_modality": {m: min((r["ordering"][m] for r in per_seed.values()
                                               if r["ordering"][m] is not None), default=None) for m in MODALITIES},
@@ -237,6 +256,9 @@ TARGETS = (
     ("pairwise Dice within 0.05 of real", lambda r: abs(r["mean_pairwise_dice"] - r["real_mean_pairwise_dice"])
      <= 0.05),
     ("signs 12/12 at every seed", lambda r: all(v == r["signs_total"] for v in r["signs_agree_per_seed"].values())),
+    ("signs where the real contrast is clear of zero, all at every seed (reported beside the target)",
+     lambda r: "clear_of_zero_cells" in r and all(v == len(r["clear_of_zero_cells"])
+                                                  for v in r["signs_clear_of_zero_per_seed"].values())),
     ("ordering >= 0.9 in every modality", lambda r: all(v is not None and v >= 0.9
                                                          for v in r["ordering_min_per_modality"].values())),
     ("segmenter Dice on generated >= 0.65", lambda r: r.get("segmenter_dice_generated", 0) >= 0.65),
@@ -249,7 +271,8 @@ def markdown(reports: dict) -> str:
             "test_real_nearest_train_dice",
             "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
             "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
-            "real_mean_volume_ml", "signs_agree_per_seed", "contrast_error_per_seed", "ordering_min_per_modality",
+            "real_mean_volume_ml", "signs_agree_per_seed", "clear_of_zero_cells", "signs_clear_of_zero_per_seed",
+            "contrast_error_per_seed", "ordering_min_per_modality",
             "segmenter_dice_generated",
             "segmenter_dice_test_real_patches", "seconds_per_sample_4_modalities"]
     lines = ["# PathAR on the test fold", "",

@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
         train_anatomy(work / "anatomy", steps=args.steps, batch=args.batch or 4, seed=args.seed,
                       data_root=args.data, out_dir=args.weights_out, threads=args.threads,
                       max_minutes=args.max_minutes, from_scratch=args.from_scratch, channels=args.channels,
-                      validation_holes=args.validation_holes)
+                      validation_holes=args.validation_holes, **({"crop": args.crop} if args.crop else {}))
     else:
         from .train_deviation import train_deviation
 
@@ -147,7 +147,7 @@ def cmd_train(args) -> int:
         train_deviation(work / folder, cache=work / "deviation" / "cache", steps=args.steps,
                         batch=args.batch or 4, seed=args.seed, data_root=args.data,
                         out_dir=args.weights_out, threads=args.threads,
-                        max_minutes=args.max_minutes, variant=args.variant, crop=args.crop,
+                        max_minutes=args.max_minutes, variant=args.variant, crop=args.crop or 48,
                         from_scratch=args.from_scratch, select=args.select, realism_every=args.realism_every)
     return 0
 
@@ -211,7 +211,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--variant", choices=["pathosyn", "holistic", "mask_only"], default="pathosyn",
                    help="deviation only: the PathoSyn model or an ablation baseline for `pathosyn evaluate`")
-    p.add_argument("--crop", type=int, default=48, help="deviation only: training crop side (voxels)")
+    p.add_argument("--crop", type=positive_int, default=None,
+                   help="training crop side in voxels (default 48 for deviation, 64 for anatomy)")
     p.add_argument("--channels", type=channel_list, default=None, metavar="C1,...,C5",
                    help="anatomy only: the U-Net's width per level (default 16,32,64,128,128); another size "
                         "trains from scratch")

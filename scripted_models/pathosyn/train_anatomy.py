@@ -26,19 +26,6 @@ VALIDATION_HOLES_PER_CASE = 4  # random healthy-tissue ellipsoids per validation
 LESION_SIZED_HOLES = True  # also one hole per case: its tumour mirrored into the healthy hemisphere
 
 
-def mirrored_lesion(lesion: np.ndarray, brain: np.ndarray, spacing_zyx, margin_mm: float = 10.0) -> np.ndarray:
-    """The lesion reflected left-right (last array axis) about the brain's mid-plane, kept where it lands on
-    brain tissue `margin_mm` clear of the lesion: a lesion-shaped hole whose healthy truth is known."""
-    columns = np.nonzero(brain.any(axis=(0, 1)))[0]
-    if not len(columns) or not lesion.any():
-        return np.zeros_like(brain)
-    source = columns[0] + columns[-1] - np.arange(brain.shape[2])  # x -> a + b - x
-    inside = (source >= 0) & (source < brain.shape[2])
-    mirrored = np.zeros_like(lesion)
-    mirrored[..., inside] = lesion[..., source[inside]]
-    return mirrored & brain & ~dilate_mm(lesion, margin_mm, spacing_zyx)
-
-
 def bundled_channels() -> tuple[int, ...] | None:
     """The bundled anatomy weights' U-Net widths (None when there are none)."""
     from ..weights import load_card
@@ -140,7 +127,7 @@ class ValidationHoles:
 
     def __init__(self, case_ids, data_root=None, per_case: int = VALIDATION_HOLES_PER_CASE, seed: int = 0,
                  lesion_sized: bool = False):
-        from ..evaluation.validation import healthy_tissue_mask
+        from ..evaluation.validation import healthy_tissue_mask, mirrored_lesion
 
         rng = np.random.default_rng(seed)
         root = Path(data_root or default_data_root())
@@ -195,6 +182,10 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     if len(cfg.channels) != len(cfg.strides) + 1:
         raise InputError(f"channels needs {len(cfg.strides) + 1} widths (one per U-Net level), "
                          f"got {list(cfg.channels)}")
+    downsampling = int(np.prod(cfg.strides))
+    if crop % downsampling:
+        raise InputError(f"crop must be a multiple of {downsampling} (the U-Net halves it {len(cfg.strides)} times), "
+                         f"got {crop}")
     from_scratch = from_scratch or cfg.channels != bundled_channels()  # warm starts need the same size
     net = build_anatomy_model(cfg).to(device)
     ema_net = build_anatomy_model(cfg).to(device)  # holds the EMA weights while they are scored
