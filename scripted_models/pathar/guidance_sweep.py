@@ -215,6 +215,7 @@ def main(argv=None) -> int:
                            "real_segmenter_dice": round(real_dice, 3),
                            "real_contrasts": {m: {SUBREGION_NAMES[c]: round(v, 3) for c, v in d.items()}
                                               for m, d in real.items()},
+                           "clear_of_zero_cells": sorted(f"{m} {SUBREGION_NAMES[c]}" for m, c in clear),
                            "candidates": {n: candidates[n] for n in results}, "results": results,
                            "qualifies": qualifies, "chosen": chosen, "chosen_guidance": candidates[chosen],
                            "dice_margin": DICE_MARGIN}, out / "guidance_validation.json")
