@@ -1342,7 +1342,12 @@ def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_
     sign differs between cases shows as a share below 1, and an ordering the test fold reverses as 0."""
     from types import SimpleNamespace
 
-    from scripted_models.pathar.test_fold import compare_contrasts, patch_contrasts, training_lesions_as_samples
+    from scripted_models.pathar.test_fold import (
+        compare_contrasts,
+        patch_contrasts,
+        test_fold_clear_cells,
+        training_lesions_as_samples,
+    )
 
     mask = np.zeros((12, 12, 12), np.int64)
     mask[2:5, 2:8, 2:8], mask[5:8, 2:8, 2:8], mask[8:11, 2:8, 2:8] = 1, 2, 3
@@ -1371,6 +1376,8 @@ def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_
     assert reference["contrast_error"] == pytest.approx((0.0 + 0.15 + 1.4) / 3, abs=1e-3)
     flipped = compare_contrasts({"t1": {1: 1.0, 2: -0.3, 3: -0.1}}, real)
     assert flipped["signs_agree"] == 0 and flipped["ordering"]["t1"] == 0.0
+    assert test_fold_clear_cells(patches) == set()  # one test case: no interval, no cell is clear
+    assert training_lesions_as_samples(patches, real, {("t1", 1)})["signs_agree_clear"] == 1
 
 
 def test_guidance_sweep_scores_the_validation_fold_and_never_the_test_fold(monkeypatch, tmp_path):

@@ -128,13 +128,14 @@ def appearance_agreement(samples, real: dict[str, dict[int, float]],
                               for mod in MODALITIES}, real, clear)
 
 
-def training_lesions_as_samples(patches, real: dict[str, dict[int, float]]) -> dict:
+def training_lesions_as_samples(patches, real: dict[str, dict[int, float]],
+                                clear: set[tuple[str, int]] | None = None) -> dict:
     """What real lesions score on the appearance targets: the model's training lesions (rigid poses, pooled as a
     seed's samples are) compared with the test fold, and per (modality, sub-region) the fraction of training
     cases whose own contrast has the test fold's sign. A model that renders its training lesions faithfully
     scores about this; the targets ask for more only where the test fold differs from them."""
     rigid = np.nonzero(~patches.is_val & ~patches.is_test & ~patches.is_elastic & ~patches.is_blend)[0]
-    pooled = compare_contrasts(patch_contrasts(patches, rigid), real)
+    pooled = compare_contrasts(patch_contrasts(patches, rigid), real, clear)
     cases = {patches.patch_case[p] for p in rigid}
     per_case = [patch_contrasts(patches, rigid[patches.patch_case[rigid] == c]) for c in cases]
     share = {}
@@ -144,7 +145,8 @@ def training_lesions_as_samples(patches, real: dict[str, dict[int, float]]) -> d
             if signs and real[mod].get(c) is not None:
                 share[f"{mod} {SUBREGION_NAMES[c]}"] = round(float(np.mean([v == np.sign(real[mod][c])
                                                                              for v in signs])), 2)
-    return {"signs_agree": pooled["signs_agree"], "ordering": pooled["ordering"],
+    return {"signs_agree": pooled["signs_agree"], "signs_agree_clear": pooled.get("signs_agree_clear"),
+            "ordering": pooled["ordering"],
             "contrast_error": pooled["contrast_error"], "cases_with_the_test_sign": share,
             "contrasts": pooled["contrasts"]}
 
@@ -194,7 +196,7 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
     clear = test_fold_clear_cells(patches)
-    training_reference = training_lesions_as_samples(patches, real_contrasts)
+    training_reference = training_lesions_as_samples(patches, real_contrasts, clear)
     t0 = time.perf_counter()
     pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder,
                                         modality_guidance=modality_guidance) for seed in seeds}
@@ -281,7 +283,8 @@ def markdown(reports: dict) -> str:
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(str(reports[lb].get(k, "-")) for lb in labels) + " |")
-    for k, field in (("signs", "signs_agree"), ("contrast_error", "contrast_error"), ("ordering", "ordering")):
+    for k, field in (("signs", "signs_agree"), ("signs_clear_of_zero", "signs_agree_clear"),
+                     ("contrast_error", "contrast_error"), ("ordering", "ordering")):
         lines.append(f"| training_lesions_{k} | " + " | ".join(
             str(reports[lb].get("training_lesions_as_samples", {}).get(field, "-")) for lb in labels) + " |")
     lines += ["", "| target | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
