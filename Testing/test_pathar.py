@@ -632,6 +632,33 @@ def test_training_writes_cards_and_resumes(tiny_weights):
     assert "pathar_transformer" in md and structure["sha256"][:16] in md
 
 
+def test_a_warm_started_transformer_keeps_the_sampling_settings_it_started_from(tiny_weights, tmp_path):
+    """A candidate warm-started from chosen weights is scored (and would be bundled) with their sampling settings
+    until a sweep chooses again; without them it would sample unguided (the session-28 test fold of a candidate
+    did). The card says where the settings came from."""
+    import shutil
+
+    from scripted_models.pathar import train as T
+    from scripted_models.pathar.api import load_models
+
+    start, out = tmp_path / "start", tmp_path / "weights"
+    shutil.copytree(tiny_weights, start)
+    card_path = start / "pathar_transformer.json"
+    card = json.loads(card_path.read_text())
+    card["sampling"] = {"modality_guidance": {"t1": 32.0, "t1c": 8.0, "t2": 8.0, "flair": 8.0}}
+    card_path.write_text(json.dumps(card))
+    out.mkdir()
+    for vq in start.glob("pathar_*_vq.*"):
+        shutil.copy(vq, out)
+    tc = T.TrainConfig(transformer_steps=1, transformer_batch=2, save_every=1, log_every=1,
+                       transformer_init=str(start))
+    T.train_transformer(synthetic_patches(), tiny_config(), tc, tmp_path / "work", out, torch.device("cpu"))
+    saved = json.loads((out / "pathar_transformer.json").read_text())
+    assert saved["sampling"]["modality_guidance"]["t1"] == 32.0 and str(start) in saved["sampling"]["inherited_from"]
+    assert "sampling" not in saved["warm_start"]
+    assert load_models("cpu", out).guidance(None)["t1"] == 32.0
+
+
 def test_anchor_training_rows_follow_another_modality_of_the_same_patch(tmp_path, monkeypatch):
     """--anchor-share: transformer rows follow the tokens of another modality of the same patch (and flip), so a
     one-modality patch never has an anchor; the card records the share."""

@@ -569,6 +569,8 @@ def warm_start_transformer(model: IARTransformer, folder: Path, s_card: dict, a_
     info = {"from": str(folder), "sha256": card["sha256"], "steps": card.get("steps"), "new_layers": missing,
             "reinitialised": fresh}
     print(json.dumps({"warm_start": info}), flush=True)
+    if card.get("sampling"):  # the warm start's sampling settings stay the default until chosen again
+        info["sampling"] = {**card["sampling"], "inherited_from": f"{folder} (warm start)"}
     return info
 
 
@@ -702,7 +704,10 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "structure_vq": {"name": STRUCTURE_NAME, "sha256": s_card["sha256"]},
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
-            "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
+            "modality_balanced": tc.modality_balanced,
+            "warm_start": {k: v for k, v in (st.meta.get("warm_start") or {}).items() if k != "sampling"} or None,
+            **({"sampling": st.meta["warm_start"]["sampling"]} if (st.meta.get("warm_start") or {}).get("sampling")
+               else {}),
             **({"anchor_share": tc.anchor_share} if tc.anchor_share else {}),
             **({"structure_only_share": tc.structure_only_share} if len(structure_only) else {}),
             "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(
