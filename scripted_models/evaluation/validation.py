@@ -103,6 +103,18 @@ def mirrored_lesion(lesion: np.ndarray, brain: np.ndarray, spacing_zyx, margin_m
     return mirrored & brain & ~dilate_mm(lesion, margin_mm, spacing_zyx)
 
 
+def inpainting_holes(brain: np.ndarray, lesion: np.ndarray, spacing_zyx, rng: np.random.Generator,
+                     ellipsoids: int, lesion_sized: bool) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """(target, hole, lesion-sized) problems of one case: `ellipsoids` random healthy-tissue ellipsoids, then (if
+    `lesion_sized`) the tumour mirrored into the healthy hemisphere; the hole voids the target and the tumour.
+    Targets too small to score are left out."""
+    targets = [(healthy_tissue_mask(brain, lesion, spacing_zyx, rng), False) for _ in range(ellipsoids)]
+    if lesion_sized:
+        targets.append((mirrored_lesion(lesion, brain, spacing_zyx), True))
+    tumour = dilate_mm(lesion, 2.0, spacing_zyx) & brain
+    return [(target, target | tumour, large) for target, large in targets if target.sum() >= (1000 if large else 100)]
+
+
 def inpainting_test_fold(data_root: Path, cases, masks_per_case: int = 2, device: str = "auto",
                          seed: int = 0, lesion_sized: bool = False) -> dict:
     """The same protocol on test-fold cases (t1): each case's tumour and a random healthy-tissue ellipsoid are
@@ -121,14 +133,8 @@ def inpainting_test_fold(data_root: Path, cases, masks_per_case: int = 2, device
         t1 = case.images["t1"]
         brain = case.foreground()
         lesion = case.seg > 0
-        if lesion_sized:
-            targets = [mirrored_lesion(lesion, brain, case.spacing_zyx)]
-        else:
-            targets = [healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng) for _ in range(masks_per_case)]
-        for target in targets:
-            if target.sum() < (1000 if lesion_sized else 100):
-                continue
-            hole = target | (dilate_mm(lesion, 2.0, case.spacing_zyx) & brain)
+        for target, hole, _ in inpainting_holes(brain, lesion, case.spacing_zyx, rng,
+                                                0 if lesion_sized else masks_per_case, lesion_sized):
             voided = np.where(hole, 0, t1.array).astype(np.float32)
             images, mask = {"t1": t1.with_array(voided)}, t1.with_array(hole.astype(np.uint8))
             filled, noisy = (pseudo_healthy(images, mask, device=device, scanner_noise=noise)["t1"].array

@@ -607,6 +607,7 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
         warm = warm_start_transformer(model, Path(tc.transformer_init), s_card, a_card)
     st = _Stage(work, "transformer", model, tc.transformer_lr)
     if warm:
+        st.meta["sampling"] = warm.pop("sampling", None)  # the card's default until a sweep chooses again
         st.meta["warm_start"] = warm
     st.every = tc.log_every
     rng = np.random.default_rng(tc.seed + 3000 + st.step)
@@ -704,10 +705,8 @@ def train_transformer(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, work: Pa
             "structure_vq": {"name": STRUCTURE_NAME, "sha256": s_card["sha256"]},
             "appearance_vq": {"name": APPEARANCE_NAME, "sha256": a_card["sha256"]},
             "steps": st.step, "batch": tc.transformer_batch, "lr": tc.transformer_lr, "wall_time_s": st.wall_time(),
-            "modality_balanced": tc.modality_balanced,
-            "warm_start": {k: v for k, v in (st.meta.get("warm_start") or {}).items() if k != "sampling"} or None,
-            **({"sampling": st.meta["warm_start"]["sampling"]} if (st.meta.get("warm_start") or {}).get("sampling")
-               else {}),
+            "modality_balanced": tc.modality_balanced, "warm_start": st.meta.get("warm_start"),
+            **({"sampling": st.meta["sampling"]} if st.meta.get("sampling") else {}),
             **({"anchor_share": tc.anchor_share} if tc.anchor_share else {}),
             **({"structure_only_share": tc.structure_only_share} if len(structure_only) else {}),
             "selection": {"rule": tc.transformer_select, "selected_step": st.meta.get("best_val", {}).get(

@@ -133,13 +133,14 @@ def channel_list(text: str) -> tuple[int, ...]:
 
 def cmd_train(args) -> int:
     work = Path(args.work)
+    crop = {"crop": args.crop} if args.crop else {}  # else each trainer's own default
     if args.model == "anatomy":
         from .train_anatomy import train_anatomy
 
         train_anatomy(work / "anatomy", steps=args.steps, batch=args.batch or 4, seed=args.seed,
                       data_root=args.data, out_dir=args.weights_out, threads=args.threads,
                       max_minutes=args.max_minutes, from_scratch=args.from_scratch, channels=args.channels,
-                      validation_holes=args.validation_holes, **({"crop": args.crop} if args.crop else {}))
+                      validation_holes=args.validation_holes, **crop)
     else:
         from .train_deviation import train_deviation
 
@@ -147,7 +148,7 @@ def cmd_train(args) -> int:
         train_deviation(work / folder, cache=work / "deviation" / "cache", steps=args.steps,
                         batch=args.batch or 4, seed=args.seed, data_root=args.data,
                         out_dir=args.weights_out, threads=args.threads,
-                        max_minutes=args.max_minutes, variant=args.variant, crop=args.crop or 48,
+                        max_minutes=args.max_minutes, variant=args.variant, **crop,
                         from_scratch=args.from_scratch, select=args.select, realism_every=args.realism_every)
     return 0
 

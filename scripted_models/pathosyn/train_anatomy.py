@@ -127,7 +127,7 @@ class ValidationHoles:
 
     def __init__(self, case_ids, data_root=None, per_case: int = VALIDATION_HOLES_PER_CASE, seed: int = 0,
                  lesion_sized: bool = False):
-        from ..evaluation.validation import healthy_tissue_mask, mirrored_lesion
+        from ..evaluation.validation import inpainting_holes
 
         rng = np.random.default_rng(seed)
         root = Path(data_root or default_data_root())
@@ -136,13 +136,7 @@ class ValidationHoles:
             case = load_case(root / "cases" / case_id)
             brain, lesion = case.foreground(), case.seg > 0
             images = case.normalized(brain)
-            targets = [(healthy_tissue_mask(brain, lesion, case.spacing_zyx, rng), False) for _ in range(per_case)]
-            if lesion_sized:
-                targets.append((mirrored_lesion(lesion, brain, case.spacing_zyx), True))
-            for target, large in targets:
-                if target.sum() < (1000 if large else 100):
-                    continue
-                hole = target | (dilate_mm(lesion, 2.0, case.spacing_zyx) & brain)
+            for target, hole, large in inpainting_holes(brain, lesion, case.spacing_zyx, rng, per_case, lesion_sized):
                 box = bounding_box(dilate_mm(hole, 24.0, case.spacing_zyx))
                 self.problems.append(({m: img[box].copy() for m, img in images.items()}, hole[box], target[box],
                                       case.spacing_zyx, large))
@@ -182,9 +176,8 @@ def train_anatomy(work: Path, steps: int, batch: int = 4, crop: int = 64, lr: fl
     if len(cfg.channels) != len(cfg.strides) + 1:
         raise InputError(f"channels needs {len(cfg.strides) + 1} widths (one per U-Net level), "
                          f"got {list(cfg.channels)}")
-    downsampling = int(np.prod(cfg.strides))
-    if crop % downsampling:
-        raise InputError(f"crop must be a multiple of {downsampling} (the U-Net halves it {len(cfg.strides)} times), "
+    if crop % cfg.multiple:
+        raise InputError(f"crop must be a multiple of {cfg.multiple} (the U-Net halves it {len(cfg.strides)} times), "
                          f"got {crop}")
     from_scratch = from_scratch or cfg.channels != bundled_channels()  # warm starts need the same size
     net = build_anatomy_model(cfg).to(device)
