@@ -399,6 +399,26 @@ def test_signs_count_apart_where_the_real_contrast_is_clear_of_zero():
     assert "signs_agree_clear" not in compare_contrasts({"t1": {1: -0.5}}, real)
 
 
+def test_orderings_count_apart_where_the_real_difference_is_clear_of_zero():
+    """An ordering pair counts only when the cases' difference between the two sub-regions is clear of zero."""
+    from scripted_models.pathar.quality import clear_pairs, ordering_agreement
+    from scripted_models.pathar.test_fold import compare_contrasts
+
+    # core far below edema and enhancing in every case; edema vs enhancing flips from case to case
+    cases = [{"flair": {1: -1.0, 2: 1.0 + (-1) ** k * 0.3, 3: 1.0 - (-1) ** k * 0.3}} for k in range(6)]
+    assert clear_pairs(cases) == {("flair", 1, 2), ("flair", 1, 3)}
+    real, generated = {1: -1.0, 2: 1.1, 3: 1.0}, {1: -0.5, 2: 0.9, 3: 1.2}  # the unclear pair is swapped
+    assert ordering_agreement(real, generated) == 2 / 3
+    assert ordering_agreement(real, generated, {(1, 2), (1, 3)}) == 1.0
+    assert ordering_agreement(real, generated, set()) is None
+    full = {m: real for m in MODALITIES}
+    out = compare_contrasts({"flair": generated}, full, pairs=clear_pairs(cases))
+    assert out["ordering"]["flair"] == 2 / 3 and out["ordering_clear"]["flair"] == 1.0
+    assert out["ordering_clear"]["t1"] is None  # no clear pair in t1
+    wrong = compare_contrasts({"flair": {1: 2.0, 2: 0.9, 3: 1.2}}, full, pairs=clear_pairs(cases))
+    assert wrong["ordering_clear"]["flair"] == 0.0
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 @pytest.mark.parametrize("dims,labels,patch", [(2, 3, (16, 24)), (3, 4, (8, 16, 8))])

@@ -183,3 +183,90 @@ def test_synthesize_matches_lesion_texture_to_the_card_population_only_inside_th
     inner = ball(head.shape, 8, [n // 2 for n in head.shape])
     assert robust_std(highpass(b)[inner]) < 0.9 * robust_std(highpass(a)[inner])  # smoother t1 lesion
     assert abs(float(b[inner].mean()) - float(a[inner].mean())) < 0.1 * float(a[inner].std())  # level kept
+
+
+def test_smooth_fill_low_passes_deep_in_the_hole_keeps_its_border_and_leaves_the_outside():
+    from scipy.ndimage import distance_transform_edt, laplace
+
+    from scripted_models.pathosyn.anatomy import smooth_fill
+
+    rng = np.random.default_rng(0)
+    shape, spacing = (40, 40, 40), (1.0, 1.0, 1.0)
+    hole = ball(shape, 14)
+    fills = np.stack([gaussian_filter(rng.standard_normal(shape), 1.5) * 10 + 3.0 for _ in range(2)]).astype(np.float32)
+    out = smooth_fill(fills, hole, spacing, sigma_mm=6.0, onset_mm=0.0, length_mm=2.0)
+    depth = distance_transform_edt(hole, sampling=spacing)
+    assert np.array_equal(out[:, ~hole], fills[:, ~hole])
+    deep, border = depth > 6, hole & (depth <= 1.0)
+    for raw, new in zip(fills, out):
+        assert laplace(new)[deep].std() < 0.2 * laplace(raw)[deep].std()
+        # within 1 mm of the border the fill keeps most of its own detail
+        assert np.abs(new - raw)[border].mean() < 0.7 * np.abs(raw - raw[hole].mean())[border].mean()
+        assert abs(new[hole].mean() - raw[hole].mean()) < 0.2
+
+
+def _hole_problem(large: bool, rng, guess_noise: float):
+    """A fill_smoothing_holes-like hole: smooth truth; the fill follows it near the border and adds a structured
+    guess (lowpass of a noise field) deeper than 3 mm."""
+    depth = rng.uniform(0, 20 if large else 6, 4000).astype(np.float32)
+    truth = np.sin(depth / 7.0).astype(np.float32)
+    fill = truth + guess_noise * (depth > 3) * rng.standard_normal(depth.size).astype(np.float32)
+    lowpass = {s: truth + 0.02 * s for s in (4.0, 8.0, 12.0, 16.0)}  # a smoothed fill: the truth, slightly biased
+    return {"case": "c", "large": large, "depth": depth,
+            "modalities": {"t1": {"truth": truth, "fill": fill, "lowpass": lowpass}}}
+
+
+def test_fill_smoothing_fit_prefers_the_lowpass_where_the_fill_guesses_and_none_where_it_is_right():
+    from scripted_models.pathosyn.calibration import fill_smoothing_errors, fit_fill_smoothing
+
+    rng = np.random.default_rng(0)
+    guessing = [_hole_problem(large, rng, 1.0) for large in (False, False, True, True)]
+    fit = fit_fill_smoothing(guessing)
+    assert fit["setting"] is not None and fit["setting"]["sigma_mm"] == 4.0  # the least biased lowpass
+    assert fit["setting"]["onset_mm"] <= 4.0  # the guess starts at 3 mm
+    assert fit["fitted"]["objective"] < 0.2 * fit["raw_fill"]["objective"]
+    assert fit["holes"] == {"small": 2, "lesion_sized": 2}
+    small, large = fill_smoothing_errors(guessing, None)
+    assert large > small > 0.3  # the raw fill: deeper holes guess more
+    exact = [_hole_problem(large, rng, 0.0) for large in (False, True)]
+    assert fit_fill_smoothing(exact)["setting"] is None  # the fill is the truth: nothing beats it
+
+
+def _weights_with_fill_smoothing(tmp_path, setting):
+    import json
+    import shutil
+
+    from scripted_models.weights import weights_dir
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for f in weights_dir().iterdir():
+        if f.suffix in (".json", ".safetensors"):
+            (folder / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, folder / f.name)
+    card = json.loads((folder / "anatomy_inpainter.json").read_text())
+    card["fill_smoothing"] = {"setting": setting}
+    (folder / "anatomy_inpainter.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_pseudo_healthy_low_passes_a_deep_fill_by_the_card_and_synthesis_bases_keep_the_network_fill(
+        tmp_path, monkeypatch):
+    from scipy.ndimage import distance_transform_edt, laplace
+
+    head = make_head(shape=(56, 56, 56), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
+    mask = make_ball_mask(head, radius_vox=12, labels=False)
+    lesioned = np.where(mask.array > 0, head.array + 300, head.array).astype(np.float32)
+    inputs = {"t1": head.with_array(lesioned)}
+    plain = pseudo_healthy(inputs, mask, scanner_noise=False, smooth_deep_fill=False)["t1"].array
+    synth = synthesize_lesion(inputs, make_ball_mask(head, radius_vox=12), seed=1, steps=2, base="pseudo-healthy")
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(_weights_with_fill_smoothing(tmp_path, {
+        "sigma_mm": 6.0, "onset_mm": 0.0, "length_mm": 2.0})))
+    smoothed = pseudo_healthy(inputs, mask, scanner_noise=False)["t1"].array
+    hole = dilate_mm(mask.array > 0, 2.0, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(smoothed[~hole], lesioned[~hole])
+    deep = distance_transform_edt(hole) > 6
+    assert laplace(smoothed)[deep].std() < 0.5 * laplace(plain)[deep].std()
+    np.testing.assert_array_equal(pseudo_healthy(inputs, mask, scanner_noise=False, smooth_deep_fill=False)["t1"].array,
+                                  plain)
+    again = synthesize_lesion(inputs, make_ball_mask(head, radius_vox=12), seed=1, steps=2, base="pseudo-healthy")
+    np.testing.assert_array_equal(again.images["t1"].array, synth.images["t1"].array)

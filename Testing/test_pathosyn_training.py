@@ -362,3 +362,36 @@ def test_anatomy_validation_has_a_lesion_sized_hole_in_healthy_tissue_and_scores
     scores = holes.errors(model.net, model.cfg, torch.device("cpu"))
     assert set(scores) == {"mae", "small", "large"} and 0 < scores["small"] < 2 and 0 < scores["large"] < 2
     assert abs(scores["mae"] - (scores["small"] + scores["large"]) / 2) < 1e-9
+
+
+def test_calibrate_anatomy_writes_the_fill_smoothing_fitted_on_the_training_fold(monkeypatch, data_root, tmp_path,
+                                                                                   capsys):
+    """`pathosyn calibrate anatomy --weights DIR` fits the lesion-removal smoothing on the training fold's holes
+    (here one case) with DIR's inpainter and writes it on DIR's card only; the weights file is untouched."""
+    import json
+    import os
+    import shutil
+
+    from scripted_models import folds as folds_module
+    from scripted_models.cli import main
+    from scripted_models.weights import load_card, sha256_of, weights_dir
+
+    real = folds_module.make_folds(str(data_root))
+    small = folds_module.Folds(test=real.test, validation=real.validation, train=("brats2013_pat0005",))
+    monkeypatch.setattr(folds_module, "make_folds", lambda root=None: small)
+    out = tmp_path / "weights"
+    out.mkdir()
+    for f in weights_dir().glob("anatomy_inpainter.*"):
+        shutil.copy(f, out / f.name)
+    card = json.loads((out / "anatomy_inpainter.json").read_text())
+    card.pop("fill_smoothing", None)
+    (out / "anatomy_inpainter.json").write_text(json.dumps(card))
+    before = os.environ.get("PATHOSYN_WEIGHTS_DIR")
+    assert main(["calibrate", "anatomy", "--weights", str(out), "--data", str(data_root)]) == 0
+    assert os.environ.get("PATHOSYN_WEIGHTS_DIR") == before
+    fitted = load_card("anatomy_inpainter", out)["fill_smoothing"]
+    assert fitted["holes"]["small"] >= 1 and fitted["holes"]["lesion_sized"] == 1
+    assert fitted["fitted"]["objective"] <= fitted["raw_fill"]["objective"]
+    assert fitted["setting"] is None or set(fitted["setting"]) == {"sigma_mm", "onset_mm", "length_mm"}
+    assert fitted["weights_sha256"] == sha256_of(out / "anatomy_inpainter.safetensors") == card["sha256"]
+    assert "brats2013_pat0005" in capsys.readouterr().out

@@ -105,7 +105,8 @@ class CaseData:
         self.norms = {m: IntensityNormalizer.fit(v.array, exclude=lesion, foreground=self.brain)
                       for m, v in self.images.items()}
         self.real_z = {m: self.norms[m].forward(v.array) for m, v in self.images.items()}
-        base = pseudo_healthy(self.images, self.reference.with_array(self.labels), device=device)
+        base = pseudo_healthy(self.images, self.reference.with_array(self.labels), device=device,
+                              smooth_deep_fill=False)  # the base lesions are synthesized on
         self.base = base  # raw intensities, lesion removed
         self.base_z = {m: self.norms[m].forward(base[m].array) for m in MODS}
 

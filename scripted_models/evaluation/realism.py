@@ -93,7 +93,9 @@ class _CaseZ:
         self.real = {m: self.norms[m].forward(v.array) for m, v in self.case.images.items()}
         self.mask = self.case.reference.with_array(self.seg)
         self.device = device
-        self.bases = {False: pseudo_healthy(self.case.images, self.mask, device=device, scanner_noise=False)}
+        # the base a synthesis draws on (synthesize_lesion(base="pseudo-healthy")): the network's own fill
+        self.bases = {False: pseudo_healthy(self.case.images, self.mask, device=device, scanner_noise=False,
+                                            smooth_deep_fill=False)}
         self.base = self.bases[False]
         self.base_z = {m: self.norms[m].forward(v.array) for m, v in self.base.items()}
 
@@ -102,7 +104,7 @@ class _CaseZ:
 
         if scanner_noise not in self.bases:
             self.bases[scanner_noise] = pseudo_healthy(self.case.images, self.mask, device=self.device,
-                                                       scanner_noise=scanner_noise)
+                                                       scanner_noise=scanner_noise, smooth_deep_fill=False)
         return self.bases[scanner_noise]
 
     def z(self, volumes) -> dict[str, np.ndarray]:

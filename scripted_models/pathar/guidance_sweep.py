@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES, SUBREGION_NAMES
-from .quality import SUBREGIONS, clear_cells, mean_contrasts
+from .quality import SHORT, SUBREGIONS, clear_cells, clear_pairs, mean_contrasts
 from .test_fold import SEGMENTER_STEPS
 
 DICE_MARGIN = 0.03
@@ -87,16 +87,19 @@ def render_appearance(model, masks: list[np.ndarray], guidance: dict[str, float]
     return [{m: images[s * M + k] for k, m in enumerate(model.modalities)} for s in range(S)]
 
 
-def score(rows, rendered: list[dict], real: dict, segmenter, clear: set[tuple[str, int]]) -> dict:
+def score(rows, rendered: list[dict], real: dict, segmenter, clear: set[tuple[str, int]],
+          pairs: set[tuple[str, int, int]] | None = None) -> dict:
     from .test_fold import SEGMENTER_MODALITIES, appearance_agreement, segmenter_dice
 
-    agreement = appearance_agreement(((mask, imgs) for (mask, _), imgs in zip(rows, rendered)), real, clear)
+    agreement = appearance_agreement(((mask, imgs) for (mask, _), imgs in zip(rows, rendered)), real, clear, pairs)
+    ordering_clear = [o for o in agreement.get("ordering_clear", {}).values() if o is not None]
     dice = segmenter_dice(segmenter, [mask for mask, _ in rows],
                           [{m: imgs[m] for m in SEGMENTER_MODALITIES} for imgs in rendered])
     return {"segmenter_dice": round(float(np.mean(dice)), 3), "signs": agreement["signs_agree"],
             "signs_total": sum(r["real"] is not None for r in agreement["contrasts"]),
             "signs_clear": agreement["signs_agree_clear"], "signs_total_clear": agreement["signs_total_clear"],
             "worst_ordering": round(min(o for o in agreement["ordering"].values() if o is not None), 3),
+            "worst_ordering_clear": round(min(ordering_clear), 3) if ordering_clear else None,
             "contrast_error": agreement["contrast_error"],
             "contrasts": {m: {r["subregion"]: round(r["generated"] or 0.0, 2) for r in agreement["contrasts"]
                               if r["modality"] == m} for m in MODALITIES}}
@@ -189,8 +192,10 @@ def main(argv=None) -> int:
     lesion_cases = sorted({patches.case_ids[patches.patch_case[p]] for p in validation_patches(patches)})
     print(f"validation-fold lesions: {', '.join(lesion_cases)}", flush=True)
     real = {m: mean_contrasts((mask, have[m]) for mask, have in rows if m in have) for m in MODALITIES}
-    clear = clear_cells([{m: mean_contrasts([(mask, have[m])]) for m in have} for mask, have in rows])
-    print("clear of zero: " + ", ".join(sorted(f"{m} {SUBREGION_NAMES[c]}" for m, c in clear)), flush=True)
+    per_lesion = [{m: mean_contrasts([(mask, have[m])]) for m in have} for mask, have in rows]
+    clear, pairs = clear_cells(per_lesion), clear_pairs(per_lesion)
+    print("clear of zero: " + ", ".join(sorted(f"{m} {SUBREGION_NAMES[c]}" for m, c in clear))
+          + "; pairs: " + ", ".join(sorted(f"{m} {SHORT[a]}-{SHORT[b]}" for m, a, b in pairs)), flush=True)
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device="cpu")[0]
     complete = [(mask, have) for mask, have in rows if all(m in have for m in MODALITIES)]
     real_dice = float(np.mean(segmenter_dice(segmenter, [mask for mask, _ in complete],
@@ -201,7 +206,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             t0 = time.perf_counter()
             rendered = render_appearance(used[name], [m for m, _ in complete], setting, seed, *anchors[name])
-            results[name].append(score(complete, rendered, real, segmenter, clear))
+            results[name].append(score(complete, rendered, real, segmenter, clear, pairs))
             print(f"{name:32s} seed {seed}: {results[name][-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     chosen, qualifies = choose(results)
     text = markdown(results, qualifies, chosen, real, real_dice, len(complete), args.seeds)
@@ -216,6 +221,7 @@ def main(argv=None) -> int:
                            "real_contrasts": {m: {SUBREGION_NAMES[c]: round(v, 3) for c, v in d.items()}
                                               for m, d in real.items()},
                            "clear_of_zero_cells": sorted(f"{m} {SUBREGION_NAMES[c]}" for m, c in clear),
+                           "clear_of_zero_pairs": sorted(f"{m} {SHORT[a]}-{SHORT[b]}" for m, a, b in pairs),
                            "candidates": {n: candidates[n] for n in results}, "results": results,
                            "qualifies": qualifies, "chosen": chosen, "chosen_guidance": candidates[chosen],
                            "dice_margin": DICE_MARGIN}, out / "guidance_validation.json")

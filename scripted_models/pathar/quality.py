@@ -4,7 +4,8 @@ Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing;
   * sub-region contrast: mean z-score of a sub-region minus the mean z-score of healthy *tissue* in the same
     patch (label 0 and brighter than background_z + 0.5, i.e. not the constant outside-brain background).
     We compare the sign of the contrast, and the ordering of the sub-region means within each modality
-    (fraction of sub-region pairs ordered as in the real data).
+    (fraction of sub-region pairs ordered as in the real data). Signs and orderings are also counted only where
+    the real data has one: a cell (pair) whose mean contrast (difference) over the real cases is clear of zero.
   * one main component: the largest 26-connected component of the whole lesion holds >= 90 % of its voxels.
   * TC attached to edema (`tc_attached`): the fraction of TC voxels whose 26-connected TC component comes
     within 4 mm of edema (touches `dilate(edema, 4 mm)`). Core or enhancing blobs floating away from the edema
@@ -71,29 +72,51 @@ def mean_contrasts(items) -> dict[int, float]:
 CLEAR_OF_ZERO_Z = 0.1  # a real sub-region contrast smaller than this has no sign worth matching
 
 
+def clear_of_zero(values, rng: np.random.Generator, resamples: int = 1000) -> bool:
+    """One value per real case: the mean is at least CLEAR_OF_ZERO_Z from zero and the 95% interval of a case
+    bootstrap excludes zero."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2 or abs(values.mean()) < CLEAR_OF_ZERO_Z:
+        return False
+    means = values[rng.integers(len(values), size=(resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return bool(low > 0 or high < 0)
+
+
 def clear_cells(per_case: list[dict[str, dict[int, float]]], resamples: int = 1000,
                 seed: int = 0) -> set[tuple[str, int]]:
-    """(modality, sub-region) cells whose real contrast is clear of zero: the mean over the cases is at least
-    CLEAR_OF_ZERO_Z from zero and the 95% interval of a case bootstrap excludes zero. per_case: one
-    {modality: {sub-region: contrast}} per real case."""
+    """(modality, sub-region) cells whose real contrast is clear of zero (`clear_of_zero` over the cases).
+    per_case: one {modality: {sub-region: contrast}} per real case."""
     rng = np.random.default_rng(seed)
     cells = set()
-    for mod in {m for case in per_case for m in case}:
+    for mod in sorted({m for case in per_case for m in case}):
         for c in SUBREGIONS:
-            values = np.array([case[mod][c] for case in per_case if c in case.get(mod, {})])
-            if len(values) < 2 or abs(values.mean()) < CLEAR_OF_ZERO_Z:
-                continue
-            means = values[rng.integers(len(values), size=(resamples, len(values)))].mean(axis=1)
-            low, high = np.percentile(means, [2.5, 97.5])
-            if low > 0 or high < 0:
+            if clear_of_zero([case[mod][c] for case in per_case if c in case.get(mod, {})], rng, resamples):
                 cells.add((mod, c))
     return cells
 
 
-def ordering_agreement(real: dict[int, float], generated: dict[int, float]) -> float | None:
-    """Fraction of sub-region pairs whose mean intensities are ordered as in the real data."""
+def clear_pairs(per_case: list[dict[str, dict[int, float]]], resamples: int = 1000,
+                seed: int = 0) -> set[tuple[str, int, int]]:
+    """(modality, a, b) sub-region pairs whose real difference a - b is clear of zero (`clear_of_zero` over the
+    cases that have both): the pairs with an ordering worth matching."""
+    rng = np.random.default_rng(seed)
+    pairs = set()
+    for mod in sorted({m for case in per_case for m in case}):
+        for a, b in combinations(SUBREGIONS, 2):
+            diffs = [case[mod][a] - case[mod][b] for case in per_case
+                     if a in case.get(mod, {}) and b in case.get(mod, {})]
+            if clear_of_zero(diffs, rng, resamples):
+                pairs.add((mod, a, b))
+    return pairs
+
+
+def ordering_agreement(real: dict[int, float], generated: dict[int, float],
+                       only: set[tuple[int, int]] | None = None) -> float | None:
+    """Fraction of sub-region pairs whose mean intensities are ordered as in the real data (`only`: just these
+    (a, b) pairs, e.g. the modality's clear_pairs)."""
     common = [c for c in SUBREGIONS if c in real and c in generated]
-    pairs = list(combinations(common, 2))
+    pairs = [(a, b) for a, b in combinations(common, 2) if only is None or (a, b) in only]
     if not pairs:
         return None
     return float(np.mean([(real[a] > real[b]) == (generated[a] > generated[b]) for a, b in pairs]))

@@ -26,8 +26,10 @@ import numpy as np
 
 from ..labels import MODALITIES, SUBREGION_NAMES
 from .quality import (
+    SHORT,
     SUBREGIONS,
     clear_cells,
+    clear_pairs,
     mask_plausibility,
     mean_contrasts,
     mean_pairwise_dice,
@@ -87,19 +89,30 @@ def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
     return patch_contrasts(patches, np.nonzero(patches.is_test)[0])
 
 
+def _test_fold_per_case(patches) -> list[dict[str, dict[int, float]]]:
+    test = np.nonzero(patches.is_test)[0]
+    cases = sorted(set(patches.patch_case[test]))
+    return [patch_contrasts(patches, test[patches.patch_case[test] == c]) for c in cases]
+
+
 def test_fold_clear_cells(patches) -> set[tuple[str, int]]:
     """The cells whose contrast is clear of zero over the test fold's cases (quality.clear_cells)."""
-    test = np.nonzero(patches.is_test)[0]
-    return clear_cells([patch_contrasts(patches, test[patches.patch_case[test] == c])
-                        for c in sorted(set(patches.patch_case[test]))])
+    return clear_cells(_test_fold_per_case(patches))
+
+
+def test_fold_clear_pairs(patches) -> set[tuple[str, int, int]]:
+    """The sub-region pairs whose difference is clear of zero over the test fold's cases (quality.clear_pairs)."""
+    return clear_pairs(_test_fold_per_case(patches))
 
 
 def compare_contrasts(generated: dict[str, dict[int, float]], real: dict[str, dict[int, float]],
-                      clear: set[tuple[str, int]] | None = None) -> dict:
+                      clear: set[tuple[str, int]] | None = None,
+                      pairs: set[tuple[str, int, int]] | None = None) -> dict:
     """Sign agreement per (modality, sub-region), ordering agreement per modality and the mean absolute contrast
     error of `generated` contrasts against `real` ones; with `clear` (quality.clear_cells) also the signs counted
-    only where the real contrast is clear of zero."""
-    signs, clear_signs, ordering, rows, errors = 0, 0, {}, [], []
+    only where the real contrast is clear of zero, with `pairs` (quality.clear_pairs) the ordering over the pairs
+    whose real difference is clear of zero (None for a modality without one)."""
+    signs, clear_signs, ordering, ordering_clear, rows, errors = 0, 0, {}, {}, [], []
     for mod in MODALITIES:
         gen = generated.get(mod, {})
         for c in SUBREGIONS:
@@ -113,29 +126,35 @@ def compare_contrasts(generated: dict[str, dict[int, float]], real: dict[str, di
                          "generated": None if g is None else round(g, 3), "sign_agrees": agrees,
                          **({"clear_of_zero": (mod, c) in clear} if clear is not None else {})})
         ordering[mod] = ordering_agreement(real[mod], gen)
+        if pairs is not None:
+            ordering_clear[mod] = ordering_agreement(real[mod], gen, {(a, b) for m, a, b in pairs if m == mod})
     out = {"signs_agree": signs, "signs_total": len(MODALITIES) * len(SUBREGIONS), "ordering": ordering,
            "contrast_error": round(float(np.mean(errors)), 3) if errors else None, "contrasts": rows}
     if clear is not None:
         out.update(signs_agree_clear=clear_signs, signs_total_clear=len(clear))
+    if pairs is not None:
+        out.update(ordering_clear=ordering_clear)
     return out
 
 
 def appearance_agreement(samples, real: dict[str, dict[int, float]],
-                         clear: set[tuple[str, int]] | None = None) -> dict:
+                         clear: set[tuple[str, int]] | None = None,
+                         pairs: set[tuple[str, int, int]] | None = None) -> dict:
     """compare_contrasts for one seed's samples: (mask, {modality: image}) pairs, pooled."""
     samples = list(samples)
     return compare_contrasts({mod: mean_contrasts((mask, images[mod]) for mask, images in samples)
-                              for mod in MODALITIES}, real, clear)
+                              for mod in MODALITIES}, real, clear, pairs)
 
 
 def training_lesions_as_samples(patches, real: dict[str, dict[int, float]],
-                                clear: set[tuple[str, int]] | None = None) -> dict:
+                                clear: set[tuple[str, int]] | None = None,
+                                pairs: set[tuple[str, int, int]] | None = None) -> dict:
     """What real lesions score on the appearance targets: the model's training lesions (rigid poses, pooled as a
     seed's samples are) compared with the test fold, and per (modality, sub-region) the fraction of training
     cases whose own contrast has the test fold's sign. A model that renders its training lesions faithfully
     scores about this; the targets ask for more only where the test fold differs from them."""
     rigid = np.nonzero(~patches.is_val & ~patches.is_test & ~patches.is_elastic & ~patches.is_blend)[0]
-    pooled = compare_contrasts(patch_contrasts(patches, rigid), real, clear)
+    pooled = compare_contrasts(patch_contrasts(patches, rigid), real, clear, pairs)
     cases = {patches.patch_case[p] for p in rigid}
     per_case = [patch_contrasts(patches, rigid[patches.patch_case[rigid] == c]) for c in cases]
     share = {}
@@ -146,7 +165,7 @@ def training_lesions_as_samples(patches, real: dict[str, dict[int, float]],
                 share[f"{mod} {SUBREGION_NAMES[c]}"] = round(float(np.mean([v == np.sign(real[mod][c])
                                                                              for v in signs])), 2)
     return {"signs_agree": pooled["signs_agree"], "signs_agree_clear": pooled.get("signs_agree_clear"),
-            "ordering": pooled["ordering"],
+            "ordering": pooled["ordering"], "ordering_clear_of_zero": pooled.get("ordering_clear"),
             "contrast_error": pooled["contrast_error"], "cases_with_the_test_sign": share,
             "contrasts": pooled["contrasts"]}
 
@@ -196,7 +215,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
     clear = test_fold_clear_cells(patches)
-    training_reference = training_lesions_as_samples(patches, real_contrasts, clear)
+    pairs_clear = test_fold_clear_pairs(patches)
+    training_reference = training_lesions_as_samples(patches, real_contrasts, clear, pairs_clear)
     t0 = time.perf_counter()
     pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder,
                                         modality_guidance=modality_guidance) for seed in seeds}
@@ -209,7 +229,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     real_masks = [patches.masks[p] for p in list(train_plain) + list(test_plain)]
     real_rows = [mask_plausibility(m, patches.spacing_mm) for m in real_masks]
     per_seed = {seed: appearance_agreement(((p.mask.array, {m: v.array for m, v in p.images.items()})
-                                            for p in pairs_by_seed[seed]), real_contrasts, clear) for seed in seeds}
+                                            for p in pairs_by_seed[seed]), real_contrasts, clear, pairs_clear)
+                for seed in seeds}
     report = {
         "weights": str(folder) if folder else "bundled",
         "training_cases": len(patches.training_cases()),
@@ -236,6 +257,10 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "contrast_error_per_seed": {str(s): r["contrast_error"] for s, r in per_seed.items()},
         "ordering_min_per_modality": {m: min((r["ordering"][m] for r in per_seed.values()
                                               if r["ordering"][m] is not None), default=None) for m in MODALITIES},
+        "clear_of_zero_pairs": sorted(f"{m} {SHORT[a]}-{SHORT[b]}" for m, a, b in pairs_clear),
+        "ordering_clear_of_zero_min_per_modality": {m: min((r["ordering_clear"][m] for r in per_seed.values()
+                                                            if r["ordering_clear"][m] is not None), default=None)
+                                                    for m in MODALITIES},
         "appearance_per_seed": {str(s): r for s, r in per_seed.items()},
         "training_lesions_as_samples": training_reference,
         "seconds_per_sample_4_modalities": round(sampling_s / max(1, len(pairs)), 2),
@@ -263,6 +288,9 @@ TARGETS = (
                                                   for v in r["signs_clear_of_zero_per_seed"].values())),
     ("ordering >= 0.9 in every modality", lambda r: all(v is not None and v >= 0.9
                                                          for v in r["ordering_min_per_modality"].values())),
+    ("ordering >= 0.9 over the pairs whose real difference is clear of zero (reported beside the target)",
+     lambda r: "ordering_clear_of_zero_min_per_modality" in r and all(
+         v is None or v >= 0.9 for v in r["ordering_clear_of_zero_min_per_modality"].values())),
     ("segmenter Dice on generated >= 0.65", lambda r: r.get("segmenter_dice_generated", 0) >= 0.65),
 )
 
@@ -274,8 +302,8 @@ def markdown(reports: dict) -> str:
             "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
             "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
             "real_mean_volume_ml", "signs_agree_per_seed", "clear_of_zero_cells", "signs_clear_of_zero_per_seed",
-            "contrast_error_per_seed", "ordering_min_per_modality",
-            "segmenter_dice_generated",
+            "contrast_error_per_seed", "ordering_min_per_modality", "clear_of_zero_pairs",
+            "ordering_clear_of_zero_min_per_modality", "segmenter_dice_generated",
             "segmenter_dice_test_real_patches", "seconds_per_sample_4_modalities"]
     lines = ["# PathAR on the test fold", "",
              "Test-fold lesions (never used for training or selection): "
@@ -284,7 +312,8 @@ def markdown(reports: dict) -> str:
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(str(reports[lb].get(k, "-")) for lb in labels) + " |")
     for k, field in (("signs", "signs_agree"), ("signs_clear_of_zero", "signs_agree_clear"),
-                     ("contrast_error", "contrast_error"), ("ordering", "ordering")):
+                     ("contrast_error", "contrast_error"), ("ordering", "ordering"),
+                     ("ordering_clear_of_zero", "ordering_clear_of_zero")):
         lines.append(f"| training_lesions_{k} | " + " | ".join(
             str(reports[lb].get("training_lesions_as_samples", {}).get(field, "-")) for lb in labels) + " |")
     lines += ["", "| target | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy.ndimage import binary_erosion
+from scipy.ndimage import binary_erosion, distance_transform_edt, gaussian_filter
 
 from ..labels import MODALITIES
 from ..preprocess import background_value, dilate_mm, roi_around
@@ -62,9 +62,11 @@ class AnatomyModel:
 
     @torch.no_grad()
     def inpaint(self, images: dict[str, np.ndarray], hole: np.ndarray, spacing_zyx,
-                noise_seed: int | None = 0) -> dict[str, np.ndarray]:
+                noise_seed: int | None = 0, smooth_deep_fill: bool = False) -> dict[str, np.ndarray]:
         """Fill `hole` in each z-scored image; voxels outside the hole are returned unchanged. With a
-        `noise_seed`, the fill gets the scan's noise back (calibration.scanner_noise); None leaves it smooth."""
+        `noise_seed`, the fill gets the scan's noise back (calibration.scanner_noise); None leaves it smooth.
+        smooth_deep_fill: low-pass the fill away from the hole's border by the card's `fill_smoothing` (the best
+        estimate of healthy tissue; the network's own structure is kept for the base a lesion is drawn on)."""
         from .calibration import scanner_noise
 
         context = dilate_mm(hole, self.cfg.context_mm, spacing_zyx)
@@ -74,6 +76,9 @@ class AnatomyModel:
         batch = np.stack([anatomy_input(crops[m], hole_roi, m) for m in images])
         with autocast(self.device):
             pred = self.net(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()[:, 0]
+        smoothing = (self.card.get("fill_smoothing") or {}).get("setting")
+        if smooth_deep_fill and smoothing:
+            pred = smooth_fill(pred, hole_roi, spacing_zyx, **smoothing)
         if noise_seed is not None:  # healthy tissue 6 mm beyond the hole, inside the context, in the head
             ring = box.crop(context, mode="constant") & ~dilate_mm(hole_roi, NOISE_RING_GAP_MM, spacing_zyx)
         out = {}
@@ -91,6 +96,61 @@ class AnatomyModel:
             filled[vol_sl][region] = p[roi_sl][region]
             out[m] = filled
         return out
+
+
+def _wide_gaussian(volume: np.ndarray, sigma_vox) -> np.ndarray:
+    """gaussian_filter; a sigma of 8 voxels and more runs on a grid of cells of sigma / 4 voxels (block means,
+    linearly upsampled): the same low-pass, 20-60x cheaper."""
+    factor = max(1, int(min(sigma_vox) // 4))
+    if factor == 1:
+        return gaussian_filter(volume, sigma_vox)
+    from scipy.ndimage import zoom
+
+    padded = np.pad(volume, [(0, -n % factor) for n in volume.shape], mode="edge")
+    d, h, w = (n // factor for n in padded.shape)
+    blocks = padded.reshape(d, factor, h, factor, w, factor).mean(axis=(1, 3, 5))
+    coarse = gaussian_filter(blocks, [s / factor for s in sigma_vox])
+    fine = zoom(coarse, factor, order=1, grid_mode=True, mode="nearest")
+    return fine[tuple(slice(0, n) for n in volume.shape)]
+
+
+def lowpass_in_hole(fill: np.ndarray, hole: np.ndarray, sigma_vox, support: np.ndarray | None = None) -> np.ndarray:
+    """The fill smoothed over the hole only (Gaussian normalised convolution); `support`: the hole's own
+    smoothing (_wide_gaussian of the hole), reusable across fills."""
+    if support is None:
+        support = _wide_gaussian(hole.astype(np.float32), sigma_vox)
+    return _wide_gaussian(np.where(hole, fill, 0.0).astype(np.float32), sigma_vox) / np.maximum(support, 1e-6)
+
+
+def depth_in_hole(hole: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Distance (mm) of each hole voxel from the hole's border, 0 outside (computed on the hole's bounding box)."""
+    depth = np.zeros(hole.shape, np.float64)
+    if hole.any():
+        box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(hole))
+        depth[box] = distance_transform_edt(hole[box], sampling=spacing_zyx)
+    return depth
+
+
+def deep_fill_keep(depth_mm: np.ndarray, onset_mm: float, length_mm: float) -> np.ndarray:
+    """How much of the network's own fill is kept at a depth (mm from the hole's border): 1 up to onset_mm, then
+    decaying over length_mm."""
+    return np.exp(-np.maximum(depth_mm - onset_mm, 0.0) / length_mm).astype(np.float32)
+
+
+def smooth_fill(fills: np.ndarray, hole: np.ndarray, spacing_zyx, sigma_mm: float, onset_mm: float,
+                length_mm: float) -> np.ndarray:
+    """(N, D, H, W) fills low-passed inside the hole away from its border: fill' = s + keep (fill - s), s the
+    fill smoothed over the hole (sigma_mm), keep = deep_fill_keep(depth). Deep in a large hole the network's
+    structure is a guess (calibration.fit_fill_smoothing); near the border it follows the scan. Outside the hole:
+    unchanged."""
+    sigma = [sigma_mm / s for s in spacing_zyx]
+    support = _wide_gaussian(hole.astype(np.float32), sigma)
+    keep = deep_fill_keep(depth_in_hole(hole, spacing_zyx), onset_mm, length_mm)
+    out = fills.copy()
+    for i, fill in enumerate(fills):
+        smooth = lowpass_in_hole(fill, hole, sigma, support)
+        out[i][hole] = (smooth + keep * (fill - smooth))[hole]
+    return out
 
 
 def config_dict(cfg: AnatomyConfig) -> dict:

@@ -158,10 +158,13 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
 
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
-                   progress: ProgressFn | None = None, seed: int = 0, scanner_noise: bool = True) -> dict[str, Volume]:
+                   progress: ProgressFn | None = None, seed: int = 0, scanner_noise: bool = True,
+                   smooth_deep_fill: bool = True) -> dict[str, Volume]:
     """Remove the lesion: inpaint the (slightly dilated) mask with healthy tissue. Returns new Volumes.
     scanner_noise: give the fill the scan's noise (seeded); False returns the network's smooth expected tissue
-    (what pixel-wise inpainting scores such as PSNR favour)."""
+    (what pixel-wise inpainting scores such as PSNR favour). smooth_deep_fill: low-pass the fill deep inside the
+    hole (the anatomy card's `fill_smoothing`, fitted on the training fold): the best estimate of the healthy
+    tissue. False gives the base that `synthesize_lesion(base="pseudo-healthy")` draws a lesion on."""
     check_seed(seed)
     prep = _prepare(images, mask, label_mapping)
     dev = pick_device(device)
@@ -171,7 +174,8 @@ def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto"
     hole = dilate_mm(prep.lesion_labels > 0, HOLE_MARGIN_MM, prep.spacing_zyx)
     if progress:
         progress(0.3, "inpainting healthy tissue")
-    filled = model.inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed if scanner_noise else None)
+    filled = model.inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed if scanner_noise else None,
+                           smooth_deep_fill=smooth_deep_fill)
     out = {}
     for m, vol in prep.images.items():
         restored = cast_like(prep.normalizers[m].inverse(filled[m]), vol.array.dtype)

@@ -17,6 +17,10 @@ training population.
   fine texture is 0.72x the surrounding tissue's, t2 0.89x, flair 0.92x, t1c 1.31x. `texture_match` scales the
   base's fine texture inside the lesion so that base + residual has the population's ratio (card
   `population_texture`); it only attenuates (healthy texture amplified is not lesion texture: measured worse).
+- **Fill smoothing** (lesion removal only). Deep in a lesion-sized hole the anatomy network draws confident
+  structure where it can only guess: on the training fold its fill there was further from the truth than the
+  same fill low-passed. `fit_fill_smoothing` chooses, on the training fold's holes, how far from the hole's
+  border the fill is low-passed and how strongly (anatomy card `fill_smoothing`; `anatomy.smooth_fill`).
 """
 from __future__ import annotations
 
@@ -190,3 +194,92 @@ def texture_match(base: np.ndarray, residual: np.ndarray, lesion: np.ndarray, ra
     if keep >= 1.0:
         return out
     return (-(1.0 - keep) * base_texture).astype(np.float32)
+
+
+FILL_SMOOTHING_GRID = {"sigma_mm": (4.0, 8.0, 12.0, 16.0), "onset_mm": (0.0, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0),
+                       "length_mm": (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)}
+
+
+def fill_smoothing_holes(case_ids, data_root, ellipsoids: int = 2, seed: int = 123, device: str = "cpu",
+                         on_hole=None) -> list[dict]:
+    """Inpainting problems with a known truth on labelled cases (evaluation.validation.inpainting_holes:
+    healthy-tissue ellipsoids and the tumour mirrored into the healthy hemisphere), filled by the anatomy
+    network (smooth, unsmoothed). Per hole, at the scored voxels, in z-units of the case's healthy tissue: the
+    depth (mm) and per modality the truth, the fill and the fill low-passed at each grid sigma."""
+    from pathlib import Path
+
+    from ..cases import load_case
+    from ..errors import InputError
+    from ..evaluation.validation import inpainting_holes
+    from ..preprocess import dilate_mm
+    from .anatomy import depth_in_hole, lowpass_in_hole
+    from .api import HOLE_MARGIN_MM, pseudo_healthy
+
+    rng = np.random.default_rng(seed)
+    holes = []
+    for case_id in case_ids:
+        case = load_case(Path(data_root) / "cases" / case_id)
+        if not case.images or case.seg is None:
+            continue
+        brain, lesion = case.foreground(), case.seg > 0
+        for target, hole, large in inpainting_holes(brain, lesion, case.spacing_zyx, rng, ellipsoids, True):
+            images = {m: v.with_array(np.where(hole, 0, v.array).astype(np.float32)) for m, v in case.images.items()}
+            try:
+                filled = pseudo_healthy(images, case.reference.with_array(hole.astype(np.uint8)), device=device,
+                                        scanner_noise=False, smooth_deep_fill=False)
+            except InputError:  # a hole too large for the head (tumour and mirror together)
+                continue
+            region = dilate_mm(hole, HOLE_MARGIN_MM, case.spacing_zyx)  # what the inpainter filled
+            healthy = brain & ~region & ~lesion
+            row = {"case": case_id, "large": bool(large),
+                   "depth": depth_in_hole(region, case.spacing_zyx)[target], "modalities": {}}
+            for m, v in case.images.items():
+                scale = float(v.array[healthy].std()) or 1.0
+                fill = filled[m].array.astype(np.float32)
+                row["modalities"][m] = {
+                    "truth": v.array[target].astype(np.float32) / scale, "fill": fill[target] / scale,
+                    "lowpass": {s: lowpass_in_hole(fill, region, [s / d for d in case.spacing_zyx])[target] / scale
+                                for s in FILL_SMOOTHING_GRID["sigma_mm"]}}
+            holes.append(row)
+            if on_hole:
+                on_hole(row)
+    return holes
+
+
+def fill_smoothing_errors(holes: list[dict], setting: dict | None) -> tuple[float, float]:
+    """(small holes' mean MSE, lesion-sized holes' mean MSE) with a smoothing setting (None: the raw fill);
+    a hole's MSE is the mean over its modalities."""
+    from .anatomy import deep_fill_keep
+
+    small, large = [], []
+    for h in holes:
+        keep = deep_fill_keep(h["depth"], setting["onset_mm"], setting["length_mm"]) if setting else None
+        errors = []
+        for m in h["modalities"].values():
+            fill = m["fill"]
+            if setting:
+                smooth = m["lowpass"][setting["sigma_mm"]]
+                fill = smooth + keep * (fill - smooth)
+            errors.append(float(np.mean((fill - m["truth"]) ** 2)))
+        (large if h["large"] else small).append(float(np.mean(errors)))
+    return (float(np.mean(small)) if small else float("nan"), float(np.mean(large)) if large else float("nan"))
+
+
+def fit_fill_smoothing(holes: list[dict], grid: dict = FILL_SMOOTHING_GRID) -> dict:
+    """The grid setting with the lowest mean of the small and the lesion-sized holes' MSE (setting None when
+    the raw fill is as good), with the raw fill's scores."""
+    def scored(setting):
+        small, large = fill_smoothing_errors(holes, setting)
+        return {"small_holes_mse": round(small, 4), "lesion_sized_holes_mse": round(large, 4),
+                "objective": round((small + large) / 2, 4)}
+
+    settings = [{"sigma_mm": s, "onset_mm": o, "length_mm": n} for s in grid["sigma_mm"] for o in grid["onset_mm"]
+                for n in grid["length_mm"]]
+    results = [(scored(s), s) for s in settings]
+    best_score, best = min(results, key=lambda r: r[0]["objective"])
+    raw = scored(None)
+    if raw["objective"] <= best_score["objective"]:
+        best, best_score = None, raw
+    return {"setting": best, "fitted": best_score, "raw_fill": raw,
+            "holes": {"small": sum(not h["large"] for h in holes), "lesion_sized": sum(h["large"] for h in holes)},
+            "grid": {k: list(v) for k, v in grid.items()}}

@@ -153,6 +153,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Fit the anatomy card's `fill_smoothing` on the training fold with the weights in --weights."""
+    from ..cases import default_data_root
+    from ..folds import make_folds
+    from ..weights import load_card, weights_dir, write_card
+    from .anatomy import WEIGHTS_NAME
+    from .calibration import fill_smoothing_holes, fit_fill_smoothing
+
+    folder = Path(args.weights) if args.weights else weights_dir()
+    card = load_card(WEIGHTS_NAME, folder)
+    root = Path(args.data or default_data_root())
+    cases = make_folds(str(root)).train
+    previous = os.environ.get("PATHOSYN_WEIGHTS_DIR")
+    os.environ["PATHOSYN_WEIGHTS_DIR"] = str(folder)  # the inpainter that fills the holes is the one calibrated
+    try:
+        holes = fill_smoothing_holes(cases, root, device=args.device,
+                                     on_hole=lambda h: print(f"{h['case']}: "
+                                                             f"{'lesion-sized' if h['large'] else 'small'} hole",
+                                                             flush=True))
+    finally:
+        if previous is None:
+            os.environ.pop("PATHOSYN_WEIGHTS_DIR", None)
+        else:
+            os.environ["PATHOSYN_WEIGHTS_DIR"] = previous
+    if not holes:
+        raise InputError(f"no inpainting problems could be built from the training fold of {root}")
+    fit = fit_fill_smoothing(holes)
+    card["fill_smoothing"] = {**fit, "data": f"training fold ({len(cases)} cases): 2 healthy-tissue ellipsoids and "
+                              "the tumour mirrored into the healthy hemisphere per case, every modality, z-units",
+                              "weights_sha256": card.get("sha256"),
+                              "used_by": "pseudo_healthy (lesion removal); the base a lesion is synthesized on keeps "
+                                         "the network's fill"}
+    write_card(WEIGHTS_NAME, card, folder)
+    print(json.dumps({k: fit[k] for k in ("setting", "fitted", "raw_fill", "holes")}), flush=True)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import add_common
 
@@ -229,3 +266,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--realism-every", type=int, default=400,
                    help="deviation with --select realism: steps between two realism checks (a multiple of 200)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="fit the anatomy inpainter's fill smoothing on the training fold "
+                                         "(writes the card entry `fill_smoothing`)")
+    p.add_argument("model", choices=["anatomy"])
+    p.add_argument("--weights", default=None, help="folder with the anatomy weights (default: the bundled ones)")
+    p.add_argument("--data", default=None, help="cases folder root (default ../shared/data)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_calibrate)

@@ -126,6 +126,13 @@ def render_model_cards(folder: Path | None = None) -> Path:
             curve = ", ".join(f"{c['step']}: {c['val_loss']}" for c in selection["curve"])
             lines.append(f"- **selected step**: {selection.get('selected_step')} ({selection.get('rule')}; "
                          f"validation loss by step: {curve})")
+        smoothing = card.get("fill_smoothing")
+        if smoothing:
+            raw, fitted = smoothing["raw_fill"], smoothing["fitted"]
+            lines.append(f"- **fill smoothing** (`pathosyn calibrate anatomy`; {smoothing.get('used_by', '')}): "
+                         f"{smoothing['setting']}; {smoothing.get('data', '')}: MSE small / lesion-sized holes "
+                         f"{raw['small_holes_mse']} / {raw['lesion_sized_holes_mse']} -> {fitted['small_holes_mse']} / "
+                         f"{fitted['lesion_sized_holes_mse']}. {smoothing.get('adopted_because', '')}".rstrip())
         if "data" in card:
             lines.append(f"- **training data**: {', '.join(map(str, card['data']))}")
         patch = card.get("patch") or {}
