@@ -232,19 +232,19 @@ def test_fill_smoothing_fit_prefers_the_lowpass_where_the_fill_guesses_and_none_
     assert fit_fill_smoothing(exact)["setting"] is None  # the fill is the truth: nothing beats it
 
 
-def _weights_with_fill_smoothing(tmp_path, setting):
+def _weights_with_fill_smoothing(tmp_path, setting, name="weights", **extra):
     import json
     import shutil
 
     from scripted_models.weights import weights_dir
 
-    folder = tmp_path / "weights"
+    folder = tmp_path / name
     folder.mkdir()
     for f in weights_dir().iterdir():
         if f.suffix in (".json", ".safetensors"):
             (folder / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, folder / f.name)
     card = json.loads((folder / "anatomy_inpainter.json").read_text())
-    card["fill_smoothing"] = {"setting": setting}
+    card["fill_smoothing"] = {"setting": setting, **extra}
     (folder / "anatomy_inpainter.json").write_text(json.dumps(card))
     return folder
 
@@ -270,3 +270,7 @@ def test_pseudo_healthy_low_passes_a_deep_fill_by_the_card_and_synthesis_bases_k
                                   plain)
     again = synthesize_lesion(inputs, make_ball_mask(head, radius_vox=12), seed=1, steps=2, base="pseudo-healthy")
     np.testing.assert_array_equal(again.images["t1"].array, synth.images["t1"].array)
+    # a smoothing fitted for another network's weights is not applied
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(_weights_with_fill_smoothing(tmp_path, {
+        "sigma_mm": 6.0, "onset_mm": 0.0, "length_mm": 2.0}, name="stale", weights_sha256="0" * 64)))
+    np.testing.assert_array_equal(pseudo_healthy(inputs, mask, scanner_noise=False)["t1"].array, plain)
