@@ -24,3 +24,19 @@ def test_folds_are_fixed_disjoint_by_subject_and_exclude_other_lesions(data_root
         assert info["labels"] == "manual" and len(info["modalities"]) == 4
     assert not (NOT_IN_FOLDS & set(folds.train + held))
     assert not [c for c in folds.train + held if c.startswith("openms")]  # MS lesions: no lesion-type condition
+
+
+def test_commands_that_need_the_folds_refuse_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    import pytest
+
+    from scripted_models.cli import main
+    from scripted_models.errors import InputError
+    from scripted_models.folds import make_folds
+
+    with pytest.raises(InputError, match="no labelled cases"):
+        make_folds(str(tmp_path))
+    for argv in (["calibrate", "anatomy", "--data", str(tmp_path)],
+                 ["train", "anatomy", "--steps", "1", "--data", str(tmp_path), "--work", str(tmp_path / "work")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pathosyn: error: no labelled cases") and "\n" not in err

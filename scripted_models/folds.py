@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .cases import default_data_root, list_cases
+from .errors import InputError
 
 FOLD_SEED = 2026
 TEST_SIZE = 5
@@ -74,6 +75,8 @@ def _labelled_gliomas(root: Path) -> list[tuple[str, dict]]:
 def make_folds(data_root: str | None = None) -> Folds:
     """The fixed split. Deterministic: the same cases give the same folds on every machine."""
     root = Path(data_root or default_data_root())
+    if not (root / "cases").is_dir():
+        raise InputError(f"no labelled cases at {root / 'cases'}: give --data or set PATHOSYN_DATA to the data folder")
     cases = _labelled_gliomas(root)
     pool = [c for c, info in cases if info.get("labels") == "manual" and subject_of(c) == c
             and len(info.get("modalities", [])) == 4]
