@@ -55,6 +55,8 @@ def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
     assert sizes["wider x1.5"]["parameters"] > 1.5 * sizes["bundled"]["parameters"]
     assert sizes["wider x1.5"]["step_s"] > sizes["bundled"]["step_s"] > 0
     assert "model bundled" in printed
+    removal = {r["smooth_deep_fill"]: r for r in rows["pseudo_healthy"]}  # lesion removal, smoothing on and off
+    assert removal[True]["p50_s"] > 0 and removal[False]["p50_s"] > 0 and "lesion removal" in printed
 
 
 def test_normalisation_study_scores_a_reference_that_explains_the_lesion_level_as_perfect():

@@ -112,6 +112,20 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
     # cli_end_to_end.peak_rss_mb, measured in a fresh process)
     rows["peak_rss_mb_synthesize"] = round(peak_rss_mb(), 1)
 
+    # 3b. lesion removal (pseudo_healthy, t1), with the card's deep-fill smoothing and without it
+    from ..pathosyn.api import pseudo_healthy
+
+    pseudo_healthy({"t1": t1}, mask64, device=device)  # warm-up: the anatomy model's load
+    rows["pseudo_healthy"] = []
+    for side in (64,) if quick else (64, 96):
+        mask = mask64 if side == 64 else _lesion(t1, radius_for_roi(side))
+        for smooth in (True, False):
+            times, _ = _time(lambda mask=mask, smooth=smooth: pseudo_healthy({"t1": t1}, mask, device=device,
+                                                                               smooth_deep_fill=smooth),
+                             max(1, repeats // 2 + 1))
+            rows["pseudo_healthy"].append({"side": side, "lesion_voxels": int((mask.array > 0).sum()),
+                                           "smooth_deep_fill": smooth, **_stats(times)})
+
     # 4. PathAR: one sample (structure + 4 modalities)
     from ..labels import MODALITIES
     from ..pathar.api import sample_pairs
@@ -275,6 +289,9 @@ def print_bench(rows: dict) -> None:
             print(f"{key:22s} {json.dumps(rows[key])}")
     for r in rows["vs_steps"]:
         print(f"steps {r['steps']:3d}  p50 {r['p50_s']:.3f} s")
+    for r in rows.get("pseudo_healthy", []):
+        print(f"lesion removal, lesion for a {r['side']}^3 ROI ({r['lesion_voxels']} voxels), deep-fill smoothing "
+              f"{'on ' if r['smooth_deep_fill'] else 'off'}: p50 {r['p50_s']:.3f} s")
     if "naive_whole_volume" in rows:
         print(f"naive whole-volume step vs 64^3 ROI step: {json.dumps(rows['naive_whole_volume'])}")
     for name, r in rows.get("vs_model_size", {}).get("variants", {}).items():
