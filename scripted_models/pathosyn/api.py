@@ -72,7 +72,7 @@ def _model(kind: str, device, folder=None):
         if kind == "anatomy":
             from .anatomy import AnatomyModel
 
-            _MODELS[key] = AnatomyModel.load(device)
+            _MODELS[key] = AnatomyModel.load(device, folder)
         else:
             from .deviation import DeviationModel
 
