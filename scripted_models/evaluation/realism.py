@@ -81,7 +81,6 @@ class _CaseZ:
     the scan's noise is made on request."""
 
     def __init__(self, case_id: str, data_root: Path, device: str):
-        from ..pathosyn.api import pseudo_healthy
 
         self.case = load_case(data_root / "cases" / case_id)
         self.id = case_id
@@ -93,16 +92,14 @@ class _CaseZ:
         self.real = {m: self.norms[m].forward(v.array) for m, v in self.case.images.items()}
         self.mask = self.case.reference.with_array(self.seg)
         self.device = device
-        # the base a synthesis draws on (synthesize_lesion(base="pseudo-healthy")): the network's own fill
-        self.bases = {False: pseudo_healthy(self.case.images, self.mask, device=device, scanner_noise=False,
-                                            smooth_deep_fill=False)}
-        self.base = self.bases[False]
+        self.bases = {}
+        self.base = self.base_with(scanner_noise=False)
         self.base_z = {m: self.norms[m].forward(v.array) for m, v in self.base.items()}
 
     def base_with(self, scanner_noise: bool) -> dict:
         from ..pathosyn.api import pseudo_healthy
 
-        if scanner_noise not in self.bases:
+        if scanner_noise not in self.bases:  # the base a synthesis draws on: the network's own fill
             self.bases[scanner_noise] = pseudo_healthy(self.case.images, self.mask, device=self.device,
                                                        scanner_noise=scanner_noise, smooth_deep_fill=False)
         return self.bases[scanner_noise]

@@ -89,7 +89,8 @@ def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
     return patch_contrasts(patches, np.nonzero(patches.is_test)[0])
 
 
-def _test_fold_per_case(patches) -> list[dict[str, dict[int, float]]]:
+def test_fold_case_contrasts(patches) -> list[dict[str, dict[int, float]]]:
+    """patch_contrasts of each test-fold case (all its poses): what clear_cells and clear_pairs bootstrap over."""
     test = np.nonzero(patches.is_test)[0]
     cases = sorted(set(patches.patch_case[test]))
     return [patch_contrasts(patches, test[patches.patch_case[test] == c]) for c in cases]
@@ -97,12 +98,7 @@ def _test_fold_per_case(patches) -> list[dict[str, dict[int, float]]]:
 
 def test_fold_clear_cells(patches) -> set[tuple[str, int]]:
     """The cells whose contrast is clear of zero over the test fold's cases (quality.clear_cells)."""
-    return clear_cells(_test_fold_per_case(patches))
-
-
-def test_fold_clear_pairs(patches) -> set[tuple[str, int, int]]:
-    """The sub-region pairs whose difference is clear of zero over the test fold's cases (quality.clear_pairs)."""
-    return clear_pairs(_test_fold_per_case(patches))
+    return clear_cells(test_fold_case_contrasts(patches))
 
 
 def compare_contrasts(generated: dict[str, dict[int, float]], real: dict[str, dict[int, float]],
@@ -214,8 +210,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     test_near = nearest_dice(patches.masks[test_plain], patches.masks[poses])
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
-    clear = test_fold_clear_cells(patches)
-    pairs_clear = test_fold_clear_pairs(patches)
+    per_case = test_fold_case_contrasts(patches)
+    clear, pairs_clear = clear_cells(per_case), clear_pairs(per_case)
     training_reference = training_lesions_as_samples(patches, real_contrasts, clear, pairs_clear)
     t0 = time.perf_counter()
     pairs_by_seed = {seed: sample_pairs(list(MODALITIES), n, seed, device=device, weights=folder,

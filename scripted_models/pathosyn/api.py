@@ -49,13 +49,14 @@ def check_seed(seed) -> int:
 
 
 def _weights_version(folder: Path, name: str) -> tuple:
-    """Identity of the weights file as it is now: a folder whose weights were replaced (a training's candidate
-    folder, rewritten at every check) must not be served from the cache."""
+    """Identity of the weights file and its card as they are now: a folder whose weights were replaced (a
+    training's candidate folder, rewritten at every check) or whose card's calibration was refitted (`pathosyn
+    calibrate`) must not be served from the cache."""
     try:
-        st = (Path(folder) / f"{name}.safetensors").stat()
+        stats = [(Path(folder) / f"{name}{ext}").stat() for ext in (".safetensors", ".json")]
     except OSError:
         return ()
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
 
 
 def _model(kind: str, device, folder=None):
@@ -159,18 +160,19 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
                    progress: ProgressFn | None = None, seed: int = 0, scanner_noise: bool = True,
-                   smooth_deep_fill: bool = True) -> dict[str, Volume]:
+                   smooth_deep_fill: bool = True, anatomy_weights=None) -> dict[str, Volume]:
     """Remove the lesion: inpaint the (slightly dilated) mask with healthy tissue. Returns new Volumes.
     scanner_noise: give the fill the scan's noise (seeded); False returns the network's smooth expected tissue
     (what pixel-wise inpainting scores such as PSNR favour). smooth_deep_fill: low-pass the fill deep inside the
     hole (the anatomy card's `fill_smoothing`, fitted on the training fold): the best estimate of the healthy
-    tissue. False gives the base that `synthesize_lesion(base="pseudo-healthy")` draws a lesion on."""
+    tissue. False gives the base that `synthesize_lesion(base="pseudo-healthy")` draws a lesion on.
+    anatomy_weights: a folder with other anatomy weights (None = bundled)."""
     check_seed(seed)
     prep = _prepare(images, mask, label_mapping)
     dev = pick_device(device)
     if progress:
         progress(0.1, "loading anatomy model")
-    model = _model("anatomy", dev)
+    model = _model("anatomy", dev, anatomy_weights)
     hole = dilate_mm(prep.lesion_labels > 0, HOLE_MARGIN_MM, prep.spacing_zyx)
     if progress:
         progress(0.3, "inpainting healthy tissue")

@@ -201,18 +201,19 @@ FILL_SMOOTHING_GRID = {"sigma_mm": (4.0, 8.0, 12.0, 16.0), "onset_mm": (0.0, 2.0
 
 
 def fill_smoothing_holes(case_ids, data_root, ellipsoids: int = 2, seed: int = 123, device: str = "cpu",
-                         on_hole=None) -> list[dict]:
+                         on_hole=None, weights=None) -> list[dict]:
     """Inpainting problems with a known truth on labelled cases (evaluation.validation.inpainting_holes:
     healthy-tissue ellipsoids and the tumour mirrored into the healthy hemisphere), filled by the anatomy
-    network (smooth, unsmoothed). Per hole, at the scored voxels, in z-units of the case's healthy tissue: the
-    depth (mm) and per modality the truth, the fill and the fill low-passed at each grid sigma."""
+    network of `weights` (None = bundled; smooth, unsmoothed). Per hole, at the scored voxels, in z-units of the
+    case's healthy tissue: the depth (mm) and per modality the truth, the fill and the fill low-passed at each grid
+    sigma."""
     from pathlib import Path
 
     from ..cases import load_case
     from ..errors import InputError
     from ..evaluation.validation import inpainting_holes
     from ..preprocess import dilate_mm
-    from .anatomy import depth_in_hole, lowpass_in_hole
+    from .anatomy import _wide_gaussian, depth_in_hole, lowpass_in_hole
     from .api import HOLE_MARGIN_MM, pseudo_healthy
 
     rng = np.random.default_rng(seed)
@@ -226,11 +227,13 @@ def fill_smoothing_holes(case_ids, data_root, ellipsoids: int = 2, seed: int = 1
             images = {m: v.with_array(np.where(hole, 0, v.array).astype(np.float32)) for m, v in case.images.items()}
             try:
                 filled = pseudo_healthy(images, case.reference.with_array(hole.astype(np.uint8)), device=device,
-                                        scanner_noise=False, smooth_deep_fill=False)
+                                        scanner_noise=False, smooth_deep_fill=False, anatomy_weights=weights)
             except InputError:  # a hole too large for the head (tumour and mirror together)
                 continue
             region = dilate_mm(hole, HOLE_MARGIN_MM, case.spacing_zyx)  # what the inpainter filled
             healthy = brain & ~region & ~lesion
+            sigmas = {s: [s / d for d in case.spacing_zyx] for s in FILL_SMOOTHING_GRID["sigma_mm"]}
+            supports = {s: _wide_gaussian(region.astype(np.float32), sigma) for s, sigma in sigmas.items()}
             row = {"case": case_id, "large": bool(large),
                    "depth": depth_in_hole(region, case.spacing_zyx)[target], "modalities": {}}
             for m, v in case.images.items():
@@ -238,8 +241,8 @@ def fill_smoothing_holes(case_ids, data_root, ellipsoids: int = 2, seed: int = 1
                 fill = filled[m].array.astype(np.float32)
                 row["modalities"][m] = {
                     "truth": v.array[target].astype(np.float32) / scale, "fill": fill[target] / scale,
-                    "lowpass": {s: lowpass_in_hole(fill, region, [s / d for d in case.spacing_zyx])[target] / scale
-                                for s in FILL_SMOOTHING_GRID["sigma_mm"]}}
+                    "lowpass": {s: lowpass_in_hole(fill, region, sigma, supports[s])[target] / scale
+                                for s, sigma in sigmas.items()}}
             holes.append(row)
             if on_hole:
                 on_hole(row)

@@ -165,18 +165,9 @@ def cmd_calibrate(args) -> int:
     card = load_card(WEIGHTS_NAME, folder)
     root = Path(args.data or default_data_root())
     cases = make_folds(str(root)).train
-    previous = os.environ.get("PATHOSYN_WEIGHTS_DIR")
-    os.environ["PATHOSYN_WEIGHTS_DIR"] = str(folder)  # the inpainter that fills the holes is the one calibrated
-    try:
-        holes = fill_smoothing_holes(cases, root, device=args.device,
-                                     on_hole=lambda h: print(f"{h['case']}: "
-                                                             f"{'lesion-sized' if h['large'] else 'small'} hole",
-                                                             flush=True))
-    finally:
-        if previous is None:
-            os.environ.pop("PATHOSYN_WEIGHTS_DIR", None)
-        else:
-            os.environ["PATHOSYN_WEIGHTS_DIR"] = previous
+    holes = fill_smoothing_holes(cases, root, device=args.device, weights=folder,  # the inpainter calibrated
+                                 on_hole=lambda h: print(f"{h['case']}: {'lesion-sized' if h['large'] else 'small'} "
+                                                         "hole", flush=True))
     if not holes:
         raise InputError(f"no inpainting problems could be built from the training fold of {root}")
     fit = fit_fill_smoothing(holes)
