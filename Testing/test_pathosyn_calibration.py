@@ -13,6 +13,7 @@ from scripted_models.labels import CORE, EDEMA, ENHANCING
 from scripted_models.pathosyn.calibration import (
     highpass,
     lesion_texture_ratio,
+    level_ring,
     population_levels,
     pull_levels,
     robust_std,
@@ -108,6 +109,49 @@ def test_synthesize_pulls_subregion_levels_towards_the_card_population():
     assert default.report["population_pull"] == load_card(WEIGHTS_NAME)["population_pull"]
     with pytest.raises(InputError, match="population_pull"):
         synthesize_lesion({"flair": head}, mask, seed=2, steps=2, population_pull=1.5)
+
+
+def test_level_ring_is_the_foreground_shell_4_to_12_mm_around_the_lesion():
+    shape = (60, 60, 60)
+    lesion = ball(shape, 8)
+    foreground = np.ones(shape, bool)
+    foreground[:, :, :30] = False
+    ring = level_ring(lesion, foreground, (1.0, 1.0, 1.0))
+    dist = np.sqrt(sum((g - 30) ** 2 for g in np.ogrid[:60, :60, :60]))
+    assert not (ring & lesion).any() and not (ring & ~foreground).any()
+    assert ring[(dist > 8 + 4.5) & (dist < 8 + 11.5) & foreground].all()
+    assert not ring[(dist < 8 + 3.5) | (dist > 8 + 12.5)].any()
+
+
+def test_ring_reference_pulls_levels_towards_offsets_from_the_scan_s_own_surrounding_tissue(tmp_path):
+    """Card `population_level_reference: ring`: the target level is this scan's ring mean + the card's offset, so
+    a brighter surrounding gives a brighter lesion by the same amount (z-units)."""
+    import shutil
+
+    from scripted_models.pathosyn.deviation import WEIGHTS_NAME
+    from scripted_models.weights import load_card, weights_dir, write_card
+
+    shutil.copy(weights_dir() / f"{WEIGHTS_NAME}.safetensors", tmp_path)
+    offsets = {"core": -1.0, "edema": 0.5, "enhancing": 2.0, "whole": 0.5}
+    card = load_card(WEIGHTS_NAME)
+    card.update(population_level_reference="ring", population_levels={"t1": offsets}, population_pull=1.0)
+    write_card(WEIGHTS_NAME, card, tmp_path)
+    head = make_head(shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
+    mask = make_ball_mask(head, radius_vox=8)
+    lesion = mask.array > 0
+    near = level_ring(lesion, np.ones(head.shape, bool), (1.0, 1.0, 1.0))
+    ring_means = []
+    for brighter in (0.0, 80.0):  # the tissue around the lesion brighter than the rest of the head
+        scan = head.with_array(np.where(dilate_mm(lesion, 13.0, (1.0, 1.0, 1.0)) & (head.array > 0),
+                                        head.array + brighter, head.array).astype(np.float32))
+        result = synthesize_lesion({"t1": scan}, mask, seed=3, steps=2, deviation_weights=tmp_path)
+        norm = IntensityNormalizer.fit(scan.array, exclude=lesion)
+        z = norm.forward(result.images["t1"].array)
+        ring_mean = float(norm.forward(scan.array)[near & (scan.array > 0)].mean())
+        ring_means.append(ring_mean)
+        for lab, key in ((CORE, "core"), (EDEMA, "edema"), (ENHANCING, "enhancing")):
+            assert abs(float(z[mask.array == lab].mean()) - (ring_mean + offsets[key])) < 0.1, (brighter, key)
+    assert ring_means[1] - ring_means[0] > 0.5
 
 
 def test_pseudo_healthy_fill_gets_the_scan_noise_back_and_only_inside_the_hole():

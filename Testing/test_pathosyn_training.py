@@ -223,6 +223,7 @@ def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fract
             seen.append(card["steps"])
             # scored as it would ship: the card carries the calibration that synthesize_lesion applies
             assert card["population_pull"] > 0 and set(card["population_texture"]) == set(card["population_levels"])
+            assert card["population_level_reference"] == "ring"  # the levels the synthesis reads as ring offsets
             p, w = scores[card["steps"]]
             return {"results": {"candidate": {"summary": {"pass_fraction": p, "wasserstein": w, "mean_err": 1.0,
                                                           "per_modality_pass": {}}}}}
@@ -395,3 +396,39 @@ def test_calibrate_anatomy_writes_the_fill_smoothing_fitted_on_the_training_fold
     assert fitted["setting"] is None or set(fitted["setting"]) == {"sigma_mm", "onset_mm", "length_mm"}
     assert fitted["weights_sha256"] == sha256_of(out / "anatomy_inpainter.safetensors") == card["sha256"]
     assert "brats2013_pat0005" in capsys.readouterr().out
+
+
+def test_calibrate_deviation_writes_levels_as_offsets_from_each_case_s_ring(monkeypatch, data_root, tmp_path, capsys):
+    """`pathosyn calibrate deviation --weights DIR` writes the population levels of the training fold (here one
+    case) as sub-region means minus the case's ring mean, with the ring reference and the default pull."""
+    import json
+    import shutil
+
+    from scripted_models import folds as folds_module
+    from scripted_models.cases import load_case
+    from scripted_models.cli import main
+    from scripted_models.labels import EDEMA
+    from scripted_models.pathosyn.calibration import DEFAULT_POPULATION_PULL, level_ring
+    from scripted_models.weights import load_card, sha256_of, weights_dir
+
+    case_id = "brats18_tcia13_623_1"
+    real = folds_module.make_folds(str(data_root))
+    monkeypatch.setattr(folds_module, "make_folds", lambda root=None: folds_module.Folds(
+        test=real.test, validation=real.validation, train=(case_id,)))
+    out = tmp_path / "weights"
+    out.mkdir()
+    for f in weights_dir().glob("deviation_diffusion.*"):
+        shutil.copy(f, out / f.name)
+    card = json.loads((out / "deviation_diffusion.json").read_text())
+    card.update(population_levels={}, population_level_reference="healthy", population_pull=0.1)
+    (out / "deviation_diffusion.json").write_text(json.dumps(card))
+    assert main(["calibrate", "deviation", "--weights", str(out), "--data", str(data_root)]) == 0
+    written = load_card("deviation_diffusion", out)
+    assert written["population_level_reference"] == "ring" and written["population_pull"] == DEFAULT_POPULATION_PULL
+    case = load_case(data_root / "cases" / case_id)
+    ring = level_ring(case.seg > 0, case.foreground(), case.spacing_zyx)
+    for m, z in case.normalized().items():
+        expected = float(z[case.seg == EDEMA].mean()) - float(z[ring].mean())
+        assert abs(written["population_levels"][m]["edema"] - expected) < 1e-3, m
+    assert sha256_of(out / "deviation_diffusion.safetensors") == card["sha256"]
+    assert '"cases": 1' in capsys.readouterr().out

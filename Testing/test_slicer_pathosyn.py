@@ -362,7 +362,9 @@ def test_parameters_survive_mrb_save_and_reload(app, logic, tmp_path):
     params.t1Volume, params.t2Volume, params.maskSegmentation = node, t2, seg
     params.seed, params.samples, params.steps, params.guidance, params.device = 42, 3, 17, 2.5, "cpu"
     params.preview = True
-    assert params.populationPull == 0.5  # the default, as in the weights' card
+    from scripted_models.weights import load_card
+
+    assert params.populationPull == load_card("deviation_diffusion")["population_pull"] == 0.75  # the card's default
     params.populationPull = 0.25
     assert params.keepBaseTexture is False
     params.keepBaseTexture = True

@@ -172,6 +172,9 @@ def test_synthesis_job_streams_progress_and_adds_new_nodes(app, tmp_path, loop):
     scan = c.loadScanFile(str(path))
     c.loadMaskFile(str(write_volume(make_ball_mask(head), tmp_path / "mask.nii.gz")))
     before = array_of(scan).copy()
+    from scripted_models.weights import load_card
+
+    assert c.state.population_pull == load_card("deviation_diffusion")["population_pull"]  # the card's default
     c.state.steps, c.state.seed, c.state.population_pull = 3, 7, 0.2
     task = c.synthesize()
     assert c.state.running and task is not None

@@ -59,6 +59,7 @@ _ensureEngineImportable()
 
 from scripted_models.errors import InputError, WeightsError  # noqa: E402
 from scripted_models.labels import CORE, EDEMA, ENHANCING, MODALITIES, SUBREGION_COLORS, SUBREGION_NAMES  # noqa: E402
+from scripted_models.pathosyn.calibration import DEFAULT_POPULATION_PULL  # noqa: E402,F401 - front ends' default
 from scripted_models.volume import Volume  # noqa: E402
 
 MODULE_NAME = "PathoSynSlicer"

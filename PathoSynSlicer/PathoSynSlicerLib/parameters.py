@@ -18,6 +18,8 @@ except ImportError:  # slicer-core wheel, plain Python
 
 import slicer
 
+from .logic import DEFAULT_POPULATION_PULL  # the card's pull (a test keeps them equal)
+
 MODALITY_FIELDS = {"t1": "t1Volume", "t1c": "t1cVolume", "t2": "t2Volume", "flair": "flairVolume"}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -35,7 +37,7 @@ FIELDS = {
     "steps": (int, 0),
     "preview": (bool, False),
     "guidance": (float, 1.0),
-    "populationPull": (float, 0.5),
+    "populationPull": (float, DEFAULT_POPULATION_PULL),
     "keepBaseTexture": (bool, False),
     "device": (str, "auto"),
 }
@@ -95,7 +97,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         steps: Annotated[int, WithinRange(0, 1000)] = 0
         preview: bool = False
         guidance: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
-        populationPull: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+        populationPull: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_POPULATION_PULL
         keepBaseTexture: bool = False
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
 

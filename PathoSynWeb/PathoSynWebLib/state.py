@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scripted_models.pathar import ANATOMY_CHOICES
+from scripted_models.pathosyn.calibration import DEFAULT_POPULATION_PULL
 
 MODALITY_ITEMS = ["t1", "t1c", "t2", "flair"]
 OVERLAY_ITEMS = ["none", "residual", "uncertainty"]
@@ -24,7 +25,7 @@ class PathoSynWebState:
     steps: int = 5
     preview: bool = False  # 2 steps
     guidance: float = 1.0
-    population_pull: float = 0.5  # 0 = sampled levels, 1 = the training population's
+    population_pull: float = DEFAULT_POPULATION_PULL  # 0 = sampled levels, 1 = the training population's
     keep_base_texture: bool = False  # True: the healthy fine texture stays inside the lesion
     # job
     running: bool = False

@@ -110,6 +110,25 @@ class _Prepared:
         return self.normalizers[modality].forward(crop(self.images[modality].array))
 
 
+def _levels_from_ring(offsets: dict, prep: _Prepared, lesion: np.ndarray, anatomy: dict | None) -> dict:
+    """Population levels given as offsets from the tissue ring around the lesion (card
+    `population_level_reference: ring`), made absolute with this scan's ring mean per modality."""
+    from .calibration import level_ring
+
+    near = level_ring(lesion, np.ones(lesion.shape, bool), prep.spacing_zyx)
+    box = bounding_box(near)
+    levels = {}
+    for m in (m for m in prep.images if m in offsets):
+        raw = prep.images[m].array[box]
+        ring = near[box] & (raw != background_value(prep.images[m].array))
+        if not ring.any():
+            continue
+        z = anatomy[m][box] if anatomy is not None else prep.normalized_crop(m, lambda a: a[box])
+        mean = float(z[ring].mean(dtype=np.float64))
+        levels[m] = {k: mean + float(v) for k, v in offsets[m].items()}
+    return levels
+
+
 def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None) -> _Prepared:
     if isinstance(images, Volume):
         raise InputError("images must be a dict {modality: Volume}, e.g. {'t1': volume}")
@@ -274,6 +293,8 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         residuals = resize(residuals, crop_shape, order=1)
     levels = model.card.get("population_levels") or {}
     pull = float(model.card.get("population_pull", 0.0) if population_pull is None else population_pull)
+    if pull > 0.0 and levels and model.card.get("population_level_reference") == "ring":
+        levels = _levels_from_ring(levels, prep, lesion, anatomy)
     if pull > 0.0 and levels:
         from .calibration import pull_levels
 

@@ -11,7 +11,8 @@ training population.
   each sub-region's mean towards the training population's mean by a fraction (0 = as sampled, 1 = the
   population mean), keeping the sampled structure and texture: the truncation trick of generative models,
   for lesion levels. The population means (z-units of the case's healthy tissue) are stored in the deviation
-  weights' card.
+  weights' card. With the card's `population_level_reference: ring` the population level is an offset from the
+  mean of the tissue 4-12 mm around the lesion (`level_ring`), so the level follows the case's own surroundings.
 - **Lesion texture.** Inside the lesion the base keeps the healthy tissue's fine texture (its own, or the
   restored scanner noise), but real lesions differ from it per modality: on the training fold a t1 lesion's
   fine texture is 0.72x the surrounding tissue's, t2 0.89x, flair 0.92x, t1c 1.31x. `texture_match` scales the
@@ -32,10 +33,12 @@ from ..labels import CORE, EDEMA, ENHANCING
 SUBREGION_KEYS = {CORE: "core", EDEMA: "edema", ENHANCING: "enhancing"}
 WHOLE = "whole"
 NOISE_HIGHPASS_SIGMA = 1.0  # voxels: the band whose std is matched (the realism texture measure's band)
-DEFAULT_POPULATION_PULL = 0.5  # chosen on the validation fold (0, 0.25, 0.5, 0.75, 1 tried): docs/RESULTS.md
+DEFAULT_POPULATION_PULL = 0.75  # chosen on the validation fold with the ring reference (0.5, 0.75): docs/RESULTS.md
+DEFAULT_LEVEL_REFERENCE = "ring"  # population levels as offsets from the tissue around the lesion (else "healthy")
 LEVEL_SHIFT_SMOOTHING = 1.0  # voxels: sub-region level shifts are softened at their borders
 TEXTURE_RING_MM = (6.0, 16.0)  # healthy tissue this far around a lesion is its texture reference
 MIN_TEXTURE_VOXELS = 64  # fewer lesion voxels: too few to measure a texture, nothing is changed
+LEVEL_RING_MM = (4.0, 12.0)  # the `ring` level reference: tissue this far around a lesion
 
 
 def highpass(image: np.ndarray, sigma: float = NOISE_HIGHPASS_SIGMA) -> np.ndarray:
@@ -90,9 +93,18 @@ def population_levels(cases) -> dict[str, dict[str, float]]:
     return {m: {k: round(s / n, 4) for k, (s, n) in per.items()} for m, per in sums.items()}
 
 
-def case_levels(case_ids, data_root, on_case=None) -> dict[str, dict[str, float]]:
+def level_ring(lesion: np.ndarray, foreground: np.ndarray, spacing_zyx) -> np.ndarray:
+    """The tissue LEVEL_RING_MM around a lesion, in the foreground: the `ring` level reference."""
+    from ..preprocess import dilate_mm
+
+    near, far = (dilate_mm(lesion, mm, spacing_zyx) for mm in LEVEL_RING_MM)
+    return far & ~near & foreground
+
+
+def case_levels(case_ids, data_root, on_case=None, reference: str = "healthy") -> dict[str, dict[str, float]]:
     """population_levels of labelled cases of ../shared/data (cases without sub-region labels are skipped),
-    loading one case at a time; `on_case(case_id, case)` sees each case used."""
+    loading one case at a time; `on_case(case_id, case)` sees each case used. reference "ring": each level as
+    an offset from the case's mean over `level_ring`."""
     from pathlib import Path
 
     from ..cases import load_case
@@ -104,7 +116,11 @@ def case_levels(case_ids, data_root, on_case=None) -> dict[str, dict[str, float]
                 continue
             if on_case:
                 on_case(case_id, case)
-            yield case.normalized(), case.seg
+            images = case.normalized()
+            if reference == "ring":
+                ring = level_ring(case.seg > 0, case.foreground(), case.spacing_zyx)
+                images = {m: z - float(z[ring].mean(dtype=np.float64)) for m, z in images.items()}
+            yield images, case.seg
 
     return population_levels(cases())
 

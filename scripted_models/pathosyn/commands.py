@@ -154,17 +154,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    """Fit the anatomy card's `fill_smoothing` on the training fold with the weights in --weights."""
+    """Fit a card's calibration on the training fold: the anatomy card's `fill_smoothing` (with the weights in
+    --weights), or the deviation card's population levels (offsets from the tissue ring around each lesion)."""
     from ..cases import default_data_root
     from ..folds import make_folds
     from ..weights import load_card, weights_dir, write_card
+
+    folder = Path(args.weights) if args.weights else weights_dir()
+    root = Path(args.data or default_data_root())
+    cases = make_folds(str(root)).train
+    if args.model == "deviation":
+        return _calibrate_levels(cases, root, folder)
     from .anatomy import WEIGHTS_NAME
     from .calibration import fill_smoothing_holes, fit_fill_smoothing
 
-    folder = Path(args.weights) if args.weights else weights_dir()
     card = load_card(WEIGHTS_NAME, folder)
-    root = Path(args.data or default_data_root())
-    cases = make_folds(str(root)).train
     holes = fill_smoothing_holes(cases, root, device=args.device, weights=folder,  # the inpainter calibrated
                                  on_hole=lambda h: print(f"{h['case']}: {'lesion-sized' if h['large'] else 'small'} "
                                                          "hole", flush=True))
@@ -178,6 +182,28 @@ def cmd_calibrate(args) -> int:
                                          "the network's fill"}
     write_card(WEIGHTS_NAME, card, folder)
     print(json.dumps({k: fit[k] for k in ("setting", "fitted", "raw_fill", "holes")}), flush=True)
+    return 0
+
+
+def _calibrate_levels(cases, root: Path, folder: Path) -> int:
+    """The deviation card's `population_levels` as offsets from each case's level ring (training fold)."""
+    from ..weights import load_card, write_card
+    from .calibration import DEFAULT_LEVEL_REFERENCE, DEFAULT_POPULATION_PULL, LEVEL_RING_MM, case_levels
+    from .deviation import WEIGHTS_NAME
+
+    card = load_card(WEIGHTS_NAME, folder)
+    used = []
+    levels = case_levels(cases, root, on_case=lambda case_id, _: used.append(case_id),
+                         reference=DEFAULT_LEVEL_REFERENCE)
+    if not levels:
+        raise InputError(f"no labelled case with sub-regions in the training fold of {root}")
+    card.update(population_levels=levels, population_level_reference=DEFAULT_LEVEL_REFERENCE,
+                population_pull=DEFAULT_POPULATION_PULL,
+                population_levels_data=f"training fold ({len(used)} cases with sub-regions): voxel-weighted mean "
+                                       f"z-score of each sub-region minus the case's mean over the tissue "
+                                       f"{LEVEL_RING_MM[0]:g}-{LEVEL_RING_MM[1]:g} mm around its lesion")
+    write_card(WEIGHTS_NAME, card, folder)
+    print(json.dumps({"population_levels": levels, "cases": len(used)}), flush=True)
     return 0
 
 
@@ -258,10 +284,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="deviation with --select realism: steps between two realism checks (a multiple of 200)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("calibrate", help="fit the anatomy inpainter's fill smoothing on the training fold "
-                                         "(writes the card entry `fill_smoothing`)")
-    p.add_argument("model", choices=["anatomy"])
-    p.add_argument("--weights", default=None, help="folder with the anatomy weights (default: the bundled ones)")
+    p = sub.add_parser("calibrate", help="fit a card's calibration on the training fold: anatomy -> the "
+                                         "inpainter's fill smoothing (`fill_smoothing`); deviation -> the "
+                                         "population lesion levels (`population_levels`)")
+    p.add_argument("model", choices=["anatomy", "deviation"])
+    p.add_argument("--weights", default=None, help="folder with the weights (default: the bundled ones)")
     p.add_argument("--data", default=None, help="cases folder root (default ../shared/data)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_calibrate)
