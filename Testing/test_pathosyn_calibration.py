@@ -116,7 +116,7 @@ def test_level_ring_is_the_foreground_shell_4_to_12_mm_around_the_lesion():
     lesion = ball(shape, 8)
     foreground = np.ones(shape, bool)
     foreground[:, :, :30] = False
-    ring = level_ring(lesion, foreground, (1.0, 1.0, 1.0))
+    ring = level_ring(lesion, (1.0, 1.0, 1.0), foreground)
     dist = np.sqrt(sum((g - 30) ** 2 for g in np.ogrid[:60, :60, :60]))
     assert not (ring & lesion).any() and not (ring & ~foreground).any()
     assert ring[(dist > 8 + 4.5) & (dist < 8 + 11.5) & foreground].all()
@@ -139,7 +139,7 @@ def test_ring_reference_pulls_levels_towards_offsets_from_the_scan_s_own_surroun
     head = make_head(shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
     mask = make_ball_mask(head, radius_vox=8)
     lesion = mask.array > 0
-    near = level_ring(lesion, np.ones(head.shape, bool), (1.0, 1.0, 1.0))
+    near = level_ring(lesion, (1.0, 1.0, 1.0))
     ring_means = []
     for brighter in (0.0, 80.0):  # the tissue around the lesion brighter than the rest of the head
         scan = head.with_array(np.where(dilate_mm(lesion, 13.0, (1.0, 1.0, 1.0)) & (head.array > 0),

@@ -426,7 +426,7 @@ def test_calibrate_deviation_writes_levels_as_offsets_from_each_case_s_ring(monk
     written = load_card("deviation_diffusion", out)
     assert written["population_level_reference"] == "ring" and written["population_pull"] == DEFAULT_POPULATION_PULL
     case = load_case(data_root / "cases" / case_id)
-    ring = level_ring(case.seg > 0, case.foreground(), case.spacing_zyx)
+    ring = level_ring(case.seg > 0, case.spacing_zyx, case.foreground())
     for m, z in case.normalized().items():
         expected = float(z[case.seg == EDEMA].mean()) - float(z[ring].mean())
         assert abs(written["population_levels"][m]["edema"] - expected) < 1e-3, m

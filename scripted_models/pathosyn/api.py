@@ -115,7 +115,7 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion: np.ndarray, anatom
     `population_level_reference: ring`), made absolute with this scan's ring mean per modality."""
     from .calibration import level_ring
 
-    near = level_ring(lesion, np.ones(lesion.shape, bool), prep.spacing_zyx)
+    near = level_ring(lesion, prep.spacing_zyx)
     box = bounding_box(near)
     levels = {}
     for m in (m for m in prep.images if m in offsets):

@@ -93,12 +93,13 @@ def population_levels(cases) -> dict[str, dict[str, float]]:
     return {m: {k: round(s / n, 4) for k, (s, n) in per.items()} for m, per in sums.items()}
 
 
-def level_ring(lesion: np.ndarray, foreground: np.ndarray, spacing_zyx) -> np.ndarray:
-    """The tissue LEVEL_RING_MM around a lesion, in the foreground: the `ring` level reference."""
+def level_ring(lesion: np.ndarray, spacing_zyx, foreground: np.ndarray | None = None) -> np.ndarray:
+    """The tissue LEVEL_RING_MM around a lesion (in the foreground, when given): the `ring` level reference."""
     from ..preprocess import dilate_mm
 
     near, far = (dilate_mm(lesion, mm, spacing_zyx) for mm in LEVEL_RING_MM)
-    return far & ~near & foreground
+    ring = far & ~near
+    return ring if foreground is None else ring & foreground
 
 
 def case_levels(case_ids, data_root, on_case=None, reference: str = "healthy") -> dict[str, dict[str, float]]:
@@ -118,7 +119,7 @@ def case_levels(case_ids, data_root, on_case=None, reference: str = "healthy") -
                 on_case(case_id, case)
             images = case.normalized()
             if reference == "ring":
-                ring = level_ring(case.seg > 0, case.foreground(), case.spacing_zyx)
+                ring = level_ring(case.seg > 0, case.spacing_zyx, case.foreground())
                 images = {m: z - float(z[ring].mean(dtype=np.float64)) for m, z in images.items()}
             yield images, case.seg
 
