@@ -95,16 +95,22 @@ def test_synthesize_pulls_subregion_levels_towards_the_card_population():
     from scripted_models.pathosyn.deviation import WEIGHTS_NAME
     from scripted_models.weights import load_card
 
-    levels = load_card(WEIGHTS_NAME)["population_levels"]
+    card = load_card(WEIGHTS_NAME)
     head = make_head(shape=(48, 48, 48), spacing=(1.0, 1.0, 1.0), dtype=np.float32)
     mask = make_ball_mask(head, radius_vox=10)
+    reference = 0.0  # the card's levels are offsets from the tissue ring around the lesion (z-units)
+    if card.get("population_level_reference") == "ring":
+        norm = IntensityNormalizer.fit(head.array, exclude=mask.array > 0)
+        ring = level_ring(mask.array > 0, (1.0, 1.0, 1.0)) & (head.array > 0)
+        reference = float(norm.forward(head.array)[ring].mean())
     free, pulled = (synthesize_lesion({"flair": head, "t1c": head}, mask, seed=2, steps=2, population_pull=p)
                     for p in (0.0, 1.0))
     assert free.report["population_pull"] == 0.0 and pulled.report["population_pull"] == 1.0
     for m in ("flair", "t1c"):
         before, after = lesion_means_z(free, head, m), lesion_means_z(pulled, head, m)
         for key in before:
-            assert abs(after[key] - levels[m][key]) < 0.02 + 0.1 * abs(before[key] - levels[m][key]), (m, key)
+            target = reference + card["population_levels"][m][key]
+            assert abs(after[key] - target) < 0.02 + 0.1 * abs(before[key] - target), (m, key)
     default = synthesize_lesion({"flair": head}, mask, seed=2, steps=2)
     assert default.report["population_pull"] == load_card(WEIGHTS_NAME)["population_pull"]
     with pytest.raises(InputError, match="population_pull"):
@@ -145,6 +151,7 @@ def test_ring_reference_pulls_levels_towards_offsets_from_the_scan_s_own_surroun
         scan = head.with_array(np.where(dilate_mm(lesion, 13.0, (1.0, 1.0, 1.0)) & (head.array > 0),
                                         head.array + brighter, head.array).astype(np.float32))
         result = synthesize_lesion({"t1": scan}, mask, seed=3, steps=2, deviation_weights=tmp_path)
+        assert result.report["population_level_reference"] == "ring"
         norm = IntensityNormalizer.fit(scan.array, exclude=lesion)
         z = norm.forward(result.images["t1"].array)
         ring_mean = float(norm.forward(scan.array)[near & (scan.array > 0)].mean())

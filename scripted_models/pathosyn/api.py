@@ -120,7 +120,7 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion: np.ndarray, anatom
     levels = {}
     for m in (m for m in prep.images if m in offsets):
         raw = prep.images[m].array[box]
-        ring = near[box] & (raw != background_value(prep.images[m].array))
+        ring = near[box] & (raw != background_value(prep.images[m].array))  # the head, as the fit's foreground
         if not ring.any():
             continue
         z = anatomy[m][box] if anatomy is not None else prep.normalized_crop(m, lambda a: a[box])
@@ -336,6 +336,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         "modalities": list(prep.images), "seed": seed, "samples": samples, "steps": int(steps or cfg.default_steps),
         "guidance": guidance, "device": str(dev), "base": base, "whole_lesion_only": whole_only,
         "population_pull": pull if levels else 0.0,
+        "population_level_reference": model.card.get("population_level_reference", "healthy") if levels else None,
         "texture_match": {m: float(textures[m]) for m in prep.images if m in textures},
         "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
         "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
