@@ -35,7 +35,7 @@ def test_commands_that_need_the_folds_refuse_a_missing_data_folder_in_one_line(t
 
     with pytest.raises(InputError, match="no labelled cases"):
         make_folds(str(tmp_path))
-    for argv in (["calibrate", "anatomy", "--data", str(tmp_path)],
+    for argv in (["calibrate", "anatomy", "--data", str(tmp_path)], ["calibrate", "deviation", "--data", str(tmp_path)],
                  ["train", "anatomy", "--steps", "1", "--data", str(tmp_path), "--work", str(tmp_path / "work")]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
