@@ -1389,10 +1389,11 @@ def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_
     sign differs between cases shows as a share below 1, and an ordering the test fold reverses as 0."""
     from types import SimpleNamespace
 
+    from scripted_models.pathar.quality import clear_cells
     from scripted_models.pathar.test_fold import (
         compare_contrasts,
         patch_contrasts,
-        test_fold_clear_cells,
+        test_fold_case_contrasts,
         training_lesions_as_samples,
     )
 
@@ -1423,7 +1424,7 @@ def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_
     assert reference["contrast_error"] == pytest.approx((0.0 + 0.15 + 1.4) / 3, abs=1e-3)
     flipped = compare_contrasts({"t1": {1: 1.0, 2: -0.3, 3: -0.1}}, real)
     assert flipped["signs_agree"] == 0 and flipped["ordering"]["t1"] == 0.0
-    assert test_fold_clear_cells(patches) == set()  # one test case: no interval, no cell is clear
+    assert clear_cells(test_fold_case_contrasts(patches)) == set()  # one test case: no interval, no cell is clear
     assert training_lesions_as_samples(patches, real, {("t1", 1)})["signs_agree_clear"] == 1
 
 

@@ -81,7 +81,6 @@ class _CaseZ:
     the scan's noise is made on request."""
 
     def __init__(self, case_id: str, data_root: Path, device: str):
-
         self.case = load_case(data_root / "cases" / case_id)
         self.id = case_id
         self.seg = self.case.seg

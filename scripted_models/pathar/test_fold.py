@@ -96,11 +96,6 @@ def test_fold_case_contrasts(patches) -> list[dict[str, dict[int, float]]]:
     return [patch_contrasts(patches, test[patches.patch_case[test] == c]) for c in cases]
 
 
-def test_fold_clear_cells(patches) -> set[tuple[str, int]]:
-    """The cells whose contrast is clear of zero over the test fold's cases (quality.clear_cells)."""
-    return clear_cells(test_fold_case_contrasts(patches))
-
-
 def compare_contrasts(generated: dict[str, dict[int, float]], real: dict[str, dict[int, float]],
                       clear: set[tuple[str, int]] | None = None,
                       pairs: set[tuple[str, int, int]] | None = None) -> dict:

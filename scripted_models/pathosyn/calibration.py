@@ -26,7 +26,6 @@ training population.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from ..labels import CORE, EDEMA, ENHANCING
 
@@ -42,6 +41,8 @@ LEVEL_RING_MM = (4.0, 12.0)  # the `ring` level reference: tissue this far aroun
 
 
 def highpass(image: np.ndarray, sigma: float = NOISE_HIGHPASS_SIGMA) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter  # here: the front ends import this module for its defaults
+
     image = image.astype(np.float64)
     return image - gaussian_filter(image, sigma)
 
@@ -126,6 +127,14 @@ def case_levels(case_ids, data_root, on_case=None, reference: str = "healthy") -
     return population_levels(cases())
 
 
+def level_entries(case_ids, data_root, on_case=None) -> dict:
+    """The deviation card's level calibration, measured on `case_ids` (the training fold): the population levels
+    in the default reference, the reference and the default pull."""
+    levels = case_levels(case_ids, data_root, on_case=on_case, reference=DEFAULT_LEVEL_REFERENCE)
+    return {"population_levels": levels, "population_level_reference": DEFAULT_LEVEL_REFERENCE,
+            "population_pull": DEFAULT_POPULATION_PULL}
+
+
 def pull_levels(image: np.ndarray, labels: np.ndarray, levels: dict[str, float], pull: float,
                 whole_lesion: bool = False) -> np.ndarray:
     """Level shift (same shape as `image`, z-units) that moves each sub-region's mean of `image` towards the
@@ -143,6 +152,8 @@ def pull_levels(image: np.ndarray, labels: np.ndarray, levels: dict[str, float],
         shift[sel] = targets[key] - mean
     if not shift.any():
         return shift.astype(np.float32)
+    from scipy.ndimage import gaussian_filter
+
     shift = gaussian_filter(shift, LEVEL_SHIFT_SMOOTHING)  # soft borders; then each region's mean made exact
     for key, sel in regions.items():
         shift[sel] += targets[key] - float((image[sel] + shift[sel]).mean(dtype=np.float64))

@@ -188,20 +188,18 @@ def cmd_calibrate(args) -> int:
 def _calibrate_levels(cases, root: Path, folder: Path) -> int:
     """The deviation card's `population_levels` as offsets from each case's level ring (training fold)."""
     from ..weights import load_card, write_card
-    from .calibration import DEFAULT_LEVEL_REFERENCE, DEFAULT_POPULATION_PULL, LEVEL_RING_MM, case_levels
+    from .calibration import LEVEL_RING_MM, level_entries
     from .deviation import WEIGHTS_NAME
 
     card = load_card(WEIGHTS_NAME, folder)
     used = []
-    levels = case_levels(cases, root, on_case=lambda case_id, _: used.append(case_id),
-                         reference=DEFAULT_LEVEL_REFERENCE)
+    entries = level_entries(cases, root, on_case=lambda case_id, _: used.append(case_id))
+    levels = entries["population_levels"]
     if not levels:
         raise InputError(f"no labelled case with sub-regions in the training fold of {root}")
-    card.update(population_levels=levels, population_level_reference=DEFAULT_LEVEL_REFERENCE,
-                population_pull=DEFAULT_POPULATION_PULL,
-                population_levels_data=f"training fold ({len(used)} cases with sub-regions): voxel-weighted mean "
-                                       f"z-score of each sub-region minus the case's mean over the tissue "
-                                       f"{LEVEL_RING_MM[0]:g}-{LEVEL_RING_MM[1]:g} mm around its lesion")
+    card.update(entries, population_levels_data=f"training fold ({len(used)} cases with sub-regions): "
+                "voxel-weighted mean z-score of each sub-region minus the case's mean over the tissue "
+                f"{LEVEL_RING_MM[0]:g}-{LEVEL_RING_MM[1]:g} mm around its lesion")
     write_card(WEIGHTS_NAME, card, folder)
     print(json.dumps({"population_levels": levels, "cases": len(used)}), flush=True)
     return 0

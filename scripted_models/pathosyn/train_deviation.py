@@ -22,13 +22,7 @@ from ..labels import MODALITIES, one_hot_subregions
 from ..preprocess import RoiBox, blend_weight, dilate_mm, roi_around
 from ..runtime import training_autocast
 from .api import BLEND_MARGIN_MM, HOLE_MARGIN_MM
-from .calibration import (
-    DEFAULT_LEVEL_REFERENCE,
-    DEFAULT_POPULATION_PULL,
-    case_levels,
-    case_texture_ratio,
-    median_texture_ratios,
-)
+from .calibration import case_texture_ratio, level_entries, median_texture_ratios
 from .deviation import (
     NULL_CONDITION,
     WEIGHTS_NAME,
@@ -244,11 +238,8 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         """The card's calibration entries (they depend on the training fold only, not on the weights)."""
         if not calibration:
             textures: list[dict] = []  # per training case, filled while the population levels are measured
-            levels = case_levels(folds.train, data_root or default_data_root(),
-                                 on_case=lambda _, case: textures.append(case_texture_ratio(case)),
-                                 reference=DEFAULT_LEVEL_REFERENCE)
-            calibration.update(population_levels=levels, population_level_reference=DEFAULT_LEVEL_REFERENCE,
-                               population_pull=DEFAULT_POPULATION_PULL,
+            calibration.update(level_entries(folds.train, data_root or default_data_root(),
+                                             on_case=lambda _, case: textures.append(case_texture_ratio(case))),
                                population_texture=median_texture_ratios(textures))
         return calibration
 
