@@ -365,6 +365,15 @@ def test_guidance_sweep_rule_keeps_signs_and_dice_then_lowest_contrast_error():
     assert qualifies == {"8": True, "fewer signs": False, "fewer signs near zero only": True, "worse ordering": False,
                          "much lower Dice": False, "slightly lower Dice": True, "same": True}
     assert choose({"8": run(0.4, 9, 0.5, 1.0)})[0] == "8"  # the reference qualifies by definition
+    # with orderings over the pairs whose real difference is clear of zero, those decide (session 31)
+
+    def clear(ordering, ordering_clear, error):
+        return [{**r, "worst_ordering_clear": ordering_clear} for r in run(0.43, 11, ordering, error)]
+
+    chosen, qualifies = choose({"8": clear(0.78, 1.0, 1.0), "all pairs lower": clear(0.67, 1.0, 0.5),
+                                "clear pairs lower": clear(1.0, 0.83, 0.4)})
+    assert chosen == "all pairs lower"
+    assert qualifies == {"8": True, "all pairs lower": True, "clear pairs lower": False}
 
 
 def test_guidance_sweep_table_shows_t1_and_flair_levels():
@@ -380,7 +389,7 @@ def test_guidance_sweep_table_shows_t1_and_flair_levels():
     row = next(line for line in text.splitlines() if line.startswith("| 8 |"))
     assert "| 1.00 / -0.65 / 3.00 | 1.00 / 2.00 / 3.00 | **chosen** |" in row  # t1, then flair
     assert "t1 contrasts necrotic or non-enhancing core -0.75, edema 0.14" in text
-    assert "| 9.0 (9-9) of 10 |" in row
+    assert "| 9.0 (9-9) of 10 |" in row and "| 0.50 (0.5-0.5) | - |" in row  # no clear-pair ordering given
 
 
 def test_signs_count_apart_where_the_real_contrast_is_clear_of_zero():

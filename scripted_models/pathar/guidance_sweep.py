@@ -9,9 +9,11 @@ the validation fold's real patches:
 
 Rule, fixed before the sweep: a candidate qualifies when, averaged over the seeds, its signs (counted where the
 validation fold's real contrast is clear of zero, quality.clear_cells; since 2026-12-04, session 28) and worst
-ordering are at least the reference's (the first candidate: the weights' current default) and its segmenter Dice
-is at most DICE_MARGIN below the reference's. The qualifying candidate with the lowest mean contrast error is
-chosen. Five lesions make one seed noisy (segmenter Dice varies by ~0.05 between seeds), hence six seeds and means.
+ordering (over the pairs whose real difference is clear of zero, quality.clear_pairs, since 2026-12-05, session
+31; over all pairs when the fold has none) are at least the reference's (the first candidate: the weights' current
+default) and its segmenter Dice is at most DICE_MARGIN below the reference's. The qualifying candidate with the
+lowest mean contrast error is chosen. Five lesions make one seed noisy (segmenter Dice varies by ~0.05 between
+seeds), hence six seeds and means.
 
     python -m scripted_models.pathar.guidance_sweep --candidates 8 t1=8,t1c=8,t2=8,flair=1 --out docs/pathar
     python -m scripted_models.pathar.guidance_sweep --compare new=DIR --candidates 8 new:8 new:8@t2 --out DIR
@@ -111,8 +113,10 @@ def choose(results: dict[str, list[dict]]) -> tuple[str, dict[str, bool]]:
         return float(np.mean([r[key] for r in results[name]]))
 
     ref = next(iter(results))
+    ordering = "worst_ordering_clear" if all(r.get("worst_ordering_clear") is not None
+                                             for runs in results.values() for r in runs) else "worst_ordering"
     qualifies = {name: mean(name, "signs_clear") >= mean(ref, "signs_clear") - 1e-9
-                 and mean(name, "worst_ordering") >= mean(ref, "worst_ordering") - 1e-9
+                 and mean(name, ordering) >= mean(ref, ordering) - 1e-9
                  and mean(name, "segmenter_dice") >= mean(ref, "segmenter_dice") - DICE_MARGIN
                  for name in results}
     chosen = min((name for name in results if qualifies[name]), key=lambda name: mean(name, "contrast_error"))
@@ -127,11 +131,12 @@ def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -
              + "; ".join(f"{m} contrasts " + ", ".join(f"{SUBREGION_NAMES[c]} {real[m][c]:.2f}" for c in SUBREGIONS
                                                           if c in real[m]) for m in SHOWN_CONTRASTS)
              + f". Rule: mean signs clear of zero (counted only where the real contrast is clear of zero) and mean "
-             f"worst ordering at least the reference's (first row), mean segmenter "
-             f"Dice at most {DICE_MARGIN} below it, then the lowest mean contrast error.", "",
-             "| guidance | segmenter Dice | signs | signs clear of zero | worst ordering | contrast error (z) | "
-             + " | ".join(f"{m} core / edema / enhancing" for m in SHOWN_CONTRASTS) + " | qualifies |",
-             "|---|---|---|---|---|---|" + "---|" * len(SHOWN_CONTRASTS) + "---|"]
+             f"worst ordering over the pairs whose real difference is clear of zero at least the reference's (first "
+             f"row), mean segmenter Dice at most {DICE_MARGIN} below it, then the lowest mean contrast error.", "",
+             "| guidance | segmenter Dice | signs | signs clear of zero | worst ordering | over clear pairs | "
+             "contrast error (z) | " + " | ".join(f"{m} core / edema / enhancing" for m in SHOWN_CONTRASTS)
+             + " | qualifies |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(SHOWN_CONTRASTS) + "---|"]
     for name, per_seed in results.items():
         def col(key, per_seed=per_seed, digits=3):
             values = [r[key] for r in per_seed]
@@ -140,9 +145,12 @@ def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -
         levels = " | ".join(" / ".join(f"{np.mean([r['contrasts'][m][k] for r in per_seed]):.2f}"
                                        for k in per_seed[0]["contrasts"][m]) for m in SHOWN_CONTRASTS)
         mark = "**chosen**" if name == chosen else ("yes" if qualifies[name] else "no")
+        clear = col("worst_ordering_clear", digits=2) if all(r.get("worst_ordering_clear") is not None
+                                                              for r in per_seed) else "-"
         lines.append(f"| {name} | {col('segmenter_dice')} | {col('signs', digits=1)} | "
                      f"{col('signs_clear', digits=1)} of {per_seed[0]['signs_total_clear']} | "
-                     f"{col('worst_ordering', digits=2)} | {col('contrast_error', digits=2)} | {levels} | {mark} |")
+                     f"{col('worst_ordering', digits=2)} | {clear} | {col('contrast_error', digits=2)} | {levels} | "
+                     f"{mark} |")
     return "\n".join(lines) + "\n"
 
 
