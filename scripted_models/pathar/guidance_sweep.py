@@ -107,14 +107,18 @@ def score(rows, rendered: list[dict], real: dict, segmenter, clear: set[tuple[st
                               if r["modality"] == m} for m in MODALITIES}}
 
 
+def has_clear_ordering(runs: list[dict]) -> bool:
+    """Whether every run scored the ordering over clear-of-zero pairs (the fold has such pairs)."""
+    return all(r.get("worst_ordering_clear") is not None for r in runs)
+
+
 def choose(results: dict[str, list[dict]]) -> tuple[str, dict[str, bool]]:
     """The rule of the module docstring. results: {candidate: [score per seed]}, the reference first."""
     def mean(name: str, key: str) -> float:
         return float(np.mean([r[key] for r in results[name]]))
 
     ref = next(iter(results))
-    ordering = "worst_ordering_clear" if all(r.get("worst_ordering_clear") is not None
-                                             for runs in results.values() for r in runs) else "worst_ordering"
+    ordering = "worst_ordering_clear" if all(map(has_clear_ordering, results.values())) else "worst_ordering"
     qualifies = {name: mean(name, "signs_clear") >= mean(ref, "signs_clear") - 1e-9
                  and mean(name, ordering) >= mean(ref, ordering) - 1e-9
                  and mean(name, "segmenter_dice") >= mean(ref, "segmenter_dice") - DICE_MARGIN
@@ -131,8 +135,9 @@ def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -
              + "; ".join(f"{m} contrasts " + ", ".join(f"{SUBREGION_NAMES[c]} {real[m][c]:.2f}" for c in SUBREGIONS
                                                           if c in real[m]) for m in SHOWN_CONTRASTS)
              + f". Rule: mean signs clear of zero (counted only where the real contrast is clear of zero) and mean "
-             f"worst ordering over the pairs whose real difference is clear of zero at least the reference's (first "
-             f"row), mean segmenter Dice at most {DICE_MARGIN} below it, then the lowest mean contrast error.", "",
+             f"worst ordering over the pairs whose real difference is clear of zero (all pairs when there are none) "
+             f"at least the reference's (first row), mean segmenter Dice at most {DICE_MARGIN} below it, then the "
+             f"lowest mean contrast error.", "",
              "| guidance | segmenter Dice | signs | signs clear of zero | worst ordering | over clear pairs | "
              "contrast error (z) | " + " | ".join(f"{m} core / edema / enhancing" for m in SHOWN_CONTRASTS)
              + " | qualifies |",
@@ -145,8 +150,7 @@ def markdown(results, qualifies, chosen, real, real_dice, lesions: int, seeds) -
         levels = " | ".join(" / ".join(f"{np.mean([r['contrasts'][m][k] for r in per_seed]):.2f}"
                                        for k in per_seed[0]["contrasts"][m]) for m in SHOWN_CONTRASTS)
         mark = "**chosen**" if name == chosen else ("yes" if qualifies[name] else "no")
-        clear = col("worst_ordering_clear", digits=2) if all(r.get("worst_ordering_clear") is not None
-                                                              for r in per_seed) else "-"
+        clear = col("worst_ordering_clear", digits=2) if has_clear_ordering(per_seed) else "-"
         lines.append(f"| {name} | {col('segmenter_dice')} | {col('signs', digits=1)} | "
                      f"{col('signs_clear', digits=1)} of {per_seed[0]['signs_total_clear']} | "
                      f"{col('worst_ordering', digits=2)} | {clear} | {col('contrast_error', digits=2)} | {levels} | "
