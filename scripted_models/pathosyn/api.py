@@ -292,8 +292,9 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     if scale < 1.0:
         residuals = resize(residuals, crop_shape, order=1)
     levels = model.card.get("population_levels") or {}
+    level_reference = model.card.get("population_level_reference", "healthy")
     pull = float(model.card.get("population_pull", 0.0) if population_pull is None else population_pull)
-    if pull > 0.0 and levels and model.card.get("population_level_reference") == "ring":
+    if pull > 0.0 and levels and level_reference == "ring":
         levels = _levels_from_ring(levels, prep, lesion, anatomy)
     if pull > 0.0 and levels:
         from .calibration import pull_levels
@@ -336,7 +337,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         "modalities": list(prep.images), "seed": seed, "samples": samples, "steps": int(steps or cfg.default_steps),
         "guidance": guidance, "device": str(dev), "base": base, "whole_lesion_only": whole_only,
         "population_pull": pull if levels else 0.0,
-        "population_level_reference": model.card.get("population_level_reference", "healthy") if levels else None,
+        "population_level_reference": level_reference if levels else None,
         "texture_match": {m: float(textures[m]) for m in prep.images if m in textures},
         "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
         "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
