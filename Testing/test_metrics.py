@@ -67,6 +67,28 @@ def test_two_sample_classifier_auroc_separates_only_different_textures():
     assert separable > 0.95, separable
 
 
+def test_across_case_auroc_judges_each_case_by_the_others():
+    from scripted_models.evaluation.two_sample import axial_patches, classifier_auroc, lesion_centres
+
+    rng = np.random.default_rng(0)
+    shape = (20, 64, 64)
+    lesion = np.zeros(shape, bool)
+    lesion[5:15, 16:48, 16:48] = True
+    centres = lesion_centres(lesion, n=100, seed=0)
+    rough = [axial_patches([rng.normal(0, 1, shape).astype(np.float32)], centres) for _ in range(4)]
+    smooth = [axial_patches([rng.normal(0, 0.2, shape).astype(np.float32)], centres) for _ in range(4)]
+    cases = np.repeat(["a", "b"], len(centres))
+    # a difference every case shares (synthetic smoother): found across cases
+    shared = classifier_auroc(np.concatenate(rough[:2]), np.concatenate(smooth[:2]), cases)
+    assert shared > 0.95, shared
+    # the direction flips between the cases: a classifier trained on one case scores the other backwards, which
+    # it could not if the scored case were in its training folds
+    flipped = classifier_auroc(np.concatenate([rough[2], smooth[2]]), np.concatenate([smooth[3], rough[3]]), cases)
+    assert flipped < 0.1, flipped
+    with pytest.raises(ValueError, match="at least 2 cases"):
+        classifier_auroc(rough[0], smooth[0], np.repeat("a", len(centres)))
+
+
 def test_separating_features_name_what_differs():
     from scripted_models.evaluation.two_sample import FEATURE_NAMES, axial_patches, lesion_centres, separating_features
 

@@ -11,7 +11,9 @@ case's healthy tissue:
 A (case, modality) pair **passes** when, averaged over seeds and sub-regions, the synthetic lesion is closer
 than the base on mean intensity *and* closer than the constant fill on Wasserstein. The pass fraction over
 the fold is the headline number. A two-sample texture classifier (real vs synthetic axial patches, all four
-modalities) is pooled over the fold's cases.
+modalities) is pooled over the fold's cases, cross-validated within cases (how close to this case's own lesion)
+and across cases (leave one case out: do synthetic lesions differ from real ones in a way that holds from case to
+case); see two_sample.
 """
 from __future__ import annotations
 
@@ -232,12 +234,14 @@ class FoldRealism:
         per_weights = {label: {"rows": [], "real_patches": [], "syn_patches": [], "outside_max_abs": 0.0,
                                "examples": {}} for label in weights}
         copy_patches = []  # the copy-paste baseline's patches, for its classifier AUROC (a real lesion's texture)
+        patch_cases = []  # the case of each patch row (the same rows for every weights), for the across-case AUROC
         for target, source_id, copy in self.targets:
             region = dilate_mm(target.lesion, 6.0, target.case.spacing_zyx)
             mods = [m for m in MODALITIES if m in target.real]
             centres = lesion_centres(target.lesion, n=120, seed=0)
             if len(mods) == len(MODALITIES):
                 copy_patches.append(axial_patches([copy[m] for m in mods], centres))
+                patch_cases += [target.id] * len(centres)
             for label, pipe in weights.items():
                 acc = per_weights[label]
                 runs = []
@@ -270,11 +274,15 @@ class FoldRealism:
             pairs = pair_verdicts(acc["rows"])
             summary = summarise(acc["rows"], pairs)
             if acc["real_patches"]:
-                real = np.concatenate(acc["real_patches"])
-                summary["classifier_auroc"] = round(classifier_auroc(real, np.concatenate(acc["syn_patches"])), 4)
-                summary["classifier_auroc_copy"] = round(classifier_auroc(real, np.concatenate(copy_patches)), 4)
-                summary["separating_features"] = separating_features(real, np.concatenate(acc["syn_patches"]),
-                                                                     list(MODALITIES))
+                real, syn, copied = (np.concatenate(p) for p in (acc["real_patches"], acc["syn_patches"],
+                                                                  copy_patches))
+                summary["classifier_auroc"] = round(classifier_auroc(real, syn), 4)
+                summary["classifier_auroc_copy"] = round(classifier_auroc(real, copied), 4)
+                if len(set(patch_cases)) > 1:
+                    cases = np.array(patch_cases)
+                    summary["classifier_auroc_across_cases"] = round(classifier_auroc(real, syn, cases), 4)
+                    summary["classifier_auroc_across_cases_copy"] = round(classifier_auroc(real, copied, cases), 4)
+                summary["separating_features"] = separating_features(real, syn, list(MODALITIES))
             summary["outside_region_max_abs_diff"] = acc["outside_max_abs"]
             report["results"][label] = {"summary": summary, "pairs": pairs,
                                         "regions": [{k: (round(v, 4) if isinstance(v, float) else v)
@@ -319,7 +327,9 @@ def realism_markdown(report: dict) -> str:
 
     row("**pass fraction** (case, modality pairs)", "pass_fraction", "copy_paste_pass_fraction")
     row("median texture ratio (synthetic / real, 1 = real)", "median_texture_ratio", "median_texture_ratio_copy")
-    row("classifier AUROC (0.5 = indistinguishable)", "classifier_auroc", "classifier_auroc_copy")
+    row("classifier AUROC within cases (0.5 = indistinguishable)", "classifier_auroc", "classifier_auroc_copy")
+    row("classifier AUROC across cases (leave one case out)", "classifier_auroc_across_cases",
+        "classifier_auroc_across_cases_copy")
     row(f"mean error (base: {first['mean_err_base']})", "mean_err", "mean_err_copy")
     row(f"Wasserstein (constant fill: {first['wasserstein_const']})", "wasserstein", "wasserstein_copy")
     row("outside-region max abs difference", "outside_region_max_abs_diff")

@@ -3,8 +3,13 @@
 Patches are axial 2D crops (all modalities as channels) centred on the same lesion voxels in the real and the
 synthetic image. Each patch is described per channel by intensity (mean, spread, quantiles, 4x4 block means) and
 texture (mean absolute gradients and Laplacian, neighbour correlation). A logistic-regression classifier on these
-features is cross-validated with the patch centre as the group (a location is never in both a training and a test
-fold). AUROC 0.5 means the two sets are indistinguishable to it; 1.0 means perfectly separable.
+features is cross-validated in one of two ways; AUROC 0.5 means the two sets are indistinguishable to it, 1.0
+perfectly separable.
+- **Within cases** (folds of patch centres; a location is never in both a training and a test fold): the classifier
+  learns each case's own real lesion, so it asks how close the synthetic lesion is to *this case's* lesion. A real
+  lesion of another case pasted in does not pass it either.
+- **Across cases** (leave one case out): the classifier must judge a case it never saw, so it asks whether
+  synthetic lesions differ from real ones in a way that holds from case to case: a realism test.
 """
 from __future__ import annotations
 
@@ -53,8 +58,11 @@ def patch_features(patches: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
-def classifier_auroc(real: np.ndarray, synthetic: np.ndarray, folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated AUROC of real (label 1) vs synthetic (label 0) patches; rows i of both share a centre."""
+def classifier_auroc(real: np.ndarray, synthetic: np.ndarray, cases: np.ndarray | None = None, folds: int = 5,
+                     seed: int = 0) -> float:
+    """Cross-validated AUROC of real (label 1) vs synthetic (label 0) patches; rows i of both share a centre.
+    cases (N,): the case of each row; given, each case is scored by a classifier trained on the others (across
+    cases), otherwise folds of patch centres (within cases)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
@@ -64,9 +72,16 @@ def classifier_auroc(real: np.ndarray, synthetic: np.ndarray, folds: int = 5, se
     n = len(real)
     x = np.concatenate([patch_features(real), patch_features(synthetic)])
     y = np.r_[np.ones(n), np.zeros(len(synthetic))]
+    if cases is None:
+        order = np.random.default_rng(seed).permutation(n)  # group = patch centre, shuffled (GroupKFold is not)
+        groups = np.r_[order, order]
+    else:
+        cases = np.asarray(cases)
+        if len(cases) != n or len(np.unique(cases)) < 2:
+            raise ValueError("an across-case AUROC needs the case of every row and at least 2 cases")
+        groups = np.r_[cases, cases]
+        folds = len(np.unique(cases))
     scores = np.zeros(len(y))
-    order = np.random.default_rng(seed).permutation(n)  # group = patch centre, shuffled (GroupKFold is not)
-    groups = np.r_[order, order]
     for train, test in GroupKFold(n_splits=folds).split(x, y, groups):
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
         model.fit(x[train], y[train])

@@ -262,6 +262,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
         row = {"step": step, "pass_fraction": summary["pass_fraction"], "wasserstein": summary["wasserstein"],
                "mean_err": summary["mean_err"], "per_modality_pass": summary["per_modality_pass"],
                "classifier_auroc": summary.get("classifier_auroc"),
+               "classifier_auroc_across_cases": summary.get("classifier_auroc_across_cases"),
                "median_texture_ratio": summary.get("median_texture_ratio")}
         write_safetensors(state, work / f"realism_step{step}.safetensors")
         realism_curve.append(row)
