@@ -276,6 +276,10 @@ def test_rows_that_follow_an_anchor_row():
     mixed = sample_following(model, cache, mods, a_noise, 3, guidance=2.0, guided=some)
     assert torch.equal(mixed[first, :1][~some[first, :1]], plain[first, :1][~some[first, :1]])
     assert torch.equal(mixed[first, :1][some[first, :1]], tokens[first, :1][some[first, :1]])
+    # a share of the weight (lesion_guidance "fraction"): half of weight 2 everywhere is weight 1 everywhere
+    half = torch.full((6, N), 0.5)
+    assert torch.equal(sample_following(model, cache, mods, a_noise, 3, guidance=2.0, guided=half),
+                       sample_following(model, cache, mods, a_noise, 3, guidance=1.0, guided=everywhere))
     # pipelined: s_j, the anchor's a'_{j-1} and the followers' a_{j-2} in one pass draw the same tokens
     s_joint, a_joint = sample_joint(model, s_noise, mods, a_noise, guidance=2.0, anchor_label=3)
     assert torch.equal(s_joint, s_tokens) and torch.equal(a_joint, tokens)
@@ -761,9 +765,27 @@ def test_anchor_training_rows_follow_another_modality_of_the_same_patch(tmp_path
     model.shared_anatomy_tokens(s_cache, decoded, mods, noise, "t1c", guidance=4.0)
     model.shared_anatomy_tokens(s_cache, decoded, mods, noise, "t1c", guidance=4.0, lesion_guidance=True)
     assert passed[0] is None and torch.equal(passed[1], cells)  # the rows' lesion cells (sample_following tests)
-    assert not model.guides_lesion_only
+    blob = torch.zeros_like(decoded)
+    blob[:, 1:decoded.shape[1] - 2, 2:decoded.shape[2] - 1, 1:] = 2  # a lesion with partly covered edge cells
+    model.shared_anatomy_tokens(s_cache, blob, mods, noise, "t1c", guidance=4.0, lesion_guidance="fraction")
+    share = passed[2]  # each cell's lesion share: 0 outside the lesion's cells, in (0, 1] inside
+    blob_cells = api.lesion_cells(blob, model.structure.cfg.downsample).repeat_interleave(3, 0)
+    assert share.dtype == torch.float32 and torch.equal(share > 0, blob_cells) and share.max() <= 1.0
+    assert 0 < share[blob_cells].min() < 1 and share.max() == 1.0  # edge cells are partly healthy
+    (g0, g1, g2), d = model.grid, model.structure.cfg.downsample
+    by_hand = (blob[0] > 0).float().reshape(g0, d, g1, d, g2, d).mean((1, 3, 5)).flatten()
+    assert torch.allclose(share[0], by_hand)
+    assert not model.guides_lesion_only and model.lesion_guidance is False
     card_path = out / "pathar_transformer.json"
     card = json.loads(card_path.read_text())
+    for value in (True, "fraction"):
+        card["sampling"] = {"guidance_in_lesion": value}
+        card_path.write_text(json.dumps(card))
+        assert api.load_models("cpu", out).lesion_guidance == value and api.load_models("cpu", out).guides_lesion_only
+    card["sampling"] = {"guidance_in_lesion": "edges"}
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="guidance_in_lesion"):
+        api.load_models("cpu", out)
     card["sampling"] = {"guidance_in_lesion": True}
     card_path.write_text(json.dumps(card))
     assert api.load_models("cpu", out).guides_lesion_only

@@ -69,6 +69,15 @@ def lesion_cells(masks: torch.Tensor, downsample: int) -> torch.Tensor:
     return pool((masks > 0).float()[:, None], downsample).flatten(1) > 0
 
 
+def lesion_fractions(masks: torch.Tensor, downsample: int) -> torch.Tensor:
+    """(B, *S) labels -> (B, N) float: the share of each token cell's voxels that are lesion."""
+    pool = getattr(torch.nn.functional, f"avg_pool{masks.dim() - 1}d")
+    return pool((masks > 0).float()[:, None], downsample).flatten(1)
+
+
+LESION_FRACTION = "fraction"  # sampling.guidance_in_lesion: guidance weighted by each cell's lesion share
+
+
 def _guidance_weight(w, shown) -> float:
     if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w) or w < 0:
         raise InputError(f"modality guidance must be a number >= 0 or {{modality: number >= 0}}, got {shown!r}")
@@ -135,6 +144,18 @@ class PathAR:
             self.anatomy_from = check_anatomy_from(card.get("sampling", {}).get("anatomy_from"), self.modalities)
         except InputError as exc:
             raise WeightsError(f"{TRANSFORMER_NAME} card: {exc}") from None
+        self.lesion_guidance = self._lesion_guidance(card)
+
+    def _lesion_guidance(self, card: dict) -> bool | str:
+        """Where rows that follow an anchor row are guided (the card's `sampling.guidance_in_lesion`): False =
+        everywhere (the default), True = only in token cells holding lesion, "fraction" = there with the weight
+        times the cell's lesion share. Modality guidance amplifies what sets the label apart and drowns the anchor's
+        anatomy, which all labels share; and a whole 16 mm cell guided for a lesion at its edge draws a halo."""
+        value = card.get("sampling", {}).get("guidance_in_lesion", False)
+        if value not in (False, True, LESION_FRACTION):
+            raise WeightsError(f"{TRANSFORMER_NAME} card: sampling.guidance_in_lesion must be true, false or "
+                               f"{LESION_FRACTION!r}, got {value!r}")
+        return value if self.transformer.cfg.anchor_conditioning else False
 
     def guidance(self, override: ModalityGuidance | None = None) -> dict[str, float]:
         """{modality: weight} a sampling call uses: the weights' default, with `override` (one number for every
@@ -195,28 +216,29 @@ class PathAR:
 
     @property
     def guides_lesion_only(self) -> bool:
-        """Whether rows that follow an anchor row are guided only in the lesion's cells (the card's
-        `sampling.guidance_in_lesion`, default no): modality guidance amplifies what sets the label apart and drowns
-        the anchor's anatomy, which all labels share."""
-        return self.transformer.cfg.anchor_conditioning and \
-            bool(self.cards[TRANSFORMER_NAME].get("sampling", {}).get("guidance_in_lesion", False))
+        """Whether followers are guided only in the lesion's cells (lesion_guidance, either form)."""
+        return bool(self.lesion_guidance)
 
     def shared_anatomy_tokens(self, s_cache, masks: torch.Tensor, modality: torch.Tensor, noise, anchor: str,
                               temperature: float = 1.0, top_k: int | None = None, guidance=0.0, callback=None,
-                              copy: bool | None = None, lesion_guidance: bool | None = None) -> torch.Tensor:
+                              copy: bool | None = None, lesion_guidance: bool | str | None = None) -> torch.Tensor:
         """Appearance tokens (S*R, N) whose rows share the anchor modality's anatomy, given the structure cache: a
         transformer trained to follow an anchor row draws the anchor first and the others after it
         (sample_following); copy: rows take the anchor's tokens outside the lesion's cells (SharedAnatomy; None =
-        copies_anatomy); lesion_guidance: following rows are guided only in the lesion's cells (None =
-        guides_lesion_only)."""
+        copies_anatomy); lesion_guidance: rows are guided only in the lesion's cells, True at full weight, "fraction"
+        at the weight times the cell's lesion share (None = the card's, lesion_guidance)."""
         label = self.modalities.index(anchor)
         follow = self.transformer.cfg.anchor_conditioning
         copy = self.copies_anatomy if copy is None else copy
-        lesion_guidance = self.guides_lesion_only if lesion_guidance is None else lesion_guidance
+        lesion_guidance = self.lesion_guidance if lesion_guidance is None else lesion_guidance
         cells = lesion_cells(masks, self.structure.cfg.downsample)  # (S, N)
         shared = SharedAnatomy.from_lesion_cells(cells, modality, label) if copy else None
         if follow:
-            guided = cells.repeat_interleave(modality.shape[0] // cells.shape[0], 0) if lesion_guidance else None
+            guided = None
+            if lesion_guidance:
+                share = lesion_fractions(masks, self.structure.cfg.downsample) \
+                    if lesion_guidance == LESION_FRACTION else cells
+                guided = share.repeat_interleave(modality.shape[0] // cells.shape[0], 0)  # (S*R, N)
             return sample_following(self.transformer, s_cache, modality, noise, label, temperature, top_k, callback,
                                     guidance, shared, guided)
         return sample_appearance(self.transformer, s_cache, modality, noise, temperature, top_k, callback, guidance,

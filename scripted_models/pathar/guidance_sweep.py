@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES, SUBREGION_NAMES
+from .api import LESION_FRACTION
 from .quality import SHORT, SUBREGIONS, clear_cells, clear_pairs, mean_contrasts
 from .test_fold import SEGMENTER_STEPS
 
@@ -52,15 +53,16 @@ def validation_lesions(patches) -> list[tuple[np.ndarray, dict[str, np.ndarray]]
 
 
 def parse_candidate(text: str) -> tuple[str, str | None, dict]:
-    """ "W|MOD=W,...[@MOD[+copy][+lesion]]" -> (guidance text, anchor modality of a shared anatomy or None,
-    options for PathAR.shared_anatomy_tokens: copy=True with "+copy", lesion_guidance=True with "+lesion"; absent =
-    the weights' way)."""
+    """ "W|MOD=W,...[@MOD[+copy][+lesion|+fraction]]" -> (guidance text, anchor modality of a shared anatomy or
+    None, options for PathAR.shared_anatomy_tokens: copy=True with "+copy", lesion_guidance=True with "+lesion",
+    "fraction" with "+fraction" (weighted by each cell's lesion share); absent = the weights' way)."""
     guidance, _, anchor = text.partition("@")
     anchor, *flags = anchor.split("+")
-    names = {"copy": "copy", "lesion": "lesion_guidance"}
-    if any(f not in names for f in flags):
-        raise ValueError(f"candidate {text!r}: expected W@MOD with optional +copy and +lesion")
-    return guidance, (anchor or None), {names[f]: True for f in flags}
+    options = {"copy": ("copy", True), "lesion": ("lesion_guidance", True),
+               "fraction": ("lesion_guidance", LESION_FRACTION)}
+    if any(f not in options for f in flags) or {"lesion", "fraction"} <= set(flags):
+        raise ValueError(f"candidate {text!r}: expected W@MOD with optional +copy and one of +lesion, +fraction")
+    return guidance, (anchor or None), dict(options[f] for f in flags)
 
 
 @torch.no_grad()
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
                         help="guidance settings to compare; the first is the reference (normally the current default); "
                              "@MOD: a shared anatomy drawn in MOD (+copy: also copied outside "
                              "the lesion by weights that follow an anchor row; +lesion: their guidance only in the "
-                             "lesion's cells)")
+                             "lesion's cells; +fraction: there, weighted by each cell's lesion share)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--weights", default=None, help="weights folder (default: the bundled weights)")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
@@ -196,8 +198,8 @@ def main(argv=None) -> int:
         setting = models[label].guidance(parse_modality_guidance(guidance_text))
         name = (f"{label}: " if label else "") + describe_guidance(setting) + (
             f", anatomy from {check_anatomy_from(anchor, model.modalities)}" if anchor else "") + (
-            " (copied)" if options.get("copy") else "") + (" (guided in the lesion)" if options.get(
-                "lesion_guidance") else "")
+            " (copied)" if options.get("copy") else "") + {True: " (guided in the lesion)", LESION_FRACTION: (
+                " (guided by each cell's lesion share)")}.get(options.get("lesion_guidance"), "")
         candidates[name], anchors[name], used[name] = setting, (anchor, options), models[label]
     patches = reference_patches(model.cards, Path(args.work), args.data, held_out="validation")
     rows = validation_lesions(patches)

@@ -836,8 +836,12 @@ def write_markdown_card(folder: Path | None = None) -> Path:
             lines += [anatomy_default + " by default (`sample_pairs(..., anatomy_from=MOD|'none')`, `pathosyn sample "
                       "--anatomy-from`): " + sampling["shared_anatomy_sweep"], ""]
         if sampling.get("anchor_sweep"):
-            lines += [("Guidance only in the lesion's cells" if sampling.get("guidance_in_lesion") else
-                       "Guidance everywhere") + " for rows that follow an anchor row: " + sampling["anchor_sweep"], ""]
+            where = {True: "Guidance only in the lesion's cells",
+                     "fraction": "Guidance in the lesion's cells, weighted by each cell's lesion share"}
+            lines += [where.get(sampling.get("guidance_in_lesion"), "Guidance everywhere")
+                      + " for rows that follow an anchor row: " + sampling["anchor_sweep"], ""]
+        if sampling.get("lesion_share_sweep"):
+            lines += ["Guidance weighted by each cell's lesion share: " + sampling["lesion_share_sweep"], ""]
         if sampling.get("validation"):
             lines += ["| W | " + " | ".join(sampling["validation"]["columns"]) + " |",
                       "|---|" + "---|" * len(sampling["validation"]["columns"])]

@@ -619,8 +619,9 @@ def _pipelined_rows(model: IARTransformer, s_cache: KVCache, modality: torch.Ten
                     temperature, top_k, guidance, callback, guided=None, own=None, structure=None) -> torch.Tensor:
     """Appearance rows in groups, group g one slot behind group g-1 (the first `lag` slots behind the structure):
     each pass draws one slot of every group, with one weight read. Followers (group 1) see the anchor's token at
-    their slot. guided (B, N): where guidance applies; own (B, N): where a follower keeps its own token rather
-    than the anchor's. structure: (s_tokens, s_noise) when the structure is sampled in the same passes."""
+    their slot. guided (B, N): where guidance applies (bool), or the share of the weight that does (float);
+    own (B, N): where a follower keeps its own token rather than the anchor's. structure: (s_tokens, s_noise)
+    when the structure is sampled in the same passes."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     S, B = s_cache.batch, modality.shape[0]
@@ -674,8 +675,8 @@ def sample_following(model: IARTransformer, s_cache: KVCache, modality: torch.Te
     cache (S rows): each sample's row of `anchor_label` is drawn one slot ahead of its other rows, which see the
     anchor's token a'_t at their slot t (one pass per slot for all rows). modality (S*R,) structure-major with one
     anchor row per sample; noise (S*R, N, Va) or None. shared: the followers take the anchor's token outside their
-    own cells (SharedAnatomy for the S*R rows). guided (S*R, N): where the guidance applies, plain sampling
-    elsewhere. Returns tokens (S*R, N)."""
+    own cells (SharedAnatomy for the S*R rows). guided (S*R, N): where the guidance applies (bool; plain sampling
+    elsewhere) or the share of its weight that applies (float). Returns tokens (S*R, N)."""
     modality = modality.long().to(model.wse.weight.device)
     groups = _row_groups(modality, s_cache.batch, anchor_label)
     return _pipelined_rows(model, s_cache, modality, noise, groups, 0, temperature, top_k, guidance, callback,
