@@ -891,6 +891,54 @@ def test_shared_anatomy_defaults_to_the_weights_card(tiny_weights, tmp_path):
         sample()
 
 
+def test_one_head_outline_makes_background_common_outside_the_lesion():
+    bg = -4.0
+    images = np.zeros((1, 2, 4, 4, 4), np.float32)
+    images[0, 1, 0] = bg  # modality 1 draws slice 0 as background
+    images[0, 0, 3, 0] = bg + 0.2  # modality 0 draws a row of slice 3 as (near) background
+    mask = np.zeros((1, 4, 4, 4), np.uint8)
+    mask[0, 0, 1, 1] = 2  # a lesion voxel in modality 1's background: kept as drawn
+    out = api.one_head_outline(images, mask, bg)
+    head = np.ones((4, 4, 4), bool)
+    head[0] = False
+    head[3, 0] = False
+    head[0, 1, 1] = True
+    assert np.array_equal(out[0, 0] > bg + api.HEAD_MARGIN_Z, head) and np.array_equal(out[0, 1] > bg + 0.5, head
+                                                                                       & (images[0, 1] > bg))
+    assert np.array_equal(out[:, :, head], images[:, :, head]) and (out[:, :, ~head] == bg).all()
+
+
+def test_one_head_outline_from_the_card(tiny_weights, tmp_path):
+    """sampling.one_head_outline: every returned modality of a sample has the same head outside the lesion; inside
+    that common head the images are those drawn without the option; the structure is unchanged."""
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    card_path = folder / f"{api.TRANSFORMER_NAME}.json"
+    card = json.loads(card_path.read_text())
+
+    def sample():
+        pairs = api.sample_pairs(["t1", "flair"], n=2, seed=1, device="cpu", weights=folder)
+        return [p.mask.array for p in pairs], [np.stack([p.images[m].array for m in ("t1", "flair")]) for p in pairs]
+
+    masks, drawn = sample()
+    assert not api.load_models("cpu", folder).one_head_outline
+    # a barely trained decoder draws no background: call half of its intensities background instead
+    bg = float(np.median(np.stack(drawn))) - api.HEAD_MARGIN_Z
+    card["patch"]["background_z"] = bg
+    card["sampling"] = {**card.get("sampling", {}), "one_head_outline": True}
+    card_path.write_text(json.dumps(card))
+    masks_outlined, outlined = sample()
+    assert all(np.array_equal(a, b) for a, b in zip(masks, masks_outlined))
+    cut = 0
+    for mask, raw, out in zip(masks, drawn, outlined):
+        head = (out > bg + api.HEAD_MARGIN_Z) | (mask > 0)
+        assert np.array_equal(head[0], head[1])  # one outline for both modalities
+        common = ((raw > bg + api.HEAD_MARGIN_Z).all(0) | (mask > 0))
+        assert np.array_equal(out[:, common], raw[:, common]) and (out[:, ~common] == bg).all()
+        cut += int((raw[:, ~common] > bg + api.HEAD_MARGIN_Z).sum())
+    assert cut > 0  # the modalities' own outlines differed somewhere
+
+
 @pytest.mark.parametrize("kwargs", [
     {"modalities": ["t5"]}, {"modalities": []}, {"n": 0}, {"n": -2}, {"n": 1.5}, {"seed": -1},
     {"temperature": 0.0}, {"temperature": "hot"}, {"top_k": 0}, {"modality_guidance": -1.0},
@@ -1324,16 +1372,21 @@ def test_bundled_weights_sample(monkeypatch):
 
 def test_bundled_weights_shared_anatomy_gives_every_modality_one_head(monkeypatch):
     """Independent modality rows draw each modality its own head and brain; the bundled default draws flair first
-    and lets the other modalities follow it (guided only in the lesion), so the foregrounds agree as in a real scan
-    (validation fold: 0.62-0.68 independent, 0.93 following; real 0.99)."""
+    and lets the other modalities follow it (guided only in the lesion), so the foregrounds agree better (validation
+    fold: 0.62-0.68 independent, 0.93 following; real 0.99); the card's one_head_outline then makes them one."""
     monkeypatch.delenv("PATHOSYN_WEIGHTS_DIR", raising=False)
 
-    def foreground_dice(anatomy_from):
+    def foreground_dice(anatomy_from):  # outside the lesion
         pair = api.sample_pairs(["t1c", "flair"], n=1, seed=0, device="cpu", anatomy_from=anatomy_from)[0]
-        a, b = (pair.images[m].array > -3.0 for m in ("t1c", "flair"))
+        a, b = (pair.images[m].array > -4.0 + api.HEAD_MARGIN_Z for m in ("t1c", "flair"))
+        a, b = (x | (pair.mask.array > 0) for x in (a, b))
         return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
-    assert api.load_models("cpu").anatomy_from == "flair"
+    model = api.load_models("cpu")
+    assert model.background_z == -4.0
+    assert model.anatomy_from == "flair" and model.one_head_outline
+    assert foreground_dice("card") == foreground_dice("none") == 1.0
+    monkeypatch.setattr(api, "one_head_outline", lambda images, masks, background_z: images)  # the drawing itself
     assert foreground_dice("card") > 0.9
     assert foreground_dice("none") < 0.8
 

@@ -76,6 +76,15 @@ def lesion_fractions(masks: torch.Tensor, downsample: int) -> torch.Tensor:
 
 
 LESION_FRACTION = "fraction"  # sampling.guidance_in_lesion: guidance weighted by each cell's lesion share
+HEAD_MARGIN_Z = 0.5  # a voxel is head (not the constant outside-head background) above background_z + this
+
+
+def one_head_outline(images: np.ndarray, masks: np.ndarray, background_z: float) -> np.ndarray:
+    """images (B, M, *S) of B samples in M modalities, masks (B, *S) -> the same with one head outline per sample:
+    outside the lesion, a voxel that any modality draws as background is background in all of them (a scan has one
+    head; modalities decoded from their own tokens draw their own outlines)."""
+    head = (images > background_z + HEAD_MARGIN_Z).all(1) | (masks > 0)  # (B, *S)
+    return np.where(head[:, None], images, np.float32(background_z)).astype(np.float32)
 
 
 def _guidance_weight(w, shown) -> float:
@@ -145,6 +154,9 @@ class PathAR:
         except InputError as exc:
             raise WeightsError(f"{TRANSFORMER_NAME} card: {exc}") from None
         self.lesion_guidance = self._lesion_guidance(card)
+        # one head outline for the modalities of a sample (card sampling.one_head_outline, default no)
+        self.one_head_outline = bool(card.get("sampling", {}).get("one_head_outline", False))
+        self.background_z = float(card["patch"].get("background_z", -4.0))
 
     def _lesion_guidance(self, card: dict) -> bool | str:
         """Where rows that follow an anchor row are guided (the card's `sampling.guidance_in_lesion`): False =
@@ -195,11 +207,17 @@ class PathAR:
 
     @torch.no_grad()
     def decode_images(self, a_tokens: torch.Tensor, masks: torch.Tensor, modalities: list[str]) -> np.ndarray:
-        """Appearance tokens (B*M, N) of B masks (B, *S) in M modalities, structure-major -> images (B*M, *S)."""
+        """Appearance tokens (B*M, N) of B masks (B, *S) in M modalities, structure-major -> images (B*M, *S),
+        with one head outline per sample when the card asks for it (one_head_outline)."""
         M = len(modalities)
         vq_modality = torch.tensor([MODALITIES.index(m) for m in modalities] * masks.shape[0], device=self.device)
         images = self.appearance.decode(a_tokens.view(-1, *self.grid), masks.repeat_interleave(M, 0), vq_modality)
-        return images[:, 0].float().cpu().numpy()
+        images = images[:, 0].float().cpu().numpy()
+        if self.one_head_outline and M > 1:
+            B = masks.shape[0]
+            images = one_head_outline(images.reshape(B, M, *images.shape[1:]), masks.cpu().numpy(),
+                                      self.background_z).reshape(images.shape)
+        return images
 
     def anchor_modality(self, anatomy_from: str | None = CARD_DEFAULT) -> str | None:
         """anatomy_from ("card", "none"/None or a modality) -> the modality drawn first, or None for independent

@@ -842,6 +842,9 @@ def write_markdown_card(folder: Path | None = None) -> Path:
                       + " for rows that follow an anchor row: " + sampling["anchor_sweep"], ""]
         if sampling.get("lesion_share_sweep"):
             lines += ["Guidance weighted by each cell's lesion share: " + sampling["lesion_share_sweep"], ""]
+        if sampling.get("one_head_outline_sweep"):
+            lines += [("One head outline for every modality of a sample" if sampling.get("one_head_outline") else
+                       "Each modality its own head outline") + ": " + sampling["one_head_outline_sweep"], ""]
         if sampling.get("validation"):
             lines += ["| W | " + " | ".join(sampling["validation"]["columns"]) + " |",
                       "|---|" + "---|" * len(sampling["validation"]["columns"])]
