@@ -47,13 +47,19 @@ def test_psnr_of_known_error():
     assert mse == pytest.approx(0.01) and psnr == pytest.approx(20.0)
 
 
+def box_lesion() -> np.ndarray:
+    """A (20, 64, 64) volume's lesion: a 10 x 32 x 32 box."""
+    lesion = np.zeros((20, 64, 64), bool)
+    lesion[5:15, 16:48, 16:48] = True
+    return lesion
+
+
 def test_two_sample_classifier_auroc_separates_only_different_textures():
     from scripted_models.evaluation.two_sample import axial_patches, classifier_auroc, lesion_centres
 
     rng = np.random.default_rng(0)
-    shape = (20, 64, 64)
-    lesion = np.zeros(shape, bool)
-    lesion[5:15, 16:48, 16:48] = True
+    lesion = box_lesion()
+    shape = lesion.shape
     real = rng.normal(0, 1, shape).astype(np.float32)
     same = rng.normal(0, 1, shape).astype(np.float32)  # another draw of the same texture
     smooth = np.full(shape, real[lesion].mean(), np.float32)  # constant fill: no texture
@@ -71,9 +77,8 @@ def test_across_case_auroc_judges_each_case_by_the_others():
     from scripted_models.evaluation.two_sample import axial_patches, classifier_auroc, lesion_centres
 
     rng = np.random.default_rng(0)
-    shape = (20, 64, 64)
-    lesion = np.zeros(shape, bool)
-    lesion[5:15, 16:48, 16:48] = True
+    lesion = box_lesion()
+    shape = lesion.shape
     centres = lesion_centres(lesion, n=100, seed=0)
     rough = [axial_patches([rng.normal(0, 1, shape).astype(np.float32)], centres) for _ in range(4)]
     smooth = [axial_patches([rng.normal(0, 0.2, shape).astype(np.float32)], centres) for _ in range(4)]
@@ -93,9 +98,8 @@ def test_separating_features_name_what_differs():
     from scripted_models.evaluation.two_sample import FEATURE_NAMES, axial_patches, lesion_centres, separating_features
 
     rng = np.random.default_rng(0)
-    shape = (20, 64, 64)
-    lesion = np.zeros(shape, bool)
-    lesion[5:15, 16:48, 16:48] = True
+    lesion = box_lesion()
+    shape = lesion.shape
     centres = lesion_centres(lesion, n=200, seed=0)
     real = [rng.normal(0, 1, shape).astype(np.float32), rng.normal(0, 1, shape).astype(np.float32)]
     shifted = [rng.normal(0, 1, shape).astype(np.float32), rng.normal(0, 1, shape).astype(np.float32) + 2.0]
