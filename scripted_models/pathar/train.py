@@ -33,7 +33,14 @@ from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
 from ..runtime import pick_device, training_autocast
 from ..weights import load_card, load_state, save_state, weights_dir, write_card, write_safetensors
-from .api import APPEARANCE_NAME, STRUCTURE_NAME, TRANSFORMER_NAME, describe_guidance, per_modality_guidance
+from .api import (
+    APPEARANCE_NAME,
+    LESION_FRACTION,
+    STRUCTURE_NAME,
+    TRANSFORMER_NAME,
+    describe_guidance,
+    per_modality_guidance,
+)
 from .commands import FINE_TUNES, STAGES, add_arguments
 from .data import MASK_PREFIX, PatchConfig, PatchSet, build_patches, flip_lr, image_batch, mask_batch
 from .pseudo_labels import PSEUDO_LABELLED
@@ -837,7 +844,7 @@ def write_markdown_card(folder: Path | None = None) -> Path:
                       "--anatomy-from`): " + sampling["shared_anatomy_sweep"], ""]
         if sampling.get("anchor_sweep"):
             where = {True: "Guidance only in the lesion's cells",
-                     "fraction": "Guidance in the lesion's cells, weighted by each cell's lesion share"}
+                     LESION_FRACTION: "Guidance in the lesion's cells, weighted by each cell's lesion share"}
             lines += [where.get(sampling.get("guidance_in_lesion"), "Guidance everywhere")
                       + " for rows that follow an anchor row: " + sampling["anchor_sweep"], ""]
         if sampling.get("lesion_share_sweep"):
