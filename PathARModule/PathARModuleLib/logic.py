@@ -257,7 +257,7 @@ class PathARModuleLogic:
 
     @staticmethod
     def checkAnatomyFrom(anatomyFrom) -> str:
-        """"card" (the weights' default), "none" (each modality its own head) or the modality all copy."""
+        """"card" (the weights' default), "none" (each modality its own anatomy) or the modality all copy."""
         from .parameters import ANATOMY_CHOICES
 
         if anatomyFrom not in ANATOMY_CHOICES:

@@ -31,7 +31,7 @@ FIELDS = {
     "device": (str, "auto"),
     "anatomyFrom": (str, "card"),
 }
-ANATOMY_CHOICES = PATHAR_ANATOMY_CHOICES  # the weights' default, each modality its own head, or one shared
+ANATOMY_CHOICES = PATHAR_ANATOMY_CHOICES  # the weights' default, each modality its own anatomy, or one shared
 RENDER_FIELDS = {"t1": "renderT1", "t1c": "renderT1c", "t2": "renderT2", "flair": "renderFlair"}
 
 if HAVE_PARAMETER_NODE_WRAPPER:

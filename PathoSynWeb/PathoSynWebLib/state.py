@@ -8,7 +8,7 @@ from scripted_models.pathosyn.calibration import DEFAULT_POPULATION_PULL
 
 MODALITY_ITEMS = ["t1", "t1c", "t2", "flair"]
 OVERLAY_ITEMS = ["none", "residual", "uncertainty"]
-ANATOMY_ITEMS = list(ANATOMY_CHOICES)  # PathAR: the weights' default, each modality its own head, or one shared
+ANATOMY_ITEMS = list(ANATOMY_CHOICES)  # PathAR: the weights' default, each modality its own anatomy, or one shared
 
 
 @dataclass

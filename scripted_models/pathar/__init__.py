@@ -1,7 +1,7 @@
 """PathAR: dual-VQ tokenizer + interleaved autoregressive transformer with asymmetric attention."""
 from ..labels import MODALITIES
 
-# sample_pairs(anatomy_from=...): the weights' card decides, each modality draws its own head, or the modality
+# sample_pairs(anatomy_from=...): the weights' card decides, each modality draws its own anatomy, or the modality
 # whose head and brain every modality shares (torch-free, for the Slicer and web front ends)
 ANATOMY_CARD, ANATOMY_INDEPENDENT = "card", "none"
 ANATOMY_CHOICES = (ANATOMY_CARD, ANATOMY_INDEPENDENT, *MODALITIES)
