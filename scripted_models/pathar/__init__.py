@@ -5,3 +5,4 @@ from ..labels import MODALITIES
 # whose head and brain every modality shares (torch-free, for the Slicer and web front ends)
 ANATOMY_CARD, ANATOMY_INDEPENDENT = "card", "none"
 ANATOMY_CHOICES = (ANATOMY_CARD, ANATOMY_INDEPENDENT, *MODALITIES)
+HEAD_MARGIN_Z = 0.5  # a voxel is head (not the constant outside-head background) above background_z + this

@@ -26,7 +26,7 @@ from ..errors import InputError, WeightsError
 from ..labels import MODALITIES, check_modality
 from ..runtime import pick_device, pin_onednn_convolutions
 from ..volume import Volume
-from . import ANATOMY_CARD, ANATOMY_INDEPENDENT
+from . import ANATOMY_CARD, ANATOMY_INDEPENDENT, HEAD_MARGIN_Z
 from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
 from .transformer import (
     IARConfig,
@@ -63,20 +63,19 @@ def check_anatomy_from(value, modalities: list[str]) -> str | None:
     return value
 
 
-def lesion_cells(masks: torch.Tensor, downsample: int) -> torch.Tensor:
-    """(B, *S) labels -> (B, N) bool: token cells holding any lesion voxel (row-major, as the token grid)."""
-    pool = getattr(torch.nn.functional, f"max_pool{masks.dim() - 1}d")
-    return pool((masks > 0).float()[:, None], downsample).flatten(1) > 0
-
-
 def lesion_fractions(masks: torch.Tensor, downsample: int) -> torch.Tensor:
-    """(B, *S) labels -> (B, N) float: the share of each token cell's voxels that are lesion."""
+    """(B, *S) labels -> (B, N) float: the share of each token cell's voxels that are lesion (row-major, as the
+    token grid)."""
     pool = getattr(torch.nn.functional, f"avg_pool{masks.dim() - 1}d")
     return pool((masks > 0).float()[:, None], downsample).flatten(1)
 
 
+def lesion_cells(masks: torch.Tensor, downsample: int) -> torch.Tensor:
+    """(B, *S) labels -> (B, N) bool: token cells holding any lesion voxel."""
+    return lesion_fractions(masks, downsample) > 0
+
+
 LESION_FRACTION = "fraction"  # sampling.guidance_in_lesion: guidance weighted by each cell's lesion share
-HEAD_MARGIN_Z = 0.5  # a voxel is head (not the constant outside-head background) above background_z + this
 
 
 def one_head_outline(images: np.ndarray, masks: np.ndarray, background_z: float) -> np.ndarray:
@@ -249,14 +248,14 @@ class PathAR:
         follow = self.transformer.cfg.anchor_conditioning
         copy = self.copies_anatomy if copy is None else copy
         lesion_guidance = self.lesion_guidance if lesion_guidance is None else lesion_guidance
-        cells = lesion_cells(masks, self.structure.cfg.downsample)  # (S, N)
+        share = lesion_fractions(masks, self.structure.cfg.downsample)  # (S, N)
+        cells = share > 0
         shared = SharedAnatomy.from_lesion_cells(cells, modality, label) if copy else None
         if follow:
             guided = None
             if lesion_guidance:
-                share = lesion_fractions(masks, self.structure.cfg.downsample) \
-                    if lesion_guidance == LESION_FRACTION else cells
-                guided = share.repeat_interleave(modality.shape[0] // cells.shape[0], 0)  # (S*R, N)
+                guided = (share if lesion_guidance == LESION_FRACTION else cells).repeat_interleave(
+                    modality.shape[0] // cells.shape[0], 0)  # (S*R, N)
             return sample_following(self.transformer, s_cache, modality, noise, label, temperature, top_k, callback,
                                     guidance, shared, guided)
         return sample_appearance(self.transformer, s_cache, modality, noise, temperature, top_k, callback, guidance,

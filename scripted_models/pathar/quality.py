@@ -2,8 +2,8 @@
 
 Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing; TC = core | enhancing):
   * sub-region contrast: mean z-score of a sub-region minus the mean z-score of healthy *tissue* in the same
-    patch (label 0 and brighter than background_z + 0.5, i.e. not the constant outside-brain background).
-    We compare the sign of the contrast, and the ordering of the sub-region means within each modality
+    patch (label 0 and brighter than background_z + HEAD_MARGIN_Z, i.e. not the constant outside-brain
+    background). We compare the sign of the contrast, and the ordering of the sub-region means within each modality
     (fraction of sub-region pairs ordered as in the real data). Signs and orderings are also counted only where
     the real data has one: a cell (pair) whose mean contrast (difference) over the real cases is clear of zero.
   * one main component: the largest 26-connected component of the whole lesion holds >= 90 % of its voxels.
@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from ..labels import CORE, EDEMA, ENHANCING, MODALITIES, SUBREGION_NAMES
 from ..preprocess import dilate_mm
+from . import HEAD_MARGIN_Z
 from .data import blend_patches
 from .tokenizer import dice
 
@@ -53,7 +54,7 @@ SHORT = {CORE: "core", EDEMA: "edema", ENHANCING: "enh"}
 
 def subregion_contrast(mask: np.ndarray, image: np.ndarray, background_z: float = -4.0) -> dict[int, float]:
     """{label: mean(image in label) - mean(healthy tissue)} for sub-regions present in the mask."""
-    healthy = (mask == 0) & (image > background_z + 0.5)
+    healthy = (mask == 0) & (image > background_z + HEAD_MARGIN_Z)
     if not healthy.any():
         return {}
     base = float(image[healthy].mean())

@@ -33,6 +33,7 @@ from ..cases import VALIDATION_CASE
 from ..labels import MODALITIES
 from ..runtime import pick_device, training_autocast
 from ..weights import load_card, load_state, save_state, weights_dir, write_card, write_safetensors
+from . import HEAD_MARGIN_Z
 from .api import (
     APPEARANCE_NAME,
     LESION_FRACTION,
@@ -355,7 +356,7 @@ def subregion_contrast_loss(recon: torch.Tensor, image: torch.Tensor, mask: torc
     a sub-region's mean minus healthy tissue's (label 0 above the background), as in quality.mean_contrasts.
     recon, image (B, 1, *S), mask (B, *S)."""
     regions = one_hot(mask, num_labels)  # (B, L, *S)
-    regions[:, 0] *= (image[:, 0] > background_z + 0.5).float()
+    regions[:, 0] *= (image[:, 0] > background_z + HEAD_MARGIN_Z).float()
     count = regions.flatten(2).sum(-1)  # (B, L)
     present = (count[:, 1:] >= min_voxels).float()
     if not present.any():
