@@ -527,6 +527,26 @@ def synthetic_patches(count=6, size=16, seed=0) -> PatchSet:
                     PatchConfig(size=size, spacing_mm=4.0))
 
 
+def same_tokens_after(ps, folder: Path, before_state: dict, before_card: dict):
+    """Load the appearance VQs before and after a stage that must keep the tokens (the one in folder now), assert
+    that the first training images get the same tokens from both: (before, after, tokens, masks, modalities)."""
+    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
+
+    after_state, after_card = load_state(api.APPEARANCE_NAME, folder)
+    before, after = AppearanceVQ(VQConfig.from_dict(before_card["config"])), AppearanceVQ(
+        VQConfig.from_dict(after_card["config"]))
+    before.load_state_dict(before_state)
+    after.load_state_dict(after_state)
+    idx = ps.image_indices(False)[:4]
+    x = torch.from_numpy(ps.images[idx].astype(np.float32))[:, None]
+    m = torch.from_numpy(ps.masks[ps.image_patch[idx]])
+    mod = torch.from_numpy(ps.image_modality[idx])
+    with torch.no_grad():
+        tokens = before.eval().encode(x, m, mod)
+        assert torch.equal(after.eval().encode(x, m, mod), tokens)
+    return before, after, tokens, m, mod
+
+
 def tiny_config():
     from scripted_models.pathar.train import PathARConfig
 
@@ -564,32 +584,22 @@ def test_decoder_fine_tune_keeps_tokens_and_the_transformer_valid(tiny_weights, 
     codebook frozen. Every image keeps its tokens; the transformer card follows the new sha256, so sampling loads;
     a warm start treats the old and new VQ as the same tokens; resuming continues the step count."""
     from scripted_models.pathar import train as T
-    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
 
     folder = tmp_path / "weights"
     shutil.copytree(tiny_weights, folder)
     before_state, before_card = load_state(api.APPEARANCE_NAME, folder)
-    before = AppearanceVQ(VQConfig.from_dict(before_card["config"]))
-    before.load_state_dict(before_state)
     ps, cfg = synthetic_patches(), tiny_config()
     tc = T.TrainConfig(decoder_steps=2, vq_batch=2, save_every=1, log_every=1, decoder_refine_channels=4)
     work = tmp_path / "work"
     T.train_appearance_decoder(ps, cfg, tc, work, folder, torch.device("cpu"))
     tc.decoder_steps = 3  # resume
     T.train_appearance_decoder(ps, cfg, tc, work, folder, torch.device("cpu"))
-    after_state, after_card = load_state(api.APPEARANCE_NAME, folder)
-    after = AppearanceVQ(VQConfig.from_dict(after_card["config"]))
-    after.load_state_dict(after_state)
+    after_card = load_state(api.APPEARANCE_NAME, folder)[1]
+    before, after, tokens, m, mod = same_tokens_after(ps, folder, before_state, before_card)
     assert after_card["config"]["refine_channels"] == 4 and after.refine is not None
     assert after_card["decoder_finetunes"][-1]["steps"] == 3
     assert before_card["sha256"] in after_card["token_compatible_sha256"]
-    idx = ps.image_indices(False)[:4]
-    x = torch.from_numpy(ps.images[idx].astype(np.float32))[:, None]
-    m = torch.from_numpy(ps.masks[ps.image_patch[idx]])
-    mod = torch.from_numpy(ps.image_modality[idx])
     with torch.no_grad():
-        tokens = before.eval().encode(x, m, mod)
-        assert torch.equal(after.eval().encode(x, m, mod), tokens)
         assert not torch.equal(after.decode(tokens, m, mod), before.decode(tokens, m, mod))
     transformer = json.loads((folder / f"{api.TRANSFORMER_NAME}.json").read_text())
     assert transformer["appearance_vq"]["sha256"] == after_card["sha256"]
@@ -635,6 +645,71 @@ def test_appearance_refinement_starts_as_the_identity():
                            plain.decode(tokens, mask, torch.tensor([0, 1])))
     assert "refine_channels" not in cfg.to_dict()  # cards of weights without it stay as they were
 
+
+
+def test_cross_modal_refinement_corrects_present_modalities_from_all_of_them():
+    """The joint refinement starts as the identity; trained (here: random last layer), a modality's correction
+    depends on the other modalities of its sample; absent modalities come back as given; the order of a sample's
+    rows does not matter; one sample's modalities never reach another's."""
+    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
+
+    cfg = VQConfig(channels=(4, 8), num_embeddings=8, embedding_dim=4, head_channels=4, num_modalities=4)
+    plain = AppearanceVQ(cfg).eval()
+    joint = AppearanceVQ(VQConfig(**{**cfg.__dict__, "joint_channels": 4})).eval()
+    missing, unexpected = joint.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("joint.") for k in missing)
+    assert "joint_channels" not in cfg.to_dict()
+    tokens = torch.randint(0, 8, (6, 4, 4, 4))
+    masks = torch.randint(0, 4, (2, 16, 16, 16))
+    modality = torch.tensor([3, 0, 1, 2, 3, 0])  # sample 0: flair, t1, t1c; sample 1: t2, flair, t1
+    with torch.no_grad():
+        assert torch.equal(joint.decode_together(tokens, masks, modality),
+                           plain.decode(tokens, masks.repeat_interleave(3, 0), modality))
+        torch.nn.init.normal_(joint.joint.net[-1].conv.weight, std=0.5)
+        refined = joint.decode_together(tokens, masks, modality)
+        assert (refined - plain.decode(tokens, masks.repeat_interleave(3, 0), modality)).abs().amax() > 1e-3
+        order = torch.tensor([2, 0, 1, 5, 3, 4])
+        torch.testing.assert_close(joint.decode_together(tokens[order], masks, modality[order]), refined[order])
+        other = tokens.clone()
+        other[1] = (other[1] + 1) % 8  # sample 0's t1 changes: its flair changes, sample 1 does not
+        changed = joint.decode_together(other, masks, modality)
+        assert (changed[0] - refined[0]).abs().amax() > 1e-4
+        torch.testing.assert_close(changed[3:], refined[3:])
+        images = torch.randn(1, 4, 16, 16, 16)
+        present = torch.tensor([[True, False, True, False]])
+        out = joint.joint(images, present, torch.nn.functional.one_hot(masks[:1], 4).permute(0, 4, 1, 2, 3).float())
+        assert torch.equal(out[:, [1, 3]], images[:, [1, 3]])
+        assert not torch.equal(out[:, [0, 2]], images[:, [0, 2]])
+
+
+def test_joint_refinement_stage_learns_keeps_tokens_and_the_transformer_valid(tiny_weights, tmp_path):
+    """Stage "joint": a cross-modal refinement is trained on round trips with everything else frozen. It keeps the
+    weights of the lowest validation MAE (everywhere + in the lesion), below the plain decoding's; tokens stay the
+    same, the transformer card follows the new sha256, sampling uses it; resuming continues the step count."""
+    from scripted_models.pathar import train as T
+
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_weights, folder)
+    before_state, before_card = load_state(api.APPEARANCE_NAME, folder)
+    ps, cfg = synthetic_patches(), tiny_config()
+    tc = T.TrainConfig(joint_steps=20, joint_channels=8, joint_batch=4, joint_crop=8, save_every=10, log_every=5)
+    work = tmp_path / "work"
+    T.train_joint_refinement(ps, cfg, tc, work, folder, torch.device("cpu"))
+    tc.joint_steps = 40  # resume
+    T.train_joint_refinement(ps, cfg, tc, work, folder, torch.device("cpu"))
+    after_state, after_card = load_state(api.APPEARANCE_NAME, folder)
+    run = after_card["joint_refinements"][-1]
+    assert after_card["config"]["joint_channels"] == 8 and run["steps"] == 40 and run["kept_step"] > 0
+    val = run["validation"]
+    assert val["mae_refined"] + val["mae_lesion_refined"] < val["mae_decoded"] + val["mae_lesion_decoded"]
+    assert before_card["sha256"] in after_card["token_compatible_sha256"]
+    same_tokens_after(ps, folder, before_state, before_card)
+    transformer = json.loads((folder / f"{api.TRANSFORMER_NAME}.json").read_text())
+    assert transformer["appearance_vq"]["sha256"] == after_card["sha256"]
+    joint = api.sample_pairs(["t1", "flair"], n=1, seed=0, device="cpu", weights=folder)[0]
+    plain = api.sample_pairs(["t1", "flair"], n=1, seed=0, device="cpu", weights=tiny_weights)[0]
+    assert np.array_equal(joint.mask.array, plain.mask.array)
+    assert not np.allclose(joint.images["flair"].array, plain.images["flair"].array)
 
 @pytest.fixture
 def weights_env(tiny_weights, monkeypatch):
@@ -1391,6 +1466,20 @@ def test_bundled_weights_shared_anatomy_gives_every_modality_one_head(monkeypatc
     assert foreground_dice("none") < 0.8
 
 
+
+def test_bundled_cross_modal_refinement_corrects_flair_from_the_other_modalities(monkeypatch):
+    """The bundled appearance VQ refines the decoded modalities of a sample together: the flair anchor's tokens are
+    the same whether it is sampled alone or with the others, yet inside the lesion (where the head outline changes
+    nothing) its image differs with the others present, by a correction, not a new image."""
+    monkeypatch.delenv("PATHOSYN_WEIGHTS_DIR", raising=False)
+    assert api.load_models("cpu").appearance.joint is not None
+    together = api.sample_pairs(list(MODALITIES), n=1, seed=0, device="cpu")[0]
+    alone = api.sample_pairs(["flair"], n=1, seed=0, device="cpu")[0]
+    assert np.array_equal(together.mask.array, alone.mask.array)
+    lesion = together.mask.array > 0
+    change = np.abs(together.images["flair"].array - alone.images["flair"].array)[lesion]
+    assert 0.01 < change.mean() < 0.5, change.mean()
+
 def test_warm_start_keeps_old_predictions_and_checks_the_tokenizers(tmp_path):
     """A transformer without the per-slot modality embedding warm-starts one with it: the new layer starts at
     zero, so the logits are unchanged. Weights trained on another structure VQ are refused; with another
@@ -1430,7 +1519,6 @@ def test_adversarial_decoder_fine_tune_trains_a_discriminator_resumes_and_keeps_
     alone first, then its loss reaches the decoder with an adaptive weight; it is checkpointed with the decoder
     (resume continues it) but not saved in the weights, and the tokens stay the same."""
     from scripted_models.pathar import train as T
-    from scripted_models.pathar.tokenizer import AppearanceVQ, VQConfig
 
     folder = tmp_path / "weights"
     shutil.copytree(tiny_weights, folder)
@@ -1456,16 +1544,7 @@ def test_adversarial_decoder_fine_tune_trains_a_discriminator_resumes_and_keeps_
     after_state, after_card = load_state(api.APPEARANCE_NAME, folder)
     assert not any(k.startswith("discriminator") for k in after_state)
     assert after_card["decoder_finetunes"][-1]["adversarial"]["weight"] == 0.5
-    before, after = AppearanceVQ(VQConfig.from_dict(before_card["config"])), AppearanceVQ(
-        VQConfig.from_dict(after_card["config"]))
-    before.load_state_dict(before_state)
-    after.load_state_dict(after_state)
-    idx = ps.image_indices(False)[:4]
-    x = torch.from_numpy(ps.images[idx].astype(np.float32))[:, None]
-    m = torch.from_numpy(ps.masks[ps.image_patch[idx]])
-    mod = torch.from_numpy(ps.image_modality[idx])
-    with torch.no_grad():
-        assert torch.equal(after.eval().encode(x, m, mod), before.eval().encode(x, m, mod))
+    same_tokens_after(ps, folder, before_state, before_card)
 
 
 def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_the_test_fold():

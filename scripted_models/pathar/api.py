@@ -207,10 +207,11 @@ class PathAR:
     @torch.no_grad()
     def decode_images(self, a_tokens: torch.Tensor, masks: torch.Tensor, modalities: list[str]) -> np.ndarray:
         """Appearance tokens (B*M, N) of B masks (B, *S) in M modalities, structure-major -> images (B*M, *S),
-        with one head outline per sample when the card asks for it (one_head_outline)."""
+        refined across the modalities when the weights have a joint refinement, with one head outline per sample
+        when the card asks for it (one_head_outline)."""
         M = len(modalities)
         vq_modality = torch.tensor([MODALITIES.index(m) for m in modalities] * masks.shape[0], device=self.device)
-        images = self.appearance.decode(a_tokens.view(-1, *self.grid), masks.repeat_interleave(M, 0), vq_modality)
+        images = self.appearance.decode_together(a_tokens.view(-1, *self.grid), masks, vq_modality)
         images = images[:, 0].float().cpu().numpy()
         if self.one_head_outline and M > 1:
             B = masks.shape[0]

@@ -5,19 +5,21 @@ import argparse
 from pathlib import Path
 
 STAGES = ("structure", "appearance", "transformer")  # "all" runs these, in order
-FINE_TUNES = ("decoder",)  # run on trained weights only when asked: --stage decoder
+FINE_TUNES = ("decoder", "joint")  # run on trained weights only when asked: --stage decoder / joint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default=".train/pathar", help="checkpoints, logs and the patch cache")
     parser.add_argument("--stage", default="all", choices=("all",) + STAGES + FINE_TUNES,
                         help="decoder: fine-tune the appearance decoder of the weights in --out with their tokens "
-                             "kept (the transformer stays valid)")
+                             "kept (the transformer stays valid); joint: add a cross-modal refinement of the "
+                             "modalities decoded together, everything else frozen")
     parser.add_argument("--steps", type=int, default=None, help="steps of the selected single stage")
     parser.add_argument("--structure-steps", type=int, default=None)
     parser.add_argument("--appearance-steps", type=int, default=None)
     parser.add_argument("--transformer-steps", type=int, default=None)
     parser.add_argument("--decoder-steps", type=int, default=None)
+    parser.add_argument("--joint-steps", type=int, default=None)
     parser.add_argument("--decoder-adversarial-weight", type=float, default=None, metavar="W",
                         help="decoder stage: add a patch discriminator whose gradient on the decoder's last layer is "
                              "W x the reconstruction's (VQGAN-style; default 0 = none)")
