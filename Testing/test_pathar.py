@@ -680,6 +680,8 @@ def test_cross_modal_refinement_corrects_present_modalities_from_all_of_them():
         out = joint.joint(images, present, torch.nn.functional.one_hot(masks[:1], 4).permute(0, 4, 1, 2, 3).float())
         assert torch.equal(out[:, [1, 3]], images[:, [1, 3]])
         assert not torch.equal(out[:, [0, 2]], images[:, [0, 2]])
+        with pytest.raises(ValueError, match="twice"):
+            joint.decode_together(tokens, masks, torch.tensor([3, 0, 3, 2, 3, 0]))
 
 
 def test_joint_refinement_stage_learns_keeps_tokens_and_the_transformer_valid(tiny_weights, tmp_path):

@@ -251,13 +251,16 @@ class AppearanceVQ(nn.Module):
     def decode_together(self, tokens: torch.Tensor, mask: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """Tokens (B*R, *G) of B masks (B, *S) in R modalities each (modality (B*R,), sample-major) -> images
         (B*R, 1, *S), refined across the modalities of each sample when the weights have a joint refinement."""
-        images = self.decode(tokens, mask.repeat_interleave(modality.shape[0] // mask.shape[0], 0), modality)
+        B, R = mask.shape[0], modality.shape[0] // mask.shape[0]
+        images = self.decode(tokens, mask.repeat_interleave(R, 0), modality)
         if self.joint is None:
             return images
-        B, R = mask.shape[0], modality.shape[0] // mask.shape[0]
-        stacked, present = self.joint.scatter(images[:, 0].view(B, R, *mask.shape[1:]), modality.view(B, R))
+        per_sample = modality.view(B, R)
+        if (per_sample.sort(1).values.diff(dim=1) == 0).any():
+            raise ValueError("decode_together: a modality appears twice in one sample")
+        stacked, present = self.joint.scatter(images[:, 0].view(B, R, *mask.shape[1:]), per_sample)
         refined = self.joint(stacked, present, one_hot(mask, self.cfg.num_labels))
-        return self.joint.gather(refined, modality.view(B, R)).reshape(images.shape)
+        return self.joint.gather(refined, per_sample).reshape(images.shape)
 
 
 class CrossModalRefinement(nn.Module):
@@ -276,8 +279,7 @@ class CrossModalRefinement(nn.Module):
         self.num_modalities = M
         self.net = nn.Sequential(  # [images, present flags, mask one-hot] -> a correction per modality
             Convolution(dims, 2 * M + cfg.num_labels, C, kernel_size=3, adn_ordering="A", act="RELU", norm=None),
-            Convolution(dims, C, C, kernel_size=3, dilation=2, adn_ordering="A", act="RELU",
-                        norm=None),
+            Convolution(dims, C, C, kernel_size=3, dilation=2, adn_ordering="A", act="RELU", norm=None),
             Convolution(dims, C, M, kernel_size=3, conv_only=True),
         )
         nn.init.zeros_(self.net[-1].conv.weight)

@@ -121,7 +121,7 @@ class TrainConfig:
     decoder_adversarial_start: float = 0.3  # share of the steps before the adversarial loss reaches the decoder
     decoder_adversarial_max: float = 1.0  # cap on the adaptive weight (see DecoderCritic)
     anchor_share: float = 0.0  # share of transformer rows that follow another modality's row of the same patch
-    joint_steps: int = 1500  # stage "joint": train a cross-modal refinement of the decoded modalities
+    joint_steps: int = 3000  # stage "joint": train a cross-modal refinement of the decoded modalities
     joint_channels: int = 24  # ... of this width
     joint_batch: int = 8  # ... on this many crops
     joint_crop: int = 32  # ... of this side (the refinement sees 9 voxels: crops train it as well as patches)
@@ -558,7 +558,7 @@ def joint_batch(rt: RoundTrips, rng: np.random.Generator, batch: int, crop: int)
     """Crops (decoded (B, M, c^3), real (B, M, c^3), masks (B, c^3), present (B, M)): half of them centred on
     a lesion voxel, flipped at random; half keep every available modality, half a random non-empty subset."""
     ps, side = rt.ps, rt.ps.masks.shape[1]
-    xs, ys, ms, ps_ = [], [], [], []
+    xs, ys, ms, presents = [], [], [], []
     for p in rng.choice(ps.imaged_patches(False), batch):
         decoded, available = rt.stacked(p, rt.images)
         real, _ = rt.stacked(p, ps.images)
@@ -581,9 +581,9 @@ def joint_batch(rt: RoundTrips, rng: np.random.Generator, batch: int, crop: int)
         xs.append(decoded)
         ys.append(real)
         ms.append(mask)
-        ps_.append(present)
+        presents.append(present)
     return (np.ascontiguousarray(np.stack(xs)), np.ascontiguousarray(np.stack(ys)), np.ascontiguousarray(np.stack(ms)),
-            np.stack(ps_))
+            np.stack(presents))
 
 
 def _joint_loss(refined: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, present: torch.Tensor,
@@ -929,6 +929,7 @@ def _numbers_first(item: tuple[str, object]) -> tuple:
 
 
 def _joint_line(run: dict) -> str:
+    """The markdown card's line on the appearance VQ's latest joint refinement (`joint_refinements[-1]`)."""
     v = run["validation"]
     return (f"- Cross-modal refinement (appearance VQ `joint_channels` {run['channels']}): the modalities of a sample "
             "are decoded from their own tokens, then corrected together with the mask by a 3-layer convolution "
