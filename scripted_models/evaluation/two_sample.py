@@ -65,7 +65,7 @@ def classifier_auroc(real: np.ndarray, synthetic: np.ndarray, cases: np.ndarray 
     cases), otherwise folds of patch centres (within cases)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -74,15 +74,14 @@ def classifier_auroc(real: np.ndarray, synthetic: np.ndarray, cases: np.ndarray 
     y = np.r_[np.ones(n), np.zeros(len(synthetic))]
     if cases is None:
         order = np.random.default_rng(seed).permutation(n)  # group = patch centre, shuffled (GroupKFold is not)
-        groups = np.r_[order, order]
+        groups, splitter = np.r_[order, order], GroupKFold(n_splits=folds)
     else:
         cases = np.asarray(cases)
         if len(cases) != n or len(np.unique(cases)) < 2:
             raise ValueError("an across-case AUROC needs the case of every row and at least 2 cases")
-        groups = np.r_[cases, cases]
-        folds = len(np.unique(cases))
+        groups, splitter = np.r_[cases, cases], LeaveOneGroupOut()
     scores = np.zeros(len(y))
-    for train, test in GroupKFold(n_splits=folds).split(x, y, groups):
+    for train, test in splitter.split(x, y, groups):
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
         model.fit(x[train], y[train])
         scores[test] = model.predict_proba(x[test])[:, 1]

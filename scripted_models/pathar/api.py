@@ -70,11 +70,6 @@ def lesion_fractions(masks: torch.Tensor, downsample: int) -> torch.Tensor:
     return pool((masks > 0).float()[:, None], downsample).flatten(1)
 
 
-def lesion_cells(masks: torch.Tensor, downsample: int) -> torch.Tensor:
-    """(B, *S) labels -> (B, N) bool: token cells holding any lesion voxel."""
-    return lesion_fractions(masks, downsample) > 0
-
-
 LESION_FRACTION = "fraction"  # sampling.guidance_in_lesion: guidance weighted by each cell's lesion share
 
 

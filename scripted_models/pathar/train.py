@@ -373,6 +373,16 @@ def subregion_contrast_loss(recon: torch.Tensor, image: torch.Tensor, mask: torc
     return ((contrasts(recon) - contrasts(image)).abs() * present).sum() / present.sum()
 
 
+def decoder_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, num_labels: int,
+                 contrast_weight: float, background_z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, contrast term) of a decoding recon (B, 1, *S) of image (B, 1, *S) with mask (B, *S): L1, L1 in the
+    lesion, and contrast_weight x the sub-regions' contrast error (subregion_contrast_loss)."""
+    err = (recon.float() - image).abs()
+    lesion = (mask > 0)[:, None].float()
+    contrast = subregion_contrast_loss(recon, image, mask, num_labels, background_z)
+    return err.mean() + (err * lesion).sum() / lesion.sum().clamp(min=1.0) + contrast_weight * contrast, contrast
+
+
 class DecoderCritic:
     """A conditional patch discriminator for the decoder fine-tune (VQGAN's recipe, MONAI's PatchDiscriminator
     and least-squares PatchAdversarialLoss). It sees [image, mask one-hot, modality one-hot] and judges local
@@ -471,11 +481,8 @@ def train_appearance_decoder(ps: PatchSet, cfg: PathARConfig, tc: TrainConfig, w
         conditions = model._conditions(m, mod)  # (B, L + M, *S): the decoder's and the critic's
         with training_autocast(device):
             recon = model._decode(quantized, conditions)
-        err = (recon.float() - x).abs()
-        lesion = (m > 0)[:, None].float()
-        contrast = subregion_contrast_loss(recon, x, m, vq_cfg.num_labels, ps.config.background_z)
-        loss = err.mean() + (err * lesion).sum() / lesion.sum().clamp(min=1.0) \
-            + tc.decoder_contrast_weight * contrast
+        loss, contrast = decoder_loss(recon, x, m, vq_cfg.num_labels, tc.decoder_contrast_weight,
+                                      ps.config.background_z)
         st.opt.zero_grad(set_to_none=True)
         logged = {"contrast": round(contrast.item(), 4), "reconstruction": round(loss.item(), 4)}
         if critic:
@@ -533,25 +540,24 @@ class RoundTrips:
         self.ps = ps
         self.images = np.zeros_like(ps.images)
         torch.manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad():  # the model is in eval mode: its forward pass leaves the codebook as it is
             for start in range(0, len(ps.images), batch):
                 i = np.arange(start, min(start + batch, len(ps.images)))
                 x = torch.from_numpy(ps.images[i].astype(np.float32))[:, None].to(device)
                 m = torch.from_numpy(ps.masks[ps.image_patch[i]]).to(device)
                 mod = torch.from_numpy(ps.image_modality[i]).to(device)
-                codes = model.corrupt(model.code_vectors(model.encode(x, m, mod)), token_noise)
-                self.images[i] = model._decode(codes, model._conditions(m, mod))[:, 0].float().cpu().numpy()
+                self.images[i] = model(x, m, modality=mod, token_noise=token_noise)[0][:, 0].float().cpu().numpy()
 
-    def stacked(self, patch: int, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(images (M, *S) of the patch in label order from `source` (self.images or ps.images), zero where
-        absent; available (M,) bool)."""
+    def stacked(self, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(decoded (M, *S), real (M, *S), available (M,) bool): the patch's images in label order, zero where
+        absent."""
         M = len(MODALITIES)
-        out = np.zeros((M, *self.ps.masks.shape[1:]), np.float32)
+        decoded, real = (np.zeros((M, *self.ps.masks.shape[1:]), np.float32) for _ in range(2))
         available = np.zeros(M, bool)
         for i in np.nonzero(self.ps.image_patch == patch)[0]:
-            out[self.ps.image_modality[i]] = source[i]
-            available[self.ps.image_modality[i]] = True
-        return out, available
+            k = self.ps.image_modality[i]
+            decoded[k], real[k], available[k] = self.images[i], self.ps.images[i], True
+        return decoded, real, available
 
 
 def joint_batch(rt: RoundTrips, rng: np.random.Generator, batch: int, crop: int):
@@ -560,8 +566,7 @@ def joint_batch(rt: RoundTrips, rng: np.random.Generator, batch: int, crop: int)
     ps, side = rt.ps, rt.ps.masks.shape[1]
     xs, ys, ms, presents = [], [], [], []
     for p in rng.choice(ps.imaged_patches(False), batch):
-        decoded, available = rt.stacked(p, rt.images)
-        real, _ = rt.stacked(p, ps.images)
+        decoded, real, available = rt.stacked(p)
         mask = ps.masks[p]
         lesion = np.argwhere(mask > 0)
         if len(lesion) and rng.random() < 0.5:
@@ -588,13 +593,10 @@ def joint_batch(rt: RoundTrips, rng: np.random.Generator, batch: int, crop: int)
 
 def _joint_loss(refined: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, present: torch.Tensor,
                 num_labels: int, contrast_weight: float, background_z: float) -> torch.Tensor:
-    """The decoder's loss over the present modalities: L1, L1 in the lesion, and the sub-regions' contrasts."""
+    """The decoder's loss (decoder_loss) over the present modalities."""
     b, m = torch.nonzero(present, as_tuple=True)
-    recon, image, masks = refined[b, m][:, None], real[b, m][:, None], mask[b]  # (P, 1, *S), (P, *S)
-    err = (recon.float() - image).abs()
-    lesion = (masks > 0)[:, None].float()
-    contrast = subregion_contrast_loss(recon, image, masks, num_labels, background_z)
-    return err.mean() + (err * lesion).sum() / lesion.sum().clamp(min=1.0) + contrast_weight * contrast
+    return decoder_loss(refined[b, m][:, None], real[b, m][:, None], mask[b], num_labels, contrast_weight,
+                        background_z)[0]
 
 
 @torch.no_grad()
@@ -603,8 +605,7 @@ def joint_validation(model: AppearanceVQ, rt: RoundTrips, device) -> dict:
     the joint refinement: everywhere and in the lesion."""
     err = {"mae": [0.0, 0.0], "mae_lesion": [0.0, 0.0]}
     for p in rt.ps.imaged_patches(True):
-        decoded, available = rt.stacked(p, rt.images)
-        real, _ = rt.stacked(p, rt.ps.images)
+        decoded, real, available = rt.stacked(p)
         mask = torch.from_numpy(rt.ps.masks[p][None]).to(device)
         present = torch.from_numpy(available[None]).to(device)
         x = torch.from_numpy(decoded[None]).to(device)
