@@ -1159,6 +1159,17 @@ def test_quality_metrics_on_synthetic_masks():
     # modality 0 of the synthetic data: core brighter than healthy tissue, edema darker, enhancing darkest
     assert contrast[1] == pytest.approx(1.0, abs=0.1) and contrast[3] < contrast[2] < 0
     assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 0, 2: 1, 3: 2}) == 1.0
+    # composition: each lesion's core / edema / enhancing shares, and the error of the means
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[0, :2] = 1  # 8 core voxels
+    a[1] = 2  # 16 edema
+    a[2, :2] = 3  # 8 enhancing
+    b = np.zeros_like(a)
+    b[3] = 2  # edema only
+    assert np.allclose(quality.subregion_shares([a, b]), [[0.25, 0.5, 0.25], [0.0, 1.0, 0.0]])
+    assert np.allclose(quality.subregion_shares([np.zeros_like(a)]), 0.0)
+    assert quality.composition_error([a], [a, a]) == 0.0
+    assert quality.composition_error([b], [a]) == pytest.approx((0.25 + 0.5 + 0.25) / 3)
     assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 2, 2: 1, 3: 0}) == 0.0
 
 
@@ -1596,6 +1607,15 @@ def test_training_lesions_scored_as_samples_show_where_real_cases_disagree_with_
     assert flipped["signs_agree"] == 0 and flipped["ordering"]["t1"] == 0.0
     assert clear_cells(test_fold_case_contrasts(patches)) == set()  # one test case: no interval, no cell is clear
     assert training_lesions_as_samples(patches, real, {("t1", 1)})["signs_agree_clear"] == 1
+    # the same report against the validation fold (a patch set built without the test fold): its cases are held out
+    from scripted_models.pathar.test_fold import held_out_mask
+
+    assert held_out_mask(patches).tolist() == [False, False, True]
+    validation = SimpleNamespace(**{**vars(patches), "is_test": np.zeros(3, bool),
+                                    "is_val": np.array([False, True, False])})
+    assert held_out_mask(validation).tolist() == [False, True, False]
+    assert patch_contrasts(validation, np.nonzero(held_out_mask(validation))[0])["t1"] == pytest.approx(
+        {1: -1.0, 2: -0.2, 3: 1.0})
 
 
 def test_guidance_sweep_scores_the_validation_fold_and_never_the_test_fold(monkeypatch, tmp_path):

@@ -139,11 +139,6 @@ class PatchSet:
         """Patches that only re-pose a real lesion (rigid augmentation): the memorisation reference."""
         return np.nonzero((self.is_val == val) & ~self.is_test & ~self.is_elastic & ~self.is_blend)[0]
 
-    def test_plain_patches(self) -> np.ndarray:
-        """The un-augmented patch of each test-fold case (empty unless built with_test)."""
-        plain = self.plain_patches()
-        return plain[self.is_test[plain]]
-
     def imaged_patches(self, val: bool = False) -> np.ndarray:
         """Patches with images (all but the structure-only blends and lesion masks)."""
         return np.nonzero((self.is_val == val) & ~self.is_test & self.has_images)[0]

@@ -12,6 +12,8 @@ Definitions (masks use canonical labels 0 healthy, 1 core, 2 edema, 3 enhancing;
     count against it; a core that reaches the brain surface through its edema shell does not. 1.0 without TC.
   * plausible: whole lesion >= `min_voxels` voxels, one main component, and TC attached to edema >= 0.9.
   * diversity: mean pairwise whole-lesion Dice between generated masks (lower = more diverse).
+  * composition: each lesion's share of core, edema and enhancing voxels, averaged over lesions; the composition
+    error of samples is the mean over the three of |mean share sampled - mean share real|.
   * memorisation: for each sample, the best whole-lesion Dice against every rigid training patch (the real
     lesions in all their augmented poses, and their left-right flips); values near 1 mean the sample copies a
     training lesion. Elastically deformed training patches are left out of this reference, so the number
@@ -145,6 +147,16 @@ def mask_plausibility(mask: np.ndarray, spacing_mm: float = 2.0, min_voxels: int
             "main_fraction": round(main, 3), "tc_attached": round(inside, 3),
             "fractions": {SHORT[c]: round(float((mask == c).sum() / max(1, n)), 3) for c in SUBREGIONS},
             "plausible": bool(n >= min_voxels and main >= main_fraction and inside >= inside_fraction)}
+
+
+def subregion_shares(masks) -> np.ndarray:
+    """Masks -> (L, 3): each lesion's share of core, edema and enhancing voxels (rows of empty masks are 0)."""
+    return np.array([[(m == c).sum() / max(1, (m > 0).sum()) for c in SUBREGIONS] for m in masks], np.float64)
+
+
+def composition_error(sampled, real) -> float:
+    """Mean over the sub-regions of |mean share in `sampled` masks - mean share in `real` masks|."""
+    return float(np.abs(subregion_shares(sampled).mean(0) - subregion_shares(real).mean(0)).mean())
 
 
 def mean_pairwise_dice(masks) -> float | None:

@@ -7,11 +7,15 @@ the same test fold), samples are drawn at several seeds (all four modalities) an
     a new lesion should be as far from the training set as a held-out real lesion is;
   * the memorisation index with the test-fold lesions as the "new lesion" anchor: 0 = samples as far from the
     training set as test-fold lesions, 1 = as close as a training lesion in a new pose (quality.py);
-  * plausibility (one main component, TC attached) and diversity (mean pairwise Dice) beside the real lesions';
+  * plausibility (one main component, TC attached), diversity (mean pairwise Dice) and sub-region composition
+    (shares of core, edema and enhancing) beside the real lesions';
   * appearance: sign of each sub-region's contrast and the ordering of the sub-region means per modality, against
     the test fold's real patches, per seed (12 signs = 3 sub-regions x 4 modalities);
   * a segmenter trained on the real training fold (downstream.py's 2D UNet, flair + t1c, 2 mm) should find the
     generated masks in the generated images: whole-lesion Dice, beside its Dice on the test fold's real patches.
+
+With `--held-out validation` the same report scores the samples against the validation fold instead (sampling
+choices that the test fold must not make).
 
     python -m scripted_models.pathar.test_fold --weights new=.train/pathar_folds/weights --out docs/pathar
 """
@@ -30,6 +34,7 @@ from .quality import (
     SUBREGIONS,
     clear_cells,
     clear_pairs,
+    composition_error,
     mask_plausibility,
     mean_contrasts,
     mean_pairwise_dice,
@@ -37,6 +42,7 @@ from .quality import (
     nearest_dice,
     ordering_agreement,
     same_lesion_new_pose,
+    subregion_shares,
 )
 
 SEGMENTER_MODALITIES = ("flair", "t1c")
@@ -73,6 +79,11 @@ def reference_patches(cards: dict, work: Path, data_root=None, held_out: str = "
     return build_patches(Path(work), replace(cfg, exclude=tuple(sorted(unseen))), data_root, verbose=False)
 
 
+def held_out_mask(patches) -> np.ndarray:
+    """(P,) bool: the held-out fold's patches of a reference_patches set (the test fold, else the validation fold)."""
+    return patches.is_test if patches.is_test.any() else patches.is_val
+
+
 def patch_contrasts(patches, patch_ids) -> dict[str, dict[int, float]]:
     """{modality: {sub-region: mean contrast}} over the images of the given patches."""
     chosen = np.isin(patches.image_patch, patch_ids)
@@ -85,13 +96,13 @@ def patch_contrasts(patches, patch_ids) -> dict[str, dict[int, float]]:
 
 
 def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
-    """The test fold's real patches (all their poses)."""
-    return patch_contrasts(patches, np.nonzero(patches.is_test)[0])
+    """The held-out fold's real patches (all their poses)."""
+    return patch_contrasts(patches, np.nonzero(held_out_mask(patches))[0])
 
 
 def test_fold_case_contrasts(patches) -> list[dict[str, dict[int, float]]]:
     """patch_contrasts of each test-fold case (all its poses): what clear_cells and clear_pairs bootstrap over."""
-    test = np.nonzero(patches.is_test)[0]
+    test = np.nonzero(held_out_mask(patches))[0]
     cases = sorted(set(patches.patch_case[test]))
     return [patch_contrasts(patches, test[patches.patch_case[test] == c]) for c in cases]
 
@@ -183,9 +194,9 @@ def segmenter_dice(net, masks, images) -> list[float]:
 
 
 def real_test_patches(patches):
-    """(masks, [{modality: image}]) of the test fold's patches that have both segmenter modalities."""
+    """(masks, [{modality: image}]) of the held-out fold's patches that have both segmenter modalities."""
     masks, images = [], []
-    for p in np.nonzero(patches.is_test)[0]:
+    for p in np.nonzero(held_out_mask(patches))[0]:
         have = {MODALITIES[patches.image_modality[i]]: patches.images[i].astype(np.float32)
                 for i in np.nonzero(patches.image_patch == p)[0]}
         if all(m in have for m in SEGMENTER_MODALITIES):
@@ -195,13 +206,14 @@ def real_test_patches(patches):
 
 
 def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None, device: str = "auto",
-                  segmenter=None, modality_guidance=None) -> dict:
+                  segmenter=None, modality_guidance=None, fold: str = "test") -> dict:
     from .api import describe_guidance, load_models, sample_pairs
 
     model = load_models(device, folder)
-    patches = reference_patches(model.cards, work, data_root)
+    patches = reference_patches(model.cards, work, data_root, held_out=fold)
     poses = patches.real_poses(False)
-    test_plain = patches.test_plain_patches()
+    plain = patches.plain_patches()
+    test_plain = plain[held_out_mask(patches)[plain]]
     test_near = nearest_dice(patches.masks[test_plain], patches.masks[poses])
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
@@ -241,6 +253,10 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "real_plausible_fraction": round(float(np.mean([r["plausible"] for r in real_rows])), 3),
         "mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in rows])), 1),
         "real_mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
+        "composition_core_edema_enhancing": [round(float(v), 3) for v in subregion_shares(masks).mean(0)],
+        "test_real_composition_core_edema_enhancing": [
+            round(float(v), 3) for v in subregion_shares(patches.masks[test_plain]).mean(0)],
+        "composition_error": round(composition_error(masks, patches.masks[test_plain]), 3),
         "signs_agree_per_seed": {str(s): r["signs_agree"] for s, r in per_seed.items()},
         "signs_total": len(MODALITIES) * len(SUBREGIONS),
         "signs_clear_of_zero_per_seed": {str(s): r["signs_agree_clear"] for s, r in per_seed.items()},
@@ -286,18 +302,20 @@ TARGETS = (
 )
 
 
-def markdown(reports: dict) -> str:
+def markdown(reports: dict, fold: str = "test") -> str:
     labels = list(reports)
     keys = ["training_cases", "n_samples", "modality_guidance", "mean_nearest_train_dice",
             "test_real_nearest_train_dice",
             "same_lesion_new_pose_dice", "memorisation_index", "closer_than_every_test_lesion_fraction",
             "plausible_fraction", "mean_pairwise_dice", "real_mean_pairwise_dice", "mean_volume_ml",
-            "real_mean_volume_ml", "signs_agree_per_seed", "clear_of_zero_cells", "signs_clear_of_zero_per_seed",
+            "real_mean_volume_ml", "composition_core_edema_enhancing", "test_real_composition_core_edema_enhancing",
+            "composition_error", "signs_agree_per_seed", "clear_of_zero_cells", "signs_clear_of_zero_per_seed",
             "contrast_error_per_seed", "ordering_min_per_modality", "clear_of_zero_pairs",
             "ordering_clear_of_zero_min_per_modality", "segmenter_dice_generated",
             "segmenter_dice_test_real_patches", "seconds_per_sample_4_modalities"]
-    lines = ["# PathAR on the test fold", "",
-             "Test-fold lesions (never used for training or selection): "
+    lines = [f"# PathAR on the {fold} fold", "",
+             ("Test-fold lesions (never used for training or selection): " if fold == "test" else
+              "Validation-fold lesions (never trained on; rows named test_* mean this fold here): ")
              + ", ".join(reports[labels[0]]["test_cases"]) + ".", "",
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for k in keys:
@@ -338,7 +356,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None, help="folder for test_fold.json and test_fold.md")
+    parser.add_argument("--held-out", choices=("test", "validation"), default="test",
+                        help="the fold the samples are scored against (validation: for choices)")
+    parser.add_argument("--out", default=None, help="folder for {test,validation}_fold.{json,md}")
     args = parser.parse_args(argv)
     import torch
 
@@ -361,17 +381,17 @@ def main(argv=None) -> int:
     segmenter = train_real_segmenter(args.data, args.segmenter_steps, device=args.device) \
         if args.segmenter_steps else None
     reports = {label: score_weights(folder, args.n, args.seeds, Path(args.work), args.data, args.device, segmenter,
-                                    guidance.get(label)) for label, folder in folders.items()}
+                                    guidance.get(label), args.held_out) for label, folder in folders.items()}
     if segmenter is not None:
         for r in reports.values():
             r["segmenter_training_cases"] = segmenter[1]
-    text = markdown(reports)
+    text = markdown(reports, args.held_out)
     print(text)
     if args.out:
         from ..pathosyn.commands import write_json_atomic, write_text_atomic
 
-        write_json_atomic(reports, Path(args.out) / "test_fold.json")
-        write_text_atomic(text, Path(args.out) / "test_fold.md")
+        write_json_atomic(reports, Path(args.out) / f"{args.held_out}_fold.json")
+        write_text_atomic(text, Path(args.out) / f"{args.held_out}_fold.md")
     return 0
 
 
