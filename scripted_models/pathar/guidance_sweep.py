@@ -15,6 +15,11 @@ default) and its segmenter Dice is at most DICE_MARGIN below the reference's. Th
 lowest mean contrast error is chosen. Five lesions make one seed noisy (segmenter Dice varies by ~0.05 between
 seeds), hence six seeds and means.
 
+The test fold scores free samples, whose structures the model draws itself: their contrasts can differ from those
+of real structures (2026-12-05: t1 edema -0.18 to -0.37 z in free samples, -0.07 to +0.04 z here). Settings that
+change the structure, or whose effect depends on it, are also scored on free samples against the validation fold:
+`python -m scripted_models.pathar.test_fold --held-out validation`.
+
     python -m scripted_models.pathar.guidance_sweep --candidates 8 t1=8,t1c=8,t2=8,flair=1 --out docs/pathar
     python -m scripted_models.pathar.guidance_sweep --compare new=DIR --candidates 8 new:8 new:8@t2 --out DIR
 """
