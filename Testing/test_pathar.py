@@ -1159,6 +1159,7 @@ def test_quality_metrics_on_synthetic_masks():
     # modality 0 of the synthetic data: core brighter than healthy tissue, edema darker, enhancing darkest
     assert contrast[1] == pytest.approx(1.0, abs=0.1) and contrast[3] < contrast[2] < 0
     assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 0, 2: 1, 3: 2}) == 1.0
+    assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 2, 2: 1, 3: 0}) == 0.0
     # composition: each lesion's core / edema / enhancing shares, and the error of the means
     a = np.zeros((4, 4, 4), np.uint8)
     a[0, :2] = 1  # 8 core voxels
@@ -1170,7 +1171,6 @@ def test_quality_metrics_on_synthetic_masks():
     assert np.allclose(quality.subregion_shares([np.zeros_like(a)]), 0.0)
     assert quality.composition_error([a], [a, a]) == 0.0
     assert quality.composition_error([b], [a]) == pytest.approx((0.25 + 0.5 + 0.25) / 3)
-    assert quality.ordering_agreement({1: 0, 2: 1, 3: 2}, {1: 2, 2: 1, 3: 0}) == 0.0
 
 
 def test_memorisation_reference_is_the_real_poses_and_leave_one_case_out():

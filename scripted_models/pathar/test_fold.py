@@ -101,7 +101,7 @@ def test_fold_contrasts(patches) -> dict[str, dict[int, float]]:
 
 
 def test_fold_case_contrasts(patches) -> list[dict[str, dict[int, float]]]:
-    """patch_contrasts of each test-fold case (all its poses): what clear_cells and clear_pairs bootstrap over."""
+    """patch_contrasts of each held-out case (all its poses): what clear_cells and clear_pairs bootstrap over."""
     test = np.nonzero(held_out_mask(patches))[0]
     cases = sorted(set(patches.patch_case[test]))
     return [patch_contrasts(patches, test[patches.patch_case[test] == c]) for c in cases]
