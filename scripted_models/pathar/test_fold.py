@@ -214,7 +214,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
     poses = patches.real_poses(False)
     plain = patches.plain_patches()
     test_plain = plain[held_out_mask(patches)[plain]]
-    test_near = nearest_dice(patches.masks[test_plain], patches.masks[poses])
+    test_masks = patches.masks[test_plain]
+    test_near = nearest_dice(test_masks, patches.masks[poses])
     new_pose = same_lesion_new_pose(patches)
     real_contrasts = test_fold_contrasts(patches)
     per_case = test_fold_case_contrasts(patches)
@@ -255,8 +256,8 @@ def score_weights(folder: Path | None, n: int, seeds, work: Path, data_root=None
         "real_mean_volume_ml": round(float(np.mean([r["volume_ml"] for r in real_rows])), 1),
         "composition_core_edema_enhancing": [round(float(v), 3) for v in subregion_shares(masks).mean(0)],
         "test_real_composition_core_edema_enhancing": [
-            round(float(v), 3) for v in subregion_shares(patches.masks[test_plain]).mean(0)],
-        "composition_error": round(composition_error(masks, patches.masks[test_plain]), 3),
+            round(float(v), 3) for v in subregion_shares(test_masks).mean(0)],
+        "composition_error": round(composition_error(masks, test_masks), 3),
         "signs_agree_per_seed": {str(s): r["signs_agree"] for s, r in per_seed.items()},
         "signs_total": len(MODALITIES) * len(SUBREGIONS),
         "signs_clear_of_zero_per_seed": {str(s): r["signs_agree_clear"] for s, r in per_seed.items()},

@@ -604,7 +604,8 @@ def joint_validation(model: AppearanceVQ, rt: RoundTrips, device) -> dict:
     """MAE of the decoded validation patches (all their modalities) against the real ones, before and after
     the joint refinement: everywhere and in the lesion."""
     err = {"mae": [0.0, 0.0], "mae_lesion": [0.0, 0.0]}
-    for p in rt.ps.imaged_patches(True):
+    patches = rt.ps.imaged_patches(True)
+    for p in patches:
         decoded, real, available = rt.stacked(p)
         mask = torch.from_numpy(rt.ps.masks[p][None]).to(device)
         present = torch.from_numpy(available[None]).to(device)
@@ -615,7 +616,7 @@ def joint_validation(model: AppearanceVQ, rt: RoundTrips, device) -> dict:
             diff = np.abs(image - real[available])
             err["mae"][k] += float(diff.mean())
             err["mae_lesion"][k] += float(diff[:, lesion].mean()) if lesion.any() else 0.0
-    n = max(1, len(rt.ps.imaged_patches(True)))
+    n = max(1, len(patches))
     return {f"{k}_{when}": round(v[i] / n, 4) for k, v in err.items() for i, when in enumerate(("decoded", "refined"))}
 
 
