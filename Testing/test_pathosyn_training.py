@@ -132,6 +132,19 @@ def test_textured_hole_adds_scan_texture_only_inside_the_lesion_region():
     assert abs(out[0][inside].mean() - 0.7) < 0.1
 
 
+@pytest.fixture
+def two_training_cases(monkeypatch):
+    """The training fold cut to its first two cases: the card's calibration is measured on real cases, and the
+    tests must not grow with ../shared/data."""
+    from scripted_models.folds import make_folds
+    from scripted_models.pathosyn import train_deviation as T
+
+    folds = make_folds()
+    small = replace(folds, train=folds.train[:2])
+    monkeypatch.setattr(T, "make_folds", lambda data_root=None: small)
+    return small
+
+
 def _train(monkeypatch, lesion_cache, work, out, variant, steps):
     from scripted_models.pathosyn import train_deviation as T
 
@@ -140,18 +153,29 @@ def _train(monkeypatch, lesion_cache, work, out, variant, steps):
                              variant=variant, from_scratch=True)
 
 
-def test_ablation_training_resumes_and_synthesizes_through_the_same_pipeline(monkeypatch, lesion_cache, tmp_path):
+def test_ablation_training_resumes_and_synthesizes_through_the_same_pipeline(monkeypatch, lesion_cache, tmp_path,
+                                                                             two_training_cases):
+    from scripted_models.pathosyn import train_deviation as T
     from scripted_models.pathosyn.api import synthesize_lesion
     from scripted_models.weights import load_card
 
+    measured = []  # training cases whose levels were measured for the card's calibration
+    level_entries = T.level_entries
+    monkeypatch.setattr(T, "level_entries", lambda cases, *a, **kw: measured.extend(cases) or level_entries(
+        cases, *a, **kw))
     out = tmp_path / "holistic"
     _train(monkeypatch, lesion_cache, tmp_path / "work", out, "holistic", steps=3)
     card = load_card("deviation_diffusion", out)
     assert card["steps"] == 3 and card["variant"] == "holistic"  # from scratch, not the bundled model
     assert card["config"]["target"] == "image" and card["config"]["anatomy_condition"] is True
+    assert measured == list(two_training_cases.train) and card["population_levels"]
+    calibration = {k: card[k] for k in ("population_levels", "population_texture", "population_pull")}
     _train(monkeypatch, lesion_cache, tmp_path / "work", out, "holistic", steps=5)  # resumes the checkpoint
     card = load_card("deviation_diffusion", out)
     assert card["steps"] == 5
+    # the calibration came back with the checkpoint: not measured again, the same in the card
+    assert measured == list(two_training_cases.train)
+    assert {k: card[k] for k in calibration} == calibration
     # the weights kept are the EMA weights with the lowest validation loss, checked at the start and the end
     curve = card["selection"]["curve"]
     assert [c["step"] for c in curve] == [0, 3, 5]
@@ -201,7 +225,7 @@ def test_band_limit_applies_only_to_models_trained_on_smoothed_residuals():
 
 
 def test_realism_selection_keeps_the_weights_with_the_best_validation_pass_fraction(monkeypatch, lesion_cache,
-                                                                                    tmp_path):
+                                                                                    tmp_path, two_training_cases):
     """select="realism": the EMA weights are written as a loadable candidate, scored on the validation fold
     (stubbed here: the fold's scores are given per step), and the best pass fraction (then Wasserstein) wins.
     Candidates carry the training fold's calibration, measured once and kept in the checkpoint."""

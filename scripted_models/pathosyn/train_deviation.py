@@ -322,6 +322,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
             check_validation()
         if step % save_every == 0 or step == steps:
             save_checkpoint(ckpt, net, opt, step, state_extra(), ema)
+    measure_calibration()  # before the last checkpoint, so that a resumed run reuses it
     save_checkpoint(ckpt, net, opt, step, state_extra(), ema)
     wall += time.time() - t0
     family = {"pathosyn": "PathoSyn deviation branch (conditional DDPM on the residual, MONAI DiffusionModelUNet)",
@@ -333,7 +334,7 @@ def train_deviation(work: Path, steps: int, batch: int = 4, crop: int = 48, lr: 
             "wall_time_s": round(wall, 1), "ema_decay": ema.decay, "lr_schedule": f"cosine from step {start_step}",
             "data": data.names, "held_out": {"validation": list(folds.validation), "test": list(folds.test)},
             "folds": folds.as_dict(),
-            **measure_calibration(),
+            **calibration,
             "selection": {"rule": "lowest validation-fold denoising loss of the EMA weights",
                           "draws": VALIDATION_CROPS, "selected_step": best.get("step"), "curve": val_curve},
             "license": "research use only: trained on BraTS data (BraTS 2013: CC BY-NC-SA 3.0); cite Menze et al., "
