@@ -34,6 +34,45 @@ def test_evaluate_quick_writes_markdown_json_and_plots(tmp_path, data_root):
     assert "pass fraction" in text and "PathAR samples" in text and "test fold" in text
 
 
+def test_tissue_scale_falls_where_a_skull_widens_the_foreground():
+    """The tissue around a lesion in the z-units of the healthy foreground: about 1 on a brain alone, lower when a
+    bright and dark shell (scalp, skull) joins the foreground the z-units come from."""
+    from scripted_models.evaluation.realism import tissue_scale
+    from scripted_models.preprocess import IntensityNormalizer
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:64, :64, :64]
+    r = np.sqrt((zz - 32) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2)
+    brain, head = r < 24, r < 30  # the ring (6-16 mm around the lesion) lies inside the brain
+    lesion = r < 4
+    image = np.where(brain, 100 + rng.normal(0, 10, r.shape), 0.0)
+    with_skull = image + np.where(head & ~brain, np.where(r < 27, 400.0, 10.0), 0.0)
+    spacing = (1.0, 1.0, 1.0)
+
+    def scale(array, foreground):
+        z = IntensityNormalizer.fit(array, exclude=lesion, foreground=foreground).forward(array)
+        return tissue_scale(z, lesion, foreground, spacing)
+
+    assert 0.9 < scale(image, brain) < 1.1
+    assert scale(with_skull, head) < 0.2
+
+
+def test_clinical_scans_are_scored_apart_with_their_tissue_scale(data_root):
+    """A skull-on clinical scan (t1c, 6.5 mm slices, a whole-lesion mask; in no fold) runs through the realism
+    protocol: one (case, modality) pair, the scan outside the blend region bit for bit, its tissue scale reported."""
+    from scripted_models.evaluation.realism import CLINICAL_CASES, FoldRealism, realism_markdown
+    from scripted_models.folds import make_folds
+
+    folds = make_folds(str(data_root))
+    assert not set(CLINICAL_CASES) & set(folds.train + folds.validation + folds.test)
+    report = FoldRealism(data_root, "clinical", cases=[CLINICAL_CASES[1]]).score(seeds=(0,), steps=2)
+    summary = report["results"]["bundled"]["summary"]
+    assert summary["pairs"] == 1 and set(summary["per_modality_pass"]) == {"t1c"}
+    assert summary["outside_region_max_abs_diff"] == 0.0
+    assert 0.3 < report["tissue_scale"][CLINICAL_CASES[1]]["t1c"] < 0.85  # the skull widens the foreground
+    assert "clinical scans (skull on" in realism_markdown(report)
+
+
 def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
     from scripted_models.cli import main
 

@@ -31,6 +31,18 @@ from .metrics import wasserstein
 
 SUBREGIONS = {CORE: "core", EDEMA: "edema", ENHANCING: "enhancing"}
 MIN_VOXELS = 50
+# clinical-like scans in no fold (skull on, 6.5 mm slices, t1c, whole-lesion masks): scored apart, never for choices
+CLINICAL_CASES = ("pyradiomics_brain1", "pyradiomics_brain2")
+TISSUE_RING_MM = (6.0, 16.0)  # healthy tissue this far around the lesion: the tissue-scale reference
+
+
+def tissue_scale(real_z: np.ndarray, lesion: np.ndarray, foreground: np.ndarray, spacing_zyx) -> float:
+    """Std of the tissue 6-16 mm around the lesion in the z-units the pipeline uses (healthy foreground std).
+    Below 1 where the foreground spreads wider than brain tissue (a skull and scalp): a residual in z-units is then
+    too strong in the tissue's own units by 1 / this."""
+    ring = dilate_mm(lesion, TISSUE_RING_MM[1], spacing_zyx) & ~dilate_mm(lesion, TISSUE_RING_MM[0], spacing_zyx)
+    ring &= foreground
+    return float(real_z[ring].std()) if ring.any() else float("nan")
 
 
 def roughness(values_z: np.ndarray, region: np.ndarray) -> float:
@@ -87,7 +99,7 @@ class _CaseZ:
         self.id = case_id
         self.seg = self.case.seg
         self.lesion = self.seg > 0
-        fg = self.case.foreground()
+        fg = self.foreground = self.case.foreground()
         self.norms = {m: IntensityNormalizer.fit(v.array, exclude=self.lesion, foreground=fg)
                       for m, v in self.case.images.items()}
         self.real = {m: self.norms[m].forward(v.array) for m, v in self.case.images.items()}
@@ -265,6 +277,9 @@ class FoldRealism:
                     acc["examples"][target.id] = (target.real, runs[0], target.seg)
         report = {"split": self.split, "cases": self.case_ids, "seeds": list(seeds), "steps": steps,
                   "folds": self.folds.as_dict(),
+                  "tissue_scale": {target.id: {m: round(tissue_scale(z, target.lesion, target.foreground,
+                                                                     target.case.spacing_zyx), 3)
+                                               for m, z in target.real.items()} for target, _, _ in self.targets},
                   "weights": {k: {"weights": str(p.weights) if p.weights else "bundled",
                                   "population_pull": "card" if p.population_pull is None else p.population_pull,
                                   "scanner_noise": p.scanner_noise, "texture_match": p.texture_match}
@@ -311,7 +326,9 @@ def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: i
 
 def realism_markdown(report: dict) -> str:
     labels = list(report["results"])
-    lines = [f"## Lesion realism, {report['split']} fold ({len(report['cases'])} cases: "
+    where = ("clinical scans (skull on, 6.5 mm slices; in no fold)" if report["split"] == "clinical"
+             else f"{report['split']} fold")
+    lines = [f"## Lesion realism, {where} ({len(report['cases'])} cases: "
              f"{', '.join(report['cases'])}; seeds {report['seeds']})", "",
              "A (case, modality) pair passes when the synthetic lesion is closer to the real one than the "
              "pseudo-healthy base on mean intensity and closer than a training-fold constant fill on the "
@@ -341,6 +358,11 @@ def realism_markdown(report: dict) -> str:
             lines += ["", f"Single patch features that best separate real from synthetic ({k}): "
                       + "; ".join(f"{r['channel']} {r['feature']} {r['auroc']} (real {r['real_mean']}, synthetic "
                                   f"{r['synthetic_mean']})" for r in s[k]["separating_features"])]
+    if report.get("tissue_scale"):
+        scales = [v for per_case in report["tissue_scale"].values() for v in per_case.values() if np.isfinite(v)]
+        if scales:
+            lines += ["", f"Tissue scale (std of the tissue 6-16 mm around the lesion in the z-units used; below 1 "
+                      f"where a skull and scalp widen the healthy foreground): {min(scales):.2f} to {max(scales):.2f}."]
     lines += ["", "Per (case, modality) pair: the base's mean error and the constant fill's Wasserstein, then each "
               "weights' mean error / Wasserstein / pass", "",
               "| case | modality | base mean err | const W | " + " | ".join(labels) + " |",

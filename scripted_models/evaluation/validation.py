@@ -195,11 +195,12 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
                    out: Path | None = None, device: str = "auto", pathar_n: int = 8,
                    compare_weights: dict | None = None, bundled_label: str = "bundled",
                    compare_uncalibrated: bool = False) -> dict:
-    """Realism on the fixed test fold (headline) and the validation fold, the inpainting protocol, the demo
-    residual and PathAR quality. quick (for CI): one test case, one seed, 3 DDIM steps, no validation fold,
-    4 PathAR samples. compare_weights {label: folder}: also score these deviation weights on the same bases
-    (a paired before/after table); bundled_label names the bundled weights in it. compare_uncalibrated: also
-    score the bundled weights without the calibration (population pull 0, smooth pseudo-healthy base)."""
+    """Realism on the fixed test fold (headline), the validation fold and the clinical-like scans in no fold (skull
+    on, thick slices), the inpainting protocol, the demo residual and PathAR quality. quick (for CI): one test case,
+    one seed, 3 DDIM steps, no validation fold or clinical scans, 4 PathAR samples. compare_weights {label:
+    folder}: also score these deviation weights on the same bases (a paired before/after table); bundled_label
+    names the bundled weights in it. compare_uncalibrated: also score the bundled weights without the calibration
+    (population pull 0, smooth pseudo-healthy base)."""
     from .realism import UNCALIBRATED, realism_study
 
     data_root = Path(data_root or default_data_root())
@@ -221,7 +222,11 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     rows = {"realism_test": realism_study(data_root, "test", seeds, steps, device, weights, test_cases,
                                           figure=out / "real_vs_synthetic_test.png" if out else None)}
     if not quick:
+        from .realism import CLINICAL_CASES
+
         rows["realism_validation"] = realism_study(data_root, "validation", seeds, steps, device, weights)
+        rows["realism_clinical"] = realism_study(data_root, "clinical", seeds, steps, device, weights,
+                                                 list(CLINICAL_CASES))
     rows["inpainting"] = inpainting_protocol(data_root, device)
     if not quick:
         from ..folds import make_folds
@@ -265,8 +270,9 @@ def validation_markdown(rows: dict) -> str:
     from .realism import realism_markdown
 
     lines = [realism_markdown(rows["realism_test"]), ""] + lines
-    if "realism_validation" in rows:
-        lines += ["", realism_markdown(rows["realism_validation"])]
+    for key in ("realism_validation", "realism_clinical"):
+        if key in rows:
+            lines += ["", realism_markdown(rows[key])]
     if "demo_residual" in rows:
         d = rows["demo_residual"]
         lines += ["## MNI152 demo lesion: residual", "",
