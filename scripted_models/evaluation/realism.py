@@ -33,15 +33,15 @@ SUBREGIONS = {CORE: "core", EDEMA: "edema", ENHANCING: "enhancing"}
 MIN_VOXELS = 50
 # clinical-like scans in no fold (skull on, 6.5 mm slices, t1c, whole-lesion masks): scored apart, never for choices
 CLINICAL_CASES = ("pyradiomics_brain1", "pyradiomics_brain2")
-TISSUE_RING_MM = (6.0, 16.0)  # healthy tissue this far around the lesion: the tissue-scale reference
 
 
 def tissue_scale(real_z: np.ndarray, lesion: np.ndarray, foreground: np.ndarray, spacing_zyx) -> float:
     """Std of the tissue 6-16 mm around the lesion in the z-units the pipeline uses (healthy foreground std).
     Below 1 where the foreground spreads wider than brain tissue (a skull and scalp): a residual in z-units is then
     too strong in the tissue's own units by 1 / this."""
-    ring = dilate_mm(lesion, TISSUE_RING_MM[1], spacing_zyx) & ~dilate_mm(lesion, TISSUE_RING_MM[0], spacing_zyx)
-    ring &= foreground
+    from ..pathosyn.calibration import texture_ring
+
+    ring = texture_ring(lesion, spacing_zyx) & foreground
     return float(real_z[ring].std()) if ring.any() else float("nan")
 
 
@@ -234,6 +234,9 @@ class FoldRealism:
                 sources[source_id] = _CaseZ(source_id, self.data_root, device)
             self.targets.append((target, source_id, copy_paste(target, sources[source_id])))
         del sources  # only the pasted copies are needed from here on
+        self.tissue_scale = {target.id: {m: round(tissue_scale(z, target.lesion, target.foreground,
+                                                               target.case.spacing_zyx), 3)
+                                         for m, z in target.real.items()} for target, _, _ in self.targets}
 
     def score(self, weights: dict | None = None, seeds=(0, 1, 2), steps: int | None = None,
               figure: Path | None = None) -> dict:
@@ -277,9 +280,7 @@ class FoldRealism:
                     acc["examples"][target.id] = (target.real, runs[0], target.seg)
         report = {"split": self.split, "cases": self.case_ids, "seeds": list(seeds), "steps": steps,
                   "folds": self.folds.as_dict(),
-                  "tissue_scale": {target.id: {m: round(tissue_scale(z, target.lesion, target.foreground,
-                                                                     target.case.spacing_zyx), 3)
-                                               for m, z in target.real.items()} for target, _, _ in self.targets},
+                  "tissue_scale": self.tissue_scale,
                   "weights": {k: {"weights": str(p.weights) if p.weights else "bundled",
                                   "population_pull": "card" if p.population_pull is None else p.population_pull,
                                   "scanner_noise": p.scanner_noise, "texture_match": p.texture_match}

@@ -160,16 +160,20 @@ def pull_levels(image: np.ndarray, labels: np.ndarray, levels: dict[str, float],
     return shift.astype(np.float32)
 
 
+def texture_ring(lesion: np.ndarray, spacing_zyx) -> np.ndarray:
+    """The tissue TEXTURE_RING_MM around a lesion: the reference of its texture (and of the tissue scale)."""
+    from ..preprocess import dilate_mm
+
+    return dilate_mm(lesion, TEXTURE_RING_MM[1], spacing_zyx) & ~dilate_mm(lesion, TEXTURE_RING_MM[0], spacing_zyx)
+
+
 def lesion_texture_ratio(image: np.ndarray, lesion: np.ndarray, head: np.ndarray, spacing_zyx) -> float | None:
     """Fine-texture (high-pass, robust) std inside the lesion (one voxel in from its border) over that of the
     healthy tissue 6-16 mm around it, in the head; None when either has too few voxels."""
     from scipy.ndimage import binary_erosion
 
-    from ..preprocess import dilate_mm
-
     inner = binary_erosion(lesion, iterations=1)
-    ring = dilate_mm(lesion, TEXTURE_RING_MM[1], spacing_zyx) & ~dilate_mm(lesion, TEXTURE_RING_MM[0], spacing_zyx)
-    ring &= binary_erosion(head, iterations=3)  # not the head's border
+    ring = texture_ring(lesion, spacing_zyx) & binary_erosion(head, iterations=3)  # not the head's border
     if inner.sum() < MIN_TEXTURE_VOXELS or ring.sum() < MIN_TEXTURE_VOXELS:
         return None
     texture = highpass(image)
