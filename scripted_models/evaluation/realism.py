@@ -33,6 +33,7 @@ SUBREGIONS = {CORE: "core", EDEMA: "edema", ENHANCING: "enhancing"}
 MIN_VOXELS = 50
 # clinical-like scans in no fold (skull on, 6.5 mm slices, t1c, whole-lesion masks): scored apart, never for choices
 CLINICAL_CASES = ("pyradiomics_brain1", "pyradiomics_brain2")
+SPLIT_TITLES = {"clinical": "clinical scans (skull on, 6.5 mm slices; in no fold)"}  # else "<split> fold"
 
 
 def tissue_scale(real_z: np.ndarray, lesion: np.ndarray, foreground: np.ndarray, spacing_zyx) -> float:
@@ -327,8 +328,7 @@ def realism_study(data_root=None, split: str = "test", seeds=(0, 1, 2), steps: i
 
 def realism_markdown(report: dict) -> str:
     labels = list(report["results"])
-    where = ("clinical scans (skull on, 6.5 mm slices; in no fold)" if report["split"] == "clinical"
-             else f"{report['split']} fold")
+    where = SPLIT_TITLES.get(report["split"], f"{report['split']} fold")
     lines = [f"## Lesion realism, {where} ({len(report['cases'])} cases: "
              f"{', '.join(report['cases'])}; seeds {report['seeds']})", "",
              "A (case, modality) pair passes when the synthetic lesion is closer to the real one than the "

@@ -201,7 +201,7 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     folder}: also score these deviation weights on the same bases (a paired before/after table); bundled_label
     names the bundled weights in it. compare_uncalibrated: also score the bundled weights without the calibration
     (population pull 0, smooth pseudo-healthy base)."""
-    from .realism import UNCALIBRATED, realism_study
+    from .realism import CLINICAL_CASES, UNCALIBRATED, realism_study
 
     data_root = Path(data_root or default_data_root())
     if quick:
@@ -222,8 +222,6 @@ def run_validation(data_root=None, samples: int = 3, steps: int | None = None, q
     rows = {"realism_test": realism_study(data_root, "test", seeds, steps, device, weights, test_cases,
                                           figure=out / "real_vs_synthetic_test.png" if out else None)}
     if not quick:
-        from .realism import CLINICAL_CASES
-
         rows["realism_validation"] = realism_study(data_root, "validation", seeds, steps, device, weights)
         rows["realism_clinical"] = realism_study(data_root, "clinical", seeds, steps, device, weights,
                                                  list(CLINICAL_CASES))
