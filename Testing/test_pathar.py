@@ -33,6 +33,7 @@ from scripted_models.pathar.transformer import (
     STRUCTURE,
     IARConfig,
     IARTransformer,
+    guidance_labels,
     gumbel_noise,
     interleaved_layout,
     interleaved_mask,
@@ -280,6 +281,22 @@ def test_rows_that_follow_an_anchor_row():
     half = torch.full((6, N), 0.5)
     assert torch.equal(sample_following(model, cache, mods, a_noise, 3, guidance=2.0, guided=half),
                        sample_following(model, cache, mods, a_noise, 3, guidance=1.0, guided=everywhere))
+    # guided in the first slots only: after them the rows run under their own label alone (no label-average rows),
+    # and each token is still the guided draw where guided and the plain draw elsewhere (checked by teacher forcing)
+    early = torch.zeros(6, N, dtype=torch.bool)
+    early[:, :N // 2] = True
+    drawn = sample_following(model, cache, mods, a_noise, 3, guidance=50.0, guided=early)
+    drawn_ids = model.anchor_ids(drawn[first], mods[first]).repeat_interleave(2, 0)
+    for which, anchor_ids in ((first, None), (rest, drawn_ids)):
+        with torch.no_grad():
+            logp = torch.stack([torch.log_softmax(model(s_tokens[which // 3], drawn[which],
+                                                        torch.full((len(which),), j), anchor_ids)[1], -1)
+                                for j in range(cfg.num_modalities)], 1)  # (rows, M, N, V)
+        mine = logp[torch.arange(len(which)), mods[which]]
+        weight = 50.0 * early[which, :, None]
+        expected = (mine + weight * (mine - logp.mean(1)) + a_noise[which]).argmax(-1)
+        assert torch.equal(drawn[which], expected)
+    assert not torch.equal(drawn, plain)
     # pipelined: s_j, the anchor's a'_{j-1} and the followers' a_{j-2} in one pass draw the same tokens
     s_joint, a_joint = sample_joint(model, s_noise, mods, a_noise, guidance=2.0, anchor_label=3)
     assert torch.equal(s_joint, s_tokens) and torch.equal(a_joint, tokens)
@@ -338,6 +355,18 @@ def test_modality_guidance_per_label_weights_act_row_by_row():
     for bad in ([1.0, 2.0], [1.0, -1.0, 0.0, 0.0], [float("nan")] * 4):
         with pytest.raises(ValueError, match="modality guidance"):
             sample_joint(model, s_noise, mods, a_noise, guidance=bad)
+
+
+def test_modality_guidance_runs_every_label_only_for_guided_rows():
+    """A row with weight 0 runs under its own label only (its draw is plain sampling: the label rows of guided
+    rows are not needed for it), so t1c unguided costs one row instead of four."""
+    mods = torch.tensor([0, 2, 3, 0, 2, 3])
+    weights = torch.tensor([3.0, 1.0, 0.0, 0.5])[mods][:, None]
+    labels, repeat = guidance_labels(mods, 4, weights, structures=2)
+    assert labels.tolist() == [0, 1, 2, 3, 2, 0, 1, 2, 3] * 2 and repeat.tolist() == [4, 1, 4] * 2
+    assert guidance_labels(mods, 4, None, structures=2)[0].tolist() == mods.tolist()
+    with pytest.raises(ValueError, match="same modality rows for every structure"):
+        guidance_labels(torch.tensor([0, 2, 2, 2]), 4, torch.tensor([1.0, 0, 0, 0])[[0, 2, 2, 2]][:, None], 2)
 
 
 def test_parse_and_describe_modality_guidance():

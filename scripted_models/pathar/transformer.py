@@ -31,11 +31,12 @@ appearance rows run as one batch. `sample_structure` then `sample_appearance` do
 positions; `sample_joint` pipelines them (s_j and a_{j-1} in one forward pass: a_{j-1} needs only s_0..s_{j-1}),
 which draws the same tokens with half the passes.
 
-Modality guidance (`guidance` w > 0, sampling only): every appearance row is also run under each modality label
-with its own history, and samples from (1 + w) log p(a | s, m) - w mean_j log p(a | s, j). What sets the
-requested modality apart (t1's dark core, flair's bright edema) is amplified; what all modalities share is kept.
+Modality guidance (`guidance` w > 0, sampling only): every appearance row with w > 0 is also run under each
+modality label with its own history, and samples from (1 + w) log p(a | s, m) - w mean_j log p(a | s, j). What sets
+the requested modality apart (t1's dark core, flair's bright edema) is amplified; what all modalities share is kept.
 No extra training: the label-average is computed from the same conditional model. w is one number or one weight
-per modality label (w_m for rows of label m), since each modality needs a different push.
+per modality label (w_m for rows of label m), since each modality needs a different push. Rows with w = 0, and
+guided rows after their last guided slot, run under their own label only.
 
 Shared anatomy (`SharedAnatomy`, sampling only): rows sampled independently give every modality of one sample
 its own head, ventricles and brain outline (the foreground of t1c and flair overlapped with Dice 0.63 in the
@@ -142,6 +143,11 @@ class KVCache:
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row but `rows` (B',) of the batch (the slots written so far are kept)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
 
 
 # --------------------------------------------------------------------------- attention
@@ -524,24 +530,41 @@ def row_guidance(guidance: Guidance, modality: torch.Tensor, num_modalities: int
     return weights.to(modality.device)[modality.long()][:, None] if (weights > 0).any() else None
 
 
-def guidance_labels(modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, int]:
-    """Appearance rows to run and rows per sampled row: modality (B,) itself (1), or with guidance every label
-    for each row (B*M,; M), row b's M labels adjacent (so rows stay structure-major)."""
+def guidance_labels(modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None, structures: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Appearance rows to run and rows per sampled row: modality (B,) itself (1), or every label for each row with
+    a weight > 0 and its own label for the others (up to B*M rows; repeat (B,)), a row's labels adjacent (so rows
+    stay structure-major; every structure must get as many rows)."""
     if weights is None:
         return modality.long(), 1
-    return torch.arange(num_modalities, device=modality.device).repeat(modality.shape[0]), num_modalities
+    guided = weights[:, 0] > 0  # (B,)
+    every = torch.arange(num_modalities, device=modality.device)
+    labels = torch.cat([every if g else m.view(1) for m, g in zip(modality.long(), guided.tolist())])
+    repeat = torch.where(guided, num_modalities, 1)
+    if len(set(repeat.view(structures, -1).sum(1).tolist())) > 1:
+        raise ValueError("modality guidance needs the same modality rows for every structure")
+    return labels, repeat
 
 
-def guided_logits(logits: torch.Tensor, modality: torch.Tensor, num_modalities: int, weights: torch.Tensor | None):
+def own_label_rows(modality: torch.Tensor, repeat: torch.Tensor | int) -> torch.Tensor:
+    """Each sampled row's (B,) row under its own label among guidance_labels' rows."""
+    if isinstance(repeat, int):
+        return torch.arange(modality.shape[0], device=modality.device)
+    return torch.cumsum(repeat, 0) - repeat + torch.where(repeat > 1, modality.long(), 0)
+
+
+def guided_logits(logits: torch.Tensor, modality: torch.Tensor, repeat: torch.Tensor | int,
+                  weights: torch.Tensor | None):
     """logits of guidance_labels' rows -> (B, V): (1 + w) log p(a | m) - w mean_j log p(a | j), w the row's
-    weight (B, 1) from row_guidance."""
+    weight (B, 1) from row_guidance (log p(a | m) for rows run under their own label only)."""
     if weights is None:
         return logits
-    B, M = modality.shape[0], num_modalities
-    logp = torch.log_softmax(logits.float(), -1).view(B, M, -1)  # (B, M, V)
-    own = logp[torch.arange(B, device=logits.device), modality.long()]  # (B, V)
-    return own + weights * (own - logp.mean(1))
+    B = modality.shape[0]
+    logp = torch.log_softmax(logits.float(), -1)  # (sum(repeat), V)
+    own = logp[own_label_rows(modality, repeat)]  # (B, V)
+    row_of = torch.repeat_interleave(torch.arange(B, device=logits.device), repeat)
+    mean = torch.zeros_like(own).index_add_(0, row_of, logp) / repeat[:, None]  # (B, V)
+    return own + weights * (own - mean)
 
 
 def anchor_rows(modality: torch.Tensor, S: int, anchor_label: int) -> torch.Tensor:
@@ -588,14 +611,14 @@ def sample_appearance(model: IARTransformer, s_cache: KVCache, modality: torch.T
         raise ValueError(f"{B} appearance rows for {s_cache.batch} structures")
     modality = modality.long().to(device)
     weights = row_guidance(guidance, modality, M)  # (B, 1) or None
-    labels, repeat = guidance_labels(modality, M, weights)  # (B,) or (B*M,)
+    labels, repeat = guidance_labels(modality, M, weights, s_cache.batch)  # (B,) or up to (B*M,)
     cache = model.new_cache(labels.shape[0], APPEARANCE, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     if shared is not None:
         own, copy_from = shared.own.to(device), shared.anchor.long().to(device)
     x = (model.cfg.appearance_vocab + labels).view(-1, 1)
     for t in range(N):
-        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, M, weights)
+        logits = guided_logits(model.appearance(x, cache, s_cache, labels)[:, -1], modality, repeat, weights)
         drawn = pick(logits, None if noise is None else noise[:, t].to(device), temperature, top_k)  # (B,)
         tokens[:, t] = drawn if shared is None else torch.where(own[:, t], drawn, drawn[copy_from])
         x = tokens[:, t:t + 1].repeat_interleave(repeat, 0)
@@ -615,36 +638,62 @@ def _row_groups(modality: torch.Tensor, S: int, anchor_label: int | None) -> lis
     return groups if len(groups[1]) else groups[:1]
 
 
+@dataclass
+class _RowGroup:
+    """Rows of one appearance group in _pipelined_rows: the rows (B_g,), guidance weights (B_g, 1) or None, labels
+    run and rows per sampled row (guidance_labels), their cache, and the slot from which no row is guided."""
+    rows: torch.Tensor
+    weights: torch.Tensor | None
+    labels: torch.Tensor
+    repeat: torch.Tensor | int
+    cache: KVCache
+    guided_until: int
+
+    def stop_guidance(self, modality: torch.Tensor) -> None:
+        """Keep only the rows under each row's own label (their tokens do not change: weight 0 from here on)."""
+        keep = own_label_rows(modality[self.rows], self.repeat)
+        self.cache.keep_rows(keep)
+        self.labels, self.repeat, self.weights = self.labels[keep], 1, None
+
+
 def _pipelined_rows(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, a_noise, groups, lag: int,
                     temperature, top_k, guidance, callback, guided=None, own=None, structure=None) -> torch.Tensor:
     """Appearance rows in groups, group g one slot behind group g-1 (the first `lag` slots behind the structure):
     each pass draws one slot of every group, with one weight read. Followers (group 1) see the anchor's token at
-    their slot. guided (B, N): where guidance applies (bool), or the share of the weight that does (float);
-    own (B, N): where a follower keeps its own token rather than the anchor's. structure: (s_tokens, s_noise)
-    when the structure is sampled in the same passes."""
+    their slot. guided (B, N): where guidance applies (bool), or the share of the weight that does (float); after a
+    group's last guided slot its rows run under their own label only. own (B, N): where a follower keeps its own
+    token rather than the anchor's. structure: (s_tokens, s_noise) when the structure is sampled in the same
+    passes."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     S, B = s_cache.batch, modality.shape[0]
     a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
-    plan = []  # per group: rows, guidance weights, labels run, rows per sampled row, cache
+    plan = []
     for rows in groups:
         weights = row_guidance(guidance, modality[rows], M)  # (B_g, 1) or None
-        labels, repeat = guidance_labels(modality[rows], M, weights)
-        plan.append((rows, weights, labels, repeat, model.new_cache(labels.shape[0], APPEARANCE, device)))
+        labels, repeat = guidance_labels(modality[rows], M, weights, S)
+        until = N
+        if guided is not None and weights is not None:
+            slots = torch.nonzero(guided[rows].amax(0) > 0).flatten()
+            until = int(slots[-1]) + 1 if len(slots) else 0
+        plan.append(_RowGroup(rows, weights, labels, repeat, model.new_cache(labels.shape[0], APPEARANCE, device),
+                              until))
     for j in range(lag, N + lag + len(plan) - 1):
         steps, active = [], []
-        for g, (rows, weights, labels, repeat, cache) in enumerate(plan):
+        for g, group in enumerate(plan):
             t = j - lag - g
             if not 0 <= t < N:
                 continue
-            inputs = (model.cfg.appearance_vocab + labels).view(-1, 1) if t == 0 else \
-                a_tokens[rows, t - 1:t].repeat_interleave(repeat, 0)
+            if t >= group.guided_until and group.weights is not None:
+                group.stop_guidance(modality)
+            inputs = (model.cfg.appearance_vocab + group.labels).view(-1, 1) if t == 0 else \
+                a_tokens[group.rows, t - 1:t].repeat_interleave(group.repeat, 0)
             follow = None
             if g == 1:  # followers see the anchor row's token at their slot
-                follow = model.anchor_ids(a_tokens[plan[0][0], t:t + 1], modality[plan[0][0]]).repeat_interleave(
-                    len(rows) // S * repeat, 0)
-            steps.append(AppearanceStep(inputs, cache, labels, follow))
-            active.append((g, t, rows, weights))
+                follow = model.anchor_ids(a_tokens[plan[0].rows, t:t + 1], modality[plan[0].rows]
+                                          ).repeat_interleave(group.labels.shape[0] // S, 0)
+            steps.append(AppearanceStep(inputs, group.cache, group.labels, follow))
+            active.append((g, t, group))
         s_in = None
         if structure is not None and j <= N:
             s_in = structure[0][:, j - 1:j]
@@ -652,13 +701,14 @@ def _pipelined_rows(model: IARTransformer, s_cache: KVCache, modality: torch.Ten
         if structure is not None and j < N:
             s_tokens, s_noise = structure
             s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
-        for (g, t, rows, weights), logits in zip(active, logits_a):
+        for (g, t, group), logits in zip(active, logits_a):
+            rows, weights = group.rows, group.weights
             if weights is not None and guided is not None:
                 weights = weights * guided[rows, t:t + 1].to(device)
-            logits = guided_logits(logits, modality[rows], M, weights)
+            logits = guided_logits(logits, modality[rows], group.repeat, weights)
             drawn = pick(logits, None if a_noise is None else a_noise[rows, t].to(device), temperature, top_k)
             if g == 1 and own is not None:
-                anchor_tokens = a_tokens[plan[0][0], t].repeat_interleave(len(rows) // S)
+                anchor_tokens = a_tokens[plan[0].rows, t].repeat_interleave(len(rows) // S)
                 drawn = torch.where(own[rows, t].to(device), drawn, anchor_tokens)
             a_tokens[rows, t] = drawn
         if callback is not None:
