@@ -183,3 +183,39 @@ def test_fill_holes_and_bounding_box_match_scipy_and_argwhere():
     assert is_whole_lesion_only(labels) and is_whole_lesion_only(np.zeros_like(labels))
     labels[2, 2, 2] = 3
     assert not is_whole_lesion_only(labels)
+
+
+def noisy_head(seed=0, shape=(48, 64, 64)):
+    """A raw scan: brain (400) in a dark skull (30) in a bright scalp (800), joined below through the skull (the
+    brain stem), with noise in the air around it (no value is shared by most of the border)."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
+    stem = (zz < 0) & (np.sqrt(yy ** 2 + xx ** 2) < 0.15)
+    brain, skull, head = r < 0.6, (r < 0.7) & ~stem, r < 0.8
+    array = np.where(brain, 400.0, np.where(skull, 30.0, np.where(head, 800.0, 0.0)))
+    array = np.abs(array + rng.normal(0, 12, shape))  # magnitude images: Rician-like air
+    return array.astype(np.float32), brain, head
+
+
+def test_foreground_of_a_scan_whose_air_is_noise_is_the_head():
+    """Where the background is noise (raw clinical scans), the foreground is the head (scalp, skull, brain), not
+    every voxel that differs from the border's most frequent value; constant backgrounds keep the old mask."""
+    from scipy import ndimage
+
+    from scripted_models.preprocess import fill_holes, fill_holes_in_slices, foreground_mask, has_constant_background
+
+    array, brain, head = noisy_head()
+    assert not has_constant_background(array)
+    fg = foreground_mask(array)
+    assert fg[head].mean() > 0.98 and fg[~head].mean() < 0.01  # the dark skull is inside, the air outside
+    stripped = np.where(brain, array, 0.0)  # skull-stripped: a constant background, the old definition
+    assert has_constant_background(stripped)
+    old = fill_holes(ndimage.binary_opening(stripped != 0, iterations=1))
+    np.testing.assert_array_equal(foreground_mask(stripped), old)
+    # a hole open to the volume's edge in 3-D but closed in its slices is filled slice by slice
+    ring = np.zeros((4, 9, 9), bool)
+    ring[:, 2:7, 2:7] = True
+    ring[:, 4, 4] = False
+    assert not fill_holes(ring)[1, 4, 4] and fill_holes_in_slices(ring, 0)[1, 4, 4]
+    assert not fill_holes_in_slices(ring, 1)[1, 4, 4]  # across the other axes the hole is open

@@ -7,28 +7,78 @@ import numpy as np
 from scipy import ndimage
 
 
+def _border_values(array: np.ndarray) -> np.ndarray:
+    return np.concatenate([array[0].ravel(), array[-1].ravel(), array[:, 0].ravel(), array[:, -1].ravel(),
+                           array[:, :, 0].ravel(), array[:, :, -1].ravel()])
+
+
 def background_value(array: np.ndarray) -> float:
     """Most frequent value on the volume's border faces (0 for most scans, a constant for z-scored ones)."""
-    faces = np.concatenate([array[0].ravel(), array[-1].ravel(), array[:, 0].ravel(), array[:, -1].ravel(),
-                            array[:, :, 0].ravel(), array[:, :, -1].ravel()])
-    values, counts = np.unique(faces, return_counts=True)
+    values, counts = np.unique(_border_values(array), return_counts=True)
     return float(values[np.argmax(counts)])
 
 
+CONSTANT_BACKGROUND_SHARE = 0.5  # skull-stripped and z-scored scans: >= 0.97 of the border is one value; raw: < 0.2
+
+
+def has_constant_background(array: np.ndarray) -> bool:
+    """Whether most of the border is one value (skull-stripped or masked scans) rather than noise (raw scans,
+    whose air is noise)."""
+    _, counts = np.unique(_border_values(array), return_counts=True)
+    return counts.max() >= CONSTANT_BACKGROUND_SHARE * counts.sum()
+
+
 def foreground_mask(array: np.ndarray) -> np.ndarray:
-    """Head/brain voxels: differ from the background value, small holes filled."""
+    """Head/brain voxels: those that differ from a constant background value, small holes filled; on a scan whose
+    background is noise, the head above the air's noise (head_above_noise)."""
+    if not has_constant_background(array):
+        return head_above_noise(array)
     bg = background_value(array)
     fg = np.abs(array.astype(np.float64) - bg) > 1e-6 * max(1.0, float(np.abs(array).max()))
     return fill_holes(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The threshold that best splits `values` into two classes (Otsu: largest between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(hist)
+    above = below[-1] - below
+    sum_below = np.cumsum(hist * centres)
+    mean_below = sum_below / np.maximum(below, 1)
+    mean_above = (sum_below[-1] - sum_below) / np.maximum(above, 1)
+    return float(centres[np.argmax(below * above * (mean_below - mean_above) ** 2)])
+
+
+def head_above_noise(array: np.ndarray) -> np.ndarray:
+    """The head of a raw scan with air around it: voxels above the Otsu threshold between air and tissue (the
+    brightest 0.5% clipped), opened, the largest component, with enclosed holes (skull, sinuses, ventricles)
+    filled in 3-D and slice by slice (the volume's edge may cut a hole open in 3-D)."""
+    values = array.astype(np.float32)
+    values = np.minimum(values, np.percentile(values, 99.5))
+    head = largest_component(ndimage.binary_opening(values > otsu_threshold(values.ravel()), iterations=1))
+    head = fill_holes(head)
+    for axis in range(head.ndim):
+        head = fill_holes_in_slices(head, axis)
+    return head
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Same result as ndimage.binary_fill_holes (6-connected background), by labelling instead of iterating."""
     background, _ = ndimage.label(~mask)
-    border = np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(),
-                             background[:, -1].ravel(), background[:, :, 0].ravel(), background[:, :, -1].ravel()])
+    border = _border_values(background)
     outside = np.isin(background, np.unique(border[border > 0]))
     return ~outside
+
+
+def fill_holes_in_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Holes filled in every 2-D slice across `axis` (one labelling with in-plane connectivity)."""
+    plane = np.zeros((3,) * mask.ndim, bool)
+    plane[(slice(None),) * axis + (1,)] = ndimage.generate_binary_structure(mask.ndim - 1, 1)
+    background, _ = ndimage.label(~mask, plane)
+    edges = [np.take(background, i, axis=a).ravel() for a in range(mask.ndim) if a != axis for i in (0, -1)]
+    border = np.concatenate(edges)
+    return ~np.isin(background, np.unique(border[border > 0]))
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -62,11 +62,14 @@ class AnatomyModel:
 
     @torch.no_grad()
     def inpaint(self, images: dict[str, np.ndarray], hole: np.ndarray, spacing_zyx,
-                noise_seed: int | None = 0, smooth_deep_fill: bool = False) -> dict[str, np.ndarray]:
+                noise_seed: int | None = 0, smooth_deep_fill: bool = False,
+                head: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Fill `hole` in each z-scored image; voxels outside the hole are returned unchanged. With a
         `noise_seed`, the fill gets the scan's noise back (calibration.scanner_noise); None leaves it smooth.
         smooth_deep_fill: low-pass the fill away from the hole's border by the card's `fill_smoothing` (the best
-        estimate of healthy tissue; the network's own structure is kept for the base a lesion is drawn on)."""
+        estimate of healthy tissue; the network's own structure is kept for the base a lesion is drawn on).
+        head: the head's voxels (bool, image grid) for the noise's ring where the background is noise (None: the
+        voxels that differ from the background value)."""
         from .calibration import scanner_noise
 
         context = dilate_mm(hole, self.cfg.context_mm, spacing_zyx)
@@ -88,10 +91,11 @@ class AnatomyModel:
             p = pred[i]
             if noise_seed is not None:
                 crop = crops[m]
-                head = binary_erosion(np.abs(crop - background_value(img)) > 1e-6 * max(1.0, float(np.abs(crop).max())),
-                                      iterations=2)  # not the head's border
+                in_head = np.abs(crop - background_value(img)) > 1e-6 * max(1.0, float(np.abs(crop).max())) \
+                    if head is None else box.crop(head, mode="constant")
+                in_head = binary_erosion(in_head, iterations=2)  # not the head's border
                 filled = np.where(hole_roi, p, crop)
-                p = p + scanner_noise(filled, hole_roi, ring & head, seed=int(noise_seed) + i)
+                p = p + scanner_noise(filled, hole_roi, ring & in_head, seed=int(noise_seed) + i)
             filled = img.copy()
             region = hole[vol_sl]
             filled[vol_sl][region] = p[roi_sl][region]

@@ -25,6 +25,7 @@ from ..preprocess import (
     cast_like,
     dilate_mm,
     foreground_mask,
+    has_constant_background,
     resize,
     roi_around,
 )
@@ -100,6 +101,7 @@ class _Prepared:
     lesion_labels: np.ndarray
     normalizers: dict[str, IntensityNormalizer]
     spacing_zyx: tuple
+    head: np.ndarray | None = None  # the normalizers' foreground on the image grid, where a background is noise
 
     @property
     def normalized(self) -> dict[str, np.ndarray]:
@@ -119,8 +121,9 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion: np.ndarray, anatom
     box = bounding_box(near)
     levels = {}
     for m in (m for m in prep.images if m in offsets):
-        raw = prep.images[m].array[box]
-        ring = near[box] & (raw != background_value(prep.images[m].array))  # the head, as the fit's foreground
+        image = prep.images[m].array
+        head = image[box] != background_value(image) if prep.head is None else prep.head[box]
+        ring = near[box] & head  # the head, as the fit's foreground
         if not ring.any():
             continue
         z = anatomy[m][box] if anatomy is not None else prep.normalized_crop(m, lambda a: a[box])
@@ -174,7 +177,11 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
                          f"{100 * MAX_LESION_FRACTION:.0f}%): is it a head mask rather than a lesion?")
     normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
                    for m, v in checked.items()}
-    return _Prepared(checked, reference, labels, normalizers, spacing_zyx)
+    head = None
+    if not all(has_constant_background(v.array) for v in checked.values()):  # raw scans: air is noise
+        head = fg.repeat(STATS_STRIDE, 0).repeat(STATS_STRIDE, 1).repeat(STATS_STRIDE, 2)[
+            tuple(slice(n) for n in lesion.shape)]
+    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head)
 
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
@@ -196,7 +203,7 @@ def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto"
     if progress:
         progress(0.3, "inpainting healthy tissue")
     filled = model.inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed if scanner_noise else None,
-                           smooth_deep_fill=smooth_deep_fill)
+                           smooth_deep_fill=smooth_deep_fill, head=prep.head)
     out = {}
     for m, vol in prep.images.items():
         restored = cast_like(prep.normalizers[m].inverse(filled[m]), vol.array.dtype)
@@ -249,7 +256,8 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     if base == "pseudo-healthy":
         say(0.05, "building pseudo-healthy anatomy")
         hole = dilate_mm(lesion, HOLE_MARGIN_MM, prep.spacing_zyx)
-        anatomy = _model("anatomy", dev).inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed)
+        anatomy = _model("anatomy", dev).inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed,
+                                                  head=prep.head)
 
     def anatomy_crop(m: str, crop):
         return crop(anatomy[m]) if anatomy is not None else prep.normalized_crop(m, crop)
