@@ -46,6 +46,19 @@ def make_head(shape=(40, 48, 44), spacing=(1.2, 1.0, 1.5), dtype=np.int16, seed=
     return Volume(arr.astype(dtype), spacing, origin, direction)
 
 
+def noisy_head(seed=0, shape=(48, 64, 64)):
+    """A raw scan: brain (400) in a dark skull (30) in a bright scalp (800), joined below through the skull (the
+    brain stem), with noise in the air around it (no value is shared by most of the border)."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
+    stem = (zz < 0) & (np.sqrt(yy ** 2 + xx ** 2) < 0.15)
+    brain, skull, head = r < 0.6, (r < 0.7) & ~stem, r < 0.8
+    array = np.where(brain, 400.0, np.where(skull, 30.0, np.where(head, 800.0, 0.0)))
+    array = np.abs(array + rng.normal(0, 12, shape))  # magnitude images: Rician-like air
+    return array.astype(np.float32), brain, head
+
+
 def make_ball_mask(head, centre_frac=(0.5, 0.5, 0.5), radius_vox=6, labels=True):
     zz, yy, xx = np.meshgrid(*[np.arange(n) for n in head.shape], indexing="ij")
     c = [f * (n - 1) for f, n in zip(centre_frac, head.shape)]

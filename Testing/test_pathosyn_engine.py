@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_ball_mask, make_head
+from conftest import make_ball_mask, make_head, noisy_head
 
 from scripted_models import pseudo_healthy, synthesize_lesion
 from scripted_models.errors import InputError
@@ -111,6 +111,20 @@ def test_large_lesion_is_scaled_down_with_warning():
         result = synthesize_lesion({"t1": head}, mask, seed=0, steps=1)
     assert result.report["scale"] < 1.0
     assert max(result.report["model_grid_zyx"]) <= 96
+
+
+def test_a_raw_scan_is_normalised_over_its_head_and_says_so():
+    """A scan whose air is noise (not skull-stripped): the report warns that the units come from the whole head, and
+    the air stays untouched."""
+    array, brain, head = noisy_head()
+    scan = Volume(array, (1.0, 1.0, 1.0))
+    mask = make_ball_mask(scan, radius_vox=5)
+    with pytest.warns(UserWarning, match="background is noise"):
+        result = synthesize_lesion({"t1": scan}, mask, seed=0, steps=1)
+    assert any("not skull-stripped" in w for w in result.report["warnings"])
+    np.testing.assert_array_equal(result.images["t1"].array[~head], array[~head])
+    skull_stripped = scan.with_array(np.where(brain, array, 0).astype(np.float32))
+    assert not synthesize_lesion({"t1": skull_stripped}, mask, seed=0, steps=1).report["warnings"]
 
 
 def test_pseudo_healthy_changes_only_the_hole():

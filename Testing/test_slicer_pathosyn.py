@@ -75,6 +75,17 @@ def test_segment_names_map_to_canonical_subregions():
     assert f("Segment_1") is None and f("lesion") is None
 
 
+def test_done_message_carries_the_engine_warnings():
+    """The status line after a synthesis (Slicer and browser) names the new volumes and repeats the engine's
+    warnings, such as a raw scan normalised over its whole head."""
+    from PathoSynSlicerLib.logic import synthesisDoneMessage
+
+    assert synthesisDoneMessage({"timing_s": {"total": 2.34}}, ["t1 lesion", "flair lesion"]) == \
+        "Done in 2.3 s: t1 lesion, flair lesion"
+    assert synthesisDoneMessage({"warnings": ["the background is noise", "lesion ROI too large"]}, ["t1 lesion"]) == \
+        "Done: t1 lesion. Warning: the background is noise. Warning: lesion ROI too large"
+
+
 @pytest.mark.parametrize("direction", [None, OBLIQUE, FLIPPED], ids=["axial", "oblique", "flipped"])
 def test_volume_roundtrip_keeps_geometry(app, logic, direction):
     head, node = add_head(app, direction=direction)

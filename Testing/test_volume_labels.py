@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_head
+from conftest import make_head, noisy_head
 
 from scripted_models.errors import InputError
 from scripted_models.labels import mapping_from_case_json, one_hot_subregions, to_canonical
@@ -183,19 +183,6 @@ def test_fill_holes_and_bounding_box_match_scipy_and_argwhere():
     assert is_whole_lesion_only(labels) and is_whole_lesion_only(np.zeros_like(labels))
     labels[2, 2, 2] = 3
     assert not is_whole_lesion_only(labels)
-
-
-def noisy_head(seed=0, shape=(48, 64, 64)):
-    """A raw scan: brain (400) in a dark skull (30) in a bright scalp (800), joined below through the skull (the
-    brain stem), with noise in the air around it (no value is shared by most of the border)."""
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
-    stem = (zz < 0) & (np.sqrt(yy ** 2 + xx ** 2) < 0.15)
-    brain, skull, head = r < 0.6, (r < 0.7) & ~stem, r < 0.8
-    array = np.where(brain, 400.0, np.where(skull, 30.0, np.where(head, 800.0, 0.0)))
-    array = np.abs(array + rng.normal(0, 12, shape))  # magnitude images: Rician-like air
-    return array.astype(np.float32), brain, head
 
 
 def test_foreground_of_a_scan_whose_air_is_noise_is_the_head():

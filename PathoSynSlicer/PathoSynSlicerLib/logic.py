@@ -422,6 +422,14 @@ class SynthesisNodes:
         removeNodes(self.nodes())
 
 
+def synthesisDoneMessage(report: dict, names: list[str]) -> str:
+    """The status line after a synthesis: its time, the new volumes and the engine's warnings (e.g. a raw scan
+    normalised over its whole head, a lesion too large for the model's grid)."""
+    seconds = (report.get("timing_s") or {}).get("total")
+    text = f"Done{f' in {seconds:.1f} s' if seconds else ''}: {', '.join(names)}"
+    return text + "".join(f". Warning: {w}" for w in report.get("warnings") or [])
+
+
 def removeNodes(nodes) -> None:
     """Remove data nodes with their subject-hierarchy items, display and storage nodes. A bare RemoveNode leaves the
     display nodes in the scene (slicer-core has no plugin that removes them), and they keep the voxels alive: about

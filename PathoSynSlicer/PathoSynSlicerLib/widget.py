@@ -20,6 +20,7 @@ from .logic import (
     dependencyMessage,
     dependencyProblems,
     showCompare,
+    synthesisDoneMessage,
 )
 from .process import WorkerRunner, warmUpSharedWorker
 
@@ -391,9 +392,8 @@ class PathoSynWidget(JobPanel):
             result = self.logic.loadJobOutputs(self._job)
         if self._job.command == "synthesize":
             self.showResults(result)
-            seconds = (result.report.get("timing_s") or {}).get("total")
-            self.ui.statusLabel.setText(f"Done{f' in {seconds:.1f} s' if seconds else ''}: "
-                                        f"{', '.join(n.GetName() for n in result.volumes.values())}")
+            self.ui.statusLabel.setText(synthesisDoneMessage(result.report,
+                                                             [n.GetName() for n in result.volumes.values()]))
         else:
             node = next(iter(result.values()))
             self.showCompare(self._job.prepared.nodes[next(iter(result))], node)

@@ -25,7 +25,13 @@ import numpy as np
 from . import state as _state  # noqa: F401 - also puts the Slicer modules' logic on sys.path (package __init__)
 
 # isort: off
-from PathoSynSlicerLib.logic import InputError, JobError, PathoSynSlicerLogic, removeNodes  # noqa: E402
+from PathoSynSlicerLib.logic import (  # noqa: E402
+    InputError,
+    JobError,
+    PathoSynSlicerLogic,
+    removeNodes,
+    synthesisDoneMessage,
+)
 from PathoSynSlicerLib.process import DONE, WorkerRunner  # noqa: E402
 from PathARModuleLib.logic import PathARModuleLogic  # noqa: E402
 # isort: on
@@ -421,9 +427,7 @@ class WebController:
             mod = next(iter(result.volumes))
             output, seg = result.volumes[mod], result.segmentation
             residual, uncertainty = result.residuals.get(mod), result.uncertainty.get(mod)
-            seconds = (result.report.get("timing_s") or {}).get("total")
-            self.state.message = (f"Done{f' in {seconds:.1f} s' if seconds else ''}: "
-                                  f"{', '.join(n.GetName() for n in result.volumes.values())}")
+            self.state.message = synthesisDoneMessage(result.report, [n.GetName() for n in result.volumes.values()])
         self.state.has_result = True
         self.state.progress = 100.0
         if self.views is not None:

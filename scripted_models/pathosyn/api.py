@@ -250,6 +250,12 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     model = _model("deviation", dev, deviation_weights)
     cfg = model.cfg
     warn = []
+    if prep.head is not None:
+        msg = ("the background is noise, not one value (a raw scan, not skull-stripped): intensities are normalised "
+               "over the whole head, scalp and skull included, so lesion contrast may come out too strong (the "
+               "models learned skull-stripped scans)")
+        warnings.warn(msg, stacklevel=2)
+        warn.append(msg)
 
     lesion = prep.lesion_labels > 0
     anatomy = None  # whole z-scored volumes, only for a pseudo-healthy base; otherwise crops are normalised
