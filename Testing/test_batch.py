@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_ball_mask, make_head
+from conftest import ROOT, make_ball_mask, make_head, noisy_head
 
 from scripted_models.batch import load_manifest, run_batch
 from scripted_models.batch.job import place_mask, read_log, verify_done
@@ -177,6 +177,17 @@ def test_pathar_placement_inside_brain_and_seeded():
     assert np.array_equal(again.array, mask.array) and not np.array_equal(other.array, mask.array)
     with pytest.raises(InputError, match="could not place the PathAR lesion inside the brain"):
         place_mask(_ball(shape=40, radius=19, spacing=2.0), head, seed=5, tries=20)
+
+
+def test_pathar_placement_in_a_raw_scan_keeps_out_of_scalp_and_skull():
+    """A raw scan's foreground is the whole head (its air is noise): lesions are placed deeper than the scalp and
+    skull, inside the brain."""
+    array, brain, head = noisy_head(shape=(64, 96, 96))  # 1 mm voxels: brain radius 29 mm, scalp and skull 10 mm
+    scan = Volume(array, (1.0, 1.0, 1.0))
+    for seed in range(6):
+        mask, info = place_mask(_ball(radius=4.0, spacing=1.0), scan, seed=seed)
+        placed = mask.array > 0
+        assert (placed & brain).sum() / placed.sum() >= 0.9, (seed, info)
 
 
 # ---------------------------------------------------------------- engine runs

@@ -24,6 +24,7 @@ DONE = "done.json"
 LOG = "log.jsonl"
 MIN_INSIDE = 0.90  # PathAR placement: fraction of the lesion that must lie inside the brain
 PLACEMENT_TRIES = 200
+SCALP_AND_SKULL_MM = 12.0  # raw scans (air is noise): the brain starts at least this far inside the head
 
 
 def _now() -> str:
@@ -97,9 +98,15 @@ def result_row(job: Job, status: str, done: dict | None = None, out: Path | None
 
 
 def _brain_voxel_centres(reference) -> tuple[np.ndarray, np.ndarray]:
-    from ..preprocess import foreground_mask
+    """The brain (the foreground of a skull-stripped scan; of a raw scan, whose foreground is the whole head, the
+    voxels at least SCALP_AND_SKULL_MM inside it) and its voxels (N, 3) in (z, y, x)."""
+    from scipy import ndimage
+
+    from ..preprocess import foreground_mask, has_constant_background
 
     fg = foreground_mask(reference.array)
+    if fg.any() and not has_constant_background(reference.array):
+        fg = ndimage.distance_transform_edt(fg, sampling=tuple(reversed(reference.spacing))) >= SCALP_AND_SKULL_MM
     if not fg.any():
         raise InputError("the first image has no foreground (brain) voxels to place a PathAR lesion in")
     return fg, np.argwhere(fg)  # (N, 3) in (z, y, x)
