@@ -125,6 +125,9 @@ def test_a_raw_scan_is_normalised_over_its_head_and_says_so():
     np.testing.assert_array_equal(result.images["t1"].array[~head], array[~head])
     skull_stripped = scan.with_array(np.where(brain, array, 0).astype(np.float32))
     assert not synthesize_lesion({"t1": skull_stripped}, mask, seed=0, steps=1).report["warnings"]
+    in_the_air = make_ball_mask(scan, centre_frac=(0.5, 0.5, 0.03), radius_vox=1)  # every voxel differs from the mode
+    with pytest.raises(InputError, match="does not overlap the brain"):
+        synthesize_lesion({"t1": scan}, in_the_air, seed=0, steps=1)
 
 
 def test_pseudo_healthy_changes_only_the_hole():

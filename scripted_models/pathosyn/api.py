@@ -164,11 +164,12 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     fg = np.zeros(lesion[step].shape, bool)  # head foreground (holes filled) on the strided grid
     for vol in checked.values():
         fg |= foreground_mask(vol.array[step])
+    constant = [has_constant_background(v.array) for v in checked.values()]  # else a raw scan: air is noise
     box = bounding_box(lesion)
     z, y, x = ((np.argwhere(lesion[box]) + [b.start for b in box]) // STATS_STRIDE).T
     in_brain = bool(fg[z, y, x].any()) or any(  # tiny lesions: a lesion voxel that differs from the background
         np.any(np.abs(v.array[lesion] - background_value(v.array)) > 1e-6 * max(1.0, float(np.abs(v.array).max())))
-        for v in checked.values())
+        for v, c in zip(checked.values(), constant) if c)
     if not in_brain:
         raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)")
     covered = float(lesion[step].sum()) / max(float(fg.sum()), 1.0)
@@ -178,7 +179,7 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
                    for m, v in checked.items()}
     head = None
-    if not all(has_constant_background(v.array) for v in checked.values()):  # raw scans: air is noise
+    if not all(constant):
         head = fg.repeat(STATS_STRIDE, 0).repeat(STATS_STRIDE, 1).repeat(STATS_STRIDE, 2)[
             tuple(slice(n) for n in lesion.shape)]
     return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head)
