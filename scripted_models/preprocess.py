@@ -12,10 +12,16 @@ def _border_values(array: np.ndarray) -> np.ndarray:
                            array[:, :, 0].ravel(), array[:, :, -1].ravel()])
 
 
+def _border_mode(array: np.ndarray) -> tuple[float, float]:
+    """The most frequent value on the volume's border faces and the share of the border it covers."""
+    values, counts = np.unique(_border_values(array), return_counts=True)
+    i = int(np.argmax(counts))
+    return float(values[i]), float(counts[i] / counts.sum())
+
+
 def background_value(array: np.ndarray) -> float:
     """Most frequent value on the volume's border faces (0 for most scans, a constant for z-scored ones)."""
-    values, counts = np.unique(_border_values(array), return_counts=True)
-    return float(values[np.argmax(counts)])
+    return _border_mode(array)[0]
 
 
 CONSTANT_BACKGROUND_SHARE = 0.5  # skull-stripped and z-scored scans: >= 0.97 of the border is one value; raw: < 0.2
@@ -24,16 +30,15 @@ CONSTANT_BACKGROUND_SHARE = 0.5  # skull-stripped and z-scored scans: >= 0.97 of
 def has_constant_background(array: np.ndarray) -> bool:
     """Whether most of the border is one value (skull-stripped or masked scans) rather than noise (raw scans,
     whose air is noise)."""
-    _, counts = np.unique(_border_values(array), return_counts=True)
-    return counts.max() >= CONSTANT_BACKGROUND_SHARE * counts.sum()
+    return _border_mode(array)[1] >= CONSTANT_BACKGROUND_SHARE
 
 
 def foreground_mask(array: np.ndarray) -> np.ndarray:
     """Head/brain voxels: those that differ from a constant background value, small holes filled; on a scan whose
     background is noise, the head above the air's noise (head_above_noise)."""
-    if not has_constant_background(array):
+    bg, share = _border_mode(array)
+    if share < CONSTANT_BACKGROUND_SHARE:
         return head_above_noise(array)
-    bg = background_value(array)
     fg = np.abs(array.astype(np.float64) - bg) > 1e-6 * max(1.0, float(np.abs(array).max()))
     return fill_holes(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
 
