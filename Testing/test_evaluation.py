@@ -92,6 +92,7 @@ def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
     assert rows["roi64_double_volume"]["ratio_vs_single"] > 0
     assert rows["pathar_sample_4mod"]["p50_s"] > 0 and rows["import_s"] > 0
     assert rows["peak_rss_mb_synthesize"] > 100
+    assert isinstance(rows["native_cpu_bf16"], bool)  # the figures depend on it (bf16 autocast or float32)
     assert rows["cli_end_to_end"]["peak_rss_mb"] > 100 and rows["cli_end_to_end"]["default_steps_s"] > 0
     assert np.isfinite(rows["roi64_preview"]["p50_s"])
     sizes = rows["vs_model_size"]["variants"]  # a wider U-Net has more parameters and a slower step

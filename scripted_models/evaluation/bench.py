@@ -58,13 +58,14 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
     import torch
 
     from ..pathosyn.api import _model, synthesize_lesion
-    from ..runtime import pick_device
+    from ..runtime import native_cpu_bf16, pick_device
     from ..templates import mni_t1
 
     t1 = mni_t1()
     if quick:
         repeats, roi_sides, steps_list = 2, (32, 64), (3,)
     rows = {"threads": torch.get_num_threads(), "device": device, "torch": torch.__version__,
+            "native_cpu_bf16": native_cpu_bf16(),  # bf16 autocast on the CPU (1.7-4x faster U-Net steps) or float32
             "cpu": platform.processor() or platform.machine(), "repeats": repeats}
     t = time.perf_counter()
     mask64 = _lesion(t1, radius_for_roi(64))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES
+from ..runtime import native_cpu_bf16
 from . import ANATOMY_CARD, ANATOMY_INDEPENDENT
 
 
@@ -74,6 +75,7 @@ def bench(runs: int = 5, modalities=MODALITIES, device: str = "cpu", modality_gu
 
     return {"total_s": pct(totals), "cpu_s": pct(cpu), **{k: pct(v) for k, v in parts.items()},
             "load_s": round(load_s, 2), "runs": runs, "threads": torch.get_num_threads(),
+            "native_cpu_bf16": native_cpu_bf16(),
             "modalities": list(modalities),
             "modality_guidance": model.guidance(modality_guidance),
             "anatomy_from": model.anchor_modality(anatomy_from) or ANATOMY_INDEPENDENT}
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
     t = result["total_s"]
     print(f"PathAR sample (structure + {len(MODALITIES)} modalities, modality guidance "
           f"{describe_guidance(result['modality_guidance'])}, anatomy {result['anatomy_from']}), "
-          f"{result['threads']} threads, "
+          f"{result['threads']} threads{'' if result['native_cpu_bf16'] else ' (float32: no CPU bf16)'}, "
           f"{args.runs} runs: p50 {t['p50']:.2f} s, p90 {t['p90']:.2f} s")
     c = result["cpu_s"]
     print(f"  CPU time   p50 {c['p50']:.2f} s  p90 {c['p90']:.2f} s  (process CPU seconds; with 1 thread this is the "
