@@ -43,25 +43,18 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     return fill_holes(ndimage.binary_opening(fg, iterations=1)) if fg.any() else fg
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """The threshold that best splits `values` into two classes (Otsu: largest between-class variance)."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    below = np.cumsum(hist)
-    above = below[-1] - below
-    sum_below = np.cumsum(hist * centres)
-    mean_below = sum_below / np.maximum(below, 1)
-    mean_above = (sum_below[-1] - sum_below) / np.maximum(above, 1)
-    return float(centres[np.argmax(below * above * (mean_below - mean_above) ** 2)])
-
-
 def head_above_noise(array: np.ndarray) -> np.ndarray:
     """The head of a raw scan with air around it: voxels above the Otsu threshold between air and tissue (the
     brightest 0.5% clipped), opened, the largest component, with enclosed holes (skull, sinuses, ventricles)
     filled in 3-D and slice by slice (the volume's edge may cut a hole open in 3-D)."""
+    import SimpleITK as sitk
+
     values = array.astype(np.float32)
     values = np.minimum(values, np.percentile(values, 99.5))
-    head = largest_component(ndimage.binary_opening(values > otsu_threshold(values.ravel()), iterations=1))
+    otsu = sitk.OtsuThresholdImageFilter()  # the threshold with the largest between-class variance
+    otsu.SetNumberOfHistogramBins(256)
+    otsu.Execute(sitk.GetImageFromArray(values))
+    head = largest_component(ndimage.binary_opening(values > otsu.GetThreshold(), iterations=1))
     head = fill_holes(head)
     for axis in range(head.ndim):
         head = fill_holes_in_slices(head, axis)

@@ -100,13 +100,11 @@ def result_row(job: Job, status: str, done: dict | None = None, out: Path | None
 def _brain_voxel_centres(reference) -> tuple[np.ndarray, np.ndarray]:
     """The brain (the foreground of a skull-stripped scan; of a raw scan, whose foreground is the whole head, the
     voxels at least SCALP_AND_SKULL_MM inside it) and its voxels (N, 3) in (z, y, x)."""
-    from scipy import ndimage
-
-    from ..preprocess import foreground_mask, has_constant_background
+    from ..preprocess import erode_mm, foreground_mask, has_constant_background
 
     fg = foreground_mask(reference.array)
     if fg.any() and not has_constant_background(reference.array):
-        fg = ndimage.distance_transform_edt(fg, sampling=tuple(reversed(reference.spacing))) >= SCALP_AND_SKULL_MM
+        fg = erode_mm(fg, SCALP_AND_SKULL_MM, tuple(reversed(reference.spacing)))
     if not fg.any():
         raise InputError("the first image has no foreground (brain) voxels to place a PathAR lesion in")
     return fg, np.argwhere(fg)  # (N, 3) in (z, y, x)

@@ -546,10 +546,8 @@ def guidance_labels(modality: torch.Tensor, num_modalities: int, weights: torch.
     return labels, repeat
 
 
-def own_label_rows(modality: torch.Tensor, repeat: torch.Tensor | int) -> torch.Tensor:
-    """Each sampled row's (B,) row under its own label among guidance_labels' rows."""
-    if isinstance(repeat, int):
-        return torch.arange(modality.shape[0], device=modality.device)
+def own_label_rows(modality: torch.Tensor, repeat: torch.Tensor) -> torch.Tensor:
+    """Each sampled row's (B,) row under its own label among guidance_labels' rows (repeat (B,) from it)."""
     return torch.cumsum(repeat, 0) - repeat + torch.where(repeat > 1, modality.long(), 0)
 
 
