@@ -217,20 +217,82 @@ def test_same_seed_same_bytes_on_one_and_two_threads():
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
-def test_pinned_convolutions_match_pytorch_and_leave_training_alone():
+def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
     import torch
 
-    from scripted_models.runtime import pin_onednn_convolutions
+    from scripted_models.runtime import CHANNELS_LAST, pin_cpu_inference
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.Conv3d(8, 4, 1),
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+                              torch.nn.Conv3d(8, 4, 1), torch.nn.GroupNorm(2, 4),
                               torch.nn.Conv3d(4, 4, 3, stride=2, padding=1))
     x = torch.randn(1, 3, 12, 10, 8)
     with torch.no_grad():
         reference = net(x)
-    pin_onednn_convolutions(pin_onednn_convolutions(net))  # idempotent
+    pin_cpu_inference(pin_cpu_inference(net))  # idempotent
     with torch.no_grad():
         pinned = net(x)
-    torch.testing.assert_close(pinned, reference, rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = net(x)
+    torch.testing.assert_close(pinned, reference, rtol=1e-5, atol=1e-5)
+    assert pinned.is_contiguous(memory_format=CHANNELS_LAST) and not pinned.is_contiguous()  # float32: NDHWC
+    assert under_autocast.is_contiguous()  # bf16 autocast keeps the channels-first path
     net(x).sum().backward()  # grad enabled: PyTorch's own path, trainable
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_channels_last_group_norm_matches_pytorch_with_the_same_bytes_on_one_and_two_threads():
+    import torch
+
+    from scripted_models.runtime import CHANNELS_LAST, group_norm_channels_last
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(1, 16, 40, 36, 32) * 3 + 2).contiguous(memory_format=CHANNELS_LAST)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                runs.append(group_norm_channels_last(x, norm))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0], runs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(runs[0], norm(x.contiguous()), rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_then_convolution_runs_as_one_transposed_convolution():
+    import copy
+
+    import torch
+    from monai.networks.nets import DiffusionModelUNet
+
+    from scripted_models.runtime import pin_cpu_inference
+
+    torch.manual_seed(0)
+    net = DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 16, 16),
+                             attention_levels=(False, False, False), num_res_blocks=1, norm_num_groups=4).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():  # MONAI zero-initialises the output convolution
+            parameter.normal_(0.0, 0.2)
+    pinned = pin_cpu_inference(copy.deepcopy(net))
+    rewritten = [name for name, module in pinned.named_modules() if "forward" in module.__dict__
+                 and type(module).__name__ == "WrappedUpsample"]
+    assert len(rewritten) == 2
+    x, t = torch.randn(1, 2, 24, 16, 20), torch.tensor([300])
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        with torch.no_grad():
+            reference = net(x, timesteps=t)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs.append(pinned(x, timesteps=t))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(runs[0], reference, rtol=1e-4, atol=1e-5)
+    assert torch.equal(runs[0], runs[1])

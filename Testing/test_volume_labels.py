@@ -9,7 +9,15 @@ from conftest import make_head, noisy_head
 
 from scripted_models.errors import InputError
 from scripted_models.labels import mapping_from_case_json, one_hot_subregions, to_canonical
-from scripted_models.preprocess import IntensityNormalizer, RoiBox, blend_weight, cast_like, dilate_mm, roi_around
+from scripted_models.preprocess import (
+    DistanceFromMask,
+    IntensityNormalizer,
+    RoiBox,
+    blend_weight,
+    cast_like,
+    dilate_mm,
+    roi_around,
+)
 from scripted_models.volume import Volume, read_volume, resample_to, write_volume
 
 OBLIQUE = tuple(np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, -1.0]]).ravel())
@@ -140,6 +148,29 @@ def test_blend_weight_in_the_region_box_equals_the_whole_array_formula():
         np.testing.assert_array_equal(blend_weight(lesion, region, spacing), whole_array(lesion, region, spacing))
     empty = np.zeros((8, 8, 8), bool)
     assert not blend_weight(empty, empty, (1, 1, 1)).any()
+
+
+def test_one_distance_transform_gives_every_dilation_and_the_blend_weights_bit_for_bit():
+    """The pipeline computes the lesion's distances once (reach 12 mm) and thresholds them for every margin:
+    each dilation must equal its own transform, and the blend weights of an ROI that sticks out of the volume
+    must equal those blend_weight computes itself."""
+    rng = np.random.default_rng(5)
+    spacing = (2.0, 0.8, 1.1)
+    lesion = np.zeros((24, 40, 36), bool)
+    lesion[1:7, 6:20, 24:34] = rng.random((6, 14, 10)) > 0.4  # near the edges
+    distance = DistanceFromMask(lesion, spacing, reach_mm=12.0)
+    for radius in (0.0, 2.0, 4.0, 6.0, 12.0):
+        np.testing.assert_array_equal(distance.dilate(radius), dilate_mm(lesion, radius, spacing))
+    with pytest.raises(ValueError, match="exceeds"):
+        distance.dilate(12.5)
+    region = distance.dilate(6.0)
+    box = roi_around(region, multiple=8, min_size=16)
+    assert min(box.start) < 0 or any(s + n > m for s, n, m in zip(box.start, box.size, lesion.shape))
+    lesion_roi, region_roi = box.crop(lesion, mode="constant"), box.crop(region, mode="constant")
+    np.testing.assert_array_equal(blend_weight(lesion_roi, region_roi, spacing, distance.crop(box)),
+                                  blend_weight(lesion_roi, region_roi, spacing))
+    empty = DistanceFromMask(np.zeros((8, 8, 8), bool), spacing, 6.0)
+    assert not empty.dilate(6.0).any() and np.isinf(empty.crop(RoiBox((0, 0, 0), (4, 4, 4)))).all()
 
 
 def test_dilate_mm_respects_anisotropic_spacing():

@@ -132,29 +132,66 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+class DistanceFromMask:
+    """Euclidean distance (mm) from a mask's voxels, one transform in the mask's bounding box grown by
+    `reach_mm`: `dilate(r)` for every r <= reach_mm is exactly `dilate_mm(mask, r)`."""
+
+    def __init__(self, mask: np.ndarray, spacing_zyx, reach_mm: float):
+        mask = mask.astype(bool)
+        self.shape, self.reach_mm = mask.shape, float(reach_mm)
+        tight = bounding_box(mask)
+        self.start = self.distance_mm = None
+        if tight is None:
+            return
+        pad = [int(np.ceil(self.reach_mm / s)) + 1 for s in spacing_zyx]
+        lo = np.maximum(np.array([b.start for b in tight]) - pad, 0)
+        hi = np.minimum(np.array([b.stop for b in tight]) + pad, mask.shape)
+        self.start = tuple(int(a) for a in lo)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        self.distance_mm = ndimage.distance_transform_edt(~mask[box], sampling=spacing_zyx)
+
+    def dilate(self, radius_mm: float) -> np.ndarray:
+        if radius_mm > self.reach_mm:
+            raise ValueError(f"radius {radius_mm} mm exceeds the {self.reach_mm} mm the distances were computed for")
+        out = np.zeros(self.shape, bool)
+        if self.distance_mm is not None:
+            out[self._box()] = self.distance_mm <= radius_mm
+        return out
+
+    def crop(self, roi: RoiBox) -> np.ndarray:
+        """The distances over `roi` (its own frame); inf wherever farther than reach_mm or outside the volume."""
+        out = np.full(roi.size, np.inf)
+        if self.distance_mm is None:
+            return out
+        lo = [max(a, b) for a, b in zip(roi.start, self.start)]
+        hi = [min(a + n, b + m) for a, n, b, m in zip(roi.start, roi.size, self.start, self.distance_mm.shape)]
+        if all(a < b for a, b in zip(lo, hi)):
+            out[tuple(slice(a - r, b - r) for a, b, r in zip(lo, hi, roi.start))] = \
+                self.distance_mm[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, self.start))]
+        return out
+
+    def _box(self) -> tuple[slice, ...]:
+        return tuple(slice(a, a + n) for a, n in zip(self.start, self.distance_mm.shape))
+
+
 def dilate_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     """Binary dilation by a physical radius (Euclidean distance, computed in the mask's bounding box)."""
     mask = mask.astype(bool)
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
-    pad = [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx]
-    tight = bounding_box(mask)
-    lo = np.maximum(np.array([b.start for b in tight]) - pad, 0)
-    hi = np.minimum(np.array([b.stop for b in tight]) + pad, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    out = np.zeros_like(mask)
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing_zyx) <= radius_mm
-    return out
+    return DistanceFromMask(mask, spacing_zyx, radius_mm).dilate(radius_mm)
 
 
 def erode_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     return ndimage.distance_transform_edt(mask.astype(bool), sampling=spacing_zyx) > radius_mm
 
 
-def blend_weight(lesion: np.ndarray, region: np.ndarray, spacing_zyx) -> np.ndarray:
+def blend_weight(lesion: np.ndarray, region: np.ndarray, spacing_zyx,
+                 lesion_distance_mm: np.ndarray | None = None) -> np.ndarray:
     """Seam-aware soft mask: 1 inside the lesion, smooth decay to exactly 0 at the region border.
     The distances are computed in the region's box grown by one voxel (clipped to the array): the same values
-    inside the region as over the whole array (the lesion lies in it, and the rim is outside it), for less."""
+    inside the region as over the whole array (the lesion lies in it, and the rim is outside it), for less.
+    `lesion_distance_mm` (same frame, exact over the region, e.g. `DistanceFromMask.crop`) saves a transform."""
     lesion, region = lesion.astype(bool), region.astype(bool)
     out = np.zeros(region.shape, np.float32)
     tight = bounding_box(region | lesion)
@@ -162,7 +199,8 @@ def blend_weight(lesion: np.ndarray, region: np.ndarray, spacing_zyx) -> np.ndar
         return out
     box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in tight)
     lesion_box, region_box = lesion[box], region[box]
-    outside = ndimage.distance_transform_edt(~lesion_box, sampling=spacing_zyx)
+    outside = (ndimage.distance_transform_edt(~lesion_box, sampling=spacing_zyx) if lesion_distance_mm is None
+               else lesion_distance_mm[box])
     to_border = ndimage.distance_transform_edt(region_box, sampling=spacing_zyx)
     t = np.clip(to_border / np.maximum(to_border + outside, 1e-6), 0.0, 1.0)
     w = t * t * (3.0 - 2.0 * t)  # smoothstep

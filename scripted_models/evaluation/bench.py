@@ -249,13 +249,13 @@ def _model_size_tradeoff(device: str, click_p50_s: float, quick: bool) -> dict:
 
     from ..pathosyn.api import _model
     from ..pathosyn.deviation import build_deviation_model
-    from ..runtime import autocast, pick_device, pin_onednn_convolutions
+    from ..runtime import autocast, pick_device, pin_cpu_inference
 
     dev = pick_device(device)
     bundled = _model("deviation", dev).cfg
     x = torch.zeros((1, bundled.out_channels + bundled.cond_channels, 64, 64, 64), device=dev)
     step = torch.tensor([500], device=dev)
-    nets = {name: pin_onednn_convolutions(build_deviation_model(dataclasses.replace(bundled, **overrides)).eval()
+    nets = {name: pin_cpu_inference(build_deviation_model(dataclasses.replace(bundled, **overrides)).eval()
                                           .to(dev))
             for name, overrides in MODEL_SIZES.items() if not quick or name in ("bundled", "wider x1.5")}
     times = {name: [] for name in nets}

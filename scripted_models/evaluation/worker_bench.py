@@ -1,8 +1,8 @@
 """Click-to-result through the warm engine worker, as a front end sees it (prints the measured numbers).
 
 A "click" is what the Slicer modules and the browser front end do: write the input volumes to the job hand-over
-folder (RAM-backed /dev/shm where available, as the front ends do), send the job, wait for "done", read the
-result volumes back. Workload: the MNI152 T1 with a lesion whose ROI
+folder (RAM-backed /dev/shm where available, as the front ends do), send the job with --crop-outputs, wait for
+"done", read the result boxes back and paste them into whole volumes. Workload: the MNI152 T1 with a lesion whose ROI
 is 64^3 voxels.
 - cold: the first click, including starting the worker process and loading the models;
 - warm: every later click (default steps), and the preview (the model's preview steps);
@@ -19,6 +19,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def rss_mb(pid: int) -> float:
@@ -54,10 +56,14 @@ def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
             image = write_volume(t1, job / "in" / "t1.nii")
             mask = write_volume(masks[side], job / "in" / "mask.nii")
             outputs = worker.run("synthesize", {"images": {"t1": str(image)}, "mask": str(mask),
-                                                "out": str(job / "out"), "steps": steps, "format": "nii"})
-            for path in outputs.values():
+                                                "out": str(job / "out"), "steps": steps, "format": "nii",
+                                                "crop_outputs": True})
+            box = json.loads((job / "out" / "report.json").read_text())["outputs_box_zyx"]
+            box = tuple(slice(a, b) for a, b in box)
+            for name, path in outputs.items():  # pasted into the input (images) or zeros, as the modules do
                 if str(path).endswith(".nii"):
-                    read_volume(path)
+                    full = t1.array.copy() if name == "t1" else np.zeros(t1.shape, np.float32)
+                    full[box] = read_volume(path).array
             seconds = time.perf_counter() - t
             shutil.rmtree(job)  # keep the temp folder small over many jobs
             return seconds

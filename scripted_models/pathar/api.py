@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError, WeightsError
 from ..labels import MODALITIES, check_modality
-from ..runtime import pick_device, pin_onednn_convolutions
+from ..runtime import pick_device, pin_cpu_inference
 from ..volume import Volume
 from . import ANATOMY_CARD, ANATOMY_INDEPENDENT, HEAD_MARGIN_Z
 from .tokenizer import AppearanceVQ, StructureVQ, VQConfig
@@ -133,7 +133,7 @@ class PathAR:
         self.structure, self.appearance, self.transformer = structure, appearance, transformer
         self.cards, self.device = cards, device
         for net in (structure, appearance, transformer):
-            pin_onednn_convolutions(net)
+            pin_cpu_inference(net)
         card = cards[TRANSFORMER_NAME]
         self.spacing = float(card["patch"]["spacing_mm"])
         self.patch = (int(card["patch"]["size"]),) * structure.cfg.spatial_dims

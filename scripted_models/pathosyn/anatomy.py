@@ -13,7 +13,7 @@ from scipy.ndimage import binary_erosion, distance_transform_edt, gaussian_filte
 
 from ..labels import MODALITIES
 from ..preprocess import background_value, dilate_mm, roi_around
-from ..runtime import autocast, pin_onednn_convolutions
+from ..runtime import autocast, pin_cpu_inference
 
 WEIGHTS_NAME = "anatomy_inpainter"
 NOISE_RING_GAP_MM = 6.0  # the scan's noise is measured this far beyond the hole (away from lesion margins)
@@ -51,7 +51,7 @@ class AnatomyModel:
 
     def __init__(self, net: torch.nn.Module, cfg: AnatomyConfig, device: torch.device, card: dict | None = None):
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
-        pin_onednn_convolutions(self.net)
+        pin_cpu_inference(self.net)
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> AnatomyModel:

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..labels import MODALITIES, check_modality, is_whole_lesion_only, one_hot_subregions, to_canonical
 from ..preprocess import (
+    DistanceFromMask,
     IntensityNormalizer,
     background_value,
     blend_weight,
@@ -112,12 +113,13 @@ class _Prepared:
         return self.normalizers[modality].forward(crop(self.images[modality].array))
 
 
-def _levels_from_ring(offsets: dict, prep: _Prepared, lesion: np.ndarray, anatomy: dict | None) -> dict:
+def _levels_from_ring(offsets: dict, prep: _Prepared, lesion_distance: DistanceFromMask,
+                      anatomy: dict | None) -> dict:
     """Population levels given as offsets from the tissue ring around the lesion (card
     `population_level_reference: ring`), made absolute with this scan's ring mean per modality."""
     from .calibration import level_ring
 
-    near = level_ring(lesion, prep.spacing_zyx)
+    near = level_ring(None, prep.spacing_zyx, lesion_distance=lesion_distance)
     box = bounding_box(near)
     levels = {}
     for m in (m for m in prep.images if m in offsets):
@@ -258,18 +260,22 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         warnings.warn(msg, stacklevel=2)
         warn.append(msg)
 
+    from .calibration import LEVEL_RING_MM
+
     lesion = prep.lesion_labels > 0
+    # one distance transform for every margin around the lesion below
+    lesion_distance = DistanceFromMask(lesion, prep.spacing_zyx, max(BLEND_MARGIN_MM, HOLE_MARGIN_MM, *LEVEL_RING_MM))
     anatomy = None  # whole z-scored volumes, only for a pseudo-healthy base; otherwise crops are normalised
     if base == "pseudo-healthy":
         say(0.05, "building pseudo-healthy anatomy")
-        hole = dilate_mm(lesion, HOLE_MARGIN_MM, prep.spacing_zyx)
+        hole = lesion_distance.dilate(HOLE_MARGIN_MM)
         anatomy = _model("anatomy", dev).inpaint(prep.normalized, hole, prep.spacing_zyx, noise_seed=seed,
                                                   head=prep.head)
 
     def anatomy_crop(m: str, crop):
         return crop(anatomy[m]) if anatomy is not None else prep.normalized_crop(m, crop)
 
-    region = dilate_mm(lesion, BLEND_MARGIN_MM, prep.spacing_zyx)
+    region = lesion_distance.dilate(BLEND_MARGIN_MM)
     box = roi_around(region, multiple=cfg.multiple, min_size=32)
     crop_shape = box.size
     scale = min(1.0, MAX_ROI / max(crop_shape))
@@ -286,7 +292,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     labels_roi = box.crop(prep.lesion_labels, mode="constant")
     lesion_roi = labels_roi > 0
     region_roi = box.crop(region, mode="constant")
-    weight_roi = blend_weight(lesion_roi, region_roi, prep.spacing_zyx)
+    weight_roi = blend_weight(lesion_roi, region_roi, prep.spacing_zyx, lesion_distance.crop(box))
     subregions_roi = one_hot_subregions(labels_roi, whole_only)
     if scale < 1.0:
         anatomy_in = resize(anatomy_roi, model_shape, order=1)
@@ -310,7 +316,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     level_reference = model.card.get("population_level_reference", "healthy")
     pull = float(model.card.get("population_pull", 0.0) if population_pull is None else population_pull)
     if pull > 0.0 and levels and level_reference == "ring":
-        levels = _levels_from_ring(levels, prep, lesion, anatomy)
+        levels = _levels_from_ring(levels, prep, lesion_distance, anatomy)
     if pull > 0.0 and levels:
         from .calibration import pull_levels
 

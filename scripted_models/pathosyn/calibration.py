@@ -94,11 +94,16 @@ def population_levels(cases) -> dict[str, dict[str, float]]:
     return {m: {k: round(s / n, 4) for k, (s, n) in per.items()} for m, per in sums.items()}
 
 
-def level_ring(lesion: np.ndarray, spacing_zyx, foreground: np.ndarray | None = None) -> np.ndarray:
-    """The tissue LEVEL_RING_MM around a lesion (in the foreground, when given): the `ring` level reference."""
+def level_ring(lesion: np.ndarray | None, spacing_zyx, foreground: np.ndarray | None = None,
+               lesion_distance=None) -> np.ndarray:
+    """The tissue LEVEL_RING_MM around a lesion (in the foreground, when given): the `ring` level reference.
+    `lesion_distance`: the lesion's `DistanceFromMask` with reach >= 12 mm, if already computed."""
     from ..preprocess import dilate_mm
 
-    near, far = (dilate_mm(lesion, mm, spacing_zyx) for mm in LEVEL_RING_MM)
+    if lesion_distance is not None:
+        near, far = (lesion_distance.dilate(mm) for mm in LEVEL_RING_MM)
+    else:
+        near, far = (dilate_mm(lesion, mm, spacing_zyx) for mm in LEVEL_RING_MM)
     ring = far & ~near
     return ring if foreground is None else ring & foreground
 

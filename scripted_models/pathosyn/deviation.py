@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..labels import MODALITIES, NUM_SUBREGIONS
-from ..runtime import autocast, pin_onednn_convolutions
+from ..runtime import autocast, pin_cpu_inference
 
 WEIGHTS_NAME = "deviation_diffusion"
 NULL_CONDITION = -1.0
@@ -133,7 +133,7 @@ class _GuidedUNet(torch.nn.Module):
 class DeviationModel:
     def __init__(self, net: torch.nn.Module, cfg: DeviationConfig, device: torch.device, card: dict | None = None):
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
-        pin_onednn_convolutions(self.net)
+        pin_cpu_inference(self.net)
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> DeviationModel:
