@@ -928,6 +928,21 @@ def test_sample_pairs_outputs_and_determinism(weights_env):
     assert any(not np.array_equal(p.images["t1c"].array, q.images["t1c"].array) for p, q in zip(pairs, other))
 
 
+def test_sample_pairs_same_bytes_on_one_and_two_threads(weights_env):
+    """The decoders run channels-last in float32 (pin_cpu_inference): the bytes must not depend on the threads."""
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            api._MODELS.clear()
+            runs.append(api.sample_pairs(["t1c", "flair"], n=1, seed=4, device="cpu")[0])
+    finally:
+        torch.set_num_threads(1)
+    assert np.array_equal(runs[0].mask.array, runs[1].mask.array)
+    for m in runs[0].images:
+        assert np.array_equal(runs[0].images[m].array, runs[1].images[m].array)
+
+
 def test_sample_structure_independent_of_n_and_modalities(weights_env):
     a = api.sample_pairs("t1c", n=2, seed=3, device="cpu")
     b = api.sample_pairs(["flair", "t1c", "t2"], n=3, seed=3, device="cpu")

@@ -218,6 +218,8 @@ def test_same_seed_same_bytes_on_one_and_two_threads():
 
 
 def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
+    import copy
+
     import torch
 
     from scripted_models.runtime import CHANNELS_LAST, pin_cpu_inference
@@ -229,13 +231,17 @@ def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
     x = torch.randn(1, 3, 12, 10, 8)
     with torch.no_grad():
         reference = net(x)
-    pin_cpu_inference(pin_cpu_inference(net))  # idempotent
+    channels_first = pin_cpu_inference(copy.deepcopy(net))
+    pin_cpu_inference(pin_cpu_inference(net, channels_last=True), channels_last=True)  # idempotent
     with torch.no_grad():
         pinned = net(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             under_autocast = net(x)
+        pinned_first = channels_first(x)
     torch.testing.assert_close(pinned, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pinned_first, reference, rtol=1e-5, atol=1e-5)
     assert pinned.is_contiguous(memory_format=CHANNELS_LAST) and not pinned.is_contiguous()  # float32: NDHWC
+    assert pinned_first.is_contiguous()  # the default keeps the layout
     assert under_autocast.is_contiguous()  # bf16 autocast keeps the channels-first path
     net(x).sum().backward()  # grad enabled: PyTorch's own path, trainable
     assert all(p.grad is not None for p in net.parameters())
@@ -279,7 +285,7 @@ def test_upsample_then_convolution_runs_as_one_transposed_convolution():
     with torch.no_grad():
         for parameter in net.parameters():  # MONAI zero-initialises the output convolution
             parameter.normal_(0.0, 0.2)
-    pinned = pin_cpu_inference(copy.deepcopy(net))
+    pinned = pin_cpu_inference(copy.deepcopy(net), channels_last=True)
     rewritten = [name for name, module in pinned.named_modules() if "forward" in module.__dict__
                  and type(module).__name__ == "WrappedUpsample"]
     assert len(rewritten) == 2

@@ -75,10 +75,10 @@ def _float32_inference(input: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def _onednn_conv_forward(conv: torch.nn.modules.conv._ConvNd, original):
-    """Forward for one Conv2d/Conv3d: oneDNN for CPU inference, the module's own path otherwise. 3-D
-    convolutions in float32 run channels-last (NDHWC), oneDNN's fast layout on CPUs without bf16."""
-    channels_last = isinstance(conv, torch.nn.Conv3d)
+def _onednn_conv_forward(conv: torch.nn.modules.conv._ConvNd, original, channels_last: bool):
+    """Forward for one Conv2d/Conv3d: oneDNN for CPU inference, the module's own path otherwise. With
+    channels_last, 3-D convolutions in float32 run NDHWC (oneDNN's fast layout on CPUs without bf16)."""
+    channels_last = channels_last and isinstance(conv, torch.nn.Conv3d)
 
     def conv_forward(input, weight, bias):
         if input.device.type != "cpu" or torch.is_grad_enabled():
@@ -169,17 +169,18 @@ def _upsample_conv_forward(conv: torch.nn.Conv3d, original):
     return forward
 
 
-def pin_cpu_inference(net: torch.nn.Module) -> torch.nn.Module:
+def pin_cpu_inference(net: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
     """Fix the CPU inference kernels of `net`: the same seed gives the same bytes on 1 or 2 threads.
 
     - Every Conv2d/Conv3d runs through oneDNN. PyTorch otherwise picks the convolution backend per call from
       the tensor size and the thread count (1x1 kernels on one thread use its own kernel), so outputs changed in
       the last bits with torch.set_num_threads (oneDNN alone was also about 8% faster).
-    - In float32 (no bf16 autocast), 3-D convolutions run channels-last and GroupNorm on channels-last input
-      sums in a fixed order (`group_norm_channels_last`): the deviation U-Net step 0.64 -> 0.53 s on an AVX2
-      host; a nearest x2 upsampling followed by a 3x3x3 convolution (MONAI's DiffusionModelUNet) runs as the
-      equivalent stride-2 transposed convolution (`upsample_conv_as_transposed_weight`; 13% less per step).
-      bf16 autocast keeps today's channels-first path (not measured on a bf16 host yet).
+    - GroupNorm on channels-last input sums in a fixed order (`group_norm_channels_last`).
+    - channels_last=True, for nets measured faster with it: in float32 (no bf16 autocast) 3-D convolutions run
+      channels-last (the deviation U-Net step 0.64 -> 0.53 s on an AVX2 host), and a nearest x2 upsampling
+      followed by a 3x3x3 convolution (MONAI's DiffusionModelUNet) runs as the equivalent stride-2 transposed
+      convolution (`upsample_conv_as_transposed_weight`; 13% less per step). bf16 autocast keeps the
+      channels-first path (not measured on a bf16 host yet).
     Training (grad enabled) and CUDA are untouched, and so are convolutions oneDNN cannot take as they are
     (non-zero padding modes, "same"/"valid" padding strings)."""
     if not torch.backends.mkldnn.is_available():
@@ -187,15 +188,15 @@ def pin_cpu_inference(net: torch.nn.Module) -> torch.nn.Module:
     for module in net.modules():
         if (isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and "_conv_forward" not in module.__dict__
                 and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
-            module._conv_forward = _onednn_conv_forward(module, module._conv_forward)
+            module._conv_forward = _onednn_conv_forward(module, module._conv_forward, channels_last)
         if isinstance(module, torch.nn.GroupNorm) and "forward" not in module.__dict__:
             module.forward = _group_norm_forward(module, module.forward)
-        upsample_conv = _upsample_conv(module)
+        upsample_conv = _upsample_conv(module) if channels_last else None
         if upsample_conv is not None and "forward" not in module.__dict__:
             module.forward = _upsample_conv_forward(upsample_conv, module.forward)
     return net
     for module in net.modules():
         if (isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and "_conv_forward" not in module.__dict__
                 and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
-            module._conv_forward = _onednn_conv_forward(module, module._conv_forward)
+            module._conv_forward = _onednn_conv_forward(module, module._conv_forward, channels_last)
     return net

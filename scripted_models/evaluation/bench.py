@@ -255,8 +255,8 @@ def _model_size_tradeoff(device: str, click_p50_s: float, quick: bool) -> dict:
     bundled = _model("deviation", dev).cfg
     x = torch.zeros((1, bundled.out_channels + bundled.cond_channels, 64, 64, 64), device=dev)
     step = torch.tensor([500], device=dev)
-    nets = {name: pin_cpu_inference(build_deviation_model(dataclasses.replace(bundled, **overrides)).eval()
-                                          .to(dev))
+    nets = {name: pin_cpu_inference(build_deviation_model(dataclasses.replace(bundled, **overrides)).eval().to(dev),
+                                    channels_last=True)
             for name, overrides in MODEL_SIZES.items() if not quick or name in ("bundled", "wider x1.5")}
     times = {name: [] for name in nets}
     with torch.no_grad(), autocast(dev):

@@ -133,7 +133,7 @@ class PathAR:
         self.structure, self.appearance, self.transformer = structure, appearance, transformer
         self.cards, self.device = cards, device
         for net in (structure, appearance, transformer):
-            pin_cpu_inference(net)
+            pin_cpu_inference(net, channels_last=True)
         card = cards[TRANSFORMER_NAME]
         self.spacing = float(card["patch"]["spacing_mm"])
         self.patch = (int(card["patch"]["size"]),) * structure.cfg.spatial_dims

@@ -133,7 +133,7 @@ class _GuidedUNet(torch.nn.Module):
 class DeviationModel:
     def __init__(self, net: torch.nn.Module, cfg: DeviationConfig, device: torch.device, card: dict | None = None):
         self.net, self.cfg, self.device, self.card = net.eval().to(device), cfg, device, card or {}
-        pin_cpu_inference(self.net)
+        pin_cpu_inference(self.net, channels_last=True)
 
     @classmethod
     def load(cls, device: torch.device, folder=None) -> DeviationModel:
