@@ -70,9 +70,16 @@ CHANNELS_LAST = torch.channels_last_3d
 GROUP_NORM_CHUNKS = 64  # fixed partial sums per channel: the reduction order does not depend on the thread count
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 (Slicer may bring torch 2.2): no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def _float32_inference(input: torch.Tensor) -> bool:
     return (input.device.type == "cpu" and not torch.is_grad_enabled() and input.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
+            and not _cpu_autocast_enabled())
 
 
 def _onednn_conv_forward(conv: torch.nn.modules.conv._ConvNd, original, channels_last: bool):
