@@ -130,6 +130,40 @@ def test_a_raw_scan_is_normalised_over_its_head_and_says_so():
         synthesize_lesion({"t1": scan}, in_the_air, seed=0, steps=1)
 
 
+def test_a_brain_mask_gives_a_raw_scan_the_units_of_its_brain():
+    """With a brain mask, a raw scan is normalised over the brain (as the skull-stripped scan is), without the raw-scan
+    warning; the mask may come on another grid; a mask that is empty or misses the lesion is refused."""
+    import warnings
+
+    from scripted_models.pathosyn.api import _prepare
+
+    array, brain, head = noisy_head()
+    scan = Volume(array, (1.0, 1.0, 1.0))
+    mask = make_ball_mask(scan, radius_vox=5)
+    brain_volume = scan.with_array(brain.astype(np.uint8))
+    coarse = Volume(brain[::2, ::2, ::2].astype(np.uint8), (2.0, 2.0, 2.0), origin=(0.5, 0.5, 0.5))
+    stripped = _prepare({"t1": scan.with_array(np.where(brain, array, 0).astype(np.float32))}, mask, None)
+    for given in (brain_volume, coarse):
+        prep = _prepare({"t1": scan}, mask, None, given)
+        assert prep.from_brain_mask and prep.head.sum() > 0.9 * brain.sum()
+        assert prep.normalizers["t1"].mean == pytest.approx(stripped.normalizers["t1"].mean, rel=0.02)
+        assert prep.normalizers["t1"].std == pytest.approx(stripped.normalizers["t1"].std, rel=0.1)
+    raw = _prepare({"t1": scan}, mask, None)
+    assert raw.normalizers["t1"].std > 2 * stripped.normalizers["t1"].std  # scalp and skull in the units
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw-scan warning
+        result = synthesize_lesion({"t1": scan}, mask, seed=0, steps=1, brain_mask=brain_volume)
+    assert result.report["normalised_over"] == "brain mask" and not result.report["warnings"]
+    region = dilate_mm(mask.array > 0, BLEND_MARGIN_MM, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(result.images["t1"].array[~region], array[~region])
+    with pytest.raises(InputError, match="brain mask is empty"):
+        synthesize_lesion({"t1": scan}, mask, seed=0, steps=1, brain_mask=scan.with_array(np.zeros_like(array)))
+    elsewhere = scan.with_array((make_ball_mask(scan, centre_frac=(0.5, 0.5, 0.15), radius_vox=3).array > 0
+                                 ).astype(np.uint8))
+    with pytest.raises(InputError, match="does not overlap the brain mask"):
+        synthesize_lesion({"t1": scan}, mask, seed=0, steps=1, brain_mask=elsewhere)
+
+
 def test_pseudo_healthy_changes_only_the_hole():
     head = make_head(dtype=np.float32)
     lesioned = head.array.copy()

@@ -422,6 +422,43 @@ def test_keep_base_texture_reaches_the_job_and_the_in_process_run(app, logic):
     assert not np.array_equal(array_of(kept.volumes["t1"]), array_of(matched.volumes["t1"]))
 
 
+def test_brain_mask_node_reaches_the_job_and_the_in_process_run(app, logic):
+    """A raw scan (noisy air, scalp, skull) with a brain mask (labelmap or one-segment segmentation): the job writes
+    it and passes --brain-mask; the in-process run normalises over it (no raw-scan warning); the inputs stay as
+    they were; a segmentation of several segments is refused in one line."""
+    from conftest import noisy_head
+    from PathoSynSlicerLib.process import workerJob
+
+    from scripted_models.errors import InputError
+    from scripted_models.volume import Volume, read_volume
+
+    array, brain, _ = noisy_head()
+    scan = Volume(array, (1.0, 1.0, 1.0))
+    node = app.add_volume(array, scan.ijk_to_ras(), "raw head")
+    seg = app.add_segmentation(make_ball_mask(scan, radius_vox=5).array, scan.ijk_to_ras(), SUBREGION_SEGMENTS)
+    label = app.add_volume(brain.astype(np.uint8), scan.ijk_to_ras(), "brain", labelmap=True)
+    brain_seg = app.add_segmentation(brain.astype(np.uint8), scan.ijk_to_ras(), {1: "Brain"})
+    before = snapshot(app, [node, label])
+    job = logic.createJob(node, seg, seed=1, steps=1, brainMaskNode=label)
+    try:
+        args = workerJob(job.argv)[1]
+        assert "--brain-mask" in job.argv and np.array_equal(read_volume(args["brain_mask"]).array > 0, brain)
+    finally:
+        job.cleanup()
+    for given in (label, brain_seg):
+        out = logic.synthesize(node, seg, seed=1, steps=1, device="cpu", brainMaskNode=given)
+        assert out.report["normalised_over"] == "brain mask" and not out.report["warnings"]
+    with pytest.warns(UserWarning, match="background is noise"):
+        raw = logic.synthesize(node, seg, seed=1, steps=1, device="cpu")
+    assert "not skull-stripped" in raw.report["warnings"][0]
+    two = app.add_segmentation(np.where(brain, 1, 0).astype(np.uint8) + (make_ball_mask(scan).array > 0),
+                               scan.ijk_to_ras(), {1: "Brain", 2: "Other"})
+    with pytest.raises(InputError, match="one segment"):
+        logic.synthesize(node, seg, steps=1, brainMaskNode=two)
+    arrays, _ = before
+    assert all(np.array_equal(array_of(n), arrays[n.GetID()][0]) for n in (node, label))
+
+
 def test_runner_progress_then_outputs_as_new_nodes(app, logic):
     from PathoSynSlicerLib.process import DONE
 

@@ -85,6 +85,36 @@ def test_population_pull_reaches_the_engine_from_the_worker_and_the_slicer_job_a
     assert np.array_equal(got, kept) and not np.array_equal(got, direct[0.25])
 
 
+def test_brain_mask_reaches_the_engine_from_the_worker_and_the_slicer_job_arguments(worker, tmp_path):
+    """--brain-mask (CLI arguments -> worker job, synthesize and pseudo-healthy): the worker's bytes are the API's
+    with that brain mask, and the report says the units came from it."""
+    from conftest import noisy_head
+    from PathoSynSlicerLib.process import workerJob
+
+    from scripted_models.pathosyn.api import pseudo_healthy, synthesize_lesion
+    from scripted_models.volume import Volume
+
+    array, brain, _ = noisy_head()
+    scan = Volume(array, (1.0, 1.0, 1.0))
+    img = write_volume(scan, tmp_path / "in" / "t1.nii.gz")
+    mask = write_volume(make_ball_mask(scan, radius_vox=5), tmp_path / "in" / "mask.nii.gz")
+    brain_file = write_volume(scan.with_array(brain.astype(np.uint8)), tmp_path / "in" / "brain.nii.gz")
+    common = ["--image", f"t1={img}", "--mask", str(mask), "--brain-mask", str(brain_file), "--seed", "1"]
+    op, args = workerJob(["synthesize", *common, "--out", str(tmp_path / "s"), "--steps", "1"])
+    assert args["brain_mask"] == str(brain_file)
+    worker.run(op, args)
+    inputs = {"t1": read_volume(img)}, read_volume(mask)
+    direct = synthesize_lesion(*inputs, seed=1, steps=1, brain_mask=read_volume(brain_file)).images["t1"].array
+    assert np.array_equal(read_volume(tmp_path / "s" / "t1.nii.gz").array, direct)
+    assert json.loads((tmp_path / "s" / "report.json").read_text())["normalised_over"] == "brain mask"
+    op, args = workerJob(["pseudo-healthy", *common, "--out", str(tmp_path / "h")])
+    worker.run(op, args)
+    healed = pseudo_healthy(*inputs, seed=1, brain_mask=read_volume(brain_file))["t1"].array
+    without = pseudo_healthy(*inputs, seed=1)["t1"].array
+    got = read_volume(tmp_path / "h" / "t1.nii.gz").array
+    assert np.array_equal(got, healed) and not np.array_equal(got, without)
+
+
 def test_cropped_outputs_pasted_into_the_input_are_the_full_outputs_bit_for_bit(worker, job, tmp_path):
     """--crop-outputs (the front ends' hand-over) writes the lesion ROI box of each output at its physical place;
     pasted into the input (images) or zeros (residual, uncertainty, mask) it gives the full outputs' bytes."""

@@ -162,13 +162,15 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
     if not args.get("mask"):
         raise InputError("job has no lesion mask")
     mask = read_volume(args["mask"])
+    brain = read_volume(args["brain_mask"]) if args.get("brain_mask") else None
     fmt = args.get("format", "nii.gz")
     if op == "pseudo-healthy":
         from .pathosyn.api import pseudo_healthy
         from .volume import write_volume
 
         healthy = pseudo_healthy(images, mask, device=args.get("device", "auto"), progress=progress,
-                                 seed=int(args.get("seed", 0)), scanner_noise=not args.get("smooth"))
+                                 seed=int(args.get("seed", 0)), scanner_noise=not args.get("smooth"),
+                                 brain_mask=brain)
         progress(1.0, "writing")
         return {m: str(write_volume(v, out / f"{m}.{fmt}")) for m, v in healthy.items()}
     from .pathosyn.api import synthesize_lesion
@@ -179,7 +181,7 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
                                device=args.get("device", "auto"), base=args.get("base", "input"),
                                whole_lesion=True if args.get("whole_lesion") else None, progress=progress,
                                population_pull=args.get("population_pull"),
-                               texture_match=not args.get("keep_base_texture"))
+                               texture_match=not args.get("keep_base_texture"), brain_mask=brain)
     progress(1.0, "writing")
     return write_synthesis(result, out, fmt, crop=bool(args.get("crop_outputs")))
 

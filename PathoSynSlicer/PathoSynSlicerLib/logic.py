@@ -464,6 +464,7 @@ class PreparedInputs:
     mask: Volume
     wholeLesion: bool | None
     maskNode: object
+    brainMask: Volume | None = None  # normalise over the brain (scans with scalp and skull)
 
 
 class PathoSynSlicerLogic:
@@ -581,7 +582,28 @@ class PathoSynSlicerLogic:
                              "name them core / edema / enhancing, or use a single segment for the whole lesion")
         return mapping
 
-    def _maskFromSegmentation(self, segNode, referenceNode) -> tuple[Volume, bool]:
+    def brainMaskFromNode(self, node, referenceNode) -> Volume | None:
+        """The brain mask (non-zero = brain) from a labelmap/scalar volume or a one-segment segmentation; None for
+        none. The engine then normalises intensities over the brain, as the models learned on skull-stripped scans."""
+        if node is None:
+            return None
+        name = node.GetName()
+        if node.GetParentTransformNode() is not referenceNode.GetParentTransformNode():
+            raise InputError(f"brain mask '{name}' is under a different transform than '{referenceNode.GetName()}': "
+                             "harden the transforms first")
+        if node.IsA("vtkMRMLSegmentationNode"):
+            if node.GetSegmentation().GetNumberOfSegments() != 1:
+                raise InputError(f"brain mask '{name}': use a segmentation with one segment (the brain) or a labelmap")
+            mask, _ = self._maskFromSegmentation(node, referenceNode, role="brain mask")
+            return mask.with_array((mask.array > 0).astype(np.uint8))
+        if node.IsA("vtkMRMLScalarVolumeNode"):
+            brain = self.volumeFromNode(node)
+            if not np.any(brain.array):
+                raise InputError(f"the brain mask '{name}' is empty")
+            return brain
+        raise InputError(f"'{name}' is not a segmentation or a labelmap volume")
+
+    def _maskFromSegmentation(self, segNode, referenceNode, role: str = "lesion mask") -> tuple[Volume, bool]:
         import slicer
 
         mapping = self.segmentSubregions(segNode)
@@ -630,20 +652,21 @@ class PathoSynSlicerLogic:
                 raise InputError(f"segment '{segment.GetName()}': unexpected resampled shape {inBox.shape}")
             labels[box][inBox == segment.GetLabelValue()] = value
         if not anyVoxels:
-            raise InputError(f"the lesion mask '{segNode.GetName()}' is empty")
+            raise InputError(f"the {role} '{segNode.GetName()}' is empty")
         if not labels.any():
-            raise InputError(f"the lesion mask '{segNode.GetName()}' lies outside the volume "
+            raise InputError(f"the {role} '{segNode.GetName()}' lies outside the volume "
                              f"'{referenceNode.GetName()}'")
         return Volume.from_ijk_to_ras(labels, nodeIJKToRAS(referenceNode)), len(mapping) == 1
 
-    def prepare(self, volumeNodes, maskNode, modality: str | None = None) -> PreparedInputs:
-        """Validate the inputs (raises InputError with a one-line message) and read them into engine Volumes."""
+    def prepare(self, volumeNodes, maskNode, modality: str | None = None, brainMaskNode=None) -> PreparedInputs:
+        """Validate the inputs (raises InputError with a one-line message) and read them into engine Volumes.
+        brainMaskNode: optional brain mask (labelmap or one-segment segmentation) for scans with scalp and skull."""
         nodes = self._inputVolumes(volumeNodes, modality)
         reference = next(iter(nodes.values()))
         images = {mod: self.volumeFromNode(node) for mod, node in nodes.items()}
         mask, whole = self.maskFromNode(maskNode, reference)
         self._checkMaskInside(mask, images[next(iter(images))], maskNode, reference)
-        return PreparedInputs(images, nodes, mask, whole, maskNode)
+        return PreparedInputs(images, nodes, mask, whole, maskNode, self.brainMaskFromNode(brainMaskNode, reference))
 
     @staticmethod
     def _checkMaskInside(mask: Volume, image: Volume, maskNode, referenceNode) -> None:
@@ -660,7 +683,7 @@ class PathoSynSlicerLogic:
     def synthesize(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                    steps: int | None = None, guidance: float = 1.0, device: str = "auto", base: str = "input",
                    progress: Progress | None = None, populationPull: float | None = None,
-                   keepBaseTexture: bool = False) -> SynthesisNodes:
+                   keepBaseTexture: bool = False, brainMaskNode=None) -> SynthesisNodes:
         """Add a synthetic lesion to the healthy volume(s); returns the NEW nodes (inputs are never modified).
 
         volumeNodes: a scalar volume node (tagged with `modality`, default t1) or a dict {modality: node}.
@@ -669,10 +692,11 @@ class PathoSynSlicerLogic:
         weights' card value; 0 = as sampled).
         keepBaseTexture: keep the healthy scan's fine texture inside the lesion (default: attenuated to the training
         population's lesion/healthy ratio per modality).
+        brainMaskNode: a brain mask (labelmap or one-segment segmentation) for scans with scalp and skull.
         Raises InputError / WeightsError with a one-line message; the scene is then unchanged.
         """
         checkDependencies()
-        prepared = self.prepare(volumeNodes, maskNode, modality)
+        prepared = self.prepare(volumeNodes, maskNode, modality, brainMaskNode)
         from scripted_models.pathosyn.api import synthesize_lesion
 
         if steps is not None and int(steps) <= 0:
@@ -680,18 +704,20 @@ class PathoSynSlicerLogic:
         result = synthesize_lesion(prepared.images, prepared.mask, seed=int(seed), samples=int(samples), steps=steps,
                                    guidance=float(guidance), device=device, base=base,
                                    whole_lesion=prepared.wholeLesion, progress=progress,
-                                   population_pull=populationPull, texture_match=not keepBaseTexture)
+                                   population_pull=populationPull, texture_match=not keepBaseTexture,
+                                   brain_mask=prepared.brainMask)
         return self.addSynthesisNodes(prepared, result.images, result.residuals, result.uncertainty, result.mask,
                                       result.report)
 
     def pseudoHealthy(self, volumeNodes, maskNode, modality: str | None = None, device: str = "auto",
-                      progress: Progress | None = None) -> dict:
+                      progress: Progress | None = None, brainMaskNode=None) -> dict:
         """Remove the lesion under the mask (inpaint healthy tissue). Returns {modality: new volume node}."""
         checkDependencies()
-        prepared = self.prepare(volumeNodes, maskNode, modality)
+        prepared = self.prepare(volumeNodes, maskNode, modality, brainMaskNode)
         from scripted_models.pathosyn.api import pseudo_healthy
 
-        healthy = pseudo_healthy(prepared.images, prepared.mask, device=device, progress=progress)
+        healthy = pseudo_healthy(prepared.images, prepared.mask, device=device, progress=progress,
+                                 brain_mask=prepared.brainMask)
         return self.addPseudoHealthyNodes(prepared, healthy)
 
     # --- engine outputs -> new nodes --------------------------------------------------------------------------------
@@ -909,12 +935,13 @@ class PathoSynSlicerLogic:
     def createJob(self, volumeNodes, maskNode, modality: str | None = None, seed: int = 0, samples: int = 1,
                   steps: int | None = None, guidance: float = 1.0, device: str = "auto", command: str = "synthesize",
                   threads: int | None = None, workDir: str | None = None, writeInputs: bool = True,
-                  populationPull: float | None = None, keepBaseTexture: bool = False) -> SynthesisJob:
+                  populationPull: float | None = None, keepBaseTexture: bool = False,
+                  brainMaskNode=None) -> SynthesisJob:
         """Validate, write the inputs to a temporary folder and return the job (CLI arguments, output folder).
         Run it with process.WorkerRunner(job.argv) (the warm engine worker) or process.CLIRunner(job.argv) (a fresh
         process); then call loadJobOutputs(job). Nothing touches the scene yet. writeInputs=False leaves the files
         to job.writeInputs(), which does not touch the scene either: a front end can run it in a thread."""
-        prepared = self.prepare(volumeNodes, maskNode, modality)
+        prepared = self.prepare(volumeNodes, maskNode, modality, brainMaskNode)
         folder = Path(tempfile.mkdtemp(prefix="pathosyn-", dir=workDir or temporaryDirectory()))
         files = _jobInputPaths(prepared, folder)
         if writeInputs:
@@ -928,6 +955,8 @@ class PathoSynSlicerLogic:
         for mod, path in files["images"].items():
             argv += ["--image", f"{mod}={path}"]
         argv += ["--mask", files["mask"], "--out", str(out), "--device", device, "--format", JOB_FORMAT]
+        if "brain_mask" in files:
+            argv += ["--brain-mask", files["brain_mask"]]
         if command == "synthesize":
             argv += ["--seed", str(int(seed)), "--samples", str(int(samples)), "--guidance", repr(float(guidance))]
             if steps:
@@ -1259,9 +1288,12 @@ class SynthesisJob:
 
 
 def _jobInputPaths(prepared: PreparedInputs, folder: Path) -> dict:
-    """{'images': {mod: path}, 'mask': path}: where a job's inputs are written."""
+    """{'images': {mod: path}, 'mask': path[, 'brain_mask': path]}: where a job's inputs are written."""
     inputs = Path(folder) / "inputs"
-    return {"images": {mod: str(inputs / f"{mod}.nii") for mod in prepared.images}, "mask": str(inputs / "mask.nii")}
+    files = {"images": {mod: str(inputs / f"{mod}.nii") for mod in prepared.images}, "mask": str(inputs / "mask.nii")}
+    if prepared.brainMask is not None:
+        files["brain_mask"] = str(inputs / "brain_mask.nii")
+    return files
 
 
 def _writeJobInputs(prepared: PreparedInputs, folder: Path) -> dict:
@@ -1273,6 +1305,8 @@ def _writeJobInputs(prepared: PreparedInputs, folder: Path) -> dict:
     for mod, vol in prepared.images.items():
         write_volume(vol, files["images"][mod])
     write_volume(prepared.mask, files["mask"])
+    if prepared.brainMask is not None:
+        write_volume(prepared.brainMask, files["brain_mask"])
     return files
 
 

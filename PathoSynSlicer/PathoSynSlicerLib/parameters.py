@@ -32,6 +32,7 @@ FIELDS = {
     "maskSegmentation": (slicer.vtkMRMLSegmentationNode, None),
     "maskLabelmap": (slicer.vtkMRMLLabelMapVolumeNode, None),
     "useLabelmap": (bool, False),
+    "brainMask": (slicer.vtkMRMLLabelMapVolumeNode, None),
     "seed": (int, 0),
     "samples": (int, 1),
     "steps": (int, 0),
@@ -92,6 +93,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         maskSegmentation: slicer.vtkMRMLSegmentationNode
         maskLabelmap: slicer.vtkMRMLLabelMapVolumeNode
         useLabelmap: bool = False
+        brainMask: slicer.vtkMRMLLabelMapVolumeNode
         seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
         samples: Annotated[int, WithinRange(1, 16)] = 1
         steps: Annotated[int, WithinRange(0, 1000)] = 0

@@ -304,11 +304,13 @@ def workerJob(argv: list[str]) -> tuple[str, dict]:
         return op, {"modalities": list(ns.modality), "n": ns.n, "seed": ns.seed, "temperature": ns.temperature,
                     "device": ns.device, "out": ns.out}
     args = {"images": dict(item.split("=", 1) for item in ns.image), "mask": ns.mask, "out": ns.out,
-            "device": ns.device, "format": ns.format}
+            "device": ns.device, "format": ns.format, "brain_mask": ns.brain_mask}
     if op == "synthesize":
         args.update(seed=ns.seed, samples=ns.samples, steps=ns.steps, guidance=ns.guidance, base=ns.base,
                     whole_lesion=bool(ns.whole_lesion), crop_outputs=bool(ns.crop_outputs),
                     population_pull=ns.population_pull, keep_base_texture=bool(ns.keep_base_texture))
+    if op == "pseudo-healthy":
+        args.update(seed=ns.seed, smooth=bool(ns.smooth))
     return op, args
 
 

@@ -25,7 +25,8 @@ from .logic import (
 from .process import WorkerRunner, warmUpSharedWorker
 
 INPUT_WIDGETS = ("t1VolumeSelector", "t1cVolumeSelector", "t2VolumeSelector", "flairVolumeSelector",
-                 "maskSegmentationSelector", "maskLabelmapSelector", "useLabelmapCheckBox", "createSegmentationButton",
+                 "maskSegmentationSelector", "maskLabelmapSelector", "useLabelmapCheckBox", "brainMaskSelector",
+                 "createSegmentationButton",
                  "editSegmentationButton", "loadMaskButton", "loadSampleDataButton", "installDependenciesButton")
 
 
@@ -382,7 +383,8 @@ class PathoSynWidget(JobPanel):
             job = self.logic.createJob(P.inputVolumes(params), P.maskNode(params), seed=params.seed,
                                        samples=params.samples, steps=P.effectiveSteps(params),
                                        guidance=params.guidance, device=params.device, command=command,
-                                       populationPull=params.populationPull, keepBaseTexture=params.keepBaseTexture)
+                                       populationPull=params.populationPull, keepBaseTexture=params.keepBaseTexture,
+                                       brainMaskNode=params.brainMask)
         button = self.ui.synthesizeButton if command == "synthesize" else self.ui.pseudoHealthyButton
         self.startJob(job, button, "synthesis")
 

@@ -102,7 +102,9 @@ class _Prepared:
     lesion_labels: np.ndarray
     normalizers: dict[str, IntensityNormalizer]
     spacing_zyx: tuple
-    head: np.ndarray | None = None  # the normalizers' foreground on the image grid, where a background is noise
+    head: np.ndarray | None = None  # the normalizers' foreground on the image grid: a brain mask, or the head
+    # above the noise where a background is noise (None: the scan's own constant-background foreground)
+    from_brain_mask: bool = False
 
     @property
     def normalized(self) -> dict[str, np.ndarray]:
@@ -134,7 +136,20 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion_distance: DistanceF
     return levels
 
 
-def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None) -> _Prepared:
+def _brain_on_grid(brain_mask: Volume, reference: Volume) -> np.ndarray:
+    """A brain mask (any non-zero voxel) on the reference grid (nearest neighbour)."""
+    if brain_mask.array.ndim != 3:
+        raise InputError(f"brain mask: expected a 3D image, got {brain_mask.array.ndim}D")
+    if brain_mask.array.dtype.kind == "f" and not np.isfinite(brain_mask.array).all():
+        raise InputError("brain mask: contains NaN or Inf voxels")
+    brain = resample_to(brain_mask, reference, nearest=True).array != 0
+    if not brain.any():
+        raise InputError("the brain mask is empty (on the image grid)")
+    return brain
+
+
+def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None,
+             brain_mask: Volume | None = None) -> _Prepared:
     if isinstance(images, Volume):
         raise InputError("images must be a dict {modality: Volume}, e.g. {'t1': volume}")
     if not images:
@@ -163,41 +178,49 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     spacing_zyx = tuple(reversed(reference.spacing))
     lesion = labels > 0
     step = (slice(None, None, STATS_STRIDE),) * 3
-    fg = np.zeros(lesion[step].shape, bool)  # head foreground (holes filled) on the strided grid
-    for vol in checked.values():
-        fg |= foreground_mask(vol.array[step])
+    brain = None if brain_mask is None else _brain_on_grid(brain_mask, reference)
+    if brain is not None:  # the user's brain mask: the models' own units on a scan with scalp and skull
+        fg = brain[step].copy()
+    else:
+        fg = np.zeros(lesion[step].shape, bool)  # head foreground (holes filled) on the strided grid
+        for vol in checked.values():
+            fg |= foreground_mask(vol.array[step])
     constant = [has_constant_background(v.array) for v in checked.values()]  # else a raw scan: air is noise
     box = bounding_box(lesion)
     z, y, x = ((np.argwhere(lesion[box]) + [b.start for b in box]) // STATS_STRIDE).T
     in_brain = bool(fg[z, y, x].any()) or any(  # tiny lesions: a lesion voxel that differs from the background
         np.any(np.abs(v.array[lesion] - background_value(v.array)) > 1e-6 * max(1.0, float(np.abs(v.array).max())))
         for v, c in zip(checked.values(), constant) if c)
+    if brain is not None:
+        in_brain = bool(brain[lesion].any())
     if not in_brain:
-        raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)")
+        raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)"
+                         if brain is None else "the lesion mask does not overlap the brain mask")
     covered = float(lesion[step].sum()) / max(float(fg.sum()), 1.0)
     if covered > MAX_LESION_FRACTION:
         raise InputError(f"the lesion mask covers {100 * min(covered, 1.0):.0f}% of the head (at most "
                          f"{100 * MAX_LESION_FRACTION:.0f}%): is it a head mask rather than a lesion?")
     normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
                    for m, v in checked.items()}
-    head = None
-    if not all(constant):
+    head = brain
+    if head is None and not all(constant):
         head = fg.repeat(STATS_STRIDE, 0).repeat(STATS_STRIDE, 1).repeat(STATS_STRIDE, 2)[
             tuple(slice(n) for n in lesion.shape)]
-    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head)
+    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head, brain is not None)
 
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
                    progress: ProgressFn | None = None, seed: int = 0, scanner_noise: bool = True,
-                   smooth_deep_fill: bool = True, anatomy_weights=None) -> dict[str, Volume]:
+                   smooth_deep_fill: bool = True, anatomy_weights=None, brain_mask: Volume | None = None
+                   ) -> dict[str, Volume]:
     """Remove the lesion: inpaint the (slightly dilated) mask with healthy tissue. Returns new Volumes.
     scanner_noise: give the fill the scan's noise (seeded); False returns the network's smooth expected tissue
     (what pixel-wise inpainting scores such as PSNR favour). smooth_deep_fill: low-pass the fill deep inside the
     hole (the anatomy card's `fill_smoothing`, fitted on the training fold): the best estimate of the healthy
     tissue. False gives the base that `synthesize_lesion(base="pseudo-healthy")` draws a lesion on.
-    anatomy_weights: a folder with other anatomy weights (None = bundled)."""
+    anatomy_weights: a folder with other anatomy weights (None = bundled). brain_mask: see synthesize_lesion."""
     check_seed(seed)
-    prep = _prepare(images, mask, label_mapping)
+    prep = _prepare(images, mask, label_mapping, brain_mask)
     dev = pick_device(device)
     if progress:
         progress(0.1, "loading anatomy model")
@@ -222,7 +245,8 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
                       steps: int | None = None, guidance: float = 1.0, device: str = "auto",
                       base: str = "input", whole_lesion: bool | None = None, label_mapping: dict | None = None,
                       progress: ProgressFn | None = None, deviation_weights=None,
-                      population_pull: float | None = None, texture_match: bool = True) -> SynthesisResult:
+                      population_pull: float | None = None, texture_match: bool = True,
+                      brain_mask: Volume | None = None) -> SynthesisResult:
     """Add a synthetic lesion to healthy scan(s): output = anatomy + residual inside the blended region.
 
     population_pull: move each sub-region's mean level towards the training population's by this fraction
@@ -232,6 +256,9 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
 
     base: "input" (the scan is healthy, so it is its own anatomy) or "pseudo-healthy" (remove an existing
     lesion first). whole_lesion: None infers it from the mask (binary -> the model invents sub-regions).
+    brain_mask: the brain (non-zero voxels, any grid). Intensities are then normalised over it, as on the
+    skull-stripped scans the models learned, also on a scan with scalp and skull (None: over the scan's head,
+    with a warning on such scans).
     Voxels outside the dilated lesion region are copied from the input bit for bit.
     """
     t_start = time.perf_counter()
@@ -246,17 +273,17 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         raise InputError(f"population_pull must be a number from 0 to 1, got {population_pull}")
     if base not in ("input", "pseudo-healthy"):
         raise InputError(f"base must be 'input' or 'pseudo-healthy', got '{base}'")
-    prep = _prepare(images, mask, label_mapping)
+    prep = _prepare(images, mask, label_mapping, brain_mask)
     dev = pick_device(device)
     say = progress or (lambda f, m: None)
     say(0.02, "loading models")
     model = _model("deviation", dev, deviation_weights)
     cfg = model.cfg
     warn = []
-    if prep.head is not None:
+    if prep.head is not None and not prep.from_brain_mask:
         msg = ("the background is noise, not one value (a raw scan, not skull-stripped): intensities are normalised "
                "over the whole head, scalp and skull included, so lesion contrast may come out too strong (the "
-               "models learned skull-stripped scans)")
+               "models learned skull-stripped scans; give a brain mask to normalise over the brain)")
         warnings.warn(msg, stacklevel=2)
         warn.append(msg)
 
@@ -363,6 +390,8 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
         "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
         "region_voxels": int(region.sum()), "warnings": warn,
+        "normalised_over": ("brain mask" if prep.from_brain_mask else "head above the noise" if prep.head is not None
+                            else "foreground"),
         "timing_s": {"model": round(t_model, 3), "total": round(time.perf_counter() - t_start, 3)},
         "weights": {"deviation": model.card.get("sha256", "")[:16]},
         "variant": model.card.get("variant", "pathosyn"),

@@ -81,10 +81,12 @@ def cmd_synthesize(args) -> int:
     progress = Progress(args.progress)
     images = _image_args(args.image)
     mask = read_volume(args.mask)
+    brain = read_volume(args.brain_mask) if args.brain_mask else None
     result = synthesize_lesion(images, mask, seed=args.seed, samples=args.samples, steps=args.steps,
                                guidance=args.guidance, device=args.device, base=args.base,
                                whole_lesion=True if args.whole_lesion else None, progress=progress,
-                               population_pull=args.population_pull, texture_match=not args.keep_base_texture)
+                               population_pull=args.population_pull, texture_match=not args.keep_base_texture,
+                               brain_mask=brain)
     files = write_synthesis(result, Path(args.out), args.format, crop=args.crop_outputs)
     progress.done(outputs=files, report=result.report)
     return 0
@@ -97,8 +99,9 @@ def cmd_pseudo_healthy(args) -> int:
 
     progress = Progress(args.progress)
     images = _image_args(args.image)
+    brain = read_volume(args.brain_mask) if args.brain_mask else None
     healthy = pseudo_healthy(images, read_volume(args.mask), device=args.device, progress=progress, seed=args.seed,
-                             scanner_noise=not args.smooth)
+                             scanner_noise=not args.smooth, brain_mask=brain)
     files = {m: str(write_volume(v, Path(args.out) / f"{m}.{args.format}")) for m, v in healthy.items()}
     progress.done(outputs=files)
     return 0
@@ -205,12 +208,17 @@ def _calibrate_levels(cases, root: Path, folder: Path) -> int:
     return 0
 
 
+BRAIN_MASK_HELP = ("brain mask (non-zero = brain; any grid): normalise intensities over the brain, as the models "
+                   "learned, on scans with scalp and skull")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import add_common
 
     p = sub.add_parser("synthesize", help="add a synthetic lesion to healthy scan(s)")
     p.add_argument("--image", action="append", required=True, metavar="MOD=PATH", help="repeat per modality")
     p.add_argument("--mask", required=True, help="lesion mask (canonical 0-3, BraTS labels, or binary)")
+    p.add_argument("--brain-mask", default=None, metavar="PATH", help=BRAIN_MASK_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1, help="K > 1 also writes the per-voxel std (uncertainty)")
@@ -236,6 +244,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pseudo-healthy", help="remove a lesion: fill the mask with healthy tissue")
     p.add_argument("--image", action="append", required=True, metavar="MOD=PATH")
     p.add_argument("--mask", required=True)
+    p.add_argument("--brain-mask", default=None, metavar="PATH", help=BRAIN_MASK_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="output file format")
     p.add_argument("--seed", type=int, default=0, help="seed of the scan noise given to the fill")
