@@ -190,6 +190,42 @@ def test_pathar_placement_in_a_raw_scan_keeps_out_of_scalp_and_skull():
         assert (placed & brain).sum() / placed.sum() >= 0.9, (seed, info)
 
 
+def test_brain_mask_column_places_lesions_in_it_and_normalises_over_it(tmp_path):
+    """A brain_mask column (optional): the job normalises over it and places PathAR lesions inside it; rows without
+    it keep the fingerprint of manifests that have no such column (a resume does not redo them)."""
+    import hashlib
+    from dataclasses import asdict
+
+    array, brain, head = noisy_head(shape=(64, 96, 96))
+    scan = Volume(array, (1.0, 1.0, 1.0))
+    inner = np.zeros_like(brain)  # a brain mask smaller than the brain: placements must follow it
+    inner[24:40, 40:56, 20:76] = brain[24:40, 40:56, 20:76]
+    brain_volume = scan.with_array(inner.astype(np.uint8))
+    for seed in range(4):
+        mask, info = place_mask(_ball(radius=3.0, spacing=1.0), scan, seed=seed, brain_mask=brain_volume)
+        placed = mask.array > 0
+        assert (placed & inner).sum() / placed.sum() >= 0.9, (seed, info)
+    write_volume(scan, tmp_path / "t1.nii.gz")
+    write_volume(make_ball_mask(scan, radius_vox=5), tmp_path / "mask.nii.gz")
+    write_volume(scan.with_array(brain.astype(np.uint8)), tmp_path / "brain.nii.gz")
+    rows = [{"case_id": "raw", "mask": "mask.nii.gz", "seed": 1, "t1": "t1.nii.gz", "steps": 1,
+             "brain_mask": "brain.nii.gz"},
+            {"case_id": "plain", "mask": "mask.nii.gz", "seed": 1, "t1": "t1.nii.gz", "steps": 1}]
+    manifest = write_manifest(tmp_path / "m.csv", rows, header=HEADER + ["brain_mask"])
+    jobs = load_manifest(manifest)
+    assert jobs[0].brain_mask == str((tmp_path / "brain.nii.gz").resolve()) and jobs[1].brain_mask is None
+    spec = {k: v for k, v in asdict(jobs[1]).items() if k not in ("line", "brain_mask")}
+    assert jobs[1].fingerprint == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    run_batch(manifest, tmp_path / "out")
+    reports = {case: json.loads((tmp_path / "out" / case / "report.json").read_text()) for case in ("raw", "plain")}
+    assert reports["raw"]["normalised_over"] == "brain mask"
+    assert reports["plain"]["normalised_over"] == "head above the noise"
+    bad = write_manifest(tmp_path / "bad.csv", [{**rows[0], "brain_mask": "missing.nii.gz"}],
+                         header=HEADER + ["brain_mask"])
+    with pytest.raises(InputError, match="brain_mask"):
+        load_manifest(bad)
+
+
 # ---------------------------------------------------------------- engine runs
 
 def test_identity_local_workers_dask_and_resume(tmp_path):

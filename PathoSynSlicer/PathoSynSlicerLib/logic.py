@@ -1060,7 +1060,7 @@ class PathoSynSlicerLogic:
     # --- cohorts (Python console) -----------------------------------------------------------------------------------
     def batch(self, manifest, outputDir, workers: int = 1, scheduler=None, resume: bool = True, device: str = "auto",
               loadResults: bool = False, progress: Progress | None = None) -> BatchResult:
-        """Run a `pathosyn batch` manifest (CSV: case_id,mask,seed,t1,t1c,t2,flair[,samples,steps]) blocking.
+        """Run a `pathosyn batch` manifest (CSV: case_id,mask,seed,t1,t1c,t2,flair[,samples,steps,brain_mask]) blocking.
 
         The manifest is validated first (every bad row named); finished jobs are kept if you stop, and
         resume=True (default) skips jobs whose outputs still match their checksums. workers=N runs N processes;

@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import add_common
 
     p = sub.add_parser("batch", help="run many synthesis jobs from a CSV manifest (local processes or Dask)",
-                       description="Manifest columns: case_id,mask,seed,t1,t1c,t2,flair[,samples,steps]. mask is "
-                                   "a path or 'pathar'; empty modality cells are skipped; relative paths are "
+                       description="Manifest columns: case_id,mask,seed,t1,t1c,t2,flair[,samples,steps,brain_mask]. "
+                                   "mask is a path or 'pathar'; brain_mask (optional) the brain of a scan with "
+                                   "scalp and skull; empty modality cells are skipped; relative paths are "
                                    "relative to the manifest. Outputs: OUT/<case_id>/ as `pathosyn synthesize` "
                                    "writes them, plus done.json and log.jsonl, and OUT/results.csv. Exit code 1 "
                                    "when some jobs failed, 2 for a bad manifest (nothing is started).")

@@ -97,30 +97,37 @@ def result_row(job: Job, status: str, done: dict | None = None, out: Path | None
     return row
 
 
-def _brain_voxel_centres(reference) -> tuple[np.ndarray, np.ndarray]:
-    """The brain (the foreground of a skull-stripped scan; of a raw scan, whose foreground is the whole head, the
-    voxels at least SCALP_AND_SKULL_MM inside it) and its voxels (N, 3) in (z, y, x)."""
+def _brain_voxel_centres(reference, brain_mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """The brain (a given brain mask; else the foreground of a skull-stripped scan, or of a raw scan, whose
+    foreground is the whole head, the voxels at least SCALP_AND_SKULL_MM inside it) and its voxels (N, 3) in
+    (z, y, x)."""
     from ..preprocess import erode_mm, foreground_mask, has_constant_background
+    from ..volume import resample_to
 
-    fg = foreground_mask(reference.array)
-    if fg.any() and not has_constant_background(reference.array):
-        fg = erode_mm(fg, SCALP_AND_SKULL_MM, tuple(reversed(reference.spacing)))
+    if brain_mask is not None:
+        fg = resample_to(brain_mask, reference, nearest=True).array != 0
+    else:
+        fg = foreground_mask(reference.array)
+        if fg.any() and not has_constant_background(reference.array):
+            fg = erode_mm(fg, SCALP_AND_SKULL_MM, tuple(reversed(reference.spacing)))
     if not fg.any():
         raise InputError("the first image has no foreground (brain) voxels to place a PathAR lesion in")
     return fg, np.argwhere(fg)  # (N, 3) in (z, y, x)
 
 
-def place_mask(lesion, reference, seed: int, min_inside: float = MIN_INSIDE, tries: int = PLACEMENT_TRIES):
+def place_mask(lesion, reference, seed: int, min_inside: float = MIN_INSIDE, tries: int = PLACEMENT_TRIES,
+               brain_mask=None):
     """Move `lesion` (any grid) so its centroid sits on a random brain voxel of `reference` (seeded), and
     resample it onto the reference grid (nearest neighbour). Placements with less than `min_inside` of the
-    lesion inside the brain foreground are rejected. Returns (mask Volume on the reference grid, info dict)."""
+    lesion inside the brain (`brain_mask`, else the scan's foreground) are rejected. Returns (mask Volume on the
+    reference grid, info dict)."""
     from ..placement import lesion_points_lps, place_lesion
 
     if not np.any(np.asarray(lesion.array) > 0):
         raise InputError("the PathAR sample has an empty lesion mask")
     lps = lesion_points_lps(lesion)
     centroid = lps.mean(axis=1, keepdims=True)
-    fg, brain = _brain_voxel_centres(reference)
+    fg, brain = _brain_voxel_centres(reference, brain_mask)
     ref_from_lps = np.linalg.inv(reference.ijk_to_lps())
     ref_to_lps = reference.ijk_to_lps()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9A7A]))
@@ -154,7 +161,7 @@ def place_mask(lesion, reference, seed: int, min_inside: float = MIN_INSIDE, tri
                      f"{100 * best:.0f}% of the lesion inside (need {100 * min_inside:.0f}%) after {tries} tries")
 
 
-def pathar_mask(job: Job, reference, device: str):
+def pathar_mask(job: Job, reference, device: str, brain_mask=None):
     """Draw one PathAR lesion (seeded by the row seed) and place it inside the brain of `reference`."""
     import importlib
 
@@ -165,7 +172,7 @@ def pathar_mask(job: Job, reference, device: str):
                          f"(scripted_models.pathar.api cannot be imported: {exc})") from None
     modality = next(iter(job.images))
     pair = sample_pairs([modality], n=1, seed=job.seed, device=device)[0]
-    return place_mask(pair.mask, reference, job.seed)
+    return place_mask(pair.mask, reference, job.seed, brain_mask=brain_mask)
 
 
 def _clean(job_dir: Path) -> None:
@@ -193,21 +200,22 @@ def run_job(job: Job, out: str | Path, device: str = "auto", run_id: str = "", g
     _clean(job_dir)
     log = JobLog(job_dir / LOG, job, run_id)
     log("start", line=job.line, seed=job.seed, samples=job.samples, steps=job.steps, mask=job.mask,
-        images=job.images)
+        images=job.images, brain_mask=job.brain_mask)
     t0 = time.perf_counter()
     try:
         images = {m: read_volume(p) for m, p in job.images.items()}
+        brain = read_volume(job.brain_mask) if job.brain_mask else None
         placement = None
         if job.uses_pathar:
             log.progress(0.0, "sampling a PathAR lesion")
-            mask, placement = pathar_mask(job, next(iter(images.values())), device)
+            mask, placement = pathar_mask(job, next(iter(images.values())), device, brain)
             log("placed", **placement)
         else:
             mask = read_volume(job.mask)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # warnings are recorded in report.json
             result = synthesize_lesion(images, mask, seed=job.seed, samples=job.samples, steps=job.steps,
-                                       guidance=guidance, device=device, progress=log.progress)
+                                       guidance=guidance, device=device, progress=log.progress, brain_mask=brain)
         if placement:
             result.report["pathar_placement"] = placement
         result.report["batch"] = {"case_id": job.case_id, "line": job.line, "run": run_id}

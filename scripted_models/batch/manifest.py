@@ -1,11 +1,12 @@
 """Batch manifest: a CSV with one row per synthesis job, validated as a whole before any work starts.
 
-    case_id,mask,seed,t1,t1c,t2,flair[,samples,steps]
+    case_id,mask,seed,t1,t1c,t2,flair[,samples,steps,brain_mask]
     P001,masks/p001.nii.gz,0,t1/p001.nii.gz,,,flair/p001.nii.gz
     P002,pathar,7,t1/p002.nii.gz,,,
 
 A modality cell holds an image path or is empty; `mask` is a path or the word `pathar` (draw a PathAR lesion and
-place it inside the brain). Relative paths are relative to the manifest file.
+place it inside the brain); `brain_mask` (optional) is the brain of a scan with scalp and skull: intensities are
+normalised over it, and PathAR lesions are placed in it. Relative paths are relative to the manifest file.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..errors import InputError
 from ..labels import MODALITIES
 
 REQUIRED = ("case_id", "mask", "seed")
-OPTIONAL = ("samples", "steps")
+OPTIONAL = ("samples", "steps", "brain_mask")
 KNOWN = REQUIRED + MODALITIES + OPTIONAL
 PATHAR = "pathar"
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -39,6 +40,7 @@ class Job:
     images: dict[str, str] = field(default_factory=dict)  # modality -> absolute path, in MODALITIES order
     samples: int = 1
     steps: int | None = None
+    brain_mask: str | None = None  # absolute path, or None
 
     @property
     def uses_pathar(self) -> bool:
@@ -47,7 +49,7 @@ class Job:
     @property
     def fingerprint(self) -> str:
         """What the outputs depend on: a changed row invalidates a finished job on --resume."""
-        spec = {k: v for k, v in asdict(self).items() if k != "line"}
+        spec = {k: v for k, v in asdict(self).items() if k != "line" and not (k == "brain_mask" and v is None)}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -219,11 +221,16 @@ def load_manifest(path: str | Path) -> list[Job]:
         else:
             mask, _, err = _check_path(mask_cell, base, "mask", headers)
             bad += [err] if err else []
+        brain_mask = None
+        brain_cell = (row.get("brain_mask") or "").strip()
+        if brain_cell:
+            brain_mask, _, err = _check_path(brain_cell, base, "brain_mask", headers)
+            bad += [err] if err else []
         if bad:
             label = f" ({case_id})" if case_id else ""
             errors.append((line, f"{', '.join(bad)}{label}"))
         else:
-            jobs.append(Job(case_id, line, mask, seed, images, samples, steps))
+            jobs.append(Job(case_id, line, mask, seed, images, samples, steps, brain_mask))
     if errors:
         detail = "; ".join(f"line {line}: {msg}" for line, msg in errors)
         noun = "row" if len(errors) == 1 else "rows"
