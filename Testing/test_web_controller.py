@@ -18,6 +18,7 @@ from slicer_scene import SlicerScene, array_of  # noqa: E402
 
 from PathoSynWeb.PathoSynWebLib.controller import WebController, guessModality  # noqa: E402
 from PathoSynWeb.PathoSynWebLib.state import PathoSynWebState  # noqa: E402
+from scripted_models.errors import InputError  # noqa: E402
 from scripted_models.volume import read_volume, write_volume  # noqa: E402
 
 
@@ -57,6 +58,8 @@ class FakeRunner:
             write_volume(image, out / f"{mod}.nii")
             write_volume(image.with_array(np.zeros(image.shape, np.float32)), out / f"residual_{mod}.nii")
         write_volume(read_volume(self._arg("--mask")), out / "mask.nii")
+        if "--brain-mask" in self.argv:  # what the job handed over, for the tests
+            self.brain_mask = read_volume(self._arg("--brain-mask"))
         (out / "report.json").write_text(json.dumps({"timing_s": {"total": 0.5}}))
         self.state, self.result = "done", {"event": "done"}
         return False
@@ -298,6 +301,24 @@ def test_one_volume_per_modality_goes_to_the_job(app, tmp_path, loop):
     images = [a for a in c.runners[0].argv if "=" in a and not a.startswith("--")]
     assert sorted(a.split("=")[0] for a in images) == ["t1", "t2"]
     assert set(c.lastResult.volumes) == {"t1", "t2"}
+
+
+def test_a_brain_mask_file_goes_to_the_job_and_replaces_the_previous_one(app, tmp_path, loop):
+    c = controller(app, tmp_path=tmp_path)
+    head, t1 = write_head(tmp_path)
+    c.loadScanFile(str(t1))
+    c.loadMaskFile(str(write_volume(make_ball_mask(head), tmp_path / "mask.nii.gz")))
+    with pytest.raises(InputError, match="empty"):
+        c.loadBrainMaskFile(str(write_volume(head.with_array(np.zeros(head.shape, np.uint8)), tmp_path / "e.nii.gz")))
+    brain = (head.array > 0).astype(np.uint8)
+    path = write_volume(head.with_array(brain * 7), tmp_path / "sub01_brainmask.nii.gz")
+    digest = sha(path)
+    first = c.loadBrainMaskFile(str(path))
+    second = c.loadBrainMaskFile(str(path))
+    assert first.GetScene() is None and c.brainMask is second and c.state.brain_mask_name == second.GetName()
+    assert np.array_equal(array_of(second), brain) and sha(path) == digest
+    run(c.synthesize())
+    assert np.array_equal(c.runners[0].brain_mask.array, brain)
 
 
 def test_render_gate_renders_shown_views_now_hidden_ones_when_shown_and_holds_during_a_setup():

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -123,7 +124,7 @@ class PathoSynWebApp:
             "load_sample": self._clicked(c.loadSample), "load_scan": self._clicked(c.loadScanFile),
             "set_modality": c.setModality, "new_subregions": self._clicked(lambda: c.newSegmentation(False)),
             "new_whole": self._clicked(lambda: c.newSegmentation(True)),
-            "load_mask": self._clicked(c.loadMaskFile),
+            "load_mask": self._clicked(c.loadMaskFile), "load_brain_mask": self._clicked(c.loadBrainMaskFile),
             "synthesize": self._starts(c.synthesize), "pseudo_healthy": self._starts(c.pseudoHealthy),
             "cancel": c.cancel, "pathar": self._starts(c.samplePathAR), "use_mask": c.armPlacement,
             "save": c.saveClicked,  # text fields: the click carries their values (no race with the state sync)
@@ -173,16 +174,21 @@ class PathoSynWebApp:
     # --- handlers ----------------------------------------------------------------------------------------------------
     def _onUpload(self, files: list) -> None:
         """Browser upload (trame-slicer's chunked file input): one volume per file, tagged by its name; a file
-        named like a mask (mask / seg / label) becomes the lesion mask."""
+        named like a brain mask (brainmask / brain_mask / brain-mask) becomes the brain mask, one named like a mask
+        (mask / seg / label) the lesion mask."""
         from trame_slicer.utils import write_client_files_to_dir
 
         with self.controller.reportErrors(), tempfile.TemporaryDirectory(prefix="pathosyn-upload-") as folder:
             paths = write_client_files_to_dir(files, folder)
-            masks = [p for p in paths if any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))]
-            scans = [p for p in paths if p not in masks]
+            brains = [p for p in paths if re.search(r"brain[_-]?mask", os.path.basename(p).lower())]
+            masks = [p for p in paths if p not in brains
+                     and any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))]
+            scans = [p for p in paths if p not in masks and p not in brains]
             self.controller.loadScanFiles([(p, None) for p in scans])
             for path in masks:
                 self.controller.loadMaskFile(path)
+            for path in brains:
+                self.controller.loadBrainMaskFile(path)
 
     def _onLayoutChanged(self, layout: str):
         if layout == "PathAR":

@@ -84,6 +84,7 @@ class WebController:
         self.workDir = workDir
         self.scans: dict = {}  # modality -> volume node
         self.segmentation = None
+        self.brainMask = None  # labelmap node: synthesis normalises over it (scans with scalp and skull)
         self.lastResult = None  # SynthesisNodes of the latest synthesis
         self.lastHealthy: dict = {}  # {modality: node} of the latest pseudo-healthy run
         self.patharRun = None
@@ -124,6 +125,12 @@ class WebController:
         self.state.scans = [{"node_id": n.GetID(), "name": n.GetName(), "modality": m} for m, n in self.scans.items()]
         seg = self.segmentation
         self.state.segmentation_name = seg.GetName() if seg is not None and seg.GetScene() is not None else ""
+        brain = self._brainMaskNode()
+        self.state.brain_mask_name = brain.GetName() if brain is not None else ""
+
+    def _brainMaskNode(self):
+        brain = self.brainMask
+        return brain if brain is not None and brain.GetScene() is not None else None
 
     def addScan(self, node, modality: str) -> None:
         """Tag a loaded volume with its modality (one volume per modality: a new one replaces the old tag)."""
@@ -218,6 +225,26 @@ class WebController:
         self.setSegmentation(seg)
         return seg
 
+    def loadBrainMaskFile(self, path: str):
+        """A brain mask file (non-zero = brain) for a scan with scalp and skull, as a labelmap node (replacing the
+        previous one): synthesis then normalises intensities over the brain, the models' own units."""
+        from scripted_models.volume import read_volume
+
+        self._requireScan()
+        path = str(path or "").strip()
+        if not os.path.isfile(path):
+            raise InputError(f"no such brain mask file: {path}" if path else "enter the path of a brain mask file")
+        brain = read_volume(path)
+        if brain.array.ndim != 3 or not np.any(brain.array):
+            raise InputError(f"the brain mask {Path(path).name} is empty or not 3D")
+        previous = self._brainMaskNode()
+        self.brainMask = self.logic.addVolumeNode(brain.with_array((brain.array != 0).astype(np.uint8)),
+                                                  Path(path).name.split(".")[0], labelmap=True)
+        if previous is not None:
+            self.scene.RemoveNode(previous)
+        self._refreshScans()
+        return self.brainMask
+
     def newSegmentation(self, wholeLesion: bool = False):
         """An empty segmentation on the reference scan: segments core / edema / enhancing, or one 'lesion'."""
         ref = self._requireScan()
@@ -286,7 +313,8 @@ class WebController:
             log.info("synthesis clicked")
             job = self.logic.createJob(dict(self.scans), self.segmentation, seed=seed, samples=samples, steps=steps,
                                        guidance=guidance, command=command, workDir=self.workDir, writeInputs=False,
-                                       populationPull=pull, keepBaseTexture=bool(s.keep_base_texture))
+                                       populationPull=pull, keepBaseTexture=bool(s.keep_base_texture),
+                                       brainMaskNode=self._brainMaskNode())
             log.info("job validated")
             return self._start(job, command, self._onSynthesisDone, read=self.logic.readJobOutputs,
                                write=job.writeInputs)

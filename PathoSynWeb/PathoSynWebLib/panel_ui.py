@@ -74,6 +74,16 @@ class PathoSynPanel(html.Div):
                     with VCol(cols=4):
                         VBtn("Load", id="ps-load-mask", size="small", variant="tonal", disabled=(busy,),
                              click=(handlers["load_mask"], f"[{n.mask_path}]"))
+                with VRow(dense=True, classes="mt-0"):
+                    with VCol(cols=8):
+                        VTextField(v_model=(n.brain_mask_path,), density="compact", hide_details=True,
+                                   label="brain mask file (optional: scans with scalp and skull)",
+                                   id="ps-brain-mask-path")
+                    with VCol(cols=4):
+                        VBtn("Load", id="ps-load-brain-mask", size="small", variant="tonal", disabled=(busy,),
+                             click=(handlers["load_brain_mask"], f"[{n.brain_mask_path}]"))
+                html.Div("{{ " + f"{n.brain_mask_name} ? 'brain mask: ' + {n.brain_mask_name} : ''" + " }}",
+                         classes="text-caption", id="ps-brain-mask-name")
             with _section("3. Synthesize"), VCardText(classes="py-1"):
                 with VRow(dense=True):
                     with VCol(cols=4):

@@ -19,6 +19,8 @@ class PathoSynWebState:
     scan_modality: str = "t1"
     mask_path: str = ""
     segmentation_name: str = ""
+    brain_mask_path: str = ""  # optional, for scans with scalp and skull
+    brain_mask_name: str = ""
     # synthesis parameters
     seed: int = 0
     samples: int = 1
