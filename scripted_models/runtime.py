@@ -67,7 +67,6 @@ def set_threads(n: int | None) -> None:
 
 
 CHANNELS_LAST = torch.channels_last_3d
-GROUP_NORM_CHUNKS = 64  # fixed partial sums per channel: the reduction order does not depend on the thread count
 
 
 def _cpu_autocast_enabled() -> bool:
@@ -102,15 +101,12 @@ def group_norm_channels_last(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch
     """GroupNorm of a channels-last (N, C, D, H, W) tensor whose statistics are summed in a fixed order.
 
     PyTorch's channels-last GroupNorm kernel splits its sums between threads, so its bytes change with
-    torch.set_num_threads. Here every channel is summed over GROUP_NORM_CHUNKS fixed spatial chunks in float32
-    (each chunk is one output of the reduction, summed by one thread) and the chunks in float64."""
-    n, c = x.shape[:2]
+    torch.set_num_threads. Here every channel is summed over each slice (the first spatial axis) in float32 (each
+    slice sum is one output of the reduction, summed by one thread) and the slices in float64."""
+    n, c, depth = x.shape[:3]
     groups, per_group = norm.num_groups, c // norm.num_groups
     voxels = x[0, 0].numel()
-    chunks = GROUP_NORM_CHUNKS
-    while voxels % chunks:
-        chunks //= 2
-    by_chunk = x.permute(0, 2, 3, 4, 1).reshape(n, chunks, voxels // chunks, c)  # a view of channels-last memory
+    by_chunk = x.permute(0, 2, 3, 4, 1).reshape(n, depth, voxels // depth, c)  # a view of channels-last memory
     sums = by_chunk.sum(2).double().sum(1).view(n, groups, per_group).sum(2)  # (N, G)
     squares = (by_chunk * by_chunk).sum(2).double().sum(1).view(n, groups, per_group).sum(2)
     count = voxels * per_group
