@@ -281,7 +281,8 @@ def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_channels_last_group_norm_matches_pytorch_with_the_same_bytes_on_one_and_two_threads():
+@pytest.mark.parametrize("spatial", [(40, 36, 32), (21, 23, 25)])
+def test_channels_last_group_norm_matches_pytorch_with_the_same_bytes_on_one_and_two_threads(spatial):
     import torch
 
     from scripted_models.runtime import CHANNELS_LAST, group_norm_channels_last
@@ -290,7 +291,7 @@ def test_channels_last_group_norm_matches_pytorch_with_the_same_bytes_on_one_and
     norm = torch.nn.GroupNorm(8, 16, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
-    x = (torch.randn(1, 16, 40, 36, 32) * 3 + 2).contiguous(memory_format=CHANNELS_LAST)
+    x = (torch.randn(1, 16, *spatial) * 3 + 2).contiguous(memory_format=CHANNELS_LAST)
     before = torch.get_num_threads()
     runs = []
     try:
