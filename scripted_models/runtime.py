@@ -106,9 +106,9 @@ def group_norm_channels_last(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch
     n, c, depth = x.shape[:3]
     groups, per_group = norm.num_groups, c // norm.num_groups
     voxels = x[0, 0].numel()
-    by_chunk = x.permute(0, 2, 3, 4, 1).reshape(n, depth, voxels // depth, c)  # a view of channels-last memory
-    sums = by_chunk.sum(2).double().sum(1).view(n, groups, per_group).sum(2)  # (N, G)
-    squares = (by_chunk * by_chunk).sum(2).double().sum(1).view(n, groups, per_group).sum(2)
+    by_slice = x.permute(0, 2, 3, 4, 1).reshape(n, depth, voxels // depth, c)  # a view of channels-last memory
+    sums = by_slice.sum(2).double().sum(1).view(n, groups, per_group).sum(2)  # (N, G)
+    squares = (by_slice * by_slice).sum(2).double().sum(1).view(n, groups, per_group).sum(2)
     count = voxels * per_group
     mean = sums / count
     inv_std = ((squares / count - mean * mean).clamp_min(0) + norm.eps).rsqrt()
@@ -197,9 +197,4 @@ def pin_cpu_inference(net: torch.nn.Module, channels_last: bool = False) -> torc
         upsample_conv = _upsample_conv(module) if channels_last else None
         if upsample_conv is not None and "forward" not in module.__dict__:
             module.forward = _upsample_conv_forward(upsample_conv, module.forward)
-    return net
-    for module in net.modules():
-        if (isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and "_conv_forward" not in module.__dict__
-                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
-            module._conv_forward = _onednn_conv_forward(module, module._conv_forward, channels_last)
     return net

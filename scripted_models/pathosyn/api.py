@@ -186,13 +186,14 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
         for vol in checked.values():
             fg |= foreground_mask(vol.array[step])
     constant = [has_constant_background(v.array) for v in checked.values()]  # else a raw scan: air is noise
-    box = bounding_box(lesion)
-    z, y, x = ((np.argwhere(lesion[box]) + [b.start for b in box]) // STATS_STRIDE).T
-    in_brain = bool(fg[z, y, x].any()) or any(  # tiny lesions: a lesion voxel that differs from the background
-        np.any(np.abs(v.array[lesion] - background_value(v.array)) > 1e-6 * max(1.0, float(np.abs(v.array).max())))
-        for v, c in zip(checked.values(), constant) if c)
     if brain is not None:
         in_brain = bool(brain[lesion].any())
+    else:
+        box = bounding_box(lesion)
+        z, y, x = ((np.argwhere(lesion[box]) + [b.start for b in box]) // STATS_STRIDE).T
+        in_brain = bool(fg[z, y, x].any()) or any(  # tiny lesions: a lesion voxel that differs from the background
+            np.any(np.abs(v.array[lesion] - background_value(v.array)) > 1e-6 * max(1.0, float(np.abs(v.array).max())))
+            for v, c in zip(checked.values(), constant) if c)
     if not in_brain:
         raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)"
                          if brain is None else "the lesion mask does not overlap the brain mask")
