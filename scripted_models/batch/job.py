@@ -101,11 +101,11 @@ def _brain_voxel_centres(reference, brain_mask=None) -> tuple[np.ndarray, np.nda
     """The brain (a given brain mask; else the foreground of a skull-stripped scan, or of a raw scan, whose
     foreground is the whole head, the voxels at least SCALP_AND_SKULL_MM inside it) and its voxels (N, 3) in
     (z, y, x)."""
+    from ..pathosyn.api import brain_on_grid
     from ..preprocess import erode_mm, foreground_mask, has_constant_background
-    from ..volume import resample_to
 
     if brain_mask is not None:
-        fg = resample_to(brain_mask, reference, nearest=True).array != 0
+        fg = brain_on_grid(brain_mask, reference)
     else:
         fg = foreground_mask(reference.array)
         if fg.any() and not has_constant_background(reference.array):

@@ -136,7 +136,7 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion_distance: DistanceF
     return levels
 
 
-def _brain_on_grid(brain_mask: Volume, reference: Volume) -> np.ndarray:
+def brain_on_grid(brain_mask: Volume, reference: Volume) -> np.ndarray:
     """A brain mask (any non-zero voxel) on the reference grid (nearest neighbour)."""
     if brain_mask.array.ndim != 3:
         raise InputError(f"brain mask: expected a 3D image, got {brain_mask.array.ndim}D")
@@ -178,7 +178,7 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     spacing_zyx = tuple(reversed(reference.spacing))
     lesion = labels > 0
     step = (slice(None, None, STATS_STRIDE),) * 3
-    brain = None if brain_mask is None else _brain_on_grid(brain_mask, reference)
+    brain = None if brain_mask is None else brain_on_grid(brain_mask, reference)
     if brain is not None:  # the user's brain mask: the models' own units on a scan with scalp and skull
         fg = brain[step].copy()
     else:
