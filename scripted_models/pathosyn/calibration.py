@@ -98,12 +98,10 @@ def level_ring(lesion: np.ndarray | None, spacing_zyx, foreground: np.ndarray | 
                lesion_distance=None) -> np.ndarray:
     """The tissue LEVEL_RING_MM around a lesion (in the foreground, when given): the `ring` level reference.
     `lesion_distance`: the lesion's `DistanceFromMask` with reach >= 12 mm, if already computed."""
-    from ..preprocess import dilate_mm
+    from ..preprocess import DistanceFromMask
 
-    if lesion_distance is not None:
-        near, far = (lesion_distance.dilate(mm) for mm in LEVEL_RING_MM)
-    else:
-        near, far = (dilate_mm(lesion, mm, spacing_zyx) for mm in LEVEL_RING_MM)
+    distance = lesion_distance or DistanceFromMask(lesion, spacing_zyx, max(LEVEL_RING_MM))
+    near, far = (distance.dilate(mm) for mm in LEVEL_RING_MM)
     ring = far & ~near
     return ring if foreground is None else ring & foreground
 
