@@ -199,7 +199,7 @@ class PathAR:
         return cls(structure.to(device).eval(), appearance.to(device).eval(), transformer.to(device).eval(), cards,
                    device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_images(self, a_tokens: torch.Tensor, masks: torch.Tensor, modalities: list[str]) -> np.ndarray:
         """Appearance tokens (B*M, N) of B masks (B, *S) in M modalities, structure-major -> images (B*M, *S),
         refined across the modalities when the weights have a joint refinement, with one head outline per sample
@@ -257,7 +257,7 @@ class PathAR:
         return sample_appearance(self.transformer, s_cache, modality, noise, temperature, top_k, callback, guidance,
                                  shared)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, modalities: list[str], indices: list[int], seed: int, temperature: float,
                  top_k: int | None, progress: Callable | None = None, done: float = 0.0, share: float = 1.0,
                  guidance: ModalityGuidance | None = None, anatomy_from: str | None = CARD_DEFAULT):

@@ -163,7 +163,7 @@ def appearance_attention(q, ks, vs, ka, va, mask: torch.Tensor | None) -> torch.
 
     q, ka, va (S*r, H, T/La, D): r appearance rows per structure row, structure-major (row b uses structure b // r);
     ks, vs (S, H, Ls, D) are shared, never copied r times: the r queries of one structure are folded into its
-    query axis. mask (T, Ls + La) bool or None. Returns (S*r, H, T, D)."""
+    query axis. mask (T, Ls + La) or per row (B, 1, T, Ls + La) bool, or None. Returns (S*r, H, T, D)."""
     B, H, T, D = q.shape
     S, Ls, La = ks.shape[0], ks.shape[2], ka.shape[2]
     r = B // S
@@ -185,16 +185,6 @@ def appearance_attention(q, ks, vs, ka, va, mask: torch.Tensor | None) -> torch.
 
 
 # --------------------------------------------------------------------------- model
-
-@dataclass
-class AppearanceStep:
-    """One appearance group's next slot in a joint step: inputs (B, 1), its cache, labels (B,) for the modality
-    embedding and anchor ids (B, 1) or None."""
-    inputs: torch.Tensor
-    cache: KVCache
-    modality: torch.Tensor | None = None
-    anchor: torch.Tensor | None = None
-
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: IARConfig):
@@ -255,25 +245,23 @@ class Block(nn.Module):
         ks, vs = s_cache.view(layer, n_structure)
         return self._finish(x, appearance_attention(q, ks, vs, ka, va, mask))
 
-    def joint(self, xs, groups, layer: int, s_cache: KVCache):
-        """One new structure slot (S rows; xs None for none) and one new slot of each appearance group in one pass:
-        the linear layers run once on all rows. groups: [(x (B_g, 1, C), cache, n_structure)]; a group's query
-        sees structure slots 0..n_structure-1, including the one computed in this very pass."""
-        rows = ([] if xs is None else [xs]) + [x for x, _, _ in groups]
-        x = torch.cat(rows, 0)
+    def joint(self, xs, xa, layer: int, s_cache: KVCache, a_cache: KVCache, n_structure: int, mask):
+        """One new structure slot (S rows; xs None for none) and one new position of every appearance row (xa
+        (B, 1, C)) in one pass: the linear layers run once on all rows. The appearance rows write at position
+        a_cache.length and see structure slots 0..n_structure-1 (this pass's included) and their positions so far,
+        as far as mask (B, 1, 1, n_structure + a_cache.length + 1) bool, or None, lets them."""
+        S = 0 if xs is None else xs.shape[0]
+        x = xa if xs is None else torch.cat([xs, xa], 0)
         q, k, v = self.attn.qkv(self.ln_1(x))
-        ys, start = [], 0
-        if xs is not None:
-            start = xs.shape[0]
-            ks, vs = s_cache.write(layer, k[:start], v[:start])
-            ys.append(structure_attention(q[:start], ks, vs, None))
-        for xa, cache, n_structure in groups:
-            end = start + xa.shape[0]
-            ka, va = cache.write(layer, k[start:end], v[start:end])
-            ks, vs = s_cache.view(layer, n_structure)
-            ys.append(appearance_attention(q[start:end], ks, vs, ka, va, None))
-            start = end
-        return self._finish(x, torch.cat(ys)).split([r.shape[0] for r in rows])
+        ys = []
+        if S:  # first: the appearance rows may see this structure slot
+            ks, vs = s_cache.write(layer, k[:S], v[:S])
+            ys.append(structure_attention(q[:S], ks, vs, None))
+        ka, va = a_cache.write(layer, k[S:], v[S:])
+        ks, vs = s_cache.view(layer, n_structure)
+        ys.append(appearance_attention(q[S:], ks, vs, ka, va, mask))
+        x = self._finish(x, ys[0] if len(ys) == 1 else torch.cat(ys))
+        return (None, x) if S == 0 else (x[:S], x[S:])
 
 
 class IARTransformer(nn.Module):
@@ -343,8 +331,8 @@ class IARTransformer(nn.Module):
 
     def appearance_embedding(self, inputs: torch.Tensor, slots: torch.Tensor, modality: torch.Tensor | None,
                              anchor: torch.Tensor | None = None):
-        """inputs (B, T) codes or MOD label, slots (T,), modality (B,), anchor (B, T) anchor ids of these slots
-        (None = no anchor) -> (B, T, C)."""
+        """inputs (B, T) codes or MOD label, slots (T,) or one per row (B, 1), modality (B,), anchor (B, T) anchor
+        ids of these slots (None = no anchor) -> (B, T, C)."""
         x = self.wae(inputs) + self.wpe_a(slots)
         if self.wme is not None:
             if modality is None:
@@ -380,29 +368,26 @@ class IARTransformer(nn.Module):
         cache.length += T
         return self.head_a(self.ln_f(x))
 
-    def joint_step(self, s_in: torch.Tensor | None, groups: list[AppearanceStep], s_cache: KVCache):
-        """Structure slot j = s_cache.length (inputs (S, 1); None = no structure slot) and the next slot of each
-        appearance group in one pass, with one weight read for all rows. A group's slot t sees structure slots
-        0..t+1, so it may lag the structure by one or more slots. Returns (structure logits (S, Vs) or None,
-        [appearance logits (B_g, Va) per group])."""
+    def joint_step(self, s_in: torch.Tensor | None, a_in: torch.Tensor, slots: torch.Tensor,
+                   modality: torch.Tensor, anchor: torch.Tensor | None, a_cache: KVCache, s_cache: KVCache,
+                   n_structure: int, mask: torch.Tensor | None = None):
+        """Structure slot j = s_cache.length (inputs (S, 1); None = no structure slot) and one position
+        (a_cache.length) of every appearance row in one pass, with one weight read for all rows. Appearance rows
+        (B, structure-major) have inputs a_in (B, 1) at appearance slots `slots` (B,) (rows may be at different
+        slots), labels modality (B,) and anchor ids (B, 1) or None; they see structure slots 0..n_structure-1 and
+        their positions 0..a_cache.length, as far as mask (B, 1, 1, n_structure + a_cache.length + 1) bool or None
+        lets them. Returns (structure logits (S, Vs) or None, appearance logits (B, Va))."""
+        if s_cache.length + (s_in is not None) < n_structure:
+            raise ValueError(f"{n_structure} structure slots needed, the cache holds {s_cache.length}")
         xs = None if s_in is None else self.wse(s_in) + self.wpe_s.weight[s_cache.length]
-        xas, n_structure = [], []
-        for g in groups:
-            t = g.cache.length
-            if s_cache.length + (s_in is not None) < t + 2:
-                raise ValueError(f"appearance slot {t} needs structure slots 0..{t + 1}")
-            xas.append(self.appearance_embedding(g.inputs, torch.tensor([t], device=g.inputs.device), g.modality,
-                                                 g.anchor))
-            n_structure.append(t + 2)
+        xa = self.appearance_embedding(a_in, slots.view(-1, 1), modality, anchor)
         for layer, block in enumerate(self.blocks):
-            out = block.joint(xs, [(xa, g.cache, n) for xa, g, n in zip(xas, groups, n_structure)], layer, s_cache)
-            xs, xas = (out[0], list(out[1:])) if xs is not None else (None, list(out))
+            xs, xa = block.joint(xs, xa, layer, s_cache, a_cache, n_structure, mask)
         if xs is not None:
             s_cache.length += 1
-        for g in groups:
-            g.cache.length += 1
+        a_cache.length += 1
         logits_s = None if xs is None else self.head_s(self.ln_f(xs))[:, -1]
-        return logits_s, [self.head_a(self.ln_f(xa))[:, -1] for xa in xas]
+        return logits_s, self.head_a(self.ln_f(xa))[:, -1]
 
     # --- teacher forcing -----------------------------------------------------------------------------------
     def stream_inputs(self, s_tokens, a_tokens, modality):
@@ -638,34 +623,88 @@ def _row_groups(modality: torch.Tensor, S: int, anchor_label: int | None) -> lis
 
 @dataclass
 class _RowGroup:
-    """Rows of one appearance group in _pipelined_rows: the rows (B_g,), guidance weights (B_g, 1) or None, labels
-    run and rows per sampled row (guidance_labels), their cache, and the slot from which no row is guided."""
+    """One appearance group in _pipelined_rows: its sampled rows (B_g,), guidance weights (B_g, 1) or None, the
+    labels its rows run under and rows per sampled row (guidance_labels), and the slot from which no row is
+    guided."""
     rows: torch.Tensor
     weights: torch.Tensor | None
     labels: torch.Tensor
     repeat: torch.Tensor | int
-    cache: KVCache
     guided_until: int
 
-    def stop_guidance(self, modality: torch.Tensor) -> None:
-        """Keep only the rows under each row's own label (their tokens do not change: weight 0 from here on)."""
-        keep = own_label_rows(modality[self.rows], self.repeat)
+
+class _RunRows:
+    """Every run row of the groups of _pipelined_rows in one batch and one KV cache, structure-major (sample s:
+    group 0's rows of s, then group 1's): position p of the cache holds group g's slot p - g (group g lags g
+    slots), so all rows write at one position per pass. `mask` hides what a lagging row may not see."""
+
+    def __init__(self, model: IARTransformer, plan: list[_RowGroup], modality: torch.Tensor, S: int):
+        self.model, self.plan, self.S = model, plan, S
+        device = modality.device
+        parts = []  # per group, per run row: (label, sampled row, group)
+        for g, group in enumerate(plan):
+            sampled = group.rows.repeat_interleave(torch.as_tensor(group.repeat, device=device), 0) \
+                if isinstance(group.repeat, torch.Tensor) else group.rows
+            parts.append(torch.stack([group.labels, sampled, torch.full_like(sampled, g)], 1).view(S, -1, 3))
+        self._set(torch.cat(parts, 1).flatten(0, 1))
+        N = model.cfg.positions
+        self.cache = KVCache(model.cfg, self.label.shape[0], N + len(plan) - 1, device, model.wse.weight.dtype)
+
+    def _set(self, table: torch.Tensor) -> None:
+        self.label, self.sampled, self.group = table.unbind(1)
+        self.members = [torch.nonzero(self.group == g).flatten() for g in range(len(self.plan))]
+        B = sum(group.rows.shape[0] for group in self.plan)
+        # followers see their sample's anchor row (group 0 has one row per sample)
+        self.anchor_of = self.plan[0].rows[self.sampled // (B // self.S)] if len(self.plan) > 1 else None
+
+    def step_inputs(self, p: int, a_tokens: torch.Tensor, modality: torch.Tensor):
+        """Position p -> inputs (R, 1), slots (R,), anchor ids (R, 1) or None, and the mask for n_structure
+        structure slots, of every run row; a row whose slot is out of 0..N-1 runs on a valid dummy input (its
+        logits are not used, and what it writes is never seen)."""
+        model, N = self.model, self.model.cfg.positions
+        t = p - self.group  # (R,) each row's slot
+        slots = t.clamp(0, N - 1)
+        previous = a_tokens[self.sampled, (t - 1).clamp(0, N - 1)]
+        inputs = torch.where(t > 0, previous, model.cfg.appearance_vocab + self.label).view(-1, 1)
+        anchor = None
+        if self.anchor_of is not None:
+            ids = model.anchor_ids(a_tokens[self.anchor_of, slots].view(-1, 1), modality[self.anchor_of])
+            anchor = torch.where(self.group.view(-1, 1) > 0, ids, model.no_anchor)  # (R, 1)
+        return inputs, slots, anchor
+
+    def mask(self, p: int, n_structure: int) -> torch.Tensor | None:
+        """(R, 1, 1, n_structure + p + 1) bool: group g sees structure slots 0..p - g + 1 and cache positions g..p
+        (its slots 0..p - g); None when no group lags."""
+        if len(self.plan) == 1:
+            return None
+        device = self.group.device
+        sees_s = torch.arange(n_structure, device=device)[None] < (p + 2 - self.group)[:, None]
+        sees_a = torch.arange(p + 1, device=device)[None] >= self.group[:, None]
+        return torch.cat([sees_s, sees_a], 1)[:, None, None]
+
+    def stop_guidance(self, g: int, modality: torch.Tensor) -> None:
+        """Group g keeps only the rows under each sampled row's own label (weight 0 from here on)."""
+        group = self.plan[g]
+        drop = self.members[g][~torch.isin(torch.arange(group.labels.shape[0], device=modality.device),
+                                           own_label_rows(modality[group.rows], group.repeat))]
+        keep = torch.nonzero(~torch.isin(torch.arange(self.label.shape[0], device=modality.device), drop)).flatten()
         self.cache.keep_rows(keep)
-        self.labels, self.repeat, self.weights = self.labels[keep], 1, None
+        self._set(torch.stack([self.label, self.sampled, self.group], 1)[keep])
+        group.labels, group.repeat, group.weights = self.label[self.members[g]], 1, None
 
 
 def _pipelined_rows(model: IARTransformer, s_cache: KVCache, modality: torch.Tensor, a_noise, groups, lag: int,
                     temperature, top_k, guidance, callback, guided=None, own=None, structure=None) -> torch.Tensor:
     """Appearance rows in groups, group g one slot behind group g-1 (the first `lag` slots behind the structure):
-    each pass draws one slot of every group, with one weight read. Followers (group 1) see the anchor's token at
-    their slot. guided (B, N): where guidance applies (bool), or the share of the weight that does (float); after a
-    group's last guided slot its rows run under their own label only. own (B, N): where a follower keeps its own
-    token rather than the anchor's. structure: (s_tokens, s_noise) when the structure is sampled in the same
-    passes."""
+    each pass draws one slot of every group, with one weight read and one attention for all rows (_RunRows).
+    Followers (group 1) see the anchor's token at their slot. guided (B, N): where guidance applies (bool), or the
+    share of the weight that does (float); after a group's last guided slot its rows run under their own label
+    only. own (B, N): where a follower keeps its own token rather than the anchor's. structure: (s_tokens, s_noise)
+    when the structure is sampled in the same passes."""
     N, M = model.cfg.positions, model.cfg.num_modalities
     device = model.wse.weight.device
     S, B = s_cache.batch, modality.shape[0]
-    a_tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    a_tokens = torch.zeros(B, N, dtype=torch.long, device=device)
     plan = []
     for rows in groups:
         weights = row_guidance(guidance, modality[rows], M)  # (B_g, 1) or None
@@ -674,36 +713,30 @@ def _pipelined_rows(model: IARTransformer, s_cache: KVCache, modality: torch.Ten
         if guided is not None and weights is not None:
             slots = torch.nonzero(guided[rows].amax(0) > 0).flatten()
             until = int(slots[-1]) + 1 if len(slots) else 0
-        plan.append(_RowGroup(rows, weights, labels, repeat, model.new_cache(labels.shape[0], APPEARANCE, device),
-                              until))
+        plan.append(_RowGroup(rows, weights, labels, repeat, until))
+    run = _RunRows(model, plan, modality, S)
     for j in range(lag, N + lag + len(plan) - 1):
-        steps, active = [], []
-        for g, group in enumerate(plan):
-            t = j - lag - g
-            if not 0 <= t < N:
-                continue
-            if t >= group.guided_until and group.weights is not None:
-                group.stop_guidance(modality)
-            inputs = (model.cfg.appearance_vocab + group.labels).view(-1, 1) if t == 0 else \
-                a_tokens[group.rows, t - 1:t].repeat_interleave(group.repeat, 0)
-            follow = None
-            if g == 1:  # followers see the anchor row's token at their slot
-                follow = model.anchor_ids(a_tokens[plan[0].rows, t:t + 1], modality[plan[0].rows]
-                                          ).repeat_interleave(group.labels.shape[0] // S, 0)
-            steps.append(AppearanceStep(inputs, group.cache, group.labels, follow))
-            active.append((g, t, group))
+        p = j - lag  # cache position: group g's slot p - g
+        active = [(g, p - g) for g in range(len(plan)) if 0 <= p - g < N]
+        for g, t in active:
+            if t >= plan[g].guided_until and plan[g].weights is not None:
+                run.stop_guidance(g, modality)
         s_in = None
         if structure is not None and j <= N:
             s_in = structure[0][:, j - 1:j]
-        logits_s, logits_a = model.joint_step(s_in, steps, s_cache)
+        n_structure = min(p + 2, N + 1)
+        inputs, slots, anchor = run.step_inputs(p, a_tokens, modality)
+        logits_s, logits_a = model.joint_step(s_in, inputs, slots, run.label, anchor, run.cache, s_cache,
+                                              n_structure, run.mask(p, n_structure))
         if structure is not None and j < N:
             s_tokens, s_noise = structure
             s_tokens[:, j] = pick(logits_s, None if s_noise is None else s_noise[:, j].to(device), temperature, top_k)
-        for (g, t, group), logits in zip(active, logits_a):
+        for g, t in active:
+            group = plan[g]
             rows, weights = group.rows, group.weights
             if weights is not None and guided is not None:
                 weights = weights * guided[rows, t:t + 1].to(device)
-            logits = guided_logits(logits, modality[rows], group.repeat, weights)
+            logits = guided_logits(logits_a[run.members[g]], modality[rows], group.repeat, weights)
             drawn = pick(logits, None if a_noise is None else a_noise[rows, t].to(device), temperature, top_k)
             if g == 1 and own is not None:
                 anchor_tokens = a_tokens[plan[0].rows, t].repeat_interleave(len(rows) // S)
