@@ -643,8 +643,7 @@ class _RunRows:
         device = modality.device
         parts = []  # per group, per run row: (label, sampled row, group)
         for g, group in enumerate(plan):
-            sampled = group.rows.repeat_interleave(torch.as_tensor(group.repeat, device=device), 0) \
-                if isinstance(group.repeat, torch.Tensor) else group.rows
+            sampled = group.rows.repeat_interleave(group.repeat, 0)
             parts.append(torch.stack([group.labels, sampled, torch.full_like(sampled, g)], 1).view(S, -1, 3))
         self._set(torch.cat(parts, 1).flatten(0, 1))
         N = model.cfg.positions
@@ -658,9 +657,8 @@ class _RunRows:
         self.anchor_of = self.plan[0].rows[self.sampled // (B // self.S)] if len(self.plan) > 1 else None
 
     def step_inputs(self, p: int, a_tokens: torch.Tensor, modality: torch.Tensor):
-        """Position p -> inputs (R, 1), slots (R,), anchor ids (R, 1) or None, and the mask for n_structure
-        structure slots, of every run row; a row whose slot is out of 0..N-1 runs on a valid dummy input (its
-        logits are not used, and what it writes is never seen)."""
+        """Position p -> inputs (R, 1), slots (R,) and anchor ids (R, 1) or None of every run row; a row whose slot
+        is out of 0..N-1 runs on a valid dummy input (its logits are not used, and what it writes is never seen)."""
         model, N = self.model, self.model.cfg.positions
         t = p - self.group  # (R,) each row's slot
         slots = t.clamp(0, N - 1)
@@ -685,9 +683,10 @@ class _RunRows:
     def stop_guidance(self, g: int, modality: torch.Tensor) -> None:
         """Group g keeps only the rows under each sampled row's own label (weight 0 from here on)."""
         group = self.plan[g]
-        drop = self.members[g][~torch.isin(torch.arange(group.labels.shape[0], device=modality.device),
-                                           own_label_rows(modality[group.rows], group.repeat))]
-        keep = torch.nonzero(~torch.isin(torch.arange(self.label.shape[0], device=modality.device), drop)).flatten()
+        keep = torch.ones_like(self.group, dtype=torch.bool)
+        keep[self.members[g]] = False
+        keep[self.members[g][own_label_rows(modality[group.rows], group.repeat)]] = True
+        keep = torch.nonzero(keep).flatten()
         self.cache.keep_rows(keep)
         self._set(torch.stack([self.label, self.sampled, self.group], 1)[keep])
         group.labels, group.repeat, group.weights = self.label[self.members[g]], 1, None
