@@ -115,6 +115,47 @@ def test_brain_mask_reaches_the_engine_from_the_worker_and_the_slicer_job_argume
     assert np.array_equal(got, healed) and not np.array_equal(got, without)
 
 
+def test_worker_jobs_carry_every_option_of_their_command(tmp_path):
+    """The front ends send CLI arguments through workerJob: every option of synthesize, pseudo-healthy and sample
+    must reach the job (one it dropped would be ignored without a word, as sample's --anatomy-from was); the worker
+    has its own threads and progress events."""
+    import argparse
+
+    from PathoSynSlicerLib.process import workerJob
+
+    from scripted_models.cli import build_parser
+
+    renamed = {"image": "images", "modality": "modalities"}
+    worker_owns = {"help", "threads", "progress"}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    required = {"synthesize": ["--image", "t1=a.nii", "--mask", "m.nii"],
+                "pseudo-healthy": ["--image", "t1=a.nii", "--mask", "m.nii"], "sample": ["--modality", "t1c"]}
+    for op, argv in required.items():
+        got, args = workerJob([op, *argv, "--out", str(tmp_path)])
+        assert got == op
+        options = {renamed.get(a.dest, a.dest) for a in commands[op]._actions} - worker_owns
+        assert options <= set(args), f"{op}: {sorted(options - set(args))} not in the worker job"
+
+
+def test_pathar_options_reach_the_engine_from_the_worker(worker, tmp_path):
+    """sample's --anatomy-from and --modality-guidance through the worker give the API's bytes with them."""
+    from PathoSynSlicerLib.process import workerJob
+
+    from scripted_models.pathar.api import sample_pairs
+
+    common = ["--modality", "t1c", "--modality", "flair", "--seed", "2"]
+    op, args = workerJob(["sample", *common, "--anatomy-from", "none", "--modality-guidance", "flair=2",
+                          "--out", str(tmp_path / "s")])
+    worker.run(op, args)
+    direct = sample_pairs(["t1c", "flair"], 1, 2, anatomy_from="none", modality_guidance={"flair": 2.0})[0]
+    default = sample_pairs(["t1c", "flair"], 1, 2)[0]
+    for m in ("t1c", "flair"):
+        got = read_volume(tmp_path / "s" / "sample_000" / f"{m}.nii.gz").array
+        assert np.array_equal(got, direct.images[m].array)
+    assert not np.array_equal(read_volume(tmp_path / "s" / "sample_000" / "flair.nii.gz").array,
+                              default.images["flair"].array)
+
+
 def test_cropped_outputs_pasted_into_the_input_are_the_full_outputs_bit_for_bit(worker, job, tmp_path):
     """--crop-outputs (the front ends' hand-over) writes the lesion ROI box of each output at its physical place;
     pasted into the input (images) or zeros (residual, uncertainty, mask) it gives the full outputs' bytes."""

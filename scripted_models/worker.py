@@ -5,7 +5,7 @@
 Requests, one JSON object per stdin line:
     {"id": "j1", "op": "synthesize", "args": {"images": {"t1": PATH}, "mask": PATH, "out": DIR, "seed": 0, ...}}
     {"id": "j2", "op": "pseudo-healthy", "args": {"images": {...}, "mask": PATH, "out": DIR}}
-    {"id": "j3", "op": "sample", "args": {"modalities": ["t1c"], "n": 2, "seed": 0, "out": DIR}}
+    {"id": "j3", "op": "sample", "args": {"modalities": ["t1c"], "n": 2, "seed": 0, "out": DIR, "anatomy_from": "none"}}
     {"id": "j4", "op": "ping"}         answered at once, even while a job runs
     {"op": "cancel", "id": "j1"}       the job stops at its next progress tick (one denoising step); nothing is written
     {"op": "shutdown"}
@@ -149,12 +149,18 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
     if not str(out):
         raise InputError("job has no 'out' folder")
     if op == "sample":
-        from .pathar.api import sample_pairs
+        from .pathar import ANATOMY_CARD
+        from .pathar.api import parse_modality_guidance, sample_pairs
         from .pathar.commands import write_samples
 
+        guidance = args.get("modality_guidance")  # the CLI's text form, "W" or "MOD=W,..."
+        top_k = args.get("top_k")
         pairs = sample_pairs(list(args.get("modalities") or []), int(args.get("n", 1)), int(args.get("seed", 0)),
-                             temperature=float(args.get("temperature", 1.0)), device=args.get("device", "auto"),
-                             progress=progress)
+                             temperature=float(args.get("temperature", 1.0)),
+                             top_k=None if top_k is None else int(top_k), device=args.get("device", "auto"),
+                             progress=progress,
+                             modality_guidance=None if guidance is None else parse_modality_guidance(str(guidance)),
+                             anatomy_from=args.get("anatomy_from", ANATOMY_CARD))
         return write_samples(pairs, out)
     images = {m: read_volume(p) for m, p in (args.get("images") or {}).items()}
     if not images:

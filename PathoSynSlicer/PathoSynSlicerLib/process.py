@@ -302,6 +302,7 @@ def workerJob(argv: list[str]) -> tuple[str, dict]:
     op = ns.command
     if op == "sample":
         return op, {"modalities": list(ns.modality), "n": ns.n, "seed": ns.seed, "temperature": ns.temperature,
+                    "top_k": ns.top_k, "modality_guidance": ns.modality_guidance, "anatomy_from": ns.anatomy_from,
                     "device": ns.device, "out": ns.out}
     args = {"images": dict(item.split("=", 1) for item in ns.image), "mask": ns.mask, "out": ns.out,
             "device": ns.device, "format": ns.format, "brain_mask": ns.brain_mask}
