@@ -13,6 +13,9 @@
                         (the "mask file on the server" field): the sample scan with the lesion of `pathosyn
                         bench`, whose ROI is 64^3; with the server's milestones since the click and the CPU
                         seconds of each process
+  PathAR -> shown       click "Generate samples" (warm worker, after one click that loads the PathAR models) -> every
+                        view of the PathAR layout shows the new samples, on the browser's clock (click to the
+                        last view image's load); the panel's default (4 samples, t1c and flair), median of --runs
   ping during a run     round trip of a trame trigger every 0.2 s during --ping-runs 5-step clicks of their own
   server memory         RSS of the server process (the engine worker, a child process, is listed apart)
 
@@ -74,6 +77,11 @@ RESULT_VIEW_SRC_JS = """(() => {
   const imgs = Array.from(document.querySelectorAll('#ps-layer-compare img.image-display-area'))
       .sort((a, b) => a.getBoundingClientRect().x - b.getBoundingClientRect().x);
   return imgs.length > 1 ? imgs[1].src : null; })()"""
+
+
+# srcs of the PathAR layout's view images that have loaded
+PATHAR_VIEW_SRCS_JS = """(() => Array.from(document.querySelectorAll('#ps-layer-pathar img.image-display-area'))
+  .filter(e => e.complete && e.naturalWidth > 0 && e.getBoundingClientRect().width > 50).map(e => e.src))()"""
 
 
 def pageSeconds(page: Page, selector: str, src: str) -> float | None:
@@ -160,6 +168,37 @@ def synthesizeOnce(page: Page, steps: int, pings: list | None = None, cpu=None) 
            "roi_size_zyx": report.get("roi_size_zyx"), "server_timeline_s": status.get("job_timeline_s"),
            "scene_steps_s": status.get("show_timings_s"), "renders_s": status.get("recent_renders_s")}
     if cpu is not None:
+        row["cpu_s"] = {k: round(cpuAfter[k] - cpuBefore[k], 2) for k in cpuBefore}
+    return row
+
+
+def patharOnce(page: Page, n: int, cpu=None) -> dict:
+    """Click "Generate samples" (n samples, the panel's modalities) -> every PathAR view shows a new image."""
+    page.fill("#ps-pathar-n", n, field="pathar_n")
+    time.sleep(0.5)
+    before = set(page.page.evaluate(PATHAR_VIEW_SRCS_JS))
+    cpuBefore = cpu() if cpu is not None else None
+    page.page.evaluate(PAGE_CLOCK_JS, "#ps-pathar-generate")
+    t0 = time.perf_counter()
+    page.click("#ps-pathar-generate")
+    while True:  # polled in the page; the server is asked only once the views changed (it shares the cores)
+        srcs = page.page.evaluate(PATHAR_VIEW_SRCS_JS)
+        if srcs and not before & set(srcs) and layoutIs(page, "pathar"):
+            status = page.status()
+            if status["error"]:
+                raise RuntimeError(status["error"])
+            if not status["running"] and status["pathar_samples"] == n:
+                shown = time.perf_counter() - t0
+                break
+        if time.perf_counter() - t0 > 300:
+            raise TimeoutError(f"no PathAR samples on screen after 300 s: {page.status()}")
+        time.sleep(0.1)
+    ends = [pageSeconds(page, "#ps-pathar-generate", src) for src in srcs]
+    row = {"seconds": max(ends) if None not in ends else round(shown, 2), "polled_s": round(shown, 2),
+           "views": len(srcs), "server_timeline_s": status.get("job_timeline_s"),
+           "scene_steps_s": status.get("show_timings_s")}
+    if cpu is not None:
+        cpuAfter = cpu()
         row["cpu_s"] = {k: round(cpuAfter[k] - cpuBefore[k], 2) for k in cpuBefore}
     return row
 
@@ -277,6 +316,12 @@ def run(runs: int = 3, out: Path | None = None, shots: Path | None = None, strok
                     "n": len(allPings), "median": round(statistics.median(allPings), 1),
                     "p95": round(sorted(allPings)[int(0.95 * (len(allPings) - 1))], 1),
                     "max": round(max(allPings), 1)}
+                n = int(page.trigger("ps_test_state", "pathar_n"))  # the panel's default
+                result["pathar_warmup"] = patharOnce(page, n)
+                rows = [patharOnce(page, n, cpu) for _ in range(runs)]
+                result["pathar_generate"] = {"runs": rows, "median_s": statistics.median(r["seconds"] for r in rows),
+                                             "samples": n, "modalities": page.trigger("ps_test_state",
+                                                                                      "pathar_modalities")}
                 result["server_rss_after_mb"] = round(server.rssMB())
                 result["worker_rss_mb"] = round(server.workerRssMB())
                 if shots:

@@ -6,9 +6,11 @@ folder (RAM-backed /dev/shm where available, as the front ends do), send the job
 is 64^3 voxels.
 - cold: the first click, including starting the worker process and loading the models;
 - warm: every later click (default steps), and the preview (the model's preview steps);
-- memory: the worker's resident memory after 10 and after N consecutive jobs (32^3 ROI previews).
+- memory: the worker's resident memory after 10 and after N consecutive jobs (32^3 ROI previews);
+- PathAR: a "Generate samples" click, the panels' default (4 samples in t1c and flair) and one sample in all four
+  modalities: the job, then reading every sample's files back, as the modules do.
 
-    python -m scripted_models.evaluation.worker_bench [--warm 9] [--jobs 200] [--out docs/bench_worker.json]
+    python -m scripted_models.evaluation.worker_bench [--warm 9] [--jobs 200] [--pathar-runs 5] [--out FILE]
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2 ** 20
 
 
-def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
+def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2, pathar_runs: int = 5) -> dict:
+    from ..labels import MODALITIES
     from ..pathosyn.deviation import DeviationConfig
     from ..runtime import bf16_supported
     from ..templates import mni_t1
@@ -68,6 +71,18 @@ def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
             shutil.rmtree(job)  # keep the temp folder small over many jobs
             return seconds
 
+        def sample_click(worker: EngineWorker, modalities: list[str], n: int, seed: int = 100) -> float:
+            counter[0] += 1
+            job = tmp / f"job{counter[0]}"
+            t = time.perf_counter()
+            outputs = worker.run("sample", {"modalities": modalities, "n": n, "seed": seed, "out": str(job)})
+            for folder in outputs["samples"]:  # read back as PathARModuleLogic.loadJobOutputs does
+                for name in ["mask", *modalities]:
+                    read_volume(Path(folder) / f"{name}.nii.gz")
+            seconds = time.perf_counter() - t
+            shutil.rmtree(job)
+            return seconds
+
         t = time.perf_counter()
         worker = EngineWorker(threads=threads)
         try:
@@ -82,6 +97,13 @@ def run_worker_bench(warm: int = 9, jobs: int = 200, threads: int = 2) -> dict:
                 rows[name] = {"p50_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
                               "max_s": round(max(times), 3), "n": len(times)}
             rows["ping_s"] = round(worker.ping(), 4)
+            for name, modalities, n in (("pathar_default_click", ["t1c", "flair"], 4),
+                                        ("pathar_4_modalities_click", list(MODALITIES), 1)):
+                sample_click(worker, modalities, n)  # loads the PathAR models (not a warm click)
+                times = [sample_click(worker, modalities, n, seed) for seed in range(pathar_runs)]
+                rows[name] = {"p50_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
+                              "max_s": round(max(times), 3), "n": len(times), "samples": n,
+                              "modalities": modalities}
             rss = {}
             for k in range(1, jobs + 1):
                 click(worker, side=32, steps=preview_steps)
@@ -101,9 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--warm", type=int, default=9)
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pathar-runs", type=int, default=5, help="PathAR clicks of each kind (after one that loads)")
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = p.parse_args(argv)
-    rows = run_worker_bench(args.warm, args.jobs, args.threads)
+    rows = run_worker_bench(args.warm, args.jobs, args.threads, args.pathar_runs)
     print(json.dumps(rows, indent=1))
     if args.out:
         from ..pathosyn.commands import write_json_atomic
