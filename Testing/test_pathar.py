@@ -306,42 +306,52 @@ def test_rows_that_follow_an_anchor_row():
         tiny_iar(grid=(2, 2, 3))(s, a, mod, follow)
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_lagging_rows_see_exactly_their_teacher_forced_context(monkeypatch, pipelined):
+@pytest.mark.parametrize("mode", ["following", "pipelined", "guided in the first slots"])
+def test_lagging_rows_see_exactly_their_teacher_forced_context(monkeypatch, mode):
     """The rows of one pass share one cache (transformer._RunRows): the followers lag the anchor by a slot (and
     the anchor the structure, when pipelined), so a mask must hide the structure slot ahead of them and the
-    cache position they never filled. The logits every row samples from equal teacher forcing's (1e-5), which
-    argmax tokens alone cannot show."""
+    cache position they never filled; guided rows drop their label-average rows after the last guided slot. The
+    log-probabilities every row samples from equal teacher forcing's (1e-5), which argmax tokens alone cannot
+    show."""
     import scripted_models.pathar.transformer as T
 
     model = tiny_iar(grid=(2, 2, 3), anchor_conditioning=True)
     with torch.no_grad():
         torch.nn.init.normal_(model.wce.weight, std=0.5)
-    N, cfg = model.cfg.positions, model.cfg
+    N, M, cfg = model.cfg.positions, model.cfg.num_modalities, model.cfg
     g = torch.Generator().manual_seed(9)
     s_noise, a_noise = gumbel_noise(g, (2, N, cfg.structure_vocab)), gumbel_noise(g, (6, N, cfg.appearance_vocab))
     mods = torch.tensor([0, 3, 2, 1, 3, 0])  # 2 samples x 3 rows; anchor = flair (3)
-    seen = []  # (logits (B_g, V), noise) of every draw, in order
+    w, early = 0.0, torch.zeros(6, N, dtype=torch.bool)
+    seen = []  # logits (B_g, V) of every draw, in order
     pick = T.pick
-    monkeypatch.setattr(T, "pick", lambda logits, noise, *a: seen.append((logits, noise)) or pick(logits, noise, *a))
-    if pipelined:
+    monkeypatch.setattr(T, "pick", lambda logits, *a: seen.append(logits) or pick(logits, *a))
+    if mode == "pipelined":
         s_tokens, tokens = sample_joint(model, s_noise, mods, a_noise, anchor_label=3)
-        seen = [(lg, nz) for lg, nz in seen if lg.shape[-1] == cfg.appearance_vocab]
+        seen = [lg for lg in seen if lg.shape[-1] == cfg.appearance_vocab]
     else:
         s_tokens, cache = sample_structure(model, s_noise)
         seen.clear()
-        tokens = T.sample_following(model, cache, mods, a_noise, anchor_label=3)
+        if mode == "following":
+            tokens = T.sample_following(model, cache, mods, a_noise, anchor_label=3)
+        else:
+            w, early[:, :N // 2] = 2.0, True
+            tokens = T.sample_following(model, cache, mods, a_noise, 3, guidance=w, guided=early)
     first, rest = torch.tensor([1, 4]), torch.tensor([0, 2, 3, 5])
     ids = model.anchor_ids(tokens[first], mods[first]).repeat_interleave(2, 0)
-    with torch.no_grad():
-        anchor_logits = model(s_tokens, tokens[first], mods[first])[1]  # (2, N, V)
-        follower_logits = model(s_tokens[rest // 3], tokens[rest], mods[rest], ids)[1]  # (4, N, V)
     draws = {2: [], 4: []}  # in slot order: the anchor rows (2 of them) and the followers (4)
-    for logits, _ in seen:
+    for logits in seen:
         draws[logits.shape[0]].append(logits)
-    assert len(draws[2]) == len(draws[4]) == N
-    torch.testing.assert_close(torch.stack(draws[2], 1), anchor_logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.stack(draws[4], 1), follower_logits, atol=1e-5, rtol=0)
+    for rows, anchor_ids in ((first, None), (rest, ids)):
+        with torch.no_grad():  # (rows, M, N, V) under every label, then the guided mix
+            logp = torch.stack([torch.log_softmax(model(s_tokens[rows // 3], tokens[rows],
+                                                        torch.full((len(rows),), j), anchor_ids)[1], -1)
+                                for j in range(M)], 1)
+        mine = logp[torch.arange(len(rows)), mods[rows]]
+        expected = mine + w * early[rows, :, None] * (mine - logp.mean(1))
+        drawn = torch.stack(draws[len(rows)], 1)
+        assert drawn.shape == expected.shape
+        torch.testing.assert_close(torch.log_softmax(drawn, -1), torch.log_softmax(expected, -1), atol=1e-5, rtol=0)
 
 
 def test_modality_guidance_samples_from_the_contrast_with_the_label_average():
