@@ -7,7 +7,7 @@ is 64^3 voxels.
 - cold: the first click, including starting the worker process and loading the models;
 - warm: every later click (default steps), and the preview (the model's preview steps);
 - memory: the worker's resident memory after 10 and after N consecutive jobs (32^3 ROI previews);
-- PathAR: a "Generate samples" click, the panels' default (4 samples in t1c and flair) and one sample in all four
+- PathAR: a "Generate samples" click, the Slicer panel's default (4 samples in t1c and flair) and one sample in all four
   modalities: the job, then reading every sample's files back, as the modules do.
 
     python -m scripted_models.evaluation.worker_bench [--warm 9] [--jobs 200] [--pathar-runs 5] [--out FILE]
