@@ -295,23 +295,19 @@ def shutdownSharedWorker() -> None:
 
 
 def workerJob(argv: list[str]) -> tuple[str, dict]:
-    """(op, args) of the worker protocol for CLI arguments (parsed by the CLI's own parser)."""
+    """(op, args) of the worker protocol for CLI arguments (parsed by the CLI's own parser): every option of the
+    command, under its own name (the images as {modality: path}, the modalities as a list); the worker has its own
+    threads and progress events."""
     from scripted_models.cli import build_parser
 
-    ns = build_parser().parse_args(argv)
-    op = ns.command
-    if op == "sample":
-        return op, {"modalities": list(ns.modality), "n": ns.n, "seed": ns.seed, "temperature": ns.temperature,
-                    "top_k": ns.top_k, "modality_guidance": ns.modality_guidance, "anatomy_from": ns.anatomy_from,
-                    "device": ns.device, "out": ns.out}
-    args = {"images": dict(item.split("=", 1) for item in ns.image), "mask": ns.mask, "out": ns.out,
-            "device": ns.device, "format": ns.format, "brain_mask": ns.brain_mask}
-    if op == "synthesize":
-        args.update(seed=ns.seed, samples=ns.samples, steps=ns.steps, guidance=ns.guidance, base=ns.base,
-                    whole_lesion=bool(ns.whole_lesion), crop_outputs=bool(ns.crop_outputs),
-                    population_pull=ns.population_pull, keep_base_texture=bool(ns.keep_base_texture))
-    if op == "pseudo-healthy":
-        args.update(seed=ns.seed, smooth=bool(ns.smooth))
+    args = vars(build_parser().parse_args(argv))
+    op = args.pop("command")
+    for own in ("func", "threads", "progress"):
+        args.pop(own, None)
+    if "image" in args:
+        args["images"] = dict(item.split("=", 1) for item in args.pop("image"))
+    if "modality" in args:
+        args["modalities"] = list(args.pop("modality"))
     return op, args
 
 
