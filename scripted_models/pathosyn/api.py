@@ -136,13 +136,18 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion_distance: DistanceF
     return levels
 
 
+def _mask_on_grid(mask: Volume, reference: Volume, what: str) -> np.ndarray:
+    """A 3D, finite mask resampled onto the reference grid (nearest neighbour); `what` names it in errors."""
+    if mask.array.ndim != 3:
+        raise InputError(f"{what}: expected a 3D image, got {mask.array.ndim}D")
+    if mask.array.dtype.kind == "f" and not np.isfinite(mask.array).all():
+        raise InputError(f"{what}: contains NaN or Inf voxels")
+    return resample_to(mask, reference, nearest=True).array
+
+
 def brain_on_grid(brain_mask: Volume, reference: Volume) -> np.ndarray:
     """A brain mask (any non-zero voxel) on the reference grid (nearest neighbour)."""
-    if brain_mask.array.ndim != 3:
-        raise InputError(f"brain mask: expected a 3D image, got {brain_mask.array.ndim}D")
-    if brain_mask.array.dtype.kind == "f" and not np.isfinite(brain_mask.array).all():
-        raise InputError("brain mask: contains NaN or Inf voxels")
-    brain = resample_to(brain_mask, reference, nearest=True).array != 0
+    brain = _mask_on_grid(brain_mask, reference, "brain mask") != 0
     if not brain.any():
         raise InputError("the brain mask is empty (on the image grid)")
     return brain
@@ -167,12 +172,7 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
             raise InputError(f"mismatched images: '{mod}' is not on the same grid as '{next(iter(checked))}'")
     if mask is None:
         raise InputError("no lesion mask given")
-    if mask.array.ndim != 3:
-        raise InputError(f"mask: expected a 3D image, got {mask.array.ndim}D")
-    if mask.array.dtype.kind == "f" and not np.isfinite(mask.array).all():
-        raise InputError("mask: contains NaN or Inf voxels")
-    on_grid = resample_to(mask, reference, nearest=True)
-    labels = to_canonical(on_grid.array, label_mapping)
+    labels = to_canonical(_mask_on_grid(mask, reference, "mask"), label_mapping)
     if not labels.any():
         raise InputError("the lesion mask is empty (on the image grid)")
     spacing_zyx = tuple(reversed(reference.spacing))
