@@ -168,6 +168,44 @@ def test_bad_input_battery(inputs, tmp_path, capfd, case):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # inputs untouched
 
 
+def test_output_folder_that_is_a_file_is_refused_before_the_work(inputs, tmp_path, capfd, monkeypatch):
+    from scripted_models.cli import main
+    from scripted_models.pathosyn import api
+
+    monkeypatch.setattr(api, "synthesize_lesion", lambda *a, **k: pytest.fail("the work ran"))
+    monkeypatch.setattr(api, "pseudo_healthy", lambda *a, **k: pytest.fail("the work ran"))
+    img, mask = inputs
+    taken = tmp_path / "taken.nii.gz"
+    taken.write_bytes(b"a user's file")
+    for command in ("synthesize", "pseudo-healthy"):
+        capfd.readouterr()
+        assert main([command, "--image", f"t1={img}", "--mask", str(mask), "--out", str(taken), "--progress",
+                     "none"]) == 2
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "is not a folder" in lines[0], lines
+    assert taken.read_bytes() == b"a user's file"
+
+
+def test_a_failed_write_is_one_line_not_a_traceback(inputs, tmp_path, capfd, monkeypatch):
+    """A full disk or a refused write: one line naming the file, exit code 1."""
+    import errno
+
+    from scripted_models import volume
+    from scripted_models.cli import EXIT_OS_ERROR, main
+
+    def full_disk(vol, path, compress=True):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(volume, "write_volume", full_disk)
+    img, mask = inputs
+    capfd.readouterr()
+    code = main(["synthesize", "--image", f"t1={img}", "--mask", str(mask), "--out", str(tmp_path / "o"),
+                 "--steps", "1", "--progress", "none"])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code == EXIT_OS_ERROR == 1
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "t1.nii.gz" in lines[0], lines
+
+
 def test_zero_steps_is_refused(inputs, tmp_path, capfd):
     from scripted_models.cli import main
 

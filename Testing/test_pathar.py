@@ -1161,11 +1161,68 @@ def test_cli_sample_writes_files(tiny_weights, tmp_path):
     assert events[-1]["event"] == "done" and any(e["event"] == "progress" for e in events)
     for i in range(2):
         folder = out / f"sample_{i:03d}"
-        assert sorted(p.name for p in folder.iterdir()) == ["flair.nii.gz", "mask.nii.gz", "t1c.nii.gz"]
+        assert sorted(p.name for p in folder.iterdir()) == ["done.json", "flair.nii.gz", "mask.nii.gz", "t1c.nii.gz"]
         mask = read_volume(folder / "mask.nii.gz")
         assert mask.array.dtype == np.uint8 and mask.shape == (16, 16, 16)
         assert mask.spacing == (4.0, 4.0, 4.0)
         assert read_volume(folder / "t1c.nii.gz").array.dtype == np.float32
+
+
+def _folder_bytes(out: Path) -> dict:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*.nii.gz"))}
+
+
+def test_sample_to_folder_interrupted_then_resumed_gives_the_uninterrupted_bytes(tiny_weights, tmp_path):
+    """Samples are written as their chunk completes: an interrupted run keeps the finished ones (done.json), and
+    --resume keeps those (files untouched), redraws damaged or missing ones, and ends with the bytes of an
+    uninterrupted run. Other settings keep nothing."""
+    from scripted_models.outputs import DONE
+    from scripted_models.pathar.commands import sample_to_folder
+
+    def run(out, resume=False, seed=5, progress=None):
+        return sample_to_folder(out, ["t1c", "flair"], 3, seed, resume=resume, progress=progress, chunk=2,
+                                device="cpu", weights=tiny_weights)
+
+    whole = tmp_path / "whole"
+    assert run(whole)["kept"] == 0
+    expected = _folder_bytes(whole)
+    assert len(expected) == 9
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_second_chunk(fraction, message):  # chunks: samples 0-1, sample 2
+        if fraction > 0.7:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        run(cut, progress=stop_in_second_chunk)
+    assert (cut / "sample_001" / DONE).is_file() and not (cut / "sample_002").exists()
+    assert run(cut)["kept"] == 0  # without --resume everything is drawn again
+    (cut / "sample_002" / DONE).unlink()  # as if killed before its marker
+    (cut / "sample_001" / "t1c.nii.gz").write_bytes(b"damaged")  # its chunk is redrawn, sample 0 kept
+    first = (cut / "sample_000" / "flair.nii.gz").stat().st_mtime_ns
+    result = run(cut, resume=True)
+    assert result["kept"] == 1 and len(result["samples"]) == 3
+    assert _folder_bytes(cut) == expected
+    assert (cut / "sample_000" / "flair.nii.gz").stat().st_mtime_ns == first
+    assert run(cut, resume=True)["kept"] == 3
+    assert run(cut, resume=True, seed=6)["kept"] == 0  # other settings: nothing kept
+    assert _folder_bytes(cut) != expected
+
+
+def test_cli_output_folder_that_is_a_file_fails_before_any_work(tiny_weights, tmp_path, monkeypatch, capsys):
+    from scripted_models import cli
+
+    monkeypatch.setenv("PATHOSYN_WEIGHTS_DIR", str(tiny_weights))
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file")
+    for out in (taken, taken / "inside"):
+        assert cli.main(["sample", "--modality", "t1c", "--n", "1", "--out", str(out), "--progress", "none"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "exists and is not a folder" in err[0], err
+    assert taken.read_text() == "a user's file"
 
 
 def test_cli_bad_input_exit_2(tiny_weights, tmp_path):

@@ -104,6 +104,20 @@ def test_mask_on_another_grid_and_binary_mask():
     assert 0 < (result.mask.array > 0).sum() < head.array.size
 
 
+def test_a_lesion_painted_past_the_head_is_said_and_never_darker_than_the_scan():
+    """A mask that spills into the air: a warning with the share outside, and no voxel below the scan's darkest
+    (a T1 core drawn on air would go below zero); output = input + residual still holds."""
+    head = make_head(dtype=np.float32)
+    inside = synthesize_lesion({"t1": head}, make_ball_mask(head), seed=0, steps=STEPS)
+    assert not any("outside" in w for w in inside.report["warnings"])
+    mask = make_ball_mask(head, centre_frac=(0.95, 0.5, 0.5), radius_vox=7)
+    with pytest.warns(UserWarning, match=r"\d+% of the lesion mask lies outside the head"):
+        result = synthesize_lesion({"t1": head}, mask, seed=0, steps=STEPS)
+    out = result.images["t1"].array
+    assert out.min() >= head.array.min()
+    np.testing.assert_allclose(out, head.array + result.residuals["t1"].array, atol=1e-4)
+
+
 def test_large_lesion_is_scaled_down_with_warning():
     head = make_head(shape=(160, 160, 160), spacing=(1.0, 1.0, 1.0))  # the ball covers about a third of it
     mask = make_ball_mask(head, radius_vox=50, labels=False)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
+EXIT_OS_ERROR = 1  # reading or writing files failed
 
 
 class Progress:
@@ -98,16 +99,22 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        return int(args.func(args) or 0)
-    except (InputError, WeightsError) as exc:
+
+    def fail(message: str, code: int) -> int:
         for progress in Progress.active:
             progress.close()
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if getattr(args, "progress", None) == "jsonl":
             print(json.dumps({"event": "error", "message": message}), flush=True)
         print(f"pathosyn: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return code
+
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, WeightsError) as exc:
+        return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, EXIT_BAD_INPUT)
+    except OSError as exc:  # the file system failed (full disk, no permission): one line, not a traceback
+        return fail(f"{exc.strerror or type(exc).__name__}{f': {exc.filename}' if exc.filename else ''}",
+                    EXIT_OS_ERROR)
     except KeyboardInterrupt:
         print("pathosyn: interrupted", file=sys.stderr)
         return 130

@@ -150,18 +150,17 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
         raise InputError("job has no 'out' folder")
     if op == "sample":
         from .pathar import ANATOMY_CARD
-        from .pathar.api import parse_modality_guidance, sample_pairs
-        from .pathar.commands import write_samples
+        from .pathar.api import parse_modality_guidance
+        from .pathar.commands import sample_to_folder
 
         guidance = args.get("modality_guidance")  # the CLI's text form, "W" or "MOD=W,..."
         top_k = args.get("top_k")
-        pairs = sample_pairs(list(args.get("modalities") or []), int(args.get("n", 1)), int(args.get("seed", 0)),
-                             temperature=float(args.get("temperature", 1.0)),
-                             top_k=None if top_k is None else int(top_k), device=args.get("device", "auto"),
-                             progress=progress,
-                             modality_guidance=None if guidance is None else parse_modality_guidance(str(guidance)),
-                             anatomy_from=args.get("anatomy_from", ANATOMY_CARD))
-        return write_samples(pairs, out)
+        return sample_to_folder(out, list(args.get("modalities") or []), int(args.get("n", 1)),
+                                int(args.get("seed", 0)), resume=bool(args.get("resume", False)), progress=progress,
+                                temperature=float(args.get("temperature", 1.0)),
+                                top_k=None if top_k is None else int(top_k), device=args.get("device", "auto"),
+                                modality_guidance=None if guidance is None else parse_modality_guidance(str(guidance)),
+                                anatomy_from=args.get("anatomy_from", ANATOMY_CARD))
     images = {m: read_volume(p) for m, p in (args.get("images") or {}).items()}
     if not images:
         raise InputError("job has no input images")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, WeightsError
-from ..weights import sha256_of
+from ..outputs import DONE, outputs_record
+from ..outputs import verify_done as verify_outputs
 from .manifest import Job
 
-DONE = "done.json"
 LOG = "log.jsonl"
 MIN_INSIDE = 0.90  # PathAR placement: fraction of the lesion that must lie inside the brain
 PLACEMENT_TRIES = 200
@@ -63,17 +63,7 @@ def read_log(path: Path) -> list[dict]:
 
 def verify_done(job_dir: Path, job: Job) -> dict | None:
     """The done-marker if the job finished with the same inputs and every output still matches its checksum."""
-    try:
-        done = json.loads((job_dir / DONE).read_text())
-        if done.get("fingerprint") != job.fingerprint or not done.get("outputs"):
-            return None
-        for entry in done["outputs"].values():
-            path = job_dir / entry["file"]
-            if path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
-                return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return done
+    return verify_outputs(job_dir, job.fingerprint)
 
 
 def result_row(job: Job, status: str, done: dict | None = None, out: Path | None = None, seconds=None,
@@ -221,10 +211,7 @@ def run_job(job: Job, out: str | Path, device: str = "auto", run_id: str = "", g
         result.report["batch"] = {"case_id": job.case_id, "line": job.line, "run": run_id}
         files = {name: Path(p).name for name, p in write_synthesis(result, job_dir).items()}
         files["report"] = "report.json"
-        outputs = {}
-        for name, file in files.items():
-            path = job_dir / file
-            outputs[name] = {"file": file, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+        outputs = outputs_record(job_dir, files)
         seconds = time.perf_counter() - t0
         done = {"case_id": job.case_id, "line": job.line, "fingerprint": job.fingerprint, "run": run_id,
                 "seconds": round(seconds, 3), "finished": _now(), "host": socket.gethostname(), "pid": os.getpid(),

@@ -11,14 +11,13 @@ normalised over it, and PathAR lesions are placed in it. Relative paths are rela
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..labels import MODALITIES
+from ..outputs import fingerprint
 
 REQUIRED = ("case_id", "mask", "seed")
 OPTIONAL = ("samples", "steps", "brain_mask")
@@ -50,7 +49,7 @@ class Job:
     def fingerprint(self) -> str:
         """What the outputs depend on: a changed row invalidates a finished job on --resume."""
         spec = {k: v for k, v in asdict(self).items() if k != "line" and not (k == "brain_mask" and v is None)}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        return fingerprint(spec)
 
 
 def _int_cell(value: str, name: str, minimum: int, default=None, maximum: int = MAX_SEED):

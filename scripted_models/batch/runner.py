@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
+from ..outputs import check_output_folder
 from .job import LOG, read_log, result_row, run_job, verify_done
 from .manifest import Job, load_manifest
 
@@ -269,7 +270,7 @@ def run_batch(manifest: str | Path, out: str | Path, workers: int = 1, scheduler
         raise InputError(f"threads must be an integer >= 1, got {threads!r}")
     if str(device).lower() not in ("auto", "cpu", "cuda"):
         raise InputError(f"unknown device '{device}': expected auto, cpu or cuda")
-    out = Path(out).expanduser().resolve()
+    out = check_output_folder(Path(out).expanduser().resolve())
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     with _out_lock(out):

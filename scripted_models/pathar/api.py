@@ -386,6 +386,48 @@ def _check_args(modalities, n, seed, temperature, top_k, modality_guidance=None)
     return mods
 
 
+class SampleRun:
+    """One sampling call's checked arguments and loaded models; `chunks()` generates the samples a chunk at a time
+    (indices chunk*k .. chunk*(k+1)-1), so callers can write each chunk as it completes. Raises InputError for bad
+    arguments and WeightsError for missing or corrupted weights here, before any sample is drawn."""
+
+    def __init__(self, modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
+                 device: str = "auto", weights: Path | None = None, modality_guidance: ModalityGuidance | None = None,
+                 anatomy_from: str | None = CARD_DEFAULT, chunk: int = CHUNK):
+        self.modalities = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
+        self.model = load_models(device, weights)
+        missing = [m for m in self.modalities if m not in self.model.modalities]
+        if missing:
+            raise InputError(f"the PathAR weights do not know modality {', '.join(missing)}")
+        self.n, self.seed, self.temperature, self.chunk = int(n), int(seed), float(temperature), int(chunk)
+        self.top_k = None if top_k is None else int(top_k)
+        self.guidance, self.anatomy_from = modality_guidance, anatomy_from
+        anchor = self.model.anchor_modality(anatomy_from)  # checked here, not half-way through a run
+        weights_used = self.model.guidance(modality_guidance)
+        # what a sample's bytes depend on besides its index (resolved card defaults and the weights' checksums)
+        self.settings = {
+            "modalities": self.modalities, "seed": self.seed, "temperature": self.temperature, "top_k": self.top_k,
+            "modality_guidance": {m: weights_used.get(m, 0.0) for m in self.modalities}, "anatomy_from": anchor,
+            "chunk": self.chunk, "weights": {name: self.model.cards[name].get("sha256", "") for name in WEIGHT_NAMES},
+            "card_sampling": self.model.cards[TRANSFORMER_NAME].get("sampling", {}),
+        }
+
+    def chunk_indices(self) -> list[list[int]]:
+        return [list(range(start, min(self.n, start + self.chunk))) for start in range(0, self.n, self.chunk)]
+
+    def chunks(self, skip: Callable[[list[int]], bool] = lambda indices: False,
+               progress: Callable[[float, str], None] | None = None):
+        """Yield each chunk's SamplePairs, leaving out the chunks for which skip(indices) is true (progress spans
+        the generated ones). A chunk holds the same samples whichever chunks are skipped."""
+        todo = [indices for indices in self.chunk_indices() if not skip(indices)]
+        total, done = max(1, sum(map(len, todo))), 0
+        for indices in todo:
+            yield self.model.generate(self.modalities, indices, self.seed, self.temperature, self.top_k, progress,
+                                      done=done / total, share=len(indices) / total, guidance=self.guidance,
+                                      anatomy_from=self.anatomy_from)
+            done += len(indices)
+
+
 def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k: int | None = None,
                  device: str = "auto", progress: Callable[[float, str], None] | None = None,
                  weights: Path | None = None, modality_guidance: ModalityGuidance | None = None,
@@ -398,17 +440,6 @@ def sample_pairs(modalities, n: int, seed: int, temperature: float = 1.0, top_k:
     modality or {modality: number} for some (0 = plain sampling; larger values push that modality's appearance
     away from the modality average). anatomy_from: "card" = the weights' default; a modality = every modality of
     a sample shares that modality's head and brain (PathAR.shared_anatomy_tokens); "none" = independent modality
-    rows."""
-    mods = _check_args(modalities, n, seed, temperature, top_k, modality_guidance)
-    model = load_models(device, weights)
-    missing = [m for m in mods if m not in model.modalities]
-    if missing:
-        raise InputError(f"the PathAR weights do not know modality {', '.join(missing)}")
-    n = int(n)
-    out: list[SamplePair] = []
-    for start in range(0, n, CHUNK):
-        indices = list(range(start, min(n, start + CHUNK)))
-        out += model.generate(mods, indices, int(seed), float(temperature), None if top_k is None else int(top_k),
-                              progress, done=start / n, share=len(indices) / n,
-                              guidance=modality_guidance, anatomy_from=anatomy_from)
-    return out
+    rows. For many samples, `pathar.commands.sample_to_folder` writes them as they come and resumes."""
+    run = SampleRun(modalities, n, seed, temperature, top_k, device, weights, modality_guidance, anatomy_from)
+    return [pair for chunk in run.chunks(progress=progress) for pair in chunk]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 STAGES = ("structure", "appearance", "transformer")  # "all" runs these, in order
@@ -78,6 +79,9 @@ def register(subparsers) -> None:
                    help="every modality of a sample shares MOD's head and brain: MOD is drawn first and the others "
                         "follow it (or copy its tokens outside the lesion, with weights not trained to follow); "
                         "none = each modality draws its own (default: the weights' card)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the samples in --out that were finished with these settings (their done.json "
+                        "verifies) and draw the rest; --n may grow")
     add_common(p)
     p.set_defaults(func=run_sample)
 
@@ -93,31 +97,50 @@ def _progress(args):
     return Progress(args.progress)
 
 
-def write_samples(pairs, out: Path) -> dict:
-    """OUT/sample_XXX/{mask, <mod>}.nii.gz (each file atomic). Returns {"out", "samples", "modalities"}."""
+def sample_to_folder(out: Path, modalities, n: int, seed: int, resume: bool = False,
+                     progress: Callable[[float, str], None] | None = None, chunk: int | None = None,
+                     **options) -> dict:
+    """OUT/sample_XXX/{mask, <mod>}.nii.gz plus done.json (settings and checksums, written last). Every argument is
+    checked before the first file is written; then each chunk of samples is written as soon as it is drawn (each
+    file atomic), so an interrupted run keeps what it finished. resume: samples whose done.json verifies for these
+    settings are kept and the rest drawn: the same bytes as an uninterrupted run. options: SampleRun's.
+    Returns {"out", "samples", "modalities", "kept"}."""
+    from ..outputs import DONE, check_output_folder, fingerprint, outputs_record, verify_done
+    from ..pathosyn.commands import write_json_atomic
     from ..volume import write_volume
+    from .api import CHUNK, SampleRun
 
-    out = Path(out)
-    written = []
-    for pair in pairs:
-        folder = out / f"sample_{pair.index:03d}"
-        write_volume(pair.mask, folder / "mask.nii.gz")
-        for mod, vol in pair.images.items():
-            write_volume(vol, folder / f"{mod}.nii.gz")
-        written.append(str(folder))
-    return {"out": str(out), "samples": written, "modalities": list(pairs[0].images)}
+    out = check_output_folder(out)
+    run = SampleRun(modalities, n, seed, chunk=chunk or CHUNK, **options)
+    key = fingerprint(run.settings)
+
+    def folder(i: int) -> Path:
+        return out / f"sample_{i:03d}"
+
+    kept = {i for i in range(run.n) if resume and verify_done(folder(i), key)}
+    for pairs in run.chunks(skip=lambda indices: kept.issuperset(indices), progress=progress):
+        for pair in (p for p in pairs if p.index not in kept):  # a chunk is redrawn whole, its kept samples stay
+            target = folder(pair.index)
+            (target / DONE).unlink(missing_ok=True)
+            files = {"mask": "mask.nii.gz", **{m: f"{m}.nii.gz" for m in pair.images}}
+            write_volume(pair.mask, target / files["mask"])
+            for mod, vol in pair.images.items():
+                write_volume(vol, target / files[mod])
+            write_json_atomic({"index": pair.index, "fingerprint": key, "settings": run.settings,
+                               "outputs": outputs_record(target, files)}, target / DONE)
+    return {"out": str(out), "samples": [str(folder(i)) for i in range(run.n)], "modalities": run.modalities,
+            "kept": len(kept)}
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from .api import parse_modality_guidance, sample_pairs
+    from .api import parse_modality_guidance
 
     guidance = None if args.modality_guidance is None else parse_modality_guidance(args.modality_guidance)
     progress = _progress(args)
-    # everything is generated (and every argument checked) before the first file is written
-    pairs = sample_pairs(args.modality, args.n, args.seed, temperature=args.temperature, top_k=args.top_k,
-                         device=args.device, progress=progress, modality_guidance=guidance,
-                         anatomy_from=args.anatomy_from)
-    progress.done(**write_samples(pairs, Path(args.out)), seed=args.seed)
+    result = sample_to_folder(Path(args.out), args.modality, args.n, args.seed, resume=args.resume,
+                              progress=progress, temperature=args.temperature, top_k=args.top_k, device=args.device,
+                              modality_guidance=guidance, anatomy_from=args.anatomy_from)
+    progress.done(**result, seed=args.seed)
     return 0
 
 

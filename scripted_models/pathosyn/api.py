@@ -37,6 +37,7 @@ ProgressFn = Callable[[float, str], None]
 
 BLEND_MARGIN_MM = 6.0  # soft seam width around the lesion
 HOLE_MARGIN_MM = 2.0  # pseudo-healthy: inpaint slightly beyond the mask
+MAX_LESION_OUTSIDE = 0.10  # a larger share of the lesion outside the head gets a warning
 MAX_ROI = 96  # larger lesions are scaled down to fit (with a warning)
 MAX_LESION_FRACTION = 0.5  # of the head: a mask beyond this is not a lesion (real gliomas: under 20 %)
 
@@ -105,6 +106,7 @@ class _Prepared:
     head: np.ndarray | None = None  # the normalizers' foreground on the image grid: a brain mask, or the head
     # above the noise where a background is noise (None: the scan's own constant-background foreground)
     from_brain_mask: bool = False
+    lesion_outside: float = 0.0  # share of the lesion outside the head (or the brain mask)
 
     @property
     def normalized(self) -> dict[str, np.ndarray]:
@@ -197,7 +199,9 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     if not in_brain:
         raise InputError("the lesion mask does not overlap the brain (all mask voxels lie in the background)"
                          if brain is None else "the lesion mask does not overlap the brain mask")
-    covered = float(lesion[step].sum()) / max(float(fg.sum()), 1.0)
+    lesion_strided = lesion[step]
+    outside = float((lesion_strided & ~fg).sum()) / max(float(lesion_strided.sum()), 1.0)
+    covered = float(lesion_strided.sum()) / max(float(fg.sum()), 1.0)
     if covered > MAX_LESION_FRACTION:
         raise InputError(f"the lesion mask covers {100 * min(covered, 1.0):.0f}% of the head (at most "
                          f"{100 * MAX_LESION_FRACTION:.0f}%): is it a head mask rather than a lesion?")
@@ -207,7 +211,7 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     if head is None and not all(constant):
         head = fg.repeat(STATS_STRIDE, 0).repeat(STATS_STRIDE, 1).repeat(STATS_STRIDE, 2)[
             tuple(slice(n) for n in lesion.shape)]
-    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head, brain is not None)
+    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head, brain is not None, outside)
 
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
@@ -285,6 +289,11 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         msg = ("the background is noise, not one value (a raw scan, not skull-stripped): intensities are normalised "
                "over the whole head, scalp and skull included, so lesion contrast may come out too strong (the "
                "models learned skull-stripped scans; give a brain mask to normalise over the brain)")
+        warnings.warn(msg, stacklevel=2)
+        warn.append(msg)
+    if prep.lesion_outside > MAX_LESION_OUTSIDE:
+        where = "the brain mask" if prep.from_brain_mask else "the head (in the background)"
+        msg = f"{100 * prep.lesion_outside:.0f}% of the lesion mask lies outside {where}: a lesion is drawn there too"
         warnings.warn(msg, stacklevel=2)
         warn.append(msg)
 
@@ -370,12 +379,13 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         c = MODALITIES.index(m)
         norm = prep.normalizers[m]
         base_crop = anatomy_crop(m, lambda a: a[vol_sl])
-        synthesized = cast_like(norm.inverse(base_crop + residuals[0, c][roi_sl]), vol.array.dtype)
+        # an MRI magnitude: never darker than the scan's darkest voxel (a lesion drawn at the edge of the head)
+        values = np.maximum(norm.inverse(base_crop + residuals[0, c][roi_sl]), float(vol.array.min()))
         result = vol.array.copy()
-        result[vol_sl][inside] = synthesized[inside]
+        result[vol_sl][inside] = cast_like(values, vol.array.dtype)[inside]
         out_images[m] = vol.with_array(result)
         res = np.zeros(vol.shape, np.float32)
-        res[vol_sl][inside] = (residuals[0, c][roi_sl] * norm.std)[inside]
+        res[vol_sl][inside] = (values - norm.inverse(base_crop))[inside]
         out_residuals[m] = vol.with_array(res)
         if samples > 1:
             std = np.zeros(vol.shape, np.float32)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError
+from ..outputs import check_output_folder
 
 
 def _image_args(values: list[str]) -> dict:
@@ -78,6 +79,7 @@ def cmd_synthesize(args) -> int:
     from ..volume import read_volume
     from .api import synthesize_lesion
 
+    check_output_folder(args.out)  # before the work, not after it
     progress = Progress(args.progress)
     images = _image_args(args.image)
     mask = read_volume(args.mask)
@@ -97,6 +99,7 @@ def cmd_pseudo_healthy(args) -> int:
     from ..volume import read_volume, write_volume
     from .api import pseudo_healthy
 
+    check_output_folder(args.out)
     progress = Progress(args.progress)
     images = _image_args(args.image)
     brain = read_volume(args.brain_mask) if args.brain_mask else None
@@ -111,6 +114,7 @@ def cmd_demo(args) -> int:
     from ..cli import Progress
     from .demo import run_demo
 
+    check_output_folder(args.out)
     progress = Progress(args.progress)
     files = run_demo(Path(args.out), seed=args.seed, samples=args.samples, steps=args.steps, device=args.device,
                      progress=progress)
