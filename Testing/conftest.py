@@ -71,3 +71,27 @@ def make_ball_mask(head, centre_frac=(0.5, 0.5, 0.5), radius_vox=6, labels=True)
     else:
         m[d < radius_vox] = 1
     return head.with_array(m)
+
+
+def write_dicom_series(vol, folder, series_uid="1.2.826.0.1.3680043.2.1125.1", skip=()):
+    """vol as one MR slice file per z index (the tags a scanner writes for geometry), slices in `skip` left out."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = vol.to_sitk()
+    d = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        if k in skip:
+            continue
+        piece = image[:, :, k]
+        for tag, value in {"0008|0060": "MR", "0020|000d": series_uid + ".0", "0020|000e": series_uid,
+                           "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|0037": "\\".join(f"{v:.9f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                           "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+                           "0018|0050": f"{image.GetSpacing()[2]:.6f}"}.items():
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid[-1]}_slice{k:03d}.dcm"))
+        writer.Execute(piece)
+    return folder

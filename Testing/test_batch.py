@@ -149,6 +149,28 @@ def test_manifest_checks(tmp_path, monkeypatch):
         load_manifest(manifest)
 
 
+def test_manifest_takes_a_dicom_series_folder_and_checks_its_grid(tmp_path):
+    from conftest import write_dicom_series
+
+    root = tmp_path / "cohort"
+    manifest = make_cohort(root, 1)
+    write_dicom_series(read_volume(root / "data" / "c0_t1.nii.gz"), root / "data" / "t1_dicom")
+    write_dicom_series(make_head(shape=(30, 30, 30)), root / "data" / "flair_dicom")
+    (root / "data" / "empty").mkdir()
+    ok = {"seed": 1, "mask": "data/c0_mask.nii.gz", "t1": "data/t1_dicom"}
+    write_manifest(manifest, [{"case_id": "dicom", **ok},
+                              {"case_id": "grid", **ok, "flair": "data/flair_dicom"},
+                              {"case_id": "none", **ok, "t2": "data/empty"}])
+    with pytest.raises(InputError) as err:
+        load_manifest(manifest)
+    message = str(err.value)
+    assert "has 2 bad rows" in message and "line 2:" not in message, message
+    assert "line 3: flair is not on the same grid as t1" in message and "line 4: t2: " in message, message
+    assert "without a DICOM series" in message, message
+    write_manifest(manifest, [{"case_id": "dicom", **ok}])
+    assert load_manifest(manifest)[0].images == {"t1": str((root / "data" / "t1_dicom").resolve())}
+
+
 # ---------------------------------------------------------------- PathAR placement (no engine)
 
 def _ball(shape=24, radius=4.0, spacing=2.0) -> Volume:

@@ -206,6 +206,22 @@ def test_a_failed_write_is_one_line_not_a_traceback(inputs, tmp_path, capfd, mon
     assert len(lines) == 1 and "No space left on device" in lines[0] and "t1.nii.gz" in lines[0], lines
 
 
+def test_a_dicom_series_folder_is_an_image_like_its_nifti(inputs, tmp_path):
+    """--image t1=FOLDER (one DICOM series) gives the bytes that the same scan as NIfTI gives."""
+    from conftest import write_dicom_series
+
+    from scripted_models.cli import main
+
+    img, mask = inputs
+    series = write_dicom_series(read_volume(img), tmp_path / "dicom")
+    for name, source in (("nifti", img), ("dicom", series)):
+        assert main(["synthesize", "--image", f"t1={source}", "--mask", str(mask), "--out", str(tmp_path / name),
+                     "--steps", "1", "--progress", "none"]) == 0
+    for output in ("t1", "residual_t1", "mask"):
+        a, b = (read_volume(tmp_path / name / f"{output}.nii.gz") for name in ("nifti", "dicom"))
+        assert np.array_equal(a.array, b.array) and a.same_grid(b), output
+
+
 def test_zero_steps_is_refused(inputs, tmp_path, capfd):
     from scripted_models.cli import main
 

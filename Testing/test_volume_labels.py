@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_head, noisy_head
+from conftest import make_head, noisy_head, write_dicom_series
 
 from scripted_models.errors import InputError
 from scripted_models.labels import mapping_from_case_json, one_hot_subregions, to_canonical
@@ -35,6 +35,26 @@ def test_roundtrip_keeps_geometry_and_dtype(tmp_path, suffix, dtype):
     np.testing.assert_allclose(back.origin, vol.origin, atol=1e-5)
     np.testing.assert_allclose(back.direction, vol.direction, atol=1e-6)
     assert not list(tmp_path.glob(".*")), "temporary files left behind"
+
+
+def test_a_dicom_series_folder_reads_as_its_volume(tmp_path):
+    """A folder of DICOM slices reads with the volume's voxels and geometry (oblique, anisotropic); a folder with
+    no series, two series, or a missing slice is a one-line InputError."""
+    rotated = tuple(np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, 1.0]]).ravel())  # DICOM
+    vol = make_head(dtype=np.int16, spacing=(0.9, 1.1, 2.5), direction=rotated)  # slices: right-handed
+    got = read_volume(write_dicom_series(vol, tmp_path / "series"))
+    assert np.array_equal(got.array, vol.array) and got.array.dtype == np.int16
+    assert np.allclose(got.spacing, vol.spacing, atol=1e-4) and np.allclose(got.origin, vol.origin, atol=1e-4)
+    assert np.allclose(got.direction, vol.direction, atol=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="without a DICOM series"):
+        read_volume(tmp_path / "empty")
+    write_dicom_series(vol, tmp_path / "two", "1.2.3.4.1")
+    write_dicom_series(vol, tmp_path / "two", "1.2.3.4.2")
+    with pytest.raises(InputError, match="holds 2 DICOM series"):
+        read_volume(tmp_path / "two")
+    with pytest.raises(InputError, match="not evenly spaced"):
+        read_volume(write_dicom_series(vol, tmp_path / "gap", skip=(7,)))
 
 
 def test_ijk_to_ras_roundtrip():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_ball_mask, make_head
+from conftest import make_ball_mask, make_head, write_dicom_series
 
 pytest.importorskip("slicer")
 
@@ -136,6 +136,9 @@ def test_load_scans_masks_and_segments_leave_files_untouched(app, tmp_path):
     assert c.segmentation is seg and c.state.segmentation_name == seg.GetName()
     assert sum(c.voxelCount().values()) == int((mask.array > 0).sum())
     assert sha(path) == digest and sha(mask_path) == mask_digest, "an input file was modified"
+    series = write_dicom_series(head, tmp_path / "dicom")
+    node = c.loadScanFile(str(series), "flair")
+    assert c.scans["flair"] is node and np.array_equal(array_of(node), head.array)
 
     whole = c.newSegmentation(wholeLesion=True)
     assert [whole.GetSegmentation().GetNthSegment(i).GetName() for i in range(1)] == ["lesion"]

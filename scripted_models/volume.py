@@ -1,4 +1,4 @@
-"""Volume = voxel array + geometry. Read/write NIfTI and NRRD through SimpleITK.
+"""Volume = voxel array + geometry. Read NIfTI, NRRD or a DICOM series folder, write NIfTI/NRRD, through SimpleITK.
 
 Arrays are in SimpleITK/Slicer order (k, j, i) = (z, y, x). Geometry follows ITK (LPS):
 spacing and origin are (x, y, z); direction is a row-major 3x3 matrix.
@@ -96,17 +96,53 @@ def _umask() -> int:
     return mask
 
 
+def dicom_series_files(folder: Path) -> list[str]:
+    """The slice files of the one DICOM series in `folder`, in slice order. InputError when the folder holds no
+    series or several, or when its slices are not evenly spaced (a missing slice would shift the anatomy)."""
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder} is a folder without a DICOM series (give a NIfTI/NRRD file or a folder holding "
+                         "one DICOM series)")
+    if len(series) > 1:
+        raise InputError(f"{folder} holds {len(series)} DICOM series: give a folder holding one")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    if len(files) < 2:
+        raise InputError(f"{folder}: a DICOM series of {len(files)} slice is not a 3D scan")
+    positions, normal = [], None
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+            if normal is None:
+                row_col = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(row_col[:3], row_col[3:])
+            positions.append(float(np.dot([float(v) for v in reader.GetMetaData("0020|0032").split("\\")], normal)))
+        except (RuntimeError, ValueError, IndexError):
+            raise InputError(f"{Path(name).name} in {folder}: a DICOM slice without a readable position and "
+                             "orientation") from None
+    gaps = np.abs(np.diff(positions))
+    if gaps.min() <= 1e-3 or gaps.max() - gaps.min() > 0.01 * max(float(np.median(gaps)), 1e-3):
+        raise InputError(f"{folder}: the DICOM slices are not evenly spaced (gaps {gaps.min():.2f}-{gaps.max():.2f} "
+                         "mm: a missing or repeated slice?)")
+    return files
+
+
 def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
-    """Read a 3D scalar NIfTI/NRRD image. Raises InputError for anything else."""
+    """Read a 3D scalar NIfTI/NRRD image, or the DICOM series in a folder. Raises InputError for anything else."""
     import SimpleITK as sitk
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        files = dicom_series_files(path)
+    elif not path.is_file():
         raise InputError(f"file not found: {path}")
-    if path.name.endswith(".gz"):
+    elif path.name.endswith(".gz"):
         _check_gzip_complete(path)
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(files if path.is_dir() else str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(f"cannot read image {path}: {first}") from None

@@ -155,13 +155,14 @@ class WebController:
             self.addScan(node, modality)
 
     def loadScanFile(self, path: str, modality: str | None = None):
-        """A NIfTI / NRRD scan from the server's disk as a new volume node (the file is only read)."""
+        """A NIfTI / NRRD scan, or a folder holding one DICOM series, from the server's disk as a new volume node
+        (the files are only read)."""
         from scripted_models.volume import read_volume
 
         path = str(path or "").strip()
         if not path:
-            raise InputError("enter the path of a NIfTI or NRRD scan")
-        if not os.path.isfile(path):
+            raise InputError("enter the path of a NIfTI or NRRD scan, or of a DICOM series folder")
+        if not os.path.isfile(path) and not os.path.isdir(path):
             raise InputError(f"no such file: {path}")
         modality = check_modality(modality or guessModality(path))
         volume = read_volume(path)

@@ -41,8 +41,8 @@ class PathoSynPanel(html.Div):
             with _section("1. Scan"), VCardText(classes="py-1"):
                 VBtn("Load teaching sample", id="ps-load-sample", block=True, variant="tonal",
                      prepend_icon="mdi-school", click=handlers["load_sample"], disabled=(busy,))
-                html.Div("or a NIfTI / NRRD file (one per modality; upload: the file button in the top bar)",
-                         classes="text-caption mt-2")
+                html.Div("or a NIfTI / NRRD file or a DICOM series folder (one per modality; upload: the file "
+                         "button in the top bar)", classes="text-caption mt-2")
                 with VRow(dense=True, classes="mt-0"):
                     with VCol(cols=8):
                         VTextField(v_model=(n.scan_path,), label="scan path on the server", density="compact",

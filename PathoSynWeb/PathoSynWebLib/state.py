@@ -15,7 +15,7 @@ ANATOMY_ITEMS = list(ANATOMY_CHOICES)  # PathAR: the weights' default, each moda
 class PathoSynWebState:
     # inputs
     scans: list = field(default_factory=list)  # [{"node_id", "name", "modality"}] (trame state is JSON)
-    scan_path: str = ""  # a file on the server's disk (NIfTI / NRRD)
+    scan_path: str = ""  # on the server's disk: a NIfTI / NRRD file or a DICOM series folder
     scan_modality: str = "t1"
     mask_path: str = ""
     segmentation_name: str = ""

@@ -73,6 +73,17 @@ def _header_info(path: Path, cache: dict):
         return cache[path]
     import SimpleITK as sitk
 
+    if path.is_dir():  # a DICOM series: its geometry needs every slice
+        from ..volume import read_volume
+
+        try:
+            volume = read_volume(path)
+        except InputError as exc:
+            info = str(exc)
+        else:
+            info = (tuple(reversed(volume.shape)), volume.spacing, volume.origin, volume.direction)
+        cache[path] = info
+        return info
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -99,9 +110,10 @@ def _check_path(cell: str, base: Path, what: str, cache: dict):
     path = Path(cell.strip()).expanduser()
     if not path.is_absolute():
         path = base / path
-    if not path.name.lower().endswith(IMAGE_SUFFIXES):
-        return None, None, f"{what} '{cell.strip()}' is not an image file (expected {', '.join(IMAGE_SUFFIXES)})"
-    if not path.is_file():
+    if not path.is_dir() and not path.name.lower().endswith(IMAGE_SUFFIXES):
+        return None, None, (f"{what} '{cell.strip()}' is not an image file (expected {', '.join(IMAGE_SUFFIXES)}, "
+                            "or a DICOM series folder)")
+    if not path.is_dir() and not path.is_file():
         return None, None, f"{what} file not found: {path}"
     info = _header_info(path.resolve(), cache)
     if isinstance(info, str):
