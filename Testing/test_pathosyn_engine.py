@@ -200,6 +200,13 @@ def test_pseudo_healthy_changes_only_the_hole():
         ("samples", "samples"),
         ("nan", "NaN"),
         ("volume_not_dict", "dict"),
+        ("list_not_dict", "dict"),
+        ("array_image", r"images\['t1'\] must be a Volume"),
+        ("array_mask", "mask must be a Volume"),
+        ("array_brain_mask", "brain mask must be a Volume"),
+        ("text_steps", "steps must be an integer"),
+        ("float_samples", "samples must be an integer"),
+        ("text_guidance", "guidance must be a finite number"),
     ],
 )
 def test_bad_input_raises_one_line(case, message):
@@ -224,8 +231,22 @@ def test_bad_input_raises_one_line(case, message):
         images = {"t1": head.with_array(arr)}
     elif case == "volume_not_dict":
         images = head
+    elif case == "list_not_dict":  # the mistakes of a Python caller: one clear line, not an AttributeError
+        images = [head]
+    elif case == "array_image":
+        images = {"t1": head.array}
+    elif case == "array_mask":
+        mask = mask.array
+    elif case == "array_brain_mask":
+        kwargs = {"brain_mask": mask.array > 0}
+    elif case == "text_steps":
+        kwargs = {"steps": "5"}
+    elif case == "float_samples":
+        kwargs = {"samples": 2.0}
+    elif case == "text_guidance":
+        kwargs = {"guidance": "2"}
     with pytest.raises(InputError, match=message) as info:
-        synthesize_lesion(images, mask, steps=1, **kwargs)
+        synthesize_lesion(images, mask, **{"steps": 1, **kwargs})
     assert "\n" not in str(info.value)
 
 

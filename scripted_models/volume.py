@@ -214,7 +214,16 @@ def resample_to(moving: Volume, reference: Volume, nearest: bool = True, default
     return Volume.from_sitk(out)
 
 
+def require_volume(value, name: str) -> Volume:
+    """value, or InputError when it is not a Volume (an array has no geometry: a Python caller's likely slip)."""
+    if not isinstance(value, Volume):
+        raise InputError(f"{name} must be a Volume (read_volume(path), or Volume(array, spacing, origin, direction)), "
+                         f"got {type(value).__name__}")
+    return value
+
+
 def validate_image(volume: Volume, name: str) -> None:
+    require_volume(volume, name)
     if volume.array.ndim != 3:
         raise InputError(f"{name}: expected a 3D image, got {volume.array.ndim}D")
     if volume.array.dtype.kind not in "biuf":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from ..preprocess import (
     roi_around,
 )
 from ..runtime import pick_device
-from ..volume import Volume, resample_to, validate_image
+from ..volume import Volume, require_volume, resample_to, validate_image
 
 ProgressFn = Callable[[float, str], None]
 
@@ -49,6 +49,12 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 63:
         raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     return int(seed)
+
+
+def check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def _weights_version(folder: Path, name: str) -> tuple:
@@ -140,6 +146,7 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion_distance: DistanceF
 
 def _mask_on_grid(mask: Volume, reference: Volume, what: str) -> np.ndarray:
     """A 3D, finite mask resampled onto the reference grid (nearest neighbour); `what` names it in errors."""
+    require_volume(mask, what)
     if mask.array.ndim != 3:
         raise InputError(f"{what}: expected a 3D image, got {mask.array.ndim}D")
     if mask.array.dtype.kind == "f" and not np.isfinite(mask.array).all():
@@ -157,13 +164,15 @@ def brain_on_grid(brain_mask: Volume, reference: Volume) -> np.ndarray:
 
 def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None,
              brain_mask: Volume | None = None) -> _Prepared:
-    if isinstance(images, Volume):
-        raise InputError("images must be a dict {modality: Volume}, e.g. {'t1': volume}")
+    if not isinstance(images, Mapping):
+        raise InputError(f"images must be a dict {{modality: Volume}}, e.g. {{'t1': volume}}, got "
+                         f"{type(images).__name__}")
     if not images:
         raise InputError("no input image given")
     checked = {}
     for name, vol in images.items():
         mod = check_modality(name)
+        require_volume(vol, f"images[{name!r}]")
         if mod in checked:
             raise InputError(f"modality '{mod}' given twice")
         validate_image(vol, mod)
@@ -268,12 +277,12 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     """
     t_start = time.perf_counter()
     check_seed(seed)
-    if samples < 1:
-        raise InputError(f"samples must be >= 1, got {samples}")
-    if steps is not None and steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if not np.isfinite(guidance) or guidance < 0:
-        raise InputError(f"guidance must be a finite number >= 0, got {guidance}")
+    check_count(samples, "samples")
+    if steps is not None:
+        check_count(steps, "steps")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)) or not np.isfinite(guidance) \
+            or guidance < 0:
+        raise InputError(f"guidance must be a finite number >= 0, got {guidance!r}")
     if population_pull is not None and not (np.isfinite(population_pull) and 0.0 <= population_pull <= 1.0):
         raise InputError(f"population_pull must be a number from 0 to 1, got {population_pull}")
     if base not in ("input", "pseudo-healthy"):
