@@ -118,6 +118,18 @@ def test_a_lesion_painted_past_the_head_is_said_and_never_darker_than_the_scan()
     np.testing.assert_allclose(out, head.array + result.residuals["t1"].array, atol=1e-4)
 
 
+def test_spacing_as_float32_or_float64_gives_the_same_lesion():
+    """1.2 mm read from a header (float32: 1.2000000477) or from an affine (1.1999999958): 5 voxels are 6 mm in
+    both, so the margins cover the same voxels and the outputs agree (bit differences only)."""
+    head = make_head(dtype=np.float32, spacing=(1.2, 1.0, 1.5))
+    results = []
+    for spacing in ((float(np.float32(1.2)), 1.0, 1.5), (1.2 - 4e-9, 1.0, 1.5)):
+        vol = Volume(head.array, spacing, head.origin, head.direction)
+        results.append(synthesize_lesion({"t1": vol}, make_ball_mask(vol), seed=0, steps=1))
+    assert results[0].report["region_voxels"] == results[1].report["region_voxels"]
+    np.testing.assert_allclose(results[0].images["t1"].array, results[1].images["t1"].array, atol=1e-3)
+
+
 def test_large_lesion_is_scaled_down_with_warning():
     head = make_head(shape=(160, 160, 160), spacing=(1.0, 1.0, 1.0))  # the ball covers about a third of it
     mask = make_ball_mask(head, radius_vox=50, labels=False)

@@ -132,6 +132,11 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+# Millimetre margins are compared with this slack: a spacing of 1.2 mm reaches 6 mm at 5 voxels whether it arrives as
+# the header's float32 (1.2000000477) or an affine's float64 (1.1999999958): the same voxels either way.
+DISTANCE_TOLERANCE_MM = 1e-3
+
+
 class DistanceFromMask:
     """Euclidean distance (mm) from a mask's voxels, one transform in the mask's bounding box grown by
     `reach_mm`: `dilate(r)` for every r <= reach_mm is exactly `dilate_mm(mask, r)`."""
@@ -155,7 +160,7 @@ class DistanceFromMask:
             raise ValueError(f"radius {radius_mm} mm exceeds the {self.reach_mm} mm the distances were computed for")
         out = np.zeros(self.shape, bool)
         if self.distance_mm is not None:
-            out[self._box()] = self.distance_mm <= radius_mm
+            out[self._box()] = self.distance_mm <= radius_mm + DISTANCE_TOLERANCE_MM
         return out
 
     def crop(self, roi: RoiBox) -> np.ndarray:
@@ -183,7 +188,7 @@ def dilate_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
 
 
 def erode_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
-    return ndimage.distance_transform_edt(mask.astype(bool), sampling=spacing_zyx) > radius_mm
+    return ndimage.distance_transform_edt(mask.astype(bool), sampling=spacing_zyx) > radius_mm + DISTANCE_TOLERANCE_MM
 
 
 def blend_weight(lesion: np.ndarray, region: np.ndarray, spacing_zyx,
