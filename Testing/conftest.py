@@ -73,7 +73,7 @@ def make_ball_mask(head, centre_frac=(0.5, 0.5, 0.5), radius_vox=6, labels=True)
     return head.with_array(m)
 
 
-def write_dicom_series(vol, folder, series_uid="1.2.826.0.1.3680043.2.1125.1", skip=()):
+def write_dicom_series(vol, folder, series_uid="1.2.826.0.1.3680043.2.1125.1", skip=(), description=""):
     """vol as one MR slice file per z index (the tags a scanner writes for geometry), slices in `skip` left out."""
     import SimpleITK as sitk
 
@@ -90,7 +90,7 @@ def write_dicom_series(vol, folder, series_uid="1.2.826.0.1.3680043.2.1125.1", s
                            "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
                            "0020|0037": "\\".join(f"{v:.9f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
                            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-                           "0018|0050": f"{image.GetSpacing()[2]:.6f}"}.items():
+                           "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0008|103e": description}.items():
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{series_uid[-1]}_slice{k:03d}.dcm"))
         writer.Execute(piece)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,29 @@ def test_load_scans_masks_and_segments_leave_files_untouched(app, tmp_path):
     assert [whole.GetSegmentation().GetNthSegment(i).GetName() for i in range(1)] == ["lesion"]
     three = c.newSegmentation()
     assert three.GetSegmentation().GetNumberOfSegments() == 3
+
+
+def test_an_upload_is_sorted_into_scans_masks_and_one_dicom_series(app, tmp_path):
+    """What the browser's file and folder buttons send: a NIfTI scan, a lesion mask, a brain mask and the slices
+    of a DICOM folder (tagged by its series description) in one upload folder."""
+    from scripted_models.volume import write_volume as write
+
+    c = controller(app)
+    head, scan = write_head(tmp_path, "sub01_t1.nii.gz")
+    mask = write(make_ball_mask(head), tmp_path / "lesion_seg.nii.gz")
+    brain = write(head.with_array((head.array > 0).astype(np.uint8)), tmp_path / "sub01_brain_mask.nii.gz")
+    flair = head.with_array((head.array * 0.5).astype(np.int16))
+    series = write_dicom_series(flair, tmp_path / "dicom", description="AX T2 FLAIR")
+    slices = [str(p) for p in sorted(series.iterdir())]
+    for p in slices:  # an uploaded folder's slices arrive beside the other files
+        os.replace(p, tmp_path / Path(p).name)
+    c.loadUploadedFiles([str(scan), str(mask), str(brain)] + [str(tmp_path / Path(p).name) for p in slices])
+    assert set(c.scans) == {"t1", "flair"} and c.scans["flair"].GetName() == "AX T2 FLAIR"
+    assert np.array_equal(array_of(c.scans["flair"]), flair.array)
+    assert c.segmentation is not None and c.brainMask is not None
+    assert sum(c.voxelCount().values()) == int((make_ball_mask(head).array > 0).sum())
+    assert guessModality("AX T1 POST GD") == "t1c" and guessModality("sub-01_T1w_ce.nii.gz") == "t1c"
+    assert guessModality("Sag T1 MPRAGE") == "t1"
 
 
 def test_bad_input_gives_one_line_and_changes_nothing(app, tmp_path, loop):

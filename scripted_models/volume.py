@@ -130,6 +130,16 @@ def dicom_series_files(folder: Path) -> list[str]:
     return files
 
 
+def dicom_series_description(folder: Path) -> str:
+    """The series description (0008|103e) of the DICOM series in `folder`, e.g. "AX T2 FLAIR"; "" if absent."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(dicom_series_files(Path(folder))[0])
+    reader.ReadImageInformation()
+    return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+
+
 def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     """Read a 3D scalar NIfTI/NRRD image, or the DICOM series in a folder. Raises InputError for anything else."""
     import SimpleITK as sitk

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -173,22 +172,12 @@ class PathoSynWebApp:
 
     # --- handlers ----------------------------------------------------------------------------------------------------
     def _onUpload(self, files: list) -> None:
-        """Browser upload (trame-slicer's chunked file input): one volume per file, tagged by its name; a file
-        named like a brain mask (brainmask / brain_mask / brain-mask) becomes the brain mask, one named like a mask
-        (mask / seg / label) the lesion mask."""
+        """Browser upload (trame-slicer's chunked file input, files or a folder): sorted by the controller
+        (loadUploadedFiles: scans, lesion mask, brain mask, one DICOM series)."""
         from trame_slicer.utils import write_client_files_to_dir
 
         with self.controller.reportErrors(), tempfile.TemporaryDirectory(prefix="pathosyn-upload-") as folder:
-            paths = write_client_files_to_dir(files, folder)
-            brains = [p for p in paths if re.search(r"brain[_-]?mask", os.path.basename(p).lower())]
-            masks = [p for p in paths if p not in brains
-                     and any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))]
-            scans = [p for p in paths if p not in masks and p not in brains]
-            self.controller.loadScanFiles([(p, None) for p in scans])
-            for path in masks:
-                self.controller.loadMaskFile(path)
-            for path in brains:
-                self.controller.loadBrainMaskFile(path)
+            self.controller.loadUploadedFiles(write_client_files_to_dir(files, folder))
 
     def _onLayoutChanged(self, layout: str):
         if layout == "PathAR":

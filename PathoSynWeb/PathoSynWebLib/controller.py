@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -48,14 +49,21 @@ WHOLE_LESION_SEGMENT = ("lesion", (0.9, 0.3, 0.3))
 log = logging.getLogger("pathosyn.web")
 
 
+IMAGE_FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+CONTRAST_WORDS = ("post", "gd", "gad", "contrast", "ce", "c+", "+c")
+
+
 def guessModality(filename: str) -> str:
-    """t1 / t1c / t2 / flair from a file name (BraTS-style suffixes); t1 when nothing matches."""
+    """t1 / t1c / t2 / flair from a file name (BraTS-style suffixes) or a DICOM series description ("AX T1 POST
+    GD"); t1 when nothing matches."""
     name = Path(filename).name.lower()
-    for stem in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for stem in IMAGE_FILE_SUFFIXES:
         if name.endswith(stem):
             name = name[: -len(stem)]
             break
-    tokens = name.replace("-", "_").replace(".", "_").split("_")
+    tokens = name.replace("-", "_").replace(".", "_").replace(" ", "_").split("_")
+    if any(t in ("t1", "t1w") for t in tokens) and any(t in CONTRAST_WORDS for t in tokens):
+        return "t1c"
     for token in reversed(tokens):
         if token in ("t1c", "t1ce", "t1gd", "t1post"):
             return "t1c"
@@ -157,24 +165,49 @@ class WebController:
     def loadScanFile(self, path: str, modality: str | None = None):
         """A NIfTI / NRRD scan, or a folder holding one DICOM series, from the server's disk as a new volume node
         (the files are only read)."""
-        from scripted_models.volume import read_volume
+        from scripted_models.volume import dicom_series_description, read_volume
 
         path = str(path or "").strip()
         if not path:
             raise InputError("enter the path of a NIfTI or NRRD scan, or of a DICOM series folder")
         if not os.path.isfile(path) and not os.path.isdir(path):
             raise InputError(f"no such file: {path}")
-        modality = check_modality(modality or guessModality(path))
+        name, described = Path(path).name.split(".")[0], path
+        if os.path.isdir(path):  # a DICOM series: its description names it ("AX T2 FLAIR")
+            name = described = dicom_series_description(Path(path)) or name
+        modality = check_modality(modality or guessModality(described))
         volume = read_volume(path)
         if volume.array.ndim != 3:
             raise InputError(f"{Path(path).name} is not a 3D scan (shape {volume.array.shape})")
-        name = Path(path).name.split(".")[0]
         node = self.logic.addVolumeNode(volume, name)
         first = not self.scans
         self.addScan(node, modality)
         if self.views is not None and first:
             self.views.showScan(node, self.segmentation)
         return node
+
+    def loadUploadedFiles(self, paths: list[str]) -> None:
+        """Files a browser uploaded into one folder: a file named like a brain mask (brainmask / brain_mask /
+        brain-mask) becomes the brain mask, one named like a mask (mask / seg / label) the lesion mask, other image
+        files are scans (tagged by name), and files that are not NIfTI / NRRD (an uploaded DICOM folder's slices)
+        are moved into a folder of their own and read as one series."""
+        images = [p for p in paths if os.path.basename(p).lower().endswith(IMAGE_FILE_SUFFIXES)]
+        slices = [p for p in paths if p not in images]
+        brains = [p for p in images if re.search(r"brain[_-]?mask", os.path.basename(p).lower())]
+        masks = [p for p in images if p not in brains
+                 and any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))]
+        scans = [(p, None) for p in images if p not in masks and p not in brains]
+        if slices:
+            series = Path(slices[0]).parent / ".dicom_series"
+            series.mkdir()
+            for p in slices:
+                os.replace(p, series / os.path.basename(p))
+            scans.append((str(series), None))
+        self.loadScanFiles(scans)
+        for path in masks:
+            self.loadMaskFile(path)
+        for path in brains:
+            self.loadBrainMaskFile(path)
 
     def loadScanFiles(self, items: list) -> list:
         """[(path, modality or None)] -> new volume nodes; all or nothing."""
