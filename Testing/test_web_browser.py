@@ -315,3 +315,11 @@ def test_upload_scans_tagged_by_name(web, tmp_path):
     assert status["scans"]["flair"] == "sub01_flair" and status["scans"]["t1"] == "MNI152 T1", status
     assert status["segmentation"] == "sub01_mask" and not status["error"]
 
+    from conftest import write_dicom_series  # the folder button with a DICOM series: one scan, named by it
+
+    series = write_dicom_series(head, tmp_path / "dicom", description="AX T1 POST GD")
+    page.page.set_input_files("input[type=file][webkitdirectory]", str(series))
+    status = page.waitFor(lambda: (s := page.status())["scans"].get("t1c") and s, timeout=60,
+                          what="the uploaded DICOM series")
+    assert status["scans"]["t1c"] == "AX T1 POST GD" and not status["error"], status
+
