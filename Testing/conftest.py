@@ -74,9 +74,20 @@ def make_ball_mask(head, centre_frac=(0.5, 0.5, 0.5), radius_vox=6, labels=True)
 
 
 def write_dicom_series(vol, folder, series_uid="1.2.826.0.1.3680043.2.1125.1", skip=(), description=""):
-    """vol as one MR slice file per z index (the tags a scanner writes for geometry), slices in `skip` left out."""
+    """vol as one MR slice file per z index (the tags a scanner writes for geometry), slices in `skip` left out.
+    GDCM's writer sets the process locale to "C" (ASCII file encoding for every later test): it is put back."""
+    import locale
+
     import SimpleITK as sitk
 
+    kept = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_dicom_series(sitk, vol, folder, series_uid, skip, description)
+    finally:
+        locale.setlocale(locale.LC_ALL, kept)
+
+
+def _write_dicom_series(sitk, vol, folder, series_uid, skip, description):
     folder.mkdir(parents=True, exist_ok=True)
     image = vol.to_sitk()
     d = image.GetDirection()
