@@ -1208,7 +1208,9 @@ def test_sample_to_folder_interrupted_then_resumed_gives_the_uninterrupted_bytes
     assert _folder_bytes(cut) == expected
     assert (cut / "sample_000" / "flair.nii.gz").stat().st_mtime_ns == first
     assert run(cut, resume=True)["kept"] == 3
+    (cut / "sample_000" / "t2.nii.gz").write_bytes(b"another run's modality")
     assert run(cut, resume=True, seed=6)["kept"] == 0  # other settings: nothing kept
+    assert not (cut / "sample_000" / "t2.nii.gz").exists()
     assert _folder_bytes(cut) != expected
 
 

@@ -55,6 +55,8 @@ def test_a_dicom_series_folder_reads_as_its_volume(tmp_path):
         read_volume(tmp_path / "two")
     with pytest.raises(InputError, match="not evenly spaced"):
         read_volume(write_dicom_series(vol, tmp_path / "gap", skip=(7,)))
+    with pytest.raises(InputError, match="expected a 3D scalar image, got a single slice"):
+        read_volume(write_dicom_series(vol, tmp_path / "one", skip=range(1, vol.shape[0])))
 
 
 def test_ijk_to_ras_roundtrip():

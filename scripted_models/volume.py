@@ -108,8 +108,8 @@ def dicom_series_files(folder: Path) -> list[str]:
     if len(series) > 1:
         raise InputError(f"{folder} holds {len(series)} DICOM series: give a folder holding one")
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    if len(files) < 2:
-        raise InputError(f"{folder}: a DICOM series of {len(files)} slice is not a 3D scan")
+    if len(files) < 2:  # one file: a multi-frame volume, or one slice (read_volume then says it is not 3D)
+        return files
     positions, normal = [], None
     for name in files:
         reader = sitk.ImageFileReader()
@@ -152,7 +152,7 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     elif path.name.endswith(".gz"):
         _check_gzip_complete(path)
     try:
-        image = sitk.ReadImage(files if path.is_dir() else str(path))
+        image = sitk.ReadImage((files if len(files) > 1 else files[0]) if path.is_dir() else str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(f"cannot read image {path}: {first}") from None
@@ -161,6 +161,8 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
             f"{path.name}: expected a 3D scalar image, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s)"
         )
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{path.name}: expected a 3D scalar image, got a single slice (size {image.GetSize()})")
     volume = Volume.from_sitk(image)
     if check_finite and not _all_finite(volume, path):
         raise InputError(f"{path.name}: contains NaN or Inf voxels")

@@ -123,6 +123,9 @@ def sample_to_folder(out: Path, modalities, n: int, seed: int, resume: bool = Fa
             target = folder(pair.index)
             (target / DONE).unlink(missing_ok=True)
             files = {"mask": "mask.nii.gz", **{m: f"{m}.nii.gz" for m in pair.images}}
+            for stale in target.glob("*.nii.gz"):  # another run's modality would pass for this sample's
+                if stale.name not in files.values():
+                    stale.unlink()
             write_volume(pair.mask, target / files["mask"])
             for mod, vol in pair.images.items():
                 write_volume(vol, target / files[mod])
