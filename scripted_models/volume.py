@@ -96,9 +96,8 @@ def _umask() -> int:
     return mask
 
 
-def dicom_series_files(folder: Path) -> list[str]:
-    """The slice files of the one DICOM series in `folder`, in slice order. InputError when the folder holds no
-    series or several, or when its slices are not evenly spaced (a missing slice would shift the anatomy)."""
+def _one_series(folder: Path) -> list[str]:
+    """The files of the one DICOM series in `folder`, in GDCM's slice order; InputError for none or several."""
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -107,7 +106,15 @@ def dicom_series_files(folder: Path) -> list[str]:
                          "one DICOM series)")
     if len(series) > 1:
         raise InputError(f"{folder} holds {len(series)} DICOM series: give a folder holding one")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
+def dicom_series_files(folder: Path) -> list[str]:
+    """The slice files of the one DICOM series in `folder`, in slice order. InputError when the folder holds no
+    series or several, or when its slices are not evenly spaced (a missing slice would shift the anatomy)."""
+    import SimpleITK as sitk
+
+    files = _one_series(folder)
     if len(files) < 2:  # one file: a multi-frame volume, or one slice (read_volume then says it is not 3D)
         return files
     positions, normal = [], None
@@ -135,7 +142,7 @@ def dicom_series_description(folder: Path) -> str:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(dicom_series_files(Path(folder))[0])
+    reader.SetFileName(_one_series(Path(folder))[0])
     reader.ReadImageInformation()
     return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
 
