@@ -403,11 +403,11 @@ class SampleRun:
         self.top_k = None if top_k is None else int(top_k)
         self.guidance, self.anatomy_from = modality_guidance, anatomy_from
         anchor = self.model.anchor_modality(anatomy_from)  # checked here, not half-way through a run
-        weights_used = self.model.guidance(modality_guidance)
-        # what a sample's bytes depend on besides its index (resolved card defaults and the weights' checksums)
+        # what a sample's bytes depend on besides its index (resolved card defaults and the weights' checksums;
+        # every modality's guidance, since an anchor row that is not requested is drawn too)
         self.settings = {
             "modalities": self.modalities, "seed": self.seed, "temperature": self.temperature, "top_k": self.top_k,
-            "modality_guidance": {m: weights_used.get(m, 0.0) for m in self.modalities}, "anatomy_from": anchor,
+            "modality_guidance": self.model.guidance(modality_guidance), "anatomy_from": anchor,
             "chunk": self.chunk, "weights": {name: self.model.cards[name].get("sha256", "") for name in WEIGHT_NAMES},
             "card_sampling": self.model.cards[TRANSFORMER_NAME].get("sampling", {}),
         }
