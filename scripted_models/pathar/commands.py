@@ -64,7 +64,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("sample", help="PathAR: sample lesion masks with matching images",
                               description="Sample N lesion structures, each rendered in every requested modality: "
-                                          "DIR/sample_000/{mask.nii.gz, <MOD>.nii.gz ...}.")
+                                          "DIR/sample_000/{mask.nii.gz, <MOD>.nii.gz ..., done.json}, written as "
+                                          "they are drawn.")
     p.add_argument("--modality", action="append", required=True, metavar="MOD",
                    help="t1, t1c, t2 or flair; repeat for several")
     p.add_argument("--n", type=int, default=1, help="number of samples")
