@@ -78,16 +78,16 @@ def write_dicom_series(vol, folder, series_uid="1.2.826.0.1.3680043.2.1125.1", s
     GDCM's writer sets the process locale to "C" (ASCII file encoding for every later test): it is put back."""
     import locale
 
-    import SimpleITK as sitk
-
     kept = locale.setlocale(locale.LC_ALL, None)
     try:
-        return _write_dicom_series(sitk, vol, folder, series_uid, skip, description)
+        return _write_dicom_series(vol, folder, series_uid, skip, description)
     finally:
         locale.setlocale(locale.LC_ALL, kept)
 
 
-def _write_dicom_series(sitk, vol, folder, series_uid, skip, description):
+def _write_dicom_series(vol, folder, series_uid, skip, description):
+    import SimpleITK as sitk
+
     folder.mkdir(parents=True, exist_ok=True)
     image = vol.to_sitk()
     d = image.GetDirection()

@@ -16,7 +16,7 @@ box): use the transform in the random part of a cached pipeline, or to build a d
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ def volume_from_metatensor(image, name: str) -> Volume:
     if image.meta.get(MetaKeys.SPACE, SpaceKeys.RAS) == SpaceKeys.LPS:
         affine = np.vstack([LPS_TO_RAS @ affine[:3], affine[3:]])
     volume = Volume.from_ijk_to_ras(image[0].detach().cpu().numpy().transpose(2, 1, 0), affine)
-    # spacing as an image header stores it (float32): an affine's 1.19999999 mm is the file's 1.2 mm, and the
-    # engine's millimetre margins must come out as they do for the file
+    # spacing as an image header stores it (float32): an affine's 1.19999999 mm is the file's 1.2 mm, so the engine
+    # gives the bytes it gives for the file (its margins alone would agree anyway: DISTANCE_TOLERANCE_MM)
     return Volume(volume.array, tuple(float(np.float32(s)) for s in volume.spacing), volume.origin, volume.direction)
 
 
@@ -114,4 +114,4 @@ class RandSynthesizeLesiond(RandomizableTransform, MapTransform):
         return place_mask(pair.mask, reference, self.seed)[0]
 
 
-__all__: Sequence[str] = ("RandSynthesizeLesiond", "volume_from_metatensor")
+__all__ = ["RandSynthesizeLesiond", "volume_from_metatensor"]

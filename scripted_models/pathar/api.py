@@ -412,14 +412,12 @@ class SampleRun:
             "card_sampling": self.model.cards[TRANSFORMER_NAME].get("sampling", {}),
         }
 
-    def chunk_indices(self) -> list[list[int]]:
-        return [list(range(start, min(self.n, start + self.chunk))) for start in range(0, self.n, self.chunk)]
-
     def chunks(self, skip: Callable[[list[int]], bool] = lambda indices: False,
                progress: Callable[[float, str], None] | None = None):
         """Yield each chunk's SamplePairs, leaving out the chunks for which skip(indices) is true (progress spans
         the generated ones). A chunk holds the same samples whichever chunks are skipped."""
-        todo = [indices for indices in self.chunk_indices() if not skip(indices)]
+        every = [list(range(start, min(self.n, start + self.chunk))) for start in range(0, self.n, self.chunk)]
+        todo = [indices for indices in every if not skip(indices)]
         total, done = max(1, sum(map(len, todo))), 0
         for indices in todo:
             yield self.model.generate(self.modalities, indices, self.seed, self.temperature, self.top_k, progress,
