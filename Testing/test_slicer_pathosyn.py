@@ -219,6 +219,69 @@ def test_segmentation_on_a_different_grid(app, logic):
     assert prepared.wholeLesion is False and set(np.unique(prepared.mask.array)) == {0, 1, 2, 3}
 
 
+def test_closed_surface_segmentation_is_voxelized_on_the_scan_grid(app, logic):
+    """A segmentation with only closed surfaces (an STL/OBJ import) is voxelized once, on the scan's grid: the
+    voxels Slicer's Segment Editor shows with this scan as source volume. (Without a geometry Slicer chose a
+    ~0.01-0.06 mm grid of its own: a minute per click and different voxels.) The input keeps its representations."""
+    import slicer
+
+    head, node = add_head(app)
+    seg = app.add_segmentation(make_ball_mask(head, radius_vox=7).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    segmentation = seg.GetSegmentation()
+    segmentation.CreateRepresentation(surface)
+    segmentation.SetSourceRepresentationName(surface)
+    segmentation.RemoveRepresentation(binary)
+
+    got, whole = logic.maskFromNode(seg, node)
+
+    assert not segmentation.ContainsRepresentation(binary)
+    editor_view = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "as the Segment Editor shows it")
+    editor_view.GetSegmentation().DeepCopy(segmentation)
+    editor_view.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    assert editor_view.GetSegmentation().CreateRepresentation(binary)
+    expected, _ = logic.maskFromNode(editor_view, node)
+    assert whole is False and set(np.unique(expected.array)) == {0, 1, 2, 3}
+    assert np.array_equal(got.array, expected.array)
+
+
+def test_segments_never_painted_are_ignored(app, logic):
+    """The Segment Editor's "Add" leaves an empty "Segment_2": it neither blocks the name mapping nor turns a
+    one-segment (whole lesion) mask into sub-regions."""
+    head, node = add_head(app)
+    mask = make_ball_mask(head)
+    seg = app.add_segmentation(mask.array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    seg.GetSegmentation().AddEmptySegment("", "Segment_4")
+    expected, _ = logic.maskFromNode(app.add_segmentation(mask.array, head.ijk_to_ras(), SUBREGION_SEGMENTS), node)
+    got, whole = logic.maskFromNode(seg, node)
+    assert whole is False and np.array_equal(got.array, expected.array)
+
+    tumour = app.add_segmentation((mask.array > 0).astype(np.uint8), head.ijk_to_ras(), {1: "Tumor"})
+    tumour.GetSegmentation().AddEmptySegment("", "Segment_2")
+    got, whole = logic.maskFromNode(tumour, node)
+    assert whole is True and np.array_equal(got.array, (mask.array > 0).astype(np.uint8))
+
+
+def test_a_scan_whose_image_extent_does_not_start_at_zero(app, logic):
+    """VTK places voxel (i, j, k) of an image whose extent starts at (5, -3, 2) at IJK (5+i, -3+j, 2+k): the
+    outputs must sit where the input's voxels are, as for the same scan stored with its extent at 0."""
+    head, node = add_head(app)
+    start = np.array([5, -3, 2])
+    moved = head.ijk_to_ras().copy()
+    moved[:3, 3] -= moved[:3, :3] @ start
+    shifted = app.add_volume(head.array, moved, "shifted extent")
+    shifted.GetImageData().SetExtent(5, 5 + head.shape[2] - 1, -3, -3 + head.shape[1] - 1, 2, 2 + head.shape[0] - 1)
+    seg = app.add_segmentation(make_ball_mask(head).array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
+
+    plain = logic.synthesize(node, seg, steps=STEPS)
+    out = logic.synthesize(shifted, seg, steps=STEPS)
+
+    for new, old in ((out.volumes["t1"], plain.volumes["t1"]), (out.residuals["t1"], plain.residuals["t1"])):
+        assert np.allclose(ijk_to_ras(new), ijk_to_ras(old)) and np.array_equal(array_of(new), array_of(old))
+    assert np.array_equal(_segmentation_labels(out.segmentation, node), _segmentation_labels(plain.segmentation, node))
+
+
 def test_segment_export_resamples_only_the_segments_box_with_the_whole_grid_result(app, logic):
     """maskFromNode resamples each segment into the box of the reference grid its voxels cover: the same labels as a
     resample onto the whole grid, for segments on an oblique coarser grid, one that reaches past the volume's edge,
@@ -313,6 +376,13 @@ def test_bad_inputs_raise_one_line_errors_and_leave_scene_unchanged(app, logic):
         (lambda: logic.synthesize(node, seg, samples=0, steps=STEPS), "samples"),
         (lambda: logic.pseudoHealthy(node, empty_seg), "empty"),
     ]
+    rgb = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    rgb.SetAndObserveImageData(_rgb_image(head.shape))
+    cases += [
+        (lambda: logic.synthesize({"t1": node, "flair": node}, seg, steps=STEPS), "selected for both t1 and flair"),
+        (lambda: logic.synthesize(rgb, seg, steps=STEPS), "'photo' has 3 values per voxel"),
+    ]
+    before = snapshot(app, [node, empty_label, outside_label])
     for call, expected in cases:
         with pytest.raises(InputError) as info:
             call()
@@ -320,6 +390,15 @@ def test_bad_inputs_raise_one_line_errors_and_leave_scene_unchanged(app, logic):
         assert expected in message, message
         assert "\n" not in message
         assert_unchanged(app, [node, empty_label, outside_label], before)
+
+
+def _rgb_image(shape):
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    image = vtkImageData()
+    image.SetDimensions(shape[2], shape[1], shape[0])
+    image.AllocateScalars(3, 3)  # unsigned char, RGB
+    return image
 
 
 def test_missing_weights_raise_weights_error_scene_unchanged(app, logic, tmp_path, monkeypatch):

@@ -36,8 +36,8 @@ from PathoSynSlicerLib.logic import (  # noqa: E402 - PathoSyn's node helpers; a
     PathoSynSlicerLogic,
     _orientedArray,
     applicationLayoutNode,
+    arrayIJKToRAS,
     checkDependencies,
-    nodeIJKToRAS,
     nodesByClass,
     temporaryDirectory,
 )
@@ -645,7 +645,7 @@ class PathARModuleLogic:
             logging.warning("PathAR: %s", info["warning"])
         self.lastPlacement = info
         return self._pathoSyn.addSegmentationNode(
-            placed.array, nodeIJKToRAS(targetVolume), f"{sampleSegmentation.GetName()} placed", wholeLesion=False,
+            placed.array, arrayIJKToRAS(targetVolume), f"{sampleSegmentation.GetName()} placed", wholeLesion=False,
             referenceNode=targetVolume)
 
     def useMaskInPathoSyn(self, maskSegmentation, targetVolume, modality: str = "t1"):

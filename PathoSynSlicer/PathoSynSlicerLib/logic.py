@@ -309,6 +309,16 @@ def nodeIJKToRAS(node) -> np.ndarray:
     return _numpyMatrix(m)
 
 
+def arrayIJKToRAS(node) -> np.ndarray:
+    """IJK-to-RAS of the node's voxel array: index (0, 0, 0) is the first voxel of the image extent, which need not
+    start at 0."""
+    ijkToRAS = nodeIJKToRAS(node)
+    start = np.array(node.GetImageData().GetExtent()[::2], float)
+    if start.any():
+        ijkToRAS[:3, 3] = (ijkToRAS @ np.array([*start, 1.0]))[:3]
+    return ijkToRAS
+
+
 def _imageArray(image) -> np.ndarray:
     from vtkmodules.util.numpy_support import vtk_to_numpy
 
@@ -390,6 +400,20 @@ def _referenceBox(image, ownBox: tuple, refIJKToRAS: np.ndarray, refExtent, refS
             return None
         box.append(slice(start, stop))
     return tuple(box)
+
+
+def _segmentHasVoxels(segmentation, segmentId: str) -> bool:
+    """Whether a segment holds anything: voxels of its label value in its binary labelmap (possibly a layer shared
+    with other segments), else points in its source representation (a closed surface)."""
+    import slicer
+
+    segment = segmentation.GetSegment(segmentId)
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    labelmap = segment.GetRepresentation(binary)
+    if labelmap is not None:
+        return bool((_orientedArray(labelmap) == segment.GetLabelValue()).any())
+    source = segment.GetRepresentation(segmentation.GetSourceRepresentationName())
+    return source is not None and source.GetNumberOfPoints() > 0
 
 
 def _orientedArray(image, reference_shape=None) -> np.ndarray:
@@ -512,7 +536,11 @@ class PathoSynSlicerLogic:
             raise InputError("expected a scalar volume node")
         if node.GetImageData() is None:
             raise InputError(f"volume '{node.GetName()}' has no voxels")
-        return Volume.from_ijk_to_ras(_imageArray(node.GetImageData()), nodeIJKToRAS(node))
+        components = node.GetImageData().GetNumberOfScalarComponents()
+        if components != 1:
+            raise InputError(f"volume '{node.GetName()}' has {components} values per voxel (a colour, vector or "
+                             "diffusion volume): choose a scalar scan")
+        return Volume.from_ijk_to_ras(_imageArray(node.GetImageData()), arrayIJKToRAS(node))
 
     def _inputVolumes(self, volumeNodes, modality: str | None) -> dict:
         from scripted_models.labels import check_modality
@@ -532,6 +560,10 @@ class PathoSynSlicerLogic:
                 raise InputError(f"'{node.GetName()}' is not a scalar volume (for modality {mod})")
             if node.GetImageData() is None:
                 raise InputError(f"volume '{node.GetName()}' has no voxels")
+            other = next((m for m, n in nodes.items() if n is node), None)
+            if other is not None:
+                raise InputError(f"'{node.GetName()}' is selected for both {other} and {mod}: choose one scan per "
+                                 "modality")
             nodes[mod] = node
         if not nodes:
             raise InputError("no input volume: select at least one healthy scan")
@@ -567,6 +599,9 @@ class PathoSynSlicerLogic:
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         if not ids:
             raise InputError(f"the segmentation '{segmentationNode.GetName()}' has no segments (the mask is empty)")
+        ids = [sid for sid in ids if _segmentHasVoxels(segmentation, sid)]  # e.g. a segment added, never painted
+        if not ids:
+            raise InputError(f"the segmentation '{segmentationNode.GetName()}' is empty")
         if len(ids) == 1:
             value = subregionForSegmentName(segmentation.GetSegment(ids[0]).GetName())
             return {ids[0]: value if value in (EDEMA, ENHANCING) else 1}
@@ -612,6 +647,12 @@ class PathoSynSlicerLogic:
         if not segmentation.ContainsRepresentation(binary):  # convert a copy: the input stays untouched
             copy = slicer.vtkSegmentation()
             copy.DeepCopy(segmentation)
+            # voxelize on the reference volume's grid: without a geometry Slicer picks a fine one of its own
+            # (a 2 cm closed-surface lesion: 62 s, and a small core lost 26 of its 32 voxels on the way back)
+            converter = slicer.vtkSegmentationConverter
+            copy.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                        converter.SerializeImageGeometry(_vtkMatrix(nodeIJKToRAS(referenceNode)),
+                                                                         list(referenceNode.GetImageData().GetExtent())))
             if not copy.CreateRepresentation(binary):
                 raise InputError(f"cannot convert segmentation '{segNode.GetName()}' to a binary labelmap")
             segmentation = copy
@@ -656,7 +697,7 @@ class PathoSynSlicerLogic:
         if not labels.any():
             raise InputError(f"the {role} '{segNode.GetName()}' lies outside the volume "
                              f"'{referenceNode.GetName()}'")
-        return Volume.from_ijk_to_ras(labels, nodeIJKToRAS(referenceNode)), len(mapping) == 1
+        return Volume.from_ijk_to_ras(labels, arrayIJKToRAS(referenceNode)), len(mapping) == 1
 
     def prepare(self, volumeNodes, maskNode, modality: str | None = None, brainMaskNode=None) -> PreparedInputs:
         """Validate the inputs (raises InputError with a one-line message) and read them into engine Volumes.
@@ -749,7 +790,7 @@ class PathoSynSlicerLogic:
         src = referenceNode.GetDisplayNode()
         if windowLevel is None and src is not None:
             windowLevel = (src.GetWindow(), src.GetLevel())
-        node = self.addVolumeNode(volume, name, like=referenceNode, ijkToRAS=nodeIJKToRAS(referenceNode),
+        node = self.addVolumeNode(volume, name, like=referenceNode, ijkToRAS=arrayIJKToRAS(referenceNode),
                                   windowLevel=windowLevel)
         dst = node.GetDisplayNode()
         if src is not None and dst is not None and src.GetColorNodeID():
@@ -841,7 +882,7 @@ class PathoSynSlicerLogic:
                     out.uncertainty[mod] = node
                     yield f"{mod} uncertainty"
             whole = bool(out.report.get("whole_lesion_only", prepared.wholeLesion))
-            out.segmentation = self.addSegmentationNode(mask.array, nodeIJKToRAS(referenceNode),
+            out.segmentation = self.addSegmentationNode(mask.array, arrayIJKToRAS(referenceNode),
                                                         f"{referenceNode.GetName()} lesion", whole, referenceNode,
                                                         closedSurface=False)
             yield "lesion segmentation"
