@@ -263,6 +263,37 @@ def test_segments_never_painted_are_ignored(app, logic):
     assert whole is True and np.array_equal(got.array, (mask.array > 0).astype(np.uint8))
 
 
+def test_a_label_file_loaded_as_a_segmentation_gets_a_hint(app, logic, tmp_path):
+    """Slicer names the segments of a BraTS label file loaded as a segmentation "Segment_1/2/4": the error says to
+    load it as a labelmap, whose values the engine maps. Segments whose names are not "Segment_<label value>" get no
+    such hint."""
+    import SimpleITK as sitk
+
+    from scripted_models.errors import InputError
+
+    head, node = add_head(app)
+    labels = make_ball_mask(head).array.copy()
+    labels[labels == 3] = 4
+    path = tmp_path / "brats_seg.nii.gz"
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing(head.spacing), image.SetOrigin(head.origin), image.SetDirection(head.direction)
+    sitk.WriteImage(image, str(path))
+    loaded = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brats_seg")
+    storage = app.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(loaded)
+    with pytest.raises(InputError, match="'Segment_1', 'Segment_2', 'Segment_4'.*load it as a labelmap volume"):
+        logic.maskFromNode(loaded, node)
+    painted = app.add_segmentation(labels, head.ijk_to_ras(), {1: "Segment_1", 2: "Segment_2"})  # both value 1
+    assert [painted.GetSegmentation().GetNthSegment(i).GetLabelValue() for i in range(2)] == [1, 1]
+    with pytest.raises(InputError, match="cannot map") as info:
+        logic.maskFromNode(painted, node)
+    assert "labelmap" not in str(info.value)
+    labelmap = app.add_volume(labels, head.ijk_to_ras(), "brats_seg", labelmap=True)
+    mask, _ = logic.maskFromNode(labelmap, node)
+    assert set(np.unique(mask.array)) == {0, 1, 2, 4}  # canonical values are mapped by the engine (4 -> 3)
+
+
 def test_a_scan_whose_image_extent_does_not_start_at_zero(app, logic):
     """VTK places voxel (i, j, k) of an image whose extent starts at (5, -3, 2) at IJK (5+i, -3+j, 2+k): the
     outputs must sit where the input's voxels are, as for the same scan stored with its extent at 0."""

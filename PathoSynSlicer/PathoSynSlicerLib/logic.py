@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -137,8 +138,6 @@ Progress = Callable[[float, str], None]
 
 def subregionForSegmentName(name: str) -> int | None:
     """Canonical sub-region value for a segment name (case-insensitive), or None if the name is not recognised."""
-    import re
-
     key = name.strip().lower().replace("_", " ")
     words = set(re.split(r"[^a-z0-9]+", key))
     for keywords, value in _SEGMENT_NAME_RULES:
@@ -613,8 +612,13 @@ class PathoSynSlicerLogic:
                 unknown.append(name)
             mapping[sid] = value
         if unknown:
+            hint = "name them core / edema / enhancing, or use a single segment for the whole lesion"
+            if all(re.fullmatch(rf"Segment_{segmentation.GetSegment(sid).GetLabelValue()}",
+                                segmentation.GetSegment(sid).GetName()) for sid in ids):
+                hint += ("; a label file (e.g. BraTS 1/2/4) loaded as a segmentation: load it as a labelmap volume "
+                         "instead, its label values are understood")
             raise InputError(f"cannot map segment(s) {', '.join(repr(n) for n in unknown)} to a lesion sub-region: "
-                             "name them core / edema / enhancing, or use a single segment for the whole lesion")
+                             f"{hint}")
         return mapping
 
     def brainMaskFromNode(self, node, referenceNode) -> Volume | None:
