@@ -9,7 +9,7 @@ from conftest import ROOT, make_head
 
 pytest.importorskip("slicer")
 
-from slicer_scene import SlicerScene, array_of, ijk_to_ras  # noqa: E402
+from slicer_scene import SlicerScene, array_of, ijk_to_ras, matrix_from_vtk  # noqa: E402
 
 MODS = ["t1c", "flair"]
 N = 2
@@ -297,6 +297,26 @@ def test_placed_mask_lands_at_the_clicked_point_with_its_volume(app, logic, run,
     assert abs(placed_ml / lesion_ml - 1) < 0.05
     assert set(np.unique(labels.array)) <= {0, 1, 2, 3} and logic.lastPlacement["lost_fraction"] == 0
     assert np.array_equal(array_of(target), before)  # the healthy scan is untouched
+
+
+def test_placed_mask_lands_at_the_clicked_point_of_a_transformed_scan(app, logic, run):
+    """A scan under a (not hardened) transform: the click is a world point, the lesion is centred there in the
+    views, and the new segmentation follows the scan's transform."""
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    head, target = add_target(app, shape=(70, 80, 80))
+    moved = vtkMatrix4x4()
+    moved.SetElement(0, 3, 30.0), moved.SetElement(1, 3, -12.0), moved.SetElement(0, 1, -1.0)
+    moved.SetElement(1, 0, 1.0), moved.SetElement(0, 0, 0.0), moved.SetElement(1, 1, 0.0)  # 90 degrees about S
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(moved)
+    target.SetAndObserveTransformNodeID(transform.GetID())
+    local = (ijk_to_ras(target) @ np.r_[np.array(head.shape[::-1]) * np.array([0.45, 0.55, 0.5]), 1.0])[:3]
+    world = (matrix_from_vtk(moved) @ np.r_[local, 1.0])[:3]
+    placed = logic.placeMask(run.samples[0].segmentation, target, world)
+    assert placed.GetParentTransformNode() is transform
+    on_grid = logic._pathoSyn.maskFromNode(placed, target)[0].array
+    assert np.linalg.norm(centroid_ras(target, on_grid) - local) <= 1.0  # within one voxel, in the scan's own RAS
 
 
 def test_a_sample_with_one_sub_region_keeps_its_label_when_placed(app, logic):

@@ -621,8 +621,9 @@ class PathARModuleLogic:
 
     def placeMask(self, sampleSegmentation, targetVolume, pointRAS):
         """A NEW segmentation on `targetVolume`'s grid: the sample's lesion moved so its centroid is at `pointRAS`
-        (resampled nearest-neighbour). Parts outside the volume are clipped with a warning; the lost fraction is in
-        `self.lastPlacement`. Raises InputError (scene unchanged) for a point outside the volume or no target."""
+        (world RAS, as a markups click; resampled nearest-neighbour). Parts outside the volume are clipped with a
+        warning; the lost fraction is in `self.lastPlacement`. Raises InputError (scene unchanged) for a point
+        outside the volume or no target."""
         from scripted_models.placement import place_lesion, ras_to_lps
 
         if targetVolume is None or not targetVolume.IsA("vtkMRMLScalarVolumeNode") \
@@ -634,6 +635,13 @@ class PathARModuleLogic:
             raise InputError("click a point (markups) inside the healthy scan to place the lesion")
         target = self._pathoSyn.volumeFromNode(targetVolume)
         lesion = self.labelsFromSegmentation(sampleSegmentation)
+        pointRAS = [float(v) for v in pointRAS]
+        if targetVolume.GetParentTransformNode() is not None:  # a click is in world RAS, the grid in the volume's own
+            from vtkmodules.vtkCommonTransforms import vtkGeneralTransform
+
+            fromWorld = vtkGeneralTransform()
+            targetVolume.GetParentTransformNode().GetTransformFromWorld(fromWorld)
+            pointRAS = list(fromWorld.TransformPoint(pointRAS))
         try:
             placed, info = place_lesion(lesion, target, ras_to_lps(pointRAS))
         except InputError as exc:
