@@ -2,6 +2,8 @@
 geometry, bad input."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import make_ball_mask, make_head, noisy_head
@@ -137,6 +139,52 @@ def test_large_lesion_is_scaled_down_with_warning():
         result = synthesize_lesion({"t1": head}, mask, seed=0, steps=1)
     assert result.report["scale"] < 1.0
     assert max(result.report["model_grid_zyx"]) <= 96
+
+
+def two_lesions(head, centres=((0.5, 0.5, 0.15), (0.5, 0.5, 0.85)), radius_vox=5):
+    first, second = (make_ball_mask(head, centre_frac=c, radius_vox=radius_vox) for c in centres)
+    return head.with_array(np.maximum(first.array, second.array)), first, second
+
+
+def test_lesions_far_apart_are_synthesized_each_in_a_roi_of_its_own():
+    """Two lesions at the ends of a long head: two 32^3 ROIs at full resolution (one box around both would be
+    scaled down, with a warning); outside the two blend regions the scan is untouched, output = base + residual,
+    and the report's box (the CLI's --crop) covers every change."""
+    head = make_head(shape=(40, 48, 200), spacing=(1.0, 1.0, 1.0))
+    both, first, _ = two_lesions(head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "exceeds ... resolution" warning
+        result = synthesize_lesion({"t1": head}, both, seed=0, steps=STEPS)
+    rois = result.report["rois"]
+    assert len(rois) == 2 and all(r["scale"] == 1.0 for r in rois) and result.report["scale"] == 1.0
+    assert sum(r["lesion_voxels"] for r in rois) == result.report["lesion_voxels"] == int((both.array > 0).sum())
+    out, residual = result.images["t1"].array, result.residuals["t1"].array
+    region = region_of(result, head)
+    assert np.array_equal(out[~region], head.array[~region]) and np.all(residual[~region] == 0)
+    changed = out != head.array
+    for lesion in (first.array > 0, both.array > 0 & ~(first.array > 0)):
+        assert changed[lesion].mean() > 0.5  # both lesions are drawn
+    np.testing.assert_allclose(out.astype(np.float32)[region], (head.array + residual)[region], atol=0.5)  # int16
+    start, size = result.report["roi_start_zyx"], result.report["roi_size_zyx"]
+    box = np.zeros(head.shape, bool)
+    box[tuple(slice(max(a, 0), a + n) for a, n in zip(start, size))] = True
+    assert not (changed & ~box).any()
+
+
+def test_many_small_lesions_share_one_roi_when_theirs_would_cost_more_than_the_largest():
+    """36 small lesions whose 32^3 ROIs hold more than 96^3 model voxels (and more than one box around all): one
+    ROI, scaled down with its warning, as one large lesion."""
+    from scripted_models.pathosyn.api import MAX_ROI
+
+    head = make_head(shape=(48, 300, 300), spacing=(1.0, 1.0, 1.0))
+    lesions = np.zeros(head.shape, np.uint8)
+    centres = [(24, 67 + 33 * i, 67 + 33 * j) for i in range(6) for j in range(6)]
+    for z, y, x in centres:
+        lesions[z - 2:z + 2, y - 2:y + 2, x - 2:x + 2] = 1
+    assert len(centres) * 32 ** 3 > MAX_ROI ** 3
+    with pytest.warns(UserWarning, match="exceeds"):
+        result = synthesize_lesion({"t1": head}, head.with_array(lesions), seed=0, steps=1)
+    assert len(result.report["rois"]) == 1 and result.report["scale"] < 1.0
 
 
 def test_a_raw_scan_is_normalised_over_its_head_and_says_so():

@@ -248,7 +248,11 @@ class RoiBox:
 
 def roi_around(region: np.ndarray, multiple: int = 8, min_size: int = 32) -> RoiBox:
     """Smallest box around `region` with each side a multiple of `multiple` (>= min_size), centred."""
-    tight = bounding_box(region)
+    return roi_around_box(bounding_box(region), multiple, min_size)
+
+
+def roi_around_box(tight: tuple[slice, ...], multiple: int = 8, min_size: int = 32) -> RoiBox:
+    """roi_around for a region's bounding box (slices)."""
     lo, hi = [b.start for b in tight], [b.stop for b in tight]
     start, size = [], []
     for a, b in zip(lo, hi):
@@ -258,6 +262,36 @@ def roi_around(region: np.ndarray, multiple: int = 8, min_size: int = 32) -> Roi
         start.append(s)
         size.append(side)
     return RoiBox(tuple(start), tuple(size))
+
+
+def separate_rois(region: np.ndarray, multiple: int = 8, min_size: int = 32) -> tuple[list, np.ndarray | None, tuple]:
+    """Parts of `region` that can be processed in boxes of their own: its connected components, merged while their
+    roi_around boxes overlap. Returns ([(RoiBox, component ids)], component labels over the region's bounding box
+    or None for a single part, that bounding box)."""
+    tight = bounding_box(region)
+    labels, count = ndimage.label(region[tight], structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return [(roi_around_box(tight, multiple, min_size), [1])], None, tight
+    offset = [b.start for b in tight]
+    parts = [([i + 1], [slice(s.start + o, s.stop + o) for s, o in zip(found, offset)])
+             for i, found in enumerate(ndimage.find_objects(labels))]
+
+    def overlap(a: RoiBox, b: RoiBox) -> bool:
+        return all(sa < sb + nb and sb < sa + na for sa, na, sb, nb in zip(a.start, a.size, b.start, b.size))
+
+    merged = True
+    while merged:
+        merged = False
+        boxes = [roi_around_box(tuple(box), multiple, min_size) for _, box in parts]
+        for i in range(len(parts)):
+            j = next((j for j in range(i + 1, len(parts)) if overlap(boxes[i], boxes[j])), None)
+            if j is not None:
+                (ids_i, box_i), (ids_j, box_j) = parts[i], parts.pop(j)
+                parts[i] = (ids_i + ids_j, [slice(min(a.start, b.start), max(a.stop, b.stop))
+                                            for a, b in zip(box_i, box_j)])
+                merged = True
+                break
+    return [(roi_around_box(tuple(box), multiple, min_size), ids) for ids, box in parts], labels, tight
 
 
 def resize(array: np.ndarray, shape, order: int = 1) -> np.ndarray:

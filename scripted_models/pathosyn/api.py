@@ -29,6 +29,8 @@ from ..preprocess import (
     has_constant_background,
     resize,
     roi_around,
+    roi_around_box,
+    separate_rois,
 )
 from ..runtime import pick_device
 from ..volume import Volume, require_volume, resample_to, validate_image
@@ -142,6 +144,30 @@ def _levels_from_ring(offsets: dict, prep: _Prepared, lesion_distance: DistanceF
         mean = float(z[ring].mean(dtype=np.float64))
         levels[m] = {k: mean + float(v) for k, v in offsets[m].items()}
     return levels
+
+
+def _model_shape(crop_shape, multiple: int) -> tuple[int, ...]:
+    """The model's grid for a ROI: the ROI itself, or scaled down to MAX_ROI on its longest side."""
+    scale = min(1.0, MAX_ROI / max(crop_shape))
+    return tuple(int(max(multiple, round(s * scale / multiple) * multiple)) for s in crop_shape)
+
+
+def _roi_parts(region: np.ndarray, multiple: int) -> list:
+    """The blend region as parts synthesized in ROIs of their own (lesions far apart: each at full resolution),
+    or [None] for one ROI around all of it. Parts only while their ROIs together hold no more model voxels than
+    the largest ROI (MAX_ROI^3) or that one ROI: many small lesions never cost more than one large lesion."""
+    parts, labels, tight = separate_rois(region, multiple, min_size=32)
+    if len(parts) == 1:
+        return [None]
+    whole = int(np.prod(_model_shape(roi_around_box(tight, multiple, 32).size, multiple)))
+    if sum(int(np.prod(_model_shape(box.size, multiple))) for box, _ in parts) > max(whole, MAX_ROI ** 3):
+        return [None]
+    masks = []
+    for _, ids in parts:
+        mask = np.zeros(region.shape, bool)
+        mask[tight] = np.isin(labels, ids)
+        masks.append(mask)
+    return masks
 
 
 def _mask_on_grid(mask: Volume, reference: Volume, what: str) -> np.ndarray:
@@ -322,93 +348,113 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         return crop(anatomy[m]) if anatomy is not None else prep.normalized_crop(m, crop)
 
     region = lesion_distance.dilate(BLEND_MARGIN_MM)
-    box = roi_around(region, multiple=cfg.multiple, min_size=32)
-    crop_shape = box.size
-    scale = min(1.0, MAX_ROI / max(crop_shape))
-    if scale < 1.0:
-        msg = f"lesion ROI {crop_shape} exceeds {MAX_ROI}^3: synthesizing at {scale:.2f}x resolution"
-        warnings.warn(msg, stacklevel=2)
-        warn.append(msg)
-    model_shape = tuple(int(max(cfg.multiple, round(s * scale / cfg.multiple) * cfg.multiple)) for s in crop_shape)
-
     whole_only = is_whole_lesion_only(prep.lesion_labels) if whole_lesion is None else bool(whole_lesion)
-    available = np.array([m in prep.images for m in MODALITIES], np.float32)
-    anatomy_roi = np.stack([anatomy_crop(m, box.crop) if m in prep.images else np.zeros(crop_shape, np.float32)
-                            for m in MODALITIES])
-    labels_roi = box.crop(prep.lesion_labels, mode="constant")
-    lesion_roi = labels_roi > 0
-    region_roi = box.crop(region, mode="constant")
-    weight_roi = blend_weight(lesion_roi, region_roi, prep.spacing_zyx, lesion_distance.crop(box))
-    subregions_roi = one_hot_subregions(labels_roi, whole_only)
-    if scale < 1.0:
-        anatomy_in = resize(anatomy_roi, model_shape, order=1)
-        subregions_in = resize(subregions_roi, model_shape, order=0)
-        weight_in = resize(weight_roi, model_shape, order=1)
-    else:
-        anatomy_in, subregions_in, weight_in = anatomy_roi, subregions_roi, weight_roi
-
-    from .deviation import deviation_condition
-
-    condition = deviation_condition(anatomy_in, available, subregions_in, weight_in, cfg.anatomy_condition)
-    t_model = time.perf_counter()
-    residuals = model.sample(condition, samples=samples, seed=seed, steps=steps, guidance=guidance,
-                             progress=lambda f, m: say(0.08 + 0.87 * f, m))
-    t_model = time.perf_counter() - t_model
-    if cfg.target == "image":  # baselines generate the image; the pipeline below works on its residual
-        residuals = residuals - anatomy_in[None]
-    if scale < 1.0:
-        residuals = resize(residuals, crop_shape, order=1)
-    levels = model.card.get("population_levels") or {}
+    parts = _roi_parts(region, cfg.multiple)
+    levels_card = model.card.get("population_levels") or {}
     level_reference = model.card.get("population_level_reference", "healthy")
     pull = float(model.card.get("population_pull", 0.0) if population_pull is None else population_pull)
-    if pull > 0.0 and levels and level_reference == "ring":
-        levels = _levels_from_ring(levels, prep, lesion_distance, anatomy)
-    if pull > 0.0 and levels:
-        from .calibration import pull_levels
+    textures = (model.card.get("population_texture") or {}) if texture_match else {}
 
-        for m in (m for m in prep.images if m in levels):
+    out_images = {m: vol.array.copy() for m, vol in prep.images.items()}
+    out_residuals = {m: np.zeros(vol.shape, np.float32) for m, vol in prep.images.items()}
+    out_std = {m: np.zeros(vol.shape, np.float32) for m, vol in prep.images.items()} if samples > 1 else {}
+    rois, t_model, levels_used = [], 0.0, False
+    for index, part in enumerate(parts):
+        if part is None:  # the whole region in one box
+            part_labels, part_distance, part_region = prep.lesion_labels, lesion_distance, region
+        else:
+            part_region = part
+            part_labels = np.where(part, prep.lesion_labels, 0).astype(prep.lesion_labels.dtype)
+            part_distance = DistanceFromMask(part_labels > 0, prep.spacing_zyx, lesion_distance.reach_mm)
+        box = roi_around(part_region, multiple=cfg.multiple, min_size=32)
+        crop_shape = box.size
+        scale = min(1.0, MAX_ROI / max(crop_shape))
+        if scale < 1.0:
+            msg = f"lesion ROI {crop_shape} exceeds {MAX_ROI}^3: synthesizing at {scale:.2f}x resolution"
+            warnings.warn(msg, stacklevel=2)
+            warn.append(msg)
+        model_shape = _model_shape(crop_shape, cfg.multiple)
+
+        available = np.array([m in prep.images for m in MODALITIES], np.float32)
+        anatomy_roi = np.stack([anatomy_crop(m, box.crop) if m in prep.images else np.zeros(crop_shape, np.float32)
+                                for m in MODALITIES])
+        labels_roi = box.crop(part_labels, mode="constant")
+        lesion_roi = labels_roi > 0
+        region_roi = box.crop(part_region, mode="constant")
+        weight_roi = blend_weight(lesion_roi, region_roi, prep.spacing_zyx, part_distance.crop(box))
+        subregions_roi = one_hot_subregions(labels_roi, whole_only)
+        if scale < 1.0:
+            anatomy_in = resize(anatomy_roi, model_shape, order=1)
+            subregions_in = resize(subregions_roi, model_shape, order=0)
+            weight_in = resize(weight_roi, model_shape, order=1)
+        else:
+            anatomy_in, subregions_in, weight_in = anatomy_roi, subregions_roi, weight_roi
+
+        from .deviation import deviation_condition
+
+        condition = deviation_condition(anatomy_in, available, subregions_in, weight_in, cfg.anatomy_condition)
+        t_part = time.perf_counter()
+        part_seed = seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        residuals = model.sample(condition, samples=samples, seed=part_seed, steps=steps, guidance=guidance,
+                                 progress=lambda f, m, i=index: say(0.08 + 0.87 * (i + f) / len(parts), m))
+        t_model += time.perf_counter() - t_part
+        if cfg.target == "image":  # baselines generate the image; the pipeline below works on its residual
+            residuals = residuals - anatomy_in[None]
+        if scale < 1.0:
+            residuals = resize(residuals, crop_shape, order=1)
+        levels = levels_card
+        if pull > 0.0 and levels and level_reference == "ring":
+            levels = _levels_from_ring(levels, prep, part_distance, anatomy)
+        levels_used = levels_used or bool(levels)
+        if pull > 0.0 and levels:
+            from .calibration import pull_levels
+
+            for m in (m for m in prep.images if m in levels):
+                c = MODALITIES.index(m)
+                for k in range(samples):
+                    residuals[k, c] += pull_levels(anatomy_roi[c] + residuals[k, c], labels_roi, levels[m], pull,
+                                                   whole_only)
+        for m in (m for m in prep.images if m in textures):
+            from .calibration import texture_match as match
+
             c = MODALITIES.index(m)
             for k in range(samples):
-                residuals[k, c] += pull_levels(anatomy_roi[c] + residuals[k, c], labels_roi, levels[m], pull,
-                                               whole_only)
-    textures = (model.card.get("population_texture") or {}) if texture_match else {}
-    for m in (m for m in prep.images if m in textures):
-        from .calibration import texture_match as match
+                residuals[k, c] += match(anatomy_roi[c], residuals[k, c], lesion_roi, float(textures[m]))
+        residuals = residuals * weight_roi[None, None]  # (K, 4, D, H, W), seam-blended
 
-        c = MODALITIES.index(m)
-        for k in range(samples):
-            residuals[k, c] += match(anatomy_roi[c], residuals[k, c], lesion_roi, float(textures[m]))
-    residuals = residuals * weight_roi[None, None]  # (K, 4, D, H, W), seam-blended
-
-    say(0.96, "compositing")
-    vol_sl, roi_sl = box.paste_slices(prep.reference.shape)
-    inside = region[vol_sl]
-    out_images, out_residuals, out_std = {}, {}, {}
-    for m, vol in prep.images.items():
-        c = MODALITIES.index(m)
-        norm = prep.normalizers[m]
-        base_crop = anatomy_crop(m, lambda a: a[vol_sl])
-        # an MRI magnitude: never darker than the scan's darkest voxel (a lesion drawn at the edge of the head)
-        values = np.maximum(norm.inverse(base_crop + residuals[0, c][roi_sl]), float(vol.array.min()))
-        result = vol.array.copy()
-        result[vol_sl][inside] = cast_like(values, vol.array.dtype)[inside]
-        out_images[m] = vol.with_array(result)
-        res = np.zeros(vol.shape, np.float32)
-        res[vol_sl][inside] = (values - norm.inverse(base_crop))[inside]
-        out_residuals[m] = vol.with_array(res)
-        if samples > 1:
-            std = np.zeros(vol.shape, np.float32)
-            std[vol_sl][inside] = (residuals[:, c].std(axis=0)[roi_sl] * norm.std)[inside]
-            out_std[m] = vol.with_array(std)
+        say(0.08 + 0.87 * (index + 1) / len(parts), "compositing")
+        vol_sl, roi_sl = box.paste_slices(prep.reference.shape)
+        inside = part_region[vol_sl]
+        for m, vol in prep.images.items():
+            c = MODALITIES.index(m)
+            norm = prep.normalizers[m]
+            base_crop = anatomy_crop(m, lambda a, sl=vol_sl: a[sl])
+            # an MRI magnitude: never darker than the scan's darkest voxel (a lesion drawn at the edge of the head)
+            values = np.maximum(norm.inverse(base_crop + residuals[0, c][roi_sl]), float(vol.array.min()))
+            out_images[m][vol_sl][inside] = cast_like(values, vol.array.dtype)[inside]
+            out_residuals[m][vol_sl][inside] = (values - norm.inverse(base_crop))[inside]
+            if samples > 1:
+                out_std[m][vol_sl][inside] = (residuals[:, c].std(axis=0)[roi_sl] * norm.std)[inside]
+        rois.append({"start_zyx": list(box.start), "size_zyx": list(box.size), "model_grid_zyx": list(model_shape),
+                     "scale": scale, "lesion_voxels": int((part_labels > 0).sum())})
+    out_images = {m: vol.with_array(out_images[m]) for m, vol in prep.images.items()}
+    out_residuals = {m: vol.with_array(out_residuals[m]) for m, vol in prep.images.items()}
+    out_std = {m: vol.with_array(out_std[m]) for m, vol in prep.images.items()} if samples > 1 else {}
+    union_start = np.min([r["start_zyx"] for r in rois], axis=0)
+    union_stop = np.max([np.add(r["start_zyx"], r["size_zyx"]) for r in rois], axis=0)
+    largest = max(rois, key=lambda r: int(np.prod(r["size_zyx"])))
     say(1.0, "done")
     report = {
         "modalities": list(prep.images), "seed": seed, "samples": samples, "steps": int(steps or cfg.default_steps),
         "guidance": guidance, "device": str(dev), "base": base, "whole_lesion_only": whole_only,
-        "population_pull": pull if levels else 0.0,
-        "population_level_reference": level_reference if levels else None,
+        "population_pull": pull if levels_used else 0.0,
+        "population_level_reference": level_reference if levels_used else None,
         "texture_match": {m: float(textures[m]) for m in prep.images if m in textures},
-        "roi_start_zyx": list(box.start), "roi_size_zyx": list(box.size), "roi_voxels": box.voxels,
-        "model_grid_zyx": list(model_shape), "scale": scale, "lesion_voxels": int(lesion.sum()),
+        # the box around every ROI (outputs differ from the input only inside it); each ROI in `rois`
+        "roi_start_zyx": [int(v) for v in union_start], "roi_size_zyx": [int(v) for v in union_stop - union_start],
+        "roi_voxels": sum(int(np.prod(r["size_zyx"])) for r in rois), "rois": rois,
+        "model_grid_zyx": largest["model_grid_zyx"], "scale": min(r["scale"] for r in rois),
+        "lesion_voxels": int(lesion.sum()),
         "region_voxels": int(region.sum()), "warnings": warn,
         "normalised_over": ("brain mask" if prep.from_brain_mask else "head above the noise" if prep.head is not None
                             else "foreground"),
