@@ -154,7 +154,7 @@ def test_lesions_far_apart_are_synthesized_each_in_a_roi_of_its_own():
     both, first, _ = two_lesions(head)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "exceeds ... resolution" warning
-        result = synthesize_lesion({"t1": head}, both, seed=0, steps=STEPS)
+        result = synthesize_lesion({"t1": head}, both, seed=0, steps=STEPS, samples=2)
     rois = result.report["rois"]
     assert len(rois) == 2 and all(r["scale"] == 1.0 for r in rois) and result.report["scale"] == 1.0
     assert sum(r["lesion_voxels"] for r in rois) == result.report["lesion_voxels"] == int((both.array > 0).sum())
@@ -162,8 +162,10 @@ def test_lesions_far_apart_are_synthesized_each_in_a_roi_of_its_own():
     region = region_of(result, head)
     assert np.array_equal(out[~region], head.array[~region]) and np.all(residual[~region] == 0)
     changed = out != head.array
-    for lesion in (first.array > 0, both.array > 0 & ~(first.array > 0)):
-        assert changed[lesion].mean() > 0.5  # both lesions are drawn
+    spread = result.uncertainty["t1"].array
+    for lesion in (first.array > 0, (both.array > 0) & ~(first.array > 0)):
+        assert changed[lesion].mean() > 0.5 and spread[lesion].mean() > 0  # both lesions are drawn, 2 samples each
+    assert np.all(spread[~region] == 0)
     np.testing.assert_allclose(out.astype(np.float32)[region], (head.array + residual)[region], atol=0.5)  # int16
     start, size = result.report["roi_start_zyx"], result.report["roi_size_zyx"]
     box = np.zeros(head.shape, bool)
