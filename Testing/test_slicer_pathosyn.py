@@ -248,7 +248,8 @@ def test_closed_surface_segmentation_is_voxelized_on_the_scan_grid(app, logic):
 
 def test_segments_never_painted_are_ignored(app, logic):
     """The Segment Editor's "Add" leaves an empty "Segment_2": it neither blocks the name mapping nor turns a
-    one-segment (whole lesion) mask into sub-regions."""
+    one-segment (whole lesion) mask into sub-regions; and sub-regions painted in part (only edema of core / edema /
+    enhancing) stay sub-regions."""
     head, node = add_head(app)
     mask = make_ball_mask(head)
     seg = app.add_segmentation(mask.array, head.ijk_to_ras(), SUBREGION_SEGMENTS)
@@ -261,6 +262,10 @@ def test_segments_never_painted_are_ignored(app, logic):
     tumour.GetSegmentation().AddEmptySegment("", "Segment_2")
     got, whole = logic.maskFromNode(tumour, node)
     assert whole is True and np.array_equal(got.array, (mask.array > 0).astype(np.uint8))
+
+    edema_only = app.add_segmentation(np.where(mask.array > 0, 2, 0), head.ijk_to_ras(), SUBREGION_SEGMENTS)
+    got, whole = logic.maskFromNode(edema_only, node)
+    assert whole is False and set(np.unique(got.array)) == {0, 2}
 
 
 def test_a_label_file_loaded_as_a_segmentation_gets_a_hint(app, logic, tmp_path):

@@ -591,35 +591,38 @@ class PathoSynSlicerLogic:
         raise InputError(f"'{maskNode.GetName()}' is not a segmentation or a labelmap volume")
 
     def segmentSubregions(self, segmentationNode) -> dict[str, int]:
-        """{segment ID: canonical value}. Segments are mapped by name (core/necrotic/non-enhancing -> 1, edema -> 2,
-        enhancing -> 3). A single segment is the whole lesion (value 1, the model invents the structure) unless it
-        is named edema or enhancing (e.g. a PathAR sample that has only edema)."""
+        """{segment ID: canonical value} of the painted segments (see _segmentMapping)."""
+        return self._segmentMapping(segmentationNode)[0]
+
+    @staticmethod
+    def _segmentMapping(segmentationNode, role: str = "segmentation") -> tuple[dict[str, int], bool]:
+        """({segment ID: canonical value}, whole lesion) of the segments that hold voxels (one added and never
+        painted is ignored). Segments are mapped by name (core/necrotic/non-enhancing -> 1, edema -> 2, enhancing ->
+        3). A segmentation of one segment, or one painted segment of another name, is the whole lesion (value 1, the
+        model invents the structure; a single segment named edema or enhancing keeps its value, e.g. a PathAR
+        sample that has only edema)."""
         segmentation = segmentationNode.GetSegmentation()
+        name = segmentationNode.GetName()
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         if not ids:
-            raise InputError(f"the segmentation '{segmentationNode.GetName()}' has no segments (the mask is empty)")
-        ids = [sid for sid in ids if _segmentHasVoxels(segmentation, sid)]  # e.g. a segment added, never painted
-        if not ids:
-            raise InputError(f"the segmentation '{segmentationNode.GetName()}' is empty")
-        if len(ids) == 1:
-            value = subregionForSegmentName(segmentation.GetSegment(ids[0]).GetName())
-            return {ids[0]: value if value in (EDEMA, ENHANCING) else 1}
-        mapping, unknown = {}, []
-        for sid in ids:
-            name = segmentation.GetSegment(sid).GetName()
-            value = subregionForSegmentName(name)
-            if value is None:
-                unknown.append(name)
-            mapping[sid] = value
+            raise InputError(f"the {role} '{name}' has no segments (the mask is empty)")
+        painted = [sid for sid in ids if _segmentHasVoxels(segmentation, sid)]
+        if not painted:
+            raise InputError(f"the {role} '{name}' is empty")
+        values = {sid: subregionForSegmentName(segmentation.GetSegment(sid).GetName()) for sid in painted}
+        if len(ids) == 1 or (len(painted) == 1 and values[painted[0]] is None):
+            value = values[painted[0]]
+            return {painted[0]: value if value in (EDEMA, ENHANCING) else 1}, True
+        unknown = [segmentation.GetSegment(sid).GetName() for sid in painted if values[sid] is None]
         if unknown:
             hint = "name them core / edema / enhancing, or use a single segment for the whole lesion"
             if all(re.fullmatch(rf"Segment_{segmentation.GetSegment(sid).GetLabelValue()}",
-                                segmentation.GetSegment(sid).GetName()) for sid in ids):
+                                segmentation.GetSegment(sid).GetName()) for sid in painted):
                 hint += ("; a label file (e.g. BraTS 1/2/4) loaded as a segmentation: load it as a labelmap volume "
                          "instead, its label values are understood")
             raise InputError(f"cannot map segment(s) {', '.join(repr(n) for n in unknown)} to a lesion sub-region: "
                              f"{hint}")
-        return mapping
+        return values, False
 
     def brainMaskFromNode(self, node, referenceNode) -> Volume | None:
         """The brain mask (non-zero = brain) from a labelmap/scalar volume or a one-segment segmentation; None for
@@ -645,7 +648,7 @@ class PathoSynSlicerLogic:
     def _maskFromSegmentation(self, segNode, referenceNode, role: str = "lesion mask") -> tuple[Volume, bool]:
         import slicer
 
-        mapping = self.segmentSubregions(segNode)
+        mapping, whole = self._segmentMapping(segNode, role)
         binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
         segmentation = segNode.GetSegmentation()
         if not segmentation.ContainsRepresentation(binary):  # convert a copy: the input stays untouched
@@ -701,7 +704,7 @@ class PathoSynSlicerLogic:
         if not labels.any():
             raise InputError(f"the {role} '{segNode.GetName()}' lies outside the volume "
                              f"'{referenceNode.GetName()}'")
-        return Volume.from_ijk_to_ras(labels, arrayIJKToRAS(referenceNode)), len(mapping) == 1
+        return Volume.from_ijk_to_ras(labels, arrayIJKToRAS(referenceNode)), whole
 
     def prepare(self, volumeNodes, maskNode, modality: str | None = None, brainMaskNode=None) -> PreparedInputs:
         """Validate the inputs (raises InputError with a one-line message) and read them into engine Volumes.
