@@ -101,8 +101,34 @@ def _write_dicom_series(vol, folder, series_uid, skip, description):
                            "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
                            "0020|0037": "\\".join(f"{v:.9f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
                            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-                           "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0008|103e": description}.items():
+                           "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0008|103e": description,
+                           "0020|0052": series_uid + ".9"}.items():  # frame of reference (a SEG needs it)
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{series_uid[-1]}_slice{k:03d}.dcm"))
         writer.Execute(piece)
     return folder
+
+
+def write_dicom_seg(series_folder, segments: dict, path, fractional: bool = False):
+    """A DICOM SEG (highdicom) over the DICOM series in `series_folder`: {segment label: mask (k, j, i)}. Frames
+    where a segment is empty are left out, as most writers do."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = sorted((pydicom.dcmread(f) for f in sorted(series_folder.glob("*.dcm"))),
+                     key=lambda d: int(d.InstanceNumber))
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n + 1, segment_label=label, segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for n, label in enumerate(segments)]
+    pixels = np.stack([np.asarray(m) for m in segments.values()], axis=-1)
+    pixels = pixels.astype(np.float32 if fractional else np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segment_descriptions=descriptions,
+        segmentation_type=(hd.seg.SegmentationTypeValues.FRACTIONAL if fractional
+                           else hd.seg.SegmentationTypeValues.BINARY),
+        series_instance_uid=hd.UID(), series_number=100, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+    seg.save_as(path)
+    return path

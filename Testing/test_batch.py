@@ -150,7 +150,7 @@ def test_manifest_checks(tmp_path, monkeypatch):
 
 
 def test_manifest_takes_a_dicom_series_folder_and_checks_its_grid(tmp_path):
-    from conftest import write_dicom_series
+    from conftest import write_dicom_seg, write_dicom_series
 
     root = tmp_path / "cohort"
     manifest = make_cohort(root, 1)
@@ -169,6 +169,10 @@ def test_manifest_takes_a_dicom_series_folder_and_checks_its_grid(tmp_path):
     assert "without a DICOM series" in message, message
     write_manifest(manifest, [{"case_id": "dicom", **ok}])
     assert load_manifest(manifest)[0].images == {"t1": str((root / "data" / "t1_dicom").resolve())}
+    lesion = read_volume(root / "data" / "c0_mask.nii.gz").array > 0
+    seg = write_dicom_seg(root / "data" / "t1_dicom", {"lesion": lesion}, root / "data" / "c0_seg.dcm")  # sparse
+    write_manifest(manifest, [{"case_id": "seg", **ok, "mask": "data/c0_seg.dcm"}])
+    assert load_manifest(manifest)[0].mask == str(seg.resolve())
 
 
 # ---------------------------------------------------------------- PathAR placement (no engine)

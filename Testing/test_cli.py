@@ -222,6 +222,32 @@ def test_a_dicom_series_folder_is_an_image_like_its_nifti(inputs, tmp_path):
         assert np.array_equal(a.array, b.array) and a.same_grid(b), output
 
 
+def test_a_dicom_seg_is_a_mask_like_its_nifti(inputs, tmp_path, capfd):
+    """--mask SEG.dcm (a DICOM SEG over the scan's series) gives the bytes that the same mask as NIfTI gives; the
+    SEG given as a scan is one line and exit 2."""
+    from conftest import write_dicom_seg, write_dicom_series
+
+    from scripted_models.cli import main
+    from scripted_models.labels import to_canonical
+
+    img, mask = inputs
+    series = write_dicom_series(read_volume(img), tmp_path / "dicom")
+    labels = to_canonical(read_volume(mask).array)
+    seg = write_dicom_seg(series, {"core": labels == 1, "edema": labels == 2, "enhancing": labels == 3},
+                          tmp_path / "lesion_seg.dcm")
+    for name, source in (("nifti", mask), ("seg", seg)):
+        assert main(["synthesize", "--image", f"t1={series}", "--mask", str(source), "--out", str(tmp_path / name),
+                     "--steps", "1", "--progress", "none"]) == 0
+    for output in ("t1", "residual_t1", "mask"):
+        a, b = (read_volume(tmp_path / name / f"{output}.nii.gz") for name in ("nifti", "seg"))
+        assert np.array_equal(a.array, b.array) and a.same_grid(b), output
+    capfd.readouterr()
+    assert main(["synthesize", "--image", f"t1={seg}", "--mask", str(mask), "--out", str(tmp_path / "bad"),
+                 "--progress", "none"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a DICOM SEG" in err[0] and not (tmp_path / "bad").exists()
+
+
 def test_zero_steps_is_refused(inputs, tmp_path, capfd):
     from scripted_models.cli import main
 

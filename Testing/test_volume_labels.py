@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_head, noisy_head, write_dicom_series
+from conftest import make_ball_mask, make_head, noisy_head, write_dicom_seg, write_dicom_series
 
 from scripted_models.errors import InputError
 from scripted_models.labels import mapping_from_case_json, one_hot_subregions, to_canonical
@@ -57,6 +57,39 @@ def test_a_dicom_series_folder_reads_as_its_volume(tmp_path):
         read_volume(write_dicom_series(vol, tmp_path / "gap", skip=(7,)))
     with pytest.raises(InputError, match="expected a 3D scalar image, got a single slice"):
         read_volume(write_dicom_series(vol, tmp_path / "one", skip=range(1, vol.shape[0])))
+
+
+def test_a_dicom_seg_reads_as_canonical_labels_on_its_scan(tmp_path):
+    """A DICOM SEG over an oblique, anisotropic series (frames only where a segment has voxels): its segments, named
+    as BraTS tools name them, become canonical labels that fall on the scan's voxels exactly; a fractional SEG is
+    thresholded at one half; one segment of any name is the whole lesion; names not understood, or a SEG given as a
+    scan, are one line."""
+    from scripted_models.labels import CORE, EDEMA, ENHANCING
+    from scripted_models.volume import resample_to
+
+    rotated = tuple(np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, 1.0]]).ravel())
+    head = make_head(dtype=np.int16, spacing=(0.9, 1.1, 2.5), direction=rotated)
+    series = write_dicom_series(head, tmp_path / "series")
+    labels = make_ball_mask(head, radius_vox=7).array
+    names = {"Necrotic tumor core (NCR)": CORE, "Peritumoral edema (ED)": EDEMA, "GD-enhancing tumor (ET)": ENHANCING}
+    seg = write_dicom_seg(series, {name: labels == value for name, value in names.items()}, tmp_path / "seg.dcm")
+    got = read_volume(seg)
+    assert got.shape[0] < head.shape[0]  # only the lesion's slices
+    assert np.array_equal(resample_to(got, head, nearest=True).array, labels)
+
+    soft = {name: np.where(labels == value, 0.9, np.where(labels > 0, 0.2, 0.0)) for name, value in names.items()}
+    fractional = read_volume(write_dicom_seg(series, soft, tmp_path / "fractional.dcm", fractional=True))
+    assert np.array_equal(resample_to(fractional, head, nearest=True).array, labels)
+
+    whole = read_volume(write_dicom_seg(series, {"Tumor": labels > 0}, tmp_path / "whole.dcm"))
+    assert np.array_equal(resample_to(whole, head, nearest=True).array, (labels > 0).astype(np.uint8))
+
+    unknown = write_dicom_seg(series, {"Tumor": labels == 1, "Region 2": labels == 2}, tmp_path / "unknown.dcm")
+    with pytest.raises(InputError, match="unknown.dcm: cannot map segment.*'Tumor', 'Region 2'") as info:
+        read_volume(unknown)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="is a DICOM SEG .*not a scan"):
+        read_volume(seg, segmentation=False)
 
 
 def test_ijk_to_ras_roundtrip():

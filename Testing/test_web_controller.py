@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_ball_mask, make_head, write_dicom_series
+from conftest import make_ball_mask, make_head, write_dicom_seg, write_dicom_series
 
 pytest.importorskip("slicer")
 
@@ -149,7 +149,8 @@ def test_load_scans_masks_and_segments_leave_files_untouched(app, tmp_path):
 
 def test_an_upload_is_sorted_into_scans_masks_and_one_dicom_series(app, tmp_path):
     """What the browser's file and folder buttons send: a NIfTI scan, a lesion mask, a brain mask and the slices
-    of a DICOM folder (tagged by its series description) in one upload folder."""
+    of a DICOM folder (tagged by its series description) in one upload folder; then a DICOM folder holding its
+    series and a DICOM SEG of the lesion: the scan and the mask."""
     from scripted_models.volume import write_volume as write
 
     c = controller(app)
@@ -166,6 +167,15 @@ def test_an_upload_is_sorted_into_scans_masks_and_one_dicom_series(app, tmp_path
     assert np.array_equal(array_of(c.scans["flair"]), flair.array)
     assert c.segmentation is not None and c.brainMask is not None
     assert sum(c.voxelCount().values()) == int((make_ball_mask(head).array > 0).sum())
+    labels = make_ball_mask(head).array
+    upload = write_dicom_series(flair, tmp_path / "upload2", description="AX T2 FLAIR")
+    seg = write_dicom_seg(upload, {"core": labels == 1, "edema": labels == 2, "enhancing": labels == 3},
+                          tmp_path / "lesion.dcm")
+    os.replace(seg, upload / "zz.dcm")  # among the slices, with no telling name
+    c = controller(app)
+    c.loadUploadedFiles([str(p) for p in sorted(upload.iterdir())])
+    assert set(c.scans) == {"flair"} and c.segmentation is not None
+    assert sorted(c.voxelCount().values()) == sorted(int((labels == v).sum()) for v in (1, 2, 3))
     assert guessModality("AX T1 POST GD") == "t1c" and guessModality("sub-01_T1w_ce.nii.gz") == "t1c"
     assert guessModality("Sag T1 MPRAGE") == "t1"
 

@@ -10,7 +10,7 @@ REQUIRED = {"torch": "2.2", "monai": "1.4", "numpy": "1.22", "scipy": "1.8", "Si
             "safetensors": "0.4", "einops": "0.6"}
 OPTIONAL = {"nilearn": "teaching sample (MNI152 T1)", "dask": "batch --scheduler", "distributed": "Dask cluster",
             "slicer-core": "Slicer logic tests", "trame-slicer": "browser front end", "matplotlib": "figures",
-            "scikit-learn": "evaluation"}
+            "scikit-learn": "evaluation", "pydicom": "DICOM SEG lesion masks"}
 
 
 def _version(dist: str) -> str | None:

@@ -19,6 +19,51 @@ BRATS_LEGACY = {1: CORE, 2: EDEMA, 3: CORE, 4: ENHANCING}
 BRATS_2023 = {1: CORE, 2: EDEMA, 3: ENHANCING}
 
 
+# Segment names -> canonical sub-regions (Slicer segments, DICOM SEG segment labels). Checked in order
+# ("non-enhancing" before "enhancing"); keywords of up to 4 letters match whole words only.
+SEGMENT_NAME_RULES = (
+    (("non-enhancing", "nonenhancing", "non enhancing", "necrotic", "necrosis", "core", "ncr", "net"), CORE),
+    (("edema", "oedema", "ed", "snfh"), EDEMA),
+    (("enhancing", "et"), ENHANCING),
+)
+
+
+def subregion_for_name(name: str) -> int | None:
+    """Canonical sub-region value for a segment name (case-insensitive), or None if the name is not recognised."""
+    import re
+
+    key = str(name).strip().lower().replace("_", " ")
+    words = set(re.split(r"[^a-z0-9]+", key))
+    for keywords, value in SEGMENT_NAME_RULES:
+        for kw in keywords:
+            if (len(kw) <= 4 and kw in words) or (len(kw) > 4 and kw in key):
+                return value
+    return None
+
+
+def labels_from_segments(segments: list[tuple[list[str], np.ndarray]], source: str) -> np.ndarray:
+    """Canonical labels (uint8) from named binary segments [(names to try, mask)], e.g. those of a DICOM SEG.
+    Empty segments are ignored; one segment is the whole lesion (1) unless named edema or enhancing; several are
+    mapped by name, nested sub-regions painted last (edema, enhancing, core). InputError for names not understood."""
+    from .errors import InputError
+
+    painted = [(names, mask) for names, mask in segments if mask.any()]
+    if not painted:
+        raise InputError(f"{source}: every segment is empty")
+    values = [next((v for v in map(subregion_for_name, names) if v is not None), None) for names, _ in painted]
+    if len(painted) == 1:
+        value = values[0] if values[0] in (EDEMA, ENHANCING) else CORE
+        return painted[0][1].astype(np.uint8) * np.uint8(value)
+    unknown = [names[0] for (names, _), v in zip(painted, values) if v is None]
+    if unknown:
+        raise InputError(f"{source}: cannot map segment(s) {', '.join(repr(n) for n in unknown)} to a lesion "
+                         "sub-region: label them core / edema / enhancing, or give one segment for the whole lesion")
+    out = np.zeros(painted[0][1].shape, np.uint8)
+    for (_, mask), value in sorted(zip(painted, values), key=lambda pv: {EDEMA: 0, ENHANCING: 1, CORE: 2}[pv[1]]):
+        out[mask] = value
+    return out
+
+
 def check_modality(name: str) -> str:
     from .errors import InputError
 

@@ -147,8 +147,9 @@ def dicom_series_description(folder: Path) -> str:
     return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
 
 
-def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
-    """Read a 3D scalar NIfTI/NRRD image, or the DICOM series in a folder. Raises InputError for anything else."""
+def read_volume(path: str | os.PathLike, check_finite: bool = True, segmentation: bool = True) -> Volume:
+    """Read a 3D scalar NIfTI/NRRD image, or the DICOM series in a folder, or a DICOM SEG file (as canonical lesion
+    labels; segmentation=False refuses it, for scans). Raises InputError for anything else."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -158,6 +159,10 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
         raise InputError(f"file not found: {path}")
     elif path.name.endswith(".gz"):
         _check_gzip_complete(path)
+    elif is_dicom_seg(path):
+        if not segmentation:
+            raise InputError(f"{path.name} is a DICOM SEG (a segmentation), not a scan: give it as the lesion mask")
+        return read_dicom_seg(path)
     try:
         image = sitk.ReadImage((files if len(files) > 1 else files[0]) if path.is_dir() else str(path))
     except RuntimeError as exc:
@@ -174,6 +179,79 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     if check_finite and not _all_finite(volume, path):
         raise InputError(f"{path.name}: contains NaN or Inf voxels")
     return volume
+
+
+def is_dicom_seg(path: Path) -> bool:
+    """A DICOM file (preamble + "DICM") whose Modality is SEG."""
+    with open(path, "rb") as fh:
+        if fh.read(132)[128:] != b"DICM":
+            return False
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality") == "SEG"
+    except Exception:  # noqa: BLE001 - not readable by pydicom: SimpleITK reports it
+        return False
+
+
+def read_dicom_seg(path: str | os.PathLike) -> Volume:
+    """A DICOM SEG (binary or fractional; frames may be left out where a segment is empty) as canonical lesion
+    labels on the grid its frames span: segments mapped by their labels (core / edema / enhancing), one segment =
+    the whole lesion (labels.labels_from_segments)."""
+    import pydicom
+
+    from .labels import labels_from_segments
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+        frames = ds.pixel_array.reshape(int(ds.get("NumberOfFrames", 1)), int(ds.Rows), int(ds.Columns))
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for unreadable or compressed pixel data
+        raise InputError(f"cannot read DICOM SEG {path.name}: {str(exc).strip().splitlines()[0]}") from None
+
+    def item(name, frame=0):
+        """The first item of a functional group: the frame's own, else the shared one; None if neither."""
+        for groups in (ds.PerFrameFunctionalGroupsSequence[frame], *ds.get("SharedFunctionalGroupsSequence", [])):
+            if name in groups:
+                return groups[name][0]
+        return None
+
+    try:
+        orientation = np.array(item("PlaneOrientationSequence").ImageOrientationPatient, float)
+        measures = item("PixelMeasuresSequence")
+        positions = np.array([item("PlanePositionSequence", f).ImagePositionPatient for f in range(len(frames))],
+                             float)
+        numbers = [int(item("SegmentIdentificationSequence", f).ReferencedSegmentNumber) for f in range(len(frames))]
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise InputError(f"{path.name}: a DICOM SEG without plane positions or orientation per frame") from None
+    across, down = orientation[:3], orientation[3:]  # directions of increasing column (i) and row (j)
+    normal = np.cross(across, down)
+    offsets = positions @ normal
+    levels = np.unique(np.round(offsets, 4))
+    if len(levels) > 1:  # from the positions: SpacingBetweenSlices is often missing or wrong
+        slice_gap = float(np.diff(levels).min())
+    else:
+        slice_gap = float(measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") or 1.0)
+    k = (offsets - levels[0]) / slice_gap
+    in_plane = positions - np.outer(offsets - levels[0], normal)
+    if np.abs(k - np.rint(k)).max() > 0.01 or np.abs(in_plane - in_plane[0]).max() > 0.01 * slice_gap:
+        raise InputError(f"{path.name}: the DICOM SEG's frames do not lie on one grid of evenly spaced slices")
+    k = np.rint(k).astype(int)
+    row_gap, column_gap = (float(v) for v in measures.PixelSpacing)
+    shape = (int(k.max()) + 1, frames.shape[1], frames.shape[2])
+    threshold = 0.5 * float(ds.get("MaximumFractionalValue", 1)) if ds.get("SegmentationType") == "FRACTIONAL" else 0
+    segments = []
+    for segment in ds.SegmentSequence:
+        mask = np.zeros(shape, bool)
+        for f in np.flatnonzero(np.array(numbers) == int(segment.SegmentNumber)):
+            mask[k[f]] |= frames[f] > threshold
+        names = [str(segment.get("SegmentLabel", ""))]
+        if "SegmentedPropertyTypeCodeSequence" in segment:
+            names.append(str(segment.SegmentedPropertyTypeCodeSequence[0].get("CodeMeaning", "")))
+        segments.append((names, mask))
+    labels = labels_from_segments(segments, path.name)
+    return Volume(labels, (column_gap, row_gap, slice_gap), tuple(in_plane[0]),
+                  tuple(np.column_stack([across, down, normal]).ravel()))
 
 
 def _check_gzip_complete(path: Path) -> None:

@@ -161,7 +161,7 @@ def _dispatch(op: str, args: dict, progress: Callable) -> dict:
                                 top_k=None if top_k is None else int(top_k), device=args.get("device", "auto"),
                                 modality_guidance=None if guidance is None else parse_modality_guidance(str(guidance)),
                                 anatomy_from=args.get("anatomy_from", ANATOMY_CARD))
-    images = {m: read_volume(p) for m, p in (args.get("images") or {}).items()}
+    images = {m: read_volume(p, segmentation=False) for m, p in (args.get("images") or {}).items()}
     if not images:
         raise InputError("job has no input images")
     if not args.get("mask"):

@@ -59,7 +59,15 @@ def _ensureEngineImportable() -> None:
 _ensureEngineImportable()
 
 from scripted_models.errors import InputError, WeightsError  # noqa: E402
-from scripted_models.labels import CORE, EDEMA, ENHANCING, MODALITIES, SUBREGION_COLORS, SUBREGION_NAMES  # noqa: E402
+from scripted_models.labels import (  # noqa: E402
+    CORE,
+    EDEMA,
+    ENHANCING,
+    MODALITIES,
+    SUBREGION_COLORS,
+    SUBREGION_NAMES,
+)
+from scripted_models.labels import subregion_for_name as subregionForSegmentName  # noqa: E402,F401 - front ends
 from scripted_models.pathosyn.calibration import DEFAULT_POPULATION_PULL  # noqa: E402,F401 - front ends' default
 from scripted_models.volume import Volume  # noqa: E402
 
@@ -126,25 +134,7 @@ SAMPLE_CHECKSUMS = {
     "mni152_t1_1mm.nii": "SHA256:c259245d3393bd1ddf70ca4059149f9f7bdbbf7f79f66c05680c35bc7fae87e0",
 }
 
-# Segment names -> canonical sub-regions. Checked in order ("non-enhancing" before "enhancing").
-_SEGMENT_NAME_RULES = (
-    (("non-enhancing", "nonenhancing", "non enhancing", "necrotic", "necrosis", "core", "ncr", "net"), CORE),
-    (("edema", "oedema", "ed", "snfh"), EDEMA),
-    (("enhancing", "et"), ENHANCING),
-)
-
 Progress = Callable[[float, str], None]
-
-
-def subregionForSegmentName(name: str) -> int | None:
-    """Canonical sub-region value for a segment name (case-insensitive), or None if the name is not recognised."""
-    key = name.strip().lower().replace("_", " ")
-    words = set(re.split(r"[^a-z0-9]+", key))
-    for keywords, value in _SEGMENT_NAME_RULES:
-        for kw in keywords:
-            if (len(kw) <= 4 and kw in words) or (len(kw) > 4 and kw in key):
-                return value
-    return None
 
 
 def _splitRequirement(requirement: str) -> tuple[str, str]:

@@ -176,7 +176,7 @@ class WebController:
         if os.path.isdir(path):  # a DICOM series: its description names it ("AX T2 FLAIR")
             name = described = dicom_series_description(Path(path)) or name
         modality = check_modality(modality or guessModality(described))
-        volume = read_volume(path)
+        volume = read_volume(path, segmentation=False)
         if volume.array.ndim != 3:
             raise InputError(f"{Path(path).name} is not a 3D scan (shape {volume.array.shape})")
         node = self.logic.addVolumeNode(volume, name)
@@ -188,14 +188,17 @@ class WebController:
 
     def loadUploadedFiles(self, paths: list[str]) -> None:
         """Files a browser uploaded into one folder: a file named like a brain mask (brainmask / brain_mask /
-        brain-mask) becomes the brain mask, one named like a mask (mask / seg / label) the lesion mask, other image
-        files are scans (tagged by name), and files that are not NIfTI / NRRD (an uploaded DICOM folder's slices)
-        are moved into a folder of their own and read as one series."""
+        brain-mask) becomes the brain mask, one named like a mask (mask / seg / label) or a DICOM SEG the lesion
+        mask, other image files are scans (tagged by name), and files that are not NIfTI / NRRD (an uploaded DICOM
+        folder's slices) are moved into a folder of their own and read as one series."""
+        from scripted_models.volume import is_dicom_seg
+
         images = [p for p in paths if os.path.basename(p).lower().endswith(IMAGE_FILE_SUFFIXES)]
-        slices = [p for p in paths if p not in images]
+        dicom_segs = [p for p in paths if p not in images and is_dicom_seg(Path(p))]
+        slices = [p for p in paths if p not in images and p not in dicom_segs]
         brains = [p for p in images if re.search(r"brain[_-]?mask", os.path.basename(p).lower())]
         masks = [p for p in images if p not in brains
-                 and any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))]
+                 and any(k in os.path.basename(p).lower() for k in ("mask", "seg", "label"))] + dicom_segs
         scans = [(p, None) for p in images if p not in masks and p not in brains]
         if slices:
             series = Path(slices[0]).parent / ".dicom_series"

@@ -193,7 +193,7 @@ def run_job(job: Job, out: str | Path, device: str = "auto", run_id: str = "", g
         images=job.images, brain_mask=job.brain_mask)
     t0 = time.perf_counter()
     try:
-        images = {m: read_volume(p) for m, p in job.images.items()}
+        images = {m: read_volume(p, segmentation=False) for m, p in job.images.items()}
         brain = read_volume(job.brain_mask) if job.brain_mask else None
         placement = None
         if job.uses_pathar:

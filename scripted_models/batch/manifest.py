@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..labels import MODALITIES
 from ..outputs import fingerprint
+from ..volume import is_dicom_seg
 
 REQUIRED = ("case_id", "mask", "seed")
 OPTIONAL = ("samples", "steps", "brain_mask")
@@ -73,8 +74,9 @@ def _header_info(path: Path, cache: dict):
         return cache[path]
     import SimpleITK as sitk
 
-    if path.is_dir():  # a DICOM series: its geometry needs every slice
-        from ..volume import read_volume
+    from ..volume import read_volume
+
+    if path.is_dir() or is_dicom_seg(path):  # a DICOM series or SEG: its geometry needs every slice or frame
 
         try:
             volume = read_volume(path)
@@ -110,9 +112,10 @@ def _check_path(cell: str, base: Path, what: str, cache: dict):
     path = Path(cell.strip()).expanduser()
     if not path.is_absolute():
         path = base / path
-    if not path.is_dir() and not path.name.lower().endswith(IMAGE_SUFFIXES):
+    seg = what == "mask" and path.is_file() and is_dicom_seg(path)
+    if not path.is_dir() and not seg and not path.name.lower().endswith(IMAGE_SUFFIXES):
         return None, None, (f"{what} '{cell.strip()}' is not an image file (expected {', '.join(IMAGE_SUFFIXES)}, "
-                            "or a DICOM series folder)")
+                            "a DICOM series folder, or for the mask a DICOM SEG file)")
     if not path.is_dir() and not path.is_file():
         return None, None, f"{what} file not found: {path}"
     info = _header_info(path.resolve(), cache)

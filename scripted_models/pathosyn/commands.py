@@ -23,7 +23,7 @@ def _image_args(values: list[str]) -> dict:
         mod = check_modality(mod)
         if mod in images:
             raise InputError(f"modality '{mod}' given twice")
-        images[mod] = read_volume(path)
+        images[mod] = read_volume(path, segmentation=False)
     if not images:
         raise InputError("give at least one --image MOD=PATH")
     return images
