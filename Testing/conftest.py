@@ -109,7 +109,7 @@ def _write_dicom_series(vol, folder, series_uid, skip, description):
     return folder
 
 
-def write_dicom_seg(series_folder, segments: dict, path, fractional: bool = False):
+def write_dicom_seg(series_folder, segments: dict, path, fractional: bool = False, labelmap: bool = False):
     """A DICOM SEG (highdicom) over the DICOM series in `series_folder`: {segment label: mask (k, j, i)}. Frames
     where a segment is empty are left out, as most writers do."""
     import highdicom as hd
@@ -124,10 +124,12 @@ def write_dicom_seg(series_folder, segments: dict, path, fractional: bool = Fals
         for n, label in enumerate(segments)]
     pixels = np.stack([np.asarray(m) for m in segments.values()], axis=-1)
     pixels = pixels.astype(np.float32 if fractional else np.uint8)
+    if labelmap:  # one label image: the segment number at each voxel
+        pixels = (pixels * np.arange(1, pixels.shape[-1] + 1, dtype=np.uint8)).max(axis=-1)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segment_descriptions=descriptions,
-        segmentation_type=(hd.seg.SegmentationTypeValues.FRACTIONAL if fractional
-                           else hd.seg.SegmentationTypeValues.BINARY),
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else
+        hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY,
         series_instance_uid=hd.UID(), series_number=100, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1")
     seg.save_as(path)

@@ -61,9 +61,9 @@ def test_a_dicom_series_folder_reads_as_its_volume(tmp_path):
 
 def test_a_dicom_seg_reads_as_canonical_labels_on_its_scan(tmp_path):
     """A DICOM SEG over an oblique, anisotropic series (frames only where a segment has voxels): its segments, named
-    as BraTS tools name them, become canonical labels that fall on the scan's voxels exactly; a fractional SEG is
-    thresholded at one half; one segment of any name is the whole lesion; names not understood, or a SEG given as a
-    scan, are one line."""
+    as BraTS tools name them, become canonical labels that fall on the scan's voxels exactly. A fractional SEG is
+    thresholded at one half, a labelmap SEG read by segment number; one segment of any name is the whole lesion;
+    names not understood, or a SEG given as a scan, are one line."""
     from scripted_models.labels import CORE, EDEMA, ENHANCING
     from scripted_models.volume import resample_to
 
@@ -80,6 +80,10 @@ def test_a_dicom_seg_reads_as_canonical_labels_on_its_scan(tmp_path):
     soft = {name: np.where(labels == value, 0.9, np.where(labels > 0, 0.2, 0.0)) for name, value in names.items()}
     fractional = read_volume(write_dicom_seg(series, soft, tmp_path / "fractional.dcm", fractional=True))
     assert np.array_equal(resample_to(fractional, head, nearest=True).array, labels)
+
+    segments = {name: labels == value for name, value in names.items()}
+    one_image = read_volume(write_dicom_seg(series, segments, tmp_path / "labelmap.dcm", labelmap=True))
+    assert np.array_equal(resample_to(one_image, head, nearest=True).array, labels)
 
     whole = read_volume(write_dicom_seg(series, {"Tumor": labels > 0}, tmp_path / "whole.dcm"))
     assert np.array_equal(resample_to(whole, head, nearest=True).array, (labels > 0).astype(np.uint8))

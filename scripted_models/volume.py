@@ -195,7 +195,7 @@ def is_dicom_seg(path: Path) -> bool:
 
 
 def read_dicom_seg(path: str | os.PathLike) -> Volume:
-    """A DICOM SEG (binary or fractional; frames may be left out where a segment is empty) as canonical lesion
+    """A DICOM SEG (binary, fractional or labelmap; frames may be left out where empty) as canonical lesion
     labels on the grid its frames span: segments mapped by their labels (core / edema / enhancing), one segment =
     the whole lesion (labels.labels_from_segments)."""
     import pydicom
@@ -221,7 +221,9 @@ def read_dicom_seg(path: str | os.PathLike) -> Volume:
         measures = item("PixelMeasuresSequence")
         positions = np.array([item("PlanePositionSequence", f).ImagePositionPatient for f in range(len(frames))],
                              float)
-        numbers = [int(item("SegmentIdentificationSequence", f).ReferencedSegmentNumber) for f in range(len(frames))]
+        labelmap = ds.get("SegmentationType") == "LABELMAP"  # each frame holds segment numbers
+        numbers = None if labelmap else [int(item("SegmentIdentificationSequence", f).ReferencedSegmentNumber)
+                                         for f in range(len(frames))]
     except (AttributeError, KeyError, TypeError, IndexError):
         raise InputError(f"{path.name}: a DICOM SEG without plane positions or orientation per frame") from None
     across, down = orientation[:3], orientation[3:]  # directions of increasing column (i) and row (j)
@@ -243,8 +245,11 @@ def read_dicom_seg(path: str | os.PathLike) -> Volume:
     segments = []
     for segment in ds.SegmentSequence:
         mask = np.zeros(shape, bool)
-        for f in np.flatnonzero(np.array(numbers) == int(segment.SegmentNumber)):
-            mask[k[f]] |= frames[f] > threshold
+        number = int(segment.SegmentNumber)
+        if labelmap and number == 0:  # a labelmap's background
+            continue
+        for f in range(len(frames)) if labelmap else np.flatnonzero(np.array(numbers) == number):
+            mask[k[f]] |= (frames[f] == number) if labelmap else (frames[f] > threshold)
         names = [str(segment.get("SegmentLabel", ""))]
         if "SegmentedPropertyTypeCodeSequence" in segment:
             names.append(str(segment.SegmentedPropertyTypeCodeSequence[0].get("CodeMeaning", "")))
