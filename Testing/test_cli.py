@@ -210,16 +210,22 @@ def test_a_dicom_series_folder_is_an_image_like_its_nifti(inputs, tmp_path):
     """--image t1=FOLDER (one DICOM series) gives the bytes that the same scan as NIfTI gives."""
     from conftest import write_dicom_series
 
-    from scripted_models.cli import main
 
     img, mask = inputs
     series = write_dicom_series(read_volume(img), tmp_path / "dicom")
-    for name, source in (("nifti", img), ("dicom", series)):
-        assert main(["synthesize", "--image", f"t1={source}", "--mask", str(mask), "--out", str(tmp_path / name),
+    assert_same_synthesis(tmp_path, {"nifti": (img, mask), "dicom": (series, mask)})
+
+
+def assert_same_synthesis(tmp_path, runs: dict):
+    """`synthesize` (1 step) of each run {name: (t1 image, mask)} gives the same output bytes on the same grid."""
+    from scripted_models.cli import main
+
+    for name, (image, mask) in runs.items():
+        assert main(["synthesize", "--image", f"t1={image}", "--mask", str(mask), "--out", str(tmp_path / name),
                      "--steps", "1", "--progress", "none"]) == 0
     for output in ("t1", "residual_t1", "mask"):
-        a, b = (read_volume(tmp_path / name / f"{output}.nii.gz") for name in ("nifti", "dicom"))
-        assert np.array_equal(a.array, b.array) and a.same_grid(b), output
+        first, *others = (read_volume(tmp_path / name / f"{output}.nii.gz") for name in runs)
+        assert all(np.array_equal(first.array, b.array) and first.same_grid(b) for b in others), output
 
 
 def test_a_dicom_seg_is_a_mask_like_its_nifti(inputs, tmp_path, capfd):
@@ -235,12 +241,7 @@ def test_a_dicom_seg_is_a_mask_like_its_nifti(inputs, tmp_path, capfd):
     labels = to_canonical(read_volume(mask).array)
     seg = write_dicom_seg(series, {"core": labels == 1, "edema": labels == 2, "enhancing": labels == 3},
                           tmp_path / "lesion_seg.dcm")
-    for name, source in (("nifti", mask), ("seg", seg)):
-        assert main(["synthesize", "--image", f"t1={series}", "--mask", str(source), "--out", str(tmp_path / name),
-                     "--steps", "1", "--progress", "none"]) == 0
-    for output in ("t1", "residual_t1", "mask"):
-        a, b = (read_volume(tmp_path / name / f"{output}.nii.gz") for name in ("nifti", "seg"))
-        assert np.array_equal(a.array, b.array) and a.same_grid(b), output
+    assert_same_synthesis(tmp_path, {"nifti": (series, mask), "seg": (series, seg)})
     capfd.readouterr()
     assert main(["synthesize", "--image", f"t1={seg}", "--mask", str(mask), "--out", str(tmp_path / "bad"),
                  "--progress", "none"]) == 2

@@ -219,13 +219,15 @@ def read_dicom_seg(path: str | os.PathLike) -> Volume:
     try:
         orientation = np.array(item("PlaneOrientationSequence").ImageOrientationPatient, float)
         measures = item("PixelMeasuresSequence")
+        row_gap, column_gap = (float(v) for v in measures.PixelSpacing)
         positions = np.array([item("PlanePositionSequence", f).ImagePositionPatient for f in range(len(frames))],
                              float)
         labelmap = ds.get("SegmentationType") == "LABELMAP"  # each frame holds segment numbers
         numbers = None if labelmap else [int(item("SegmentIdentificationSequence", f).ReferencedSegmentNumber)
                                          for f in range(len(frames))]
-    except (AttributeError, KeyError, TypeError, IndexError):
-        raise InputError(f"{path.name}: a DICOM SEG without plane positions or orientation per frame") from None
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        raise InputError(f"{path.name}: a DICOM SEG without plane positions, orientation or pixel spacing per frame"
+                         ) from None
     across, down = orientation[:3], orientation[3:]  # directions of increasing column (i) and row (j)
     normal = np.cross(across, down)
     offsets = positions @ normal
@@ -239,7 +241,6 @@ def read_dicom_seg(path: str | os.PathLike) -> Volume:
     if np.abs(k - np.rint(k)).max() > 0.01 or np.abs(in_plane - in_plane[0]).max() > 0.01 * slice_gap:
         raise InputError(f"{path.name}: the DICOM SEG's frames do not lie on one grid of evenly spaced slices")
     k = np.rint(k).astype(int)
-    row_gap, column_gap = (float(v) for v in measures.PixelSpacing)
     shape = (int(k.max()) + 1, frames.shape[1], frames.shape[2])
     threshold = 0.5 * float(ds.get("MaximumFractionalValue", 1)) if ds.get("SegmentationType") == "FRACTIONAL" else 0
     segments = []

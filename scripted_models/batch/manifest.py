@@ -77,7 +77,6 @@ def _header_info(path: Path, cache: dict):
     from ..volume import read_volume
 
     if path.is_dir() or is_dicom_seg(path):  # a DICOM series or SEG: its geometry needs every slice or frame
-
         try:
             volume = read_volume(path)
         except InputError as exc:
