@@ -395,6 +395,8 @@ def test_bad_inputs_raise_one_line_errors_and_leave_scene_unchanged(app, logic):
     outside_label = app.add_volume(mask.array, far, "outside", labelmap=True)
     outside_seg = app.add_segmentation(mask.array, far, SUBREGION_SEGMENTS, node_name="outside seg")
     unknown_names = app.add_segmentation(mask.array, head.ijk_to_ras(), {1: "Segment_1", 2: "Segment_2"})
+    rgb = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    rgb.SetAndObserveImageData(_rgb_image(head.shape))
     before = snapshot(app, [node, empty_label, outside_label])
 
     cases = [
@@ -411,14 +413,9 @@ def test_bad_inputs_raise_one_line_errors_and_leave_scene_unchanged(app, logic):
         (lambda: logic.synthesize(node, unknown_names, steps=STEPS), "cannot map segment"),
         (lambda: logic.synthesize(node, seg, samples=0, steps=STEPS), "samples"),
         (lambda: logic.pseudoHealthy(node, empty_seg), "empty"),
-    ]
-    rgb = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
-    rgb.SetAndObserveImageData(_rgb_image(head.shape))
-    cases += [
         (lambda: logic.synthesize({"t1": node, "flair": node}, seg, steps=STEPS), "selected for both t1 and flair"),
         (lambda: logic.synthesize(rgb, seg, steps=STEPS), "'photo' has 3 values per voxel"),
     ]
-    before = snapshot(app, [node, empty_label, outside_label])
     for call, expected in cases:
         with pytest.raises(InputError) as info:
             call()
