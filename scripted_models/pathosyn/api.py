@@ -355,6 +355,11 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     pull = float(model.card.get("population_pull", 0.0) if population_pull is None else population_pull)
     textures = (model.card.get("population_texture") or {}) if texture_match else {}
 
+    from .calibration import pull_levels
+    from .calibration import texture_match as match
+    from .deviation import deviation_condition
+
+    available = np.array([m in prep.images for m in MODALITIES], np.float32)
     out_images = {m: vol.array.copy() for m, vol in prep.images.items()}
     out_residuals = {m: np.zeros(vol.shape, np.float32) for m, vol in prep.images.items()}
     out_std = {m: np.zeros(vol.shape, np.float32) for m, vol in prep.images.items()} if samples > 1 else {}
@@ -375,7 +380,6 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
             warn.append(msg)
         model_shape = _model_shape(crop_shape, cfg.multiple)
 
-        available = np.array([m in prep.images for m in MODALITIES], np.float32)
         anatomy_roi = np.stack([anatomy_crop(m, box.crop) if m in prep.images else np.zeros(crop_shape, np.float32)
                                 for m in MODALITIES])
         labels_roi = box.crop(part_labels, mode="constant")
@@ -389,9 +393,6 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
             weight_in = resize(weight_roi, model_shape, order=1)
         else:
             anatomy_in, subregions_in, weight_in = anatomy_roi, subregions_roi, weight_roi
-
-        from .deviation import deviation_condition
-
         condition = deviation_condition(anatomy_in, available, subregions_in, weight_in, cfg.anatomy_condition)
         t_part = time.perf_counter()
         part_seed = seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -407,16 +408,12 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
             levels = _levels_from_ring(levels, prep, part_distance, anatomy)
         levels_used = levels_used or bool(levels)
         if pull > 0.0 and levels:
-            from .calibration import pull_levels
-
             for m in (m for m in prep.images if m in levels):
                 c = MODALITIES.index(m)
                 for k in range(samples):
                     residuals[k, c] += pull_levels(anatomy_roi[c] + residuals[k, c], labels_roi, levels[m], pull,
                                                    whole_only)
         for m in (m for m in prep.images if m in textures):
-            from .calibration import texture_match as match
-
             c = MODALITIES.index(m)
             for k in range(samples):
                 residuals[k, c] += match(anatomy_roi[c], residuals[k, c], lesion_roi, float(textures[m]))
