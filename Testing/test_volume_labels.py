@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -55,6 +56,11 @@ def test_a_dicom_series_folder_reads_as_its_volume(tmp_path):
         read_volume(tmp_path / "two")
     with pytest.raises(InputError, match="not evenly spaced"):
         read_volume(write_dicom_series(vol, tmp_path / "gap", skip=(7,)))
+    echoes = write_dicom_series(vol, tmp_path / "4d", "1.2.3.5")
+    for path in write_dicom_series(vol, tmp_path / "echo2", "1.2.3.5").glob("*.dcm"):  # a second echo, same series
+        os.replace(path, echoes / f"echo2_{path.name}")
+    with pytest.raises(InputError, match="2 images at every slice position: a 4D series"):
+        read_volume(echoes)
     with pytest.raises(InputError, match="expected a 3D scalar image, got a single slice"):
         read_volume(write_dicom_series(vol, tmp_path / "one", skip=range(1, vol.shape[0])))
 

@@ -130,6 +130,10 @@ def dicom_series_files(folder: Path) -> list[str]:
         except (RuntimeError, ValueError, IndexError):
             raise InputError(f"{Path(name).name} in {folder}: a DICOM slice without a readable position and "
                              "orientation") from None
+    _, repeats = np.unique(np.round(positions, 3), return_counts=True)
+    if len(repeats) > 1 and repeats.min() == repeats.max() > 1:
+        raise InputError(f"{folder}: {repeats[0]} images at every slice position: a 4D series (echoes, diffusion "
+                         "directions or time points), not one scan: give one volume of it")
     gaps = np.abs(np.diff(positions))
     if gaps.min() <= 1e-3 or gaps.max() - gaps.min() > 0.01 * max(float(np.median(gaps)), 1e-3):
         raise InputError(f"{folder}: the DICOM slices are not evenly spaced (gaps {gaps.min():.2f}-{gaps.max():.2f} "
