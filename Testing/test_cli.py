@@ -242,6 +242,9 @@ def test_a_dicom_seg_is_a_mask_like_its_nifti(inputs, tmp_path, capfd):
     seg = write_dicom_seg(series, {"core": labels == 1, "edema": labels == 2, "enhancing": labels == 3},
                           tmp_path / "lesion_seg.dcm")
     assert_same_synthesis(tmp_path, {"nifti": (series, mask), "seg": (series, seg)})
+    beside = series / "lesion_seg.dcm"  # a DICOM export: the SEG in the scan's folder is not a second series
+    shutil.copy(seg, beside)
+    assert_same_synthesis(tmp_path / "export", {"nifti": (series, mask), "seg": (series, beside)})
     capfd.readouterr()
     assert main(["synthesize", "--image", f"t1={seg}", "--mask", str(mask), "--out", str(tmp_path / "bad"),
                  "--progress", "none"]) == 2

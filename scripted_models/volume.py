@@ -97,16 +97,19 @@ def _umask() -> int:
 
 
 def _one_series(folder: Path) -> list[str]:
-    """The files of the one DICOM series in `folder`, in GDCM's slice order; InputError for none or several."""
+    """The files of the one DICOM series in `folder`, in GDCM's slice order (a DICOM SEG beside it, e.g. the
+    lesion mask of the same export, does not count); InputError for none or several."""
     import SimpleITK as sitk
 
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series = [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    series = [files for files in series if not (len(files) == 1 and is_dicom_seg(Path(files[0])))]
     if not series:
         raise InputError(f"{folder} is a folder without a DICOM series (give a NIfTI/NRRD file or a folder holding "
                          "one DICOM series)")
     if len(series) > 1:
         raise InputError(f"{folder} holds {len(series)} DICOM series: give a folder holding one")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return series[0]
 
 
 def dicom_series_files(folder: Path) -> list[str]:
