@@ -13,6 +13,7 @@ SUBREGION_NAMES = {CORE: "necrotic or non-enhancing core", EDEMA: "edema", ENHAN
 # Slicer-friendly colours (RGB 0..1), close to the BraTS convention.
 SUBREGION_COLORS = {CORE: (0.85, 0.2, 0.2), EDEMA: (0.2, 0.8, 0.2), ENHANCING: (0.95, 0.85, 0.1)}
 NUM_SUBREGIONS = 3
+PAINT_ORDER = {EDEMA: 0, ENHANCING: 1, CORE: 2}  # masks from separate segments: nested sub-regions painted last
 
 # Conventions seen in the wild: BraTS 2013-2020 (4 = enhancing), BraTS 2023 (3 = enhancing).
 BRATS_LEGACY = {1: CORE, 2: EDEMA, 3: CORE, 4: ENHANCING}
@@ -59,7 +60,7 @@ def labels_from_segments(segments: list[tuple[list[str], np.ndarray]], source: s
         raise InputError(f"{source}: cannot map segment(s) {', '.join(repr(n) for n in unknown)} to a lesion "
                          "sub-region: label them core / edema / enhancing, or give one segment for the whole lesion")
     out = np.zeros(painted[0][1].shape, np.uint8)
-    for (_, mask), value in sorted(zip(painted, values), key=lambda pv: {EDEMA: 0, ENHANCING: 1, CORE: 2}[pv[1]]):
+    for (_, mask), value in sorted(zip(painted, values), key=lambda pv: PAINT_ORDER[pv[1]]):
         out[mask] = value
     return out
 

@@ -43,7 +43,7 @@ from PathoSynSlicerLib.logic import (  # noqa: E402 - PathoSyn's node helpers; a
 )
 
 from scripted_models.errors import InputError, WeightsError  # noqa: E402
-from scripted_models.labels import CORE, EDEMA, ENHANCING, MODALITIES  # noqa: E402
+from scripted_models.labels import MODALITIES, PAINT_ORDER  # noqa: E402
 from scripted_models.volume import Volume  # noqa: E402
 
 MODULE_NAME = "PathARModule"
@@ -598,9 +598,8 @@ class PathARModuleLogic:
         if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise InputError("choose a PathAR sample segmentation to place")
         mapping = self._pathoSyn.segmentSubregions(segmentationNode)
-        order = {EDEMA: 0, ENHANCING: 1, CORE: 2}  # nested sub-regions painted last
         ids, values = vtkStringArray(), vtkIntArray()
-        for sid, value in sorted(mapping.items(), key=lambda kv: order[kv[1]]):
+        for sid, value in sorted(mapping.items(), key=lambda kv: PAINT_ORDER[kv[1]]):
             ids.InsertNextValue(sid)
             values.InsertNextValue(int(value))
         merged = slicer.vtkOrientedImageData()

@@ -64,6 +64,7 @@ from scripted_models.labels import (  # noqa: E402
     EDEMA,
     ENHANCING,
     MODALITIES,
+    PAINT_ORDER,
     SUBREGION_COLORS,
     SUBREGION_NAMES,
 )
@@ -395,12 +396,14 @@ def _segmentHasVoxels(segmentation, segmentId: str) -> bool:
     """Whether a segment holds anything: voxels of its label value in its binary labelmap (possibly a layer shared
     with other segments), else points in its source representation (a closed surface)."""
     import slicer
+    from vtkmodules.util.numpy_support import vtk_to_numpy
 
     segment = segmentation.GetSegment(segmentId)
     binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     labelmap = segment.GetRepresentation(binary)
-    if labelmap is not None:
-        return bool((_orientedArray(labelmap) == segment.GetLabelValue()).any())
+    if labelmap is not None:  # a view of the layer's voxels, not a copy
+        scalars = labelmap.GetPointData().GetScalars()
+        return scalars is not None and bool((vtk_to_numpy(scalars) == segment.GetLabelValue()).any())
     source = segment.GetRepresentation(segmentation.GetSourceRepresentationName())
     return source is not None and source.GetNumberOfPoints() > 0
 
@@ -660,7 +663,7 @@ class PathoSynSlicerLogic:
         labels = np.zeros(shape, np.uint8)
         anyVoxels = False
         # paint edema first, then enhancing, then core, so that nested sub-regions win over the ones around them
-        for sid, value in sorted(mapping.items(), key=lambda kv: {EDEMA: 0, ENHANCING: 1, CORE: 2}[kv[1]]):
+        for sid, value in sorted(mapping.items(), key=lambda kv: PAINT_ORDER[kv[1]]):
             segment = segmentation.GetSegment(sid)
             rep = segment.GetRepresentation(binary)
             if rep is None:

@@ -155,19 +155,21 @@ def _model_shape(crop_shape, multiple: int) -> tuple[int, ...]:
 def _roi_parts(region: np.ndarray, multiple: int) -> list:
     """The blend region as parts synthesized in ROIs of their own (lesions far apart: each at full resolution),
     or [None] for one ROI around all of it. Parts only while their ROIs together hold no more model voxels than
-    the largest ROI (MAX_ROI^3) or that one ROI: many small lesions never cost more than one large lesion."""
+    the largest ROI (MAX_ROI^3) or that one ROI: many small lesions never cost more than one large lesion.
+    Each part is a function that makes its mask (one whole-volume mask at a time)."""
     parts, labels, tight = separate_rois(region, multiple, min_size=32)
     if len(parts) == 1:
         return [None]
     whole = int(np.prod(_model_shape(roi_around_box(tight, multiple, 32).size, multiple)))
     if sum(int(np.prod(_model_shape(box.size, multiple))) for box, _ in parts) > max(whole, MAX_ROI ** 3):
         return [None]
-    masks = []
-    for _, ids in parts:
+
+    def mask_of(ids):
         mask = np.zeros(region.shape, bool)
         mask[tight] = np.isin(labels, ids)
-        masks.append(mask)
-    return masks
+        return mask
+
+    return [lambda ids=ids: mask_of(ids) for _, ids in parts]
 
 
 def _mask_on_grid(mask: Volume, reference: Volume, what: str) -> np.ndarray:
@@ -368,8 +370,8 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         if part is None:  # the whole region in one box
             part_labels, part_distance, part_region = prep.lesion_labels, lesion_distance, region
         else:
-            part_region = part
-            part_labels = np.where(part, prep.lesion_labels, 0).astype(prep.lesion_labels.dtype)
+            part_region = part()
+            part_labels = np.where(part_region, prep.lesion_labels, 0).astype(prep.lesion_labels.dtype)
             part_distance = DistanceFromMask(part_labels > 0, prep.spacing_zyx, lesion_distance.reach_mm)
         box = roi_around(part_region, multiple=cfg.multiple, min_size=32)
         crop_shape = box.size
