@@ -10,6 +10,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 from conftest import make_ball_mask, make_head
 
@@ -204,7 +205,7 @@ def test_pathar_panel_locks_its_inputs_while_sampling_and_cancels(gui):
     assert ui.statusLabel.text == "Cancelled: the scene was not changed."
 
 
-def test_pathar_panel_shows_samples_in_linked_views_and_offers_the_mask(gui):
+def test_pathar_panel_shows_samples_in_linked_views_and_offers_the_mask(gui, monkeypatch):
     head = make_head()
     gui.app.add_volume(head.array, head.ijk_to_ras(), "target")
     panel = gui.pathar.PathARWidget(StandInUI())
@@ -222,3 +223,31 @@ def test_pathar_panel_shows_samples_in_linked_views_and_offers_the_mask(gui):
     assert ui.useMaskButton.enabled and ui.exportFigureButton.enabled and ui.generateButton.text == "Generate samples"
     assert panel.params.placementPoint is not None  # created once there is a sample to place
     assert ui.placementPointWidget.currentNode() is panel.params.placementPoint and not job.folder.exists()
+
+    # "Use this mask in PathoSyn" at a point, then a second lesion with "Add to PathoSyn's current mask" ticked
+    import slicer
+    from slicer_scene import ijk_to_ras
+
+    monkeypatch.setattr(slicer.util, "selectModule", lambda _name: None, raising=False)
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda *_a, **_k: None, raising=False)  # clipped at an edge
+    target, pathosyn = panel.params.targetVolume, panel.logic._pathoSyn
+
+    def place_at(fraction):
+        point = (ijk_to_ras(target) @ np.r_[np.array(head.shape[::-1]) * np.array(fraction), 1.0])[:3]
+        panel.params.placementPoint.RemoveAllControlPoints()
+        panel.params.placementPoint.AddControlPoint(*point)
+        ui.useMaskButton.click()
+        assert not gui.errors, gui.errors
+        mask = panel.logic.pathoSynMask()
+        return mask, pathosyn.maskFromNode(mask, target)[0].array
+
+    first, first_labels = place_at((0.3, 0.5, 0.5))
+    second, alone = place_at((0.7, 0.5, 0.5))  # not ticked: the new mask replaces the first in PathoSyn
+    assert "placed" in first.GetName() and "placed" in second.GetName() and second is not first
+    assert first_labels.any() and not np.array_equal(alone, first_labels)
+    pathosyn.getParameters().maskSegmentation = first
+    panel.params.addToCurrentMask = True
+    both, labels = place_at((0.7, 0.5, 0.5))
+    assert "+" in both.GetName() and labels[first_labels > 0].all() and labels[alone > 0].all()
+    assert (labels > 0).sum() == ((first_labels > 0) | (alone > 0)).sum()
+    assert np.array_equal(pathosyn.maskFromNode(first, target)[0].array, first_labels)  # the first mask is kept

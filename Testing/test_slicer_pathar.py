@@ -397,6 +397,87 @@ def test_use_mask_in_pathosyn_then_synthesize(app, logic, run):
     assert (array_of(out.volumes["t1"]) != array_of(target))[expected > 0].any()
 
 
+def test_a_second_lesion_is_added_to_the_current_mask(app, logic, run):
+    """Two PathAR samples placed at two points, the second added to the first's mask: one segmentation with both
+    lesions where they were placed (each as when placed alone); the first mask is not changed."""
+    from scipy import ndimage
+
+    head, target = add_target(app, shape=(90, 110, 170))
+    size = np.array(head.shape[::-1])
+    left, right = ((ijk_to_ras(target) @ np.r_[size * np.array([f, 0.5, 0.5]), 1.0])[:3] for f in (0.2, 0.8))
+    first = logic.placeMask(run.samples[0].segmentation, target, left)
+    first_labels = logic._pathoSyn.maskFromNode(first, target)[0].array.copy()
+    alone = logic._pathoSyn.maskFromNode(logic.placeMask(run.samples[1].segmentation, target, right), target)[0].array
+    both = logic.placeMask(run.samples[1].segmentation, target, right, addTo=first)
+    labels = logic._pathoSyn.maskFromNode(both, target)[0].array
+    assert both is not first and "+" in both.GetName()
+    assert np.array_equal(logic._pathoSyn.maskFromNode(first, target)[0].array, first_labels)  # input unchanged
+    assert not (first_labels.astype(bool) & alone.astype(bool)).any()  # 100 mm apart: no overlap
+    assert np.array_equal(labels, np.maximum(first_labels, alone))  # each lesion as when placed on its own
+    assert ndimage.label(labels > 0)[1] >= 2
+    names = {both.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(both.GetSegmentation().GetNumberOfSegments())}
+    assert names <= {"necrotic or non-enhancing core", "edema", "enhancing tumour"}
+    from PathoSynSlicerLib.logic import PathoSynSlicerLogic
+
+    out = PathoSynSlicerLogic(app.scene).synthesize({"t1": target}, both, steps=2)  # each lesion in its own ROI
+    assert len(out.report["rois"]) == 2, out.report.get("rois")
+    changed = array_of(out.volumes["t1"]) != array_of(target)
+    assert all(changed[component].any() for component in (first_labels > 0, alone > 0))
+
+
+def test_overlapping_lesions_keep_nested_sub_regions_and_a_labelmap_can_be_added_to(app, logic):
+    """Where the added lesion overlaps the current mask, core beats enhancing beats edema, whichever came first;
+    a BraTS labelmap (4 = enhancing) on a grid of its own is read in its canonical values on the scan's grid."""
+    head, target = add_target(app, shape=(60, 60, 60))
+    cube = np.zeros((16, 16, 16), np.uint8)
+    cube[2:14, 2:14, 2:14] = 2  # edema
+    cube[5:11, 5:11, 5:11] = 1  # core inside
+    sample = logic._pathoSyn.addSegmentationNode(cube, np.eye(4), "cube", wholeLesion=False)
+    centre = (ijk_to_ras(target) @ np.r_[30.0, 30.0, 30.0, 1.0])[:3]
+    current = np.zeros((30, 30, 30), np.uint8)  # a labelmap grid 10 voxels into the scan's: edema, enhancing (4)
+    current[5:25, 5:25, 5:25] = 2
+    current[16:24, 16:24, 16:24] = 4
+    shift = np.eye(4)
+    shift[:3, 3] = 10.0
+    labelmap = app.add_volume(current, ijk_to_ras(target) @ shift, "brats labels", labelmap=True)
+    before = array_of(labelmap).copy()
+    placed = logic.placeMask(sample, target, centre, addTo=labelmap)
+    labels = logic._pathoSyn.maskFromNode(placed, target)[0].array
+    alone = logic._pathoSyn.maskFromNode(logic.placeMask(sample, target, centre), target)[0].array
+    assert np.array_equal(array_of(labelmap), before)
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    assert (labels[alone == 1] == 1).all()  # core over the labelmap's enhancing and edema
+    enhancing = np.zeros(head.shape, bool)
+    enhancing[26:34, 26:34, 26:34] = True  # the labelmap's 4s on the scan's grid
+    assert (labels[enhancing & (alone == 2)] == 3).all()  # enhancing over the cube's edema
+    assert (labels[(alone == 0) & ~enhancing][labels[(alone == 0) & ~enhancing] > 0] == 2).all()
+
+
+def test_adding_sub_regions_to_a_whole_lesion_is_refused(app, logic, run):
+    """A whole-lesion mask (the model invents its structure) would silently become necrotic core beside a PathAR
+    lesion with sub-regions: one line, scene unchanged. A core-only lesion is added as whole lesion."""
+    from scripted_models.errors import InputError
+
+    head, target = add_target(app, shape=(60, 70, 80))
+    blob = np.zeros(head.shape, np.uint8)
+    blob[20:30, 20:30, 20:30] = 1
+    whole = app.add_segmentation(blob, ijk_to_ras(target), {1: "Tumor"}, node_name="painted")
+    point = (ijk_to_ras(target) @ np.r_[55.0, 40.0, 35.0, 1.0])[:3]
+    before = app.node_ids()
+    with pytest.raises(InputError) as info:
+        logic.placeMask(run.samples[0].segmentation, target, point, addTo=whole)
+    assert "whole lesion" in str(info.value) and "\n" not in str(info.value)
+    assert app.node_ids() == before
+    core = np.zeros((12, 12, 12), np.uint8)
+    core[3:9, 3:9, 3:9] = 1
+    coreOnly = logic._pathoSyn.addSegmentationNode(core, np.eye(4), "core only", wholeLesion=False)
+    placed = logic.placeMask(coreOnly, target, point, addTo=whole)
+    labels, wholeLesion = logic._pathoSyn.maskFromNode(placed, target)
+    assert wholeLesion and set(np.unique(labels.array)) == {0, 1}
+    assert labels.array[blob > 0].all() and labels.array.sum() == blob.sum() + 216
+
+
 # --- figure ----------------------------------------------------------------------------------------------------------
 def _all(scene, cls):
     nodes = scene.GetNodesByClass(cls)

@@ -260,11 +260,24 @@ def test_pathar_samples_in_a_row(web, shots):
     assert not status["error"] and sum(page.voxels().values()) > 0, status
     assert "outside" not in status["message"], status["message"]  # the view showed the whole scan: a head click
 
+    # sample 1 added to it ("add to the current mask"), 25 mm to the right of the first: one mask, two lesions
+    placed = sum(page.voxels().values())
+    page.page.locator("#ps-pathar-add").check()
+    page.waitFor(lambda: page.trigger("ps_test_state", "pathar_add") is True, timeout=10, what="the tick")
+    page.fill("#ps-pathar-sample", 1, field="pathar_sample")
+    page.click("#ps-use-mask")
+    page.waitFor(lambda: page.trigger("ps_test_state", "placing") is True, timeout=20, what="placing")
+    box = page.largestView()
+    page.page.mouse.click(box["x"] + box["width"] / 2 + 25 * box["width"] / 200, box["y"] + box["height"] / 2)
+    status = page.waitFor(lambda: (s := page.status())["segmentation"].count("placed") == 2 and s, timeout=20,
+                          what="the second lesion added")
+    assert not status["error"] and sum(page.voxels().values()) > placed, status
+
 
 def test_cancel_keeps_the_scene(web):
     _, page = web
     before = page.status()
-    assert before["segmentation"].endswith("placed")  # the PathAR mask placed by the previous test
+    assert before["segmentation"].endswith("placed")  # the PathAR masks placed by the previous test
     page.fill("#ps-steps", 5, field="steps")
     page.click("#ps-synthesize")
     page.waitFor(lambda: page.trigger("ps_test_state", "progress") > 0, timeout=60, what="the job to run")

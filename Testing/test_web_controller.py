@@ -310,6 +310,18 @@ def test_pathar_sample_mask_placed_at_a_point(app, tmp_path):
     c.placeSampleAt([1e4, 1e4, 1e4])
     assert "outside" in c.state.error
 
+    # "add to the current mask": a second lesion beside the first, in a new segmentation; the first is kept
+    first = c.segmentation
+    first_labels = c.logic.maskFromNode(first, scan)[0].array.copy()
+    c.state.error, c.state.pathar_add = "", True
+    centre[0] += 10.0
+    c.placeSampleAt(centre)
+    assert not c.state.error and c.segmentation is not first and "+" in c.segmentation.GetName()
+    labels = c.logic.maskFromNode(c.segmentation, scan)[0].array
+    assert labels[first_labels > 0].all() and (labels > 0).sum() > (first_labels > 0).sum()
+    assert np.array_equal(c.logic.maskFromNode(first, scan)[0].array, first_labels)
+    assert c.logic.getParameters().maskSegmentation is c.segmentation
+
 
 def test_pathar_anatomy_choice_goes_to_the_job(app, tmp_path, loop):
     c = controller(app, tmp_path=tmp_path)

@@ -35,6 +35,7 @@ from PathoSynSlicerLib.logic import (  # noqa: E402 - PathoSyn's node helpers; a
     JobError,
     PathoSynSlicerLogic,
     _orientedArray,
+    _segmentHasVoxels,
     applicationLayoutNode,
     arrayIJKToRAS,
     checkDependencies,
@@ -618,11 +619,14 @@ class PathARModuleLogic:
         ijkToRAS[:3, 3] = (ijkToRAS @ np.array([ext[0], ext[2], ext[4], 1.0]))[:3]  # extent may not start at 0
         return Volume.from_ijk_to_ras(labels.astype(np.uint8), ijkToRAS)
 
-    def placeMask(self, sampleSegmentation, targetVolume, pointRAS):
+    def placeMask(self, sampleSegmentation, targetVolume, pointRAS, addTo=None):
         """A NEW segmentation on `targetVolume`'s grid: the sample's lesion moved so its centroid is at `pointRAS`
         (world RAS, as a markups click; resampled nearest-neighbour). Parts outside the volume are clipped with a
-        warning; the lost fraction is in `self.lastPlacement`. Raises InputError (scene unchanged) for a point
-        outside the volume or no target."""
+        warning; the lost fraction is in `self.lastPlacement`. With `addTo` (the current lesion mask: segmentation
+        or labelmap; one with nothing painted adds nothing), the new segmentation also holds that mask's lesions,
+        so one synthesis makes them all; where they overlap, nested sub-regions win (labels.PAINT_ORDER). Raises
+        InputError (scene unchanged) for a point outside the volume, no target, or a whole-lesion mask to add
+        sub-regions to."""
         from scripted_models.placement import place_lesion, ras_to_lps
 
         if targetVolume is None or not targetVolume.IsA("vtkMRMLScalarVolumeNode") \
@@ -650,10 +654,36 @@ class PathARModuleLogic:
             info["warning"] = (f"{100 * info['lost_fraction']:.1f}% of the lesion lies outside "
                                f"'{targetVolume.GetName()}' and was clipped")
             logging.warning("PathAR: %s", info["warning"])
+        labels, whole, name = placed.array, False, f"{sampleSegmentation.GetName()} placed"
+        if addTo is not None and _holdsLesion(addTo):
+            labels, whole = self._addToMask(addTo, target, targetVolume, labels)
+            name = f"{addTo.GetName()} + {name}"
         self.lastPlacement = info
-        return self._pathoSyn.addSegmentationNode(
-            placed.array, arrayIJKToRAS(targetVolume), f"{sampleSegmentation.GetName()} placed", wholeLesion=False,
-            referenceNode=targetVolume)
+        return self._pathoSyn.addSegmentationNode(labels, arrayIJKToRAS(targetVolume), name, wholeLesion=whole,
+                                                  referenceNode=targetVolume)
+
+    def _addToMask(self, maskNode, target: Volume, targetVolume, placed: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(canonical labels of `maskNode` on the target grid with `placed` drawn in, whole-lesion flag)."""
+        from scripted_models.labels import is_whole_lesion_only, to_canonical
+        from scripted_models.volume import resample_to
+
+        mask, whole = self._pathoSyn.maskFromNode(maskNode, targetVolume)
+        current = to_canonical(resample_to(mask, target).array)  # a labelmap keeps its own grid and label values
+        if not current.any():
+            raise InputError(f"the lesion mask '{maskNode.GetName()}' has no voxels inside '{targetVolume.GetName()}'")
+        if is_whole_lesion_only(current) if whole is None else whole:
+            if placed.max() > 1:
+                raise InputError(f"'{maskNode.GetName()}' is a whole lesion (the model invents its sub-regions) and "
+                                 "the PathAR lesion has sub-regions: paint core / edema / enhancing, or place it alone")
+            return ((current > 0) | (placed > 0)).astype(np.uint8), True
+        rank = np.array([-1] + [PAINT_ORDER[v] for v in (1, 2, 3)])  # by canonical value; healthy lowest
+        return np.where(rank[placed] > rank[current], placed, current).astype(np.uint8), False
+
+    def pathoSynMask(self):
+        """The PathoSyn module's current lesion mask node (segmentation or labelmap), or None."""
+        from PathoSynSlicerLib.parameters import maskNode
+
+        return maskNode(self._pathoSyn.getParameters())
 
     def useMaskInPathoSyn(self, maskSegmentation, targetVolume, modality: str = "t1"):
         """Make the placed mask and its target volume (as `modality`) the PathoSyn module's inputs. The other
@@ -679,6 +709,19 @@ class PathARModuleLogic:
 
         tiles = renderViews(self.scene, layout, size, includeSlices)
         return savePNG(tiles, path)
+
+
+def _holdsLesion(maskNode) -> bool:
+    """Whether a segmentation or labelmap node has any lesion voxel (a new, unpainted mask has none)."""
+    if maskNode.IsA("vtkMRMLSegmentationNode"):
+        segmentation = maskNode.GetSegmentation()
+        return any(_segmentHasVoxels(segmentation, segmentation.GetNthSegmentID(i))
+                   for i in range(segmentation.GetNumberOfSegments()))
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    image = maskNode.GetImageData() if maskNode.IsA("vtkMRMLScalarVolumeNode") else None
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    return scalars is not None and bool(vtk_to_numpy(scalars).any())
 
 
 __all__ = ["InputError", "JobError", "LinkedLayout", "PathARModuleLogic", "PathARRun", "SampleNodes", "SamplesJob",

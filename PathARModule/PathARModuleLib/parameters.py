@@ -28,6 +28,7 @@ FIELDS = {
     "targetVolume": (slicer.vtkMRMLScalarVolumeNode, None),
     "targetModality": (str, "t1"),
     "placementPoint": (slicer.vtkMRMLMarkupsFiducialNode, None),
+    "addToCurrentMask": (bool, False),
     "device": (str, "auto"),
     "anatomyFrom": (str, "card"),
 }
@@ -51,6 +52,7 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         targetVolume: slicer.vtkMRMLScalarVolumeNode
         targetModality: Annotated[str, Choice(list(MODALITIES))] = "t1"
         placementPoint: slicer.vtkMRMLMarkupsFiducialNode
+        addToCurrentMask: bool = False
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
         anatomyFrom: Annotated[str, Choice(list(ANATOMY_CHOICES))] = "card"
 

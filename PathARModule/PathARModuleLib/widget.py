@@ -172,7 +172,8 @@ class PathARWidget(JobPanel):
             return self.showError(f"there is no sample {index + 1}: generate samples first")
         self.run.checkIntact()
         placed = self.logic.placeMask(self.run.samples[index].segmentation, params.targetVolume,
-                                      P.placementPointRAS(params))
+                                      P.placementPointRAS(params),
+                                      addTo=self.logic.pathoSynMask() if params.addToCurrentMask else None)
         self.logic.useMaskInPathoSyn(placed, params.targetVolume, params.targetModality)
         warning = self.logic.lastPlacement.get("warning")
         if warning:

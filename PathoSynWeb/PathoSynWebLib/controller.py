@@ -554,13 +554,15 @@ class WebController:
         return run.samples[index].segmentation
 
     def placeSampleAt(self, pointRAS) -> None:
-        """Put the chosen sample's mask with its centroid at pointRAS of the reference scan (a NEW segmentation) and
-        make it the lesion mask for Synthesize (PathAR logic placeMask + useMaskInPathoSyn)."""
+        """Put the chosen sample's mask with its centroid at pointRAS of the reference scan (a NEW segmentation, with
+        the current mask's lesions too when "add to the current mask" is ticked) and make it the lesion mask for
+        Synthesize (PathAR logic placeMask + useMaskInPathoSyn)."""
         with self.reportErrors():
             self.state.placing = False
             ref = self._requireScan()
             modality = next(m for m, n in self.scans.items() if n is ref)
-            placed = self.pathar.placeMask(self._sampleSegmentation(), ref, [float(v) for v in pointRAS])
+            placed = self.pathar.placeMask(self._sampleSegmentation(), ref, [float(v) for v in pointRAS],
+                                           addTo=self.segmentation if self.state.pathar_add else None)
             self.pathar.useMaskInPathoSyn(placed, ref, modality)
             self.setSegmentation(placed)
             warning = self.pathar.lastPlacement.get("warning")

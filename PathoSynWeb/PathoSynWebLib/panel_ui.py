@@ -150,6 +150,8 @@ class PathoSynPanel(html.Div):
                                    id="ps-pathar-sample")
                         VBtn("Use this mask", id="ps-use-mask", size="small", variant="tonal",
                              click=handlers["use_mask"], disabled=(busy,))
+                    VCheckbox(v_model=(n.pathar_add,), label="add to the current mask", density="compact",
+                              hide_details=True, id="ps-pathar-add")
                     html.Div(v_if=(n.placing,), children=["click a point in the axial view"],
                              classes="text-caption text-warning")
             with _section("5. Save"), VCardText(classes="py-1"):

@@ -49,6 +49,7 @@ class PathoSynWebState:
     pathar_modality: str = "t1c"
     pathar_has_run: bool = False
     pathar_sample: int = 1  # 1-based, for "Use this mask"
+    pathar_add: bool = False  # "Use this mask" keeps the current mask's lesions and adds the sample's
     placing: bool = False  # the next click in the input view places the sample's mask
     # save
     save_folder: str = ""
