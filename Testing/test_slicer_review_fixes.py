@@ -246,6 +246,10 @@ def test_B6_use_mask_sets_the_chosen_modality_and_clears_the_others(app, logic, 
     assert out.maskSegmentation is seg and not out.useLabelmap
     with pytest.raises(Exception, match="modality"):
         pathar.useMaskInPathoSyn(seg, flair, "dwi")
+    # the target already is PathoSyn's flair: its t1 was chosen with it (same subject) and stays
+    params.t1Volume = other
+    out = pathar.useMaskInPathoSyn(seg, flair, "flair")
+    assert out.flairVolume is flair and out.t1Volume is other and out.maskSegmentation is seg
 
 
 def test_B6_pathar_parameters_have_a_target_modality(app, pathar):

@@ -687,7 +687,8 @@ class PathARModuleLogic:
 
     def useMaskInPathoSyn(self, maskSegmentation, targetVolume, modality: str = "t1"):
         """Make the placed mask and its target volume (as `modality`) the PathoSyn module's inputs. The other
-        modality fields are cleared, so that no scan of another subject is mixed in. Returns its parameters."""
+        modality fields are cleared, so that no scan of another subject is mixed in, unless the target already is
+        PathoSyn's `modality` scan (they were chosen with it). Returns its parameters."""
         from PathoSynSlicerLib.parameters import MODALITY_FIELDS
 
         from scripted_models.labels import check_modality
@@ -696,8 +697,9 @@ class PathARModuleLogic:
             raise InputError("place a PathAR mask in a healthy scan first")
         modality = check_modality(modality)
         params = self._pathoSyn.getParameters()
-        for mod, attr in MODALITY_FIELDS.items():
-            setattr(params, attr, targetVolume if mod == modality else None)
+        if getattr(params, MODALITY_FIELDS[modality]) is not targetVolume:
+            for mod, attr in MODALITY_FIELDS.items():
+                setattr(params, attr, targetVolume if mod == modality else None)
         params.maskSegmentation = maskSegmentation
         params.useLabelmap = False
         return params
