@@ -106,7 +106,7 @@ def test_bad_manifest_rejected_up_front_naming_every_bad_row(tmp_path):
 def test_manifest_checks(tmp_path, monkeypatch):
     root = tmp_path / "cohort"
     manifest = make_cohort(root, 1)
-    head = make_head(shape=(30, 30, 30))
+    head = make_head(shape=(30, 30, 30), origin=(400.0, 0.0, 0.0))  # another space: a grid of its own is fine
     write_volume(head, root / "data" / "other_grid.nii.gz")
     (root / "data" / "notes.txt").write_text("x")
     ok = {"mask": "data/c0_mask.nii.gz", "t1": "data/c0_t1.nii.gz"}
@@ -128,11 +128,15 @@ def test_manifest_checks(tmp_path, monkeypatch):
     message = str(err.value)
     assert "has 8 bad rows" in message and "\n" not in message
     for line, fragment in [(3, "no modality given"), (4, "samples 0 is out of range"), (5, "steps -2 is out of"),
-                           (6, "case_id '../escape'"), (7, "flair is not on the same grid as t1"),
+                           (6, "case_id '../escape'"), (7, "flair does not overlap t1 in space"),
                            (8, "mask 'data/notes.txt' is not an image file"), (9, "seed -1 is out of range"),
                            (10, "mask is empty")]:
         assert f"line {line}: {fragment}" in message, (line, message)
     assert "line 2:" not in message and "line 11:" not in message
+
+    write_volume(make_head(shape=(30, 30, 30)), root / "data" / "own_grid.nii.gz")  # same space, own grid: taken
+    write_manifest(manifest, [{"case_id": "grids", "seed": 1, **ok, "flair": "data/own_grid.nii.gz"}])
+    assert set(load_manifest(manifest)[0].images) == {"t1", "flair"}
 
     write_manifest(manifest, [rows[0], rows[-1]])
     jobs = load_manifest(manifest)
@@ -155,7 +159,7 @@ def test_manifest_takes_a_dicom_series_folder_and_checks_its_grid(tmp_path):
     root = tmp_path / "cohort"
     manifest = make_cohort(root, 1)
     write_dicom_series(read_volume(root / "data" / "c0_t1.nii.gz"), root / "data" / "t1_dicom")
-    write_dicom_series(make_head(shape=(30, 30, 30)), root / "data" / "flair_dicom")
+    write_dicom_series(make_head(shape=(30, 30, 30), origin=(400.0, 0.0, 0.0)), root / "data" / "flair_dicom")
     (root / "data" / "empty").mkdir()
     ok = {"seed": 1, "mask": "data/c0_mask.nii.gz", "t1": "data/t1_dicom"}
     write_manifest(manifest, [{"case_id": "dicom", **ok},
@@ -165,7 +169,7 @@ def test_manifest_takes_a_dicom_series_folder_and_checks_its_grid(tmp_path):
         load_manifest(manifest)
     message = str(err.value)
     assert "has 2 bad rows" in message and "line 2:" not in message, message
-    assert "line 3: flair is not on the same grid as t1" in message and "line 4: t2: " in message, message
+    assert "line 3: flair does not overlap t1 in space" in message and "line 4: t2: " in message, message
     assert "without a DICOM series" in message, message
     write_manifest(manifest, [{"case_id": "dicom", **ok}])
     assert load_manifest(manifest)[0].images == {"t1": str((root / "data" / "t1_dicom").resolve())}

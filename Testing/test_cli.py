@@ -117,7 +117,7 @@ def _bad_input(case, tmp_path, img, mask):
         (tmp_path / "cut_mask.nrrd").write_bytes(data[: len(data) // 2])
         mask = tmp_path / "cut_mask.nrrd"
     elif case == "shifted_grid":  # a second modality on a grid shifted by 7 mm
-        shifted = type(head)(head.array, head.spacing, tuple(o + 7.0 for o in head.origin), head.direction)
+        shifted = type(head)(head.array, head.spacing, tuple(o + 300.0 for o in head.origin), head.direction)
         images = [f"t1={img}", f"flair={write_volume(shifted, tmp_path / 'shifted.nii.gz')}"]
     elif case == "unknown_modality":
         images = [f"pd={img}"]
@@ -141,7 +141,7 @@ BAD_INPUTS = {  # case -> words the one-line error must contain
     "unknown_labels": "[7]", "negative_labels": "negative", "float_labels": "non-integer",
     "four_d": "3D", "two_d": "3D", "nan_image": "NaN", "all_zero_image": "constant",
     "truncated_image": "cannot read", "corrupt_image": "cannot read", "not_an_image": "cannot read",
-    "corrupt_mask": "cannot read", "shifted_grid": "same grid", "unknown_modality": "unknown modality",
+    "corrupt_mask": "cannot read", "shifted_grid": "does not cover", "unknown_modality": "unknown modality",
     "duplicated_modality": "twice", "missing_file": "not found", "negative_seed": "seed",
     "bad_guidance": "guidance", "zero_samples": "samples",
 }

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import make_ball_mask, make_head, noisy_head
+from conftest import make_ball_mask, make_head, noisy_head, thick_slices
 
 from scripted_models import pseudo_healthy, synthesize_lesion
 from scripted_models.errors import InputError
@@ -252,12 +252,54 @@ def test_pseudo_healthy_changes_only_the_hole():
     assert abs(healthy[mask.array > 0].mean() - head.array[mask.array > 0].mean()) < 200
 
 
+def _flair_on_thick_slices():
+    """(t1 on 1 mm, the same subject's flair on 3 mm slices: each the mean of 3 of a 1 mm flair, the ball mask)."""
+    t1 = make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    thick = thick_slices(make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), seed=1))
+    return t1, thick, make_ball_mask(t1)
+
+
+def test_scans_on_different_grids_are_synthesized_each_on_its_own():
+    """A 1 mm t1 and a 3 mm-slice flair of one subject: the engine works on the t1's grid (the flair resampled onto
+    it) and gives the flair back on its own grid, its voxels bit for bit where nothing changed. Oracle: the same run
+    with the flair already resampled onto the t1 grid; its change, averaged over each 3 mm voxel, is the flair's."""
+    from scripted_models.preprocess import background_value
+    from scripted_models.volume import resample_to
+
+    t1, thick, mask = _flair_on_thick_slices()
+    result = synthesize_lesion({"flair": thick, "t1": t1}, mask, seed=0, steps=2, samples=2)
+    flair = result.images["flair"]
+    assert flair.same_grid(thick) and flair.array.dtype == thick.array.dtype and result.images["t1"].same_grid(t1)
+    assert result.residuals["flair"].same_grid(thick) and result.uncertainty["flair"].same_grid(thick)
+    assert result.mask.same_grid(t1) and result.report["working_grid"] == "t1"
+    assert result.report["resampled"] == ["flair"]
+    residual = result.residuals["flair"].array
+    assert np.array_equal(flair.array[residual == 0], thick.array[residual == 0])
+    lesion_slices = np.unique(np.argwhere(mask.array > 0)[:, 0] // 3)
+    assert np.abs(residual).sum(axis=(1, 2))[lesion_slices].min() > 0  # every slice the lesion crosses changed
+    far = np.ones(16, bool)
+    far[max(lesion_slices.min() - 3, 0):lesion_slices.max() + 4] = False  # 6 mm margin + a slice
+    assert far.any() and not residual[far].any()
+
+    resampled = resample_to(thick, t1, nearest=False, default=background_value(thick.array))
+    resampled = resampled.with_array(resampled.array.astype(np.float32))
+    oracle = synthesize_lesion({"flair": resampled, "t1": t1}, mask, seed=0, steps=2, samples=2)
+    assert np.array_equal(oracle.images["t1"].array, result.images["t1"].array)
+    change = (oracle.images["flair"].array - resampled.array).reshape(16, 3, 56, 52).mean(axis=1)
+    assert np.abs(change).max() > 50  # a lesion, not noise
+    assert np.abs(flair.array.astype(np.float64) - thick.array - change).max() <= 0.5 + 1e-3  # int16 rounding
+
+    healthy = pseudo_healthy({"t1": t1, "flair": thick}, mask)["flair"]
+    assert healthy.same_grid(thick) and healthy.array.dtype == thick.array.dtype
+    assert (healthy.array != thick.array).any()
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("empty", "empty"),
         ("outside", "overlap"),
-        ("mismatched", "mismatched"),
+        ("out_of_view", "does not cover the whole lesion"),
         ("unknown", "unknown modality"),
         ("samples", "samples"),
         ("nan", "NaN"),
@@ -281,8 +323,8 @@ def test_bad_input_raises_one_line(case, message):
         m = np.zeros_like(mask.array)
         m[0:2, 0:2, 0:2] = 1
         mask = mask.with_array(m)
-    elif case == "mismatched":
-        images = {"t1": head, "flair": make_head(shape=(30, 30, 30))}
+    elif case == "out_of_view":  # a flair whose field of view ends before the lesion (another space)
+        images = {"t1": head, "flair": make_head(shape=(30, 30, 30), origin=(300.0, 0.0, 0.0))}
     elif case == "unknown":
         images = {"pd": head}
     elif case == "samples":

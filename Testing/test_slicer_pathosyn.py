@@ -1,6 +1,7 @@
 """PathoSyn Slicer module on a real (headless) MRML scene from the slicer-core wheel. The engine is not stubbed."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -710,6 +711,40 @@ def test_a_dead_worker_fails_the_click_with_a_reason_and_the_next_click_works(ap
         assert_unchanged(app, [node], before)
         assert _one_step_click(logic, node, seg, worker) == DONE
         assert worker.starts == 2
+
+
+def test_scans_on_different_grids_give_outputs_on_their_own_grids(app, logic, engine_worker):
+    """A 1 mm t1 and a 3 mm-slice flair of one subject (an oblique pair, as from two DICOM series), in process and
+    through the worker's cropped job outputs: each output node on its input's grid, the flair's voxels unchanged
+    away from the lesion, the lesion segmentation on the finer t1 grid; the same values both ways."""
+    from conftest import thick_slices
+    from PathoSynSlicerLib.process import DONE, WorkerRunner
+
+    t1 = make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), direction=FLIPPED)
+    thick = thick_slices(make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), direction=FLIPPED, seed=1))
+    flairNode = app.add_volume(thick.array, thick.ijk_to_ras(), "flair 3 mm")
+    t1Node = app.add_volume(t1.array, t1.ijk_to_ras(), "t1 1 mm")
+    seg = app.add_segmentation(make_ball_mask(t1).array, t1.ijk_to_ras(), SUBREGION_SEGMENTS)
+    volumes = {"flair": flairNode, "t1": t1Node}
+    direct = logic.synthesize(volumes, seg, seed=2, steps=2)
+    job = logic.createJob(volumes, seg, seed=2, steps=2)
+    try:
+        assert WorkerRunner(job.argv, worker=engine_worker).start().wait(timeout=300) == DONE
+        assert "outputs_box_zyx_by_modality" in json.loads((job.outputDir / "report.json").read_text())
+        viaJob = logic.loadJobOutputs(job)
+    finally:
+        job.cleanup()
+    for out in (direct, viaJob):
+        for mod, node in volumes.items():
+            assert np.array_equal(ijk_to_ras(out.volumes[mod]), ijk_to_ras(node))
+            assert np.array_equal(ijk_to_ras(out.residuals[mod]), ijk_to_ras(node))
+        flair, residual = array_of(out.volumes["flair"]), array_of(out.residuals["flair"])
+        assert flair.shape == thick.shape and (flair != thick.array).any()
+        assert np.array_equal(flair[residual == 0], thick.array[residual == 0])
+        labels = logic.maskFromNode(out.segmentation, t1Node)[0].array
+        assert labels.shape == t1.shape and labels.any()
+    assert np.array_equal(array_of(direct.volumes["flair"]), array_of(viaJob.volumes["flair"]))
+    assert np.array_equal(array_of(direct.volumes["t1"]), array_of(viaJob.volumes["t1"]))
 
 
 def test_runner_surfaces_exit_code_2_errors(tmp_path):

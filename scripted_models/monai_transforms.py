@@ -102,8 +102,10 @@ class RandSynthesizeLesiond(RandomizableTransform, MapTransform):
                                    device=self.device)
         for key in keys:
             d[key] = like(d[key], result.images[self.modalities[key]].array)
-        if self.label_key is not None:
-            d[self.label_key] = like(d[keys[0]], result.mask.array)
+        if self.label_key is not None:  # on the first image's grid (the engine's is the finest scan's)
+            from .volume import resample_to
+
+            d[self.label_key] = like(d[keys[0]], resample_to(result.mask, reference).array)
         return d
 
     def _pathar_mask(self, modality: str, reference: Volume) -> Volume:

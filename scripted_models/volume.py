@@ -324,6 +324,39 @@ def resample_to(moving: Volume, reference: Volume, nearest: bool = True, default
     return Volume.from_sitk(out)
 
 
+def box_on_grid(box: tuple[slice, ...], source: Volume, target: Volume, pad: int = 1) -> tuple[slice, ...]:
+    """The voxel box of `target` that covers the physical extent of `box` (z, y, x slices of `source`), grown by
+    `pad` voxels and clipped to `target`."""
+    lo = np.array([b.start for b in box][::-1], float) - 0.5  # i, j, k edges
+    hi = np.array([b.stop for b in box][::-1], float) - 0.5
+    edges = np.stack([lo, hi])
+    corners = np.array([[edges[c, axis] for axis, c in enumerate(choice)] for choice in np.ndindex(2, 2, 2)])
+    ijk = (np.linalg.inv(target.ijk_to_lps()) @ source.ijk_to_lps() @ np.c_[corners, np.ones(8)].T)[:3]
+    start = np.maximum(np.floor(ijk.min(axis=1)).astype(int) - pad, 0)
+    stop = np.minimum(np.ceil(ijk.max(axis=1)).astype(int) + 1 + pad, np.array(target.shape[::-1]))
+    return tuple(slice(int(a), int(max(a, b))) for a, b in zip(start[::-1], stop[::-1]))
+
+
+def resample_box_average(moving: Volume, target: Volume, box: tuple[slice, ...], max_factor: int = 8) -> np.ndarray:
+    """`moving` averaged over each voxel of `target[box]` (float32, zero where `moving` has no data): sampled
+    linearly at f points per voxel and axis (f = the target's spacing / the moving grid's finest, at most
+    `max_factor`) and averaged, as a voxel of a coarser scan integrates the tissue it spans."""
+    import SimpleITK as sitk
+
+    factor = np.clip(np.ceil(np.array(target.spacing) / min(moving.spacing) - 1e-6), 1, max_factor).astype(int)
+    size = np.array([b.stop - b.start for b in box][::-1])  # i, j, k
+    first = np.array([b.start for b in box][::-1], float) - 0.5 + 0.5 / factor  # first sample, target index
+    fine = sitk.Image([int(v) for v in size * factor], sitk.sitkFloat32)
+    fine.SetSpacing(tuple(float(v) for v in np.array(target.spacing) / factor))
+    fine.SetOrigin(tuple(float(v) for v in (target.ijk_to_lps() @ np.r_[first, 1.0])[:3]))
+    fine.SetDirection(target.direction)
+    source = moving.with_array(moving.array.astype(np.float32, copy=False)).to_sitk()
+    samples = sitk.GetArrayFromImage(sitk.Resample(source, fine, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                   sitk.sitkFloat32))
+    (nz, ny, nx), (fz, fy, fx) = size[::-1], factor[::-1]
+    return samples.reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
 def require_volume(value, name: str) -> Volume:
     """value, or InputError when it is not a Volume (an array has no geometry: a Python caller's likely slip)."""
     if not isinstance(value, Volume):

@@ -854,9 +854,10 @@ class PathoSynSlicerLogic:
         """addSynthesisNodes a node at a time: a generator that yields a name after each new node (a front end
         serves its event loop in between) and returns the SynthesisNodes. Closed early or failing, it removes what
         it made."""
+        from scripted_models.pathosyn.api import working_grid
+
         out = SynthesisNodes(report=dict(report or {}))
-        reference = next(iter(prepared.images.values()))
-        referenceNode = next(iter(prepared.nodes.values()))
+        referenceNode = prepared.nodes[working_grid(prepared.images)]  # the lesion mask's grid
         try:
             colorNode, created = self.residualColorNode()
             if created:
@@ -864,17 +865,18 @@ class PathoSynSlicerLogic:
             for mod, volume in images.items():
                 inputNode = prepared.nodes[mod]
                 base = inputNode.GetName()
-                out.volumes[mod] = self._outputVolume(volume, reference, inputNode, f"{base} synthesized")
+                own = prepared.images[mod]  # the input's grid (the engine maps scans on other grids back)
+                out.volumes[mod] = self._outputVolume(volume, own, inputNode, f"{base} synthesized")
                 yield f"{mod} synthesized"
                 res = residuals[mod]
                 maxAbs = max(float(res.array.max()), -float(res.array.min()), 1e-6)  # no |res| copy of the grid
-                out.residuals[mod] = self._outputVolume(res, reference, inputNode, f"{base} residual",
+                out.residuals[mod] = self._outputVolume(res, own, inputNode, f"{base} residual",
                                                         windowLevel=(2.0 * maxAbs, 0.0))
                 self._setDivergingDisplay(out.residuals[mod], colorNode, maxAbs)
                 yield f"{mod} residual"
                 if uncertainty and mod in uncertainty:
                     top = max(float(uncertainty[mod].array.max()), 1e-6)  # 0 (certain) .. the largest spread
-                    node = self._outputVolume(uncertainty[mod], reference, inputNode, f"{base} uncertainty",
+                    node = self._outputVolume(uncertainty[mod], own, inputNode, f"{base} uncertainty",
                                               windowLevel=(top, top / 2.0))
                     inferno = nodesByClass(self.scene, "vtkMRMLColorNode", "Inferno")
                     if inferno:
@@ -958,12 +960,12 @@ class PathoSynSlicerLogic:
                 sh.CreateItem(parent, node)
 
     def addPseudoHealthyNodes(self, prepared: PreparedInputs, healthy: dict) -> dict:
-        reference = next(iter(prepared.images.values()))
         created = {}
         try:
             for mod, volume in healthy.items():
                 node = prepared.nodes[mod]
-                created[mod] = self._outputVolume(volume, reference, node, f"{node.GetName()} pseudo-healthy")
+                created[mod] = self._outputVolume(volume, prepared.images[mod], node,
+                                                  f"{node.GetName()} pseudo-healthy")
                 self.tagOutput(created[mod], "pseudo-healthy", 0, node, mod)
             self.placeNextToInput(list(created.values()), next(iter(prepared.nodes.values())))
         except BaseException:
@@ -1058,33 +1060,38 @@ class PathoSynSlicerLogic:
         if not report_path.is_file():
             raise InputError(f"the synthesis produced no report in {out}")
         report = json.loads(report_path.read_text())
-        reference = next(iter(job.prepared.images.values()))
-        mods = list(job.prepared.images)
+        from scripted_models.pathosyn.api import working_grid
+
+        images = job.prepared.images
+        reference = images[working_grid(images)]  # the mask's grid; a scan on another grid keeps its own
+        mods = list(images)
         ext = JOB_FORMAT
         expected = [f"{m}.{ext}" for m in mods] + [f"residual_{m}.{ext}" for m in mods] + [f"mask.{ext}"]
         absent = [name for name in expected if not (out / name).is_file()]
         if absent:
             raise JobError(f"the synthesis output is incomplete: {', '.join(absent)} missing in {out}")
 
-        box = tuple(slice(a, b) for a, b in report["outputs_box_zyx"]) if "outputs_box_zyx" in report else None
+        boxes = {m: report.get("outputs_box_zyx_by_modality", {}).get(m, report.get("outputs_box_zyx"))
+                 for m in mods} | {"mask": report.get("outputs_box_zyx")}
 
-        def onGrid(path, inside=None):
-            """The output on the exact input grid (NIfTI stores geometry in float32). A cropped output (the job's
-            --crop-outputs) is pasted into `inside` (the input image) or into zeros."""
+        def onGrid(path, grid: Volume, box, inside: bool = False):
+            """The output on the exact grid of `grid` (NIfTI stores geometry in float32). A cropped output (the
+            job's --crop-outputs) is pasted into the input image (`inside`) or into zeros."""
             array = read_volume(path).array
             if box is not None:
+                box = tuple(slice(a, b) for a, b in box)
                 if array.shape != tuple(b.stop - b.start for b in box):
                     raise JobError(f"{Path(path).name}: shape {array.shape} does not match the reported box {box}")
-                full = inside.astype(array.dtype) if inside is not None else np.zeros(reference.shape, array.dtype)
+                full = grid.array.astype(array.dtype) if inside else np.zeros(grid.shape, array.dtype)
                 full[box] = array
                 array = full
-            return reference.with_array(array)
+            return grid.with_array(array)
 
-        return {"images": {m: onGrid(out / f"{m}.{ext}", job.prepared.images[m].array) for m in mods},
-                "residuals": {m: onGrid(out / f"residual_{m}.{ext}") for m in mods},
-                "uncertainty": {m: onGrid(out / f"uncertainty_{m}.{ext}") for m in mods
+        return {"images": {m: onGrid(out / f"{m}.{ext}", images[m], boxes[m], inside=True) for m in mods},
+                "residuals": {m: onGrid(out / f"residual_{m}.{ext}", images[m], boxes[m]) for m in mods},
+                "uncertainty": {m: onGrid(out / f"uncertainty_{m}.{ext}", images[m], boxes[m]) for m in mods
                                 if (out / f"uncertainty_{m}.{ext}").is_file()} or None,
-                "mask": onGrid(out / f"mask.{ext}"), "report": report}
+                "mask": onGrid(out / f"mask.{ext}", reference, boxes["mask"]), "report": report}
 
     def addJobOutputs(self, job: SynthesisJob, outputs: dict):
         """NEW nodes for what readJobOutputs read (all or nothing)."""

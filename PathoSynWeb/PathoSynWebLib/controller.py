@@ -146,8 +146,8 @@ class WebController:
         ref = self.referenceNode
         if ref is not None and ref is not node and node.GetImageData() is not None:
             if tuple(ref.GetImageData().GetDimensions()) != tuple(node.GetImageData().GetDimensions()):
-                log.info("%s has another grid than %s: the engine resamples onto the first scan", node.GetName(),
-                         ref.GetName())
+                log.info("%s has another grid than %s: the engine works on the finer one and maps the outputs back "
+                         "onto each scan's grid", node.GetName(), ref.GetName())
         self.scans = {m: n for m, n in self.scans.items() if n is not node}
         self.scans[modality] = node
         self._refreshScans()

@@ -15,6 +15,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 from ..labels import MODALITIES
 from ..outputs import fingerprint
@@ -102,8 +104,18 @@ def _header_info(path: Path, cache: dict):
     return info
 
 
-def _same_grid(a, b, tol: float = 1e-4) -> bool:
-    return a[0] == b[0] and all(abs(x - y) <= tol for u, v in zip(a[1:], b[1:]) for x, y in zip(u, v))
+def _physical_box(info) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) LPS corners of the space a header's (size, spacing, origin, direction) grid covers."""
+    size, spacing, origin, direction = (np.asarray(v, float) for v in info)
+    edges = [np.array([-0.5, n - 0.5]) for n in size]
+    corners = np.array([[edges[0][a], edges[1][b], edges[2][c]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    lps = origin + (direction.reshape(3, 3) @ np.diag(spacing) @ corners.T).T
+    return lps.min(axis=0), lps.max(axis=0)
+
+
+def _overlap(a, b) -> bool:
+    (alo, ahi), (blo, bhi) = _physical_box(a), _physical_box(b)
+    return bool(np.all(alo < bhi) and np.all(blo < ahi))
 
 
 def _check_path(cell: str, base: Path, what: str, cache: dict):
@@ -216,11 +228,11 @@ def load_manifest(path: str | Path) -> list[Job]:
                 images[mod], grids[mod] = resolved, info
         if not any((row.get(m) or "").strip() for m in MODALITIES):
             bad.append("no modality given (fill at least one of " + ", ".join(m for m in MODALITIES if m in row) + ")")
-        if len(grids) > 1:
+        if len(grids) > 1:  # grids may differ (the engine resamples), the space may not
             first = next(iter(grids))
             for mod, grid in grids.items():
-                if not _same_grid(grid, grids[first]):
-                    bad.append(f"{mod} is not on the same grid as {first} (size/spacing/origin/direction differ)")
+                if not _overlap(grid, grids[first]):
+                    bad.append(f"{mod} does not overlap {first} in space (another subject's scan, or not registered)")
         mask_cell = row["mask"].strip()
         mask = None
         if mask_cell.lower() == PATHAR:

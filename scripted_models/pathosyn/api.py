@@ -27,13 +27,14 @@ from ..preprocess import (
     dilate_mm,
     foreground_mask,
     has_constant_background,
+    head_above_noise,
     resize,
     roi_around,
     roi_around_box,
     separate_rois,
 )
 from ..runtime import pick_device
-from ..volume import Volume, require_volume, resample_to, validate_image
+from ..volume import Volume, box_on_grid, require_volume, resample_box_average, resample_to, validate_image
 
 ProgressFn = Callable[[float, str], None]
 
@@ -115,6 +116,8 @@ class _Prepared:
     # above the noise where a background is noise (None: the scan's own constant-background foreground)
     from_brain_mask: bool = False
     lesion_outside: float = 0.0  # share of the lesion outside the head (or the brain mask)
+    native: dict[str, Volume] = field(default_factory=dict)  # scans on other grids than `reference`, as given
+    working: str = ""  # the modality whose grid is `reference`
 
     @property
     def normalized(self) -> dict[str, np.ndarray]:
@@ -205,15 +208,21 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
             raise InputError(f"modality '{mod}' given twice")
         validate_image(vol, mod)
         checked[mod] = vol
-    reference = next(iter(checked.values()))
-    for mod, vol in checked.items():
-        if not vol.same_grid(reference):
-            raise InputError(f"mismatched images: '{mod}' is not on the same grid as '{next(iter(checked))}'")
+    working = working_grid(checked)
+    reference = checked[working]
+    constant = [has_constant_background(v.array) for v in checked.values()]  # else a raw scan: air is noise
+    native = {m: v for m, v in checked.items() if not v.same_grid(reference)}
     if mask is None:
         raise InputError("no lesion mask given")
     labels = to_canonical(_mask_on_grid(mask, reference, "mask"), label_mapping)
     if not labels.any():
         raise InputError("the lesion mask is empty (on the image grid)")
+    in_view = {}
+    for mod, vol in native.items():  # the same subject's scan on a grid of its own: onto the working grid
+        checked[mod], in_view[mod] = _resampled_scan(vol, reference)
+        if not in_view[mod][labels > 0].all():
+            raise InputError(f"the {mod} scan does not cover the whole lesion (its field of view ends inside the "
+                             f"mask, on the {working} scan's grid): are the scans of one subject, in one space?")
     spacing_zyx = tuple(reversed(reference.spacing))
     lesion = labels > 0
     step = (slice(None, None, STATS_STRIDE),) * 3
@@ -222,9 +231,11 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
         fg = brain[step].copy()
     else:
         fg = np.zeros(lesion[step].shape, bool)  # head foreground (holes filled) on the strided grid
-        for vol in checked.values():
-            fg |= foreground_mask(vol.array[step])
-    constant = [has_constant_background(v.array) for v in checked.values()]  # else a raw scan: air is noise
+        for (mod, vol), flat in zip(checked.items(), constant):
+            if mod not in native:
+                fg |= foreground_mask(vol.array[step])
+            else:  # resampled: its head where it has a view (the fill beyond is its background, not the head's)
+                fg |= (foreground_mask if flat else head_above_noise)(vol.array[step]) & in_view[mod][step]
     if brain is not None:
         in_brain = bool(brain[lesion].any())
     else:
@@ -242,13 +253,46 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
     if covered > MAX_LESION_FRACTION:
         raise InputError(f"the lesion mask covers {100 * min(covered, 1.0):.0f}% of the head (at most "
                          f"{100 * MAX_LESION_FRACTION:.0f}%): is it a head mask rather than a lesion?")
-    normalizers = {m: IntensityNormalizer.fit(v.array[step], exclude=lesion[step], foreground=fg)
-                   for m, v in checked.items()}
+    normalizers = {m: IntensityNormalizer.fit(v.array[step], foreground=fg, exclude=lesion[step] if m not in native
+                                              else lesion[step] | ~in_view[m][step]) for m, v in checked.items()}
     head = brain
     if head is None and not all(constant):
         head = fg.repeat(STATS_STRIDE, 0).repeat(STATS_STRIDE, 1).repeat(STATS_STRIDE, 2)[
             tuple(slice(n) for n in lesion.shape)]
-    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head, brain is not None, outside)
+    return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head, brain is not None, outside, native,
+                     working)
+
+
+def working_grid(images: Mapping[str, Volume]) -> str:
+    """The modality whose grid the engine works on: the finest scan (smallest voxel; ties: the first given).
+    Scans of the same subject on other grids are resampled onto it, and their outputs mapped back."""
+    volume = {m: float(np.prod(v.spacing)) for m, v in images.items()}
+    finest = min(volume.values())
+    return next(m for m in images if volume[m] <= finest * (1 + 1e-6))
+
+
+def _resampled_scan(scan: Volume, reference: Volume) -> tuple[Volume, np.ndarray]:
+    """(`scan` resampled linearly onto `reference`'s grid (float32; outside its field of view: its background),
+    the reference voxels it covers)."""
+    inside = Volume(np.ones(scan.shape, np.uint8), scan.spacing, scan.origin, scan.direction)
+    covered = resample_to(inside, reference, nearest=True).array > 0
+    moved = resample_to(scan, reference, nearest=False, default=background_value(scan.array))
+    return moved.with_array(moved.array.astype(np.float32)), covered
+
+
+def _native_image(prep: _Prepared, mod: str, output: np.ndarray, box: tuple) -> tuple[Volume, np.ndarray, tuple]:
+    """`output` (working grid; it differs from the input only inside `box`) as the scan `mod` on its own grid:
+    (image: the scan's voxels plus the change averaged over each of its voxels, floored at its darkest voxel, and
+    bit for bit the scan's where nothing changed; residual, float32; the box on the scan's grid)."""
+    scan, work = prep.native[mod], prep.images[mod]
+    native_box = box_on_grid(box, work, scan)
+    change = resample_box_average(work.with_array(output.astype(np.float32) - work.array), scan, native_box)
+    values = np.maximum(scan.array[native_box].astype(np.float64) + change, float(scan.array.min()))
+    moved = change != 0
+    image, residual = scan.array.copy(), np.zeros(scan.shape, np.float32)
+    image[native_box][moved] = cast_like(values, scan.array.dtype)[moved]
+    residual[native_box][moved] = (values - scan.array[native_box])[moved]
+    return scan.with_array(image), residual, native_box
 
 
 def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto", label_mapping: dict | None = None,
@@ -277,7 +321,8 @@ def pseudo_healthy(images: dict[str, Volume], mask: Volume, device: str = "auto"
         restored = cast_like(prep.normalizers[m].inverse(filled[m]), vol.array.dtype)
         result = vol.array.copy()
         result[hole] = restored[hole]
-        out[m] = vol.with_array(result)
+        out[m] = vol.with_array(result) if m not in prep.native else \
+            _native_image(prep, m, result, bounding_box(hole))[0]
     if progress:
         progress(1.0, "done")
     return out
@@ -439,6 +484,14 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
     out_images = {m: vol.with_array(out_images[m]) for m, vol in prep.images.items()}
     out_residuals = {m: vol.with_array(out_residuals[m]) for m, vol in prep.images.items()}
     out_std = {m: vol.with_array(out_std[m]) for m, vol in prep.images.items()} if samples > 1 else {}
+    region_box = bounding_box(region)
+    for m, scan in prep.native.items():  # back onto the scan's own grid
+        out_images[m], residual, native_box = _native_image(prep, m, out_images[m].array, region_box)
+        out_residuals[m] = scan.with_array(residual)
+        if samples > 1:
+            std = np.zeros(scan.shape, np.float32)
+            std[native_box] = resample_box_average(out_std[m], scan, native_box)
+            out_std[m] = scan.with_array(std)
     union_start = np.min([r["start_zyx"] for r in rois], axis=0)
     union_stop = np.max([np.add(r["start_zyx"], r["size_zyx"]) for r in rois], axis=0)
     largest = max(rois, key=lambda r: int(np.prod(r["size_zyx"])))
@@ -455,6 +508,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         "model_grid_zyx": largest["model_grid_zyx"], "scale": min(r["scale"] for r in rois),
         "lesion_voxels": int(lesion.sum()),
         "region_voxels": int(region.sum()), "warnings": warn,
+        **({"working_grid": prep.working, "resampled": list(prep.native)} if prep.native else {}),
         "normalised_over": ("brain mask" if prep.from_brain_mask else "head above the noise" if prep.head is not None
                             else "foreground"),
         "timing_s": {"model": round(t_model, 3), "total": round(time.perf_counter() - t_start, 3)},

@@ -49,27 +49,38 @@ def write_synthesis(result, out: Path, fmt: str = "nii.gz", crop: bool = False) 
     Atomic per file; report.json is written last, so its presence marks a complete output folder.
     crop=True writes only the lesion ROI box of every output (geometry kept; report["outputs_box_zyx"] gives its
     voxel range): outside it the images equal the input and the residual, uncertainty and mask are 0, so a front
-    end that has the input pastes the box back (a 64^3 box instead of a whole head: 0.5-1 s less per click)."""
-    from ..preprocess import RoiBox
+    end that has the input pastes the box back (a 64^3 box instead of a whole head: 0.5-1 s less per click). A scan
+    on a grid of its own (resampled for the engine) has its box in report["outputs_box_zyx_by_modality"]."""
+    from ..preprocess import RoiBox, bounding_box
     from ..volume import write_volume
 
-    box = None
     report = dict(result.report)
+    boxes = {m: None for m in result.images} | {"mask": None}
     if crop:
         box, _ = RoiBox(tuple(report["roi_start_zyx"]), tuple(report["roi_size_zyx"])).paste_slices(
             result.mask.shape)
         report["outputs_box_zyx"] = [[b.start, b.stop] for b in box]
+        for m, vol in result.images.items():
+            changed = result.residuals[m].array != 0
+            if result.uncertainty:
+                changed = changed | (result.uncertainty[m].array != 0)
+            boxes[m] = box if vol.same_grid(result.mask) else bounding_box(changed) or (slice(0, 1),) * 3
+        boxes["mask"] = box
+        own = {m: [[b.start, b.stop] for b in boxes[m]] for m, v in result.images.items()
+               if not v.same_grid(result.mask)}
+        if own:
+            report["outputs_box_zyx_by_modality"] = own
 
-    def write(volume, name: str) -> str:
+    def write(volume, name: str, box) -> str:
         return str(write_volume(volume.crop(box) if box is not None else volume, out / f"{name}.{fmt}"))
 
     files = {}
     for m, vol in result.images.items():
-        files[m] = write(vol, m)
-        files[f"residual_{m}"] = write(result.residuals[m], f"residual_{m}")
+        files[m] = write(vol, m, boxes[m])
+        files[f"residual_{m}"] = write(result.residuals[m], f"residual_{m}", boxes[m])
         if result.uncertainty:
-            files[f"uncertainty_{m}"] = write(result.uncertainty[m], f"uncertainty_{m}")
-    files["mask"] = write(result.mask, "mask")
+            files[f"uncertainty_{m}"] = write(result.uncertainty[m], f"uncertainty_{m}", boxes[m])
+    files["mask"] = write(result.mask, "mask", boxes["mask"])
     write_json_atomic({**report, "files": files}, out / "report.json")
     return files
 
