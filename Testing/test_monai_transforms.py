@@ -58,6 +58,30 @@ def test_pipeline_gives_the_engine_bytes_of_the_same_files(files):
     assert np.array_equal(again(data)["t1"], out["t1"])  # reproducible from the random state
 
 
+def test_scans_on_different_grids_stay_on_theirs_and_the_label_is_on_the_first(tmp_path):
+    """A 3 mm-slice flair (first key) and a 1 mm t1: each image keeps its own shape and affine, and the label is on
+    the first image's grid, the engine's mask (made on the finer t1 grid) resampled there."""
+    from conftest import thick_slices
+
+    from scripted_models.volume import resample_to
+
+    t1 = make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), dtype=np.float32)  # as LoadImaged gives them
+    flair = thick_slices(make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), dtype=np.float32, seed=1))
+    paths = {"t1": write_volume(t1, tmp_path / "t1.nii.gz"), "flair": write_volume(flair, tmp_path / "fl.nii.gz"),
+             "lesion": write_volume(make_ball_mask(t1), tmp_path / "lesion.nii.gz")}
+    data = load(paths, ["flair", "t1", "lesion"])
+    transform = RandSynthesizeLesiond(["flair", "t1"], mask_key="lesion", label_key="label", steps=1)
+    transform.set_random_state(seed=1)
+    out = transform(data)
+    expected = synthesize_lesion({m: read_volume(paths[m]) for m in ("flair", "t1")}, read_volume(paths["lesion"]),
+                                 seed=transform.seed, steps=1)
+    for m in ("flair", "t1"):
+        assert out[m].shape == data[m].shape and np.array_equal(kji(out[m]), expected.images[m].array), m
+    assert out["label"].shape == data["flair"].shape
+    assert np.array_equal(kji(out["label"]), resample_to(expected.mask, read_volume(paths["flair"])).array)
+    assert kji(out["label"]).any()
+
+
 def test_skipped_calls_leave_the_images_and_label_no_lesion(files):
     data = load(files, ["t1", "lesion"])
     out = RandSynthesizeLesiond(["t1"], mask_key="lesion", label_key="label", prob=0.0)(data)
