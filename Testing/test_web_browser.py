@@ -78,6 +78,11 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
     page.waitFor(lambda: page.voxels(), timeout=60, what="the teaching sample")
     before = page.voxels()
     assert set(before) == {"necrotic or non-enhancing core", "edema", "enhancing tumour"}, before
+    # VTK's messages (trame-slicer's segment editor logs dozens per segmentation) go to a file, not the terminal
+    log = server.logPath.read_text(errors="replace")
+    vtkLog = Path(log.split("(VTK messages: ", 1)[1].split(")", 1)[0])
+    assert "vtkImageReslice" not in log and "WindowResizeEvent" not in log, log[-2000:]
+    assert "vtkImageReslice" in vtkLog.read_text(errors="replace")
 
     # a real brush stroke on the axial view (active segment: the first one, core)
     page.selectPaint()

@@ -324,6 +324,14 @@ def resample_to(moving: Volume, reference: Volume, nearest: bool = True, default
     return Volume.from_sitk(out)
 
 
+def working_grid(images: dict[str, Volume]) -> str:
+    """The modality whose grid the engine works on: the finest scan (smallest voxel; ties: the first given).
+    Scans of the same subject on other grids are resampled onto it, and their outputs mapped back."""
+    volume = {m: float(np.prod(v.spacing)) for m, v in images.items()}
+    finest = min(volume.values())
+    return next(m for m in images if volume[m] <= finest * (1 + 1e-6))
+
+
 def box_on_grid(box: tuple[slice, ...], source: Volume, target: Volume, pad: int = 1) -> tuple[slice, ...]:
     """The voxel box of `target` that covers the physical extent of `box` (z, y, x slices of `source`), grown by
     `pad` voxels and clipped to `target`."""

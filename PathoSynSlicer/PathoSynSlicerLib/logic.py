@@ -854,7 +854,7 @@ class PathoSynSlicerLogic:
         """addSynthesisNodes a node at a time: a generator that yields a name after each new node (a front end
         serves its event loop in between) and returns the SynthesisNodes. Closed early or failing, it removes what
         it made."""
-        from scripted_models.pathosyn.api import working_grid
+        from scripted_models.volume import working_grid
 
         out = SynthesisNodes(report=dict(report or {}))
         referenceNode = prepared.nodes[working_grid(prepared.images)]  # the lesion mask's grid
@@ -1060,7 +1060,7 @@ class PathoSynSlicerLogic:
         if not report_path.is_file():
             raise InputError(f"the synthesis produced no report in {out}")
         report = json.loads(report_path.read_text())
-        from scripted_models.pathosyn.api import working_grid
+        from scripted_models.volume import working_grid
 
         images = job.prepared.images
         reference = images[working_grid(images)]  # the mask's grid; a scan on another grid keeps its own

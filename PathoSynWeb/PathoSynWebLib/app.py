@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # headless Mesa/GPU; no X server needed
 
@@ -30,6 +31,21 @@ QUIET_PAGE_CSS = (".v-card__loader, .v-field__loader { display: none !important;
                   "{ transition: none !important; animation: none !important; }")
 
 log = logging.getLogger("pathosyn.web")
+
+
+def quietVTK(folder: str) -> Path:
+    """VTK's warnings and errors (trame-slicer prints them on stderr, e.g. 36 'vtkImageReslice has 0 connections'
+    lines each time its segment editor takes a segmentation) go to a file in `folder` instead of the terminal."""
+    from vtkmodules.vtkCommonCore import vtkFileOutputWindow, vtkLogger, vtkOutputWindow
+
+    path = Path(folder) / "pathosyn-web-vtk.log"
+    window = vtkFileOutputWindow()
+    window.SetFileName(str(path))
+    window.SetAppend(True)
+    window.SetFlush(True)
+    vtkOutputWindow.SetInstance(window)
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
+    return path
 
 
 class PathoSynWebApp:
@@ -61,6 +77,7 @@ class PathoSynWebApp:
         self.state = self.server.state
         self.typed = TypedState(self.state, PathoSynWebState)
         self.slicerApp = SlicerApp()
+        self.vtkLog = quietVTK(workDir or tempfile.gettempdir())
         # renders run on the event loop: one per change, at most MAX_VIEW_PIXELS each (views.registerViewFactories)
         renderHold = RenderHold()  # the controller holds renders while it sets a result up
         registerViewFactories(self.slicerApp.view_manager, self.server,
@@ -236,7 +253,7 @@ class PathoSynWebApp:
         upload.file_button.loading_busy = upload.dir_button.loading_busy = False
 
     def _onReady(self, **_):
-        print(f"PathoSyn web front end: http://{self.host}:{self.port}/", flush=True)
+        print(f"PathoSyn web front end: http://{self.host}:{self.port}/ (VTK messages: {self.vtkLog})", flush=True)
         if self.worker is not None:  # warm the engine worker (imports torch, loads the models) off the loop
             asyncio.get_event_loop().run_in_executor(None, self._startWorker)
 

@@ -34,7 +34,15 @@ from ..preprocess import (
     separate_rois,
 )
 from ..runtime import pick_device
-from ..volume import Volume, box_on_grid, require_volume, resample_box_average, resample_to, validate_image
+from ..volume import (
+    Volume,
+    box_on_grid,
+    require_volume,
+    resample_box_average,
+    resample_to,
+    validate_image,
+    working_grid,
+)
 
 ProgressFn = Callable[[float, str], None]
 
@@ -261,14 +269,6 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
             tuple(slice(n) for n in lesion.shape)]
     return _Prepared(checked, reference, labels, normalizers, spacing_zyx, head, brain is not None, outside, native,
                      working)
-
-
-def working_grid(images: Mapping[str, Volume]) -> str:
-    """The modality whose grid the engine works on: the finest scan (smallest voxel; ties: the first given).
-    Scans of the same subject on other grids are resampled onto it, and their outputs mapped back."""
-    volume = {m: float(np.prod(v.spacing)) for m, v in images.items()}
-    finest = min(volume.values())
-    return next(m for m in images if volume[m] <= finest * (1 + 1e-6))
 
 
 def _resampled_scan(scan: Volume, reference: Volume) -> tuple[Volume, np.ndarray]:
