@@ -27,7 +27,7 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from .errors import InputError
 from .labels import check_modality
-from .volume import LPS_TO_RAS, Volume
+from .volume import LPS_TO_RAS, Volume, working_grid
 
 MAX_SEED = 2 ** 31 - 1
 
@@ -93,7 +93,8 @@ class RandSynthesizeLesiond(RandomizableTransform, MapTransform):
         from .pathosyn.api import synthesize_lesion
 
         if self.mask_key is None:
-            mask = self._pathar_mask(next(iter(images)), reference)
+            finest = working_grid(images)  # the engine's grid
+            mask = self._pathar_mask(finest, images[finest])
         else:
             if self.mask_key not in d:
                 raise InputError(f"no lesion mask under key {self.mask_key!r} (mask_key=None draws a PathAR lesion)")

@@ -179,7 +179,7 @@ def run_job(job: Job, out: str | Path, device: str = "auto", run_id: str = "", g
     anything else propagates (so Dask can retry on another worker)."""
     from ..pathosyn.api import synthesize_lesion
     from ..pathosyn.commands import write_json_atomic, write_synthesis
-    from ..volume import read_volume
+    from ..volume import read_volume, working_grid
 
     out = Path(out)
     job_dir = out / job.case_id
@@ -198,7 +198,7 @@ def run_job(job: Job, out: str | Path, device: str = "auto", run_id: str = "", g
         placement = None
         if job.uses_pathar:
             log.progress(0.0, "sampling a PathAR lesion")
-            mask, placement = pathar_mask(job, next(iter(images.values())), device, brain)
+            mask, placement = pathar_mask(job, images[working_grid(images)], device, brain)  # the finest scan
             log("placed", **placement)
         else:
             mask = read_volume(job.mask)
