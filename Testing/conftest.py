@@ -59,18 +59,6 @@ def noisy_head(seed=0, shape=(48, 64, 64)):
     return array.astype(np.float32), brain, head
 
 
-def thick_slices(volume, factor: int = 3):
-    """The same subject's scan on slices `factor` times thicker along k: each the mean of `factor` slices of
-    `volume` (its k size must divide), at the physical place those slices span; same dtype."""
-    k, j, i = volume.shape
-    array = volume.array.reshape(k // factor, factor, j, i).mean(axis=1)
-    if volume.array.dtype.kind in "iu":
-        array = array.round()
-    origin = volume.ijk_to_lps() @ np.array([0.0, 0.0, (factor - 1) / 2.0, 1.0])
-    spacing = (volume.spacing[0], volume.spacing[1], volume.spacing[2] * factor)
-    return type(volume)(array.astype(volume.array.dtype), spacing, tuple(origin[:3]), volume.direction)
-
-
 def make_ball_mask(head, centre_frac=(0.5, 0.5, 0.5), radius_vox=6, labels=True):
     zz, yy, xx = np.meshgrid(*[np.arange(n) for n in head.shape], indexing="ij")
     c = [f * (n - 1) for f, n in zip(centre_frac, head.shape)]

@@ -61,8 +61,7 @@ def test_pipeline_gives_the_engine_bytes_of_the_same_files(files):
 def test_scans_on_different_grids_stay_on_theirs_and_the_label_is_on_the_first(tmp_path):
     """A 3 mm-slice flair (first key) and a 1 mm t1: each image keeps its own shape and affine, and the label is on
     the first image's grid, the engine's mask (made on the finer t1 grid) resampled there."""
-    from conftest import thick_slices
-
+    from scripted_models.evaluation.bench import thick_slices
     from scripted_models.volume import resample_to
 
     t1 = make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), dtype=np.float32)  # as LoadImaged gives them

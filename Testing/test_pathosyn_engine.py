@@ -6,10 +6,11 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import make_ball_mask, make_head, noisy_head, thick_slices
+from conftest import make_ball_mask, make_head, noisy_head
 
 from scripted_models import pseudo_healthy, synthesize_lesion
 from scripted_models.errors import InputError
+from scripted_models.evaluation.bench import thick_slices
 from scripted_models.pathosyn.api import BLEND_MARGIN_MM
 from scripted_models.preprocess import dilate_mm
 from scripted_models.volume import Volume

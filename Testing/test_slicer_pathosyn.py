@@ -717,8 +717,9 @@ def test_scans_on_different_grids_give_outputs_on_their_own_grids(app, logic, en
     """A 1 mm t1 and a 3 mm-slice flair of one subject (an oblique pair, as from two DICOM series), in process and
     through the worker's cropped job outputs: each output node on its input's grid, the flair's voxels unchanged
     away from the lesion, the lesion segmentation on the finer t1 grid; the same values both ways."""
-    from conftest import thick_slices
     from PathoSynSlicerLib.process import DONE, WorkerRunner
+
+    from scripted_models.evaluation.bench import thick_slices
 
     t1 = make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), direction=FLIPPED)
     thick = thick_slices(make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), direction=FLIPPED, seed=1))
