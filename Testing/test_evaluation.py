@@ -90,6 +90,7 @@ def test_bench_quick_prints_latency_memory_and_plot(tmp_path, capsys):
     assert sides[64]["roi_voxels"] > sides[32]["roi_voxels"]
     assert sides[64]["p50_s"] > sides[32]["p50_s"] > 0  # latency grows with the lesion ROI
     assert rows["roi64_double_volume"]["ratio_vs_single"] > 0
+    assert rows["roi64_second_modality"]["ratio_own_grid_vs_same"] > 0  # a FLAIR on its own grid runs
     assert rows["pathar_sample_4mod"]["p50_s"] > 0 and rows["import_s"] > 0
     assert rows["peak_rss_mb_synthesize"] > 100
     assert isinstance(rows["native_cpu_bf16"], bool)  # the figures depend on it (bf16 autocast or float32)
