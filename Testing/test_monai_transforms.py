@@ -33,6 +33,16 @@ def load(files, keys):
     return Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)])({k: str(files[k]) for k in keys})
 
 
+def transform_and_engine(data, paths, keys, seed):
+    """(the transform's output on `data` (1 step, labels under "label"), synthesize_lesion on the same files with
+    the seed the transform drew)."""
+    transform = RandSynthesizeLesiond(keys, mask_key="lesion", label_key="label", steps=1)
+    transform.set_random_state(seed=seed)
+    out = transform(data)
+    return out, synthesize_lesion({m: read_volume(paths[m]) for m in keys}, read_volume(paths["lesion"]),
+                                  seed=transform.seed, steps=1)
+
+
 def test_pipeline_gives_the_engine_bytes_of_the_same_files(files):
     """Geometry from the MetaTensor affine (oblique, anisotropic, left-handed), the engine's seed from the
     transform's random state: the images and labels equal synthesize_lesion on the files, meta kept."""
@@ -43,11 +53,7 @@ def test_pipeline_gives_the_engine_bytes_of_the_same_files(files):
                      dtype=torch.float64)) @ data["t1"].affine, meta={MetaKeys.SPACE: SpaceKeys.LPS})
     assert np.allclose(volume_from_metatensor(lps, "t1").ijk_to_ras(), read_volume(files["t1"]).ijk_to_ras(),
                        atol=1e-5)  # an affine in LPS (meta "space") is the same scan
-    transform = RandSynthesizeLesiond(["t1", "flair"], mask_key="lesion", label_key="label", steps=1)
-    transform.set_random_state(seed=3)
-    out = transform(data)
-    expected = synthesize_lesion({m: read_volume(files[m]) for m in ("t1", "flair")}, read_volume(files["lesion"]),
-                                 seed=transform.seed, steps=1)
+    out, expected = transform_and_engine(data, files, ["t1", "flair"], seed=3)
     for m in ("t1", "flair"):
         assert isinstance(out[m], MetaTensor) and out[m].shape == data[m].shape
         assert np.array_equal(kji(out[m]), expected.images[m].array), m
@@ -69,11 +75,7 @@ def test_scans_on_different_grids_stay_on_theirs_and_the_label_is_on_the_first(t
     paths = {"t1": write_volume(t1, tmp_path / "t1.nii.gz"), "flair": write_volume(flair, tmp_path / "fl.nii.gz"),
              "lesion": write_volume(make_ball_mask(t1), tmp_path / "lesion.nii.gz")}
     data = load(paths, ["flair", "t1", "lesion"])
-    transform = RandSynthesizeLesiond(["flair", "t1"], mask_key="lesion", label_key="label", steps=1)
-    transform.set_random_state(seed=1)
-    out = transform(data)
-    expected = synthesize_lesion({m: read_volume(paths[m]) for m in ("flair", "t1")}, read_volume(paths["lesion"]),
-                                 seed=transform.seed, steps=1)
+    out, expected = transform_and_engine(data, paths, ["flair", "t1"], seed=1)
     for m in ("flair", "t1"):
         assert out[m].shape == data[m].shape and np.array_equal(kji(out[m]), expected.images[m].array), m
     assert out["label"].shape == data["flair"].shape
