@@ -291,6 +291,27 @@ def test_the_click_returns_before_the_inputs_are_written_and_cancel_can_come_fir
     assert not list(tmp_path.glob("pathosyn-*"))
 
 
+def test_a_thick_slice_scan_loaded_first_keeps_the_mask_on_the_finest_grid(app, tmp_path, loop):
+    """A 3 mm-slice flair loaded before the 1 mm t1: the job's mask and the saved mask.nii.gz are on the t1's
+    grid (exported from the segmentation there, not onto the flair's slices); each scan's output on its own."""
+    from scripted_models.evaluation.bench import thick_slices
+
+    c = controller(app, tmp_path=tmp_path)
+    t1 = make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0))
+    flair = thick_slices(make_head(shape=(48, 56, 52), spacing=(1.0, 1.0, 1.0), seed=1))
+    c.loadScanFile(str(write_volume(flair, tmp_path / "sub_flair.nii.gz")))
+    c.loadScanFile(str(write_volume(t1, tmp_path / "sub_t1.nii.gz")))
+    ball = make_ball_mask(t1)
+    c.loadMaskFile(str(write_volume(ball, tmp_path / "mask.nii.gz")))
+    run(c.synthesize())
+    assert not c.state.error, c.state.error
+    out = tmp_path / "saved"
+    c.save(str(out))
+    saved = read_volume(out / "mask.nii.gz")
+    assert saved.same_grid(t1) and np.array_equal(saved.array > 0, ball.array > 0)
+    assert read_volume(out / "flair.nii.gz").same_grid(flair) and read_volume(out / "t1.nii.gz").same_grid(t1)
+
+
 def test_pathar_sample_mask_placed_at_a_point(app, tmp_path):
     c = controller(app)
     head, path = write_head(tmp_path)

@@ -702,11 +702,14 @@ class PathoSynSlicerLogic:
     def prepare(self, volumeNodes, maskNode, modality: str | None = None, brainMaskNode=None) -> PreparedInputs:
         """Validate the inputs (raises InputError with a one-line message) and read them into engine Volumes.
         brainMaskNode: optional brain mask (labelmap or one-segment segmentation) for scans with scalp and skull."""
+        from scripted_models.volume import working_grid
+
         nodes = self._inputVolumes(volumeNodes, modality)
-        reference = next(iter(nodes.values()))
         images = {mod: self.volumeFromNode(node) for mod, node in nodes.items()}
+        finest = working_grid(images)  # the engine's grid: a segmentation is exported there, not onto a thicker scan
+        reference = nodes[finest]
         mask, whole = self.maskFromNode(maskNode, reference)
-        self._checkMaskInside(mask, images[next(iter(images))], maskNode, reference)
+        self._checkMaskInside(mask, images[finest], maskNode, reference)
         return PreparedInputs(images, nodes, mask, whole, maskNode, self.brainMaskFromNode(brainMaskNode, reference))
 
     @staticmethod

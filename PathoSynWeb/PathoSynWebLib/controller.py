@@ -605,7 +605,8 @@ class WebController:
                 write(node, f"residual_{mod}")
             for mod, node in result.uncertainty.items():
                 write(node, f"uncertainty_{mod}")
-            reference = next(iter(result.volumes.values()))
+            # the mask on the finest result's grid (the engine's), not a thicker-slice scan's
+            reference = min(result.volumes.values(), key=lambda node: float(np.prod(node.GetSpacing())))
             mask, _ = self.logic.maskFromNode(result.segmentation, reference)
             written.append(write_volume(mask, out / "mask.nii.gz"))
         for mod, node in self.lastHealthy.items():
