@@ -27,7 +27,7 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from .errors import InputError
 from .labels import check_modality
-from .volume import LPS_TO_RAS, Volume, working_grid
+from .volume import LPS_TO_RAS, Volume, resample_to, working_grid
 
 MAX_SEED = 2 ** 31 - 1
 
@@ -104,8 +104,6 @@ class RandSynthesizeLesiond(RandomizableTransform, MapTransform):
         for key in keys:
             d[key] = like(d[key], result.images[self.modalities[key]].array)
         if self.label_key is not None:  # on the first image's grid (the engine's is the finest scan's)
-            from .volume import resample_to
-
             d[self.label_key] = like(d[keys[0]], resample_to(result.mask, reference).array)
         return d
 
