@@ -305,6 +305,19 @@ def test_nrrd_output_format_keeps_geometry(inputs, tmp_path):
     assert report["files"]["t1"].endswith("t1.nrrd")
 
 
+def test_commands_run_under_tcmalloc_when_installed():
+    """`pathosyn ...` restarts itself with tcmalloc preloaded (as the engine worker runs) when it is installed;
+    PATHOSYN_TCMALLOC=0 keeps the system allocator. The doctor says which one the command runs with."""
+    from scripted_models.worker import fast_allocator
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PATHOSYN_TCMALLOC")}
+    expected = "tcmalloc" if fast_allocator(env) else "system"
+    for extra, allocator in (({}, expected), ({"PATHOSYN_TCMALLOC": "0"}, "system")):
+        proc = subprocess.run([sys.executable, "-m", "scripted_models.cli", "doctor"], capture_output=True, text=True,
+                              env={**env, "PYTHONPATH": str(ROOT), **extra}, timeout=120, cwd=ROOT)
+        assert f"allocator: {allocator}" in proc.stdout, (extra, proc.stdout[-1500:], proc.stderr[-1500:])
+
+
 def test_version_and_doctor(tmp_path, capsys, monkeypatch):
     from scripted_models import __version__
     from scripted_models.cli import main

@@ -54,8 +54,10 @@ def checks(data_root: str | None = None) -> tuple[list[tuple[str, str, str]], li
 
         cuda = torch.cuda.is_available()
         device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
+        from .worker import loaded_allocator
+
         rows.append(("device", "ok", f"{device}; {torch.get_num_threads()} CPU threads; native CPU bf16: "
-                                     f"{native_cpu_bf16()}"))
+                                     f"{native_cpu_bf16()}; allocator: {loaded_allocator()}"))
     except Exception as exc:  # noqa: BLE001 - a broken torch install is what this command reports
         rows.append(("device", "ERROR", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         problems.append("torch does not import")

@@ -73,13 +73,14 @@ def run_bench(repeats: int = 5, quick: bool = False, roi_sides=(32, 48, 64, 80, 
     from ..pathosyn.api import _model, synthesize_lesion
     from ..runtime import native_cpu_bf16, pick_device
     from ..templates import mni_t1
+    from ..worker import loaded_allocator
 
     t1 = mni_t1()
     if quick:
         repeats, roi_sides, steps_list = 2, (32, 64), (3,)
     rows = {"threads": torch.get_num_threads(), "device": device, "torch": torch.__version__,
             "native_cpu_bf16": native_cpu_bf16(),  # bf16 autocast on the CPU (1.7-4x faster U-Net steps) or float32
-            "cpu": platform.processor() or platform.machine(), "repeats": repeats}
+            "cpu": platform.processor() or platform.machine(), "repeats": repeats, "allocator": loaded_allocator()}
     t = time.perf_counter()
     mask64 = _lesion(t1, radius_for_roi(64))
     synthesize_lesion({"t1": t1}, mask64, steps=1, device=device)  # warm-up: model load, allocator
@@ -305,7 +306,8 @@ def _model_size_tradeoff(device: str, click_p50_s: float, quick: bool) -> dict:
 
 
 def print_bench(rows: dict) -> None:
-    print(f"threads={rows['threads']} device={rows['device']} torch={rows['torch']} repeats={rows['repeats']}")
+    print(f"threads={rows['threads']} device={rows['device']} torch={rows['torch']} repeats={rows['repeats']} "
+          f"allocator={rows.get('allocator', '?')}")
     for key in ("roi64_default", "roi64_preview", "roi64_double_volume", "roi64_second_modality"):
         print(f"{key:22s} {json.dumps(rows[key])}")
     for r in rows["vs_roi"]:
