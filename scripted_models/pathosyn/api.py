@@ -274,10 +274,10 @@ def _prepare(images: dict[str, Volume], mask: Volume, label_mapping: dict | None
 def _resampled_scan(scan: Volume, reference: Volume) -> tuple[Volume, np.ndarray]:
     """(`scan` resampled linearly onto `reference`'s grid (float32; outside its field of view: its background),
     the reference voxels it covers)."""
-    inside = Volume(np.ones(scan.shape, np.uint8), scan.spacing, scan.origin, scan.direction)
-    covered = resample_to(inside, reference, nearest=True).array > 0
-    moved = resample_to(scan, reference, nearest=False, default=background_value(scan.array))
-    return moved.with_array(moved.array.astype(np.float32)), covered
+    moved = resample_to(scan, reference, nearest=False, default=np.nan).array  # NaN: outside its field of view
+    covered = ~np.isnan(moved)
+    moved[~covered] = background_value(scan.array)
+    return reference.with_array(moved.astype(np.float32)), covered
 
 
 def _averaged_on_native(prep: _Prepared, mod: str, values, box: tuple) -> tuple[tuple, np.ndarray]:
