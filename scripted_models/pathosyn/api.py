@@ -280,14 +280,15 @@ def _resampled_scan(scan: Volume, reference: Volume) -> tuple[Volume, np.ndarray
     return reference.with_array(moved.astype(np.float32)), covered
 
 
-def _averaged_on_native(prep: _Prepared, mod: str, values, box: tuple) -> tuple[tuple, np.ndarray]:
-    """(box on the scan `mod`'s own grid, values averaged over each of its voxels there). `values(grown)` gives the
-    working-grid values in `grown`: `box` grown by 2 voxels, zero outside `box`. Only that part is resampled."""
+def _averaged_on_native(prep: _Prepared, mod: str, box: tuple, values: np.ndarray,
+                        minus: np.ndarray | None = None) -> tuple[tuple, np.ndarray]:
+    """(box on the scan `mod`'s own grid, `values` - `minus` (working grid, zero outside `box`) averaged over each
+    of the scan's voxels there). Only `box`, grown by 2 voxels, is resampled."""
     work = prep.images[mod]
     grown = tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(box, work.shape))
+    part = values[grown].astype(np.float32) - (0.0 if minus is None else minus[grown])
     native_box = box_on_grid(box, work, prep.native[mod])
-    part = work.crop(grown)
-    return native_box, resample_box_average(part.with_array(values(grown)), prep.native[mod], native_box)
+    return native_box, resample_box_average(work.crop(grown).with_array(part), prep.native[mod], native_box)
 
 
 def _native_image(prep: _Prepared, mod: str, output: np.ndarray, box: tuple) -> tuple[Volume, np.ndarray, tuple]:
@@ -295,8 +296,7 @@ def _native_image(prep: _Prepared, mod: str, output: np.ndarray, box: tuple) -> 
     (image: the scan's voxels plus the change averaged over each of its voxels, floored at its darkest voxel, and
     bit for bit the scan's where nothing changed; residual, float32; the box on the scan's grid)."""
     scan, work = prep.native[mod], prep.images[mod]
-    native_box, change = _averaged_on_native(
-        prep, mod, lambda grown: output[grown].astype(np.float32) - work.array[grown], box)
+    native_box, change = _averaged_on_native(prep, mod, box, output, minus=work.array)
     values = np.maximum(scan.array[native_box].astype(np.float64) + change, float(scan.array.min()))
     moved = change != 0
     image, residual = scan.array.copy(), np.zeros(scan.shape, np.float32)
@@ -500,7 +500,7 @@ def synthesize_lesion(images: dict[str, Volume], mask: Volume, seed: int = 0, sa
         out_residuals[m] = scan.with_array(residual)
         if samples > 1:
             std = np.zeros(scan.shape, np.float32)
-            std[native_box] = _averaged_on_native(prep, m, lambda grown, a=out_std[m].array: a[grown], region_box)[1]
+            std[native_box] = _averaged_on_native(prep, m, region_box, out_std[m].array)[1]
             out_std[m] = scan.with_array(std)
     union_start = np.min([r["start_zyx"] for r in rois], axis=0)
     union_stop = np.max([np.add(r["start_zyx"], r["size_zyx"]) for r in rois], axis=0)

@@ -60,14 +60,17 @@ def write_synthesis(result, out: Path, fmt: str = "nii.gz", crop: bool = False) 
         box, _ = RoiBox(tuple(report["roi_start_zyx"]), tuple(report["roi_size_zyx"])).paste_slices(
             result.mask.shape)
         report["outputs_box_zyx"] = [[b.start, b.stop] for b in box]
+        own = {}  # scans on grids of their own: the box of what changed there
         for m, vol in result.images.items():
+            if vol.same_grid(result.mask):
+                boxes[m] = box
+                continue
             changed = result.residuals[m].array != 0
             if result.uncertainty:
-                changed = changed | (result.uncertainty[m].array != 0)
-            boxes[m] = box if vol.same_grid(result.mask) else bounding_box(changed) or (slice(0, 1),) * 3
+                changed |= result.uncertainty[m].array != 0
+            boxes[m] = bounding_box(changed) or (slice(0, 1),) * 3
+            own[m] = [[b.start, b.stop] for b in boxes[m]]
         boxes["mask"] = box
-        own = {m: [[b.start, b.stop] for b in boxes[m]] for m, v in result.images.items()
-               if not v.same_grid(result.mask)}
         if own:
             report["outputs_box_zyx_by_modality"] = own
 
