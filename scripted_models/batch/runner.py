@@ -69,13 +69,24 @@ def _out_lock(out: Path):
 
 def _watch_parent(parent_pid: int) -> None:
     while True:
-        time.sleep(0.5)
         if os.getppid() != parent_pid:  # the batch process died (e.g. SIGKILL): do not finish orphaned jobs
             os._exit(3)
+        time.sleep(0.5)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker the moment the batch process dies (a 0.5 s poll alone let a worker
+    finish a queued job or two after the batch was killed)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _worker_init(threads: int, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the workers
+    _die_with_parent()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     import torch
