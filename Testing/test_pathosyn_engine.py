@@ -405,6 +405,8 @@ def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
     x = torch.randn(1, 3, 12, 10, 8)
     with torch.no_grad():
         reference = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference_bf16 = net(x)
     channels_first = pin_cpu_inference(copy.deepcopy(net))
     pin_cpu_inference(pin_cpu_inference(net, channels_last=True), channels_last=True)  # idempotent
     with torch.no_grad():
@@ -417,6 +419,9 @@ def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
     assert pinned.is_contiguous(memory_format=CHANNELS_LAST) and not pinned.is_contiguous()  # float32: NDHWC
     assert pinned_first.is_contiguous()  # the default keeps the layout
     assert under_autocast.is_contiguous()  # bf16 autocast keeps the channels-first path
+    # ... and its bf16 convolutions (torch.mkldnn_convolution is no autocast op: it ran them in float32)
+    assert under_autocast.dtype == reference_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(under_autocast, reference_bf16)
     net(x).sum().backward()  # grad enabled: PyTorch's own path, trainable
     assert all(p.grad is not None for p in net.parameters())
 

@@ -76,6 +76,13 @@ def _cpu_autocast_enabled() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except (AttributeError, TypeError):  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
 def _float32_inference(input: torch.Tensor) -> bool:
     return (input.device.type == "cpu" and not torch.is_grad_enabled() and input.dtype == torch.float32
             and not _cpu_autocast_enabled())
@@ -90,6 +97,10 @@ def _onednn_conv_forward(conv: torch.nn.modules.conv._ConvNd, original, channels
         if input.device.type != "cpu" or torch.is_grad_enabled():
             return original(input, weight, bias)
         layout = CHANNELS_LAST if channels_last and _float32_inference(input) else torch.contiguous_format
+        if _cpu_autocast_enabled():  # as autocast's own conv: inputs, weight and bias in its dtype (bf16)
+            dtype = _cpu_autocast_dtype()
+            input, weight = input.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         return torch.mkldnn_convolution(input.contiguous(memory_format=layout),
                                         weight.contiguous(memory_format=layout), bias, conv.padding, conv.stride,
                                         conv.dilation, conv.groups)
@@ -177,7 +188,9 @@ def pin_cpu_inference(net: torch.nn.Module, channels_last: bool = False) -> torc
 
     - Every Conv2d/Conv3d runs through oneDNN. PyTorch otherwise picks the convolution backend per call from
       the tensor size and the thread count (1x1 kernels on one thread use its own kernel), so outputs changed in
-      the last bits with torch.set_num_threads (oneDNN alone was also about 8% faster).
+      the last bits with torch.set_num_threads (oneDNN alone was also about 8% faster). Under bf16 autocast they
+      run in bf16, as autocast's own convolution would (torch.mkldnn_convolution is no autocast op: before
+      session 42 they ran in float32 there, half the speed on an AMX host).
     - GroupNorm on channels-last input sums in a fixed order (`group_norm_channels_last`).
     - channels_last=True, for nets measured faster with it: in float32 (no bf16 autocast) 3-D convolutions run
       channels-last (the deviation U-Net step 0.64 -> 0.53 s on an AVX2 host), and a nearest x2 upsampling
