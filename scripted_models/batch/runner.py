@@ -76,7 +76,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _die_with_parent() -> None:
     """Linux: the kernel kills this worker the moment the batch process dies (a 0.5 s poll alone let a worker
-    finish a queued job or two after the batch was killed)."""
+    finish a queued job or two after the batch was killed). The signal follows the thread that started the
+    worker: `_run_pool`'s thread (its submit calls start them), which outlives the pool."""
     if sys.platform.startswith("linux"):
         import ctypes
 
