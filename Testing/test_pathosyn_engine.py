@@ -426,6 +426,24 @@ def test_pinned_inference_matches_pytorch_and_leaves_training_and_bf16_alone():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_pinned_convolution_under_autocast_falls_back_where_onednn_lacks_the_dtype(monkeypatch):
+    """A CPU without AVX-512 (AVX2 only): oneDNN refuses bf16 convolutions, so a pinned convolution under bf16
+    autocast runs PyTorch's own (autocast) path instead of failing."""
+    import torch
+
+    from scripted_models import runtime
+
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv3d(3, 4, 3, padding=1), torch.randn(1, 3, 8, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = conv(x)
+        runtime.pin_cpu_inference(conv)
+        monkeypatch.setattr(runtime, "_onednn_supports", lambda dtype: False)
+        monkeypatch.setattr(torch, "mkldnn_convolution", None)  # must not be called
+        fallback = conv(x)
+    assert fallback.dtype == torch.bfloat16 and torch.equal(fallback, reference)
+
+
 @pytest.mark.parametrize("spatial", [(40, 36, 32), (21, 23, 25)])
 def test_channels_last_group_norm_matches_pytorch_with_the_same_bytes_on_one_and_two_threads(spatial):
     import torch

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -83,6 +84,16 @@ def _cpu_autocast_dtype() -> torch.dtype:
         return torch.get_autocast_cpu_dtype()
 
 
+@functools.cache
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether torch.mkldnn_convolution takes `dtype` on this CPU (bf16 needs AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
+
+
 def _float32_inference(input: torch.Tensor) -> bool:
     return (input.device.type == "cpu" and not torch.is_grad_enabled() and input.dtype == torch.float32
             and not _cpu_autocast_enabled())
@@ -99,6 +110,8 @@ def _onednn_conv_forward(conv: torch.nn.modules.conv._ConvNd, original, channels
         layout = CHANNELS_LAST if channels_last and _float32_inference(input) else torch.contiguous_format
         if _cpu_autocast_enabled():  # as autocast's own conv: inputs, weight and bias in its dtype (bf16)
             dtype = _cpu_autocast_dtype()
+            if not _onednn_supports(dtype):  # e.g. bf16 on AVX2 only: oneDNN refuses, PyTorch's own path runs it
+                return original(input, weight, bias)
             input, weight = input.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         return torch.mkldnn_convolution(input.contiguous(memory_format=layout),
