@@ -86,12 +86,9 @@ def _cpu_autocast_dtype() -> torch.dtype:
 
 @functools.cache
 def _onednn_supports(dtype: torch.dtype) -> bool:
-    """Whether torch.mkldnn_convolution takes `dtype` on this CPU (bf16 needs AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return dtype == torch.float32
+    """Whether torch.mkldnn_convolution takes `dtype` on this CPU (bf16 needs AVX512BW/VL/DQ or AVX-NE-CONVERT;
+    other autocast dtypes take PyTorch's own path)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def _float32_inference(input: torch.Tensor) -> bool:

@@ -583,7 +583,7 @@ class WebController:
     def save(self, folder: str, mrb: bool = False) -> list:
         """The latest results (synthesized volumes, residuals, uncertainty, mask; pseudo-healthy volumes) as NIfTI
         files in `folder`, each written atomically (engine writer: temp file + rename); with mrb, also the scene."""
-        from scripted_models.volume import write_volume
+        from scripted_models.volume import working_grid, write_volume
 
         folder = str(folder or "").strip()
         if not folder:
@@ -599,15 +599,15 @@ class WebController:
 
         result = self.lastResult
         if result is not None:
-            for mod, node in result.volumes.items():
-                write(node, mod)
+            volumes = {mod: self.logic.volumeFromNode(node) for mod, node in result.volumes.items()}
+            for mod, volume in volumes.items():
+                written.append(write_volume(volume, out / f"{mod}.nii.gz"))
             for mod, node in result.residuals.items():
                 write(node, f"residual_{mod}")
             for mod, node in result.uncertainty.items():
                 write(node, f"uncertainty_{mod}")
-            # the mask on the finest result's grid (the engine's), not a thicker-slice scan's
-            reference = min(result.volumes.values(), key=lambda node: float(np.prod(node.GetSpacing())))
-            mask, _ = self.logic.maskFromNode(result.segmentation, reference)
+            # the mask on the engine's grid (the finest scan's), not a thicker-slice scan's
+            mask, _ = self.logic.maskFromNode(result.segmentation, result.volumes[working_grid(volumes)])
             written.append(write_volume(mask, out / "mask.nii.gz"))
         for mod, node in self.lastHealthy.items():
             write(node, f"pseudo_healthy_{mod}")
