@@ -4,7 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scripted_models.evaluation.metrics import glcm_features, masked_mse_psnr, region_stats, ssim_in_box, wasserstein
+from scripted_models.evaluation.metrics import (
+    brats_inpainting_scores,
+    glcm_features,
+    masked_mse_psnr,
+    region_stats,
+    ssim_in_box,
+    wasserstein,
+)
 
 
 def test_identical_images_have_zero_distance():
@@ -45,6 +52,57 @@ def test_psnr_of_known_error():
     pred = np.full((4, 4, 4), 0.1)
     mse, psnr = masked_mse_psnr(pred, target, np.ones(target.shape, bool))
     assert mse == pytest.approx(0.01) and psnr == pytest.approx(20.0)
+
+
+def reference_slice_ssim(pred, true, mask, axis, data_range):
+    """The 2-D Gaussian SSIM (sigma 1.5, radius 5, mirrored edges) of each slice across `axis`, by scipy."""
+    from scipy.ndimage import gaussian_filter
+
+    sigma = [1.5] * 3
+    sigma[axis] = 0
+
+    def blur(a):
+        return gaussian_filter(a, sigma, mode="mirror", truncate=5 / 1.5)
+
+    mu_p, mu_t = blur(pred), blur(true)
+    var_p, var_t, cov = blur(pred * pred) - mu_p ** 2, blur(true * true) - mu_t ** 2, blur(pred * true) - mu_p * mu_t
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim = (2 * mu_p * mu_t + c1) * (2 * cov + c2) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+    return ssim[mask].mean()
+
+
+def test_brats_challenge_scoring_on_known_inputs():
+    """The challenge's scoring: both images masked, then scaled by the whole voided volume's 0.5 / 99.5
+    percentiles (background included, so not the brain's); SSIM in 2-D slices across the given axis."""
+    rng = np.random.default_rng(2)
+    shape = (24, 30, 36)
+    truth = np.zeros(shape)
+    truth[2:22, 3:27, 4:32] = rng.uniform(100.0, 1100.0, (20, 24, 28))  # a head in a background of zeros
+    mask = np.zeros(shape, bool)
+    mask[6:18, 8:22, 24:36] = True  # reaching the edge: the padding counts
+    voided = np.where(mask, 0.0, truth)
+    lo, hi = np.percentile(voided, [0.5, 99.5])
+    assert lo == 0.0 and hi < np.percentile(voided[voided > 0], 99.5)  # the background counts
+
+    perfect = brats_inpainting_scores(truth, truth, voided, mask, slice_axis=2)
+    assert perfect["ssim"] == pytest.approx(1.0, abs=1e-4) and perfect["mse"] == 0.0
+    assert perfect["psnr_01_db"] == float("inf")
+
+    prediction = truth + rng.normal(0.0, 80.0, shape)
+    scaled = [np.clip(np.where(mask, a, 0.0), 0.0, hi) / hi for a in (prediction, truth)]
+    mse = float(np.mean((scaled[0][mask] - scaled[1][mask]) ** 2))
+    data_range = max(np.ptp(scaled[0]), np.ptp(scaled[1]))
+    for axis in (0, 2):
+        scores = brats_inpainting_scores(prediction, truth, voided, mask, slice_axis=axis)
+        assert scores["mse"] == pytest.approx(mse, abs=1e-5)
+        assert scores["psnr_01_db"] == pytest.approx(10 * np.log10(1 / mse), abs=0.01)
+        assert scores["psnr_db"] == pytest.approx(10 * np.log10(scaled[1][mask].max() ** 2 / mse), abs=0.01)
+        assert scores["ssim"] == pytest.approx(reference_slice_ssim(*scaled, mask, axis, data_range), abs=2e-4)
+    # the slices run across the given axis: another axis gives another SSIM
+    assert (brats_inpainting_scores(prediction, truth, voided, mask, slice_axis=0)["ssim"]
+            != brats_inpainting_scores(prediction, truth, voided, mask, slice_axis=2)["ssim"])
+    with pytest.raises(ValueError, match="empty"):
+        brats_inpainting_scores(truth, truth, voided, np.zeros(shape, bool), slice_axis=2)
 
 
 def box_lesion() -> np.ndarray:

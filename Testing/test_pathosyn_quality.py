@@ -50,6 +50,8 @@ def test_pseudo_healthy_beats_mean_fill_in_inpainting_protocol(data_root):
     scores = inpainting_protocol(data_root)
     assert scores["anatomy_model"]["mse"] < scores["mean_fill_baseline"]["mse"]
     assert scores["anatomy_model"]["ssim"] > scores["mean_fill_baseline"]["ssim"]
+    challenge, challenge_mean_fill = scores["anatomy_model"]["challenge"], scores["mean_fill_baseline"]["challenge"]
+    assert challenge["mse"] < challenge_mean_fill["mse"] and challenge["ssim"] > challenge_mean_fill["ssim"]
 
 
 def test_pseudo_healthy_beats_mean_fill_in_lesion_sized_holes_of_the_test_fold(data_root):
@@ -67,3 +69,4 @@ def test_pseudo_healthy_beats_mean_fill_in_lesion_sized_holes_of_the_test_fold(d
         assert row["voided_voxels"] > row["mask_voxels"]  # the tumour itself is voided too
     model, mean_fill = report["summary"]["anatomy_model"], report["summary"]["mean_fill_baseline"]
     assert model["mse"] < mean_fill["mse"] and model["ssim"] > mean_fill["ssim"]
+    assert model["challenge"]["mse"] < mean_fill["challenge"]["mse"]
