@@ -49,6 +49,22 @@ def test_synthesize_writes_outputs_with_jsonl_progress(inputs, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_warning_is_one_line_and_kept_in_the_report(tmp_path):
+    """A lesion too large for the model's grid: the command warns in one line (not Python's file, line and source
+    line) and the report keeps the warning."""
+    head = make_head(shape=(160, 160, 160), spacing=(1.0, 1.0, 1.0))
+    img = write_volume(head, tmp_path / "t1.nii.gz")
+    mask = write_volume(make_ball_mask(head, radius_vox=50, labels=False), tmp_path / "mask.nii.gz")
+    proc = run_cli("synthesize", "--image", f"t1={img}", "--mask", mask, "--out", tmp_path / "out", "--steps", "1",
+                   "--progress", "none")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [line for line in lines if line.startswith("pathosyn: warning: ")], proc.stderr
+    assert any("exceeds 96^3" in line for line in lines), proc.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("exceeds 96^3" in w for w in report["warnings"])
+
+
 def _one_line_error(proc):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

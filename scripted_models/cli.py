@@ -1,4 +1,5 @@
-"""`pathosyn` command. Subcommands register themselves; errors are one line on stderr, exit code 2.
+"""`pathosyn` command. Subcommands register themselves; errors are one line on stderr, exit code 2; warnings one
+line on stderr too (`pathosyn: warning: ...`; report.json keeps the engine's).
 
 Progress: tqdm for people (stderr), or `--progress jsonl` for machines (one JSON object per line on stdout:
 {"event": "progress", "fraction": 0.4, "message": "..."}, then {"event": "done", ...}).
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except (InputError, WeightsError) as exc:
         return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, EXIT_BAD_INPUT)
     except OSError as exc:  # the file system failed (full disk, no permission): one line, not a traceback
@@ -118,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pathosyn: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr (`pathosyn: warning: ...`), not Python's file, line and source."""
+    from tqdm import tqdm
+
+    text = str(message).strip().splitlines()
+    tqdm.write(f"pathosyn: warning: {text[0] if text else category.__name__}", file=file or sys.stderr)  # above a bar
 
 
 def entry() -> None:
