@@ -1377,6 +1377,51 @@ def test_shape_blend_morphs_nested_lesions_and_scores_recombination():
     assert 0.0 < quality.two_lesion_blend(ps, per_case=2) < 1.0
 
 
+def test_shape_blend_in_the_lesions_box_equals_the_blend_on_the_whole_patch():
+    """shape_blend computes its distances only in the two lesions' box (plus one voxel): the same labels as on the
+    whole patch, also for lesions touching the patch's edge and for sub-regions one lesion lacks."""
+    from scipy import ndimage
+
+    from scripted_models.labels import CORE, EDEMA, ENHANCING
+    from scripted_models.preprocess import largest_component
+
+    def whole_patch_blend(a, b, t, spacing):
+        def sd(region):
+            if not region.any():
+                return np.full(region.shape, spacing * float(np.linalg.norm(region.shape)), np.float32)
+            return (ndimage.distance_transform_edt(~region, sampling=spacing)
+                    - ndimage.distance_transform_edt(region, sampling=spacing)).astype(np.float32)
+
+        def blended(level):
+            return (1 - t) * sd(level(a)) + t * sd(level(b))
+
+        whole = largest_component(blended(lambda m: m > 0) < 0)
+        tc = whole & (blended(lambda m: (m == CORE) | (m == ENHANCING)) < 0)
+        enhancing = tc & (blended(lambda m: m == ENHANCING) < blended(lambda m: m == CORE))
+        out = np.zeros(a.shape, np.uint8)
+        out[whole], out[tc], out[enhancing] = EDEMA, CORE, ENHANCING
+        return out
+
+    rng = np.random.default_rng(3)
+    grid = np.indices((24, 24, 24)).astype(np.float32)
+
+    def lesion(centre, radius, parts):
+        d = np.sqrt(((grid - np.array(centre)[:, None, None, None]) ** 2).sum(0))
+        m = np.zeros(d.shape, np.uint8)
+        m[d < radius] = EDEMA
+        for label, share in parts:
+            m[d < share * radius] = label
+        return m
+
+    cases = [(lesion((12, 12, 12), 5, [(ENHANCING, 0.6), (CORE, 0.3)]), lesion((10, 14, 13), 8, [(CORE, 0.4)])),
+             (lesion((2, 3, 12), 6, [(ENHANCING, 0.5)]), lesion((20, 21, 22), 5, [])),  # at the edges; no TC in b
+             (lesion((12, 12, 1), 9, [(CORE, 0.5), (ENHANCING, 0.3)]), np.zeros((24, 24, 24), np.uint8))]
+    for a, b in cases:
+        for t in (0.0, 0.1, float(rng.uniform(0.2, 0.8)), 1.0):  # 0.1: an empty level of b still counts
+            assert np.array_equal(shape_blend(a, b, t, 2.0), whole_patch_blend(a, b, t, 2.0)), t
+    assert not shape_blend(np.zeros_like(a), np.zeros_like(a), 0.5).any()
+
+
 def test_blends_are_structure_only_patches_between_two_training_lesions():
     """Blends join the patch set flagged, without images: never a memorisation reference, never drawn for the
     appearance VQ, and their (dummy) appearance tokens do not reach the transformer's loss."""

@@ -279,12 +279,14 @@ def _resample(image, centre, spacing: float, size: int, transform, default: floa
     return sitk.GetArrayFromImage(f.Execute(image))
 
 
-def signed_distance(region: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Distance (mm) to the region's boundary, negative inside; an empty region is as far as the grid is wide."""
+def signed_distance(region: np.ndarray, spacing_mm: float, far: float | None = None) -> np.ndarray:
+    """Distance (mm) to the region's boundary, negative inside; an empty region is `far` everywhere (None: as far
+    as the grid is wide)."""
     from scipy import ndimage
 
     if not region.any():
-        return np.full(region.shape, spacing_mm * float(np.linalg.norm(region.shape)), np.float32)
+        far = spacing_mm * float(np.linalg.norm(region.shape)) if far is None else far
+        return np.full(region.shape, far, np.float32)
     outside = ndimage.distance_transform_edt(~region, sampling=spacing_mm)
     inside = ndimage.distance_transform_edt(region, sampling=spacing_mm)
     return (outside - inside).astype(np.float32)
@@ -296,18 +298,28 @@ def shape_blend(a: np.ndarray, b: np.ndarray, t: float, spacing_mm: float = 2.0)
     component); inside TC each voxel takes core or enhancing, whichever blended distance is lower (a thin
     enhancing rim would vanish as a level set of its own)."""
     from ..labels import CORE, EDEMA, ENHANCING
-    from ..preprocess import largest_component
+    from ..preprocess import bounding_box, largest_component
+
+    out = np.zeros(a.shape, np.uint8)
+    both = bounding_box((a > 0) | (b > 0))
+    if both is None:
+        return out
+    # The distances are computed in the two lesions' box plus one healthy voxel, where they are exact (every
+    # lesion voxel is in it, and its healthy rim is nearer than any voxel beyond it); outside, both are healthy.
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(both, a.shape))
+    a, b = a[box], b[box]
+    far = spacing_mm * float(np.linalg.norm(out.shape))  # an empty level: as far as the whole patch is wide
 
     def blended(level):
-        return (1 - t) * signed_distance(level(a), spacing_mm) + t * signed_distance(level(b), spacing_mm)
+        return (1 - t) * signed_distance(level(a), spacing_mm, far) + t * signed_distance(level(b), spacing_mm, far)
 
     whole = largest_component(blended(lambda m: m > 0) < 0)
     tc = whole & (blended(lambda m: (m == CORE) | (m == ENHANCING)) < 0)
     enhancing = tc & (blended(lambda m: m == ENHANCING) < blended(lambda m: m == CORE))
-    out = np.zeros(a.shape, np.uint8)
-    out[whole] = EDEMA
-    out[tc] = CORE
-    out[enhancing] = ENHANCING
+    inner = out[box]
+    inner[whole] = EDEMA
+    inner[tc] = CORE
+    inner[enhancing] = ENHANCING
     return out
 
 
