@@ -168,17 +168,18 @@ def mean_pairwise_dice(masks) -> float | None:
 
 def dice_matrix(masks, references: np.ndarray, flips: bool = True) -> np.ndarray:
     """(M, R) whole-lesion Dice of each mask against each reference (R, *S); with flips, the better of the
-    reference and its left-right flip."""
-    query = np.stack([np.asarray(m) > 0 for m in masks]).reshape(len(masks), -1).astype(np.float32)  # (M, V)
+    reference and its left-right flip (scored as the mask flipped: the references are converted once)."""
+    ref = (np.asarray(references) > 0).reshape(len(references), -1).astype(np.float32)  # (R, V)
+    ref_sizes = ref.sum(1)  # counts: exact in float32
+    query = np.stack([np.asarray(m) > 0 for m in masks])  # (M, *S)
 
-    def against(refs: np.ndarray) -> np.ndarray:
-        ref = refs.reshape(len(refs), -1).astype(np.float32)  # (R, V)
-        denom = query.sum(1)[:, None] + ref.sum(1)[None]
-        return np.where(denom > 0, 2 * (query @ ref.T) / np.maximum(denom, 1), 1.0)
+    def against(q: np.ndarray) -> np.ndarray:
+        q = q.reshape(len(q), -1).astype(np.float32)  # (M, V)
+        denom = q.sum(1)[:, None] + ref_sizes[None]
+        return np.where(denom > 0, 2 * (q @ ref.T) / np.maximum(denom, 1), 1.0)
 
-    refs = np.asarray(references) > 0
-    d = against(refs)
-    return np.maximum(d, against(refs[..., ::-1])) if flips else d
+    d = against(query)
+    return np.maximum(d, against(query[..., ::-1])) if flips else d
 
 
 def nearest_match(masks, references: np.ndarray, flips: bool = True) -> tuple[list[float], list[int]]:
