@@ -42,6 +42,7 @@ class Case:
     images: dict[str, Volume] = field(default_factory=dict)  # raw, as on disk
     seg: np.ndarray | None = None  # canonical labels 0..3 on the image grid
     binary_only: bool = False  # labels are a whole-lesion mask only
+    _foreground: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def reference(self) -> Volume:
@@ -52,13 +53,17 @@ class Case:
         return tuple(reversed(self.reference.spacing))
 
     def foreground(self) -> np.ndarray:
-        brain = _find(self.folder, "brainmask")
-        if brain is not None:
-            return read_volume(brain).array > 0.5
-        fg = np.zeros(self.reference.shape, bool)
-        for vol in self.images.values():
-            fg |= foreground_mask(vol.array)
-        return fg
+        """The case's brain mask file if it has one, else the union of its images' foregrounds (computed once per
+        case; each call gets its own copy)."""
+        if self._foreground is None:
+            brain = _find(self.folder, "brainmask")
+            if brain is not None:
+                self._foreground = read_volume(brain).array > 0.5
+            else:
+                self._foreground = np.zeros(self.reference.shape, bool)
+                for vol in self.images.values():
+                    self._foreground |= foreground_mask(vol.array)
+        return self._foreground.copy()
 
     def normalized(self, foreground: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """z-scored images; statistics from healthy foreground (lesion excluded)."""

@@ -17,6 +17,7 @@ case); see two_sample.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +59,21 @@ def roughness(values_z: np.ndarray, region: np.ndarray) -> float:
 
 def training_reference(case_ids, data_root: Path) -> tuple[dict, dict]:
     """One pass over the (training-fold) cases: the mean z-score per (modality, sub-region), and per case its
-    whole-lesion volume in ml and its modalities (for choosing a copy-paste source)."""
+    whole-lesion volume in ml and its modalities (for choosing a copy-paste source). Computed once per process
+    for the same cases (an evaluation scores three folds against the same training fold); copies are returned."""
+    means, lesions = _training_reference(tuple(case_ids), str(data_root))
+    return dict(means), {case_id: (volume, set(modalities)) for case_id, (volume, modalities) in lesions.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _training_reference(case_ids: tuple[str, ...], data_root: str) -> tuple[dict, dict]:
     from ..pathosyn.calibration import SUBREGION_KEYS, case_levels
 
     lesions: dict = {}
 
     def note(case_id, case):
         lesions[case_id] = (int((case.seg > 0).sum()) * float(np.prod(case.reference.spacing)) / 1000.0,
-                            set(case.images))
+                            frozenset(case.images))
 
     levels = case_levels(case_ids, data_root, on_case=note)
     means = {(m, k): per[key] for m, per in levels.items() for k, key in SUBREGION_KEYS.items() if key in per}
