@@ -122,3 +122,30 @@ def test_normalisation_study_scores_a_reference_that_explains_the_lesion_level_a
     assert row["offset from the tissue 4-12 mm around the lesion"] < 1e-9
     assert row["z-score over healthy brain (today)"] > 0.3
     assert errors[("all", "")]["cases"] == 8
+
+
+def test_reference_levels_and_foregrounds_are_computed_once_and_handed_out_as_copies(data_root, monkeypatch):
+    """The realism evaluation scores three folds against one training fold: its reference is read once per
+    process, and what callers get are copies (changing them changes nothing for the next caller); a case's
+    foreground likewise."""
+    import scripted_models.cases as cases
+    from scripted_models.evaluation import realism
+    from scripted_models.evaluation.realism import training_reference
+
+    realism._training_reference.cache_clear()
+    ids = ["brats2013_pat0005", "brats18_2013_2_1"]  # a fixed pair of training cases
+    loads = []
+    real_load = cases.load_case
+    monkeypatch.setattr(cases, "load_case", lambda folder: loads.append(folder) or real_load(folder))
+    means, lesions = training_reference(ids, data_root)
+    assert len(loads) == 2 and set(lesions) == set(ids) and means
+    expected = (dict(means), {k: (v, set(m)) for k, (v, m) in lesions.items()})
+    means.clear()
+    lesions[ids[0]][1].add("not a modality")
+    assert training_reference(ids, data_root) == expected and len(loads) == 2  # not read again, not changed
+
+    case = real_load(data_root / "cases" / ids[1])
+    first = case.foreground()
+    first[:] = False
+    again = case.foreground()
+    assert again.any() and np.array_equal(again, real_load(data_root / "cases" / ids[1]).foreground())
