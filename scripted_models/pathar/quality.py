@@ -166,20 +166,22 @@ def mean_pairwise_dice(masks) -> float | None:
     return float(np.mean([dice(a, b) for a, b in combinations(masks, 2)]))
 
 
-def dice_matrix(masks, references: np.ndarray, flips: bool = True) -> np.ndarray:
+def dice_matrix(masks, references: np.ndarray, flips: bool = True, chunk: int = 128) -> np.ndarray:
     """(M, R) whole-lesion Dice of each mask against each reference (R, *S); with flips, the better of the
-    reference and its left-right flip (scored as the mask flipped: the references are converted once)."""
-    ref = (np.asarray(references) > 0).reshape(len(references), -1).astype(np.float32)  # (R, V)
-    ref_sizes = ref.sum(1)  # counts: exact in float32
+    reference and its left-right flip (scored as the mask flipped). References are converted to float `chunk` at
+    a time (memory stays bounded; counts are exact in float32)."""
     query = np.stack([np.asarray(m) > 0 for m in masks])  # (M, *S)
-
-    def against(q: np.ndarray) -> np.ndarray:
-        q = q.reshape(len(q), -1).astype(np.float32)  # (M, V)
-        denom = q.sum(1)[:, None] + ref_sizes[None]
-        return np.where(denom > 0, 2 * (q @ ref.T) / np.maximum(denom, 1), 1.0)
-
-    d = against(query)
-    return np.maximum(d, against(query[..., ::-1])) if flips else d
+    queries = [query.reshape(len(query), -1).astype(np.float32)]  # (M, V)
+    if flips:
+        queries.append(query[..., ::-1].reshape(len(query), -1).astype(np.float32))
+    out = np.zeros((len(query), len(references)), np.float64)
+    for start in range(0, len(references), chunk):
+        ref = (np.asarray(references[start:start + chunk]) > 0).reshape(-1, query[0].size).astype(np.float32)
+        for q in queries:
+            denom = q.sum(1)[:, None] + ref.sum(1)[None]
+            d = np.where(denom > 0, 2 * (q @ ref.T) / np.maximum(denom, 1), 1.0)
+            out[:, start:start + chunk] = np.maximum(out[:, start:start + chunk], d)
+    return out
 
 
 def nearest_match(masks, references: np.ndarray, flips: bool = True) -> tuple[list[float], list[int]]:
