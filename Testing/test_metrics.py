@@ -84,7 +84,7 @@ def test_brats_challenge_scoring_on_known_inputs():
     lo, hi = np.percentile(voided, [0.5, 99.5])
     assert lo == 0.0 and hi < np.percentile(voided[voided > 0], 99.5)  # the background counts
 
-    perfect = brats_inpainting_scores(truth, truth, voided, mask, slice_axis=2)
+    perfect = brats_inpainting_scores({"truth": truth}, truth, voided, mask, slice_axis=2)["truth"]
     assert perfect["ssim"] == pytest.approx(1.0, abs=1e-4) and perfect["mse"] == 0.0
     assert perfect["psnr_01_db"] == float("inf")
 
@@ -93,16 +93,16 @@ def test_brats_challenge_scoring_on_known_inputs():
     mse = float(np.mean((scaled[0][mask] - scaled[1][mask]) ** 2))
     data_range = max(np.ptp(scaled[0]), np.ptp(scaled[1]))
     for axis in (0, 2):
-        scores = brats_inpainting_scores(prediction, truth, voided, mask, slice_axis=axis)
+        scores = brats_inpainting_scores({"p": prediction}, truth, voided, mask, slice_axis=axis)["p"]
         assert scores["mse"] == pytest.approx(mse, abs=1e-5)
         assert scores["psnr_01_db"] == pytest.approx(10 * np.log10(1 / mse), abs=0.01)
         assert scores["psnr_db"] == pytest.approx(10 * np.log10(scaled[1][mask].max() ** 2 / mse), abs=0.01)
         assert scores["ssim"] == pytest.approx(reference_slice_ssim(*scaled, mask, axis, data_range), abs=2e-4)
     # the slices run across the given axis: another axis gives another SSIM
-    assert (brats_inpainting_scores(prediction, truth, voided, mask, slice_axis=0)["ssim"]
-            != brats_inpainting_scores(prediction, truth, voided, mask, slice_axis=2)["ssim"])
+    assert (brats_inpainting_scores({"p": prediction}, truth, voided, mask, slice_axis=0)["p"]["ssim"]
+            != brats_inpainting_scores({"p": prediction}, truth, voided, mask, slice_axis=2)["p"]["ssim"])
     with pytest.raises(ValueError, match="empty"):
-        brats_inpainting_scores(truth, truth, voided, np.zeros(shape, bool), slice_axis=2)
+        brats_inpainting_scores({"t": truth}, truth, voided, np.zeros(shape, bool), slice_axis=2)
 
 
 def box_lesion() -> np.ndarray:

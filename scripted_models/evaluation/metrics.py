@@ -53,14 +53,15 @@ def ssim_in_box(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, data_ran
     return float(metric(p, t).mean())
 
 
-def brats_inpainting_scores(prediction: np.ndarray, truth: np.ndarray, voided: np.ndarray, mask: np.ndarray,
-                            slice_axis: int) -> dict:
-    """The BraTS 2023 local-synthesis challenge's own scoring (its `generate_metrics`, re-implemented): both images
-    zeroed outside `mask`, clipped and scaled to [0, 1] by the 0.5 / 99.5 percentiles of the whole voided volume
-    (background included; the lower one at least 0); SSIM in 2-D slices across `slice_axis` (the challenge's
-    first NIfTI axis: Gaussian window 11, sigma 1.5, reflect padding, data range from the images) averaged over
-    the mask's voxels; MSE and PSNR over the mask's voxels, PSNR both with a data range of 1 (`psnr_01_db`) and
-    with the truth's range there (`psnr_db`, the torchmetrics default)."""
+def brats_inpainting_scores(predictions: dict[str, np.ndarray], truth: np.ndarray, voided: np.ndarray,
+                            mask: np.ndarray, slice_axis: int) -> dict[str, dict]:
+    """{name: scores} of each prediction by the BraTS 2023 local-synthesis challenge's own scoring (its
+    `generate_metrics`, re-implemented): both images zeroed outside `mask`, clipped and scaled to [0, 1] by the
+    0.5 / 99.5 percentiles of the whole voided volume (background included; the lower one at least 0); SSIM in 2-D
+    slices across `slice_axis` (the challenge's first NIfTI axis: Gaussian window 11, sigma 1.5, reflect padding,
+    data range from the two images) averaged over the mask's voxels; MSE and PSNR over the mask's voxels, PSNR
+    both with a data range of 1 (`psnr_01_db`) and with the truth's range there (`psnr_db`, the torchmetrics
+    default)."""
     import torch
     import torch.nn.functional as F
     from monai.metrics.regression import compute_ssim_and_cs
@@ -74,27 +75,28 @@ def brats_inpainting_scores(prediction: np.ndarray, truth: np.ndarray, voided: n
     def scale(image):
         return (np.clip(np.where(mask, image, 0).astype(np.float64), lo, hi) - lo) / (hi - lo)
 
-    pred, true = scale(prediction), scale(truth)
-    data_range = max(np.ptp(pred), np.ptp(true))
-    # slices across slice_axis that the mask touches: (slices, 1, H, W), each padded by the window's half-width
+    # the slices across slice_axis that the mask touches: (slices, 1, H, W), padded by the window's half-width
     touched = np.nonzero(np.moveaxis(mask, slice_axis, 0).any(axis=(1, 2)))[0]
+    mask_in_slices = np.moveaxis(mask, slice_axis, 0)[touched]
 
     def slices(image):
         stack = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, slice_axis, 0)[touched], np.float32))
         return F.pad(stack[:, None], (5, 5, 5, 5), mode="reflect")
 
-    ssim_map, _ = compute_ssim_and_cs(slices(pred), slices(true), spatial_dims=2, kernel_size=(11, 11),
-                                      kernel_sigma=(1.5, 1.5), data_range=float(data_range))
-    ssim = float(ssim_map[:, 0].numpy()[np.moveaxis(mask, slice_axis, 0)[touched]].mean())
-    p, t = pred[mask], true[mask]
-    mse = float(np.mean((p - t) ** 2))
+    true = scale(truth)
+    true_slices, true_range = slices(true), np.ptp(true)
+    t = true[mask]
     target_range = float(t.max() - min(t.min(), 0.0))  # torchmetrics: max - min, min taken as 0 if above it
-
-    def psnr(peak):
-        return float(10 * np.log10(peak ** 2 / mse)) if mse > 0 else float("inf")
-
-    return {"ssim": round(ssim, 4), "psnr_db": round(psnr(target_range), 2), "psnr_01_db": round(psnr(1.0), 2),
-            "mse": round(mse, 5)}
+    out = {}
+    for name, prediction in predictions.items():
+        pred = scale(prediction)
+        ssim_map, _ = compute_ssim_and_cs(slices(pred), true_slices, spatial_dims=2, kernel_size=(11, 11),
+                                          kernel_sigma=(1.5, 1.5), data_range=float(max(np.ptp(pred), true_range)))
+        mse, psnr_01 = masked_mse_psnr(pred, true, mask)
+        out[name] = {"ssim": round(float(ssim_map[:, 0].numpy()[mask_in_slices].mean()), 4),
+                     "psnr_db": round(psnr_01 + 20 * np.log10(target_range), 2), "psnr_01_db": round(psnr_01, 2),
+                     "mse": round(mse, 5)}
+    return out
 
 
 def region_stats(syn: np.ndarray, real: np.ndarray, region: np.ndarray) -> dict:

@@ -50,13 +50,14 @@ def score_inpainting(real: np.ndarray, filled: np.ndarray, voided: np.ndarray, b
     if filled_noisy is not None:
         methods.append(("anatomy_model_scanner_noise", filled_noisy))
     methods.append(("mean_fill_baseline", np.where(hole, real[brain & ~hole].mean(), voided)))
+    challenge = brats_inpainting_scores(dict(methods), real, voided, target, NIFTI_FIRST_AXIS)
     out = {}
     for name, raw in methods:
         img = scale(raw)
         mse, psnr = masked_mse_psnr(img, gt, target)
         ssim = ssim_in_box(np.where(target, img, gt), gt, target)
         out[name] = {"ssim": round(ssim, 4), "psnr_db": round(psnr, 2), "mse": round(mse, 5),
-                     "challenge": brats_inpainting_scores(raw, real, voided, target, NIFTI_FIRST_AXIS)}
+                     "challenge": challenge[name]}
     out["mask_voxels"] = int(target.sum())
     out["voided_voxels"] = int(hole.sum())
     return out
