@@ -94,7 +94,7 @@ def brats_inpainting_scores(predictions: dict[str, np.ndarray], truth: np.ndarra
                                           kernel_sigma=(1.5, 1.5), data_range=float(max(np.ptp(pred), true_range)))
         mse, psnr_01 = masked_mse_psnr(pred, true, mask)
         out[name] = {"ssim": round(float(ssim_map[:, 0].numpy()[mask_in_slices].mean()), 4),
-                     "psnr_db": round(psnr_01 + 20 * np.log10(target_range), 2), "psnr_01_db": round(psnr_01, 2),
+                     "psnr_db": round(psnr_01 + 20 * float(np.log10(target_range)), 2), "psnr_01_db": round(psnr_01, 2),
                      "mse": round(mse, 5)}
     return out
 
