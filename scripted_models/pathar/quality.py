@@ -177,8 +177,9 @@ def dice_matrix(masks, references: np.ndarray, flips: bool = True, chunk: int = 
     out = np.zeros((len(query), len(references)), np.float64)
     for start in range(0, len(references), chunk):
         ref = (np.asarray(references[start:start + chunk]) > 0).reshape(-1, query[0].size).astype(np.float32)
+        ref_sizes = ref.sum(1)
         for q in queries:
-            denom = q.sum(1)[:, None] + ref.sum(1)[None]
+            denom = q.sum(1)[:, None] + ref_sizes[None]
             d = np.where(denom > 0, 2 * (q @ ref.T) / np.maximum(denom, 1), 1.0)
             out[:, start:start + chunk] = np.maximum(out[:, start:start + chunk], d)
     return out
