@@ -375,7 +375,7 @@ def lesion_patches(ref, seg: np.ndarray, images: dict[str, np.ndarray], cfg: Pat
     onehot = [_sitk(seg == c, ref) for c in range(cfg.num_labels)]
     images = {m: _sitk(a, ref) for m, a in images.items()}
     masks = np.zeros((count + elastic,) + (cfg.size,) * 3, np.uint8)
-    out = {m: np.zeros_like(masks, dtype=np.float16) for m in images}
+    out = {m: np.zeros(masks.shape, np.float16) for m in images}  # calloc: pages touched once, when filled
     for n in range(count + elastic):
         draw = rng if n < count else elastic_rng
         if n == 0:
