@@ -105,7 +105,8 @@ def test_paint_synthesize_compare_save(web, shots, tmp_path):
                  what="some progress")
     _save_shot(page, shots, "running")
     # nothing animates while the worker computes (app.QUIET_PAGE_CSS): CSS animations cost the shared cores
-    animations = page.page.evaluate("document.getAnimations().map(a => a.animationName || a.transitionProperty)")
+    animations = page.page.evaluate("document.getAnimations().map(a => (a.animationName || a.transitionProperty)"
+                                    " + ' on ' + (a.effect?.target?.getAttribute('class') || '?'))")
     assert animations == [] or not page.status()["running"], animations
     pings = []
     while True:  # the server answers while the worker computes (at least one ping, also for a quick job)

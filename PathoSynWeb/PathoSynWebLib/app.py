@@ -25,9 +25,10 @@ from . import state as _state  # noqa: E402,F401 - puts the Slicer modules' logi
 # No CSS motion where nothing moves: Vuetify keeps the indeterminate bars of every card's and text field's (unused,
 # hidden) loader animating, and eases each progress-bar update. In a software-rendered Chromium on the engine
 # worker's 2 cores that cost 0.5 CPU-s per 4 s of a job, against 0.12-0.2 without
-# (docs/ARCHITECTURE.md, "What a click costs in the browser").
+# (docs/ARCHITECTURE.md, "What a click costs in the browser"). trame-slicer's footer spinner (trame busy) spins
+# and eases too, whenever a server call is pending: it stands still as a ring.
 QUIET_PAGE_CSS = (".v-card__loader, .v-field__loader { display: none !important; } "
-                  ".v-progress-linear, .v-progress-linear * "
+                  ".v-progress-linear, .v-progress-linear *, .v-progress-circular, .v-progress-circular * "
                   "{ transition: none !important; animation: none !important; }")
 
 log = logging.getLogger("pathosyn.web")
